@@ -1,0 +1,233 @@
+//! Command-line interface (clap): `serve`, `policy check|run`, `bench`.
+//!
+//! Flag names follow vLLM where one exists, and the step-tracing flags keep the spelling of
+//! the original feature (`--step-tracing-enabled`, `--step-tracing-sample-rate`, …) because
+//! users' scripts depend on them.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "stepscope",
+    version,
+    about = "An LLM inference server whose scheduler is observable step by step"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a model over an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
+    /// Develop step-tracing policies: check a component, or run it over synthetic steps.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Benchmarks that print side-by-side measurements.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Model to serve: a Hugging Face directory or `builtin:tiny`. Default: SmolLM2-135M-Instruct.
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub step_tracing: StepTracingArgs,
+}
+
+/// The step-tracing flags (shared by `serve` and `generate`).
+#[derive(Debug, Clone, Args)]
+pub struct StepTracingArgs {
+    /// Trace scheduler steps (off by default).
+    #[arg(long, default_value_t = false)]
+    pub step_tracing_enabled: bool,
+    /// Probability that a step's batch summary is traced.
+    #[arg(long, default_value_t = 0.01, value_parser = parse_rate)]
+    pub step_tracing_sample_rate: f64,
+    /// Probability that a batch-sampled step also gets per-request snapshots.
+    #[arg(long, default_value_t = 0.001, value_parser = parse_rate)]
+    pub step_tracing_rich_subsample_rate: f64,
+    /// A policy component (.wasm); default: the built-in default policy.
+    #[arg(long, value_name = "PATH.wasm")]
+    pub step_tracing_policy: Option<PathBuf>,
+    /// A `key=value` parameter for the policy's `configure` (repeatable).
+    #[arg(long = "step-tracing-policy-arg", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub step_tracing_policy_args: Vec<(String, String)>,
+    /// Fuel (≈ Wasm instructions) one policy call may use before it is stopped as a timeout
+    /// (0 turns the CPU bound off: trusted policies only).
+    #[arg(long, default_value_t = 20_000_000)]
+    pub step_tracing_policy_fuel: u64,
+    /// Linear-memory cap of a policy instance, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub step_tracing_policy_memory_mib: u64,
+}
+
+impl StepTracingArgs {
+    /// The parameters passed to `configure`: the two rates first, then the user's arguments
+    /// (which therefore override them).
+    pub fn policy_params(&self) -> Vec<(String, String)> {
+        policy_params(
+            self.step_tracing_sample_rate,
+            self.step_tracing_rich_subsample_rate,
+            &self.step_tracing_policy_args,
+        )
+    }
+
+    pub fn policy_limits(&self) -> crate::policy::PolicyLimits {
+        crate::policy::PolicyLimits {
+            fuel_per_call: self.step_tracing_policy_fuel,
+            memory_bytes: (self.step_tracing_policy_memory_mib.min(4096) as usize) << 20,
+            ..crate::policy::PolicyLimits::default()
+        }
+    }
+}
+
+/// Builds `configure` parameters from the rates and extra `key=value` pairs.
+pub fn policy_params(
+    sample_rate: f64,
+    rich_rate: f64,
+    args: &[(String, String)],
+) -> Vec<(String, String)> {
+    let mut params = vec![
+        ("sample_rate".to_string(), sample_rate.to_string()),
+        ("rich_subsample_rate".to_string(), rich_rate.to_string()),
+    ];
+    params.extend(args.iter().cloned());
+    params
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a component against the contract and run the conformance suite.
+    Check(PolicyCheckArgs),
+    /// Run a policy over synthetic step summaries and print the observed rates.
+    Run(PolicyRunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyCheckArgs {
+    /// The policy component (.wasm).
+    pub file: PathBuf,
+    /// A `key=value` parameter for `configure` (repeatable).
+    #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub args: Vec<(String, String)>,
+    /// Batch sample rate passed to `configure`.
+    #[arg(long, default_value_t = 0.5, value_parser = parse_rate)]
+    pub sample_rate: f64,
+    /// Rich subsample rate passed to `configure`.
+    #[arg(long, default_value_t = 0.5, value_parser = parse_rate)]
+    pub rich_subsample_rate: f64,
+    /// Synthetic steps to run.
+    #[arg(long, default_value_t = 20_000)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyRunArgs {
+    /// The policy component (.wasm), or `builtin:default`.
+    pub file: String,
+    #[arg(long, default_value_t = 100_000)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 0.01, value_parser = parse_rate)]
+    pub sample_rate: f64,
+    #[arg(long, default_value_t = 0.001, value_parser = parse_rate)]
+    pub rich_subsample_rate: f64,
+    /// A `key=value` parameter for `configure` (repeatable).
+    #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub args: Vec<(String, String)>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Policy call latency: Wasm default vs native, CPU bound, rich plans.
+    Policy {
+        /// A policy component to measure instead of the built-in default.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        #[arg(long, default_value_t = 200_000)]
+        iterations: u64,
+    },
+}
+
+/// Parses a probability in [0, 1].
+pub fn parse_rate(text: &str) -> Result<f64, String> {
+    let rate: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number"))?;
+    if (0.0..=1.0).contains(&rate) {
+        Ok(rate)
+    } else {
+        Err(format!("{rate} is outside [0, 1]"))
+    }
+}
+
+/// Parses `key=value`.
+pub fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_string(), value.to_string()))
+        }
+        _ => Err(format!("`{text}` is not of the form key=value")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_outside_unit_interval_are_refused() {
+        for bad in ["1.5", "-0.1", "NaN", "abc"] {
+            let result =
+                Cli::try_parse_from(["stepscope", "serve", "--step-tracing-sample-rate", bad]);
+            assert!(result.is_err(), "{bad} accepted");
+        }
+        let err = Cli::try_parse_from([
+            "stepscope",
+            "serve",
+            "--step-tracing-rich-subsample-rate",
+            "2",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("outside [0, 1]"), "{err}");
+    }
+
+    #[test]
+    fn policy_args_reach_the_configure_parameters() {
+        let cli = Cli::try_parse_from([
+            "stepscope",
+            "serve",
+            "--step-tracing-sample-rate",
+            "0.25",
+            "--step-tracing-rich-subsample-rate",
+            "0.5",
+            "--step-tracing-policy-arg",
+            "threshold=0.9",
+            "--step-tracing-policy-arg",
+            "mode=x=y",
+        ])
+        .unwrap();
+        let Command::Serve(serve) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(
+            serve.step_tracing.policy_params(),
+            vec![
+                ("sample_rate".into(), "0.25".into()),
+                ("rich_subsample_rate".into(), "0.5".into()),
+                ("threshold".into(), "0.9".into()),
+                ("mode".into(), "x=y".into()),
+            ]
+        );
+        assert!(parse_key_value("novalue").is_err());
+    }
+}

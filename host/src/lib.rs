@@ -1,0 +1,9 @@
+//! stepscope: an LLM inference server whose scheduler is observable step by step.
+//!
+//! At every scheduler step the host asks a sandboxed WebAssembly policy whether to trace the
+//! step and what to put in the trace. See `DESIGN.md` for the whole picture; each module's doc
+//! says what it owns.
+
+pub mod bench;
+pub mod cli;
+pub mod policy;

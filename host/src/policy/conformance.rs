@@ -1,0 +1,279 @@
+//! `stepscope policy check` and `policy run`: what a policy author runs before deploying.
+//!
+//! The check loads the component (which validates it against the contract), configures it,
+//! and drives it over a synthetic step stream: the same inputs on two fresh instances must give
+//! identical answers (policies are pure), rich is never requested without batch, every answer
+//! is well-formed, no call faults, and call latency is measured. `run` reports the sampling
+//! rates a policy produces over N synthetic steps.
+
+use super::bindings::StepSummary;
+use super::faults::{FaultKind, PolicyCounters};
+use super::module::{PolicyError, PolicyModule};
+use super::runtime::{PolicyOutcome, PolicyRuntime};
+use super::synthetic;
+use super::validate::{Decision, RichSelection};
+use crate::bench::LatencyStats;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One line of the verdict.
+#[derive(Debug, Clone)]
+pub struct CheckLine {
+    pub name: &'static str,
+    pub passed: bool,
+    pub detail: String,
+}
+
+/// The outcome of `policy check`.
+#[derive(Debug, Clone)]
+pub struct CheckReport {
+    pub policy: String,
+    pub digest: String,
+    pub lines: Vec<CheckLine>,
+    pub decide_latency: Option<LatencyStats>,
+    pub rich_latency: Option<LatencyStats>,
+}
+
+impl CheckReport {
+    pub fn passed(&self) -> bool {
+        self.lines.iter().all(|line| line.passed)
+    }
+}
+
+impl std::fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "policy {} ({})", self.policy, self.digest)?;
+        for line in &self.lines {
+            let mark = if line.passed { "ok  " } else { "FAIL" };
+            writeln!(f, "  [{mark}] {:<28} {}", line.name, line.detail)?;
+        }
+        if let Some(stats) = &self.decide_latency {
+            writeln!(f, "  decide latency: {stats}")?;
+        }
+        if let Some(stats) = &self.rich_latency {
+            writeln!(f, "  plan-rich latency (256 requests): {stats}")?;
+        }
+        let verdict = if self.passed() { "PASS" } else { "FAIL" };
+        write!(f, "verdict: {verdict}")
+    }
+}
+
+/// Parameters of a check or a run.
+#[derive(Debug, Clone)]
+pub struct SuiteParams {
+    pub params: Vec<(String, String)>,
+    pub seed: u64,
+    pub steps: u64,
+}
+
+/// Runs the conformance suite. Load errors are returned as `Err` (the component is refused).
+pub fn check(module: &PolicyModule, suite: &SuiteParams) -> Result<CheckReport, PolicyError> {
+    let counters = Arc::new(PolicyCounters::default());
+    let mut first = PolicyRuntime::new(module.clone(), suite.params.clone(), counters.clone())?;
+    let mut second = PolicyRuntime::new(module.clone(), suite.params.clone(), counters.clone())?;
+    let mut lines = vec![CheckLine {
+        name: "contract",
+        passed: true,
+        detail: format!(
+            "exports {} and configure accepted the parameters",
+            super::POLICY_INTERFACE
+        ),
+    }];
+
+    let mut mismatches = 0u64;
+    let mut rich_without_batch = 0u64;
+    let mut faults: Vec<(u64, FaultKind)> = Vec::new();
+    let (mut batch, mut rich, mut plans) = (0u64, 0u64, 0u64);
+    for step in 1..=suite.steps {
+        let summary = synthetic::step_summary(suite.seed, step);
+        let a = first.decide(&summary);
+        let b = second.decide(&summary);
+        match (&a, &b) {
+            (PolicyOutcome::Answer(x), PolicyOutcome::Answer(y)) => {
+                if x != y {
+                    mismatches += 1;
+                }
+                if x.emit_rich && !x.emit_batch {
+                    rich_without_batch += 1;
+                }
+                batch += u64::from(x.emit_batch);
+                if x.emit_rich {
+                    rich += 1;
+                    // Plan over a varying number of requests; both instances must agree.
+                    let views = synthetic::request_views((step % 64) as usize, step);
+                    let p = first.plan_rich(&summary, &views);
+                    let q = second.plan_rich(&summary, &views);
+                    plans += 1;
+                    match (&p, &q) {
+                        (PolicyOutcome::Answer(p), PolicyOutcome::Answer(q)) => {
+                            if p != q {
+                                mismatches += 1;
+                            }
+                        }
+                        _ => note_fault(&mut faults, step, &p, &q),
+                    }
+                }
+            }
+            _ => note_fault(&mut faults, step, &a, &b),
+        }
+    }
+    lines.push(CheckLine {
+        name: "no faults",
+        passed: faults.is_empty(),
+        detail: match faults.first() {
+            None => format!(
+                "{} steps, {plans} rich plans, no trap/timeout/malformed answer",
+                suite.steps
+            ),
+            Some((step, kind)) => format!("{} faults; first at step {step}: {kind}", faults.len()),
+        },
+    });
+    lines.push(CheckLine {
+        name: "deterministic",
+        passed: mismatches == 0,
+        detail: if mismatches == 0 {
+            "two fresh instances gave identical answers for the same seed".to_string()
+        } else {
+            format!("{mismatches} answers differed between two instances fed the same steps")
+        },
+    });
+    lines.push(CheckLine {
+        name: "rich implies batch",
+        passed: rich_without_batch == 0,
+        detail: format!(
+            "batch-sampled {batch}, rich-sampled {rich} of {} steps",
+            suite.steps
+        ),
+    });
+    lines.push(CheckLine {
+        name: "full sample rate",
+        passed: true,
+        detail: format!(
+            "observed batch rate {:.5}, rich rate {:.6}",
+            batch as f64 / suite.steps.max(1) as f64,
+            rich as f64 / suite.steps.max(1) as f64
+        ),
+    });
+
+    let decide_latency = measure_decide(&mut first, suite.seed, 20_000);
+    let rich_latency = measure_rich(&mut first, suite.seed, 256, 2_000);
+    let faults_after = counters.snapshot().total_faults();
+    if faults_after > faults.len() as u64 {
+        lines.push(CheckLine {
+            name: "latency run",
+            passed: false,
+            detail: format!(
+                "{} faults while timing calls",
+                faults_after - faults.len() as u64
+            ),
+        });
+    }
+    Ok(CheckReport {
+        policy: module.name().to_string(),
+        digest: module.digest().to_string(),
+        lines,
+        decide_latency,
+        rich_latency,
+    })
+}
+
+fn note_fault<A, B>(
+    faults: &mut Vec<(u64, FaultKind)>,
+    step: u64,
+    a: &PolicyOutcome<A>,
+    b: &PolicyOutcome<B>,
+) {
+    for outcome in [fault_of(a), fault_of(b)].into_iter().flatten() {
+        faults.push((step, outcome));
+    }
+}
+
+fn fault_of<T>(outcome: &PolicyOutcome<T>) -> Option<FaultKind> {
+    match outcome {
+        PolicyOutcome::Fault(kind) => Some(*kind),
+        PolicyOutcome::BackingOff => Some(FaultKind::Instantiate),
+        PolicyOutcome::Answer(_) => None,
+    }
+}
+
+/// Times `decide` over `n` synthetic steps (ns per call).
+pub fn measure_decide(runtime: &mut PolicyRuntime, seed: u64, n: u64) -> Option<LatencyStats> {
+    let summaries: Vec<StepSummary> = (1..=n).map(|s| synthetic::step_summary(seed, s)).collect();
+    let mut samples = Vec::with_capacity(summaries.len());
+    for summary in &summaries {
+        let started = Instant::now();
+        let outcome = runtime.decide(summary);
+        samples.push(started.elapsed().as_nanos() as u64);
+        outcome.answer()?;
+    }
+    LatencyStats::from_nanos(samples)
+}
+
+/// Times `plan-rich` with `requests` request views over `n` calls (ns per call).
+pub fn measure_rich(
+    runtime: &mut PolicyRuntime,
+    seed: u64,
+    requests: usize,
+    n: u64,
+) -> Option<LatencyStats> {
+    let summary = synthetic::step_summary(seed, 1);
+    let views = synthetic::request_views(requests, 1);
+    let mut samples = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let started = Instant::now();
+        let outcome: PolicyOutcome<RichSelection> = runtime.plan_rich(&summary, &views);
+        samples.push(started.elapsed().as_nanos() as u64);
+        outcome.answer()?;
+    }
+    LatencyStats::from_nanos(samples)
+}
+
+/// What `policy run` observed.
+#[derive(Debug, Clone, Default)]
+pub struct RunReport {
+    pub steps: u64,
+    pub batch: u64,
+    pub rich: u64,
+    pub faults: u64,
+    pub backing_off: u64,
+    /// The decision sequence (step ids batch-sampled), kept for determinism tests.
+    pub batch_steps_hash: u64,
+}
+
+impl RunReport {
+    pub fn batch_rate(&self) -> f64 {
+        self.batch as f64 / self.steps.max(1) as f64
+    }
+
+    pub fn rich_rate(&self) -> f64 {
+        self.rich as f64 / self.steps.max(1) as f64
+    }
+}
+
+/// Runs a policy over `steps` synthetic steps and counts its decisions.
+pub fn run(runtime: &mut PolicyRuntime, seed: u64, steps: u64) -> RunReport {
+    let mut report = RunReport {
+        steps,
+        ..RunReport::default()
+    };
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for step in 1..=steps {
+        let summary = synthetic::step_summary(seed, step);
+        match runtime.decide(&summary) {
+            PolicyOutcome::Answer(Decision {
+                emit_batch,
+                emit_rich,
+                ..
+            }) => {
+                let code = u64::from(emit_batch) | u64::from(emit_rich) << 1;
+                hash = (hash ^ (step << 2 | code)).wrapping_mul(0x100_0000_01b3);
+                report.batch += u64::from(emit_batch);
+                report.rich += u64::from(emit_rich);
+            }
+            PolicyOutcome::Fault(_) => report.faults += 1,
+            PolicyOutcome::BackingOff => report.backing_off += 1,
+        }
+    }
+    report.batch_steps_hash = hash;
+    report
+}

@@ -1,0 +1,40 @@
+//! The policy runtime: runs step-tracing policies as sandboxed WebAssembly components.
+//!
+//! A policy is a component exporting the `stepscope:policy/policy` interface (see
+//! `wit/policy.wit`). [`PolicyModule`] compiles and validates one (the embedded default or a
+//! `.wasm` file) once, at start-up; [`PolicyRuntime`] owns a live instance and makes the two
+//! per-step calls under a fuel bound and a memory cap. Nothing a policy does escapes the
+//! runtime: traps, timeouts, memory exhaustion and malformed answers become counted
+//! [`FaultKind`]s, the step goes untraced, and the instance is re-created after a back-off.
+//! The module also holds the seed-derived per-step randomness, a native twin of the default
+//! policy (for benchmarks), synthetic step streams, and the `policy check` conformance suite.
+
+mod bindings;
+pub mod conformance;
+mod faults;
+mod limits;
+mod module;
+pub mod native;
+pub mod random;
+mod runtime;
+pub mod synthetic;
+mod validate;
+
+pub use bindings::{ExtraAttribute, RequestViews, SnapshotAttributes, StepSummary};
+pub use faults::{FaultKind, PolicyCounters, PolicyCountersSnapshot};
+pub use limits::PolicyLimits;
+pub use module::{PolicyError, PolicyModule, PolicySource};
+pub use runtime::{PolicyOutcome, PolicyRuntime};
+pub use validate::{Decision, RichSelection};
+
+/// The default policy component, built from `policies/default` by `build.rs`.
+pub const DEFAULT_POLICY_WASM: &[u8] =
+    include_bytes!(concat!(env!("STEPSCOPE_GUEST_DIR"), "/default.wasm"));
+
+/// The interface name every policy must export.
+pub const POLICY_INTERFACE: &str = "stepscope:policy/policy@0.1.0";
+
+/// Where `build.rs` put the guest components (the default, and test-only ones such as
+/// `hostile.wasm` and `wrong-world.wasm`). For tests in this workspace only.
+#[doc(hidden)]
+pub const GUEST_COMPONENT_DIR: &str = env!("STEPSCOPE_GUEST_DIR");

@@ -1,0 +1,223 @@
+//! Loading a policy: compile the component once, check it against the contract, and keep a
+//! pre-linked instance template (`InstancePre`) so re-instantiation after a fault is cheap.
+
+use super::bindings::StepPolicyPre;
+use super::limits::PolicyLimits;
+use super::{DEFAULT_POLICY_WASM, POLICY_INTERFACE};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use thiserror::Error;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine};
+
+/// Why a policy was refused at load time. Each message fits on one line and names the problem.
+#[derive(Debug, Error)]
+pub enum PolicyError {
+    #[error("cannot read policy {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{name}: not a WebAssembly file (no `\\0asm` header)")]
+    NotWasm { name: String },
+    #[error(
+        "{name}: a core WebAssembly module, not a component; wrap it with `wasm-tools component new`"
+    )]
+    CoreModule { name: String },
+    #[error("{name}: invalid WebAssembly component: {reason}")]
+    Invalid { name: String, reason: String },
+    #[error(
+        "{name}: does not export `{POLICY_INTERFACE}` (it exports: {exports}); build it against wit/policy.wit"
+    )]
+    WrongWorld { name: String, exports: String },
+    #[error(
+        "{name}: imports {imports}, which a policy may not use (no WASI or host functions are granted)"
+    )]
+    ForbiddenImports { name: String, imports: String },
+    #[error("{name}: does not match the policy contract: {reason}")]
+    Mismatch { name: String, reason: String },
+    #[error("{name}: instantiation failed: {reason}")]
+    Instantiate { name: String, reason: String },
+    #[error("{name}: configure refused the parameters: {reason}")]
+    Configure { name: String, reason: String },
+    #[error("wasm engine setup failed: {0}")]
+    Engine(String),
+}
+
+/// Where a policy comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicySource {
+    /// The default policy embedded in the binary.
+    BuiltinDefault,
+    /// A component file.
+    File(PathBuf),
+}
+
+impl PolicySource {
+    /// `None` means the built-in default.
+    pub fn from_option(path: Option<&Path>) -> Self {
+        match path {
+            Some(path) => PolicySource::File(path.to_path_buf()),
+            None => PolicySource::BuiltinDefault,
+        }
+    }
+}
+
+/// A compiled, validated policy component, ready to instantiate any number of times.
+#[derive(Clone)]
+pub struct PolicyModule {
+    inner: Arc<ModuleInner>,
+}
+
+struct ModuleInner {
+    engine: Engine,
+    pre: StepPolicyPre<super::runtime::StoreState>,
+    name: String,
+    digest: String,
+    size_bytes: usize,
+    limits: PolicyLimits,
+}
+
+impl std::fmt::Debug for PolicyModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyModule")
+            .field("name", &self.inner.name)
+            .field("digest", &self.inner.digest)
+            .finish()
+    }
+}
+
+impl PolicyModule {
+    /// Loads the built-in default or a file.
+    pub fn load(source: &PolicySource, limits: PolicyLimits) -> Result<Self, PolicyError> {
+        match source {
+            PolicySource::BuiltinDefault => {
+                Self::from_bytes("builtin:default", DEFAULT_POLICY_WASM, limits)
+            }
+            PolicySource::File(path) => {
+                let bytes = std::fs::read(path).map_err(|source| PolicyError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Self::from_bytes(&path.display().to_string(), &bytes, limits)
+            }
+        }
+    }
+
+    /// Compiles and validates component bytes; `name` appears in errors and traces.
+    pub fn from_bytes(name: &str, bytes: &[u8], limits: PolicyLimits) -> Result<Self, PolicyError> {
+        let name = name.to_string();
+        check_header(&name, bytes)?;
+        let engine = policy_engine(limits.fuel_per_call > 0)?;
+        let component = Component::new(&engine, bytes).map_err(|e| PolicyError::Invalid {
+            name: name.clone(),
+            reason: one_line(&e),
+        })?;
+        let ty = component.component_type();
+        let imports: Vec<String> = ty.imports(&engine).map(|(n, _)| n.to_string()).collect();
+        if !imports.is_empty() {
+            return Err(PolicyError::ForbiddenImports {
+                name,
+                imports: imports.join(", "),
+            });
+        }
+        let exports: Vec<String> = ty.exports(&engine).map(|(n, _)| n.to_string()).collect();
+        if !exports.iter().any(|e| e == POLICY_INTERFACE) {
+            let exports = if exports.is_empty() {
+                "nothing".to_string()
+            } else {
+                exports.join(", ")
+            };
+            return Err(PolicyError::WrongWorld { name, exports });
+        }
+        let linker = Linker::new(&engine);
+        let instance_pre =
+            linker
+                .instantiate_pre(&component)
+                .map_err(|e| PolicyError::Mismatch {
+                    name: name.clone(),
+                    reason: one_line(&e),
+                })?;
+        let pre = StepPolicyPre::new(instance_pre).map_err(|e| PolicyError::Mismatch {
+            name: name.clone(),
+            reason: one_line(&e),
+        })?;
+        Ok(Self {
+            inner: Arc::new(ModuleInner {
+                engine,
+                pre,
+                name,
+                digest: sha256_hex(bytes),
+                size_bytes: bytes.len(),
+                limits,
+            }),
+        })
+    }
+
+    /// Display name: `builtin:default` or the file path.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// `sha256:<hex>` of the component bytes.
+    pub fn digest(&self) -> &str {
+        &self.inner.digest
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.inner.size_bytes
+    }
+
+    pub fn limits(&self) -> PolicyLimits {
+        self.inner.limits
+    }
+
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    pub(crate) fn pre(&self) -> &StepPolicyPre<super::runtime::StoreState> {
+        &self.inner.pre
+    }
+}
+
+fn check_header(name: &str, bytes: &[u8]) -> Result<(), PolicyError> {
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err(PolicyError::NotWasm {
+            name: name.to_string(),
+        });
+    }
+    // Core modules have version 1 and layer 0; components have layer 1.
+    if bytes[4..8] == [1, 0, 0, 0] {
+        return Err(PolicyError::CoreModule {
+            name: name.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// The wasmtime engine every policy runs on: component model, Cranelift, and fuel metering
+/// unless the CPU bound is disabled (`fuel_per_call == 0`, for benchmarks).
+fn policy_engine(fuel: bool) -> Result<Engine, PolicyError> {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.consume_fuel(fuel);
+    config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+    Engine::new(&config).map_err(|e| PolicyError::Engine(one_line(&e)))
+}
+
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256:");
+    for byte in digest {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
+}
+
+/// Flattens an error chain into one line.
+pub(crate) fn one_line(error: &wasmtime::Error) -> String {
+    format!("{error:#}").replace('\n', " ")
+}

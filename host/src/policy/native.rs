@@ -1,0 +1,23 @@
+//! The default policy's logic as a native Rust function.
+//!
+//! Used as the baseline of `stepscope bench policy` (Wasm vs native, side by side) and by
+//! tests that check the embedded component decides exactly like it.
+
+use super::bindings::StepSummary;
+use super::validate::Decision;
+
+/// Two-stage sampling: batch with `sample_rate`, then rich with `rich_subsample_rate`.
+pub fn default_decide(
+    sample_rate: f64,
+    rich_subsample_rate: f64,
+    summary: &StepSummary,
+) -> Decision {
+    let emit_batch = summary.random_batch < sample_rate;
+    Decision {
+        emit_batch,
+        emit_rich: emit_batch && summary.random_rich < rich_subsample_rate,
+        batch_probability: sample_rate,
+        rich_probability: rich_subsample_rate,
+        extra: Vec::new(),
+    }
+}

@@ -1,0 +1,263 @@
+//! A live policy instance and the two per-step calls, with faults contained.
+//!
+//! Each call gets a fresh fuel budget; the store's limiter caps linear memory. When a call
+//! traps, runs out of fuel or memory, or returns a malformed answer, the instance is dropped
+//! (a trapped instance cannot be entered again), the fault is counted by kind, and the runtime
+//! backs off — 1, 2, 4 … up to `max_backoff_steps` steps — before instantiating again from
+//! the pre-linked template. Steps in between go untraced. Nothing here ever panics or returns
+//! an error to the step loop.
+
+use super::bindings::{RequestViews, StepPolicy, StepSummary};
+use super::faults::{FaultKind, PolicyCounters};
+use super::module::{PolicyError, PolicyModule, one_line};
+use super::validate::{Decision, RichSelection, check_decision, check_rich_plan};
+use std::sync::Arc;
+use std::time::Instant;
+use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, Trap};
+
+/// Per-store host state: only the resource limiter (no WASI, no host functions).
+pub(crate) struct StoreState {
+    limits: StoreLimits,
+}
+
+/// The result of one policy call as seen by the step loop.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PolicyOutcome<T> {
+    /// A valid answer.
+    Answer(T),
+    /// The call failed; the step goes untraced.
+    Fault(FaultKind),
+    /// The policy is backing off after a fault; no call was made.
+    BackingOff,
+}
+
+impl<T> PolicyOutcome<T> {
+    pub fn answer(self) -> Option<T> {
+        match self {
+            PolicyOutcome::Answer(answer) => Some(answer),
+            _ => None,
+        }
+    }
+}
+
+struct LiveInstance {
+    store: Store<StoreState>,
+    bindings: StepPolicy,
+}
+
+/// Runs one policy module for the step loop.
+pub struct PolicyRuntime {
+    module: PolicyModule,
+    params: Vec<(String, String)>,
+    live: Option<LiveInstance>,
+    counters: Arc<PolicyCounters>,
+    consecutive_faults: u32,
+    successes_since_fault: u32,
+    resume_at_step: u64,
+}
+
+/// Successful calls in a row after which a policy's back-off resets to one step.
+const SUCCESSES_TO_FORGIVE: u32 = 16;
+
+impl PolicyRuntime {
+    /// Instantiates the module and calls `configure(params)`. Errors here refuse the policy.
+    pub fn new(
+        module: PolicyModule,
+        params: Vec<(String, String)>,
+        counters: Arc<PolicyCounters>,
+    ) -> Result<Self, PolicyError> {
+        let live = instantiate(&module, &params).map_err(|e| match e {
+            InstantiateError::Instantiate(reason) => PolicyError::Instantiate {
+                name: module.name().to_string(),
+                reason,
+            },
+            InstantiateError::Configure(reason) => PolicyError::Configure {
+                name: module.name().to_string(),
+                reason,
+            },
+        })?;
+        counters.record_instantiation();
+        Ok(Self {
+            module,
+            params,
+            live: Some(live),
+            counters,
+            consecutive_faults: 0,
+            successes_since_fault: 0,
+            resume_at_step: 0,
+        })
+    }
+
+    pub fn module(&self) -> &PolicyModule {
+        &self.module
+    }
+
+    pub fn params(&self) -> &[(String, String)] {
+        &self.params
+    }
+
+    pub fn counters(&self) -> &Arc<PolicyCounters> {
+        &self.counters
+    }
+
+    /// Asks the policy about one step.
+    pub fn decide(&mut self, summary: &StepSummary) -> PolicyOutcome<Decision> {
+        let step_id = summary.step_id;
+        self.call(step_id, |live| {
+            live.bindings
+                .stepscope_policy_policy()
+                .call_decide(&mut live.store, *summary)
+                .map(check_decision)
+        })
+    }
+
+    /// Asks the policy which running requests of a rich step to snapshot.
+    pub fn plan_rich(
+        &mut self,
+        summary: &StepSummary,
+        requests: &RequestViews,
+    ) -> PolicyOutcome<RichSelection> {
+        let step_id = summary.step_id;
+        let num_requests = requests.request_id.len();
+        self.call(step_id, |live| {
+            live.bindings
+                .stepscope_policy_policy()
+                .call_plan_rich(&mut live.store, *summary, requests)
+                .map(|answer| check_rich_plan(answer, num_requests))
+        })
+    }
+
+    fn call<T>(
+        &mut self,
+        step_id: u64,
+        f: impl FnOnce(&mut LiveInstance) -> wasmtime::Result<Result<T, String>>,
+    ) -> PolicyOutcome<T> {
+        if self.live.is_none() {
+            if step_id < self.resume_at_step {
+                self.counters.record_skip();
+                return PolicyOutcome::BackingOff;
+            }
+            match instantiate(&self.module, &self.params) {
+                Ok(live) => {
+                    self.counters.record_instantiation();
+                    self.live = Some(live);
+                }
+                Err(error) => {
+                    tracing::warn!(policy = self.module.name(), %error, "policy re-instantiation failed");
+                    return self.fault(step_id, FaultKind::Instantiate);
+                }
+            }
+        }
+        let Some(live) = self.live.as_mut() else {
+            return self.fault(step_id, FaultKind::Instantiate);
+        };
+        let fuel = self.module.limits().fuel_per_call;
+        if fuel > 0 && live.store.set_fuel(fuel).is_err() {
+            return self.fault(step_id, FaultKind::Instantiate);
+        }
+        let started = Instant::now();
+        let result = f(live);
+        self.counters
+            .record_call(started.elapsed().as_nanos().min(u64::MAX as u128) as u64);
+        match result {
+            Ok(Ok(answer)) => {
+                // Forgive only a sustained recovery, so a policy that faults on every
+                // rich step (after a good `decide`) still backs off further each time.
+                self.successes_since_fault = self.successes_since_fault.saturating_add(1);
+                if self.successes_since_fault >= SUCCESSES_TO_FORGIVE {
+                    self.consecutive_faults = 0;
+                }
+                PolicyOutcome::Answer(answer)
+            }
+            Ok(Err(reason)) => {
+                tracing::warn!(policy = self.module.name(), step_id, %reason, "malformed policy answer");
+                self.fault(step_id, FaultKind::Malformed)
+            }
+            Err(error) => {
+                let kind = classify(&error);
+                tracing::warn!(policy = self.module.name(), step_id, fault = %kind, error = %one_line(&error), "policy call failed");
+                self.fault(step_id, kind)
+            }
+        }
+    }
+
+    fn fault<T>(&mut self, step_id: u64, kind: FaultKind) -> PolicyOutcome<T> {
+        self.counters.record_fault(kind);
+        self.live = None;
+        self.successes_since_fault = 0;
+        self.consecutive_faults = self.consecutive_faults.saturating_add(1);
+        let backoff = 1u64
+            .checked_shl(self.consecutive_faults.saturating_sub(1))
+            .unwrap_or(u64::MAX)
+            .min(self.module.limits().max_backoff_steps.max(1));
+        self.resume_at_step = step_id.saturating_add(backoff);
+        PolicyOutcome::Fault(kind)
+    }
+}
+
+enum InstantiateError {
+    Instantiate(String),
+    Configure(String),
+}
+
+impl std::fmt::Display for InstantiateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InstantiateError::Instantiate(reason) => write!(f, "instantiation failed: {reason}"),
+            InstantiateError::Configure(reason) => write!(f, "configure failed: {reason}"),
+        }
+    }
+}
+
+fn instantiate(
+    module: &PolicyModule,
+    params: &[(String, String)],
+) -> Result<LiveInstance, InstantiateError> {
+    let limits = module.limits();
+    let state = StoreState {
+        limits: StoreLimitsBuilder::new()
+            .memory_size(limits.memory_bytes)
+            .trap_on_grow_failure(true)
+            .instances(4)
+            .memories(2)
+            .tables(4)
+            .build(),
+    };
+    let mut store = Store::new(module.engine(), state);
+    store.limiter(|state| &mut state.limits);
+    let fuel = |store: &mut Store<StoreState>| match limits.fuel_per_call {
+        0 => Ok(()),
+        fuel => store
+            .set_fuel(fuel)
+            .map_err(|e| InstantiateError::Instantiate(one_line(&e))),
+    };
+    fuel(&mut store)?;
+    let bindings = module
+        .pre()
+        .instantiate(&mut store)
+        .map_err(|e| InstantiateError::Instantiate(one_line(&e)))?;
+    fuel(&mut store)?;
+    bindings
+        .stepscope_policy_policy()
+        .call_configure(&mut store, params)
+        .map_err(|e| InstantiateError::Instantiate(one_line(&e)))?
+        .map_err(InstantiateError::Configure)?;
+    Ok(LiveInstance { store, bindings })
+}
+
+/// Maps a failed call to its fault kind.
+fn classify(error: &wasmtime::Error) -> FaultKind {
+    if let Some(trap) = error.downcast_ref::<Trap>() {
+        return match trap {
+            Trap::OutOfFuel | Trap::Interrupt => FaultKind::Timeout,
+            Trap::AllocationTooLarge => FaultKind::Memory,
+            _ => FaultKind::Trap,
+        };
+    }
+    let text = format!("{error:#}");
+    if text.contains("memory") && (text.contains("grow") || text.contains("limit")) {
+        FaultKind::Memory
+    } else {
+        FaultKind::Trap
+    }
+}

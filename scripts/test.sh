@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite, from a clean checkout on a fresh machine (README command 2; CI runs it).
+# Installs what the tests need through the project's own files, then checks formatting and
+# lints, then runs every test in the release profile.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== toolchain (rust-toolchain.toml)"
+rustup toolchain install          # the pinned toolchain with its components and targets
+rustup target add wasm32-unknown-unknown wasm32-wasip2
+
+echo "== formatting and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --release --locked -- -D warnings
+
+echo "== tests"
+cargo test --workspace --release --locked
