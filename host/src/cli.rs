@@ -146,6 +146,12 @@ pub struct PolicyRunArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// Scheduler CPU time per step (median, p99) at several running-queue sizes.
+    Scheduler {
+        /// Running-queue sizes to measure.
+        #[arg(long, value_delimiter = ',', default_values_t = [16usize, 64, 256])]
+        running: Vec<usize>,
+    },
     /// Policy call latency: Wasm default vs native, CPU bound, rich plans.
     Policy {
         /// A policy component to measure instead of the built-in default.

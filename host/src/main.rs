@@ -95,6 +95,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(BenchCommand::Scheduler { running }) => {
+            for row in stepscope::engine::bench::scheduler_bench(&running) {
+                println!("{row}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(BenchCommand::Policy { policy, iterations }) => {
             let source = PolicySource::from_option(policy.as_deref());
             let rows = stepscope::bench::policy::run(&source, iterations.max(100))?;

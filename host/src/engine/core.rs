@@ -1,0 +1,239 @@
+//! The engine core: the step loop that ties scheduler, step observer, model runner and sampler.
+//!
+//! [`EngineCore::step`] runs one step: `schedule()` → step observer (the tracing hook) →
+//! post-schedule update → model runner `forward` → sampling → `update_from_output` (append tokens,
+//! stop rules, free finished requests' blocks, cache newly-full blocks). It is single-threaded and
+//! synchronous; [`api`](super::api) runs it on its own thread behind a channel. A failing forward
+//! pass finishes the step's requests with `error` (and is reported in the [`StepOutput`]); a
+//! panicking observer is disabled and logged, the engine keeps going.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::Instant;
+
+use super::config::{EngineConfig, EngineError, RequestLimits};
+use super::model_runner::{ModelRunner, ModelRunnerError};
+use super::observer::{NoopStepObserver, StepObserver, StepView};
+use super::request::{Request, RequestId, RequestOutput, RequestRng, SamplingParams, unix_time_ns};
+use super::sampler::Sampler;
+use super::scheduler::Scheduler;
+
+/// Engine-wide numbers for `/metrics` and the CLI.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EngineStats {
+    pub num_running: usize,
+    pub num_waiting: usize,
+    /// `1 - free / total` KV blocks.
+    pub kv_usage_ratio: f64,
+    pub kv_blocks_total: usize,
+    pub kv_blocks_free: usize,
+    /// Prefix-cache lookups at admission, in tokens.
+    pub prefix_cache_queries: u64,
+    /// Prefix-cache hits at admission, in tokens.
+    pub prefix_cache_hits: u64,
+    pub num_preemptions_total: u64,
+    /// Prompt tokens of requests that produced their first token.
+    pub prompt_tokens_total: u64,
+    pub generation_tokens_total: u64,
+    /// Tokens computed by forward passes (prefill, recomputation and decode).
+    pub computed_tokens_total: u64,
+    pub num_requests_finished_total: u64,
+    /// `scheduler_step`: steps run so far.
+    pub num_steps: u64,
+    pub model_errors_total: u64,
+}
+
+/// What one step produced.
+#[derive(Debug)]
+pub struct StepOutput {
+    pub step_id: u64,
+    /// One entry per request that got a token or finished this step.
+    pub outputs: Vec<RequestOutput>,
+    /// Set when the forward pass failed (the step's requests then finished with `error`).
+    pub model_error: Option<ModelRunnerError>,
+}
+
+/// The engine core. Not thread-safe by itself; see [`Engine`](super::api::Engine) for the thread.
+pub struct EngineCore {
+    scheduler: Scheduler,
+    runner: Box<dyn ModelRunner>,
+    observer: Box<dyn StepObserver>,
+    observer_failed: bool,
+    sampler: Sampler,
+    seed: u64,
+    prev_step_duration_us: u64,
+    model_errors_total: u64,
+}
+
+impl std::fmt::Debug for EngineCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineCore")
+            .field("scheduler", &self.scheduler)
+            .field("seed", &self.seed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EngineCore {
+    /// Validates `config` against the runner and builds the engine.
+    pub fn new(
+        config: EngineConfig,
+        runner: Box<dyn ModelRunner>,
+        observer: Box<dyn StepObserver>,
+    ) -> Result<Self, EngineError> {
+        let limits = config.validate(runner.max_model_len(), runner.vocab_size())?;
+        Ok(Self {
+            scheduler: Scheduler::new(&config, limits),
+            runner,
+            observer,
+            observer_failed: false,
+            sampler: Sampler::new(),
+            seed: config.seed,
+            prev_step_duration_us: 0,
+            model_errors_total: 0,
+        })
+    }
+
+    /// An engine with the no-op observer.
+    pub fn without_observer(
+        config: EngineConfig,
+        runner: Box<dyn ModelRunner>,
+    ) -> Result<Self, EngineError> {
+        Self::new(config, runner, Box::new(NoopStepObserver))
+    }
+
+    pub fn limits(&self) -> &RequestLimits {
+        self.scheduler.limits()
+    }
+
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    /// Validates and queues a request under the caller's id.
+    pub fn add_request(
+        &mut self,
+        request_id: RequestId,
+        prompt_token_ids: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<(), EngineError> {
+        self.scheduler
+            .limits()
+            .validate_request(&prompt_token_ids, &params)?;
+        let rng = RequestRng::for_request(params.seed, self.seed, request_id);
+        self.scheduler
+            .add_request(Request::new(request_id, prompt_token_ids, params, rng))
+    }
+
+    /// Aborts a request and frees its blocks; its final output, or `None` if unknown.
+    pub fn abort_request(&mut self, request_id: RequestId) -> Option<RequestOutput> {
+        self.scheduler.abort_request(request_id)
+    }
+
+    pub fn has_unfinished_requests(&self) -> bool {
+        self.scheduler.has_unfinished_requests()
+    }
+
+    /// Runs one step.
+    pub fn step(&mut self) -> StepOutput {
+        let started = Instant::now();
+        let ts_start_ns = unix_time_ns();
+        let scheduled = self.scheduler.schedule();
+        let schedule_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+
+        if !self.observer_failed {
+            let view = StepView::new(
+                &self.scheduler,
+                &scheduled,
+                ts_start_ns,
+                schedule_ns,
+                self.prev_step_duration_us,
+            );
+            let observer = &mut self.observer;
+            if catch_unwind(AssertUnwindSafe(|| observer.on_step(&view))).is_err() {
+                self.observer_failed = true;
+                tracing::error!(
+                    step_id = scheduled.step_id,
+                    "step observer panicked; it is disabled from now on"
+                );
+            }
+        }
+
+        self.scheduler.update_after_schedule(&scheduled);
+        let mut model_error = None;
+        let outputs = if scheduled.is_empty() {
+            self.scheduler.update_from_output(&scheduled, Some(&[]))
+        } else {
+            let batch = self.scheduler.model_batch(&scheduled);
+            let forward = self.runner.forward(&batch);
+            drop(batch);
+            let sampled = forward.and_then(|logits| {
+                let expected_rows = scheduled.num_logits_rows();
+                if logits.vocab_size != self.runner.vocab_size() || logits.data.len() != expected_rows * logits.vocab_size {
+                    return Err(ModelRunnerError::Backend(format!(
+                        "runner returned {} floats of vocab width {}, expected {expected_rows} rows of {}",
+                        logits.data.len(),
+                        logits.vocab_size,
+                        self.runner.vocab_size()
+                    )));
+                }
+                let mut row = 0;
+                let mut sampled = Vec::with_capacity(scheduled.scheduled.len());
+                for s in &scheduled.scheduled {
+                    if !s.needs_logits {
+                        sampled.push(None);
+                        continue;
+                    }
+                    let request = self.scheduler.running_request_mut(s.running_index);
+                    let token = self.sampler.sample(logits.row(row), &request.params, &mut request.rng);
+                    row += 1;
+                    sampled.push(Some(token));
+                }
+                Ok(sampled)
+            });
+            match sampled {
+                Ok(sampled) => self
+                    .scheduler
+                    .update_from_output(&scheduled, Some(&sampled)),
+                Err(error) => {
+                    self.model_errors_total += 1;
+                    tracing::error!(step_id = scheduled.step_id, %error, "forward pass failed; finishing the step's requests with an error");
+                    model_error = Some(error);
+                    self.scheduler.update_from_output(&scheduled, None)
+                }
+            }
+        };
+        self.prev_step_duration_us =
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        StepOutput {
+            step_id: scheduled.step_id,
+            outputs,
+            model_error,
+        }
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let kv = self.scheduler.kv_cache();
+        let counters = self.scheduler.counters();
+        EngineStats {
+            num_running: self.scheduler.num_running(),
+            num_waiting: self.scheduler.num_waiting(),
+            kv_usage_ratio: kv.usage_ratio(),
+            kv_blocks_total: kv.num_total_blocks(),
+            kv_blocks_free: kv.num_free_blocks(),
+            prefix_cache_queries: kv.prefix_cache_queries(),
+            prefix_cache_hits: kv.prefix_cache_hits(),
+            num_preemptions_total: counters.num_preemptions_total,
+            prompt_tokens_total: counters.prompt_tokens_total,
+            generation_tokens_total: counters.generation_tokens_total,
+            computed_tokens_total: counters.computed_tokens_total,
+            num_requests_finished_total: counters.num_requests_finished_total,
+            num_steps: self.scheduler.scheduler_step(),
+            model_errors_total: self.model_errors_total,
+        }
+    }
+
+    /// Checks every scheduler and KV-cache invariant (valid between steps); for tests.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.scheduler.check_invariants()
+    }
+}

@@ -1,0 +1,40 @@
+//! The engine core: requests, the paged KV cache manager with prefix caching, the
+//! continuous-batching scheduler, the sampler, and the step loop, run on its own thread.
+//!
+//! vLLM-v1 style: each step the [`Scheduler`] spends a token budget over running requests first
+//! (one token per decode, chunked prefill for long prompts) and then admits waiting requests,
+//! reusing the KV blocks of cached prefixes; when KV blocks run out it preempts the newest running
+//! request, which recomputes later. [`EngineCore::step`] shows every decided batch to a
+//! [`StepObserver`] (the step tracer) before the post-schedule update, runs the [`ModelRunner`],
+//! samples, and applies stop rules. [`Engine::start`] runs the core on the `stepscope-engine`
+//! thread behind an [`EngineHandle`] that streams [`RequestOutput`]s. [`test_runner`] provides a
+//! deterministic model runner that really goes through the paged KV cache, for tests and
+//! benchmarks; [`bench`](mod@bench) measures the scheduler's CPU cost per step.
+
+pub mod api;
+pub mod bench;
+pub mod block_pool;
+pub mod config;
+pub mod core;
+pub mod hashing;
+pub mod kv_cache_manager;
+pub mod model_runner;
+pub mod observer;
+pub mod request;
+pub mod sampler;
+pub mod scheduler;
+pub mod test_runner;
+
+#[cfg(test)]
+mod engine_tests;
+
+pub use self::core::{EngineCore, EngineStats, StepOutput};
+pub use api::{Engine, EngineHandle};
+pub use config::{EngineConfig, EngineError, RequestLimits};
+pub use kv_cache_manager::KvCacheManager;
+pub use model_runner::{BatchEntry, Logits, ModelBatch, ModelRunner, ModelRunnerError};
+pub use observer::{NoopStepObserver, RequestView, StepObserver, StepView};
+pub use request::{
+    FinishReason, RequestId, RequestOutput, RequestPhase, RequestStatus, SamplingParams,
+};
+pub use scheduler::{BatchSummary, Scheduler, SchedulerOutput};

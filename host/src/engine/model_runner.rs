@@ -1,0 +1,81 @@
+//! The boundary between the engine and a model backend.
+//!
+//! Each step the engine hands the runner one flattened batch: for every scheduled request, the
+//! tokens to compute this step (a prefill chunk, a whole prompt, or a single decode token), the
+//! position of the first of them, and the request's block table (KV block ids from the KV cache
+//! manager, in order). The runner owns the KV tensors themselves: `num_blocks` blocks of
+//! `block_size` token slots per layer, indexed by the block ids the engine passes, so token at
+//! position `p` of a request lives in block `block_table[p / block_size]`, slot `p % block_size`.
+//! Blocks that came from the prefix cache already hold the right K/V and must not be rewritten.
+//! The runner returns one row of logits per request whose `needs_logits` is set, in batch order.
+
+use thiserror::Error;
+
+/// One request's share of a step's batch.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchEntry<'a> {
+    /// Engine request id (for diagnostics; the runner keeps no per-request state).
+    pub request_id: u64,
+    /// Token ids to compute this step, at positions `start_position ..`.
+    pub token_ids: &'a [u32],
+    /// Number of tokens of this request whose K/V are already in its blocks.
+    pub start_position: usize,
+    /// KV block ids of the request, covering at least `start_position + token_ids.len()` slots.
+    pub block_table: &'a [u32],
+    /// Whether this chunk ends at the last known token, so the engine samples from its logits.
+    pub needs_logits: bool,
+}
+
+/// The flattened batch of one step.
+#[derive(Debug, Clone, Default)]
+pub struct ModelBatch<'a> {
+    pub entries: Vec<BatchEntry<'a>>,
+}
+
+impl ModelBatch<'_> {
+    /// Total tokens computed this step.
+    pub fn num_tokens(&self) -> usize {
+        self.entries.iter().map(|e| e.token_ids.len()).sum()
+    }
+
+    /// Number of logits rows the runner must return.
+    pub fn num_logits_rows(&self) -> usize {
+        self.entries.iter().filter(|e| e.needs_logits).count()
+    }
+}
+
+/// Logits for the requests that need them: `rows` rows of `vocab_size` floats, row-major.
+#[derive(Debug, Clone, Default)]
+pub struct Logits {
+    pub vocab_size: usize,
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    pub fn rows(&self) -> usize {
+        self.data.len().checked_div(self.vocab_size).unwrap_or(0)
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab_size..(i + 1) * self.vocab_size]
+    }
+}
+
+/// Why a forward pass failed.
+#[derive(Debug, Error)]
+pub enum ModelRunnerError {
+    #[error("batch is invalid: {0}")]
+    InvalidBatch(String),
+    #[error("backend failure: {0}")]
+    Backend(String),
+}
+
+/// A model backend the engine drives (CPU, CUDA, or the deterministic test runner).
+pub trait ModelRunner: Send {
+    /// Vocabulary size (width of each logits row).
+    fn vocab_size(&self) -> usize;
+    /// Longest sequence (prompt + output) the model accepts.
+    fn max_model_len(&self) -> usize;
+    /// Runs one batched forward pass; returns one logits row per entry with `needs_logits`.
+    fn forward(&mut self, batch: &ModelBatch<'_>) -> Result<Logits, ModelRunnerError>;
+}
