@@ -13,6 +13,7 @@ use std::process::Command;
 /// Guest crates (package name, component file name).
 const GUESTS: &[(&str, &str)] = &[
     ("stepscope-policy-default", "default"),
+    ("stepscope-policy-pressure", "pressure"),
     ("stepscope-policy-hostile", "hostile"),
     ("stepscope-policy-wrong-world", "wrong-world"),
 ];
@@ -36,7 +37,7 @@ fn run() -> Result<(), String> {
     ] {
         println!("cargo:rerun-if-changed={}", path.display());
     }
-    for dir in ["default", "testing"] {
+    for dir in ["default", "examples", "testing"] {
         println!("cargo:rerun-if-changed={}", policies.join(dir).display());
     }
 

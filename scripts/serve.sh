@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 model_dir=$(./scripts/setup-default-model.sh --quiet)
 mkdir -p .cache/traces
 exec cargo run --release --locked --bin stepscope -- serve "$model_dir" \
-  --step-tracing-enabled "$@"
+  --step-tracing-enabled --step-tracing-file .cache/traces/steps.jsonl "$@"

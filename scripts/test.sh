@@ -9,6 +9,10 @@ echo "== toolchain (rust-toolchain.toml)"
 rustup toolchain install          # the pinned toolchain with its components and targets
 rustup target add wasm32-unknown-unknown wasm32-wasip2
 
+echo "== default model (SmolLM2-135M-Instruct; its tests must run here)"
+./scripts/setup-default-model.sh
+export STEPSCOPE_REQUIRE_DEFAULT_MODEL=1 STEPSCOPE_REQUIRE_FIXTURES=1
+
 echo "== formatting and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release --locked -- -D warnings

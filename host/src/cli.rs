@@ -22,6 +22,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve a model over an OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// Generate a completion for one prompt and print it.
+    Generate(GenerateArgs),
     /// Develop step-tracing policies: check a component, or run it over synthetic steps.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -34,8 +36,97 @@ pub enum Command {
 pub struct ServeArgs {
     /// Model to serve: a Hugging Face directory or `builtin:tiny`. Default: SmolLM2-135M-Instruct.
     pub model: Option<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port, printed at start-up).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Model name(s) the API answers to and `/v1/models` lists (repeatable; default: the model's
+    /// name, e.g. `SmolLM2-135M-Instruct` or `builtin:tiny`).
+    #[arg(long, value_name = "NAME")]
+    pub served_model_name: Vec<String>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     #[command(flatten)]
     pub step_tracing: StepTracingArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Model: a Hugging Face directory or `builtin:tiny`.
+    pub model: String,
+    /// The prompt text.
+    #[arg(long)]
+    pub prompt: String,
+    /// Treat the prompt as a user message and apply the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// 0 means greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Seed of this request's sampling (default: derived from the engine `--seed`).
+    #[arg(long = "sampling-seed")]
+    pub sampling_seed: Option<u64>,
+    /// Keep generating after an end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Stop at this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Print one JSON object `{"token_ids": [...], "text": "..."}` instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub step_tracing: StepTracingArgs,
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    Cpu,
+    Cuda,
+    /// CUDA when a usable device is present, else CPU.
+    Auto,
+}
+
+/// Engine and KV-cache sizing (vLLM's flag names).
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Most requests in one batch.
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Most tokens computed in one step.
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// KV blocks in the pool.
+    #[arg(long, default_value_t = 2048)]
+    pub num_kv_blocks: usize,
+    /// Longest prompt + output (default: the model's).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Requests allowed to wait for admission before new ones are refused.
+    #[arg(long, default_value_t = 1024)]
+    pub max_waiting_requests: usize,
+    /// Turn prefix caching off.
+    #[arg(long)]
+    pub no_enable_prefix_caching: bool,
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
+    /// Engine seed: request sampling streams and step-tracing draws derive from it.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 /// The step-tracing flags (shared by `serve` and `generate`).
@@ -63,6 +154,19 @@ pub struct StepTracingArgs {
     /// Linear-memory cap of a policy instance, in MiB.
     #[arg(long, default_value_t = 64)]
     pub step_tracing_policy_memory_mib: u64,
+    /// OTLP collector for step traces, e.g. `http://localhost:4317` (gRPC) or
+    /// `http://localhost:4318` (HTTP; `/v1/traces` is appended when the URL has no path).
+    /// Default: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, then `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    #[arg(long, value_name = "URL")]
+    pub otlp_traces_endpoint: Option<String>,
+    /// OTLP transport: `grpc` or `http` (HTTP/protobuf). Default:
+    /// `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, then `OTEL_EXPORTER_OTLP_PROTOCOL`, then grpc.
+    #[arg(long, value_enum, value_name = "grpc|http")]
+    pub otlp_protocol: Option<crate::observability::OtlpProtocol>,
+    /// Also write every traced step as one JSON object per line to this file (truncated at
+    /// start), for use without a collector and for `policy replay`.
+    #[arg(long, value_name = "PATH")]
+    pub step_tracing_file: Option<PathBuf>,
 }
 
 impl StepTracingArgs {
@@ -159,6 +263,20 @@ pub enum BenchCommand {
         policy: Option<PathBuf>,
         #[arg(long, default_value_t = 200_000)]
         iterations: u64,
+    },
+    /// Step-tracing overhead: end-to-end tokens/s and step time with tracing off, at the
+    /// default rates, at 1.0/0 and at 1.0/1.0 (JSON lines to /dev/null; and 1.0/1.0 without a
+    /// sink), plus the step-loop cost per sampled step and per snapshot (deterministic model).
+    Tracing {
+        /// Concurrent requests (all running at once).
+        #[arg(long, default_value_t = 256)]
+        requests: usize,
+        /// Tokens generated per request.
+        #[arg(long, default_value_t = 256)]
+        output_tokens: usize,
+        /// Runs of each configuration (interleaved; the median is reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
     },
 }
 

@@ -4,7 +4,13 @@
 //! step and what to put in the trace. See `DESIGN.md` for the whole picture; each module's doc
 //! says what it owns.
 
+pub mod backend;
 pub mod bench;
 pub mod cli;
 pub mod engine;
+pub mod launch;
+pub mod model;
+pub mod observability;
 pub mod policy;
+pub mod server;
+pub mod textgen;

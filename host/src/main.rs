@@ -29,12 +29,8 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve(_) => {
-            eprintln!(
-                "stepscope serve is not yet available: the serving issue has not landed yet."
-            );
-            Ok(ExitCode::from(2))
-        }
+        Command::Generate(args) => run_generate(args),
+        Command::Serve(args) => stepscope::server::run(args),
         Command::Policy(PolicyCommand::Check(args)) => {
             let source = PolicySource::File(args.file.clone());
             let module = PolicyModule::load(&source, PolicyLimits::default())?;
@@ -101,6 +97,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(BenchCommand::Tracing {
+            requests,
+            output_tokens,
+            rounds,
+        }) => {
+            let rows = stepscope::observability::bench::run(requests, output_tokens, rounds)?;
+            print!(
+                "{}",
+                stepscope::observability::bench::render(&rows, requests, output_tokens, rounds)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(BenchCommand::Policy { policy, iterations }) => {
             let source = PolicySource::from_option(policy.as_deref());
             let rows = stepscope::bench::policy::run(&source, iterations.max(100))?;
@@ -108,4 +116,61 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `stepscope generate`: one prompt through the real engine, streamed to stdout (or as JSON).
+fn run_generate(args: stepscope::cli::GenerateArgs) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    use stepscope::engine::SamplingParams;
+    use stepscope::model::{ChatMessage, DetokenizerOptions};
+    use stepscope::observability::{ObservabilityConfig, StepTracer};
+    use stepscope::textgen::TextStream;
+
+    // The same step tracer as `serve`, from the same flags (off unless --step-tracing-enabled).
+    let tracing_config = ObservabilityConfig::from_args(&args.step_tracing, args.engine.seed)?;
+    let (observer, mut tracer) = StepTracer::start(tracing_config)?;
+    let launched = stepscope::launch::launch(&args.model, &args.engine, Box::new(observer))?;
+    let model = &launched.model;
+    let prompt_ids = if args.chat {
+        model.encode_chat(&[ChatMessage::new("user", args.prompt.clone())])?
+    } else {
+        model.tokenizer.encode(&args.prompt, true)?
+    };
+    let params = SamplingParams {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.sampling_seed,
+        ignore_eos: args.ignore_eos,
+        ..SamplingParams::default()
+    };
+    let detokenizer = DetokenizerOptions {
+        stop: args.stop.clone(),
+        ..DetokenizerOptions::default()
+    };
+    let mut stream = TextStream::start(&launched.engine, model, prompt_ids, params, detokenizer)?;
+    let mut token_ids = Vec::new();
+    let mut stdout = std::io::stdout().lock();
+    let mut finish_reason = None;
+    while let Some(delta) = stream.blocking_next() {
+        token_ids.extend_from_slice(&delta.token_ids);
+        if !args.json {
+            stdout.write_all(delta.text.as_bytes())?;
+            stdout.flush()?;
+        }
+        finish_reason = delta.finish_reason.or(finish_reason);
+    }
+    let text = stream.text().to_string();
+    drop(stream);
+    if args.json {
+        let finish_reason = finish_reason.map(|r| r.as_str());
+        let out = serde_json::json!({ "token_ids": token_ids, "text": text, "finish_reason": finish_reason });
+        writeln!(stdout, "{out}")?;
+    } else {
+        writeln!(stdout)?;
+    }
+    launched.engine.shutdown()?;
+    tracer.shutdown();
+    Ok(ExitCode::SUCCESS)
 }

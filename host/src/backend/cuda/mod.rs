@@ -1,0 +1,317 @@
+//! The CUDA backend: [`CudaModelRunner`] runs the Llama-family forward on an NVIDIA GPU through
+//! cudarc, with the same contract as the CPU runner (flattened batch of prefill chunks and decode
+//! tokens, paged KV cache addressed by the engine's block ids, one logits row per entry that
+//! needs one).
+//!
+//! - Weights live on the device in bf16 (f16 on GPUs older than compute capability 8.0); norms
+//!   and biases stay f32. Every projection is one cuBLAS `GemmEx` (16-bit inputs, f32
+//!   accumulation and output); the o and down projections accumulate straight into the f32
+//!   residual stream (beta = 1).
+//! - The KV cache is one device allocation per run, `[layer][K|V][block][kv_head][slot][dim]`
+//!   in the 16-bit type, indexed by the engine's block ids.
+//! - Our own kernels (`kernels/*.cu`: embedding gather, RMSNorm, RoPE, KV-cache write, paged
+//!   attention, SiLU-and-multiply, bias and residual adds, greedy argmax) are embedded with
+//!   `include_str!` and compiled at start-up by NVRTC for the device's compute capability
+//!   (`sm_XY` cubin; [`nvrtc`]).
+//! - Libraries are loaded at run time (cudarc `dynamic-loading`), so the binary builds and runs
+//!   without CUDA; [`libs`] finds `libcuda`, `libnvrtc` and `libcublas` on the default search
+//!   path or in the usual install locations, and a missing library or device is a clear
+//!   [`CudaError`] at start-up, never a panic.
+//!
+//! [`cuda_available`] says whether a usable device is present; [`DeviceArg`] / [`resolve_device`]
+//! / [`build_runner`] implement `--device cpu|cuda|auto` for `serve` and `generate`.
+
+pub mod libs;
+pub mod nvrtc;
+pub mod runner;
+
+#[cfg(test)]
+mod bench;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use thiserror::Error;
+
+use crate::engine::model_runner::ModelRunner;
+use crate::model::{KvCacheShape, LoadedModel, ModelError};
+
+pub use nvrtc::{ActDtype, KERNEL_SOURCES};
+pub use runner::CudaModelRunner;
+
+/// Why the CUDA backend cannot start or a CUDA call failed.
+#[derive(Debug, Error)]
+pub enum CudaError {
+    #[error("{library} was not found ({searched}); {hint}")]
+    LibraryMissing {
+        library: &'static str,
+        searched: String,
+        hint: &'static str,
+    },
+    #[error("no CUDA device is usable: {0}")]
+    NoDevice(String),
+    #[error("CUDA driver call `{call}` failed: {message}")]
+    Driver { call: &'static str, message: String },
+    #[error("cuBLAS call `{call}` failed: {message}")]
+    Cublas { call: &'static str, message: String },
+    #[error("NVRTC failed to compile kernels/{file} for {arch}:\n{log}")]
+    Compile {
+        file: &'static str,
+        arch: String,
+        log: String,
+    },
+    #[error("NVRTC: {0}")]
+    Nvrtc(String),
+    #[error("out of GPU memory: {0}")]
+    OutOfMemory(String),
+    #[error("the CUDA backend does not support this model: {0}")]
+    Unsupported(String),
+    #[error("invalid KV cache shape: {0}")]
+    InvalidKvShape(String),
+    #[error("a CUDA library call panicked: {0}")]
+    Panic(String),
+}
+
+impl CudaError {
+    pub(crate) fn driver(call: &'static str, e: impl fmt::Debug) -> Self {
+        let message = format!("{e:?}");
+        if message.contains("OUT_OF_MEMORY") {
+            return CudaError::OutOfMemory(format!("{call}: {message}"));
+        }
+        CudaError::Driver { call, message }
+    }
+
+    pub(crate) fn cublas(call: &'static str, e: impl fmt::Debug) -> Self {
+        CudaError::Cublas {
+            call,
+            message: format!("{e:?}"),
+        }
+    }
+}
+
+/// Runs `f`, turning a panic inside a CUDA library binding (cudarc panics when a library or
+/// symbol cannot be loaded) into [`CudaError::Panic`].
+pub(crate) fn guard<T>(f: impl FnOnce() -> Result<T, CudaError>) -> Result<T, CudaError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            Err(CudaError::Panic(msg))
+        }
+    }
+}
+
+/// What the probe found about device 0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSummary {
+    pub num_devices: usize,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub total_memory_bytes: usize,
+    /// `cuDriverGetVersion`, e.g. 13000 for CUDA 13.0.
+    pub driver_version: i32,
+    /// `nvrtcVersion`.
+    pub nvrtc_version: (i32, i32),
+}
+
+impl fmt::Display for DeviceSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} (compute capability {}.{}, {:.1} GiB, driver CUDA {}.{}, NVRTC {}.{})",
+            self.name,
+            self.compute_capability.0,
+            self.compute_capability.1,
+            self.total_memory_bytes as f64 / (1u64 << 30) as f64,
+            self.driver_version / 1000,
+            (self.driver_version % 1000) / 10,
+            self.nvrtc_version.0,
+            self.nvrtc_version.1,
+        )
+    }
+}
+
+/// Checks, once per process, that the driver, NVRTC and cuBLAS load and that a device exists.
+pub fn probe() -> Result<DeviceSummary, CudaError> {
+    static PROBE: OnceLock<Result<DeviceSummary, String>> = OnceLock::new();
+    PROBE
+        .get_or_init(|| probe_uncached().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(CudaError::NoDevice)
+}
+
+fn probe_uncached() -> Result<DeviceSummary, CudaError> {
+    guard(|| {
+        libs::ensure_driver()?;
+        use cudarc::driver::{CudaContext, result as dr};
+        dr::init().map_err(|e| CudaError::driver("cuInit", e))?;
+        let count =
+            CudaContext::device_count().map_err(|e| CudaError::driver("cuDeviceGetCount", e))?;
+        if count <= 0 {
+            return Err(CudaError::NoDevice(
+                "the driver reports no CUDA device".into(),
+            ));
+        }
+        let dev = dr::device::get(0).map_err(|e| CudaError::driver("cuDeviceGet", e))?;
+        let name =
+            dr::device::get_name(dev).map_err(|e| CudaError::driver("cuDeviceGetName", e))?;
+        let total = unsafe { dr::device::total_mem(dev) }
+            .map_err(|e| CudaError::driver("cuDeviceTotalMem", e))?;
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let major = unsafe {
+            dr::device::get_attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        }
+        .map_err(|e| CudaError::driver("cuDeviceGetAttribute", e))?;
+        let minor = unsafe {
+            dr::device::get_attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+        }
+        .map_err(|e| CudaError::driver("cuDeviceGetAttribute", e))?;
+        let mut driver_version = 0;
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) }
+            .result()
+            .map_err(|e| CudaError::driver("cuDriverGetVersion", e))?;
+        libs::ensure_cublas()?;
+        let nvrtc_version = nvrtc::version()?;
+        Ok(DeviceSummary {
+            num_devices: count as usize,
+            name,
+            compute_capability: (major, minor),
+            total_memory_bytes: total,
+            driver_version,
+            nvrtc_version,
+        })
+    })
+}
+
+/// Whether a usable CUDA device is present (driver, device, NVRTC and cuBLAS all load). Never
+/// panics; the first call costs a driver initialisation, later calls are free.
+pub fn cuda_available() -> bool {
+    probe().is_ok()
+}
+
+/// The `--device` argument of `serve` and `generate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+    /// CUDA when a usable device is present, else CPU.
+    #[default]
+    Auto,
+}
+
+impl FromStr for DeviceArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "cpu" => Ok(DeviceArg::Cpu),
+            "cuda" | "gpu" => Ok(DeviceArg::Cuda),
+            "auto" => Ok(DeviceArg::Auto),
+            other => Err(format!(
+                "unknown device `{other}` (expected cpu, cuda or auto)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for DeviceArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DeviceArg::Cpu => "cpu",
+            DeviceArg::Cuda => "cuda",
+            DeviceArg::Auto => "auto",
+        })
+    }
+}
+
+/// The device a runner will use, after `auto` has been decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(DeviceSummary),
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(s) => write!(f, "cuda: {s}"),
+        }
+    }
+}
+
+/// Decides `--device`: `cpu` is always CPU; `cuda` is CUDA or an error saying why not; `auto`
+/// is CUDA when usable, else CPU with the reason (for a log line).
+pub fn resolve_device(arg: DeviceArg) -> Result<(Device, Option<String>), CudaError> {
+    match arg {
+        DeviceArg::Cpu => Ok((Device::Cpu, None)),
+        DeviceArg::Cuda => probe().map(|s| (Device::Cuda(s), None)),
+        DeviceArg::Auto => match probe() {
+            Ok(s) => Ok((Device::Cuda(s), None)),
+            Err(e) => Ok((Device::Cpu, Some(format!("using the CPU: {e}")))),
+        },
+    }
+}
+
+/// How many KV blocks of `block_size` tokens fit on device 0 next to the model's 16-bit weights,
+/// using at most `memory_fraction` of the GPU's memory and leaving `reserve_bytes` for
+/// activations, logits and the cuBLAS workspace (1 GiB is ample for batches of a few thousand
+/// tokens on a 1-8 B model). For sizing `--num-kv-blocks` on `--device cuda`.
+pub fn kv_blocks_that_fit(
+    cfg: &crate::model::ModelConfig,
+    num_params: usize,
+    block_size: usize,
+    memory_fraction: f64,
+    reserve_bytes: usize,
+) -> Result<usize, CudaError> {
+    let dev = probe()?;
+    let budget = (dev.total_memory_bytes as f64 * memory_fraction.clamp(0.0, 1.0)) as usize;
+    let per_block = 2 * cfg.num_layers * cfg.kv_dim() * 2 * block_size.max(1);
+    let used = 2 * num_params + reserve_bytes;
+    if budget <= used {
+        return Err(CudaError::OutOfMemory(format!(
+            "{:.2} GiB of {} ({:.0}% of its memory) hold no KV cache next to {:.2} GiB of weights",
+            budget as f64 / (1u64 << 30) as f64,
+            dev.name,
+            memory_fraction * 100.0,
+            (2 * num_params) as f64 / (1u64 << 30) as f64
+        )));
+    }
+    Ok((budget - used) / per_block)
+}
+
+/// Why [`build_runner`] failed.
+#[derive(Debug, Error)]
+pub enum BuildRunnerError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
+}
+
+/// Builds the model runner for a resolved device: the CPU runner or a [`CudaModelRunner`].
+pub fn build_runner(
+    model: &LoadedModel,
+    kv: KvCacheShape,
+    device: &Device,
+) -> Result<Box<dyn ModelRunner>, BuildRunnerError> {
+    Ok(match device {
+        Device::Cpu => Box::new(crate::backend::cpu::CpuModelRunner::new(
+            model.info.config.clone(),
+            model.weights.clone(),
+            kv,
+        )?),
+        Device::Cuda(_) => Box::new(CudaModelRunner::new(
+            model.info.config.clone(),
+            model.weights.clone(),
+            kv,
+        )?),
+    })
+}

@@ -1,0 +1,1158 @@
+//! [`CudaModelRunner`]: the Llama-family forward on one NVIDIA GPU.
+//!
+//! Per step: the batch's token ids, positions, KV slots, context lengths, block tables and
+//! logits rows are packed into one `i32` buffer and copied to the device in one transfer; then
+//! the embedding gather, and per layer RMSNorm → fused QKV GEMM (+ Qwen2 bias) → RoPE → KV-cache
+//! write → paged attention → O GEMM accumulated into the residual (+ o bias) → RMSNorm → fused
+//! gate/up GEMM → SiLU-and-multiply → down GEMM accumulated into the residual; then the final
+//! norm on the rows that need logits only and the LM head. Everything is enqueued on one stream;
+//! the only synchronisation is the copy of the logits (or, in [`CudaModelRunner::forward_greedy`],
+//! of one argmax id per row) back to the host. Activation buffers grow on demand and are reused.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::cublas::CudaBlas;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use rayon::prelude::*;
+
+use crate::engine::model_runner::{Logits, ModelBatch, ModelRunner, ModelRunnerError};
+use crate::model::weights::Matrix;
+use crate::model::{KvCacheShape, LlamaWeights, ModelConfig};
+
+use super::nvrtc::{self, ActDtype, attention_warps};
+use super::{CudaError, DeviceSummary, guard, libs, probe};
+
+/// Largest query-head group one attention block handles (`ATTN_MAX_GROUP` in attention.cu).
+const ATTN_MAX_GROUP: usize = 8;
+
+/// Options of [`CudaModelRunner::with_options`].
+#[derive(Debug, Clone)]
+pub struct CudaOptions {
+    /// Device ordinal (default 0).
+    pub device: usize,
+    /// 16-bit type of weights and KV cache (default: bf16 on compute capability 8.0+, else f16).
+    pub dtype: Option<ActDtype>,
+    /// Replay pure decode steps as CUDA graphs (default: `STEPSCOPE_CUDA_GRAPHS=1`, else off).
+    pub cuda_graphs: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            device: 0,
+            dtype: None,
+            cuda_graphs: std::env::var("STEPSCOPE_CUDA_GRAPHS").is_ok_and(|v| v == "1"),
+        }
+    }
+}
+
+/// Largest decode batch replayed as a CUDA graph, and how many shapes are kept.
+const MAX_GRAPH_TOKENS: usize = 512;
+const MAX_GRAPHS: usize = 64;
+/// cuBLAS workspace (NVIDIA recommends 32 MiB on Hopper).
+const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+struct DeviceLayer {
+    input_norm: CudaSlice<f32>,
+    qkv: CudaSlice<u16>,
+    qkv_bias: Option<CudaSlice<f32>>,
+    o: CudaSlice<u16>,
+    o_bias: Option<CudaSlice<f32>>,
+    post_norm: CudaSlice<f32>,
+    gate_up: CudaSlice<u16>,
+    down: CudaSlice<u16>,
+}
+
+struct DeviceWeights {
+    embed: CudaSlice<u16>,
+    layers: Vec<DeviceLayer>,
+    final_norm: CudaSlice<f32>,
+    /// `None` when tied to `embed`.
+    lm_head: Option<CudaSlice<u16>>,
+    /// Bytes of the 16-bit matrices a decode step reads (all projections and the LM head).
+    matrix_bytes: usize,
+}
+
+struct Kernels {
+    embedding_gather: CudaFunction,
+    rms_norm: CudaFunction,
+    rotary_embedding: CudaFunction,
+    kv_cache_write: CudaFunction,
+    attention: CudaFunction,
+    silu_and_mul: CudaFunction,
+    bias_add: CudaFunction,
+    argmax_rows: CudaFunction,
+}
+
+/// A growable device buffer.
+struct Buf<T> {
+    slice: Option<CudaSlice<T>>,
+}
+
+impl<T: DeviceRepr + ValidAsZeroBits> Buf<T> {
+    fn new() -> Self {
+        Buf { slice: None }
+    }
+
+    /// Ensures room for `len` elements (contents are not kept) and returns the device pointer.
+    /// Ensures room for `len` elements (contents are not kept) and returns the device pointer;
+    /// a reallocation bumps `generation` (captured CUDA graphs hold the old addresses).
+    fn ensure(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        len: usize,
+        generation: &mut u64,
+    ) -> Result<u64, CudaError> {
+        let len = len.max(1);
+        if self.slice.as_ref().is_none_or(|s| s.len() < len) {
+            self.slice = None;
+            *generation += 1;
+            // Grow by 1.5x so that slowly growing batches do not reallocate every step.
+            let cap = len + len / 2;
+            self.slice = Some(
+                stream
+                    .alloc_zeros::<T>(cap)
+                    .map_err(|e| CudaError::driver("cuMemAlloc", e))?,
+            );
+        }
+        Ok(self.ptr(stream))
+    }
+
+    fn ptr(&self, stream: &Arc<CudaStream>) -> u64 {
+        self.slice.as_ref().map_or(0, |s| dptr(s, stream))
+    }
+}
+
+fn dptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
+    // Event tracking is off (one stream), so the guard records nothing.
+    let (p, _guard) = s.device_ptr(stream);
+    p
+}
+
+/// Activation buffers, reused across steps.
+struct Buffers {
+    x: Buf<f32>,
+    h: Buf<u16>,
+    qkv: Buf<f32>,
+    attn: Buf<u16>,
+    gate_up: Buf<f32>,
+    act: Buf<u16>,
+    meta: Buf<i32>,
+    final_h: Buf<u16>,
+    logits: Buf<f32>,
+    ids: Buf<u32>,
+    /// Bumped whenever a buffer is reallocated.
+    generation: u64,
+}
+
+/// Host-side staging for one step.
+#[derive(Default)]
+struct HostMeta {
+    /// ids | positions | slots | context lengths | block-table offsets | logits rows | tables.
+    packed: Vec<i32>,
+    ids: Vec<i32>,
+    positions: Vec<i32>,
+    slots: Vec<i32>,
+    ctx_lens: Vec<i32>,
+    bt_offsets: Vec<i32>,
+    logit_rows: Vec<i32>,
+    tables: Vec<i32>,
+    num_entries: usize,
+}
+
+/// A captured CUDA graph. cudarc leaves `CudaGraph` `!Send` (it holds raw handles); the driver
+/// allows launching an executable graph from any thread with the context current, which every
+/// entry point of the runner makes sure of, and the runner uses its graphs only through
+/// `&mut self`.
+struct SendGraph(CudaGraph);
+
+// SAFETY: see above; the graph is only ever used by one thread at a time (through `&mut self`).
+unsafe impl Send for SendGraph {}
+
+/// Device pointers of one step: metadata and activations.
+#[derive(Clone, Copy)]
+struct StepPtrs {
+    meta: MetaPtrs,
+    x: u64,
+    h: u64,
+    qkv: u64,
+    attn: u64,
+    gate_up: u64,
+    act: u64,
+    final_h: u64,
+    logits: u64,
+}
+
+/// Device pointers into the packed metadata of the current step.
+#[derive(Clone, Copy)]
+struct MetaPtrs {
+    ids: u64,
+    positions: u64,
+    slots: u64,
+    ctx_lens: u64,
+    bt_offsets: u64,
+    logit_rows: u64,
+    tables: u64,
+}
+
+/// A Llama-family model on an NVIDIA GPU with its paged KV cache.
+pub struct CudaModelRunner {
+    cfg: ModelConfig,
+    dtype: ActDtype,
+    kv_shape: KvCacheShape,
+    summary: DeviceSummary,
+    arch: String,
+    // Field order is drop order: buffers and weights before the handle, stream and context.
+    /// Captured decode steps by (tokens, logits rows); see `enqueue_prepared`.
+    graphs: HashMap<(usize, usize), SendGraph>,
+    graph_generation: u64,
+    use_graphs: bool,
+    bufs: Buffers,
+    host: HostMeta,
+    kv: CudaSlice<u16>,
+    /// Elements of one layer's K (or V) tensor.
+    kv_layer_elems: usize,
+    inv_freq: CudaSlice<f32>,
+    weights: DeviceWeights,
+    k: Kernels,
+    /// cuBLAS workspace (explicit, so that captured GEMMs never allocate).
+    _workspace: CudaSlice<u8>,
+    blas: CudaBlas,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+}
+
+impl std::fmt::Debug for CudaModelRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaModelRunner")
+            .field("architecture", &self.cfg.architecture)
+            .field("device", &self.summary.name)
+            .field("arch", &self.arch)
+            .field("dtype", &self.dtype)
+            .field("kv", &self.kv_shape)
+            .finish()
+    }
+}
+
+fn gemm_dtype(d: ActDtype) -> cudaDataType {
+    match d {
+        ActDtype::Bf16 => cudaDataType::CUDA_R_16BF,
+        ActDtype::F16 => cudaDataType::CUDA_R_16F,
+    }
+}
+
+/// Converts f32 values to the 16-bit type (round to nearest, ties to even), in parallel.
+pub fn to_half_bits(data: &[f32], dtype: ActDtype) -> Vec<u16> {
+    let mut out = vec![0u16; data.len()];
+    out.par_chunks_mut(1 << 16)
+        .zip(data.par_chunks(1 << 16))
+        .for_each(|(o, d)| match dtype {
+            ActDtype::Bf16 => o
+                .iter_mut()
+                .zip(d)
+                .for_each(|(o, &x)| *o = half::bf16::from_f32(x).to_bits()),
+            ActDtype::F16 => o
+                .iter_mut()
+                .zip(d)
+                .for_each(|(o, &x)| *o = half::f16::from_f32(x).to_bits()),
+        });
+    out
+}
+
+/// Rounds f32 values to the 16-bit type and back (what the device computes with).
+pub fn round_to_dtype(data: &mut [f32], dtype: ActDtype) {
+    data.par_chunks_mut(1 << 16).for_each(|c| match dtype {
+        ActDtype::Bf16 => c
+            .iter_mut()
+            .for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
+        ActDtype::F16 => c
+            .iter_mut()
+            .for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
+    });
+}
+
+/// A copy of `w` with every matrix rounded to `dtype` (norms and biases kept in f32): the
+/// weights a CPU reference must use to see only the GPU's arithmetic differences.
+pub fn weights_rounded_to(w: &LlamaWeights, dtype: ActDtype) -> LlamaWeights {
+    let mut w = w.clone();
+    let round = |m: &mut Matrix| round_to_dtype(&mut m.data, dtype);
+    round(&mut w.embed);
+    if let Some(m) = w.lm_head.as_mut() {
+        round(m);
+    }
+    for l in &mut w.layers {
+        round(&mut l.qkv);
+        round(&mut l.o);
+        round(&mut l.gate_up);
+        round(&mut l.down);
+    }
+    w
+}
+
+impl CudaModelRunner {
+    /// Builds a runner on device 0: probes the device, compiles the kernels with NVRTC, uploads
+    /// the weights and allocates (zeroed) K/V blocks for `kv`.
+    pub fn new(
+        cfg: ModelConfig,
+        weights: Arc<LlamaWeights>,
+        kv: KvCacheShape,
+    ) -> Result<Self, CudaError> {
+        Self::with_options(cfg, weights, kv, &CudaOptions::default())
+    }
+
+    pub fn with_options(
+        cfg: ModelConfig,
+        weights: Arc<LlamaWeights>,
+        kv: KvCacheShape,
+        opts: &CudaOptions,
+    ) -> Result<Self, CudaError> {
+        guard(|| Self::build(cfg, &weights, kv, opts))
+    }
+
+    fn build(
+        cfg: ModelConfig,
+        w: &LlamaWeights,
+        kv: KvCacheShape,
+        opts: &CudaOptions,
+    ) -> Result<Self, CudaError> {
+        check_model(&cfg, w, kv)?;
+        let mut summary = probe()?;
+        if opts.device >= summary.num_devices {
+            return Err(CudaError::NoDevice(format!(
+                "device {} requested, {} present",
+                opts.device, summary.num_devices
+            )));
+        }
+        let ctx = CudaContext::new(opts.device)
+            .map_err(|e| CudaError::driver("cuDevicePrimaryCtxRetain", e))?;
+        // One stream, one runner: cudarc's per-allocation events are pure overhead here.
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| CudaError::driver("cuDeviceGetAttribute", e))?;
+        summary.name = ctx
+            .name()
+            .map_err(|e| CudaError::driver("cuDeviceGetName", e))?;
+        summary.compute_capability = (major, minor);
+        let dtype = opts
+            .dtype
+            .unwrap_or(ActDtype::for_compute_capability(major));
+        if dtype == ActDtype::Bf16 && major < 8 {
+            return Err(CudaError::Unsupported(format!(
+                "bf16 needs compute capability 8.0 or newer; {} is {major}.{minor}",
+                summary.name
+            )));
+        }
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| CudaError::driver("cuStreamCreate", e))?;
+
+        // KV cache: check the size against free memory first, for a clear message.
+        let kv_layer_elems = kv.num_blocks * cfg.num_kv_heads * kv.block_size * cfg.head_dim;
+        let kv_elems = 2 * cfg.num_layers * kv_layer_elems;
+        let weight_bytes = 2 * w.num_params();
+        let (free, _total) = ctx
+            .mem_get_info()
+            .map_err(|e| CudaError::driver("cuMemGetInfo", e))?;
+        if kv_elems * 2 + weight_bytes > free {
+            return Err(CudaError::OutOfMemory(format!(
+                "the weights ({:.2} GiB in {}) and a KV cache of {} blocks of {} ({:.2} GiB) do not fit in the {:.2} GiB free on {}",
+                weight_bytes as f64 / GIB,
+                dtype.name(),
+                kv.num_blocks,
+                kv.block_size,
+                (kv_elems * 2) as f64 / GIB,
+                free as f64 / GIB,
+                summary.name
+            )));
+        }
+
+        let arch = nvrtc::arch_for_device(major, minor)?;
+        let compiled = nvrtc::compile_all_cached(&arch, dtype)?;
+        let mut modules = Vec::with_capacity(compiled.len());
+        for c in compiled.iter() {
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(c.image.clone()))
+                .map_err(|e| CudaError::driver("cuModuleLoadData", e))?;
+            modules.push((c.file, module));
+        }
+        let load = |file: &str, name: &str| -> Result<CudaFunction, CudaError> {
+            let m = &modules
+                .iter()
+                .find(|(f, _)| *f == file)
+                .ok_or_else(|| CudaError::Nvrtc(format!("kernels/{file} was not compiled")))?
+                .1;
+            m.load_function(name)
+                .map_err(|e| CudaError::driver("cuModuleGetFunction", e))
+        };
+        let d = cfg.head_dim;
+        let k = Kernels {
+            embedding_gather: load("embedding.cu", "embedding_gather")?,
+            rms_norm: load("rmsnorm.cu", "rms_norm")?,
+            rotary_embedding: load("rotary.cu", "rotary_embedding")?,
+            kv_cache_write: load("kv_cache.cu", "kv_cache_write")?,
+            attention: load("attention.cu", &format!("paged_attention_d{d}"))?,
+            silu_and_mul: load("activation.cu", "silu_and_mul")?,
+            bias_add: load("elementwise.cu", "bias_add")?,
+            argmax_rows: load("sampling.cu", "argmax_rows")?,
+        };
+
+        let blas =
+            CudaBlas::new(stream.clone()).map_err(|e| CudaError::cublas("cublasCreate", e))?;
+        let mut workspace = stream
+            .alloc_zeros::<u8>(CUBLAS_WORKSPACE_BYTES)
+            .map_err(|e| CudaError::driver("cuMemAlloc (cuBLAS workspace)", e))?;
+        {
+            let (ws, _g) = workspace.device_ptr_mut(&stream);
+            unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    ws as *mut c_void,
+                    CUBLAS_WORKSPACE_BYTES,
+                )
+            }
+            .result()
+            .map_err(|e| CudaError::cublas("cublasSetWorkspace", e))?;
+        }
+        let weights = upload_weights(&stream, w, dtype)?;
+        let kv_buf = stream
+            .alloc_zeros::<u16>(kv_elems.max(1))
+            .map_err(|e| CudaError::driver("cuMemAlloc (KV cache)", e))?;
+        let inv_freq = stream
+            .clone_htod(&cfg.rope_inv_freq())
+            .map_err(|e| CudaError::driver("cuMemcpyHtoD", e))?;
+        stream
+            .synchronize()
+            .map_err(|e| CudaError::driver("cuStreamSynchronize", e))?;
+
+        Ok(CudaModelRunner {
+            cfg,
+            dtype,
+            kv_shape: kv,
+            summary,
+            arch,
+            bufs: Buffers {
+                x: Buf::new(),
+                h: Buf::new(),
+                qkv: Buf::new(),
+                attn: Buf::new(),
+                gate_up: Buf::new(),
+                act: Buf::new(),
+                meta: Buf::new(),
+                final_h: Buf::new(),
+                logits: Buf::new(),
+                ids: Buf::new(),
+                generation: 0,
+            },
+            graphs: HashMap::new(),
+            graph_generation: 0,
+            use_graphs: opts.cuda_graphs,
+            host: HostMeta::default(),
+            kv: kv_buf,
+            kv_layer_elems,
+            inv_freq,
+            weights,
+            k,
+            _workspace: workspace,
+            blas,
+            stream,
+            ctx,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn kv_shape(&self) -> KvCacheShape {
+        self.kv_shape
+    }
+
+    pub fn dtype(&self) -> ActDtype {
+        self.dtype
+    }
+
+    /// The device, as probed.
+    pub fn device(&self) -> &DeviceSummary {
+        &self.summary
+    }
+
+    /// The `--gpu-architecture` the kernels were compiled for.
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// Bytes of weight matrices one forward reads (projections and LM head, 16-bit).
+    pub fn weight_matrix_bytes(&self) -> usize {
+        self.weights.matrix_bytes
+    }
+
+    /// Bytes of K and V one token occupies across all layers.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.cfg.num_layers * self.cfg.kv_dim() * 2
+    }
+
+    /// The CUDA stream everything runs on (for benchmarks).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Libraries opened by absolute path (diagnostics).
+    pub fn preloaded_libraries(&self) -> Vec<std::path::PathBuf> {
+        libs::preloaded()
+    }
+
+    /// Runs one step and returns the greedy (argmax) token of each row that needs logits,
+    /// computed on the device: only the ids are copied back.
+    pub fn forward_greedy(&mut self, batch: &ModelBatch<'_>) -> Result<Vec<u32>, ModelRunnerError> {
+        let r = self.enqueue_forward(batch)?;
+        if r == 0 {
+            return Ok(Vec::new());
+        }
+        guard(|| {
+            let vocab = self.cfg.vocab_size;
+            let logits = self.bufs.logits.ptr(&self.stream);
+            let ids = self
+                .bufs
+                .ids
+                .ensure(&self.stream, r, &mut self.bufs.generation)?;
+            let vocab_i = vocab as i32;
+            let mut b = self.stream.launch_builder(&self.k.argmax_rows);
+            b.arg(&ids).arg(&logits).arg(&vocab_i);
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: (r as u32, 1, 1),
+                    block_dim: (1024, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+            }
+            .map_err(|e| CudaError::driver("cuLaunchKernel(argmax_rows)", e))?;
+            let mut out = vec![0u32; r];
+            let src = self.bufs.ids.slice.as_ref().expect("ensured").slice(0..r);
+            self.stream
+                .memcpy_dtoh(&src, &mut out)
+                .map_err(|e| CudaError::driver("cuMemcpyDtoH", e))?;
+            self.stream
+                .synchronize()
+                .map_err(|e| CudaError::driver("cuStreamSynchronize", e))?;
+            Ok(out)
+        })
+        .map_err(backend_err)
+    }
+
+    /// Validates the batch, uploads its metadata and enqueues the whole forward up to the
+    /// logits; returns the number of logits rows.
+    fn enqueue_forward(&mut self, batch: &ModelBatch<'_>) -> Result<usize, ModelRunnerError> {
+        self.prepare(batch)?;
+        guard(|| self.enqueue_prepared()).map_err(backend_err)
+    }
+
+    /// Checks the batch (as the CPU runner does) and fills the host metadata.
+    fn prepare(&mut self, batch: &ModelBatch<'_>) -> Result<(), ModelRunnerError> {
+        let bs = self.kv_shape.block_size;
+        let num_blocks = self.kv_shape.num_blocks;
+        let max_len = self.cfg.max_model_len;
+        let vocab = self.cfg.vocab_size;
+        let h = &mut self.host;
+        h.ids.clear();
+        h.positions.clear();
+        h.slots.clear();
+        h.ctx_lens.clear();
+        h.bt_offsets.clear();
+        h.logit_rows.clear();
+        h.tables.clear();
+        h.num_entries = batch.entries.len();
+        for e in &batch.entries {
+            let invalid = |msg: String| {
+                ModelRunnerError::InvalidBatch(format!("request {}: {msg}", e.request_id))
+            };
+            if e.token_ids.is_empty() {
+                return Err(invalid("no tokens to compute".into()));
+            }
+            let end = e.start_position + e.token_ids.len();
+            if end > max_len {
+                return Err(invalid(format!(
+                    "positions up to {end} exceed max_model_len {max_len}"
+                )));
+            }
+            if e.block_table.len() * bs < end {
+                return Err(invalid(format!(
+                    "block table of {} blocks cannot hold {end} tokens (block size {bs})",
+                    e.block_table.len()
+                )));
+            }
+            let used = end.div_ceil(bs);
+            if let Some(b) = e.block_table[..used]
+                .iter()
+                .find(|&&b| b as usize >= num_blocks)
+            {
+                return Err(invalid(format!(
+                    "block id {b} out of range (num_blocks {num_blocks})"
+                )));
+            }
+            if let Some(t) = e.token_ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(invalid(format!(
+                    "token id {t} out of range (vocab {vocab})"
+                )));
+            }
+            let table_offset = h.tables.len() as i32;
+            h.tables
+                .extend(e.block_table[..used].iter().map(|&b| b as i32));
+            for (i, &tok) in e.token_ids.iter().enumerate() {
+                let p = e.start_position + i;
+                h.ids.push(tok as i32);
+                h.positions.push(p as i32);
+                h.slots
+                    .push((e.block_table[p / bs] as usize * bs + p % bs) as i32);
+                h.ctx_lens.push(p as i32 + 1);
+                h.bt_offsets.push(table_offset);
+            }
+            if e.needs_logits {
+                h.logit_rows.push(h.ids.len() as i32 - 1);
+            }
+        }
+        Ok(())
+    }
+
+    fn enqueue_prepared(&mut self) -> Result<usize, CudaError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| CudaError::driver("cuCtxSetCurrent", e))?;
+        let t = self.host.ids.len();
+        let r = self.host.logit_rows.len();
+        if t == 0 {
+            return Ok(0);
+        }
+        let p = self.upload_and_size(t, r)?;
+        // A pure decode step (one token per entry) of a shape seen before replays a CUDA graph:
+        // every launch parameter depends only on (t, r) and the buffers' addresses, and the
+        // per-step data is read from the metadata buffer.
+        let graphable = self.use_graphs && t == self.host.num_entries && t <= MAX_GRAPH_TOKENS;
+        if graphable {
+            match self.replay_or_capture(t, r, &p) {
+                Ok(()) => return Ok(r),
+                Err(e) => {
+                    tracing::warn!("CUDA graphs disabled for this runner: {e}");
+                    self.use_graphs = false;
+                    self.graphs.clear();
+                }
+            }
+        }
+        self.enqueue_kernels(t, r, &p)?;
+        Ok(r)
+    }
+
+    fn replay_or_capture(&mut self, t: usize, r: usize, p: &StepPtrs) -> Result<(), CudaError> {
+        if self.graph_generation != self.bufs.generation {
+            self.graphs.clear();
+            self.graph_generation = self.bufs.generation;
+        }
+        if let Some(g) = self.graphs.get(&(t, r)) {
+            return g
+                .0
+                .launch()
+                .map_err(|e| CudaError::driver("cuGraphLaunch", e));
+        }
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| CudaError::driver("cuStreamBeginCapture", e))?;
+        let enqueued = self.enqueue_kernels(t, r, p);
+        let graph = self
+            .stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(|e| CudaError::driver("cuStreamEndCapture", e));
+        enqueued?;
+        let graph = graph?.ok_or_else(|| CudaError::Driver {
+            call: "cuStreamEndCapture",
+            message: "empty graph".into(),
+        })?;
+        graph
+            .launch()
+            .map_err(|e| CudaError::driver("cuGraphLaunch", e))?;
+        if self.graphs.len() >= MAX_GRAPHS {
+            self.graphs.clear();
+        }
+        self.graphs.insert((t, r), SendGraph(graph));
+        Ok(())
+    }
+
+    /// Copies the step's metadata to the device and makes every activation buffer big enough.
+    fn upload_and_size(&mut self, t: usize, r: usize) -> Result<StepPtrs, CudaError> {
+        let cfg = &self.cfg;
+        let stream = &self.stream;
+        let (hid, q_dim, kv_dim, inter, vocab) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+            cfg.vocab_size,
+        );
+        let qkv_dim = q_dim + 2 * kv_dim;
+
+        // Metadata: one host-to-device copy. Every part's offset depends on (t, r) only: the
+        // block tables, whose length varies, come last.
+        let h = &mut self.host;
+        h.packed.clear();
+        let mut offsets = [0usize; 7];
+        for (i, part) in [
+            &h.ids,
+            &h.positions,
+            &h.slots,
+            &h.ctx_lens,
+            &h.bt_offsets,
+            &h.logit_rows,
+            &h.tables,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            offsets[i] = h.packed.len();
+            h.packed.extend_from_slice(part);
+        }
+        let b = &mut self.bufs;
+        let meta_base = b.meta.ensure(stream, h.packed.len(), &mut b.generation)?;
+        {
+            let dst = b.meta.slice.as_mut().expect("ensured");
+            let mut view = dst.slice_mut(0..h.packed.len());
+            stream
+                .memcpy_htod(&h.packed[..], &mut view)
+                .map_err(|e| CudaError::driver("cuMemcpyHtoD", e))?;
+        }
+        let at = |i: usize| meta_base + (offsets[i] * 4) as u64;
+        let g = &mut b.generation;
+        Ok(StepPtrs {
+            meta: MetaPtrs {
+                ids: at(0),
+                positions: at(1),
+                slots: at(2),
+                ctx_lens: at(3),
+                bt_offsets: at(4),
+                logit_rows: at(5),
+                tables: at(6),
+            },
+            x: b.x.ensure(stream, t * hid, g)?,
+            h: b.h.ensure(stream, t * hid, g)?,
+            qkv: b.qkv.ensure(stream, t * qkv_dim, g)?,
+            attn: b.attn.ensure(stream, t * q_dim, g)?,
+            gate_up: b.gate_up.ensure(stream, t * 2 * inter, g)?,
+            act: b.act.ensure(stream, t * inter, g)?,
+            final_h: b.final_h.ensure(stream, r * hid, g)?,
+            logits: b.logits.ensure(stream, r * vocab, g)?,
+        })
+    }
+
+    /// Enqueues the forward's kernels and GEMMs (no allocation, no copy: capturable).
+    fn enqueue_kernels(&self, t: usize, r: usize, p: &StepPtrs) -> Result<(), CudaError> {
+        let cfg = &self.cfg;
+        let stream = &self.stream;
+        let (hid, q_dim, kv_dim, inter, vocab) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+            cfg.vocab_size,
+        );
+        let qkv_dim = q_dim + 2 * kv_dim;
+        let d = cfg.head_dim;
+        let eps = cfg.rms_norm_eps;
+        let m = p.meta;
+        let (x, hbuf, qkv, attn, gu, act) = (p.x, p.h, p.qkv, p.attn, p.gate_up, p.act);
+
+        let w = &self.weights;
+        let k = &self.k;
+        let launch = |f: &CudaFunction,
+                      name: &'static str,
+                      grid: (u32, u32, u32),
+                      block: u32,
+                      smem: u32,
+                      args: &[&dyn ArgRef]| {
+            let mut b = stream.launch_builder(f);
+            for a in args {
+                a.push(&mut b);
+            }
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: grid,
+                    block_dim: (block, 1, 1),
+                    shared_mem_bytes: smem,
+                })
+            }
+            .map(|_| ())
+            .map_err(|e| CudaError::driver(name, e))
+        };
+        let (t_u, hid_i, eps_f) = (t as u32, hid as i32, eps);
+        let null: u64 = 0;
+        let norm_block = norm_threads(hid);
+
+        let embed = dptr(&w.embed, stream);
+        launch(
+            &k.embedding_gather,
+            "embedding_gather",
+            (t_u, 1, 1),
+            256,
+            0,
+            &[&x, &embed, &m.ids, &hid_i],
+        )?;
+
+        let group = cfg.num_heads / cfg.num_kv_heads;
+        let gmax = group.min(ATTN_MAX_GROUP);
+        let nwarps = attention_warps(d);
+        let smem_attn =
+            (gmax * d * 4 + (nwarps * 32 * (d + 8) * 2).max(nwarps * gmax * (d + 2) * 4)) as u32;
+        let attn_grid = (
+            t_u,
+            cfg.num_kv_heads as u32,
+            group.div_ceil(ATTN_MAX_GROUP) as u32,
+        );
+        let scale = 1.0f32 / (d as f32).sqrt();
+        let (qkv_dim_i, q_dim_i, nkv_i, d_i, bs_i, nh_i, inter_i, t_i) = (
+            qkv_dim as i32,
+            q_dim as i32,
+            cfg.num_kv_heads as i32,
+            d as i32,
+            self.kv_shape.block_size as i32,
+            cfg.num_heads as i32,
+            inter as i32,
+            t as i32,
+        );
+        let rot_heads = (cfg.num_heads + cfg.num_kv_heads) as i32;
+        let inv_freq = dptr(&self.inv_freq, stream);
+        let kv_base = dptr(&self.kv, stream);
+        let dt = gemm_dtype(self.dtype);
+
+        for (l, lw) in w.layers.iter().enumerate() {
+            let k_cache = kv_base + (2 * l * self.kv_layer_elems * 2) as u64;
+            let v_cache = k_cache + (self.kv_layer_elems * 2) as u64;
+            let norm_w = dptr(&lw.input_norm, stream);
+            launch(
+                &k.rms_norm,
+                "rms_norm",
+                (t_u, 1, 1),
+                norm_block,
+                0,
+                &[&hbuf, &x, &null, &norm_w, &hid_i, &eps_f],
+            )?;
+            self.gemm(t, qkv_dim, hid, dptr(&lw.qkv, stream), hbuf, qkv, false, dt)?;
+            if let Some(b) = &lw.qkv_bias {
+                let bp = dptr(b, stream);
+                launch(
+                    &k.bias_add,
+                    "bias_add",
+                    (grid_for(t * qkv_dim), 1, 1),
+                    256,
+                    0,
+                    &[&qkv, &bp, &t_i, &qkv_dim_i, &qkv_dim_i],
+                )?;
+            }
+            launch(
+                &k.rotary_embedding,
+                "rotary_embedding",
+                (t_u, 1, 1),
+                256,
+                0,
+                &[&qkv, &m.positions, &inv_freq, &rot_heads, &d_i, &qkv_dim_i],
+            )?;
+            launch(
+                &k.kv_cache_write,
+                "kv_cache_write",
+                (t_u, 1, 1),
+                256,
+                0,
+                &[
+                    &k_cache, &v_cache, &qkv, &m.slots, &q_dim_i, &nkv_i, &d_i, &bs_i, &qkv_dim_i,
+                ],
+            )?;
+            launch(
+                &k.attention,
+                "paged_attention",
+                attn_grid,
+                (nwarps * 32) as u32,
+                smem_attn,
+                &[
+                    &attn,
+                    &qkv,
+                    &k_cache,
+                    &v_cache,
+                    &m.ctx_lens,
+                    &m.bt_offsets,
+                    &m.tables,
+                    &qkv_dim_i,
+                    &nh_i,
+                    &nkv_i,
+                    &bs_i,
+                    &scale,
+                ],
+            )?;
+            self.gemm(t, hid, q_dim, dptr(&lw.o, stream), attn, x, true, dt)?;
+            if let Some(b) = &lw.o_bias {
+                let bp = dptr(b, stream);
+                launch(
+                    &k.bias_add,
+                    "bias_add",
+                    (grid_for(t * hid), 1, 1),
+                    256,
+                    0,
+                    &[&x, &bp, &t_i, &hid_i, &hid_i],
+                )?;
+            }
+            let norm_w = dptr(&lw.post_norm, stream);
+            launch(
+                &k.rms_norm,
+                "rms_norm",
+                (t_u, 1, 1),
+                norm_block,
+                0,
+                &[&hbuf, &x, &null, &norm_w, &hid_i, &eps_f],
+            )?;
+            self.gemm(
+                t,
+                2 * inter,
+                hid,
+                dptr(&lw.gate_up, stream),
+                hbuf,
+                gu,
+                false,
+                dt,
+            )?;
+            launch(
+                &k.silu_and_mul,
+                "silu_and_mul",
+                (grid_for(t * inter), 1, 1),
+                256,
+                0,
+                &[&act, &gu, &t_i, &inter_i],
+            )?;
+            self.gemm(t, hid, inter, dptr(&lw.down, stream), act, x, true, dt)?;
+        }
+
+        if r > 0 {
+            let (fh, logits) = (p.final_h, p.logits);
+            let norm_w = dptr(&w.final_norm, stream);
+            launch(
+                &k.rms_norm,
+                "rms_norm",
+                (r as u32, 1, 1),
+                norm_block,
+                0,
+                &[&fh, &x, &m.logit_rows, &norm_w, &hid_i, &eps_f],
+            )?;
+            let head = dptr(w.lm_head.as_ref().unwrap_or(&w.embed), stream);
+            self.gemm(r, vocab, hid, head, fh, logits, false, dt)?;
+        }
+        Ok(())
+    }
+
+    /// `y[m, n] (+)= x[m, k] · w[n, k]ᵀ`: 16-bit `x` and `w` (row-major, `w` in the Hugging Face
+    /// `[out, in]` layout), f32 `y`, f32 accumulation. In cuBLAS's column-major terms this is
+    /// `yᵀ (n×m) = op(w) · xᵀ` with `op = T`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        w: u64,
+        x: u64,
+        y: u64,
+        accumulate: bool,
+        dt: cudaDataType,
+    ) -> Result<(), CudaError> {
+        let alpha = 1.0f32;
+        let beta = if accumulate { 1.0f32 } else { 0.0f32 };
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                (&alpha as *const f32).cast::<c_void>(),
+                w as *const c_void,
+                dt,
+                k as i32,
+                x as *const c_void,
+                dt,
+                k as i32,
+                (&beta as *const f32).cast::<c_void>(),
+                y as *mut c_void,
+                cudaDataType::CUDA_R_32F,
+                n as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+            )
+        }
+        .map_err(|e| CudaError::cublas("cublasGemmEx", e))
+    }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+fn backend_err(e: CudaError) -> ModelRunnerError {
+    ModelRunnerError::Backend(format!("cuda: {e}"))
+}
+
+/// Threads per block of the row-wise RMSNorm.
+fn norm_threads(dim: usize) -> u32 {
+    (dim.div_ceil(4).next_power_of_two()).clamp(32, 1024) as u32
+}
+
+/// Blocks of 256 threads for a grid-stride loop over `n` elements.
+fn grid_for(n: usize) -> u32 {
+    n.div_ceil(256).clamp(1, 65_535) as u32
+}
+
+/// A kernel argument passed by value (device pointers as `u64`, scalars).
+trait ArgRef {
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
+}
+
+impl<T: DeviceRepr> ArgRef for T {
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
+        b.arg(self);
+    }
+}
+
+/// Checks what the kernels support before anything is allocated.
+fn check_model(cfg: &ModelConfig, w: &LlamaWeights, kv: KvCacheShape) -> Result<(), CudaError> {
+    if w.layers.len() != cfg.num_layers {
+        return Err(CudaError::Unsupported(format!(
+            "weights have {} layers, config {}",
+            w.layers.len(),
+            cfg.num_layers
+        )));
+    }
+    if !nvrtc::ATTENTION_HEAD_DIMS.contains(&cfg.head_dim) {
+        return Err(CudaError::Unsupported(format!(
+            "head_dim {} (the attention kernel is built for {:?})",
+            cfg.head_dim,
+            nvrtc::ATTENTION_HEAD_DIMS
+        )));
+    }
+    if cfg.num_kv_heads == 0 || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads) {
+        return Err(CudaError::Unsupported(format!(
+            "{} query heads over {} KV heads",
+            cfg.num_heads, cfg.num_kv_heads
+        )));
+    }
+    if kv.num_blocks == 0 || kv.block_size == 0 {
+        return Err(CudaError::InvalidKvShape(format!(
+            "num_blocks ({}) and block_size ({}) must be positive",
+            kv.num_blocks, kv.block_size
+        )));
+    }
+    let slots = kv.num_blocks.checked_mul(kv.block_size);
+    if slots.is_none_or(|s| s > i32::MAX as usize) {
+        return Err(CudaError::InvalidKvShape(format!(
+            "{} blocks of {} slots exceed 2^31 token slots",
+            kv.num_blocks, kv.block_size
+        )));
+    }
+    let dims = [
+        cfg.hidden_size,
+        cfg.q_dim() + 2 * cfg.kv_dim(),
+        2 * cfg.intermediate_size,
+        cfg.vocab_size,
+    ];
+    if dims.iter().any(|&x| x > i32::MAX as usize / 4) {
+        return Err(CudaError::Unsupported(
+            "a dimension exceeds the kernels' 32-bit sizes".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn upload_weights(
+    stream: &Arc<CudaStream>,
+    w: &LlamaWeights,
+    dtype: ActDtype,
+) -> Result<DeviceWeights, CudaError> {
+    // Bytes a forward reads: every projection, and the LM head (the embedding gather reads a
+    // few rows only, so a tied embedding counts once, as the LM head).
+    let matrix_bytes = 2
+        * (w.lm_head().data.len()
+            + w.layers
+                .iter()
+                .map(|l| {
+                    l.qkv.data.len() + l.o.data.len() + l.gate_up.data.len() + l.down.data.len()
+                })
+                .sum::<usize>());
+    let mat = |m: &Matrix| -> Result<CudaSlice<u16>, CudaError> {
+        stream
+            .clone_htod(&to_half_bits(&m.data, dtype))
+            .map_err(|e| CudaError::driver("cuMemcpyHtoD (weights)", e))
+    };
+    let vec32 = |v: &[f32]| -> Result<CudaSlice<f32>, CudaError> {
+        stream
+            .clone_htod(v)
+            .map_err(|e| CudaError::driver("cuMemcpyHtoD (weights)", e))
+    };
+    let embed = mat(&w.embed)?;
+    let mut layers = Vec::with_capacity(w.layers.len());
+    for l in &w.layers {
+        layers.push(DeviceLayer {
+            input_norm: vec32(&l.input_norm)?,
+            qkv: mat(&l.qkv)?,
+            qkv_bias: l.qkv_bias.as_deref().map(vec32).transpose()?,
+            o: mat(&l.o)?,
+            o_bias: l.o_bias.as_deref().map(vec32).transpose()?,
+            post_norm: vec32(&l.post_norm)?,
+            gate_up: mat(&l.gate_up)?,
+            down: mat(&l.down)?,
+        });
+    }
+    let final_norm = vec32(&w.final_norm)?;
+    let lm_head = w.lm_head.as_ref().map(mat).transpose()?;
+    Ok(DeviceWeights {
+        embed,
+        layers,
+        final_norm,
+        lm_head,
+        matrix_bytes,
+    })
+}
+
+impl ModelRunner for CudaModelRunner {
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn max_model_len(&self) -> usize {
+        self.cfg.max_model_len
+    }
+
+    fn forward(&mut self, batch: &ModelBatch<'_>) -> Result<Logits, ModelRunnerError> {
+        let r = self.enqueue_forward(batch)?;
+        let vocab = self.cfg.vocab_size;
+        let mut data = vec![0.0f32; r * vocab];
+        if r > 0 {
+            guard(|| {
+                let src = self
+                    .bufs
+                    .logits
+                    .slice
+                    .as_ref()
+                    .expect("ensured")
+                    .slice(0..r * vocab);
+                self.stream
+                    .memcpy_dtoh(&src, &mut data[..])
+                    .map_err(|e| CudaError::driver("cuMemcpyDtoH", e))?;
+                self.stream
+                    .synchronize()
+                    .map_err(|e| CudaError::driver("cuStreamSynchronize", e))
+            })
+            .map_err(backend_err)?;
+        }
+        Ok(Logits {
+            vocab_size: vocab,
+            data,
+        })
+    }
+}

@@ -1,0 +1,770 @@
+//! Tests of the CUDA backend.
+//!
+//! Without a GPU (CI): every kernel file compiles with NVRTC for `compute_80` and `compute_90`
+//! (bf16), `compute_75` (f16) and `sm_90` (a cubin, so ptxas runs too). NVRTC comes from
+//! `scripts/install-nvrtc.sh` (`.cache/nvrtc`); when it is missing the test fails and says so.
+//! A missing device is a clear error, never a panic. Tests that need a device print
+//! "skipped: no CUDA device" and pass.
+//!
+//! With a GPU (`scripts/gpu-check.sh`): logits and greedy ids of the CUDA runner against the CPU
+//! runner on the tiny models (builtin:tiny, the fixtures, a variant with biases, one KV head
+//! and llama3 RoPE) and, `#[ignore]`d so that only the GPU check runs it, on a random Llama of
+//! realistic size. The CPU reference uses the same weights rounded to the GPU's 16-bit type, so
+//! the comparison sees the GPU's arithmetic (16-bit activations at the GEMM inputs and in the KV
+//! cache, different summation orders) and nothing else; the error against the unrounded f32
+//! weights is printed too.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::backend::cpu::CpuModelRunner;
+use crate::engine::model_runner::{BatchEntry, ModelBatch, ModelRunner};
+use crate::model::greedy::{GreedyOptions, argmax, greedy_generate};
+use crate::model::tiny::{SplitMix64, tiny_config, tiny_weights};
+use crate::model::{
+    Architecture, BUILTIN_TINY, KvCacheShape, LlamaWeights, ModelConfig, RopeScaling,
+    load_model_files,
+};
+
+use super::nvrtc::{self, ActDtype, KERNEL_SOURCES};
+use super::runner::{CudaOptions, weights_rounded_to};
+use super::{CudaError, CudaModelRunner, DeviceArg, cuda_available, libs, probe};
+
+/// Relative error bound of the GPU logits against the CPU's (‖gpu − cpu‖ / ‖cpu‖).
+pub(super) const REL_TOL: f64 = 1e-2;
+
+pub(super) fn repo_root() -> PathBuf {
+    libs::repo_root()
+}
+
+/// Prints the skip line and returns false when no device is usable.
+pub(super) fn device_or_skip(test: &str) -> bool {
+    match probe() {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({test}: {e})");
+            false
+        }
+    }
+}
+
+fn nvrtc_or_fail() -> (i32, i32) {
+    if let Err(e) = libs::ensure_nvrtc() {
+        panic!(
+            "NVRTC is needed to check that the CUDA kernels compile, and it was not found.\n\
+             Run scripts/install-nvrtc.sh (pip-installs the nvidia-cuda-nvrtc-cu12 wheel into \
+             .cache/nvrtc), or point STEPSCOPE_CUDA_LIB_DIRS at a folder with libnvrtc.so.12/13.\n\
+             Details: {e}"
+        );
+    }
+    nvrtc::version().expect("nvrtcVersion")
+}
+
+#[test]
+fn kernels_compile_with_nvrtc() {
+    let (major, minor) = nvrtc_or_fail();
+    let started = std::time::Instant::now();
+    let mut compiled = 0;
+    // f16 is what GPUs before compute capability 8.0 run; sm_90 gives a cubin, so ptxas checks
+    // registers and shared memory too.
+    for (arch, dtype) in [
+        ("compute_75", ActDtype::F16),
+        ("compute_80", ActDtype::Bf16),
+        ("compute_90", ActDtype::Bf16),
+        ("sm_90", ActDtype::Bf16),
+    ] {
+        let out = nvrtc::compile_all(arch, dtype).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(out.len(), KERNEL_SOURCES.len());
+        for (k, src) in out.iter().zip(KERNEL_SOURCES) {
+            assert!(!k.image.is_empty(), "{}: empty image", src.file);
+            if !k.is_cubin {
+                let ptx = String::from_utf8_lossy(&k.image);
+                for f in src.functions {
+                    assert!(
+                        ptx.contains(&format!(".entry {f}(")),
+                        "kernels/{} for {arch}: entry point `{f}` missing from the PTX",
+                        src.file
+                    );
+                }
+            }
+            compiled += 1;
+        }
+    }
+    eprintln!(
+        "NVRTC {major}.{minor}: {compiled} kernel compilations in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn compile_errors_name_the_file_and_line() {
+    nvrtc_or_fail();
+    let bad = nvrtc::KernelSource {
+        file: "broken.cu",
+        source: "#include \"common.cuh\"\nextern \"C\" __global__ void k(float* x) { x[0] = undefined_thing; }\n",
+        functions: &["k"],
+    };
+    let err = nvrtc::compile(&bad, "compute_90", ActDtype::Bf16).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, CudaError::Compile { .. }), "{msg}");
+    assert!(
+        msg.contains("broken.cu") && msg.contains("undefined_thing"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn kernels_include_only_the_common_header() {
+    // Start-up compilation must work with nothing but libnvrtc: no CUDA toolkit headers.
+    for src in KERNEL_SOURCES {
+        for line in src
+            .source
+            .lines()
+            .filter(|l| l.trim_start().starts_with("#include"))
+        {
+            assert_eq!(
+                line.trim(),
+                "#include \"common.cuh\"",
+                "kernels/{}: {line}",
+                src.file
+            );
+        }
+    }
+    assert!(!nvrtc::COMMON_HEADER.1.contains("#include"));
+    // Every kernel file in kernels/ is embedded.
+    let dir = repo_root().join("kernels");
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".cu") {
+                assert!(
+                    KERNEL_SOURCES.iter().any(|s| s.file == name),
+                    "kernels/{name} is not in KERNEL_SOURCES"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn kernels_behave_on_the_cpu_emulator() {
+    // kernels/emu: every kernel run on the CPU (one std::thread per CUDA thread) against a
+    // reference; needs a C++20 compiler, not a GPU.
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".to_owned());
+    if std::process::Command::new(&cxx)
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: no C++ compiler `{cxx}` for the kernel emulator");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("stepscope-kernel-emu-{}", std::process::id()));
+    let k = dir.join("k");
+    std::fs::create_dir_all(&k).expect("temp dir");
+    let files = KERNEL_SOURCES
+        .iter()
+        .map(|s| (s.file, s.source))
+        .chain([nvrtc::COMMON_HEADER]);
+    for (name, text) in files {
+        std::fs::write(k.join(name), text.replace("extern __shared__", "extern")).expect("write");
+    }
+    std::fs::write(
+        dir.join("emu.h"),
+        include_str!("../../../../kernels/emu/emu.h"),
+    )
+    .expect("write");
+    std::fs::write(
+        dir.join("test.cpp"),
+        include_str!("../../../../kernels/emu/test.cpp"),
+    )
+    .expect("write");
+    let exe = dir.join("emu");
+    let out = std::process::Command::new(&cxx)
+        .args([
+            "-std=c++20",
+            "-O1",
+            "-ffp-contract=off",
+            "-w",
+            "-pthread",
+            "-o",
+        ])
+        .arg(&exe)
+        .arg(dir.join("test.cpp"))
+        .output()
+        .expect("run the C++ compiler");
+    assert!(
+        out.status.success(),
+        "compiling kernels/emu/test.cpp failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = std::process::Command::new(&exe)
+        .output()
+        .expect("run the emulator");
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!("{stdout}");
+    assert!(
+        run.status.success() && stdout.contains("ALL OK"),
+        "kernel emulator:\n{stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+#[test]
+fn device_arg_parses() {
+    assert_eq!("cpu".parse::<DeviceArg>(), Ok(DeviceArg::Cpu));
+    assert_eq!("CUDA".parse::<DeviceArg>(), Ok(DeviceArg::Cuda));
+    assert_eq!("auto".parse::<DeviceArg>(), Ok(DeviceArg::Auto));
+    assert!(
+        "tpu"
+            .parse::<DeviceArg>()
+            .unwrap_err()
+            .contains("cpu, cuda or auto")
+    );
+    assert_eq!(DeviceArg::default().to_string(), "auto");
+}
+
+#[test]
+fn missing_device_is_an_error_not_a_panic() {
+    // Whatever this machine has, none of these may panic.
+    let available = cuda_available();
+    let (device, why) = super::resolve_device(DeviceArg::Auto).expect("auto never fails");
+    let cfg = tiny_config();
+    let kv = KvCacheShape {
+        num_blocks: 8,
+        block_size: 16,
+    };
+    let result = CudaModelRunner::new(cfg.clone(), Arc::new(tiny_weights(&cfg)), kv);
+    if available {
+        assert!(matches!(device, super::Device::Cuda(_)));
+        result.expect("a usable device builds the tiny model");
+    } else {
+        assert_eq!(device, super::Device::Cpu);
+        let why = why.expect("auto says why it fell back");
+        let err = result.expect_err("no device: an error");
+        let cuda_err =
+            super::resolve_device(DeviceArg::Cuda).expect_err("--device cuda without a device");
+        eprintln!(
+            "skipped: no CUDA device (runtime tests); auto: {why}; runner: {err}; --device cuda: {cuda_err}"
+        );
+        assert!(!err.to_string().is_empty());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parity with the CPU runner (need a device).
+
+pub(super) fn rel_err(gpu: &[f32], cpu: &[f32]) -> f64 {
+    assert_eq!(gpu.len(), cpu.len());
+    let (mut num, mut den) = (0f64, 0f64);
+    for (g, c) in gpu.iter().zip(cpu) {
+        num += (f64::from(*g) - f64::from(*c)).powi(2);
+        den += f64::from(*c).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn top2_margin(row: &[f32]) -> f32 {
+    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &v in row {
+        if v > a {
+            b = a;
+            a = v;
+        } else if v > b {
+            b = v;
+        }
+    }
+    a - b
+}
+
+/// What a lock-step comparison saw.
+#[derive(Debug, Default)]
+pub(super) struct Lockstep {
+    pub steps: usize,
+    pub rows: usize,
+    pub max_rel_err: f64,
+    pub argmax_agree: usize,
+    pub argmax_total: usize,
+    /// CPU top-2 margin wherever the argmaxes differed.
+    pub disagreement_margins: Vec<f32>,
+    /// Greedy ids per prompt (the CPU's, fed to both runners).
+    pub tokens: Vec<Vec<u32>>,
+}
+
+/// Drives both runners with identical batches — prompts prefilled in chunks of `chunk` tokens
+/// next to requests already decoding, then `new_tokens` decode steps — feeding the CPU's argmax
+/// to both, and compares every logits row.
+pub(super) fn lockstep(
+    gpu: &mut dyn ModelRunner,
+    cpu: &mut dyn ModelRunner,
+    kv: KvCacheShape,
+    prompts: &[Vec<u32>],
+    chunk: usize,
+    new_tokens: usize,
+    shuffle_seed: u64,
+) -> Lockstep {
+    let bs = kv.block_size;
+    let mut free: Vec<u32> = (0..kv.num_blocks as u32).collect();
+    let mut rng = SplitMix64(shuffle_seed);
+    for i in (1..free.len()).rev() {
+        free.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    struct Seq {
+        tokens: Vec<u32>,
+        computed: usize,
+        generated: usize,
+        blocks: Vec<u32>,
+    }
+    let mut seqs: Vec<Seq> = prompts
+        .iter()
+        .map(|p| {
+            let need = (p.len() + new_tokens).div_ceil(bs);
+            assert!(need <= free.len(), "KV cache too small for the test");
+            Seq {
+                tokens: p.clone(),
+                computed: 0,
+                generated: 0,
+                blocks: free.split_off(free.len() - need),
+            }
+        })
+        .collect();
+    let mut out = Lockstep::default();
+    loop {
+        let mut picked = Vec::new();
+        let entries: Vec<BatchEntry<'_>> = seqs
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.generated < new_tokens)
+            .map(|(i, s)| {
+                let n = (s.tokens.len() - s.computed).min(chunk.max(1));
+                let needs_logits = s.computed + n == s.tokens.len();
+                if needs_logits {
+                    picked.push(i);
+                }
+                BatchEntry {
+                    request_id: i as u64,
+                    token_ids: &s.tokens[s.computed..s.computed + n],
+                    start_position: s.computed,
+                    block_table: &s.blocks,
+                    needs_logits,
+                }
+            })
+            .collect();
+        if entries.is_empty() {
+            break;
+        }
+        let advanced: Vec<(usize, usize)> = entries
+            .iter()
+            .map(|e| (e.request_id as usize, e.token_ids.len()))
+            .collect();
+        let batch = ModelBatch { entries };
+        let g = gpu.forward(&batch).expect("gpu forward");
+        let c = cpu.forward(&batch).expect("cpu forward");
+        assert_eq!(g.rows(), picked.len());
+        assert_eq!(c.rows(), picked.len());
+        out.steps += 1;
+        for (i, n) in advanced {
+            seqs[i].computed += n;
+        }
+        for (row, &i) in picked.iter().enumerate() {
+            let (gr, cr) = (g.row(row), c.row(row));
+            out.rows += 1;
+            out.max_rel_err = out.max_rel_err.max(rel_err(gr, cr));
+            let (ga, ca) = (argmax(gr), argmax(cr));
+            out.argmax_total += 1;
+            if ga == ca {
+                out.argmax_agree += 1;
+            } else {
+                out.disagreement_margins.push(top2_margin(cr));
+            }
+            seqs[i].tokens.push(ca);
+            seqs[i].generated += 1;
+        }
+    }
+    out.tokens = seqs
+        .iter()
+        .map(|s| s.tokens[s.tokens.len() - s.generated..].to_vec())
+        .collect();
+    out
+}
+
+fn synthetic_prompts(n: usize, seed: u64, vocab: usize, max_len: usize) -> Vec<Vec<u32>> {
+    let mut rng = SplitMix64(seed);
+    (0..n)
+        .map(|i| {
+            let len = 1 + (i * 13 + 5) % max_len;
+            (0..len)
+                .map(|_| (rng.next_u64() % vocab as u64) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+/// A geometry unlike the tiny model's (as in the CPU tests): biases everywhere, tied
+/// embeddings, one KV head for three query heads, head_dim 32 ≠ hidden / heads, llama3 RoPE.
+fn variant_config() -> ModelConfig {
+    let mut c = tiny_config();
+    c.hidden_size = 48;
+    c.intermediate_size = 80;
+    c.num_layers = 3;
+    c.num_heads = 3;
+    c.num_kv_heads = 1;
+    c.head_dim = 32;
+    c.qkv_bias = true;
+    c.o_bias = true;
+    c.tie_word_embeddings = true;
+    c.max_model_len = 256;
+    c.rope_theta = 500_000.0;
+    c.rope_scaling = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 32,
+    };
+    c
+}
+
+/// A test model: name, config, weights, prompts.
+type TestModel = (String, ModelConfig, Arc<LlamaWeights>, Vec<Vec<u32>>);
+
+/// The tiny models.
+fn tiny_models() -> Vec<TestModel> {
+    let mut out = Vec::new();
+    let tiny = load_model_files(BUILTIN_TINY).expect("builtin:tiny");
+    let cfg = tiny.info.config.clone();
+    let prompts = synthetic_prompts(5, 11, cfg.vocab_size, 40);
+    out.push((BUILTIN_TINY.to_owned(), cfg, tiny.weights, prompts));
+    let fixtures = repo_root().join("tests/fixtures/models");
+    let mut names: Vec<PathBuf> = std::fs::read_dir(&fixtures)
+        .unwrap_or_else(|e| panic!("{}: {e}", fixtures.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("config.json").is_file())
+        .collect();
+    names.sort();
+    assert!(
+        !names.is_empty(),
+        "no fixture models under {}",
+        fixtures.display()
+    );
+    for dir in names {
+        let m = load_model_files(dir.to_str().expect("utf-8 path")).expect("load fixture");
+        let reference: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("reference.json")).expect("reference.json"),
+        )
+        .expect("parse reference.json");
+        let prompts: Vec<Vec<u32>> =
+            serde_json::from_value(reference["prompts"].clone()).expect("prompts");
+        out.push((
+            m.info.name.clone(),
+            m.info.config.clone(),
+            m.weights,
+            prompts,
+        ));
+    }
+    let cfg = variant_config();
+    let prompts = synthetic_prompts(4, 5, cfg.vocab_size, 50);
+    out.push((
+        "variant (biases, MQA, head_dim 32, llama3 rope)".into(),
+        cfg.clone(),
+        Arc::new(tiny_weights(&cfg)),
+        prompts,
+    ));
+    out
+}
+
+#[test]
+fn cuda_matches_cpu_on_tiny_models() {
+    if !device_or_skip("cuda_matches_cpu_on_tiny_models") {
+        return;
+    }
+    let new_tokens = 32;
+    for dtype in [ActDtype::Bf16, ActDtype::F16] {
+        for (name, cfg, weights, prompts) in tiny_models() {
+            let bs = 4;
+            let need: usize = prompts
+                .iter()
+                .map(|p| (p.len() + new_tokens).div_ceil(bs))
+                .sum();
+            let kv = KvCacheShape {
+                num_blocks: need + 5,
+                block_size: bs,
+            };
+            let rounded = Arc::new(weights_rounded_to(&weights, dtype));
+            let opts = CudaOptions {
+                dtype: Some(dtype),
+                cuda_graphs: false,
+                ..CudaOptions::default()
+            };
+            let mut gpu = CudaModelRunner::with_options(cfg.clone(), weights.clone(), kv, &opts)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let mut cpu = CpuModelRunner::new(cfg.clone(), rounded, kv).expect("cpu runner");
+            let mut cpu32 =
+                CpuModelRunner::new(cfg.clone(), weights.clone(), kv).expect("cpu runner");
+
+            // Lock-step, mixed prefill chunks and decodes, shuffled blocks.
+            let s = lockstep(&mut gpu, &mut cpu, kv, &prompts, 5, new_tokens, 3);
+            eprintln!(
+                "{name} [{}]: {} steps, {} rows, max rel err {:.2e}, argmax {}/{}",
+                dtype.name(),
+                s.steps,
+                s.rows,
+                s.max_rel_err,
+                s.argmax_agree,
+                s.argmax_total
+            );
+            assert!(
+                s.max_rel_err <= REL_TOL,
+                "{name} [{}]: relative error {:.3e} > {REL_TOL}",
+                dtype.name(),
+                s.max_rel_err
+            );
+
+            // The same with decode steps replayed as CUDA graphs.
+            let opts = CudaOptions {
+                dtype: Some(dtype),
+                cuda_graphs: true,
+                ..CudaOptions::default()
+            };
+            let mut gpu_graphs =
+                CudaModelRunner::with_options(cfg.clone(), weights.clone(), kv, &opts)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let sg = lockstep(&mut gpu_graphs, &mut cpu, kv, &prompts, 5, new_tokens, 3);
+            eprintln!(
+                "  with CUDA graphs: max rel err {:.2e}, argmax {}/{}",
+                sg.max_rel_err, sg.argmax_agree, sg.argmax_total
+            );
+            assert!(
+                sg.max_rel_err <= REL_TOL,
+                "{name} [{}] with graphs: relative error {:.3e}",
+                dtype.name(),
+                sg.max_rel_err
+            );
+            assert_eq!(sg.tokens, s.tokens, "{name}: graphs change nothing");
+            drop(gpu_graphs);
+
+            // Free-running greedy: batched with chunked prefill, and one request at a time.
+            for opts in [
+                GreedyOptions {
+                    max_new_tokens: new_tokens,
+                    prefill_chunk: Some(3),
+                    batched: true,
+                    shuffle_blocks: Some(9),
+                },
+                GreedyOptions {
+                    max_new_tokens: new_tokens,
+                    prefill_chunk: None,
+                    batched: false,
+                    shuffle_blocks: None,
+                },
+            ] {
+                let g = greedy_generate(&mut gpu, kv, &prompts, &opts).expect("gpu greedy");
+                let c = greedy_generate(&mut cpu, kv, &prompts, &opts).expect("cpu greedy");
+                assert_eq!(
+                    g.tokens,
+                    c.tokens,
+                    "{name} [{}]: greedy ids differ ({opts:?})",
+                    dtype.name()
+                );
+                let c32 = greedy_generate(&mut cpu32, kv, &prompts, &opts).expect("cpu f32 greedy");
+                let worst = g
+                    .prompt_logits
+                    .iter()
+                    .zip(&c.prompt_logits)
+                    .map(|(a, b)| rel_err(a, b))
+                    .fold(0.0, f64::max);
+                let worst32 = g
+                    .prompt_logits
+                    .iter()
+                    .zip(&c32.prompt_logits)
+                    .map(|(a, b)| rel_err(a, b))
+                    .fold(0.0, f64::max);
+                let same32 = g
+                    .tokens
+                    .iter()
+                    .zip(&c32.tokens)
+                    .filter(|(a, b)| a == b)
+                    .count();
+                eprintln!(
+                    "  greedy {new_tokens} tokens x {} prompts equal; prompt logits rel err {worst:.2e} (vs unrounded f32 weights {worst32:.2e}, {same32}/{} continuations equal)",
+                    prompts.len(),
+                    prompts.len()
+                );
+                assert!(worst <= REL_TOL);
+            }
+
+            // The on-device argmax agrees with the host argmax of the same logits.
+            let blocks: Vec<u32> = (0..kv.num_blocks as u32).collect();
+            let toks: Vec<u32> = prompts[prompts.len() - 1].clone();
+            let batch = ModelBatch {
+                entries: vec![BatchEntry {
+                    request_id: 1,
+                    token_ids: &toks,
+                    start_position: 0,
+                    block_table: &blocks,
+                    needs_logits: true,
+                }],
+            };
+            let logits = gpu.forward(&batch).expect("forward");
+            let ids = gpu.forward_greedy(&batch).expect("forward_greedy");
+            assert_eq!(ids, vec![argmax(logits.row(0))], "{name}: device argmax");
+        }
+    }
+}
+
+#[test]
+fn cuda_rejects_invalid_batches_like_the_cpu() {
+    if !device_or_skip("cuda_rejects_invalid_batches_like_the_cpu") {
+        return;
+    }
+    let cfg = tiny_config();
+    let kv = KvCacheShape {
+        num_blocks: 4,
+        block_size: 4,
+    };
+    let mut gpu =
+        CudaModelRunner::new(cfg.clone(), Arc::new(tiny_weights(&cfg)), kv).expect("runner");
+    let blocks = [0u32, 1];
+    let cases: Vec<(Vec<u32>, usize, Vec<u32>)> = vec![
+        (vec![], 0, blocks.to_vec()),                      // no tokens
+        (vec![1; 9], 0, blocks.to_vec()),                  // table too short
+        (vec![1], 0, vec![7]),                             // block out of range
+        (vec![cfg.vocab_size as u32], 0, blocks.to_vec()), // token out of range
+        (vec![1], cfg.max_model_len, vec![0; 1024]),       // position past max_model_len
+    ];
+    for (toks, start, table) in cases {
+        let batch = ModelBatch {
+            entries: vec![BatchEntry {
+                request_id: 3,
+                token_ids: &toks,
+                start_position: start,
+                block_table: &table,
+                needs_logits: true,
+            }],
+        };
+        let err = gpu.forward(&batch).expect_err("invalid batch");
+        assert!(err.to_string().contains("request 3"), "{err}");
+    }
+    // Still usable afterwards.
+    let toks = [1u32, 2, 3];
+    let batch = ModelBatch {
+        entries: vec![BatchEntry {
+            request_id: 0,
+            token_ids: &toks,
+            start_position: 0,
+            block_table: &blocks,
+            needs_logits: true,
+        }],
+    };
+    assert_eq!(gpu.forward(&batch).expect("valid batch").rows(), 1);
+}
+
+#[test]
+fn cuda_refuses_unsupported_models_cleanly() {
+    let mut cfg = tiny_config();
+    cfg.head_dim = 24;
+    cfg.hidden_size = 96;
+    let w = Arc::new(tiny_weights(&cfg));
+    let err = CudaModelRunner::new(
+        cfg,
+        w,
+        KvCacheShape {
+            num_blocks: 4,
+            block_size: 16,
+        },
+    )
+    .expect_err("head_dim 24");
+    assert!(matches!(err, CudaError::Unsupported(_)), "{err}");
+    assert!(err.to_string().contains("head_dim 24"), "{err}");
+}
+
+/// A random Llama of realistic size (Llama-3.2-1B-like geometry with a 32000 vocabulary):
+/// about 0.9 B parameters, weights drawn from `tiny_weights`' fixed seed on the machine that
+/// runs the test.
+pub(super) fn realistic_config() -> ModelConfig {
+    ModelConfig {
+        architecture: Architecture::Llama,
+        vocab_size: 32_000,
+        hidden_size: 2048,
+        intermediate_size: 5632,
+        num_layers: 16,
+        num_heads: 16,
+        num_kv_heads: 8,
+        head_dim: 128,
+        rms_norm_eps: 1e-5,
+        rope_theta: 500_000.0,
+        rope_scaling: RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 1024,
+        },
+        max_position_embeddings: 4096,
+        max_model_len: 4096,
+        tie_word_embeddings: false,
+        qkv_bias: false,
+        o_bias: false,
+        dtype: Some("bfloat16".into()),
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU and ~8 GB of host memory; scripts/gpu-check.sh runs it"]
+fn cuda_matches_cpu_on_a_realistic_random_llama() {
+    if !device_or_skip("cuda_matches_cpu_on_a_realistic_random_llama") {
+        return;
+    }
+    let cfg = realistic_config();
+    let t0 = std::time::Instant::now();
+    let gpu_probe = probe().expect("probed");
+    let dtype = ActDtype::for_compute_capability(gpu_probe.compute_capability.0);
+    // Rounded once, in place: the GPU would round them to the same values anyway.
+    let weights = Arc::new(weights_rounded_to(&tiny_weights(&cfg), dtype));
+    eprintln!(
+        "random weights: {} params in {:.1} s",
+        weights.num_params(),
+        t0.elapsed().as_secs_f64()
+    );
+    let new_tokens = 32;
+    let prompts = synthetic_prompts(3, 77, cfg.vocab_size, 70);
+    let bs = 16;
+    let need: usize = prompts
+        .iter()
+        .map(|p| (p.len() + new_tokens).div_ceil(bs))
+        .sum();
+    let kv = KvCacheShape {
+        num_blocks: need + 3,
+        block_size: bs,
+    };
+    let t0 = std::time::Instant::now();
+    let mut gpu = CudaModelRunner::new(cfg.clone(), weights.clone(), kv).expect("cuda runner");
+    eprintln!(
+        "cuda runner ({}, {}) ready in {:.1} s",
+        gpu.arch(),
+        gpu.dtype().name(),
+        t0.elapsed().as_secs_f64()
+    );
+    let mut cpu = CpuModelRunner::new(cfg.clone(), weights.clone(), kv).expect("cpu runner");
+    let t0 = std::time::Instant::now();
+    let s = lockstep(&mut gpu, &mut cpu, kv, &prompts, 32, new_tokens, 5);
+    eprintln!(
+        "realistic random Llama [{}]: {} steps, {} rows, max rel err {:.2e}, argmax {}/{} (CPU margins where they differ: {:?}) in {:.1} s",
+        dtype.name(),
+        s.steps,
+        s.rows,
+        s.max_rel_err,
+        s.argmax_agree,
+        s.argmax_total,
+        s.disagreement_margins,
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(
+        s.max_rel_err <= REL_TOL,
+        "relative error {:.3e} > {REL_TOL}",
+        s.max_rel_err
+    );
+    assert_eq!(s.argmax_agree, s.argmax_total, "greedy ids differ");
+}

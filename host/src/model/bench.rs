@@ -1,0 +1,132 @@
+//! CPU throughput benchmark: loads a model with a CPU runner and measures prefill tokens/s
+//! (every prompt of the batch prefilled in one forward) and decode tokens/s (one token per
+//! request per forward) for each requested batch size. The `bench` CLI subcommand calls
+//! [`cpu_throughput_bench`]; [`default_bench_model`] picks SmolLM2 when it is present.
+
+use std::path::Path;
+use std::time::Instant;
+
+use crate::engine::model_runner::{BatchEntry, ModelBatch, ModelRunner};
+
+use super::greedy::argmax;
+use super::tiny::SplitMix64;
+use super::{BUILTIN_TINY, KvCacheShape, ModelError, load_model};
+
+/// Prompt length used by the benchmark.
+pub const BENCH_PROMPT_LEN: usize = 128;
+/// Decode steps measured per batch size.
+pub const BENCH_DECODE_STEPS: usize = 32;
+const BLOCK_SIZE: usize = 16;
+
+/// One line of benchmark results.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchRow {
+    pub model: String,
+    pub batch_size: usize,
+    pub prompt_len: usize,
+    pub prefill_tokens_per_s: f64,
+    pub decode_steps: usize,
+    pub decode_tokens_per_s: f64,
+}
+
+/// SmolLM2-135M-Instruct under `root/.cache/models` if it is there, else `builtin:tiny`.
+pub fn default_bench_model(root: &Path) -> String {
+    let dir = root.join(".cache/models/SmolLM2-135M-Instruct");
+    if dir.join("config.json").is_file() {
+        dir.display().to_string()
+    } else {
+        BUILTIN_TINY.to_owned()
+    }
+}
+
+/// Measures prefill and decode throughput of `model` (a directory or `builtin:tiny`) at each
+/// batch size, printing one line per batch size to stdout.
+pub fn cpu_throughput_bench(
+    model: &str,
+    batch_sizes: &[usize],
+) -> Result<Vec<BenchRow>, ModelError> {
+    let max_batch = batch_sizes.iter().copied().max().unwrap_or(1).max(1);
+    let blocks_per_seq = (BENCH_PROMPT_LEN + BENCH_DECODE_STEPS + 1).div_ceil(BLOCK_SIZE);
+    let kv = KvCacheShape {
+        num_blocks: max_batch * blocks_per_seq,
+        block_size: BLOCK_SIZE,
+    };
+    let (mut runner, info) = load_model(model, kv)?;
+    let vocab = info.tokenizer.vocab_size().min(info.vocab_size) as u64;
+    let mut rng = SplitMix64(42);
+    let mut rows = Vec::new();
+    println!(
+        "model {} | prompt {BENCH_PROMPT_LEN} tokens | {BENCH_DECODE_STEPS} decode steps | {} threads",
+        info.name,
+        rayon::current_num_threads()
+    );
+    for &b in batch_sizes {
+        let b = b.max(1);
+        let mut seqs: Vec<Vec<u32>> = (0..b)
+            .map(|_| {
+                (0..BENCH_PROMPT_LEN)
+                    .map(|_| (rng.next_u64() % vocab) as u32)
+                    .collect()
+            })
+            .collect();
+        let tables: Vec<Vec<u32>> = (0..b)
+            .map(|i| ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32).collect())
+            .collect();
+
+        let started = Instant::now();
+        let entries = seqs
+            .iter()
+            .zip(&tables)
+            .enumerate()
+            .map(|(i, (s, t))| BatchEntry {
+                request_id: i as u64,
+                token_ids: s,
+                start_position: 0,
+                block_table: t,
+                needs_logits: true,
+            })
+            .collect();
+        let logits = runner.forward(&ModelBatch { entries })?;
+        let prefill_s = started.elapsed().as_secs_f64();
+        let mut next: Vec<u32> = (0..b).map(|i| argmax(logits.row(i))).collect();
+
+        let started = Instant::now();
+        for _ in 0..BENCH_DECODE_STEPS {
+            for (s, &n) in seqs.iter_mut().zip(&next) {
+                s.push(n);
+            }
+            let entries = seqs
+                .iter()
+                .zip(&tables)
+                .enumerate()
+                .map(|(i, (s, t))| BatchEntry {
+                    request_id: i as u64,
+                    token_ids: &s[s.len() - 1..],
+                    start_position: s.len() - 1,
+                    block_table: t,
+                    needs_logits: true,
+                })
+                .collect();
+            let logits = runner.forward(&ModelBatch { entries })?;
+            next = (0..b).map(|i| argmax(logits.row(i))).collect();
+        }
+        let decode_s = started.elapsed().as_secs_f64();
+        let row = BenchRow {
+            model: info.name.clone(),
+            batch_size: b,
+            prompt_len: BENCH_PROMPT_LEN,
+            prefill_tokens_per_s: (b * BENCH_PROMPT_LEN) as f64 / prefill_s,
+            decode_steps: BENCH_DECODE_STEPS,
+            decode_tokens_per_s: (b * BENCH_DECODE_STEPS) as f64 / decode_s,
+        };
+        println!(
+            "batch {:>3} | prefill {:>9.1} tok/s | decode {:>8.1} tok/s ({:.1} ms/step)",
+            b,
+            row.prefill_tokens_per_s,
+            row.decode_tokens_per_s,
+            decode_s * 1e3 / BENCH_DECODE_STEPS as f64
+        );
+        rows.push(row);
+    }
+    Ok(rows)
+}

@@ -1,0 +1,191 @@
+//! Llama-family models: configuration (`config`), f32 weights loaded from safetensors
+//! (`weights`), tokenizer and special tokens (`tokenizer`), chat templates (`chat_template`),
+//! streaming detokenization with stop strings (`detokenizer`), writing a model back out as a
+//! Hugging Face directory (`export`), the built-in `builtin:tiny` test
+//! model (`tiny`), a greedy generation helper for tests (`greedy`) and a CPU throughput
+//! benchmark (`bench`). [`load_model`] is the entry point the engine, the CLI and the server use:
+//! it turns a model spec (`builtin:tiny` or a Hugging Face directory) into a CPU model runner
+//! plus the [`ModelInfo`] the text side needs.
+
+pub mod bench;
+pub mod chat_template;
+pub mod config;
+pub mod detokenizer;
+pub mod error;
+pub mod export;
+pub mod greedy;
+pub mod tiny;
+pub mod tokenizer;
+pub mod weights;
+
+#[cfg(test)]
+mod fixture_tests;
+#[cfg(test)]
+mod loader_tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use chat_template::{ChatMessage, ChatTemplate};
+pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use detokenizer::{DetokenizerOptions, DetokenizerStep, IncrementalDetokenizer};
+pub use error::ModelError;
+pub use tokenizer::{SpecialTokens, TextTokenizer};
+pub use weights::LlamaWeights;
+
+use crate::backend::cpu::CpuModelRunner;
+
+/// The spec of the built-in tiny random model.
+pub const BUILTIN_TINY: &str = "builtin:tiny";
+
+/// Geometry of the paged KV cache a runner allocates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheShape {
+    pub num_blocks: usize,
+    pub block_size: usize,
+}
+
+impl KvCacheShape {
+    /// As many blocks of `block_size` slots as fit in `budget_bytes` of f32 K/V for `config`
+    /// (at least one).
+    pub fn from_budget(config: &ModelConfig, budget_bytes: usize, block_size: usize) -> Self {
+        let block_size = block_size.max(1);
+        let per_block = config.kv_bytes_per_token().max(1) * block_size;
+        KvCacheShape {
+            num_blocks: (budget_bytes / per_block).max(1),
+            block_size,
+        }
+    }
+
+    /// Bytes of K/V this shape occupies for `config`.
+    pub fn bytes(&self, config: &ModelConfig) -> usize {
+        self.num_blocks * self.block_size * config.kv_bytes_per_token()
+    }
+}
+
+/// Everything about a model except its weights: what the engine, the sampler and the HTTP
+/// layer need to turn text into tokens and back.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// `builtin:tiny`, or the directory's name (e.g. `SmolLM2-135M-Instruct`).
+    pub name: String,
+    /// Where it came from: `builtin:tiny` or the directory path.
+    pub source: String,
+    pub config: ModelConfig,
+    pub tokenizer: TextTokenizer,
+    pub bos_token_id: Option<u32>,
+    /// Token ids that end generation (generation_config, config and tokenizer EOS, merged).
+    pub eos_token_ids: Vec<u32>,
+    pub chat_template: Option<ChatTemplate>,
+    /// Longest prompt + output the model accepts.
+    pub max_model_len: usize,
+    /// Width of a logits row (the config's vocab size; may exceed the tokenizer's).
+    pub vocab_size: usize,
+}
+
+impl ModelInfo {
+    /// Renders a chat with the model's template (error if it has none).
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, ModelError> {
+        self.chat_template
+            .as_ref()
+            .ok_or_else(|| {
+                ModelError::ChatTemplate(format!("model `{}` has no chat template", self.name))
+            })?
+            .render(messages, add_generation_prompt)
+    }
+
+    /// Renders a chat (with the generation prompt) and tokenizes it without adding special
+    /// tokens again (the template already contains them).
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ModelError> {
+        let text = self.render_chat(messages, true)?;
+        self.tokenizer.encode(&text, false)
+    }
+
+    /// A streaming detokenizer for a request with this prompt.
+    pub fn detokenizer(
+        &self,
+        prompt_ids: &[u32],
+        opts: DetokenizerOptions,
+    ) -> IncrementalDetokenizer {
+        IncrementalDetokenizer::new(self.tokenizer.clone(), prompt_ids, opts)
+    }
+
+    /// Whether `token` ends generation.
+    pub fn is_eos(&self, token: u32) -> bool {
+        self.eos_token_ids.contains(&token)
+    }
+}
+
+/// A model in memory, before a backend is chosen.
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    pub info: ModelInfo,
+    pub weights: Arc<LlamaWeights>,
+}
+
+/// Loads `spec` (`builtin:tiny` or a Hugging Face model directory) and builds a CPU runner
+/// with a paged KV cache of the given shape.
+pub fn load_model(spec: &str, kv: KvCacheShape) -> Result<(CpuModelRunner, ModelInfo), ModelError> {
+    let model = load_model_files(spec)?;
+    let runner = CpuModelRunner::new(model.info.config.clone(), model.weights, kv)?;
+    Ok((runner, model.info))
+}
+
+/// Loads the config, tokenizer, templates and weights of `spec` without building a runner.
+pub fn load_model_files(spec: &str) -> Result<LoadedModel, ModelError> {
+    if spec == BUILTIN_TINY {
+        return Ok(tiny::tiny_model());
+    }
+    if let Some(rest) = spec.strip_prefix("builtin:") {
+        return Err(ModelError::UnknownSpec(format!("builtin:{rest}")));
+    }
+    load_dir(Path::new(spec))
+}
+
+fn load_dir(dir: &Path) -> Result<LoadedModel, ModelError> {
+    if !dir.is_dir() {
+        return Err(ModelError::NotADirectory(dir.to_path_buf()));
+    }
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let special = SpecialTokens::load(dir, &tokenizer, &config.eos_token_ids, config.bos_token_id)?;
+    let chat_template = special
+        .chat_template
+        .as_ref()
+        .map(|src| {
+            ChatTemplate::new(
+                src.clone(),
+                special.bos_token.clone(),
+                special.eos_token.clone(),
+            )
+        })
+        .transpose()?;
+    let weights = LlamaWeights::load(dir, &config)?;
+    let name = dir
+        .canonicalize()
+        .unwrap_or_else(|_| PathBuf::from(dir))
+        .file_name()
+        .map_or_else(
+            || dir.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+    let info = ModelInfo {
+        name,
+        source: dir.display().to_string(),
+        max_model_len: config.max_model_len,
+        vocab_size: config.vocab_size,
+        bos_token_id: special.bos_token_id,
+        eos_token_ids: special.eos_token_ids,
+        chat_template,
+        tokenizer,
+        config,
+    };
+    Ok(LoadedModel {
+        info,
+        weights: Arc::new(weights),
+    })
+}

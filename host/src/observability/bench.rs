@@ -1,0 +1,464 @@
+//! `stepscope bench tracing`: what step tracing costs the step loop, side by side in one run.
+//!
+//! Each configuration — tracing off, the default rates (0.01 / 0.001), 1.0 / 0 and 1.0 / 1.0 —
+//! drives a real [`EngineCore`] with the deterministic paged-KV runner over the same workload
+//! (`requests` concurrent requests, `output_tokens` each), exporting JSON lines to `/dev/null`
+//! so the exporter thread does its real work without a collector; a last row runs 1.0 / 1.0
+//! with no sink (the exporter thread drops the records), which isolates the step-loop cost
+//! from the exporter's CPU on a machine with few cores. Configurations are
+//! interleaved over `rounds` rounds; end-to-end tokens/s and mean step time are the medians of
+//! the rounds. The step-loop cost is measured by timing the observer's `on_step` on every step
+//! and classifying the step (unsampled, batch-only, rich with N snapshots) from the tracer's
+//! counters; the per-snapshot cost is (rich step − batch-only step) / snapshots per rich step.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use crate::bench::{LatencyStats, format_ns};
+use crate::engine::test_runner::DeterministicRunner;
+use crate::engine::{EngineConfig, EngineCore, SamplingParams, StepObserver, StepView};
+
+use super::{
+    ObservabilityConfig, ObservabilityError, StepTracer, StepTracerObserver, TracerMetrics,
+};
+
+const BENCH_VOCAB: usize = 1024;
+const PROMPT_TOKENS: usize = 64;
+
+/// A configuration measured by the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TracingVariant {
+    pub label: &'static str,
+    /// `None`: tracing off.
+    pub rates: Option<(f64, f64)>,
+    /// Write JSON lines to `/dev/null`; otherwise the exporter thread discards the records
+    /// (the step-loop cost alone, without the exporter's CPU competing for the cores).
+    pub jsonl: bool,
+}
+
+/// The configurations, in report order.
+pub const VARIANTS: [TracingVariant; 5] = [
+    TracingVariant {
+        label: "off",
+        rates: None,
+        jsonl: false,
+    },
+    TracingVariant {
+        label: "default 0.01/0.001",
+        rates: Some((0.01, 0.001)),
+        jsonl: true,
+    },
+    TracingVariant {
+        label: "1.0/0",
+        rates: Some((1.0, 0.0)),
+        jsonl: true,
+    },
+    TracingVariant {
+        label: "1.0/1.0",
+        rates: Some((1.0, 1.0)),
+        jsonl: true,
+    },
+    TracingVariant {
+        label: "1.0/1.0 no sink",
+        rates: Some((1.0, 1.0)),
+        jsonl: false,
+    },
+];
+
+/// How a step looked to the tracer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StepKind {
+    Unsampled,
+    Batch,
+    Rich(u64),
+}
+
+/// One configuration's results over all rounds.
+#[derive(Debug, Clone)]
+pub struct TracingBenchRow {
+    pub variant: TracingVariant,
+    /// Median over rounds.
+    pub tokens_per_s: f64,
+    /// Best round (the one least disturbed by other load on the machine).
+    pub tokens_per_s_best: f64,
+    /// Median over rounds of (wall time / steps), in µs.
+    pub step_mean_us: f64,
+    /// Median over rounds of the engine thread's CPU time per step, in µs (`None` where the OS
+    /// does not report thread CPU time).
+    pub cpu_per_step_us: Option<f64>,
+    pub steps_per_round: u64,
+    /// `on_step` time of steps the policy did not sample (the decide-only cost; with tracing
+    /// off, the no-op observer).
+    pub unsampled: Option<LatencyStats>,
+    /// `on_step` time of batch-sampled, non-rich steps.
+    pub batch: Option<LatencyStats>,
+    /// `on_step` time of rich steps.
+    pub rich: Option<LatencyStats>,
+    /// Mean snapshots per rich step.
+    pub snapshots_per_rich: f64,
+    pub batch_sampled: u64,
+    pub rich_sampled: u64,
+    pub records_dropped: u64,
+}
+
+/// Times the wrapped observer's `on_step` and classifies each step from the tracer's counters.
+struct TimedObserver {
+    inner: StepTracerObserver,
+    metrics: Arc<TracerMetrics>,
+    samples: Vec<(u64, StepKind)>,
+    out: Arc<Mutex<Vec<(u64, StepKind)>>>,
+}
+
+impl StepObserver for TimedObserver {
+    fn on_step(&mut self, step: &StepView<'_>) {
+        let batch_before = self.metrics.steps_batch_sampled.load(Ordering::Relaxed);
+        let rich_before = self.metrics.steps_rich_sampled.load(Ordering::Relaxed);
+        let snaps_before = self.metrics.snapshots_emitted.load(Ordering::Relaxed);
+        let started = Instant::now();
+        self.inner.on_step(step);
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let kind = if self.metrics.steps_rich_sampled.load(Ordering::Relaxed) != rich_before {
+            StepKind::Rich(self.metrics.snapshots_emitted.load(Ordering::Relaxed) - snaps_before)
+        } else if self.metrics.steps_batch_sampled.load(Ordering::Relaxed) != batch_before {
+            StepKind::Batch
+        } else {
+            StepKind::Unsampled
+        };
+        self.samples.push((ns, kind));
+    }
+}
+
+impl Drop for TimedObserver {
+    fn drop(&mut self) {
+        self.out
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .append(&mut self.samples);
+    }
+}
+
+struct RoundResult {
+    tokens_per_s: f64,
+    step_mean_us: f64,
+    /// Engine-thread CPU time per step (µs), if the OS reports it.
+    cpu_per_step_us: Option<f64>,
+    steps: u64,
+    batch_sampled: u64,
+    rich_sampled: u64,
+    records_dropped: u64,
+}
+
+fn workload(requests: usize, output_tokens: usize) -> (EngineConfig, Vec<Vec<u32>>) {
+    let block_size = 16;
+    let per_request_blocks = (PROMPT_TOKENS + output_tokens).div_ceil(block_size) + 1;
+    let config = EngineConfig {
+        block_size,
+        num_kv_blocks: requests * per_request_blocks + 16,
+        max_num_seqs: requests,
+        max_num_batched_tokens: 2048.max(requests),
+        max_waiting_requests: requests.max(1),
+        seed: 0,
+        ..EngineConfig::default()
+    };
+    let prompts = (0..requests)
+        .map(|i| {
+            (0..PROMPT_TOKENS)
+                .map(|j| ((i * 7919 + j * 31 + 1) % BENCH_VOCAB) as u32)
+                .collect()
+        })
+        .collect();
+    (config, prompts)
+}
+
+fn run_round(
+    variant: TracingVariant,
+    requests: usize,
+    output_tokens: usize,
+    samples: &Arc<Mutex<Vec<(u64, StepKind)>>>,
+) -> Result<RoundResult, ObservabilityError> {
+    let (engine_config, prompts) = workload(requests, output_tokens);
+    let config = match variant.rates {
+        None => ObservabilityConfig::default(),
+        Some((rate, rich)) => ObservabilityConfig {
+            step_tracing_file: variant.jsonl.then(|| "/dev/null".into()),
+            ..ObservabilityConfig::enabled_with_rates(rate, rich, 0)
+        },
+    };
+    let (tracer, mut handle) = StepTracer::start(config)?;
+    let observer = TimedObserver {
+        inner: tracer,
+        metrics: handle.metrics_handle(),
+        samples: Vec::with_capacity(4096),
+        out: Arc::clone(samples),
+    };
+    let runner = DeterministicRunner::new(
+        engine_config.num_kv_blocks,
+        engine_config.block_size,
+        BENCH_VOCAB,
+        PROMPT_TOKENS + output_tokens + 16,
+    );
+    let mut core = EngineCore::new(engine_config, Box::new(runner), Box::new(observer))
+        .map_err(|e| ObservabilityError::Config(format!("bench engine: {e}")))?;
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(output_tokens)
+    };
+    for (i, prompt) in prompts.into_iter().enumerate() {
+        core.add_request(i as u64 + 1, prompt, params.clone())
+            .map_err(|e| ObservabilityError::Config(format!("bench request: {e}")))?;
+    }
+    let cpu_before = thread_cpu_ns();
+    let started = Instant::now();
+    let mut steps = 0u64;
+    let mut tokens = 0u64;
+    while core.has_unfinished_requests() {
+        let out = core.step();
+        steps += 1;
+        tokens += out
+            .outputs
+            .iter()
+            .map(|o| o.new_token_ids.len() as u64)
+            .sum::<u64>();
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu_ns = match (cpu_before, thread_cpu_ns()) {
+        (Some(before), Some(after)) => Some(after.saturating_sub(before)),
+        _ => None,
+    };
+    drop(core);
+    let metrics = handle.shutdown();
+    Ok(RoundResult {
+        tokens_per_s: tokens as f64 / wall.max(1e-9),
+        step_mean_us: wall * 1e6 / steps.max(1) as f64,
+        cpu_per_step_us: cpu_ns.map(|ns| ns as f64 / 1e3 / steps.max(1) as f64),
+        steps,
+        batch_sampled: metrics.steps_batch_sampled,
+        rich_sampled: metrics.steps_rich_sampled,
+        records_dropped: metrics.records_dropped(),
+    })
+}
+
+/// CPU time this thread has spent running, in ns (Linux `/proc/thread-self/schedstat`): unlike
+/// wall time, it does not count the time other processes on a shared machine take the core.
+fn thread_cpu_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Runs every configuration `rounds` times, interleaved; one row per configuration.
+pub fn run(
+    requests: usize,
+    output_tokens: usize,
+    rounds: usize,
+) -> Result<Vec<TracingBenchRow>, ObservabilityError> {
+    let requests = requests.clamp(1, 4096);
+    let output_tokens = output_tokens.clamp(1, 8192);
+    let rounds = rounds.max(1);
+    let samples: Vec<_> = VARIANTS.iter().map(|_| Arc::default()).collect();
+    let mut results: Vec<Vec<RoundResult>> = VARIANTS.iter().map(|_| Vec::new()).collect();
+    // One unmeasured warm-up (page faults, Wasm compilation caches, allocator).
+    run_round(VARIANTS[3], requests.min(64), 8, &Arc::default())?;
+    run_round(VARIANTS[4], requests.min(64), 8, &Arc::default())?;
+    for round in 0..rounds {
+        // Rotate the order each round so no configuration always runs first or last.
+        for k in 0..VARIANTS.len() {
+            let i = (round + k) % VARIANTS.len();
+            let result = run_round(VARIANTS[i], requests, output_tokens, &samples[i])?;
+            if std::env::var_os("STEPSCOPE_BENCH_VERBOSE").is_some() {
+                eprintln!(
+                    "round {round} {:<20} {:>10.0} tokens/s {:>8.1} us/step",
+                    VARIANTS[i].label, result.tokens_per_s, result.step_mean_us
+                );
+            }
+            results[i].push(result);
+        }
+    }
+    Ok(VARIANTS
+        .iter()
+        .zip(results)
+        .zip(samples)
+        .map(|((variant, rounds), samples)| {
+            let samples =
+                std::mem::take(&mut *samples.lock().unwrap_or_else(PoisonError::into_inner));
+            let pick = |f: fn(&StepKind) -> bool| {
+                LatencyStats::from_nanos(
+                    samples
+                        .iter()
+                        .filter(|(_, k)| f(k))
+                        .map(|&(ns, _)| ns)
+                        .collect(),
+                )
+            };
+            let rich_steps: Vec<u64> = samples
+                .iter()
+                .filter_map(|(_, k)| match k {
+                    StepKind::Rich(n) => Some(*n),
+                    _ => None,
+                })
+                .collect();
+            TracingBenchRow {
+                variant: *variant,
+                tokens_per_s: median(rounds.iter().map(|r| r.tokens_per_s).collect()),
+                tokens_per_s_best: rounds.iter().map(|r| r.tokens_per_s).fold(0.0, f64::max),
+                step_mean_us: median(rounds.iter().map(|r| r.step_mean_us).collect()),
+                cpu_per_step_us: rounds
+                    .iter()
+                    .map(|r| r.cpu_per_step_us)
+                    .collect::<Option<Vec<f64>>>()
+                    .map(median),
+                steps_per_round: rounds.first().map_or(0, |r| r.steps),
+                unsampled: pick(|k| *k == StepKind::Unsampled),
+                batch: pick(|k| *k == StepKind::Batch),
+                rich: pick(|k| matches!(k, StepKind::Rich(_))),
+                snapshots_per_rich: if rich_steps.is_empty() {
+                    0.0
+                } else {
+                    rich_steps.iter().sum::<u64>() as f64 / rich_steps.len() as f64
+                },
+                batch_sampled: rounds.iter().map(|r| r.batch_sampled).sum(),
+                rich_sampled: rounds.iter().map(|r| r.rich_sampled).sum(),
+                records_dropped: rounds.iter().map(|r| r.records_dropped).sum(),
+            }
+        })
+        .collect())
+}
+
+/// The report `stepscope bench tracing` prints.
+pub fn render(
+    rows: &[TracingBenchRow],
+    requests: usize,
+    output_tokens: usize,
+    rounds: usize,
+) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "step tracing overhead: {requests} concurrent requests x {output_tokens} output tokens \
+         (prompt {PROMPT_TOKENS}), deterministic paged-KV runner (vocab {BENCH_VOCAB}), \
+         JSON lines -> /dev/null (but the no-sink row); median and best of {rounds} \
+         interleaved rounds"
+    );
+    let off = rows.first();
+    let pct = |value: f64, base: f64| {
+        if base > 0.0 {
+            format!("{:+.2}%", (value / base - 1.0) * 100.0)
+        } else {
+            "-".into()
+        }
+    };
+    let _ = writeln!(
+        out,
+        "{:<18} {:>9} {:>8} {:>9} {:>8} {:>9} {:>9} {:>8} {:>5} {:>8} {:>7} {:>7}",
+        "config",
+        "tokens/s",
+        "vs off",
+        "best",
+        "vs off",
+        "step",
+        "CPU/step",
+        "vs off",
+        "steps",
+        "sampled",
+        "rich",
+        "dropped"
+    );
+    for row in rows {
+        let (cpu, cpu_vs) = match (row.cpu_per_step_us, off.and_then(|o| o.cpu_per_step_us)) {
+            (Some(cpu), Some(base)) => (format_ns(cpu * 1e3), pct(base, cpu)),
+            (Some(cpu), None) => (format_ns(cpu * 1e3), "-".into()),
+            _ => ("-".into(), "-".into()),
+        };
+        let _ = writeln!(
+            out,
+            "{:<18} {:>9.0} {:>8} {:>9.0} {:>8} {:>9} {:>9} {:>8} {:>5} {:>8} {:>7} {:>7}",
+            row.variant.label,
+            row.tokens_per_s,
+            pct(row.tokens_per_s, off.map_or(0.0, |o| o.tokens_per_s)),
+            row.tokens_per_s_best,
+            pct(
+                row.tokens_per_s_best,
+                off.map_or(0.0, |o| o.tokens_per_s_best)
+            ),
+            format_ns(row.step_mean_us * 1e3),
+            cpu,
+            cpu_vs,
+            row.steps_per_round,
+            row.batch_sampled,
+            row.rich_sampled,
+            row.records_dropped
+        );
+    }
+    let _ = writeln!(
+        out,
+        "(\"vs off\" of CPU/step is the throughput change implied by the engine thread's CPU \
+         time per step, which other load on a shared machine disturbs far less than wall time)"
+    );
+    let _ = writeln!(out, "step-loop cost (observer on_step, all rounds):");
+    let show = |stats: &Option<LatencyStats>| {
+        stats
+            .as_ref()
+            .map_or_else(|| "-".to_string(), ToString::to_string)
+    };
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "  {:<20} unsampled: {}",
+            row.variant.label,
+            show(&row.unsampled)
+        );
+        if row.batch.is_some() {
+            let _ = writeln!(out, "  {:<20} batch-only: {}", "", show(&row.batch));
+        }
+        if row.rich.is_some() {
+            let _ = writeln!(
+                out,
+                "  {:<20} rich ({:.0} snapshots): {}",
+                "",
+                row.snapshots_per_rich,
+                show(&row.rich)
+            );
+        }
+    }
+    let median_of = |label: &str, f: fn(&TracingBenchRow) -> &Option<LatencyStats>| {
+        rows.iter()
+            .find(|r| r.variant.label == label)
+            .and_then(|r| f(r).as_ref().map(|s| s.median_ns))
+    };
+    let decide_only = median_of("default 0.01/0.001", |r| &r.unsampled);
+    let batch = median_of("1.0/0", |r| &r.batch);
+    let rich_row = rows.iter().find(|r| r.variant.label == "1.0/1.0");
+    let rich = rich_row.and_then(|r| r.rich.as_ref().map(|s| s.median_ns));
+    if let (Some(decide), Some(batch)) = (decide_only, batch) {
+        let _ = writeln!(
+            out,
+            "per sampled step: {} (decide-only step {}, so +{} to copy and queue the record)",
+            format_ns(batch),
+            format_ns(decide),
+            format_ns((batch - decide).max(0.0))
+        );
+    }
+    if let (Some(batch), Some(rich), Some(row)) = (batch, rich, rich_row)
+        && row.snapshots_per_rich > 0.0
+    {
+        let _ = writeln!(
+            out,
+            "per snapshot: {} ((rich step {} - batch-only step {}) / {:.0} snapshots; includes plan-rich)",
+            format_ns((rich - batch).max(0.0) / row.snapshots_per_rich),
+            format_ns(rich),
+            format_ns(batch),
+            row.snapshots_per_rich
+        );
+    }
+    out
+}

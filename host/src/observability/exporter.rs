@@ -1,0 +1,175 @@
+//! The exporter thread (`stepscope-trace-export`): drains the bounded record queue, writes
+//! JSON lines, builds OTLP spans and exports them in batches, off the step loop.
+//!
+//! The thread polls the queue every [`POLL_INTERVAL`] rather than blocking on it, so that the
+//! step loop's `try_send` never has to wake it (a futex syscall, and on a busy machine a
+//! context switch, per sampled step); the handle unparks it for flush and shutdown.
+//! Spans are exported when [`ObservabilityConfig::export_batch_size`] are pending, when the
+//! oldest pending one has waited [`ObservabilityConfig::export_interval`], on a flush request,
+//! and at shutdown. [`TracerHandle::shutdown`](super::TracerHandle::shutdown) first sets a
+//! deadline (now + `shutdown_timeout`), then queues a shutdown message behind the records
+//! already queued: everything before it is written and exported (or, past the deadline,
+//! counted as failed), the exporter and the file are flushed and closed, and the thread ends.
+
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use super::config::ObservabilityConfig;
+use super::jsonl::JsonlSink;
+use super::metrics::TracerMetrics;
+use super::otlp::{OtlpSink, PolicyIdentity};
+use super::record::StepRecord;
+
+/// How often the exporter thread looks at the queue when it is idle.
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// What the step loop and the handle send to the exporter thread.
+pub(crate) enum ExportMessage {
+    Record(StepRecord),
+    /// Export and flush everything queued before this message, then acknowledge.
+    Flush(Sender<()>),
+    /// Like `Flush`, then close the sinks and end the thread.
+    Shutdown(Sender<()>),
+}
+
+/// Set once by the handle when shutting down: exports must finish by then.
+#[derive(Debug, Default)]
+pub(crate) struct ShutdownDeadline(OnceLock<Instant>);
+
+impl ShutdownDeadline {
+    pub(crate) fn set(&self, deadline: Instant) {
+        let _ = self.0.set(deadline);
+    }
+
+    fn get(&self) -> Option<Instant> {
+        self.0.get().copied()
+    }
+}
+
+pub(crate) struct ExporterThread {
+    pub(crate) rx: Receiver<ExportMessage>,
+    pub(crate) otlp: Option<OtlpSink>,
+    pub(crate) jsonl: Option<JsonlSink>,
+    pub(crate) metrics: Arc<TracerMetrics>,
+    pub(crate) policy: PolicyIdentity,
+    pub(crate) deadline: Arc<ShutdownDeadline>,
+    pub(crate) batch_size: usize,
+    pub(crate) interval: Duration,
+    /// Most records processed after the shutdown message (the queue's capacity).
+    pub(crate) drain_limit: usize,
+}
+
+impl ExporterThread {
+    pub(crate) fn new(
+        rx: Receiver<ExportMessage>,
+        config: &ObservabilityConfig,
+        sinks: (Option<OtlpSink>, Option<JsonlSink>),
+        metrics: Arc<TracerMetrics>,
+        policy: PolicyIdentity,
+        deadline: Arc<ShutdownDeadline>,
+    ) -> Self {
+        Self {
+            rx,
+            otlp: sinks.0,
+            jsonl: sinks.1,
+            metrics,
+            policy,
+            deadline,
+            batch_size: config.export_batch_size.max(1),
+            interval: config.export_interval,
+            drain_limit: config.queue_capacity.max(1),
+        }
+    }
+
+    pub(crate) fn run(mut self) {
+        // When the oldest record not yet exported or flushed arrived.
+        let mut oldest: Option<Instant> = None;
+        loop {
+            loop {
+                match self.rx.try_recv() {
+                    Ok(ExportMessage::Record(record)) => {
+                        self.process(&record);
+                        oldest.get_or_insert_with(Instant::now);
+                        if self
+                            .otlp
+                            .as_ref()
+                            .is_some_and(|o| o.pending() >= self.batch_size)
+                        {
+                            self.export();
+                        }
+                    }
+                    Ok(ExportMessage::Flush(ack)) => {
+                        self.flush();
+                        oldest = None;
+                        let _ = ack.send(());
+                    }
+                    Ok(ExportMessage::Shutdown(ack)) => {
+                        self.finish();
+                        let _ = ack.send(());
+                        return;
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        self.finish();
+                        return;
+                    }
+                }
+            }
+            if oldest.is_some_and(|since| since.elapsed() >= self.interval) {
+                self.flush();
+                oldest = None;
+            }
+            // Polling instead of blocking in `recv`: a sender only pays a syscall to wake a
+            // blocked receiver, so the step loop's `try_send` stays a few atomic operations.
+            // The handle unparks the thread for flush and shutdown.
+            std::thread::park_timeout(POLL_INTERVAL);
+        }
+    }
+
+    fn process(&mut self, record: &StepRecord) {
+        if let Some(jsonl) = &mut self.jsonl {
+            jsonl.write(record, &self.policy, &self.metrics);
+        }
+        if let Some(otlp) = &mut self.otlp {
+            otlp.add(record, &self.policy);
+        }
+    }
+
+    fn export(&mut self) {
+        if let Some(otlp) = &mut self.otlp {
+            otlp.export(&self.metrics, self.deadline.get());
+        }
+    }
+
+    fn flush(&mut self) {
+        self.export();
+        if let Some(jsonl) = &mut self.jsonl {
+            jsonl.flush();
+        }
+    }
+
+    fn finish(mut self) {
+        // Records queued before the shutdown message were received before it; records the
+        // step loop queued after it (at most a queue's worth) are processed too.
+        for _ in 0..self.drain_limit {
+            let Ok(message) = self.rx.try_recv() else {
+                break;
+            };
+            if let ExportMessage::Record(record) = message {
+                self.process(&record);
+                if self
+                    .otlp
+                    .as_ref()
+                    .is_some_and(|o| o.pending() >= self.batch_size)
+                {
+                    self.export();
+                }
+            }
+        }
+        self.flush();
+        if let Some(otlp) = self.otlp.take() {
+            otlp.shutdown();
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The JSON-lines sink (`--step-tracing-file`): one JSON object per traced step, for users
+//! without a collector, and the reader `policy replay` uses to get the step summaries back.
+//!
+//! A line mirrors the OTLP span: its name and scope, start/end times, the span attributes as
+//! top-level keys (`step.id`, `step.last_step_duration_us`, `sampling.batch_probability`,
+//! `sampling.rich_probability` on rich steps, `policy.name`, `policy.digest`, `policy.*`
+//! extras), and `events`, each `{"name", "time_unix_nano", "attributes"}` with the same
+//! attribute names and values as the OTLP events:
+//!
+//! ```json
+//! {"name":"scheduler.step","scope":"stepscope.scheduler.step","start_time_unix_nano":…,
+//!  "end_time_unix_nano":…,"step.id":12,…,"policy.name":"builtin:default",…,
+//!  "events":[{"name":"step.BATCH_SUMMARY","time_unix_nano":…,"attributes":{"step.id":12,…}},
+//!            {"name":"step.REQUEST_SNAPSHOT","time_unix_nano":…,"attributes":{…}}]}
+//! ```
+//!
+//! The batch summary plus `step.last_step_duration_us` is the whole policy step summary except
+//! the two draws, which [`read_step_summaries`] recomputes from the seed and the step id. Lines
+//! are written by hand (no intermediate JSON tree, our static names unescaped, numbers through
+//! itoa / ryu) because this runs for every traced step, ~2 650 attributes for 240 snapshots.
+
+use std::fs::File;
+use std::io::{BufRead, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value as Json;
+use thiserror::Error;
+
+use super::config::ObservabilityError;
+use super::metrics::{TracerMetrics, bump};
+use super::otlp::{PolicyIdentity, extra_key};
+use super::record::{
+    AttrValue, BATCH_SUMMARY_ATTRIBUTES, EVENT_BATCH_SUMMARY, EVENT_REQUEST_SNAPSHOT, SCOPE_NAME,
+    SPAN_BATCH_PROBABILITY, SPAN_LAST_STEP_DURATION_US, SPAN_NAME, SPAN_POLICY_DIGEST,
+    SPAN_POLICY_NAME, SPAN_RICH_PROBABILITY, SPAN_STEP_ID, StepRecord, batch_summary_attributes,
+    sat_i64, snapshot_attributes,
+};
+use crate::policy::StepSummary;
+use crate::policy::random::step_draws;
+
+pub(crate) struct JsonlSink {
+    path: PathBuf,
+    writer: BufWriter<File>,
+    line: Vec<u8>,
+}
+
+impl JsonlSink {
+    /// Creates (truncates) the file.
+    pub(crate) fn create(path: &Path) -> Result<Self, ObservabilityError> {
+        let file = File::create(path).map_err(|source| ObservabilityError::File {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            writer: BufWriter::with_capacity(1 << 16, file),
+            line: Vec::with_capacity(4096),
+        })
+    }
+
+    pub(crate) fn write(
+        &mut self,
+        record: &StepRecord,
+        policy: &PolicyIdentity,
+        metrics: &TracerMetrics,
+    ) {
+        self.line.clear();
+        render_line(&mut self.line, record, policy);
+        self.line.push(b'\n');
+        match self.writer.write_all(&self.line) {
+            Ok(()) => bump(&metrics.jsonl_lines_written),
+            Err(error) => {
+                bump(&metrics.jsonl_write_failures);
+                let failures = metrics
+                    .jsonl_write_failures
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if failures.is_power_of_two() {
+                    tracing::warn!(path = %self.path.display(), %error, failures, "cannot write step trace line");
+                }
+            }
+        }
+    }
+
+    pub(crate) fn flush(&mut self) {
+        if let Err(error) = self.writer.flush() {
+            tracing::warn!(path = %self.path.display(), %error, "cannot flush the step trace file");
+        }
+    }
+}
+
+/// Renders one record as a JSON object (no trailing newline).
+pub(crate) fn render_line(out: &mut Vec<u8>, record: &StepRecord, policy: &PolicyIdentity) {
+    let s = &record.summary;
+    out.extend_from_slice(b"{\"name\":");
+    push_str(out, SPAN_NAME);
+    out.extend_from_slice(b",\"scope\":");
+    push_str(out, SCOPE_NAME);
+    push_field(
+        out,
+        "start_time_unix_nano",
+        AttrValue::Int(sat_i64(s.ts_start_ns)),
+    );
+    push_field(
+        out,
+        "end_time_unix_nano",
+        AttrValue::Int(sat_i64(s.ts_end_ns.max(s.ts_start_ns))),
+    );
+    push_field(out, SPAN_STEP_ID, AttrValue::Int(sat_i64(s.step_id)));
+    push_field(
+        out,
+        SPAN_LAST_STEP_DURATION_US,
+        AttrValue::Int(sat_i64(s.last_step_duration_us)),
+    );
+    push_field(
+        out,
+        SPAN_BATCH_PROBABILITY,
+        AttrValue::Float(record.batch_probability),
+    );
+    if let Some(rich) = &record.rich {
+        push_field(
+            out,
+            SPAN_RICH_PROBABILITY,
+            AttrValue::Float(rich.probability),
+        );
+    }
+    out.push(b',');
+    push_str(out, SPAN_POLICY_NAME);
+    out.push(b':');
+    push_str(out, &policy.name);
+    out.push(b',');
+    push_str(out, SPAN_POLICY_DIGEST);
+    out.push(b':');
+    push_str(out, &policy.digest);
+    for (key, value) in &record.extra {
+        out.push(b',');
+        push_str(out, &extra_key(key));
+        out.push(b':');
+        push_str(out, value);
+    }
+    out.extend_from_slice(b",\"events\":[");
+    let time = sat_i64(s.ts_end_ns.max(s.ts_start_ns));
+    push_event_head(out, EVENT_BATCH_SUMMARY, time);
+    for (i, (name, value)) in batch_summary_attributes(s).into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        push_attr(out, name, value);
+    }
+    out.extend_from_slice(b"}}");
+    if let Some(rich) = &record.rich {
+        for row in &rich.rows {
+            out.push(b',');
+            push_event_head(out, EVENT_REQUEST_SNAPSHOT, time);
+            let mut first = true;
+            snapshot_attributes(s.step_id, row, rich.attributes, |name, value| {
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                push_attr(out, name, value);
+            });
+            out.extend_from_slice(b"}}");
+        }
+    }
+    out.extend_from_slice(b"]}");
+}
+
+fn push_event_head(out: &mut Vec<u8>, name: &'static str, time: i64) {
+    out.extend_from_slice(b"{\"name\":\"");
+    out.extend_from_slice(name.as_bytes());
+    out.push(b'"');
+    push_field(out, "time_unix_nano", AttrValue::Int(time));
+    out.extend_from_slice(b",\"attributes\":{");
+}
+
+/// `,"name":value`.
+fn push_field(out: &mut Vec<u8>, name: &'static str, value: AttrValue) {
+    out.push(b',');
+    push_attr(out, name, value);
+}
+
+/// `"name":value` for one of our attribute names (static, plain ASCII: written as is, without
+/// an escaping pass; this runs ~11 times per snapshot).
+fn push_attr(out: &mut Vec<u8>, name: &'static str, value: AttrValue) {
+    debug_assert!(
+        name.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    );
+    out.push(b'"');
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
+    match value {
+        // serde_json writes numbers with itoa / ryu; writing into a Vec cannot fail.
+        AttrValue::Int(v) => {
+            let _ = serde_json::to_writer(&mut *out, &v);
+        }
+        // Non-finite floats become `null`.
+        AttrValue::Float(v) => {
+            let _ = serde_json::to_writer(&mut *out, &v);
+        }
+        AttrValue::Str(v) => {
+            debug_assert!(
+                v.bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+            );
+            out.push(b'"');
+            out.extend_from_slice(v.as_bytes());
+            out.push(b'"');
+        }
+    }
+}
+
+/// A JSON string literal, escaped (for names and values that come from outside).
+fn push_str(out: &mut Vec<u8>, text: &str) {
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
+/// Why a trace file could not be read back.
+#[derive(Debug, Error)]
+pub enum JsonlReadError {
+    #[error("line {line}: {source}")]
+    Io { line: usize, source: std::io::Error },
+    #[error("line {line}: not JSON: {source}")]
+    Json {
+        line: usize,
+        source: serde_json::Error,
+    },
+    #[error("line {line}: {what}")]
+    Malformed { line: usize, what: String },
+}
+
+/// Reads back the step summaries of a `--step-tracing-file` written with `seed` (the draws are
+/// recomputed from it), in file order. Blank lines are skipped.
+pub fn read_step_summaries(
+    reader: impl BufRead,
+    seed: u64,
+) -> Result<Vec<StepSummary>, JsonlReadError> {
+    let mut out = Vec::new();
+    for (index, line) in reader.lines().enumerate() {
+        let line_no = index + 1;
+        let line = line.map_err(|source| JsonlReadError::Io {
+            line: line_no,
+            source,
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let json: Json = serde_json::from_str(&line).map_err(|source| JsonlReadError::Json {
+            line: line_no,
+            source,
+        })?;
+        out.push(
+            summary_from_line(&json, seed).map_err(|what| JsonlReadError::Malformed {
+                line: line_no,
+                what,
+            })?,
+        );
+    }
+    Ok(out)
+}
+
+fn summary_from_line(json: &Json, seed: u64) -> Result<StepSummary, String> {
+    let events = json
+        .get("events")
+        .and_then(Json::as_array)
+        .ok_or("no `events` list")?;
+    let attrs = events
+        .iter()
+        .find(|e| e.get("name").and_then(Json::as_str) == Some(EVENT_BATCH_SUMMARY))
+        .and_then(|e| e.get("attributes"))
+        .ok_or_else(|| format!("no {EVENT_BATCH_SUMMARY} event"))?;
+    let int = |name: &str| -> Result<u64, String> {
+        attrs
+            .get(name)
+            .and_then(Json::as_u64)
+            .ok_or_else(|| format!("{EVENT_BATCH_SUMMARY} has no integer `{name}`"))
+    };
+    let small = |name: &str| -> Result<u32, String> {
+        u32::try_from(int(name)?).map_err(|_| format!("`{name}` does not fit in 32 bits"))
+    };
+    debug_assert_eq!(BATCH_SUMMARY_ATTRIBUTES[13], "kv.usage_gpu_ratio");
+    let step_id = int("step.id")?;
+    let (random_batch, random_rich) = step_draws(seed, step_id);
+    Ok(StepSummary {
+        step_id,
+        ts_start_ns: int("step.ts_start_ns")?,
+        ts_end_ns: int("step.ts_end_ns")?,
+        duration_us: int("step.duration_us")?,
+        last_step_duration_us: json
+            .get(SPAN_LAST_STEP_DURATION_US)
+            .and_then(Json::as_u64)
+            .unwrap_or(0),
+        running_depth: small("queue.running_depth")?,
+        waiting_depth: small("queue.waiting_depth")?,
+        num_prefill_reqs: small("batch.num_prefill_reqs")?,
+        num_decode_reqs: small("batch.num_decode_reqs")?,
+        scheduled_tokens: small("batch.scheduled_tokens")?,
+        prefill_tokens: small("batch.prefill_tokens")?,
+        decode_tokens: small("batch.decode_tokens")?,
+        num_finished: small("batch.num_finished")?,
+        num_preempted: small("batch.num_preempted")?,
+        kv_blocks_total: small("kv.blocks_total_gpu")?,
+        kv_blocks_free: small("kv.blocks_free_gpu")?,
+        kv_usage_ratio: attrs
+            .get("kv.usage_gpu_ratio")
+            .and_then(Json::as_f64)
+            .ok_or("no number `kv.usage_gpu_ratio`")?,
+        random_batch,
+        random_rich,
+    })
+}

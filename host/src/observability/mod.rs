@@ -1,0 +1,240 @@
+//! Step tracing end to end: configuration, the step-loop observer, the exporter thread, and
+//! the OTLP and JSON-lines sinks.
+//!
+//! [`StepTracer::start`] turns an [`ObservabilityConfig`] (built from the CLI flags and the
+//! `OTEL_*` variables by [`ObservabilityConfig::from_args`]) into a [`StepTracerObserver`] to hand
+//! to [`Engine::start`](crate::engine::Engine::start) and a [`TracerHandle`] for metrics, flush
+//! and shutdown. On the engine thread the observer calls the policy's `decide` once per step (and
+//! `plan-rich` once per rich step) and copies a sampled step into a compact [`StepRecord`] that it
+//! `try_send`s into a bounded queue; a full queue drops the record and counts it. The exporter
+//! thread builds the spans (scope `stepscope.scheduler.step`, span `scheduler.step`, events
+//! `step.BATCH_SUMMARY` and `step.REQUEST_SNAPSHOT`, with the step's own timestamps) and the JSON
+//! lines, and exports over OTLP gRPC or HTTP/protobuf. Span limit: the SDK's 128 events per span
+//! is raised to the large constant [`DEFAULT_MAX_EVENTS_PER_SPAN`] (65 537), not
+//! `max_num_seqs + 1`, so no rich step loses snapshots whatever the engine's configuration.
+//! A slow or absent collector costs dropped spans (counted in [`TracerMetrics`]), never a
+//! blocked step. With tracing disabled the observer's per-step cost is a single branch.
+
+pub mod bench;
+mod config;
+mod exporter;
+pub mod jsonl;
+mod metrics;
+mod otlp;
+pub mod record;
+mod tracer;
+
+#[cfg(test)]
+mod test_support;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::sync::mpsc::{self, SyncSender};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+pub use config::{
+    DEFAULT_MAX_EVENTS_PER_SPAN, DEFAULT_QUEUE_CAPACITY, DEFAULT_SERVICE_NAME, ENV_OTLP_ENDPOINT,
+    ENV_OTLP_HEADERS, ENV_OTLP_PROTOCOL, ENV_OTLP_TRACES_ENDPOINT, ENV_OTLP_TRACES_HEADERS,
+    ENV_OTLP_TRACES_PROTOCOL, ENV_SERVICE_NAME, ObservabilityConfig, ObservabilityError,
+    OtlpConfig, OtlpProtocol,
+};
+pub use metrics::{TracerMetrics, TracerMetricsSnapshot};
+pub use record::{StepRecord, step_summary};
+pub use tracer::StepTracerObserver;
+
+use crate::policy::{PolicyCounters, PolicyModule, PolicyRuntime};
+use exporter::{ExportMessage, ExporterThread, ShutdownDeadline};
+use jsonl::JsonlSink;
+use otlp::{OtlpSink, PolicyIdentity};
+
+/// Name of the exporter thread.
+pub const EXPORTER_THREAD_NAME: &str = "stepscope-trace-export";
+
+/// Starts step tracers.
+#[derive(Debug)]
+pub struct StepTracer;
+
+impl StepTracer {
+    /// Loads the policy, opens the sinks and starts the exporter thread. Disabled tracing
+    /// (`step_tracing_enabled == false`) loads nothing and returns a no-op observer.
+    ///
+    /// Errors: a policy file that is unreadable, not a policy component, or refuses its
+    /// parameters; an OTLP exporter that cannot be built; a trace file that cannot be created.
+    pub fn start(
+        config: ObservabilityConfig,
+    ) -> Result<(StepTracerObserver, TracerHandle), ObservabilityError> {
+        let counters = Arc::new(PolicyCounters::default());
+        let metrics = Arc::new(TracerMetrics::new(Arc::clone(&counters)));
+        if !config.step_tracing_enabled {
+            return Ok((
+                StepTracerObserver::disabled(),
+                TracerHandle {
+                    config,
+                    policy: None,
+                    metrics,
+                    control: None,
+                    thread: None,
+                    deadline: Arc::default(),
+                },
+            ));
+        }
+        let module = PolicyModule::load(&config.policy, config.policy_limits)?;
+        let params = config.policy_params();
+        let runtime = PolicyRuntime::new(module.clone(), params.clone(), counters)?;
+        let policy = PolicyIdentity {
+            name: Arc::from(module.name()),
+            digest: Arc::from(module.digest()),
+        };
+        let otlp = match &config.otlp {
+            Some(otlp) => Some(OtlpSink::new(&config, otlp)?),
+            None => None,
+        };
+        let jsonl = match &config.step_tracing_file {
+            Some(path) => Some(JsonlSink::create(path)?),
+            None => None,
+        };
+        if otlp.is_none() && jsonl.is_none() {
+            tracing::warn!(
+                "step tracing is enabled without --otlp-traces-endpoint (or OTEL_EXPORTER_OTLP_*) \
+                 or --step-tracing-file: steps are sampled and counted but not exported"
+            );
+        }
+        let (queue, rx) = mpsc::sync_channel(config.queue_capacity.max(1));
+        let deadline = Arc::new(ShutdownDeadline::default());
+        let thread = ExporterThread::new(
+            rx,
+            &config,
+            (otlp, jsonl),
+            Arc::clone(&metrics),
+            policy.clone(),
+            Arc::clone(&deadline),
+        );
+        let thread = std::thread::Builder::new()
+            .name(EXPORTER_THREAD_NAME.into())
+            .spawn(move || thread.run())
+            .map_err(|e| ObservabilityError::Spawn(e.to_string()))?;
+        tracing::info!(
+            policy = %policy.name,
+            digest = %policy.digest,
+            sample_rate = config.step_tracing_sample_rate,
+            rich_subsample_rate = config.step_tracing_rich_subsample_rate,
+            otlp = config.otlp.as_ref().map(|o| o.endpoint.as_str()).unwrap_or("-"),
+            "step tracing on"
+        );
+        let observer =
+            StepTracerObserver::active(runtime, config.seed, queue.clone(), Arc::clone(&metrics));
+        Ok((
+            observer,
+            TracerHandle {
+                config,
+                policy: Some(RunningPolicy {
+                    name: policy.name.to_string(),
+                    digest: policy.digest.to_string(),
+                    params,
+                }),
+                metrics,
+                control: Some(queue),
+                thread: Some(thread),
+                deadline,
+            },
+        ))
+    }
+}
+
+/// The policy a running tracer uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningPolicy {
+    /// `builtin:default` or the file path.
+    pub name: String,
+    /// `sha256:<hex>` of the component.
+    pub digest: String,
+    /// What `configure` received.
+    pub params: Vec<(String, String)>,
+}
+
+/// Owns the exporter thread: metrics, flush, shutdown. Dropping it shuts down.
+#[derive(Debug)]
+pub struct TracerHandle {
+    config: ObservabilityConfig,
+    policy: Option<RunningPolicy>,
+    metrics: Arc<TracerMetrics>,
+    control: Option<SyncSender<ExportMessage>>,
+    thread: Option<JoinHandle<()>>,
+    deadline: Arc<ShutdownDeadline>,
+}
+
+impl TracerHandle {
+    /// The configuration the tracer runs with.
+    pub fn config(&self) -> &ObservabilityConfig {
+        &self.config
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.policy.is_some()
+    }
+
+    /// The running policy (`None` when tracing is disabled).
+    pub fn policy(&self) -> Option<&RunningPolicy> {
+        self.policy.as_ref()
+    }
+
+    /// The live counters (for `/metrics`).
+    pub fn metrics_handle(&self) -> Arc<TracerMetrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    pub fn metrics(&self) -> TracerMetricsSnapshot {
+        self.metrics.snapshot()
+    }
+
+    /// Writes and exports every record queued so far; returns once done (each export is
+    /// bounded by the export timeout). `false` if the exporter thread is gone.
+    pub fn flush(&self) -> bool {
+        let Some(control) = &self.control else {
+            return !self.is_enabled();
+        };
+        let (ack, done) = mpsc::channel();
+        if control.send(ExportMessage::Flush(ack)).is_err() {
+            return false;
+        }
+        self.wake_exporter();
+        done.recv().is_ok()
+    }
+
+    /// Exports what is queued (within `shutdown_timeout`; later spans count as failed),
+    /// flushes and closes the sinks, and joins the exporter thread. Records the step loop
+    /// produces afterwards are dropped and counted. Later calls return at once.
+    pub fn shutdown(&mut self) -> TracerMetricsSnapshot {
+        if let Some(control) = self.control.take() {
+            self.deadline
+                .set(Instant::now() + self.config.shutdown_timeout);
+            let (ack, done) = mpsc::channel();
+            if control.send(ExportMessage::Shutdown(ack)).is_ok() {
+                self.wake_exporter();
+                let _ = done.recv();
+            }
+        }
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the step trace exporter thread panicked");
+        }
+        self.metrics.snapshot()
+    }
+}
+
+impl TracerHandle {
+    fn wake_exporter(&self) {
+        if let Some(thread) = &self.thread {
+            thread.thread().unpark();
+        }
+    }
+}
+
+impl Drop for TracerHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -1,0 +1,310 @@
+//! The OTLP sink, on the exporter thread: records become OpenTelemetry spans, exported in
+//! batches over gRPC (tonic) or HTTP/protobuf (hyper).
+//!
+//! Spans are built with the SDK's tracer (so the SDK's span limits, ids and scope apply): one
+//! root span `scheduler.step` per record, in scope `stepscope.scheduler.step`, with explicit
+//! start and end times (the step's `ts_start_ns` / `ts_end_ns`), span attributes
+//! (`step.id`, the sampling probabilities, `policy.name`, `policy.digest`, the policy's
+//! `policy.*` extras) and the `step.BATCH_SUMMARY` / `step.REQUEST_SNAPSHOT` events timed at the
+//! emission point. The span limit on events is raised to
+//! [`ObservabilityConfig::max_events_per_span`] (default 65 537, a large constant rather than
+//! `max_num_seqs + 1`, which the tracer does not know), so a rich step never loses snapshots to
+//! the SDK's default of 128. Ended spans are collected by a small span processor and handed to
+//! the OTLP exporter by this thread itself, on a current-thread tokio runtime it owns, so every
+//! export is bounded in time and its outcome is counted (exported or failed, per span).
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use opentelemetry::trace::{Event, Span as _, SpanKind, Tracer as _, TracerProvider as _};
+use opentelemetry::{Context, InstrumentationScope, KeyValue, Value};
+use opentelemetry_otlp::{
+    Protocol, SpanExporter as OtlpSpanExporter, WithExportConfig, WithHttpConfig, WithTonicConfig,
+};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{
+    SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter as _, SpanProcessor,
+};
+
+use super::config::{ObservabilityConfig, ObservabilityError, OtlpConfig, OtlpProtocol};
+use super::metrics::{TracerMetrics, add, bump};
+use super::record::{
+    AttrValue, EVENT_BATCH_SUMMARY, EVENT_REQUEST_SNAPSHOT, SCOPE_NAME, SPAN_BATCH_PROBABILITY,
+    SPAN_LAST_STEP_DURATION_US, SPAN_NAME, SPAN_POLICY_DIGEST, SPAN_POLICY_NAME,
+    SPAN_RICH_PROBABILITY, SPAN_STEP_ID, StepRecord, batch_summary_attributes, sat_i64,
+    snapshot_attributes,
+};
+
+/// What every span of one tracer shares.
+#[derive(Debug, Clone)]
+pub(crate) struct PolicyIdentity {
+    pub name: Arc<str>,
+    pub digest: Arc<str>,
+}
+
+/// The attribute key of a policy extra: `policy.<key>`, or `policy.extra.<key>` where that
+/// would collide with `policy.name` / `policy.digest`.
+pub(crate) fn extra_key(key: &str) -> String {
+    match key {
+        "name" | "digest" => format!("policy.extra.{key}"),
+        _ => format!("policy.{key}"),
+    }
+}
+
+/// Collects ended spans for the exporter thread.
+#[derive(Debug, Default)]
+struct CollectingProcessor {
+    ended: Arc<Mutex<Vec<SpanData>>>,
+}
+
+impl SpanProcessor for CollectingProcessor {
+    fn on_start(&self, _span: &mut Span, _cx: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        self.ended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(span);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+}
+
+pub(crate) struct OtlpSink {
+    runtime: tokio::runtime::Runtime,
+    exporter: OtlpSpanExporter,
+    provider: SdkTracerProvider,
+    tracer: SdkTracer,
+    ended: Arc<Mutex<Vec<SpanData>>>,
+    export_timeout: Duration,
+}
+
+impl OtlpSink {
+    /// Builds the exporter (refusing bad settings now, not at the first export).
+    pub(crate) fn new(
+        config: &ObservabilityConfig,
+        otlp: &OtlpConfig,
+    ) -> Result<Self, ObservabilityError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("stepscope-trace-export")
+            .build()
+            .map_err(|e| ObservabilityError::Otlp(format!("tokio runtime: {e}")))?;
+        // tonic's lazy channel must be created inside a runtime.
+        let mut exporter = {
+            let _guard = runtime.enter();
+            build_exporter(otlp, config.export_timeout)?
+        };
+        let resource = Resource::builder()
+            .with_service_name(config.service_name.clone())
+            .build();
+        exporter.set_resource(&resource);
+        let ended = Arc::new(Mutex::new(Vec::new()));
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(CollectingProcessor {
+                ended: Arc::clone(&ended),
+            })
+            .with_max_events_per_span(config.max_events_per_span)
+            .with_resource(resource)
+            .build();
+        let scope = InstrumentationScope::builder(SCOPE_NAME)
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .build();
+        let tracer = provider.tracer_with_scope(scope);
+        Ok(Self {
+            runtime,
+            exporter,
+            provider,
+            tracer,
+            ended,
+            export_timeout: config.export_timeout,
+        })
+    }
+
+    /// Builds and ends the span of one record (it waits in the processor until `export`).
+    pub(crate) fn add(&mut self, record: &StepRecord, policy: &PolicyIdentity) {
+        let s = &record.summary;
+        let start = unix_time(s.ts_start_ns);
+        let end = unix_time(s.ts_end_ns.max(s.ts_start_ns));
+        let mut attributes = Vec::with_capacity(7 + record.extra.len());
+        attributes.push(KeyValue::new(SPAN_STEP_ID, sat_i64(s.step_id)));
+        attributes.push(KeyValue::new(
+            SPAN_LAST_STEP_DURATION_US,
+            sat_i64(s.last_step_duration_us),
+        ));
+        attributes.push(KeyValue::new(
+            SPAN_BATCH_PROBABILITY,
+            record.batch_probability,
+        ));
+        if let Some(rich) = &record.rich {
+            attributes.push(KeyValue::new(SPAN_RICH_PROBABILITY, rich.probability));
+        }
+        attributes.push(KeyValue::new(
+            SPAN_POLICY_NAME,
+            Value::String(Arc::clone(&policy.name).into()),
+        ));
+        attributes.push(KeyValue::new(
+            SPAN_POLICY_DIGEST,
+            Value::String(Arc::clone(&policy.digest).into()),
+        ));
+        for (key, value) in &record.extra {
+            attributes.push(KeyValue::new(extra_key(key), value.clone()));
+        }
+
+        let snapshots = record.rich.as_ref().map_or(0, |rich| rich.rows.len());
+        let mut events = Vec::with_capacity(1 + snapshots);
+        events.push(Event::new(
+            EVENT_BATCH_SUMMARY,
+            end,
+            batch_summary_attributes(s)
+                .into_iter()
+                .map(|(name, value)| key_value(name, value))
+                .collect(),
+            0,
+        ));
+        if let Some(rich) = &record.rich {
+            for row in &rich.rows {
+                let mut attrs = Vec::with_capacity(11);
+                snapshot_attributes(s.step_id, row, rich.attributes, |name, value| {
+                    attrs.push(key_value(name, value))
+                });
+                events.push(Event::new(EVENT_REQUEST_SNAPSHOT, end, attrs, 0));
+            }
+        }
+        let mut span = self
+            .tracer
+            .span_builder(SPAN_NAME)
+            .with_kind(SpanKind::Internal)
+            .with_start_time(start)
+            .with_attributes(attributes)
+            .with_events(events)
+            .start_with_context(&self.tracer, &Context::new());
+        span.end_with_timestamp(end);
+    }
+
+    /// Spans built and not yet exported.
+    pub(crate) fn pending(&self) -> usize {
+        self.ended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Exports what is pending, within the export timeout and before `deadline` (past it, the
+    /// spans are counted as failed without an attempt).
+    pub(crate) fn export(&mut self, metrics: &TracerMetrics, deadline: Option<Instant>) {
+        let batch = std::mem::take(&mut *self.ended.lock().unwrap_or_else(PoisonError::into_inner));
+        if batch.is_empty() {
+            return;
+        }
+        let n = batch.len() as u64;
+        let dropped_events: u64 = batch
+            .iter()
+            .map(|s| u64::from(s.events.dropped_count))
+            .sum();
+        add(&metrics.span_events_dropped, dropped_events);
+        let mut timeout = self.export_timeout;
+        if let Some(deadline) = deadline {
+            timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
+        }
+        let outcome = if timeout.is_zero() {
+            Err("the shutdown deadline has passed".to_string())
+        } else {
+            let exporter = &self.exporter;
+            self.runtime.block_on(async {
+                match tokio::time::timeout(timeout, exporter.export(batch)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(_) => Err(format!("timed out after {timeout:?}")),
+                }
+            })
+        };
+        match outcome {
+            Ok(()) => add(&metrics.spans_exported, n),
+            Err(error) => {
+                add(&metrics.spans_export_failed, n);
+                bump(&metrics.export_errors);
+                let errors = metrics
+                    .export_errors
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                // Log the 1st, 2nd, 4th, 8th… failure, not every one.
+                if errors.is_power_of_two() {
+                    tracing::warn!(spans = n, errors, %error, "step trace export failed; spans dropped");
+                }
+            }
+        }
+    }
+
+    pub(crate) fn shutdown(self) {
+        let Self {
+            runtime,
+            exporter,
+            provider,
+            ..
+        } = self;
+        let _ = provider.shutdown();
+        let _guard = runtime.enter();
+        let _ = exporter.shutdown_with_timeout(Duration::from_millis(100));
+        drop(exporter);
+    }
+}
+
+fn build_exporter(
+    otlp: &OtlpConfig,
+    timeout: Duration,
+) -> Result<OtlpSpanExporter, ObservabilityError> {
+    let built = match otlp.protocol {
+        OtlpProtocol::Grpc => {
+            let mut headers = http::HeaderMap::new();
+            for (key, value) in &otlp.headers {
+                let (Ok(name), Ok(value)) = (
+                    http::HeaderName::from_bytes(key.as_bytes()),
+                    http::HeaderValue::from_str(value),
+                ) else {
+                    return Err(ObservabilityError::Otlp(format!("invalid header `{key}`")));
+                };
+                headers.append(name, value);
+            }
+            OtlpSpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(otlp.endpoint.clone())
+                .with_protocol(Protocol::Grpc)
+                .with_timeout(timeout)
+                .with_metadata(tonic_metadata(headers))
+                .build()
+        }
+        OtlpProtocol::HttpProtobuf => OtlpSpanExporter::builder()
+            .with_http()
+            .with_endpoint(otlp.endpoint.clone())
+            .with_protocol(Protocol::HttpBinary)
+            .with_timeout(timeout)
+            .with_headers(otlp.headers.iter().cloned().collect())
+            .build(),
+    };
+    built.map_err(|e| ObservabilityError::Otlp(format!("{}: {e}", otlp.endpoint)))
+}
+
+fn tonic_metadata(
+    headers: http::HeaderMap,
+) -> opentelemetry_otlp::tonic_types::metadata::MetadataMap {
+    opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(headers)
+}
+
+fn unix_time(ns: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(ns)
+}
+
+fn key_value(name: &'static str, value: AttrValue) -> KeyValue {
+    match value {
+        AttrValue::Int(v) => KeyValue::new(name, v),
+        AttrValue::Float(v) => KeyValue::new(name, v),
+        AttrValue::Str(v) => KeyValue::new(name, v),
+    }
+}

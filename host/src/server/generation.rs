@@ -1,0 +1,110 @@
+//! One generation request from admission to its last token, shared by both endpoints.
+//!
+//! [`Generation::start`] submits the prompt through [`TextStream`] (so admission errors, such as
+//! a too-long prompt or a full queue, come back before any response is sent) and attaches a
+//! [`RequestTracker`] for the latency histograms. [`Generation::next`] yields text deltas for
+//! streaming; [`Generation::collect`] runs to the end for a plain JSON answer. Dropping a
+//! `Generation` early (the client went away, so hyper dropped the handler or the SSE body) drops
+//! its `TextStream`, which aborts the request in the engine and frees its KV blocks.
+
+use std::time::Instant;
+
+use crate::engine::FinishReason;
+use crate::textgen::{TextDelta, TextStream};
+
+use super::errors::ApiError;
+use super::metrics::RequestTracker;
+use super::openai_types::Usage;
+use super::params::RequestOptions;
+use super::state::AppState;
+
+/// A running request.
+pub struct Generation {
+    stream: TextStream,
+    tracker: RequestTracker,
+    prompt_token_ids: Option<Vec<u32>>,
+}
+
+/// A request run to its end.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+}
+
+impl Generation {
+    /// Submits the request. `options.sampling.max_tokens` must be resolved already;
+    /// `prompt_param` names the prompt's field for errors.
+    pub fn start(
+        state: &AppState,
+        prompt_ids: Vec<u32>,
+        options: &RequestOptions,
+        prompt_param: &str,
+        arrival: Instant,
+    ) -> Result<Self, ApiError> {
+        let prompt_token_ids = options.return_token_ids.then(|| prompt_ids.clone());
+        let stream = TextStream::start(
+            &state.engine,
+            &state.model,
+            prompt_ids,
+            options.sampling.clone(),
+            options.detokenizer.clone(),
+        )
+        .map_err(|error| ApiError::from_engine(&error, prompt_param))?;
+        Ok(Self {
+            stream,
+            tracker: RequestTracker::new(state.metrics.clone(), arrival),
+            prompt_token_ids,
+        })
+    }
+
+    /// The next text delta; `None` after the last one (which carries the finish reason).
+    pub async fn next(&mut self) -> Option<TextDelta> {
+        let delta = self.stream.next().await?;
+        self.tracker
+            .on_output(delta.token_ids.len(), delta.finish_reason);
+        Some(delta)
+    }
+
+    /// Token counts so far (final once the last delta was returned).
+    pub fn usage(&self) -> Usage {
+        Usage::new(
+            self.stream.num_prompt_tokens(),
+            self.stream.num_output_tokens(),
+            self.stream.num_cached_tokens(),
+        )
+    }
+
+    /// The prompt's token ids, when the request asked for them (`return_token_ids`).
+    pub fn prompt_token_ids(&self) -> Option<&Vec<u32>> {
+        self.prompt_token_ids.as_ref()
+    }
+
+    /// Runs the request to its end. A model failure becomes a 500.
+    pub async fn collect(mut self) -> Result<Finished, ApiError> {
+        let mut token_ids = Vec::new();
+        let mut finish_reason = FinishReason::Abort;
+        while let Some(delta) = self.next().await {
+            token_ids.extend_from_slice(&delta.token_ids);
+            if let Some(reason) = delta.finish_reason {
+                finish_reason = reason;
+            }
+        }
+        if finish_reason == FinishReason::Error {
+            return Err(model_failure());
+        }
+        Ok(Finished {
+            text: self.stream.text().to_string(),
+            token_ids,
+            finish_reason,
+            usage: self.usage(),
+        })
+    }
+}
+
+/// The error reported when the model failed on a request.
+pub fn model_failure() -> ApiError {
+    ApiError::internal("the model failed while generating this request").with_code("model_error")
+}

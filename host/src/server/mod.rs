@@ -1,0 +1,150 @@
+//! `stepscope serve`: the OpenAI-compatible HTTP server (axum on tokio).
+//!
+//! [`run`] resolves the model (the positional MODEL, else the default SmolLM2 directory), starts
+//! the step tracer from the step-tracing flags, launches the engine with the tracer as its step
+//! observer, and serves [`routes::router`] with TCP_NODELAY on every accepted socket. Requests
+//! flow one way: handler → [`generation::Generation`] (a `TextStream` on the engine) → JSON or
+//! SSE ([`sse`]). Bad input is a 4xx with an OpenAI error body ([`errors`]); a full waiting queue
+//! is a 503. On SIGINT/SIGTERM ([`shutdown`]) the listener closes, in-flight requests finish, the
+//! engine shuts down, the trace exporter flushes, and the process exits 0.
+
+pub mod errors;
+pub mod generation;
+pub mod metrics;
+pub mod openai_types;
+pub mod params;
+pub mod prompts;
+pub mod routes;
+pub mod shutdown;
+pub mod sse;
+pub mod state;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use axum::serve::ListenerExt;
+
+use crate::cli::ServeArgs;
+use crate::observability::{ObservabilityConfig, StepTracer};
+
+use self::metrics::{ServerMetrics, TracingInfo};
+use self::state::AppState;
+
+/// Where the default model lives, relative to the current directory.
+pub const DEFAULT_MODEL_DIR: &str = ".cache/models/SmolLM2-135M-Instruct";
+/// Overrides [`DEFAULT_MODEL_DIR`].
+pub const DEFAULT_MODEL_ENV: &str = "STEPSCOPE_DEFAULT_MODEL_DIR";
+/// The command that sets the default model up.
+pub const SETUP_COMMAND: &str = "./scripts/setup-default-model.sh";
+
+/// The model spec to serve: `model` if given, else the default model directory (which must be
+/// set up).
+pub fn resolve_model_spec(
+    model: Option<&str>,
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<String> {
+    if let Some(model) = model {
+        return Ok(model.to_string());
+    }
+    let dir = env(DEFAULT_MODEL_ENV)
+        .filter(|d| !d.trim().is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_MODEL_DIR), PathBuf::from);
+    if dir.join("config.json").is_file() {
+        return Ok(dir.display().to_string());
+    }
+    bail!(
+        "no MODEL given, and the default model (SmolLM2-135M-Instruct) is not set up at {}: \
+         run `{SETUP_COMMAND}` first (or serve the built-in test model: `stepscope serve builtin:tiny`)",
+        dir.display()
+    )
+}
+
+/// Runs `stepscope serve` until SIGINT/SIGTERM and a complete drain.
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let spec = resolve_model_spec(args.model.as_deref(), |name| std::env::var(name).ok())?;
+    let config = ObservabilityConfig::from_args(&args.step_tracing, args.engine.seed)?;
+    let (observer, mut tracer) = StepTracer::start(config)?;
+    let launched = crate::launch::launch(&spec, &args.engine, Box::new(observer))?;
+    let tracing_info = TracingInfo {
+        enabled: tracer.is_enabled(),
+        policy_name: tracer.policy().map(|p| p.name.clone()).unwrap_or_default(),
+        policy_digest: tracer
+            .policy()
+            .map(|p| p.digest.clone())
+            .unwrap_or_default(),
+    };
+    let metrics = Arc::new(ServerMetrics::new(
+        launched.engine.clone(),
+        tracer.metrics_handle(),
+        tracing_info,
+    ));
+    let state = AppState::new(
+        launched.engine.clone(),
+        launched.model.clone(),
+        args.served_model_name.clone(),
+        &spec,
+        metrics,
+    );
+    let limits = launched.engine.limits();
+    tracing::info!(
+        model = %launched.model.name,
+        source = %launched.model.source,
+        served_as = %state.served_names.join(","),
+        device = ?launched.device,
+        max_model_len = limits.max_model_len,
+        kv_capacity_tokens = limits.kv_capacity_tokens,
+        step_tracing = tracer.is_enabled(),
+        "model loaded"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("stepscope-http")
+        .enable_all()
+        .build()
+        .context("starting the HTTP runtime")?;
+    let served = runtime.block_on(serve_http(state, &args.host, args.port));
+    // Drain the engine (requests still queued finish) and flush the traces, whatever happened.
+    let engine_result = launched.engine.shutdown();
+    let traced = tracer.shutdown();
+    if tracer.is_enabled() {
+        tracing::info!(
+            steps_seen = traced.steps_seen,
+            batch_sampled = traced.steps_batch_sampled,
+            rich_sampled = traced.steps_rich_sampled,
+            records_dropped = traced.records_dropped(),
+            "step traces flushed"
+        );
+    }
+    served?;
+    engine_result.context("shutting the engine down")?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Binds, serves until the first signal, and returns once every connection has closed.
+async fn serve_http(state: AppState, host: &str, port: u16) -> anyhow::Result<()> {
+    let drain = shutdown::install().context("installing the SIGINT/SIGTERM handlers")?;
+    let listener = tokio::net::TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("cannot listen on {host}:{port}"))?;
+    let address = listener
+        .local_addr()
+        .context("reading the listening address")?;
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+    });
+    tracing::info!("listening on http://{address}");
+    axum::serve(listener, routes::router(state))
+        .with_graceful_shutdown(drain.wait())
+        .await
+        .context("serving HTTP")?;
+    tracing::info!("all connections closed");
+    Ok(())
+}

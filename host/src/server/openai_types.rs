@@ -1,0 +1,230 @@
+//! The OpenAI wire format: request fields as they arrive and the responses and stream chunks
+//! the server sends, as serde types.
+//!
+//! A request body is first parsed as one JSON object, then read twice: once as
+//! [`SamplingFields`] (what `/v1/completions` and `/v1/chat/completions` share: `max_tokens`,
+//! `temperature`, `stop`, `stream_options`, …, plus the vLLM extensions `top_k`, `ignore_eos`,
+//! `stop_token_ids`, `skip_special_tokens`, `include_stop_str_in_output`, `return_token_ids`) and
+//! once as the endpoint's own fields. Flexible fields (`prompt`, `stop`, `messages`) stay JSON
+//! values and are checked by hand, so every error can name the field. Unknown fields are
+//! ignored, as by the OpenAI API. Responses carry `id`, `object`, `created`, `model`,
+//! `choices` and `usage` exactly as the official SDKs expect.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Fields both generation endpoints accept.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SamplingFields {
+    pub model: Option<String>,
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    /// vLLM extension; `-1` or `0` means no limit.
+    pub top_k: Option<i64>,
+    pub seed: Option<i64>,
+    /// A string or a list of strings.
+    pub stop: Option<Value>,
+    /// vLLM extension: generation stops after any of these tokens.
+    pub stop_token_ids: Option<Vec<i64>>,
+    pub n: Option<i64>,
+    pub best_of: Option<i64>,
+    /// vLLM extension: keep generating after an end-of-sequence token.
+    pub ignore_eos: Option<bool>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub min_tokens: Option<i64>,
+    pub skip_special_tokens: Option<bool>,
+    pub include_stop_str_in_output: Option<bool>,
+    /// vLLM extension: add `token_ids` to every choice (and `prompt_token_ids`).
+    pub return_token_ids: Option<bool>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    pub include_usage: Option<bool>,
+}
+
+/// Fields only `/v1/completions` has.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CompletionFields {
+    /// A string, a list of token ids, or a one-element list of either.
+    pub prompt: Option<Value>,
+    pub echo: Option<bool>,
+    pub logprobs: Option<Value>,
+    pub suffix: Option<Value>,
+}
+
+/// Fields only `/v1/chat/completions` has.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ChatFields {
+    pub messages: Option<Value>,
+    pub max_completion_tokens: Option<i64>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<i64>,
+    pub tools: Option<Value>,
+    pub response_format: Option<Value>,
+    /// vLLM extension (default true).
+    pub add_generation_prompt: Option<bool>,
+    /// vLLM extension: extra variables for the chat template.
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+}
+
+/// `usage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens },
+        }
+    }
+}
+
+/// A `/v1/completions` answer, or one of its stream chunks (`object` is `text_completion` in
+/// both cases, as OpenAI does).
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionResponse {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    /// Absent, `null` (stream chunks with `include_usage`), or the usage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
+}
+
+/// One choice of a completion (or of a completion chunk).
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionChoice {
+    pub index: u32,
+    pub text: String,
+    pub logprobs: Option<Value>,
+    pub finish_reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
+}
+
+/// A `/v1/chat/completions` answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatResponse {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: ChatMessageOut,
+    pub logprobs: Option<Value>,
+    pub finish_reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatMessageOut {
+    pub role: &'static str,
+    pub content: String,
+}
+
+/// A `chat.completion.chunk`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChunk {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChunkChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChunkChoice {
+    pub index: u32,
+    pub delta: ChatDelta,
+    pub logprobs: Option<Value>,
+    pub finish_reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChatDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: Vec<ModelCard>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    /// Where the weights came from (`builtin:tiny` or the directory).
+    pub root: String,
+    pub max_model_len: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_null_and_absent_differ() {
+        let chunk = |usage| CompletionResponse {
+            id: "cmpl-1".into(),
+            object: "text_completion",
+            created: 1,
+            model: "m".into(),
+            choices: vec![],
+            usage,
+        };
+        let absent = serde_json::to_value(chunk(None)).unwrap();
+        assert!(absent.get("usage").is_none());
+        let null = serde_json::to_value(chunk(Some(None))).unwrap();
+        assert!(null["usage"].is_null() && null.get("usage").is_some());
+        let full = serde_json::to_value(chunk(Some(Some(Usage::new(3, 4, 2))))).unwrap();
+        assert_eq!(full["usage"]["total_tokens"], 7);
+        assert_eq!(full["usage"]["prompt_tokens_details"]["cached_tokens"], 2);
+    }
+}

@@ -1,0 +1,342 @@
+//! Request fields to engine parameters: sampling, stop conditions and the output budget.
+//!
+//! [`RequestOptions::from_fields`] checks every OpenAI/vLLM sampling field against its range and
+//! turns the request into the engine's [`SamplingParams`] and the detokenizer's
+//! [`DetokenizerOptions`]; what this server does not implement (`n > 1`, penalties, logprobs)
+//! is refused with a 400 naming the field rather than silently ignored. [`resolve_max_tokens`]
+//! applies the context-length rule once the prompt is tokenized: the prompt plus `max_tokens`
+//! must fit in `max_model_len` (as vLLM checks), and an absent `max_tokens` takes the endpoint's
+//! default, capped at what is left of the context.
+
+use crate::engine::SamplingParams;
+use crate::model::DetokenizerOptions;
+
+use super::errors::ApiError;
+use super::openai_types::SamplingFields;
+
+/// Everything a generation request asks for except its prompt and `max_tokens`.
+#[derive(Debug, Clone)]
+pub struct RequestOptions {
+    /// `max_tokens` is filled in by [`resolve_max_tokens`].
+    pub sampling: SamplingParams,
+    pub detokenizer: DetokenizerOptions,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub return_token_ids: bool,
+}
+
+/// The largest `max_tokens` accepted before it is compared with the context (keeps the
+/// arithmetic far from overflow).
+const MAX_TOKENS_LIMIT: i64 = 1 << 40;
+
+impl RequestOptions {
+    /// Checks the shared fields; `vocab_size` bounds `stop_token_ids`.
+    pub fn from_fields(fields: &SamplingFields, vocab_size: usize) -> Result<Self, ApiError> {
+        if let Some(n) = fields.n
+            && n != 1
+        {
+            return Err(ApiError::unsupported(
+                "n",
+                format!("n must be 1 (one choice per request), got {n}"),
+            ));
+        }
+        if let Some(best_of) = fields.best_of
+            && best_of != 1
+        {
+            return Err(ApiError::unsupported(
+                "best_of",
+                format!("best_of must be 1, got {best_of}"),
+            ));
+        }
+        for (name, value) in [
+            ("presence_penalty", fields.presence_penalty),
+            ("frequency_penalty", fields.frequency_penalty),
+        ] {
+            if let Some(v) = value
+                && v != 0.0
+            {
+                return Err(ApiError::unsupported(
+                    name,
+                    format!("{name} is not supported (only 0), got {v}"),
+                ));
+            }
+        }
+        if let Some(v) = fields.repetition_penalty
+            && v != 1.0
+        {
+            return Err(ApiError::unsupported(
+                "repetition_penalty",
+                format!("repetition_penalty is not supported (only 1), got {v}"),
+            ));
+        }
+        if let Some(v) = fields.min_tokens
+            && v != 0
+        {
+            return Err(ApiError::unsupported(
+                "min_tokens",
+                format!("min_tokens is not supported (only 0), got {v}"),
+            ));
+        }
+        let temperature = fields.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::invalid_param(
+                "temperature",
+                format!("temperature must be between 0 and 2, got {temperature}"),
+            ));
+        }
+        let top_p = fields.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::invalid_param(
+                "top_p",
+                format!("top_p must be in (0, 1], got {top_p}"),
+            ));
+        }
+        let top_k = match fields.top_k {
+            None | Some(-1) | Some(0) => None,
+            Some(k) if k > 0 => Some(usize::try_from(k).unwrap_or(usize::MAX)),
+            Some(k) => {
+                return Err(ApiError::invalid_param(
+                    "top_k",
+                    format!("top_k must be -1 or 0 (no limit) or at least 1, got {k}"),
+                ));
+            }
+        };
+        let stop_token_ids = fields
+            .stop_token_ids
+            .iter()
+            .flatten()
+            .map(|&id| {
+                u32::try_from(id)
+                    .ok()
+                    .filter(|&id| (id as usize) < vocab_size)
+                    .ok_or_else(|| {
+                        ApiError::invalid_param(
+                            "stop_token_ids",
+                            format!(
+                                "stop token id {id} is outside the vocabulary (size {vocab_size})"
+                            ),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<u32>, ApiError>>()?;
+        let stream = fields.stream.unwrap_or(false);
+        if fields.stream_options.is_some() && !stream {
+            return Err(ApiError::invalid_param(
+                "stream_options",
+                "stream_options may only be set when stream is true",
+            ));
+        }
+        let include_usage = fields
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        Ok(Self {
+            sampling: SamplingParams {
+                max_tokens: 0,
+                temperature: temperature as f32,
+                top_k,
+                top_p: top_p as f32,
+                // Negative seeds are accepted (as by vLLM) and reinterpreted as unsigned.
+                seed: fields.seed.map(|s| s as u64),
+                stop_token_ids,
+                ignore_eos: fields.ignore_eos.unwrap_or(false),
+                eos_token_ids: Vec::new(),
+            },
+            detokenizer: DetokenizerOptions {
+                skip_special_tokens: fields.skip_special_tokens.unwrap_or(true),
+                stop: parse_stop(fields.stop.as_ref())?,
+                include_stop_str_in_output: fields.include_stop_str_in_output.unwrap_or(false),
+            },
+            stream,
+            include_usage,
+            return_token_ids: fields.return_token_ids.unwrap_or(false),
+        })
+    }
+}
+
+/// `stop`: a string or a list of strings (empty strings are dropped).
+pub fn parse_stop(stop: Option<&serde_json::Value>) -> Result<Vec<String>, ApiError> {
+    use serde_json::Value;
+    let bad = || ApiError::invalid_param("stop", "stop must be a string or a list of strings");
+    let stops = match stop {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| item.as_str().map(str::to_owned).ok_or_else(bad))
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad()),
+    };
+    Ok(stops.into_iter().filter(|s| !s.is_empty()).collect())
+}
+
+/// How `max_tokens` defaults when the request leaves it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxTokensDefault {
+    /// A fixed number (OpenAI's 16 for completions), capped at what the context has left.
+    Fixed(usize),
+    /// What is left of the context (chat, as vLLM does).
+    RestOfContext,
+}
+
+/// The output budget: `requested` checked against the context, or the default.
+/// `param` names the field (`max_tokens` or `max_completion_tokens`), `prompt_param` the prompt's.
+pub fn resolve_max_tokens(
+    requested: Option<i64>,
+    param: &str,
+    default: MaxTokensDefault,
+    prompt_len: usize,
+    max_model_len: usize,
+    prompt_param: &str,
+) -> Result<usize, ApiError> {
+    if prompt_len >= max_model_len {
+        return Err(ApiError::invalid_param(
+            prompt_param,
+            format!(
+                "this model's maximum context length is {max_model_len} tokens, but the prompt has \
+                 {prompt_len} tokens, which leaves no room for the completion"
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    let room = max_model_len - prompt_len;
+    match requested {
+        None => Ok(match default {
+            MaxTokensDefault::Fixed(n) => n.min(room),
+            MaxTokensDefault::RestOfContext => room,
+        }),
+        Some(n) if !(1..=MAX_TOKENS_LIMIT).contains(&n) => Err(ApiError::invalid_param(
+            param,
+            format!("{param} must be at least 1, got {n}"),
+        )),
+        Some(n) => {
+            let n = n as usize;
+            if n > room {
+                Err(ApiError::invalid_param(
+                    param,
+                    format!(
+                        "this model's maximum context length is {max_model_len} tokens, but {} \
+                         were requested ({prompt_len} in the prompt, {n} for the completion); \
+                         lower {param} or shorten the prompt",
+                        prompt_len + n
+                    ),
+                )
+                .with_code("context_length_exceeded"))
+            } else {
+                Ok(n)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(json: serde_json::Value) -> SamplingFields {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn defaults_follow_openai() {
+        let options = RequestOptions::from_fields(&fields(serde_json::json!({})), 100).unwrap();
+        assert_eq!(options.sampling.temperature, 1.0);
+        assert_eq!(options.sampling.top_p, 1.0);
+        assert_eq!(options.sampling.top_k, None);
+        assert!(!options.stream && !options.include_usage);
+        assert!(options.detokenizer.skip_special_tokens);
+    }
+
+    #[test]
+    fn fields_are_mapped() {
+        let options = RequestOptions::from_fields(
+            &fields(serde_json::json!({
+                "temperature": 0, "top_p": 0.5, "top_k": 7, "seed": -1, "stop": ["a", ""],
+                "ignore_eos": true, "stop_token_ids": [3], "stream": true,
+                "stream_options": {"include_usage": true}, "n": 1
+            })),
+            100,
+        )
+        .unwrap();
+        assert!(options.sampling.is_greedy());
+        assert_eq!(options.sampling.top_k, Some(7));
+        assert_eq!(options.sampling.seed, Some(u64::MAX));
+        assert_eq!(options.detokenizer.stop, vec!["a".to_string()]);
+        assert_eq!(options.sampling.stop_token_ids, vec![3]);
+        assert!(options.sampling.ignore_eos && options.include_usage);
+    }
+
+    #[test]
+    fn out_of_range_fields_name_themselves() {
+        for (body, param) in [
+            (serde_json::json!({"n": 2}), "n"),
+            (serde_json::json!({"temperature": -0.1}), "temperature"),
+            (serde_json::json!({"temperature": 2.5}), "temperature"),
+            (serde_json::json!({"top_p": 0}), "top_p"),
+            (serde_json::json!({"top_p": 1.5}), "top_p"),
+            (serde_json::json!({"top_k": -2}), "top_k"),
+            (serde_json::json!({"stop": 3}), "stop"),
+            (serde_json::json!({"stop": ["a", 1]}), "stop"),
+            (
+                serde_json::json!({"stop_token_ids": [100]}),
+                "stop_token_ids",
+            ),
+            (
+                serde_json::json!({"presence_penalty": 0.5}),
+                "presence_penalty",
+            ),
+            (
+                serde_json::json!({"stream_options": {"include_usage": true}}),
+                "stream_options",
+            ),
+        ] {
+            let error = RequestOptions::from_fields(&fields(body.clone()), 100).unwrap_err();
+            assert_eq!(error.param.as_deref(), Some(param), "{body}");
+            assert_eq!(error.status.as_u16(), 400);
+        }
+    }
+
+    #[test]
+    fn max_tokens_must_fit_the_context() {
+        let fixed = MaxTokensDefault::Fixed(16);
+        assert_eq!(
+            resolve_max_tokens(None, "max_tokens", fixed, 10, 100, "prompt"),
+            Ok(16)
+        );
+        assert_eq!(
+            resolve_max_tokens(None, "max_tokens", fixed, 90, 100, "prompt"),
+            Ok(10)
+        );
+        assert_eq!(
+            resolve_max_tokens(
+                None,
+                "max_tokens",
+                MaxTokensDefault::RestOfContext,
+                10,
+                100,
+                "prompt"
+            ),
+            Ok(90)
+        );
+        assert_eq!(
+            resolve_max_tokens(Some(90), "max_tokens", fixed, 10, 100, "prompt"),
+            Ok(90)
+        );
+        let over = resolve_max_tokens(Some(91), "max_tokens", fixed, 10, 100, "prompt");
+        assert_eq!(
+            over.unwrap_err().param.as_deref(),
+            Some("max_tokens"),
+            "too many"
+        );
+        let zero = resolve_max_tokens(Some(0), "max_completion_tokens", fixed, 1, 100, "m");
+        assert_eq!(
+            zero.unwrap_err().param.as_deref(),
+            Some("max_completion_tokens")
+        );
+        let full = resolve_max_tokens(Some(1), "max_tokens", fixed, 100, 100, "messages");
+        let full = full.unwrap_err();
+        assert_eq!(full.param.as_deref(), Some("messages"));
+        assert_eq!(full.code, Some("context_length_exceeded"));
+    }
+}

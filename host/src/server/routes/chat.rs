@@ -1,0 +1,130 @@
+//! `POST /v1/chat/completions`: messages rendered with the model's chat template, answered as
+//! one `chat.completion` or as `chat.completion.chunk` SSE events. `max_completion_tokens`
+//! (or the older `max_tokens`) defaults to what the context leaves, as in vLLM; `logprobs`,
+//! `tools` and non-text `response_format` are refused with a 400.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+
+use super::super::errors::{ApiError, ApiJson, from_value};
+use super::super::generation::Generation;
+use super::super::openai_types::{
+    ChatChoice, ChatFields, ChatMessageOut, ChatResponse, SamplingFields,
+};
+use super::super::params::{MaxTokensDefault, RequestOptions, resolve_max_tokens};
+use super::super::prompts::{encode_chat, normalize_messages};
+use super::super::sse::{self, ChunkKind, ChunkWriter};
+use super::super::state::{AppState, new_id, unix_seconds};
+use super::{object_body, respond};
+
+pub async fn create(
+    State(state): State<AppState>,
+    body: Result<ApiJson<Value>, ApiError>,
+) -> Response {
+    let arrival = Instant::now();
+    let result = handle(&state, body, arrival).await;
+    respond(&state, result)
+}
+
+fn refuse_unsupported(fields: &ChatFields) -> Result<(), ApiError> {
+    if fields.logprobs == Some(true) {
+        return Err(ApiError::unsupported(
+            "logprobs",
+            "logprobs are not supported",
+        ));
+    }
+    if fields.top_logprobs.is_some_and(|n| n != 0) {
+        return Err(ApiError::unsupported(
+            "top_logprobs",
+            "logprobs are not supported",
+        ));
+    }
+    if fields
+        .tools
+        .as_ref()
+        .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
+    {
+        return Err(ApiError::unsupported("tools", "tools are not supported"));
+    }
+    if let Some(format) = &fields.response_format
+        && !format.is_null()
+        && format.get("type").and_then(Value::as_str) != Some("text")
+    {
+        return Err(ApiError::unsupported(
+            "response_format",
+            "only response_format {\"type\": \"text\"} is supported",
+        ));
+    }
+    Ok(())
+}
+
+async fn handle(
+    state: &AppState,
+    body: Result<ApiJson<Value>, ApiError>,
+    arrival: Instant,
+) -> Result<Response, ApiError> {
+    let body = object_body(body)?;
+    let common: SamplingFields = from_value(&body)?;
+    let fields: ChatFields = from_value(&body)?;
+    let model = state.resolve_model(common.model.as_deref())?;
+    refuse_unsupported(&fields)?;
+    let mut options = RequestOptions::from_fields(&common, state.engine.vocab_size())?;
+    let messages = normalize_messages(fields.messages.as_ref())?;
+    let prompt_ids = encode_chat(
+        &state.model,
+        &messages,
+        fields.add_generation_prompt.unwrap_or(true),
+        fields.chat_template_kwargs.as_ref(),
+    )?;
+    let (requested, param) = match fields.max_completion_tokens {
+        Some(n) => (Some(n), "max_completion_tokens"),
+        None => (common.max_tokens, "max_tokens"),
+    };
+    options.sampling.max_tokens = resolve_max_tokens(
+        requested,
+        param,
+        MaxTokensDefault::RestOfContext,
+        prompt_ids.len(),
+        state.engine.max_model_len(),
+        "messages",
+    )?;
+    let generation = Generation::start(state, prompt_ids, &options, "messages", arrival)?;
+    let id = new_id("chatcmpl-");
+    let created = unix_seconds();
+    if options.stream {
+        let writer = ChunkWriter {
+            kind: ChunkKind::Chat,
+            id,
+            created,
+            model,
+            include_usage: options.include_usage,
+            return_token_ids: options.return_token_ids,
+        };
+        return Ok(sse::response(generation, writer));
+    }
+    let prompt_token_ids = generation.prompt_token_ids().cloned();
+    let done = generation.collect().await?;
+    Ok(Json(ChatResponse {
+        id,
+        object: "chat.completion",
+        created,
+        model,
+        choices: vec![ChatChoice {
+            index: 0,
+            message: ChatMessageOut {
+                role: "assistant",
+                content: done.text,
+            },
+            logprobs: None,
+            finish_reason: Some(done.finish_reason.as_str()),
+            token_ids: options.return_token_ids.then_some(done.token_ids),
+            prompt_token_ids,
+        }],
+        usage: done.usage,
+    })
+    .into_response())
+}

@@ -1,0 +1,102 @@
+//! `POST /v1/completions`: a prompt (text or token ids) continued by the model, as one JSON
+//! answer or as SSE chunks. `max_tokens` defaults to 16 (OpenAI's default), capped at what the
+//! context leaves; `echo`, `logprobs` and `suffix` are refused with a 400.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+
+use super::super::errors::{ApiError, ApiJson, from_value};
+use super::super::generation::Generation;
+use super::super::openai_types::{
+    CompletionChoice, CompletionFields, CompletionResponse, SamplingFields,
+};
+use super::super::params::{MaxTokensDefault, RequestOptions, resolve_max_tokens};
+use super::super::prompts::{encode_prompt, parse_prompt};
+use super::super::sse::{self, ChunkKind, ChunkWriter};
+use super::super::state::{AppState, new_id, unix_seconds};
+use super::{object_body, respond};
+
+/// OpenAI's default `max_tokens` for completions.
+const DEFAULT_MAX_TOKENS: usize = 16;
+
+pub async fn create(
+    State(state): State<AppState>,
+    body: Result<ApiJson<Value>, ApiError>,
+) -> Response {
+    let arrival = Instant::now();
+    let result = handle(&state, body, arrival).await;
+    respond(&state, result)
+}
+
+async fn handle(
+    state: &AppState,
+    body: Result<ApiJson<Value>, ApiError>,
+    arrival: Instant,
+) -> Result<Response, ApiError> {
+    let body = object_body(body)?;
+    let common: SamplingFields = from_value(&body)?;
+    let fields: CompletionFields = from_value(&body)?;
+    let model = state.resolve_model(common.model.as_deref())?;
+    if fields.echo == Some(true) {
+        return Err(ApiError::unsupported("echo", "echo is not supported"));
+    }
+    if fields.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(ApiError::unsupported(
+            "logprobs",
+            "logprobs are not supported",
+        ));
+    }
+    if fields
+        .suffix
+        .as_ref()
+        .is_some_and(|v| !v.is_null() && v.as_str() != Some(""))
+    {
+        return Err(ApiError::unsupported("suffix", "suffix is not supported"));
+    }
+    let mut options = RequestOptions::from_fields(&common, state.engine.vocab_size())?;
+    let prompt_ids = encode_prompt(&state.model, parse_prompt(fields.prompt.as_ref())?)?;
+    options.sampling.max_tokens = resolve_max_tokens(
+        common.max_tokens,
+        "max_tokens",
+        MaxTokensDefault::Fixed(DEFAULT_MAX_TOKENS),
+        prompt_ids.len(),
+        state.engine.max_model_len(),
+        "prompt",
+    )?;
+    let generation = Generation::start(state, prompt_ids, &options, "prompt", arrival)?;
+    let id = new_id("cmpl-");
+    let created = unix_seconds();
+    if options.stream {
+        let writer = ChunkWriter {
+            kind: ChunkKind::Completion,
+            id,
+            created,
+            model,
+            include_usage: options.include_usage,
+            return_token_ids: options.return_token_ids,
+        };
+        return Ok(sse::response(generation, writer));
+    }
+    let prompt_token_ids = generation.prompt_token_ids().cloned();
+    let done = generation.collect().await?;
+    Ok(Json(CompletionResponse {
+        id,
+        object: "text_completion",
+        created,
+        model,
+        choices: vec![CompletionChoice {
+            index: 0,
+            text: done.text,
+            logprobs: None,
+            finish_reason: Some(done.finish_reason.as_str()),
+            token_ids: options.return_token_ids.then_some(done.token_ids),
+            prompt_token_ids,
+        }],
+        usage: Some(Some(done.usage)),
+    })
+    .into_response())
+}

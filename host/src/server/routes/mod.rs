@@ -1,0 +1,67 @@
+//! The HTTP routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`,
+//! `GET /health` and `GET /metrics`.
+//!
+//! Unknown paths and wrong methods get OpenAI-style JSON errors too (404, 405), so a client never
+//! has to parse plain text. Each generation handler reads its body as [`ApiJson`], whose failures
+//! reach the handler as values (not axum rejections) so that they are counted in
+//! `stepscope_requests_rejected_total` like every other refusal.
+
+mod chat;
+mod completions;
+mod info;
+
+use axum::Router;
+use axum::http::{Method, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::Value;
+
+use super::errors::{ApiError, ApiJson};
+use super::state::AppState;
+
+/// The application's router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions::create))
+        .route("/v1/chat/completions", post(chat::create))
+        .route("/v1/models", get(info::models))
+        .route("/health", get(info::health))
+        .route("/metrics", get(info::metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn not_found(method: Method, uri: Uri) -> Response {
+    ApiError::route_not_found(method.as_str(), uri.path()).into_response()
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    ApiError::method_not_allowed(method.as_str(), uri.path()).into_response()
+}
+
+/// The body as a JSON object.
+fn object_body(body: Result<ApiJson<Value>, ApiError>) -> Result<Value, ApiError> {
+    let ApiJson(value) = body?;
+    if value.is_object() {
+        Ok(value)
+    } else {
+        Err(ApiError::invalid("the request body must be a JSON object"))
+    }
+}
+
+/// Turns a handler's result into a response, counting refusals.
+fn respond(state: &AppState, result: Result<Response, ApiError>) -> Response {
+    match result {
+        Ok(response) => response,
+        Err(error) => {
+            state.metrics.record_rejection(error.reason_label());
+            if error.status.is_server_error() {
+                tracing::warn!(%error, "request failed");
+            } else {
+                tracing::debug!(%error, "request refused");
+            }
+            error.into_response()
+        }
+    }
+}

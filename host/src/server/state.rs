@@ -1,0 +1,105 @@
+//! What every handler shares: the engine handle, the model's text side, the names it is
+//! served under, and the metrics registry.
+//!
+//! [`AppState`] is cheap to clone (handles and `Arc`s). [`AppState::resolve_model`] implements
+//! the `model` field's rule: any of the served names (`--served-model-name`, default the model's
+//! own name) or the spec the server was started with; a missing `model` means the first served
+//! name; anything else is a 404 `model_not_found`.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::engine::EngineHandle;
+use crate::model::ModelInfo;
+
+use super::errors::ApiError;
+use super::metrics::ServerMetrics;
+
+/// Shared server state.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub model: Arc<ModelInfo>,
+    /// Names the API answers to; the first one is reported by default.
+    pub served_names: Arc<Vec<String>>,
+    /// The model spec the server was started with (also accepted as a name).
+    pub model_spec: Arc<str>,
+    pub metrics: Arc<ServerMetrics>,
+    /// Unix time the server started (`created` of `/v1/models`).
+    pub started: u64,
+}
+
+impl AppState {
+    pub fn new(
+        engine: EngineHandle,
+        model: Arc<ModelInfo>,
+        served_names: Vec<String>,
+        model_spec: &str,
+        metrics: Arc<ServerMetrics>,
+    ) -> Self {
+        let served_names = if served_names.is_empty() {
+            vec![model.name.clone()]
+        } else {
+            served_names
+        };
+        Self {
+            engine,
+            model,
+            served_names: Arc::new(served_names),
+            model_spec: Arc::from(model_spec),
+            metrics,
+            started: unix_seconds(),
+        }
+    }
+
+    /// The name to answer with, or a 404 for a model this server does not serve.
+    pub fn resolve_model(&self, requested: Option<&str>) -> Result<String, ApiError> {
+        match requested {
+            None | Some("") => Ok(self.served_names[0].clone()),
+            Some(name) if self.served_names.iter().any(|n| n == name) => Ok(name.to_string()),
+            Some(name) if name == &*self.model_spec => Ok(self.served_names[0].clone()),
+            Some(name) => Err(ApiError::model_not_found(name, &self.served_names)),
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A fresh OpenAI-style id: `prefix` followed by 32 hex digits (time, counter and process id
+/// mixed, so ids are unique within and across runs).
+pub fn new_id(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let high = splitmix(nanos ^ u64::from(std::process::id()).rotate_left(32));
+    let low = splitmix(high ^ count.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    format!("{prefix}{high:016x}{low:016x}")
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_prefixed_and_unique() {
+        let a = new_id("cmpl-");
+        let b = new_id("cmpl-");
+        assert!(a.starts_with("cmpl-") && a.len() == 5 + 32);
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,328 @@
+//! In-process tests of the router on the built-in tiny model: each request goes through
+//! `tower::ServiceExt::oneshot`, without a socket. They cover the endpoint shapes, streaming,
+//! usage, the error bodies and the default-model message; `tests/python/` drives the real binary
+//! with the official SDK.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, to_bytes};
+use axum::http::{Request, StatusCode};
+use clap::Parser;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use super::metrics::{ServerMetrics, TracingInfo};
+use super::state::AppState;
+use crate::cli::{Cli, Command};
+use crate::engine::EngineHandle;
+use crate::observability::TracerMetrics;
+
+fn start(extra: &[&str]) -> (Router, EngineHandle) {
+    let mut argv = vec![
+        "stepscope",
+        "serve",
+        "builtin:tiny",
+        "--num-kv-blocks",
+        "64",
+    ];
+    argv.extend_from_slice(extra);
+    let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+        unreachable!()
+    };
+    let launched = crate::launch::launch(
+        "builtin:tiny",
+        &args.engine,
+        Box::new(crate::engine::NoopStepObserver),
+    )
+    .unwrap();
+    let tracer = Arc::new(TracerMetrics::default());
+    let metrics = Arc::new(ServerMetrics::new(
+        launched.engine.clone(),
+        tracer,
+        TracingInfo::default(),
+    ));
+    let state = AppState::new(
+        launched.engine.clone(),
+        launched.model.clone(),
+        args.served_model_name.clone(),
+        "builtin:tiny",
+        metrics,
+    );
+    (super::routes::router(state), launched.engine)
+}
+
+async fn call(app: &Router, method: &str, path: &str, body: Option<&str>) -> (StatusCode, String) {
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
+        .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    (status, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+async fn post(app: &Router, path: &str, body: Value) -> (StatusCode, Value) {
+    let (status, text) = call(app, "POST", path, Some(&body.to_string())).await;
+    (status, serde_json::from_str(&text).unwrap())
+}
+
+fn assert_error(status: StatusCode, body: &Value, expected: u16, param: Option<&str>) {
+    assert_eq!(status.as_u16(), expected, "{body}");
+    let error = &body["error"];
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(error["type"].is_string(), "{body}");
+    assert!(
+        error.get("code").is_some() && error.get("param").is_some(),
+        "{body}"
+    );
+    if let Some(param) = param {
+        assert_eq!(error["param"], param, "{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_chat_models_and_health() {
+    let (app, engine) = start(&["--served-model-name", "tiny"]);
+    let (status, body) = call(&app, "GET", "/health", None).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, ""));
+    let (_, models) = call(&app, "GET", "/v1/models", None).await;
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny");
+
+    let request = json!({"model": "tiny", "prompt": "hello", "max_tokens": 5, "temperature": 0,
+                         "ignore_eos": true, "return_token_ids": true});
+    let (status, body) = post(&app, "/v1/completions", request.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert_eq!(body["object"], "text_completion");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert_eq!(body["usage"]["completion_tokens"], 5);
+    assert_eq!(body["choices"][0]["token_ids"].as_array().unwrap().len(), 5);
+    // Greedy is deterministic: the same request gives the same tokens.
+    let (_, again) = post(&app, "/v1/completions", request).await;
+    assert_eq!(
+        again["choices"][0]["token_ids"],
+        body["choices"][0]["token_ids"]
+    );
+    // The spec the server was started with is accepted as a name too.
+    let (status, _) = post(
+        &app,
+        "/v1/completions",
+        json!({"model": "builtin:tiny", "prompt": [1, 2, 3], "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                      "max_completion_tokens": 4, "temperature": 0, "ignore_eos": true});
+    let (status, body) = post(&app, "/v1/chat/completions", chat).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(body["usage"]["completion_tokens"], 4);
+    assert_eq!(
+        body["usage"]["total_tokens"].as_u64(),
+        Some(body["usage"]["prompt_tokens"].as_u64().unwrap() + 4)
+    );
+
+    let (status, metrics) = call(&app, "GET", "/metrics", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        metrics.contains("stepscope_request_success_total{finished_reason=\"length\"} 4"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("# TYPE stepscope_time_to_first_token_seconds histogram"));
+    assert!(metrics.contains("stepscope_policy_faults_total{kind=\"timeout\"} 0"));
+    engine.shutdown().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_end_with_usage_and_done() {
+    let (app, engine) = start(&[]);
+    let request = json!({"prompt": "abc", "max_tokens": 6, "temperature": 0, "ignore_eos": true,
+                         "stream": true, "stream_options": {"include_usage": true}});
+    let (status, text) = call(&app, "POST", "/v1/completions", Some(&request.to_string())).await;
+    assert_eq!(status, StatusCode::OK);
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.last(), Some(&"data: [DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap())
+        .collect();
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 6);
+    let finish: Vec<&Value> = chunks
+        .iter()
+        .map(|c| &c["choices"][0]["finish_reason"])
+        .collect();
+    assert_eq!(finish[finish.len() - 2], "length");
+    assert!(
+        chunks[..chunks.len() - 1]
+            .iter()
+            .all(|c| c["usage"].is_null())
+    );
+
+    let chat = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                      "max_tokens": 3, "temperature": 0, "ignore_eos": true, "stream": true});
+    let (status, text) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat.to_string()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(text.starts_with("data: {"), "{text}");
+    assert!(text.contains("\"role\":\"assistant\""));
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    assert!(!text.contains("\"usage\""));
+    engine.shutdown().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_openai_errors() {
+    let (app, engine) = start(&["--max-model-len", "64"]);
+    let (status, text) = call(&app, "POST", "/v1/completions", Some("{\"prompt\": ")).await;
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_error(status, &body, 400, None);
+    assert_eq!(body["error"]["code"], "invalid_json");
+    let (status, text) = call(&app, "POST", "/v1/chat/completions", Some("[1]")).await;
+    assert_error(status, &serde_json::from_str(&text).unwrap(), 400, None);
+
+    let cases = [
+        (
+            "/v1/completions",
+            json!({"model": "gpt-4", "prompt": "x"}),
+            404,
+            Some("model"),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x".repeat(100)}),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": 100}),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": -1}),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "temperature": "hot"}),
+            400,
+            Some("temperature"),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "n": 2}),
+            400,
+            Some("n"),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": [999999]}),
+            400,
+            Some("prompt"),
+        ),
+        ("/v1/completions", json!({}), 400, Some("prompt")),
+        (
+            "/v1/chat/completions",
+            json!({"messages": []}),
+            400,
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "top_p": 0}),
+            400,
+            Some("top_p"),
+        ),
+    ];
+    for (path, request, expected, param) in cases {
+        let (status, body) = post(&app, path, request.clone()).await;
+        assert_error(status, &body, expected, param);
+    }
+    let (status, text) = call(&app, "GET", "/v1/nothing", None).await;
+    assert_error(status, &serde_json::from_str(&text).unwrap(), 404, None);
+    let (status, text) = call(&app, "GET", "/v1/completions", None).await;
+    assert_error(status, &serde_json::from_str(&text).unwrap(), 405, None);
+    let (_, metrics) = call(&app, "GET", "/metrics", None).await;
+    assert!(
+        metrics.contains("stepscope_requests_rejected_total{reason=\"model_not_found\"} 1"),
+        "{metrics}"
+    );
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn a_missing_default_model_names_the_setup_command() {
+    let error = super::resolve_model_spec(None, |_| Some("/nonexistent/model".into())).unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.contains("./scripts/setup-default-model.sh"),
+        "{message}"
+    );
+    assert!(message.contains("/nonexistent/model"), "{message}");
+    assert_eq!(
+        super::resolve_model_spec(Some("builtin:tiny"), |_| None).unwrap(),
+        "builtin:tiny"
+    );
+}
+
+#[test]
+fn serve_flags_parse() {
+    let cli = Cli::try_parse_from([
+        "stepscope",
+        "serve",
+        "builtin:tiny",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "9000",
+        "--served-model-name",
+        "a",
+        "--served-model-name",
+        "b",
+        "--max-waiting-requests",
+        "3",
+        "--step-tracing-enabled",
+        "--step-tracing-file",
+        "/tmp/x.jsonl",
+    ])
+    .unwrap();
+    let Command::Serve(args) = cli.command else {
+        unreachable!()
+    };
+    assert_eq!((args.host.as_str(), args.port), ("0.0.0.0", 9000));
+    assert_eq!(
+        args.served_model_name,
+        vec!["a".to_string(), "b".to_string()]
+    );
+    assert_eq!(args.engine.max_waiting_requests, 3);
+    assert!(args.step_tracing.step_tracing_enabled);
+    let defaults = Cli::try_parse_from(["stepscope", "serve"]).unwrap();
+    let Command::Serve(args) = defaults.command else {
+        unreachable!()
+    };
+    assert_eq!(
+        (args.host.as_str(), args.port, args.model),
+        ("127.0.0.1", 8000, None)
+    );
+}

@@ -1,0 +1,65 @@
+// Minimal CUDA-on-CPU emulation: one std::thread per CUDA thread, real barriers for
+// __syncthreads/__syncwarp and warp shuffles. Only for checking kernel logic.
+#pragma once
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+#include <algorithm>
+#include <functional>
+#include <memory>
+using std::min; using std::max;
+struct Dim3 { unsigned x = 0, y = 0, z = 0; };
+inline thread_local Dim3 threadIdx, blockIdx;
+inline Dim3 blockDim, gridDim;
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct WarpCtx { std::barrier<>* bar; uint32_t buf[32]; };
+inline thread_local WarpCtx* t_warp;
+inline thread_local std::barrier<>* t_block;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__
+#define __launch_bounds__(x)
+#define __shared__ static
+inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+inline float __int_as_float(int u) { float f; memcpy(&f, &u, 4); return f; }
+inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
+inline void __syncthreads() { t_block->arrive_and_wait(); }
+inline void __syncwarp() { t_warp->bar->arrive_and_wait(); }
+template <class T> T shfl_src(T v, int src) {
+    uint32_t bits; memcpy(&bits, &v, 4);
+    unsigned lane = threadIdx.x % 32;
+    t_warp->buf[lane] = bits;
+    t_warp->bar->arrive_and_wait();
+    uint32_t r = t_warp->buf[src & 31];
+    t_warp->bar->arrive_and_wait();
+    T out; memcpy(&out, &r, 4); return out;
+}
+template <class T> T __shfl_sync(unsigned, T v, int src) { return shfl_src(v, src); }
+template <class T> T __shfl_xor_sync(unsigned, T v, int m) { return shfl_src(v, (int)((threadIdx.x % 32) ^ m)); }
+extern float4 smem_f4[];
+
+inline void launch(Dim3 grid, unsigned block, const std::function<void()>& body) {
+    gridDim = grid; blockDim = {block, 1, 1};
+    for (unsigned z = 0; z < grid.z; ++z) for (unsigned y = 0; y < grid.y; ++y) for (unsigned x = 0; x < grid.x; ++x) {
+        std::barrier<> bb(block);
+        unsigned nw = (block + 31) / 32;
+        std::vector<std::unique_ptr<std::barrier<>>> wb;
+        std::vector<WarpCtx> wc(nw);
+        for (unsigned w = 0; w < nw; ++w) { wb.emplace_back(new std::barrier<>(std::min(32u, block - 32 * w))); wc[w].bar = wb.back().get(); }
+        std::vector<std::thread> ts;
+        for (unsigned t = 0; t < block; ++t) ts.emplace_back([&, t] {
+            threadIdx = {t, 0, 0}; blockIdx = {x, y, z}; t_block = &bb; t_warp = &wc[t / 32];
+            body();
+        });
+        for (auto& t : ts) t.join();
+    }
+}

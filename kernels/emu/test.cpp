@@ -1,0 +1,146 @@
+// Checks the kernels' logic on the CPU (no GPU): kernels/emu/emu.h runs every CUDA thread as a
+// std::thread with real barriers for __syncthreads/__syncwarp and the warp shuffles, and this file
+// compares each kernel against a straightforward reference (attention in f64 over the paged
+// cache, for every head size and several GQA groupings, block sizes and context lengths).
+// Built and run by the Rust test `kernels_behave_on_the_cpu_emulator` (host/src/backend/cuda/
+// tests.rs), which copies the kernels to k/ with `extern __shared__` turned into `extern` (the
+// emulator's shared memory is a static array). bf16 only (the f16 path uses PTX instructions).
+#include "emu.h"
+#include "k/common.cuh"
+#include "k/attention.cu"
+#include "k/rmsnorm.cu"
+#include "k/rotary.cu"
+#include "k/kv_cache.cu"
+#include "k/activation.cu"
+#include "k/sampling.cu"
+#include "k/embedding.cu"
+#include "k/elementwise.cu"
+#include <cstdio>
+#include <random>
+float4 smem_f4[8192];
+
+static uint16_t f2bf(float f) { uint32_t u = __float_as_uint(f); u += 0x7fff + ((u >> 16) & 1); return u >> 16; }
+static float bf2f(uint16_t b) { return __uint_as_float((uint32_t)b << 16); }
+static int fails = 0;
+#define CHECK(c, ...) do { if (!(c)) { printf("FAIL: " __VA_ARGS__); printf("\n"); fails++; } } while (0)
+
+typedef void (*AttnFn)(act_t*, const float*, const act_t*, const act_t*, const int*, const int*, const int*, int, int, int, int, float);
+
+void test_attention(int D, AttnFn fn, int nwarps, int nh, int nkv, int bs, std::vector<int> ctx, unsigned seed) {
+    std::mt19937 rng(seed); std::uniform_real_distribution<float> U(-1, 1);
+    int T = ctx.size();
+    int group = nh / nkv;
+    int row_stride = (nh + 2 * nkv) * D + 3;
+    // block tables: each token its own request with shuffled blocks
+    int nblocks = 0; std::vector<int> tables, offs;
+    for (int L : ctx) { offs.push_back(tables.size()); int nb = (L + bs - 1) / bs; for (int i = 0; i < nb; ++i) tables.push_back(nblocks++); }
+    std::vector<int> perm(nblocks); for (int i = 0; i < nblocks; ++i) perm[i] = i; std::shuffle(perm.begin(), perm.end(), rng);
+    for (auto& b : tables) b = perm[b];
+    size_t cache_elems = (size_t)nblocks * nkv * bs * D;
+    std::vector<uint16_t> kc(cache_elems), vc(cache_elems);
+    for (auto& x : kc) x = f2bf(U(rng) * 2); for (auto& x : vc) x = f2bf(U(rng));
+    std::vector<float> qkv((size_t)T * row_stride); for (auto& x : qkv) x = U(rng);
+    std::vector<uint16_t> out((size_t)T * nh * D, 0xffff);
+    float scale = 1.0f / sqrtf((float)D);
+    int gmax = std::min(group, 8);
+    size_t smem = gmax * D * 4 + std::max((size_t)nwarps * 32 * (D + 8) * 2, (size_t)nwarps * gmax * (D + 2) * 4);
+    CHECK(smem <= sizeof(smem_f4), "smem %zu", smem);
+    memset(smem_f4, 0x7f, sizeof(smem_f4));  // garbage
+    launch({(unsigned)T, (unsigned)nkv, (unsigned)((group + 7) / 8)}, nwarps * 32, [&] {
+        fn(out.data(), qkv.data(), kc.data(), vc.data(), ctx.data(), offs.data(), tables.data(), row_stride, nh, nkv, bs, scale);
+    });
+    double maxerr = 0;
+    for (int t = 0; t < T; ++t) for (int h = 0; h < nh; ++h) {
+        int kvh = h / group; int L = ctx[t];
+        std::vector<double> s(L);
+        double mx = -1e30;
+        for (int j = 0; j < L; ++j) {
+            int blk = tables[offs[t] + j / bs]; int sl = j % bs;
+            size_t off = (((size_t)blk * nkv + kvh) * bs + sl) * D;
+            double acc = 0; for (int d = 0; d < D; ++d) acc += (double)qkv[(size_t)t * row_stride + h * D + d] * scale * bf2f(kc[off + d]);
+            s[j] = acc; mx = std::max(mx, acc);
+        }
+        double sum = 0; for (auto& x : s) { x = exp(x - mx); sum += x; }
+        for (int d = 0; d < D; ++d) {
+            double o = 0;
+            for (int j = 0; j < L; ++j) { int blk = tables[offs[t] + j / bs]; size_t off = (((size_t)blk * nkv + kvh) * bs + j % bs) * D; o += s[j] / sum * bf2f(vc[off + d]); }
+            float g = bf2f(out[(size_t)t * nh * D + h * D + d]);
+            double e = fabs(g - o);
+            maxerr = std::max(maxerr, e);
+        }
+    }
+    printf("attention D=%d nh=%d nkv=%d bs=%d T=%d: max abs err %.2e\n", D, nh, nkv, bs, T, maxerr);
+    CHECK(maxerr < 1e-2, "attention D=%d", D);
+}
+
+void test_small() {
+    std::mt19937 rng(1); std::uniform_real_distribution<float> U(-2, 2);
+    // rms_norm with row selection
+    int dim = 70, rows = 5;
+    std::vector<float> x(rows * dim), w(dim); for (auto& v : x) v = U(rng); for (auto& v : w) v = U(rng);
+    std::vector<int> sel = {3, 0};
+    std::vector<uint16_t> out(2 * dim);
+    launch({2, 1, 1}, 64, [&] { rms_norm(out.data(), x.data(), sel.data(), w.data(), dim, 1e-5f); });
+    double me = 0;
+    for (int r = 0; r < 2; ++r) { double ss = 0; for (int i = 0; i < dim; ++i) ss += x[sel[r]*dim+i]*x[sel[r]*dim+i]; double inv = 1/sqrt(ss/dim+1e-5);
+        for (int i = 0; i < dim; ++i) me = std::max(me, fabs(bf2f(out[r*dim+i]) - w[i]*x[sel[r]*dim+i]*inv)); }
+    printf("rms_norm max err %.2e\n", me); CHECK(me < 2e-2, "rms_norm");
+    std::vector<uint16_t> out2(rows * dim);
+    launch({(unsigned)rows, 1, 1}, 32, [&] { rms_norm(out2.data(), x.data(), nullptr, w.data(), dim, 1e-5f); });
+    CHECK(out2[3*dim+5] == out[5], "rms_norm null rows");
+    // rotary
+    int D = 16, nh = 3, nkv = 1, stride = (nh + 2*nkv)*D; int T = 4;
+    std::vector<float> qkv(T*stride), orig; for (auto& v : qkv) v = U(rng); orig = qkv;
+    std::vector<int> pos = {0, 5, 17, 1000}; std::vector<float> inv(D/2); for (int i = 0; i < D/2; ++i) inv[i] = 1.0f/powf(10000.f, 2.f*i/D);
+    launch({(unsigned)T, 1, 1}, 32, [&] { rotary_embedding(qkv.data(), pos.data(), inv.data(), nh + nkv, D, stride); });
+    me = 0;
+    for (int t = 0; t < T; ++t) for (int h = 0; h < nh + 2*nkv; ++h) for (int i = 0; i < D/2; ++i) {
+        float* o = &orig[t*stride + h*D]; float* n = &qkv[t*stride + h*D];
+        if (h >= nh + nkv) { me = std::max(me, (double)fabs(o[i]-n[i]) + fabs(o[i+D/2]-n[i+D/2])); continue; }
+        float a = pos[t] * inv[i]; double c = cos((double)a), s = sin((double)a);
+        me = std::max(me, fabs(n[i] - (o[i]*c - o[i+D/2]*s)) + fabs(n[i+D/2] - (o[i+D/2]*c + o[i]*s)));
+    }
+    printf("rotary max err %.2e\n", me); CHECK(me < 1e-5, "rotary");
+    // kv write
+    int bs = 4, nb = 6; std::vector<int> slots = {5*bs+3, 0, 2*bs+1, 4*bs};
+    std::vector<uint16_t> kc(nb*nkv*bs*D, 0), vc(nb*nkv*bs*D, 0);
+    launch({(unsigned)T, 1, 1}, 64, [&] { kv_cache_write(kc.data(), vc.data(), qkv.data(), slots.data(), nh*D, nkv, D, bs, stride); });
+    bool ok = true;
+    for (int t = 0; t < T; ++t) for (int h = 0; h < nkv; ++h) for (int d = 0; d < D; ++d) {
+        int blk = slots[t] / bs, s = slots[t] % bs; size_t off = (((size_t)blk*nkv + h)*bs + s)*D + d;
+        ok &= kc[off] == f2bf(qkv[t*stride + nh*D + h*D + d]); ok &= vc[off] == f2bf(qkv[t*stride + (nh+nkv)*D + h*D + d]);
+    }
+    CHECK(ok, "kv_cache_write"); printf("kv_cache_write %s\n", ok ? "ok" : "BAD");
+    // silu
+    int inter = 37; std::vector<float> gu(3*2*inter); for (auto& v : gu) v = U(rng)*4; std::vector<uint16_t> act(3*inter);
+    launch({2, 1, 1}, 32, [&] { silu_and_mul(act.data(), gu.data(), 3, inter); });
+    me = 0; for (int t = 0; t < 3; ++t) for (int i = 0; i < inter; ++i) { float g = gu[t*2*inter+i], u = gu[t*2*inter+inter+i]; float ref = g/(1+expf(-g))*u; me = std::max(me, (double)fabs(bf2f(act[t*inter+i]) - ref) / (fabs(ref) + 1e-3)); }
+    printf("silu max rel err %.2e\n", me); CHECK(me < 5e-3, "silu");
+    // argmax with ties and vocab not a multiple
+    int V = 3001; std::vector<float> lg(2*V); for (auto& v : lg) v = U(rng); lg[1234] = 9; lg[2999] = 9; lg[V + 7] = 5; lg[V+3000] = 5;
+    std::vector<unsigned> ids(2);
+    launch({2, 1, 1}, 256, [&] { argmax_rows(ids.data(), lg.data(), V); });
+    printf("argmax %u %u\n", ids[0], ids[1]); CHECK(ids[0] == 1234 && ids[1] == 7, "argmax");
+    // embedding
+    int H = 40, vocab = 10; std::vector<uint16_t> tab(vocab*H); for (auto& v : tab) v = f2bf(U(rng)); std::vector<unsigned> tok = {7, 2, 7}; std::vector<float> emb(3*H);
+    launch({3, 1, 1}, 32, [&] { embedding_gather(emb.data(), tab.data(), tok.data(), H); });
+    CHECK(emb[2*H+3] == bf2f(tab[7*H+3]) && emb[H] == bf2f(tab[2*H]), "embedding");
+    // bias add
+    std::vector<float> bx(3*10, 1.0f), bb(7); for (int i = 0; i < 7; ++i) bb[i] = i;
+    launch({1, 1, 1}, 32, [&] { bias_add(bx.data(), bb.data(), 3, 7, 10); });
+    CHECK(bx[10+6] == 7 && bx[10+7] == 1 && bx[29] == 1 && bx[20] == 1, "bias_add");
+}
+
+int main() {
+    test_small();
+    test_attention(16, paged_attention_d16, 4, 4, 2, 4, {1, 2, 5, 33, 64, 100, 129}, 1);
+    test_attention(32, paged_attention_d32, 4, 3, 1, 4, {1, 7, 31, 32, 33, 150}, 2);
+    test_attention(64, paged_attention_d64, 4, 9, 3, 16, {1, 16, 17, 200, 257}, 3);
+    test_attention(80, paged_attention_d80, 4, 2, 2, 16, {3, 40, 129}, 4);
+    test_attention(96, paged_attention_d96, 4, 12, 1, 8, {5, 70}, 5);      // group 12 -> 2 slices
+    test_attention(128, paged_attention_d128, 4, 16, 8, 16, {1, 31, 512, 300}, 6);
+    test_attention(128, paged_attention_d128, 4, 8, 8, 32, {1, 2, 3, 260}, 7);
+    test_attention(256, paged_attention_d256, 2, 8, 1, 16, {1, 65, 140}, 8);
+    printf("%s (%d failures)\n", fails ? "FAILED" : "ALL OK", fails);
+    return fails != 0;
+}

@@ -1,0 +1,175 @@
+"""The official `openai` SDK against `stepscope serve`: completions and chat, streaming and not,
+usage (with `stream_options.include_usage`), `/v1/models`, `/health`, and greedy output over HTTP
+equal to `stepscope generate --json` for the same prompt (token ids and text). With SmolLM2 set
+up, the real model answers "What is the capital of France?" with Paris."""
+
+from __future__ import annotations
+
+import requests
+
+from conftest import generate
+
+GREEDY = {"temperature": 0}
+TOKEN_IDS = {"ignore_eos": True, "return_token_ids": True}
+
+
+def test_health_and_models(tiny):
+    response = requests.get(tiny.base_url + "/health", timeout=5)
+    assert response.status_code == 200
+    models = tiny.client().models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert models.data[0].object == "model"
+    assert models.data[0].owned_by == "stepscope"
+
+
+def test_completion(tiny):
+    c = tiny.client().completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, **GREEDY,
+                                         extra_body={"ignore_eos": True})
+    assert c.id.startswith("cmpl-")
+    assert c.object == "text_completion"
+    assert c.model == "tiny"
+    assert c.created > 1_600_000_000
+    assert len(c.choices) == 1 and c.choices[0].index == 0
+    assert c.choices[0].finish_reason == "length"
+    assert c.usage.completion_tokens == 8
+    assert c.usage.prompt_tokens > 0
+    assert c.usage.total_tokens == c.usage.prompt_tokens + 8
+    assert c.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_completion_with_token_id_prompt(tiny):
+    c = tiny.client().completions.create(model="tiny", prompt=[1, 72, 105], max_tokens=3, **GREEDY,
+                                         extra_body={"ignore_eos": True})
+    assert c.usage.prompt_tokens == 3
+    assert c.usage.completion_tokens == 3
+
+
+def test_streaming_completion_with_usage(tiny):
+    client = tiny.client()
+    stream = client.completions.create(model="tiny", prompt="Hello", max_tokens=10, stream=True,
+                                       stream_options={"include_usage": True}, **GREEDY,
+                                       extra_body=TOKEN_IDS)
+    chunks = list(stream)
+    *text_chunks, usage_chunk = chunks
+    assert usage_chunk.choices == []
+    assert usage_chunk.usage.completion_tokens == 10
+    assert usage_chunk.usage.total_tokens == usage_chunk.usage.prompt_tokens + 10
+    assert all(c.usage is None for c in text_chunks)
+    assert all(c.id == chunks[0].id and c.id.startswith("cmpl-") for c in chunks)
+    assert text_chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
+    streamed_ids = [t for c in text_chunks for t in c.choices[0].model_extra["token_ids"]]
+    text = "".join(c.choices[0].text for c in text_chunks)
+    # The same request without streaming gives the same tokens and text.
+    whole = client.completions.create(model="tiny", prompt="Hello", max_tokens=10, **GREEDY, extra_body=TOKEN_IDS)
+    assert whole.choices[0].model_extra["token_ids"] == streamed_ids
+    assert whole.choices[0].text == text
+
+
+def test_streaming_without_usage_has_no_usage_chunk(tiny):
+    chunks = list(tiny.client().completions.create(model="tiny", prompt="Hi", max_tokens=4, stream=True,
+                                                   **GREEDY, extra_body={"ignore_eos": True}))
+    assert all(len(c.choices) == 1 and c.usage is None for c in chunks)
+
+
+def test_chat(tiny):
+    r = tiny.client().chat.completions.create(
+        model="tiny", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_completion_tokens=6, **GREEDY, extra_body={"ignore_eos": True})
+    assert r.id.startswith("chatcmpl-")
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert isinstance(r.choices[0].message.content, str)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 6
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 6
+
+
+def test_streaming_chat_with_usage_and_content_parts(tiny):
+    client = tiny.client()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=7, stream=True,
+                                                 stream_options={"include_usage": True}, **GREEDY,
+                                                 extra_body={"ignore_eos": True}))
+    assert chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    *content_chunks, usage_chunk = chunks
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == 7
+    assert content_chunks[-1].choices[0].finish_reason == "length"
+    streamed = "".join(c.choices[0].delta.content or "" for c in content_chunks)
+    # Text parts are joined with a newline: the same as one string message.
+    whole = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello\nthere"}],
+                                           max_tokens=7, **GREEDY, extra_body={"ignore_eos": True})
+    assert whole.choices[0].message.content == streamed
+    assert whole.usage.prompt_tokens == usage_chunk.usage.prompt_tokens
+
+
+def test_stop_string_ends_the_completion(tiny):
+    client = tiny.client()
+    full = client.completions.create(model="tiny", prompt="abc", max_tokens=24, **GREEDY,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    visible = full.strip()
+    if len(visible) < 4:
+        return  # the random tiny model produced too little printable text to cut
+    stop = visible[len(visible) // 2:][:2]
+    cut = client.completions.create(model="tiny", prompt="abc", max_tokens=24, stop=[stop], **GREEDY,
+                                    extra_body={"ignore_eos": True})
+    assert cut.choices[0].finish_reason == "stop"
+    assert stop not in cut.choices[0].text
+    assert full.startswith(cut.choices[0].text)
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    client = tiny.client()
+    kwargs = dict(model="tiny", prompt="seed", max_tokens=12, temperature=1.0, top_p=0.9, seed=1234,
+                  extra_body={"top_k": 50, "ignore_eos": True, "return_token_ids": True})
+    a = client.completions.create(**kwargs).choices[0].model_extra["token_ids"]
+    b = client.completions.create(**kwargs).choices[0].model_extra["token_ids"]
+    assert a == b
+
+
+def test_greedy_http_output_equals_generate(tiny):
+    prompt = "The quick brown fox"
+    reference = generate("builtin:tiny", prompt, 20, "--ignore-eos")
+    c = tiny.client().completions.create(model="tiny", prompt=prompt, max_tokens=20, **GREEDY, extra_body=TOKEN_IDS)
+    assert c.choices[0].model_extra["token_ids"] == reference["token_ids"]
+    assert c.choices[0].text == reference["text"]
+    chat_reference = generate("builtin:tiny", prompt, 12, "--ignore-eos", "--chat")
+    r = tiny.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                              max_tokens=12, **GREEDY, extra_body=TOKEN_IDS)
+    assert r.choices[0].model_extra["token_ids"] == chat_reference["token_ids"]
+    assert r.choices[0].message.content == chat_reference["text"]
+
+
+def test_smollm_knows_the_capital_of_france(smollm):
+    client = smollm.client()
+    name = client.models.list().data[0].id
+    assert name == "SmolLM2-135M-Instruct"
+    question = "What is the capital of France?"
+    r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": question}],
+                                       max_tokens=24, **GREEDY, extra_body={"return_token_ids": True})
+    assert "Paris" in r.choices[0].message.content, r.choices[0].message.content
+    reference = generate(str(smollm_dir()), question, 24, "--chat")
+    assert r.choices[0].model_extra["token_ids"] == reference["token_ids"]
+    assert r.choices[0].message.content == reference["text"]
+    # Streaming gives the same answer.
+    chunks = list(client.chat.completions.create(model=name, messages=[{"role": "user", "content": question}],
+                                                 max_tokens=24, stream=True, stream_options={"include_usage": True},
+                                                 **GREEDY))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_smollm_greedy_completion_equals_generate(smollm):
+    prompt = "The capital of France is"
+    c = smollm.client().completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=12, **GREEDY,
+                                           extra_body={"return_token_ids": True})
+    reference = generate(str(smollm_dir()), prompt, 12)
+    assert c.choices[0].model_extra["token_ids"] == reference["token_ids"]
+    assert c.choices[0].text == reference["text"]
+
+
+def smollm_dir():
+    from conftest import SMOLLM_DIR
+
+    return SMOLLM_DIR

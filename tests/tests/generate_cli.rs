@@ -1,0 +1,98 @@
+//! `stepscope generate` on the real binary: the built-in tiny model always, and the default
+//! SmolLM2 checkpoint when it is set up (CI sets it up and sets STEPSCOPE_REQUIRE_DEFAULT_MODEL,
+//! so there it must run), compared token for token with Hugging Face `transformers`.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use stepscope_tests::stepscope;
+
+fn generate_json(args: &[&str]) -> Value {
+    let mut full = vec!["generate"];
+    full.extend_from_slice(args);
+    full.push("--json");
+    let out = stepscope(&full);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stepscope {full:?} failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+fn ids(value: &Value) -> Vec<u64> {
+    value["token_ids"]
+        .as_array()
+        .expect("token_ids")
+        .iter()
+        .map(|v| v.as_u64().expect("id"))
+        .collect()
+}
+
+#[test]
+fn tiny_greedy_generation_is_deterministic_and_respects_max_tokens() {
+    let args = ["builtin:tiny", "--prompt", "hello world", "--max-tokens", "24", "--ignore-eos"];
+    let a = generate_json(&args);
+    let b = generate_json(&args);
+    assert_eq!(ids(&a).len(), 24, "{a}");
+    assert_eq!(a, b);
+    assert_eq!(a["finish_reason"], "length");
+}
+
+#[test]
+fn tiny_generation_with_a_small_kv_pool_matches_a_large_one() {
+    // 6 blocks of 4 tokens cannot hold prompt + 40 tokens at once with a second request
+    // around, but a single request always fits; the output must not depend on the pool.
+    let small = generate_json(&[
+        "builtin:tiny", "--prompt", "the quick brown fox", "--max-tokens", "40", "--ignore-eos",
+        "--block-size", "4", "--num-kv-blocks", "16",
+    ]);
+    let large = generate_json(&[
+        "builtin:tiny", "--prompt", "the quick brown fox", "--max-tokens", "40", "--ignore-eos",
+    ]);
+    assert_eq!(ids(&small), ids(&large));
+}
+
+fn smollm2_dir() -> Option<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/SmolLM2-135M-Instruct");
+    if dir.join("model.safetensors").exists() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("STEPSCOPE_REQUIRE_DEFAULT_MODEL").is_none(),
+        "{} is missing: run ./scripts/setup-default-model.sh",
+        dir.display()
+    );
+    eprintln!("skipping: {} not set up (./scripts/setup-default-model.sh)", dir.display());
+    None
+}
+
+#[test]
+fn smollm2_greedy_ids_match_transformers() {
+    let Some(dir) = smollm2_dir() else { return };
+    let dir = dir.display().to_string();
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/smollm2_reference.json")).unwrap(),
+    )
+    .unwrap();
+    for case in reference["cases"].as_array().unwrap() {
+        let expected: Vec<u64> = case["output_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        let max_tokens = expected.len().to_string();
+        let out = if case["kind"] == "chat" {
+            generate_json(&[&dir, "--chat", "--prompt", "What is the capital of France?", "--max-tokens", &max_tokens])
+        } else {
+            generate_json(&[&dir, "--prompt", case["prompt"].as_str().unwrap(), "--max-tokens", &max_tokens])
+        };
+        assert_eq!(ids(&out), expected, "prompt {:?}: got {out}", case["prompt"]);
+    }
+}
+
+#[test]
+fn smollm2_answers_paris() {
+    let Some(dir) = smollm2_dir() else { return };
+    let out = generate_json(&[
+        &dir.display().to_string(), "--chat", "--prompt", "What is the capital of France?",
+        "--max-tokens", "30", "--temperature", "0",
+    ]);
+    assert!(out["text"].as_str().unwrap().contains("Paris"), "{out}");
+}
