@@ -75,7 +75,7 @@ say "serving $MODEL_NAME at $URL (log: $OUT/server.log)"
 export HF_HUB_DISABLE_TELEMETRY=1
 for c in $CONCURRENCIES; do
   # Enough requests for a steady state at each level, few enough for ~20 tok/s at batch 1.
-  requests=$(( c < 4 ? 6 : 2 * c ))
+  requests=$(( c < 4 ? 10 : 3 * c ))
   say "concurrency $c: $requests requests, ISL $ISL, OSL $OSL"
   "$AIPERF" profile \
     --model "$MODEL_NAME" --url "$URL" --endpoint-type chat --streaming \

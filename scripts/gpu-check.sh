@@ -55,6 +55,7 @@ ldconfig -p 2>/dev/null | grep -E 'libcuda\.so\.1|libnvrtc\.so|libcublas\.so' | 
 command -v nvcc >/dev/null && nvcc --version | tail -n 2 | tee -a "$LOG"
 
 export STEPSCOPE_REPO_ROOT="$ROOT"
+export STEPSCOPE_REQUIRE_CUDA=1  # on this machine a missing device is a failure, not a skip
 export RUST_BACKTRACE=1
 status=0
 say "== kernels, parity (tiny models, realistic random Llama)"

@@ -13,9 +13,19 @@ echo "== default model (SmolLM2-135M-Instruct; its tests must run here)"
 ./scripts/setup-default-model.sh
 export STEPSCOPE_REQUIRE_DEFAULT_MODEL=1 STEPSCOPE_REQUIRE_FIXTURES=1
 
+echo "== NVRTC for the kernel-compilation tests (no GPU needed)"
+./scripts/install-nvrtc.sh
+
+echo "== end-to-end test environment (tests/python: openai SDK, pytest, promtool)"
+./scripts/setup-test-env.sh
+
 echo "== formatting and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release --locked -- -D warnings
 
 echo "== tests"
 cargo test --workspace --release --locked
+
+echo "== end-to-end tests of stepscope serve (real binary, official openai SDK)"
+cargo build --release --locked --bin stepscope
+.cache/test-venv/bin/pytest -q tests/python

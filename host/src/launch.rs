@@ -4,17 +4,18 @@
 //! Everything here runs once, before the first request; errors are reported with the setting
 //! that caused them (`anyhow` at this edge).
 
+use crate::backend::cuda::{self, DeviceArg};
 use crate::cli::{Device, EngineArgs};
 use crate::engine::{Engine, EngineConfig, EngineHandle, StepObserver};
 use crate::model::{KvCacheShape, ModelInfo};
-use anyhow::{Context, bail};
+use anyhow::Context;
 use std::sync::Arc;
 
 /// A started engine and the model description the text side needs.
 pub struct LaunchedEngine {
     pub engine: EngineHandle,
     pub model: Arc<ModelInfo>,
-    /// The device the model runs on.
+    /// The device the model runs on (`auto` resolved).
     pub device: Device,
 }
 
@@ -42,17 +43,26 @@ pub fn launch(
         num_blocks: args.num_kv_blocks,
         block_size: args.block_size,
     };
-    let device = match args.device {
-        Device::Auto => Device::Cpu,
-        other => other,
-    };
-    if device == Device::Cuda {
-        bail!("--device cuda: the CUDA backend is not part of this build yet (use --device cpu)");
+    let (device, why) = cuda::resolve_device(match args.device {
+        Device::Cpu => DeviceArg::Cpu,
+        Device::Cuda => DeviceArg::Cuda,
+        Device::Auto => DeviceArg::Auto,
+    })
+    .context("--device")?;
+    if let Some(why) = why {
+        tracing::info!("--device auto: {why}");
     }
-    let (runner, info) = crate::model::load_model(model_spec, kv)
+    let model = crate::model::load_model_files(model_spec)
         .with_context(|| format!("loading model `{model_spec}`"))?;
-    let engine = Engine::start(engine_config(args), Box::new(runner), observer)
-        .context("starting the engine")?;
+    let runner = cuda::build_runner(&model, kv, &device)
+        .with_context(|| format!("preparing model `{model_spec}` on {device}"))?;
+    let info = model.info;
+    let device = match device {
+        cuda::Device::Cpu => Device::Cpu,
+        cuda::Device::Cuda(_) => Device::Cuda,
+    };
+    let engine =
+        Engine::start(engine_config(args), runner, observer).context("starting the engine")?;
     Ok(LaunchedEngine {
         engine,
         model: Arc::new(info),

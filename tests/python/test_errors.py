@@ -6,6 +6,7 @@ the admitted requests complete; the SDK surfaces these as typed exceptions."""
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 
 import openai
 import pytest
@@ -152,9 +153,12 @@ def test_the_server_still_works_after_all_that(short):
 def test_queue_full_returns_503_and_the_rest_complete():
     server = Server("builtin:tiny", "--max-num-seqs", "1", "--max-waiting-requests", "2")
     try:
-        body = {"prompt": "queue", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+        max_tokens = 1000
+        body = {"prompt": "queue", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        start = threading.Barrier(16)
 
         def one(_):
+            start.wait()
             return server.post("/v1/completions", body)
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
@@ -168,9 +172,8 @@ def test_queue_full_returns_503_and_the_rest_complete():
             assert error["code"] == "queue_full"
             assert r.headers.get("retry-after") == "1"
         for r in done:
-            assert r.json()["usage"]["completion_tokens"] == 400
+            assert r.json()["usage"]["completion_tokens"] == max_tokens
             assert r.json()["choices"][0]["finish_reason"] == "length"
-        # The SDK raises InternalServerError (5xx) once its retries are exhausted.
         samples = server.metrics()
         assert samples['stepscope_requests_rejected_total{reason="queue_full"}'] == len(refused)
         assert samples['stepscope_request_success_total{finished_reason="length"}'] == len(done)

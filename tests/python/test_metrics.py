@@ -89,3 +89,14 @@ def test_metrics_with_step_tracing_on(tmp_path):
         server.stop()
     lines = trace.read_text().splitlines()
     assert len(lines) >= seen  # everything traced was flushed at shutdown
+
+
+def test_generate_uses_the_step_tracer_too(tmp_path):
+    from conftest import generate
+
+    trace = tmp_path / "generate.jsonl"
+    out = generate("builtin:tiny", "trace me", 6, "--ignore-eos", "--step-tracing-enabled",
+                   "--step-tracing-sample-rate", "1", "--step-tracing-file", str(trace))
+    assert len(out["token_ids"]) == 6
+    steps = trace.read_text().splitlines()
+    assert len(steps) >= 6  # every step of the request was traced and flushed at exit

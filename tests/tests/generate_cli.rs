@@ -31,7 +31,14 @@ fn ids(value: &Value) -> Vec<u64> {
 
 #[test]
 fn tiny_greedy_generation_is_deterministic_and_respects_max_tokens() {
-    let args = ["builtin:tiny", "--prompt", "hello world", "--max-tokens", "24", "--ignore-eos"];
+    let args = [
+        "builtin:tiny",
+        "--prompt",
+        "hello world",
+        "--max-tokens",
+        "24",
+        "--ignore-eos",
+    ];
     let a = generate_json(&args);
     let b = generate_json(&args);
     assert_eq!(ids(&a).len(), 24, "{a}");
@@ -44,17 +51,31 @@ fn tiny_generation_with_a_small_kv_pool_matches_a_large_one() {
     // 6 blocks of 4 tokens cannot hold prompt + 40 tokens at once with a second request
     // around, but a single request always fits; the output must not depend on the pool.
     let small = generate_json(&[
-        "builtin:tiny", "--prompt", "the quick brown fox", "--max-tokens", "40", "--ignore-eos",
-        "--block-size", "4", "--num-kv-blocks", "16",
+        "builtin:tiny",
+        "--prompt",
+        "the quick brown fox",
+        "--max-tokens",
+        "40",
+        "--ignore-eos",
+        "--block-size",
+        "4",
+        "--num-kv-blocks",
+        "16",
     ]);
     let large = generate_json(&[
-        "builtin:tiny", "--prompt", "the quick brown fox", "--max-tokens", "40", "--ignore-eos",
+        "builtin:tiny",
+        "--prompt",
+        "the quick brown fox",
+        "--max-tokens",
+        "40",
+        "--ignore-eos",
     ]);
     assert_eq!(ids(&small), ids(&large));
 }
 
 fn smollm2_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/SmolLM2-135M-Instruct");
+    let dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/SmolLM2-135M-Instruct");
     if dir.join("model.safetensors").exists() {
         return Some(dir);
     }
@@ -63,7 +84,10 @@ fn smollm2_dir() -> Option<PathBuf> {
         "{} is missing: run ./scripts/setup-default-model.sh",
         dir.display()
     );
-    eprintln!("skipping: {} not set up (./scripts/setup-default-model.sh)", dir.display());
+    eprintln!(
+        "skipping: {} not set up (./scripts/setup-default-model.sh)",
+        dir.display()
+    );
     None
 }
 
@@ -72,18 +96,45 @@ fn smollm2_greedy_ids_match_transformers() {
     let Some(dir) = smollm2_dir() else { return };
     let dir = dir.display().to_string();
     let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/smollm2_reference.json")).unwrap(),
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/smollm2_reference.json"
+        ))
+        .unwrap(),
     )
     .unwrap();
     for case in reference["cases"].as_array().unwrap() {
-        let expected: Vec<u64> = case["output_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        let expected: Vec<u64> = case["output_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
         let max_tokens = expected.len().to_string();
         let out = if case["kind"] == "chat" {
-            generate_json(&[&dir, "--chat", "--prompt", "What is the capital of France?", "--max-tokens", &max_tokens])
+            generate_json(&[
+                &dir,
+                "--chat",
+                "--prompt",
+                "What is the capital of France?",
+                "--max-tokens",
+                &max_tokens,
+            ])
         } else {
-            generate_json(&[&dir, "--prompt", case["prompt"].as_str().unwrap(), "--max-tokens", &max_tokens])
+            generate_json(&[
+                &dir,
+                "--prompt",
+                case["prompt"].as_str().unwrap(),
+                "--max-tokens",
+                &max_tokens,
+            ])
         };
-        assert_eq!(ids(&out), expected, "prompt {:?}: got {out}", case["prompt"]);
+        assert_eq!(
+            ids(&out),
+            expected,
+            "prompt {:?}: got {out}",
+            case["prompt"]
+        );
     }
 }
 
@@ -91,8 +142,14 @@ fn smollm2_greedy_ids_match_transformers() {
 fn smollm2_answers_paris() {
     let Some(dir) = smollm2_dir() else { return };
     let out = generate_json(&[
-        &dir.display().to_string(), "--chat", "--prompt", "What is the capital of France?",
-        "--max-tokens", "30", "--temperature", "0",
+        &dir.display().to_string(),
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "30",
+        "--temperature",
+        "0",
     ]);
     assert!(out["text"].as_str().unwrap().contains("Paris"), "{out}");
 }

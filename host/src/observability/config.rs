@@ -29,6 +29,10 @@ pub const ENV_OTLP_TRACES_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL";
 pub const ENV_OTLP_HEADERS: &str = "OTEL_EXPORTER_OTLP_HEADERS";
 /// `OTEL_EXPORTER_OTLP_TRACES_HEADERS`: like `OTEL_EXPORTER_OTLP_HEADERS`, for traces only.
 pub const ENV_OTLP_TRACES_HEADERS: &str = "OTEL_EXPORTER_OTLP_TRACES_HEADERS";
+/// `OTEL_EXPORTER_OTLP_TIMEOUT`: bound on one export, in milliseconds.
+pub const ENV_OTLP_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TIMEOUT";
+/// `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`: like `OTEL_EXPORTER_OTLP_TIMEOUT`, for traces only.
+pub const ENV_OTLP_TRACES_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT";
 /// `OTEL_SERVICE_NAME`: the `service.name` resource attribute.
 pub const ENV_SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
 
@@ -112,7 +116,8 @@ pub struct ObservabilityConfig {
     pub export_batch_size: usize,
     /// Longest time a sampled step waits on the exporter thread before it is exported.
     pub export_interval: Duration,
-    /// Bound on one OTLP export call (retries included).
+    /// Bound on one OTLP export call, retries included (`OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT`,
+    /// in ms; default 10 s).
     pub export_timeout: Duration,
     /// Bound on the final flush in [`TracerHandle::shutdown`](super::TracerHandle::shutdown).
     pub shutdown_timeout: Duration,
@@ -203,6 +208,20 @@ impl ObservabilityConfig {
                 None => Vec::new(),
             },
         };
+        let export_timeout = match env(ENV_OTLP_TRACES_TIMEOUT)
+            .map(|v| (ENV_OTLP_TRACES_TIMEOUT, v))
+            .or_else(|| env(ENV_OTLP_TIMEOUT).map(|v| (ENV_OTLP_TIMEOUT, v)))
+        {
+            Some((name, value)) => match value.trim().parse::<u64>() {
+                Ok(ms) if ms > 0 => Duration::from_millis(ms),
+                _ => {
+                    return Err(ObservabilityError::Config(format!(
+                        "{name}={value:?} is not a positive number of milliseconds"
+                    )));
+                }
+            },
+            None => Self::default().export_timeout,
+        };
         Ok(Self {
             step_tracing_enabled: args.step_tracing_enabled,
             step_tracing_sample_rate: args.step_tracing_sample_rate,
@@ -220,6 +239,7 @@ impl ObservabilityConfig {
                 .map(|name| name.trim().to_string())
                 .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_string()),
             step_tracing_file: args.step_tracing_file.clone(),
+            export_timeout,
             ..Self::default()
         })
     }
@@ -444,9 +464,11 @@ mod tests {
                 (ENV_OTLP_HEADERS, "a=1"),
                 (ENV_OTLP_TRACES_HEADERS, "Api-Key=s%20e,x-team=infra"),
                 (ENV_SERVICE_NAME, "my-server"),
+                (ENV_OTLP_TIMEOUT, "2500"),
             ],
         )
         .unwrap();
+        assert_eq!(c.export_timeout, Duration::from_millis(2500));
         let otlp = c.otlp.unwrap();
         // The generic endpoint is a base: HTTP appends the signal path.
         assert_eq!(otlp.endpoint, "http://generic:4318/v1/traces");

@@ -145,7 +145,7 @@ impl ExporterThread {
     fn flush(&mut self) {
         self.export();
         if let Some(jsonl) = &mut self.jsonl {
-            jsonl.flush();
+            jsonl.flush(&self.metrics);
         }
     }
 

@@ -81,8 +81,10 @@ impl JsonlSink {
         }
     }
 
-    pub(crate) fn flush(&mut self) {
+    pub(crate) fn flush(&mut self, metrics: &TracerMetrics) {
         if let Err(error) = self.writer.flush() {
+            // Counted once per failed flush (how many buffered lines it lost is unknown).
+            bump(&metrics.jsonl_write_failures);
             tracing::warn!(path = %self.path.display(), %error, "cannot flush the step trace file");
         }
     }

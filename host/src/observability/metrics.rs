@@ -38,7 +38,7 @@ pub struct TracerMetrics {
     pub(crate) span_events_dropped: AtomicU64,
     /// Lines written to the JSON-lines file.
     pub(crate) jsonl_lines_written: AtomicU64,
-    /// Lines that could not be written.
+    /// Lines that could not be written (a failed flush of the buffer counts once).
     pub(crate) jsonl_write_failures: AtomicU64,
     policy: Arc<PolicyCounters>,
 }

@@ -36,15 +36,15 @@ use std::time::Instant;
 
 pub use config::{
     DEFAULT_MAX_EVENTS_PER_SPAN, DEFAULT_QUEUE_CAPACITY, DEFAULT_SERVICE_NAME, ENV_OTLP_ENDPOINT,
-    ENV_OTLP_HEADERS, ENV_OTLP_PROTOCOL, ENV_OTLP_TRACES_ENDPOINT, ENV_OTLP_TRACES_HEADERS,
-    ENV_OTLP_TRACES_PROTOCOL, ENV_SERVICE_NAME, ObservabilityConfig, ObservabilityError,
-    OtlpConfig, OtlpProtocol,
+    ENV_OTLP_HEADERS, ENV_OTLP_PROTOCOL, ENV_OTLP_TIMEOUT, ENV_OTLP_TRACES_ENDPOINT,
+    ENV_OTLP_TRACES_HEADERS, ENV_OTLP_TRACES_PROTOCOL, ENV_OTLP_TRACES_TIMEOUT, ENV_SERVICE_NAME,
+    ObservabilityConfig, ObservabilityError, OtlpConfig, OtlpProtocol,
 };
 pub use metrics::{TracerMetrics, TracerMetricsSnapshot};
 pub use record::{StepRecord, step_summary};
 pub use tracer::StepTracerObserver;
 
-use crate::policy::{PolicyCounters, PolicyModule, PolicyRuntime};
+use crate::policy::{PolicyCounters, PolicyLimits, PolicyModule, PolicyRuntime};
 use exporter::{ExportMessage, ExporterThread, ShutdownDeadline};
 use jsonl::JsonlSink;
 use otlp::{OtlpSink, PolicyIdentity};
@@ -87,12 +87,12 @@ impl StepTracer {
             name: Arc::from(module.name()),
             digest: Arc::from(module.digest()),
         };
-        let otlp = match &config.otlp {
-            Some(otlp) => Some(OtlpSink::new(&config, otlp)?),
-            None => None,
-        };
         let jsonl = match &config.step_tracing_file {
             Some(path) => Some(JsonlSink::create(path)?),
+            None => None,
+        };
+        let otlp = match &config.otlp {
+            Some(otlp) => Some(OtlpSink::new(&config, otlp)?),
             None => None,
         };
         if otlp.is_none() && jsonl.is_none() {
@@ -133,6 +133,7 @@ impl StepTracer {
                     name: policy.name.to_string(),
                     digest: policy.digest.to_string(),
                     params,
+                    limits: module.limits(),
                 }),
                 metrics,
                 control: Some(queue),
@@ -144,7 +145,7 @@ impl StepTracer {
 }
 
 /// The policy a running tracer uses.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RunningPolicy {
     /// `builtin:default` or the file path.
     pub name: String,
@@ -152,9 +153,13 @@ pub struct RunningPolicy {
     pub digest: String,
     /// What `configure` received.
     pub params: Vec<(String, String)>,
+    /// The fuel and memory bounds the module was loaded with.
+    pub limits: PolicyLimits,
 }
 
-/// Owns the exporter thread: metrics, flush, shutdown. Dropping it shuts down.
+/// Owns the exporter thread: metrics, flush, shutdown. Dropping it shuts down. `flush`,
+/// `shutdown` and drop block the caller (bounded by the export and shutdown timeouts): from
+/// async code, call them through `spawn_blocking`.
 #[derive(Debug)]
 pub struct TracerHandle {
     config: ObservabilityConfig,

@@ -78,7 +78,8 @@ impl SpanProcessor for CollectingProcessor {
 }
 
 pub(crate) struct OtlpSink {
-    runtime: tokio::runtime::Runtime,
+    /// Always `Some` until drop (an `Option` so `Drop` can shut it down without blocking).
+    runtime: Option<tokio::runtime::Runtime>,
     exporter: OtlpSpanExporter,
     provider: SdkTracerProvider,
     tracer: SdkTracer,
@@ -98,9 +99,17 @@ impl OtlpSink {
             .build()
             .map_err(|e| ObservabilityError::Otlp(format!("tokio runtime: {e}")))?;
         // tonic's lazy channel must be created inside a runtime.
-        let mut exporter = {
+        let built = {
             let _guard = runtime.enter();
-            build_exporter(otlp, config.export_timeout)?
+            build_exporter(otlp, config.export_timeout)
+        };
+        let mut exporter = match built {
+            Ok(exporter) => exporter,
+            Err(error) => {
+                // Dropping a runtime blocks, which panics if the caller is async code.
+                runtime.shutdown_background();
+                return Err(error);
+            }
         };
         let resource = Resource::builder()
             .with_service_name(config.service_name.clone())
@@ -119,7 +128,7 @@ impl OtlpSink {
             .build();
         let tracer = provider.tracer_with_scope(scope);
         Ok(Self {
-            runtime,
+            runtime: Some(runtime),
             exporter,
             provider,
             tracer,
@@ -214,17 +223,19 @@ impl OtlpSink {
         if let Some(deadline) = deadline {
             timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
         }
-        let outcome = if timeout.is_zero() {
-            Err("the shutdown deadline has passed".to_string())
-        } else {
-            let exporter = &self.exporter;
-            self.runtime.block_on(async {
-                match tokio::time::timeout(timeout, exporter.export(batch)).await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(error)) => Err(error.to_string()),
-                    Err(_) => Err(format!("timed out after {timeout:?}")),
-                }
-            })
+        let outcome = match &self.runtime {
+            _ if timeout.is_zero() => Err("the shutdown deadline has passed".to_string()),
+            None => Err("the exporter is shut down".to_string()),
+            Some(runtime) => {
+                let exporter = &self.exporter;
+                runtime.block_on(async {
+                    match tokio::time::timeout(timeout, exporter.export(batch)).await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(error)) => Err(error.to_string()),
+                        Err(_) => Err(format!("timed out after {timeout:?}")),
+                    }
+                })
+            }
         };
         match outcome {
             Ok(()) => add(&metrics.spans_exported, n),
@@ -243,16 +254,21 @@ impl OtlpSink {
     }
 
     pub(crate) fn shutdown(self) {
-        let Self {
-            runtime,
-            exporter,
-            provider,
-            ..
-        } = self;
-        let _ = provider.shutdown();
-        let _guard = runtime.enter();
-        let _ = exporter.shutdown_with_timeout(Duration::from_millis(100));
-        drop(exporter);
+        let _ = self.provider.shutdown();
+        if let Some(runtime) = &self.runtime {
+            let _guard = runtime.enter();
+            let _ = self
+                .exporter
+                .shutdown_with_timeout(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for OtlpSink {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 

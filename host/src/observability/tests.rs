@@ -686,6 +686,10 @@ fn every_flag_travels_from_the_command_line_into_the_running_tracer() {
     let policy = handle.policy().expect("running policy").clone();
     assert_eq!(policy.name, pressure.display().to_string());
     assert_eq!(
+        policy.limits, expected.policy_limits,
+        "fuel and memory reach the module"
+    );
+    assert_eq!(
         policy.params,
         vec![
             ("sample_rate".to_string(), "0.25".to_string()),

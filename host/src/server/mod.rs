@@ -8,6 +8,7 @@
 //! is a 503. On SIGINT/SIGTERM ([`shutdown`]) the listener closes, in-flight requests finish, the
 //! engine shuts down, the trace exporter flushes, and the process exits 0.
 
+pub mod collector;
 pub mod errors;
 pub mod generation;
 pub mod metrics;

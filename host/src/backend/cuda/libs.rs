@@ -36,10 +36,6 @@ pub fn repo_root() -> PathBuf {
     if let Some(root) = std::env::var_os("STEPSCOPE_REPO_ROOT") {
         return PathBuf::from(root);
     }
-    if env!("CARGO_PKG_NAME") == "cuda-dev" {
-        // Only the out-of-tree development crate builds these files from elsewhere.
-        return PathBuf::from("/work/main");
-    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)

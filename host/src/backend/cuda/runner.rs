@@ -8,7 +8,14 @@
 //! norm on the rows that need logits only and the LM head. Everything is enqueued on one stream;
 //! the only synchronisation is the copy of the logits (or, in [`CudaModelRunner::forward_greedy`],
 //! of one argmax id per row) back to the host. Activation buffers grow on demand and are reused.
+//!
+//! Options ([`CudaOptions`]): the device, the 16-bit type, and CUDA graphs (off by default;
+//! `STEPSCOPE_CUDA_GRAPHS=1`): a pure decode step of a shape seen before is replayed as a graph
+//! captured the first time (the GPU check found replays bit-identical to eager launches and
+//! 0.2-0.4 ms faster per step). [`CudaModelRunner::profile_step`] times every kernel and GEMM
+//! of one step with CUDA events, for the benchmark's breakdown.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -17,8 +24,8 @@ use cudarc::cublas::CudaBlas;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
-    DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr,
+    DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use rayon::prelude::*;
 
@@ -210,6 +217,9 @@ pub struct CudaModelRunner {
     summary: DeviceSummary,
     arch: String,
     // Field order is drop order: buffers and weights before the handle, stream and context.
+    /// Per-op timing for benchmarks ([`CudaModelRunner::profile_step`]): events recorded after
+    /// each kernel or GEMM while set.
+    prof: RefCell<Option<Vec<(&'static str, CudaEvent)>>>,
     /// Captured decode steps by (tokens, logits rows); see `enqueue_prepared`.
     graphs: HashMap<(usize, usize), SendGraph>,
     graph_generation: u64,
@@ -305,6 +315,14 @@ impl CudaModelRunner {
         kv: KvCacheShape,
     ) -> Result<Self, CudaError> {
         Self::with_options(cfg, weights, kv, &CudaOptions::default())
+    }
+
+    /// [`CudaModelRunner::new`] for a loaded model.
+    pub fn from_model(
+        model: &crate::model::LoadedModel,
+        kv: KvCacheShape,
+    ) -> Result<Self, CudaError> {
+        Self::new(model.info.config.clone(), model.weights.clone(), kv)
     }
 
     pub fn with_options(
@@ -451,6 +469,7 @@ impl CudaModelRunner {
                 ids: Buf::new(),
                 generation: 0,
             },
+            prof: RefCell::new(None),
             graphs: HashMap::new(),
             graph_generation: 0,
             use_graphs: opts.cuda_graphs,
@@ -545,6 +564,44 @@ impl CudaModelRunner {
             Ok(out)
         })
         .map_err(backend_err)
+    }
+
+    /// Runs one step (eagerly, with full logits) recording a CUDA event after every kernel and
+    /// GEMM; returns the device time per op kind in milliseconds, in first-seen order, summed
+    /// over layers. For benchmarks: the events themselves add a little time.
+    pub fn profile_step(
+        &mut self,
+        batch: &ModelBatch<'_>,
+    ) -> Result<Vec<(&'static str, f64)>, ModelRunnerError> {
+        let use_graphs = std::mem::replace(&mut self.use_graphs, false);
+        *self.prof.borrow_mut() = Some(Vec::new());
+        let ran = self.forward(batch);
+        self.use_graphs = use_graphs;
+        let events = self.prof.borrow_mut().take().unwrap_or_default();
+        ran?;
+        let mut out: Vec<(&'static str, f64)> = Vec::new();
+        for pair in events.windows(2) {
+            let ms = pair[0]
+                .1
+                .elapsed_ms(&pair[1].1)
+                .map_err(|e| backend_err(CudaError::driver("cuEventElapsedTime", e)))?;
+            match out.iter_mut().find(|(l, _)| *l == pair[1].0) {
+                Some((_, t)) => *t += f64::from(ms),
+                None => out.push((pair[1].0, f64::from(ms))),
+            }
+        }
+        Ok(out)
+    }
+
+    fn mark(&self, label: &'static str) -> Result<(), CudaError> {
+        if let Some(events) = self.prof.borrow_mut().as_mut() {
+            let ev = self
+                .stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| CudaError::driver("cuEventRecord", e))?;
+            events.push((label, ev));
+        }
+        Ok(())
     }
 
     /// Validates the batch, uploads its metadata and enqueues the whole forward up to the
@@ -784,9 +841,10 @@ impl CudaModelRunner {
                     shared_mem_bytes: smem,
                 })
             }
-            .map(|_| ())
-            .map_err(|e| CudaError::driver(name, e))
+            .map_err(|e| CudaError::driver(name, e))?;
+            self.mark(name)
         };
+        self.mark("start")?;
         let (t_u, hid_i, eps_f) = (t as u32, hid as i32, eps);
         let null: u64 = 0;
         let norm_block = norm_threads(hid);
@@ -839,7 +897,17 @@ impl CudaModelRunner {
                 0,
                 &[&hbuf, &x, &null, &norm_w, &hid_i, &eps_f],
             )?;
-            self.gemm(t, qkv_dim, hid, dptr(&lw.qkv, stream), hbuf, qkv, false, dt)?;
+            self.gemm(
+                "gemm qkv",
+                t,
+                qkv_dim,
+                hid,
+                dptr(&lw.qkv, stream),
+                hbuf,
+                qkv,
+                false,
+                dt,
+            )?;
             if let Some(b) = &lw.qkv_bias {
                 let bp = dptr(b, stream);
                 launch(
@@ -890,7 +958,17 @@ impl CudaModelRunner {
                     &scale,
                 ],
             )?;
-            self.gemm(t, hid, q_dim, dptr(&lw.o, stream), attn, x, true, dt)?;
+            self.gemm(
+                "gemm o",
+                t,
+                hid,
+                q_dim,
+                dptr(&lw.o, stream),
+                attn,
+                x,
+                true,
+                dt,
+            )?;
             if let Some(b) = &lw.o_bias {
                 let bp = dptr(b, stream);
                 launch(
@@ -912,6 +990,7 @@ impl CudaModelRunner {
                 &[&hbuf, &x, &null, &norm_w, &hid_i, &eps_f],
             )?;
             self.gemm(
+                "gemm gate_up",
                 t,
                 2 * inter,
                 hid,
@@ -929,7 +1008,17 @@ impl CudaModelRunner {
                 0,
                 &[&act, &gu, &t_i, &inter_i],
             )?;
-            self.gemm(t, hid, inter, dptr(&lw.down, stream), act, x, true, dt)?;
+            self.gemm(
+                "gemm down",
+                t,
+                hid,
+                inter,
+                dptr(&lw.down, stream),
+                act,
+                x,
+                true,
+                dt,
+            )?;
         }
 
         if r > 0 {
@@ -944,7 +1033,7 @@ impl CudaModelRunner {
                 &[&fh, &x, &m.logit_rows, &norm_w, &hid_i, &eps_f],
             )?;
             let head = dptr(w.lm_head.as_ref().unwrap_or(&w.embed), stream);
-            self.gemm(r, vocab, hid, head, fh, logits, false, dt)?;
+            self.gemm("gemm lm_head", r, vocab, hid, head, fh, logits, false, dt)?;
         }
         Ok(())
     }
@@ -955,6 +1044,7 @@ impl CudaModelRunner {
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
+        label: &'static str,
         m: usize,
         n: usize,
         k: usize,
@@ -989,7 +1079,8 @@ impl CudaModelRunner {
                 cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
             )
         }
-        .map_err(|e| CudaError::cublas("cublasGemmEx", e))
+        .map_err(|e| CudaError::cublas("cublasGemmEx", e))?;
+        self.mark(label)
     }
 }
 

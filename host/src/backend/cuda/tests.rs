@@ -30,17 +30,29 @@ use super::nvrtc::{self, ActDtype, KERNEL_SOURCES};
 use super::runner::{CudaOptions, weights_rounded_to};
 use super::{CudaError, CudaModelRunner, DeviceArg, cuda_available, libs, probe};
 
-/// Relative error bound of the GPU logits against the CPU's (‖gpu − cpu‖ / ‖cpu‖).
+/// Relative error bound of the GPU logits against the CPU's (‖gpu − cpu‖ / ‖cpu‖), per row.
 pub(super) const REL_TOL: f64 = 1e-2;
+
+/// The per-row bound for bf16 on the tiny models (hidden size 48-64), where a dot product
+/// averages too few bf16 rounding errors for 1e-2: on an H100 their worst rows reach 1.7e-2
+/// (median 7e-3), and a numpy model of the same rounding points (bf16 GEMM inputs and KV
+/// cache, everything else in f64) gives 1.9e-2 for tiny-llama-gqa and 1.4e-2 for tiny-qwen2.
+/// Their mean over rows must still be within [`REL_TOL`]; f16 and the realistic model are held
+/// to [`REL_TOL`] per row.
+pub(super) const TINY_BF16_ROW_TOL: f64 = 3e-2;
 
 pub(super) fn repo_root() -> PathBuf {
     libs::repo_root()
 }
 
-/// Prints the skip line and returns false when no device is usable.
+/// Prints the skip line and returns false when no device is usable (or fails, under
+/// `STEPSCOPE_REQUIRE_CUDA=1`, as `scripts/gpu-check.sh` sets it).
 pub(super) fn device_or_skip(test: &str) -> bool {
     match probe() {
         Ok(_) => true,
+        Err(e) if std::env::var("STEPSCOPE_REQUIRE_CUDA").is_ok_and(|v| v == "1") => {
+            panic!("{test}: STEPSCOPE_REQUIRE_CUDA=1 but {e}")
+        }
         Err(e) => {
             eprintln!("skipped: no CUDA device ({test}: {e})");
             false
@@ -284,12 +296,52 @@ pub(super) struct Lockstep {
     pub steps: usize,
     pub rows: usize,
     pub max_rel_err: f64,
+    pub mean_rel_err: f64,
     pub argmax_agree: usize,
     pub argmax_total: usize,
-    /// CPU top-2 margin wherever the argmaxes differed.
-    pub disagreement_margins: Vec<f32>,
+    /// Wherever the argmaxes differed: the CPU's top-2 margin and the row's RMS logit error.
+    pub disagreements: Vec<(f32, f64)>,
     /// Greedy ids per prompt (the CPU's, fed to both runners).
     pub tokens: Vec<Vec<u32>>,
+}
+
+/// A greedy disagreement is a near-tie when the CPU's top-2 margin is within this many RMS
+/// logit errors of that row: 16-bit activations can flip it, a bug would show as a large error.
+pub(super) const NEAR_TIE_RMS: f64 = 4.0;
+
+impl Lockstep {
+    /// Disagreements that are not near-ties.
+    pub fn unexplained(&self) -> Vec<(f32, f64)> {
+        self.disagreements
+            .iter()
+            .copied()
+            .filter(|&(margin, rms)| f64::from(margin) > NEAR_TIE_RMS * rms)
+            .collect()
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "{} steps, {} rows, rel err max {:.2e} mean {:.2e}, argmax equal {}/{}{}",
+            self.steps,
+            self.rows,
+            self.max_rel_err,
+            self.mean_rel_err,
+            self.argmax_agree,
+            self.argmax_total,
+            if self.disagreements.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (differing rows: CPU top-2 margin / RMS logit error = {})",
+                    self.disagreements
+                        .iter()
+                        .map(|(m, r)| format!("{m:.4}/{r:.4}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        )
+    }
 }
 
 /// Drives both runners with identical batches — prompts prefilled in chunks of `chunk` tokens
@@ -370,18 +422,28 @@ pub(super) fn lockstep(
         for (row, &i) in picked.iter().enumerate() {
             let (gr, cr) = (g.row(row), c.row(row));
             out.rows += 1;
-            out.max_rel_err = out.max_rel_err.max(rel_err(gr, cr));
+            let e = rel_err(gr, cr);
+            out.max_rel_err = out.max_rel_err.max(e);
+            out.mean_rel_err += e;
             let (ga, ca) = (argmax(gr), argmax(cr));
             out.argmax_total += 1;
             if ga == ca {
                 out.argmax_agree += 1;
             } else {
-                out.disagreement_margins.push(top2_margin(cr));
+                let rms = (gr
+                    .iter()
+                    .zip(cr)
+                    .map(|(g, c)| f64::from(g - c).powi(2))
+                    .sum::<f64>()
+                    / gr.len() as f64)
+                    .sqrt();
+                out.disagreements.push((top2_margin(cr), rms));
             }
             seqs[i].tokens.push(ca);
             seqs[i].generated += 1;
         }
     }
+    out.mean_rel_err /= out.rows.max(1) as f64;
     out.tokens = seqs
         .iter()
         .map(|s| s.tokens[s.tokens.len() - s.generated..].to_vec())
@@ -505,20 +567,23 @@ fn cuda_matches_cpu_on_tiny_models() {
 
             // Lock-step, mixed prefill chunks and decodes, shuffled blocks.
             let s = lockstep(&mut gpu, &mut cpu, kv, &prompts, 5, new_tokens, 3);
-            eprintln!(
-                "{name} [{}]: {} steps, {} rows, max rel err {:.2e}, argmax {}/{}",
+            eprintln!("{name} [{}]: {}", dtype.name(), s.summary());
+            let row_tol = match dtype {
+                ActDtype::Bf16 => TINY_BF16_ROW_TOL,
+                ActDtype::F16 => REL_TOL,
+            };
+            assert!(
+                s.max_rel_err <= row_tol && s.mean_rel_err <= REL_TOL,
+                "{name} [{}]: relative error max {:.3e} (bound {row_tol}), mean {:.3e} (bound {REL_TOL})",
                 dtype.name(),
-                s.steps,
-                s.rows,
                 s.max_rel_err,
-                s.argmax_agree,
-                s.argmax_total
+                s.mean_rel_err
             );
             assert!(
-                s.max_rel_err <= REL_TOL,
-                "{name} [{}]: relative error {:.3e} > {REL_TOL}",
+                s.unexplained().is_empty(),
+                "{name} [{}]: greedy ids differ away from near-ties: {}",
                 dtype.name(),
-                s.max_rel_err
+                s.summary()
             );
 
             // The same with decode steps replayed as CUDA graphs.
@@ -530,18 +595,15 @@ fn cuda_matches_cpu_on_tiny_models() {
             let mut gpu_graphs =
                 CudaModelRunner::with_options(cfg.clone(), weights.clone(), kv, &opts)
                     .unwrap_or_else(|e| panic!("{name}: {e}"));
-            let sg = lockstep(&mut gpu_graphs, &mut cpu, kv, &prompts, 5, new_tokens, 3);
-            eprintln!(
-                "  with CUDA graphs: max rel err {:.2e}, argmax {}/{}",
-                sg.max_rel_err, sg.argmax_agree, sg.argmax_total
-            );
+            // Replayed graphs compute exactly what eager launches compute.
+            let sg = lockstep(&mut gpu_graphs, &mut gpu, kv, &prompts, 5, new_tokens, 3);
+            eprintln!("  CUDA graphs vs eager: {}", sg.summary());
             assert!(
-                sg.max_rel_err <= REL_TOL,
-                "{name} [{}] with graphs: relative error {:.3e}",
+                sg.max_rel_err <= 1e-6 && sg.disagreements.is_empty(),
+                "{name} [{}]: CUDA graphs differ from eager launches: {}",
                 dtype.name(),
-                sg.max_rel_err
+                sg.summary()
             );
-            assert_eq!(sg.tokens, s.tokens, "{name}: graphs change nothing");
             drop(gpu_graphs);
 
             // Free-running greedy: batched with chunked prefill, and one request at a time.
@@ -561,12 +623,21 @@ fn cuda_matches_cpu_on_tiny_models() {
             ] {
                 let g = greedy_generate(&mut gpu, kv, &prompts, &opts).expect("gpu greedy");
                 let c = greedy_generate(&mut cpu, kv, &prompts, &opts).expect("cpu greedy");
-                assert_eq!(
-                    g.tokens,
-                    c.tokens,
-                    "{name} [{}]: greedy ids differ ({opts:?})",
-                    dtype.name()
-                );
+                // Free-running, a near-tie flip changes the rest of the continuation; the
+                // lock-step comparison above checks every step. Reported here.
+                let same = g
+                    .tokens
+                    .iter()
+                    .zip(&c.tokens)
+                    .filter(|(a, b)| a == b)
+                    .count();
+                let first_diff: Vec<usize> = g
+                    .tokens
+                    .iter()
+                    .zip(&c.tokens)
+                    .filter(|(a, b)| a != b)
+                    .map(|(a, b)| a.iter().zip(b).take_while(|(x, y)| x == y).count())
+                    .collect();
                 let c32 = greedy_generate(&mut cpu32, kv, &prompts, &opts).expect("cpu f32 greedy");
                 let worst = g
                     .prompt_logits
@@ -587,11 +658,16 @@ fn cuda_matches_cpu_on_tiny_models() {
                     .filter(|(a, b)| a == b)
                     .count();
                 eprintln!(
-                    "  greedy {new_tokens} tokens x {} prompts equal; prompt logits rel err {worst:.2e} (vs unrounded f32 weights {worst32:.2e}, {same32}/{} continuations equal)",
+                    "  free-running greedy (batched {}, chunk {:?}): {same}/{} continuations of {new_tokens} tokens equal (others diverge after {first_diff:?} tokens); prompt logits rel err {worst:.2e} (vs unrounded f32 weights {worst32:.2e}, {same32}/{} continuations equal)",
+                    opts.batched,
+                    opts.prefill_chunk,
                     prompts.len(),
                     prompts.len()
                 );
-                assert!(worst <= REL_TOL);
+                assert!(
+                    worst <= row_tol,
+                    "{name}: prompt logits rel err {worst:.3e}"
+                );
             }
 
             // The on-device argmax agrees with the host argmax of the same logits.
@@ -719,13 +795,10 @@ fn cuda_matches_cpu_on_a_realistic_random_llama() {
     }
     let cfg = realistic_config();
     let t0 = std::time::Instant::now();
-    let gpu_probe = probe().expect("probed");
-    let dtype = ActDtype::for_compute_capability(gpu_probe.compute_capability.0);
-    // Rounded once, in place: the GPU would round them to the same values anyway.
-    let weights = Arc::new(weights_rounded_to(&tiny_weights(&cfg), dtype));
+    let base = tiny_weights(&cfg);
     eprintln!(
         "random weights: {} params in {:.1} s",
-        weights.num_params(),
+        base.num_params(),
         t0.elapsed().as_secs_f64()
     );
     let new_tokens = 32;
@@ -739,32 +812,46 @@ fn cuda_matches_cpu_on_a_realistic_random_llama() {
         num_blocks: need + 3,
         block_size: bs,
     };
-    let t0 = std::time::Instant::now();
-    let mut gpu = CudaModelRunner::new(cfg.clone(), weights.clone(), kv).expect("cuda runner");
-    eprintln!(
-        "cuda runner ({}, {}) ready in {:.1} s",
-        gpu.arch(),
-        gpu.dtype().name(),
-        t0.elapsed().as_secs_f64()
-    );
-    let mut cpu = CpuModelRunner::new(cfg.clone(), weights.clone(), kv).expect("cpu runner");
-    let t0 = std::time::Instant::now();
-    let s = lockstep(&mut gpu, &mut cpu, kv, &prompts, 32, new_tokens, 5);
-    eprintln!(
-        "realistic random Llama [{}]: {} steps, {} rows, max rel err {:.2e}, argmax {}/{} (CPU margins where they differ: {:?}) in {:.1} s",
-        dtype.name(),
-        s.steps,
-        s.rows,
-        s.max_rel_err,
-        s.argmax_agree,
-        s.argmax_total,
-        s.disagreement_margins,
-        t0.elapsed().as_secs_f64()
-    );
-    assert!(
-        s.max_rel_err <= REL_TOL,
-        "relative error {:.3e} > {REL_TOL}",
-        s.max_rel_err
-    );
-    assert_eq!(s.argmax_agree, s.argmax_total, "greedy ids differ");
+    let mut failures = Vec::new();
+    for dtype in [ActDtype::Bf16, ActDtype::F16] {
+        // The CPU reference uses the weights rounded as the GPU stores them.
+        let weights = Arc::new(weights_rounded_to(&base, dtype));
+        let t0 = std::time::Instant::now();
+        let opts = CudaOptions {
+            dtype: Some(dtype),
+            ..CudaOptions::default()
+        };
+        let mut gpu = CudaModelRunner::with_options(cfg.clone(), weights.clone(), kv, &opts)
+            .expect("cuda runner");
+        eprintln!(
+            "cuda runner ({}, {}) ready in {:.1} s",
+            gpu.arch(),
+            gpu.dtype().name(),
+            t0.elapsed().as_secs_f64()
+        );
+        let mut cpu = CpuModelRunner::new(cfg.clone(), weights, kv).expect("cpu runner");
+        let t0 = std::time::Instant::now();
+        let s = lockstep(&mut gpu, &mut cpu, kv, &prompts, 32, new_tokens, 5);
+        eprintln!(
+            "realistic random Llama [{}]: {} ({:.1} s)",
+            dtype.name(),
+            s.summary(),
+            t0.elapsed().as_secs_f64()
+        );
+        if s.max_rel_err > REL_TOL {
+            failures.push(format!(
+                "[{}] relative error {:.3e} > {REL_TOL}",
+                dtype.name(),
+                s.max_rel_err
+            ));
+        }
+        if !s.unexplained().is_empty() {
+            failures.push(format!(
+                "[{}] greedy ids differ away from near-ties: {}",
+                dtype.name(),
+                s.summary()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
 }

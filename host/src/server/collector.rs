@@ -1,0 +1,276 @@
+//! The scrape-time half of `/metrics`: a `prometheus-client` [`Collector`] that reads the
+//! engine's numbers (`EngineHandle::stats`: queue depths, KV blocks, prefix-cache queries and
+//! hits, preemptions, token totals) and the step tracer's and policy runtime's counters
+//! (`TracerMetrics::snapshot`: steps seen, batch- and rich-sampled, snapshots, records dropped by
+//! reason, export failures, policy calls and faults by kind) each time `/metrics` is scraped.
+//! Gauges are sampled values, counters are the components' own monotonic totals; nothing here
+//! keeps state of its own.
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+
+use crate::engine::EngineHandle;
+use crate::observability::TracerMetrics;
+use crate::policy::FaultKind;
+
+use super::metrics::TracingInfo;
+
+/// Reads the engine's and the tracer's counters at scrape time.
+#[derive(Debug)]
+pub struct StatsCollector {
+    engine: EngineHandle,
+    tracer: Arc<TracerMetrics>,
+    tracing: TracingInfo,
+}
+
+impl StatsCollector {
+    pub fn new(engine: EngineHandle, tracer: Arc<TracerMetrics>, tracing: TracingInfo) -> Self {
+        Self {
+            engine,
+            tracer,
+            tracing,
+        }
+    }
+}
+
+type FmtResult = Result<(), std::fmt::Error>;
+
+/// Encodes one unlabelled series per `(name, help, value)`.
+fn encode_all<M: EncodeMetric>(
+    e: &mut DescriptorEncoder,
+    series: impl IntoIterator<Item = (&'static str, &'static str, M)>,
+) -> FmtResult {
+    for (name, help, metric) in series {
+        metric.encode(e.encode_descriptor(name, help, None, metric.metric_type())?)?;
+    }
+    Ok(())
+}
+
+/// Encodes one series with a label per `(label value, value)`.
+fn encode_labelled(
+    e: &mut DescriptorEncoder,
+    (name, help, label): (&str, &str, &str),
+    values: impl IntoIterator<Item = (&'static str, u64)>,
+) -> FmtResult {
+    let mut family = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (label_value, value) in values {
+        ConstCounter::new(value).encode(family.encode_family(&[(label, label_value)])?)?;
+    }
+    Ok(())
+}
+
+impl Collector for StatsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> FmtResult {
+        let s = self.engine.stats();
+        let e = &mut encoder;
+        encode_all(
+            e,
+            [
+                (
+                    "stepscope_num_requests_running",
+                    "Requests in the running queue (holding KV blocks)",
+                    ConstGauge::new(s.num_running as f64),
+                ),
+                (
+                    "stepscope_num_requests_waiting",
+                    "Requests waiting for admission (preempted ones included)",
+                    ConstGauge::new(s.num_waiting as f64),
+                ),
+                (
+                    "stepscope_kv_cache_usage_ratio",
+                    "Fraction of KV blocks in use (1 - free / total)",
+                    ConstGauge::new(s.kv_usage_ratio),
+                ),
+                (
+                    "stepscope_kv_cache_blocks_free",
+                    "KV blocks free (cached-but-unreferenced blocks included)",
+                    ConstGauge::new(s.kv_blocks_free as f64),
+                ),
+                (
+                    "stepscope_num_kv_blocks",
+                    "KV blocks in the pool (--num-kv-blocks)",
+                    ConstGauge::new(s.kv_blocks_total as f64),
+                ),
+            ],
+        )?;
+        encode_all(
+            e,
+            [
+                (
+                    "stepscope_prefix_cache_queries",
+                    "Prompt tokens looked up in the prefix cache at admission",
+                    s.prefix_cache_queries,
+                ),
+                (
+                    "stepscope_prefix_cache_hits",
+                    "Prompt tokens found in the prefix cache at admission",
+                    s.prefix_cache_hits,
+                ),
+                (
+                    "stepscope_num_preemptions",
+                    "Requests preempted (blocks freed, recomputed later)",
+                    s.num_preemptions_total,
+                ),
+                (
+                    "stepscope_prompt_tokens",
+                    "Prompt tokens of requests that produced their first token",
+                    s.prompt_tokens_total,
+                ),
+                (
+                    "stepscope_generation_tokens",
+                    "Tokens generated",
+                    s.generation_tokens_total,
+                ),
+                (
+                    "stepscope_computed_tokens",
+                    "Tokens computed by forward passes (prefill, recomputation, decode)",
+                    s.computed_tokens_total,
+                ),
+                ("stepscope_engine_steps", "Scheduler steps run", s.num_steps),
+                (
+                    "stepscope_engine_requests_finished",
+                    "Requests the engine finished (any reason)",
+                    s.num_requests_finished_total,
+                ),
+                (
+                    "stepscope_model_errors",
+                    "Failed forward passes",
+                    s.model_errors_total,
+                ),
+            ]
+            .map(|(name, help, value)| (name, help, ConstCounter::new(value))),
+        )?;
+        self.encode_tracer(e)
+    }
+}
+
+impl StatsCollector {
+    fn encode_tracer(&self, e: &mut DescriptorEncoder) -> FmtResult {
+        let t = self.tracer.snapshot();
+        let labels = [
+            (
+                "enabled",
+                if self.tracing.enabled {
+                    "true"
+                } else {
+                    "false"
+                },
+            ),
+            ("policy", self.tracing.policy_name.as_str()),
+            ("digest", self.tracing.policy_digest.as_str()),
+        ];
+        let mut info = e.encode_descriptor(
+            "stepscope_step_tracing_info",
+            "Step tracing configuration (value is always 1)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(1i64).encode(info.encode_family(&labels)?)?;
+        let p = t.policy;
+        encode_all(
+            e,
+            [
+                (
+                    "stepscope_step_tracing_steps_seen",
+                    "Steps shown to the step tracer",
+                    t.steps_seen,
+                ),
+                (
+                    "stepscope_step_tracing_steps_batch_sampled",
+                    "Steps whose batch summary was traced",
+                    t.steps_batch_sampled,
+                ),
+                (
+                    "stepscope_step_tracing_steps_rich_sampled",
+                    "Steps traced with per-request snapshots",
+                    t.steps_rich_sampled,
+                ),
+                (
+                    "stepscope_step_tracing_snapshots",
+                    "Request snapshots emitted",
+                    t.snapshots_emitted,
+                ),
+                (
+                    "stepscope_step_tracing_records_queued",
+                    "Trace records handed to the exporter thread",
+                    t.records_queued,
+                ),
+                (
+                    "stepscope_step_tracing_spans_exported",
+                    "Spans the OTLP collector accepted",
+                    t.spans_exported,
+                ),
+                (
+                    "stepscope_step_tracing_export_failures",
+                    "Spans lost by the OTLP exporter (error, timeout, unreachable)",
+                    t.spans_export_failed,
+                ),
+                (
+                    "stepscope_step_tracing_export_errors",
+                    "Failed OTLP export calls",
+                    t.export_errors,
+                ),
+                (
+                    "stepscope_step_tracing_jsonl_lines_written",
+                    "Lines written to the step-tracing file",
+                    t.jsonl_lines_written,
+                ),
+                (
+                    "stepscope_step_tracing_jsonl_write_failures",
+                    "Lines that could not be written to the step-tracing file",
+                    t.jsonl_write_failures,
+                ),
+                (
+                    "stepscope_policy_calls",
+                    "Policy guest calls (decide and plan-rich)",
+                    p.calls,
+                ),
+                (
+                    "stepscope_policy_instantiations",
+                    "Policy instances created (the first one included)",
+                    p.instantiations,
+                ),
+                (
+                    "stepscope_policy_skipped_backoff",
+                    "Steps left untraced while a faulty policy backs off",
+                    p.skipped_backoff,
+                ),
+            ]
+            .map(|(name, help, value)| (name, help, ConstCounter::new(value))),
+        )?;
+        encode_all(
+            e,
+            [(
+                "stepscope_policy_call_seconds",
+                "Time spent in policy guest calls",
+                ConstCounter::new(p.call_nanos_total as f64 / 1e9),
+            )],
+        )?;
+        encode_labelled(
+            e,
+            (
+                "stepscope_step_tracing_records_dropped",
+                "Trace records dropped before export, by reason",
+                "reason",
+            ),
+            [
+                ("queue_full", t.records_dropped_queue_full),
+                ("closed", t.records_dropped_closed),
+            ],
+        )?;
+        encode_labelled(
+            e,
+            (
+                "stepscope_policy_faults",
+                "Policy calls that gave no usable answer, by kind",
+                "kind",
+            ),
+            FaultKind::ALL.map(|kind| (kind.as_str(), p.faults_of(kind))),
+        )
+    }
+}
