@@ -250,6 +250,15 @@ pub struct PolicyRunArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// CPU model throughput: prefill and decode tokens/s at several batch sizes.
+    Model {
+        /// Model directory or `builtin:tiny` (default: SmolLM2 when set up, else builtin:tiny).
+        #[arg(long)]
+        model: Option<String>,
+        /// Batch sizes to measure.
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16])]
+        batch: Vec<usize>,
+    },
     /// Scheduler CPU time per step (median, p99) at several running-queue sizes.
     Scheduler {
         /// Running-queue sizes to measure.

@@ -91,6 +91,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(BenchCommand::Model { model, batch }) => {
+            let model = model.unwrap_or_else(|| {
+                stepscope::model::bench::default_bench_model(std::path::Path::new("."))
+            });
+            stepscope::model::bench::cpu_throughput_bench(&model, &batch)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(BenchCommand::Scheduler { running }) => {
             for row in stepscope::engine::bench::scheduler_bench(&running) {
                 println!("{row}");
