@@ -5,6 +5,7 @@ up, the real model answers "What is the capital of France?" with Paris."""
 
 from __future__ import annotations
 
+import pytest
 import requests
 
 from conftest import generate
@@ -106,17 +107,23 @@ def test_streaming_chat_with_usage_and_content_parts(tiny):
 
 def test_stop_string_ends_the_completion(tiny):
     client = tiny.client()
-    full = client.completions.create(model="tiny", prompt="abc", max_tokens=24, **GREEDY,
-                                     extra_body={"ignore_eos": True}).choices[0].text
-    visible = full.strip()
-    if len(visible) < 4:
-        return  # the random tiny model produced too little printable text to cut
+    # The tiny model is random but deterministic: take the first prompt whose greedy output has
+    # enough printable text to cut in the middle.
+    for prompt in ["abc", "hello", "the quick brown fox", "stop here please", "0123456789"]:
+        full = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, **GREEDY,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+        visible = full.strip()
+        if len(visible) >= 4:
+            break
+    else:
+        pytest.fail("no prompt gave the tiny model enough text to place a stop string in")
     stop = visible[len(visible) // 2:][:2]
-    cut = client.completions.create(model="tiny", prompt="abc", max_tokens=24, stop=[stop], **GREEDY,
+    cut = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, stop=[stop], **GREEDY,
                                     extra_body={"ignore_eos": True})
     assert cut.choices[0].finish_reason == "stop"
     assert stop not in cut.choices[0].text
     assert full.startswith(cut.choices[0].text)
+    assert len(cut.choices[0].text) < len(full)
 
 
 def test_seeded_sampling_is_reproducible(tiny):
