@@ -124,6 +124,7 @@ fn conformance_suite_passes_the_default_and_fails_a_hostile_policy() {
         params: stepscope::cli::policy_params(0.5, 0.5, &[]),
         seed: 0,
         steps: 5_000,
+        measure_latency: true,
     };
     let module =
         PolicyModule::load(&PolicySource::BuiltinDefault, PolicyLimits::default()).unwrap();

@@ -2,13 +2,15 @@
 //! pre-linked instance template (`InstancePre`) so re-instantiation after a fault is cheap.
 
 use super::bindings::StepPolicyPre;
+use super::cache::{self, CompileSource};
 use super::limits::PolicyLimits;
+use super::wasi::{self, ImportPlan};
 use super::{DEFAULT_POLICY_WASM, POLICY_INTERFACE};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use thiserror::Error;
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::Linker;
 use wasmtime::{Config, Engine};
 
 /// Why a policy was refused at load time. Each message fits on one line and names the problem.
@@ -32,7 +34,7 @@ pub enum PolicyError {
     )]
     WrongWorld { name: String, exports: String },
     #[error(
-        "{name}: imports {imports}, which a policy may not use (no WASI or host functions are granted)"
+        "{name}: imports {imports}, which a policy may not use (only WASI 0.2 interfaces are linked, to an empty sandbox; no host functions are granted)"
     )]
     ForbiddenImports { name: String, imports: String },
     #[error("{name}: does not match the policy contract: {reason}")]
@@ -77,6 +79,8 @@ struct ModuleInner {
     digest: String,
     size_bytes: usize,
     limits: PolicyLimits,
+    wasi_imports: Vec<String>,
+    compile_source: CompileSource,
 }
 
 impl std::fmt::Debug for PolicyModule {
@@ -110,16 +114,20 @@ impl PolicyModule {
         let name = name.to_string();
         check_header(&name, bytes)?;
         let engine = policy_engine(limits.fuel_per_call > 0)?;
-        let component = Component::new(&engine, bytes).map_err(|e| PolicyError::Invalid {
-            name: name.clone(),
-            reason: one_line(&e),
-        })?;
+        let digest = sha256_hex(bytes);
+        let digest_hex = digest.trim_start_matches("sha256:");
+        let (component, compile_source) =
+            cache::compile(&engine, bytes, digest_hex).map_err(|e| PolicyError::Invalid {
+                name: name.clone(),
+                reason: one_line(&e),
+            })?;
         let ty = component.component_type();
         let imports: Vec<String> = ty.imports(&engine).map(|(n, _)| n.to_string()).collect();
-        if !imports.is_empty() {
+        let import_plan = ImportPlan::classify(imports.iter().map(String::as_str));
+        if !import_plan.refused.is_empty() {
             return Err(PolicyError::ForbiddenImports {
                 name,
-                imports: imports.join(", "),
+                imports: import_plan.refused.join(", "),
             });
         }
         let exports: Vec<String> = ty.exports(&engine).map(|(n, _)| n.to_string()).collect();
@@ -131,7 +139,10 @@ impl PolicyModule {
             };
             return Err(PolicyError::WrongWorld { name, exports });
         }
-        let linker = Linker::new(&engine);
+        let mut linker = Linker::new(&engine);
+        if import_plan.needs_wasi() {
+            wasi::add_to_linker(&mut linker).map_err(|e| PolicyError::Engine(one_line(&e)))?;
+        }
         let instance_pre =
             linker
                 .instantiate_pre(&component)
@@ -148,9 +159,11 @@ impl PolicyModule {
                 engine,
                 pre,
                 name,
-                digest: sha256_hex(bytes),
+                digest,
                 size_bytes: bytes.len(),
                 limits,
+                wasi_imports: import_plan.wasi,
+                compile_source,
             }),
         })
     }
@@ -171,6 +184,16 @@ impl PolicyModule {
 
     pub fn limits(&self) -> PolicyLimits {
         self.inner.limits
+    }
+
+    /// The WASI interfaces the component imports (served by the empty sandbox context).
+    pub fn wasi_imports(&self) -> &[String] {
+        &self.inner.wasi_imports
+    }
+
+    /// Whether the component was compiled now or loaded from the compile cache.
+    pub fn compile_source(&self) -> CompileSource {
+        self.inner.compile_source
     }
 
     pub(crate) fn engine(&self) -> &Engine {

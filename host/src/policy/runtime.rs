@@ -11,13 +11,23 @@ use super::bindings::{RequestViews, StepPolicy, StepSummary};
 use super::faults::{FaultKind, PolicyCounters};
 use super::module::{PolicyError, PolicyModule, one_line};
 use super::validate::{Decision, RichSelection, check_decision, check_rich_plan};
+use super::wasi::SandboxWasi;
 use std::sync::Arc;
 use std::time::Instant;
 use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::{WasiCtxView, WasiView};
 
-/// Per-store host state: only the resource limiter (no WASI, no host functions).
+/// Per-store host state: the resource limiter, and the sandbox WASI context for components
+/// that import WASI (built on first use; see [`super::wasi`]).
 pub(crate) struct StoreState {
     limits: StoreLimits,
+    wasi: Option<SandboxWasi>,
+}
+
+impl WasiView for StoreState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        self.wasi.get_or_insert_with(SandboxWasi::new).view()
+    }
 }
 
 /// The result of one policy call as seen by the step loop.
@@ -218,10 +228,12 @@ fn instantiate(
         limits: StoreLimitsBuilder::new()
             .memory_size(limits.memory_bytes)
             .trap_on_grow_failure(true)
-            .instances(4)
-            .memories(2)
-            .tables(4)
+            // Python and JavaScript components link dozens of core instances and tables.
+            .instances(256)
+            .memories(16)
+            .tables(256)
             .build(),
+        wasi: None,
     };
     let mut store = Store::new(module.engine(), state);
     store.limiter(|state| &mut state.limits);
