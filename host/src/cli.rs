@@ -46,6 +46,13 @@ pub struct ServeArgs {
     /// name, e.g. `SmolLM2-135M-Instruct` or `builtin:tiny`).
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Vec<String>,
+    /// Serve the admin API (`GET`/`POST /admin/policy`: hot swap of the step-tracing policy)
+    /// on this port (0: any free port, printed at start-up). Off unless given.
+    #[arg(long, value_name = "PORT")]
+    pub admin_port: Option<u16>,
+    /// Address of the admin API listener (loopback unless configured otherwise).
+    #[arg(long, default_value = "127.0.0.1", requires = "admin_port")]
+    pub admin_host: String,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -209,6 +216,56 @@ pub enum PolicyCommand {
     Check(PolicyCheckArgs),
     /// Run a policy over synthetic step summaries and print the observed rates.
     Run(PolicyRunArgs),
+    /// Run a policy over steps recorded by `--step-tracing-file` and print which it would have
+    /// sampled, why, and the rates.
+    Replay(PolicyReplayArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyReplayArgs {
+    /// The policy component (.wasm), or `builtin:default`.
+    pub file: String,
+    /// The recorded steps: a JSON-lines trace (record every step with
+    /// `--step-tracing-sample-rate 1`).
+    #[arg(long, value_name = "recorded.jsonl")]
+    pub steps: PathBuf,
+    /// The `--seed` of the recording server (the per-step draws derive from it).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 0.01, value_parser = parse_rate)]
+    pub sample_rate: f64,
+    #[arg(long, default_value_t = 0.001, value_parser = parse_rate)]
+    pub rich_subsample_rate: f64,
+    /// A `key=value` parameter for `configure` (repeatable).
+    #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub args: Vec<(String, String)>,
+    /// Print only the totals, not one line per sampled step.
+    #[arg(long)]
+    pub summary_only: bool,
+    #[command(flatten)]
+    pub limits: PolicyLimitArgs,
+}
+
+/// The policy sandbox's bounds, as `serve` sets them with `--step-tracing-policy-fuel` and
+/// `--step-tracing-policy-memory-mib`.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct PolicyLimitArgs {
+    /// Fuel one policy call may use (0: no CPU bound).
+    #[arg(long, default_value_t = 20_000_000)]
+    pub fuel: u64,
+    /// Linear-memory cap of a policy instance, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub memory_mib: u64,
+}
+
+impl PolicyLimitArgs {
+    pub fn limits(&self) -> crate::policy::PolicyLimits {
+        crate::policy::PolicyLimits {
+            fuel_per_call: self.fuel,
+            memory_bytes: (self.memory_mib.min(4096) as usize) << 20,
+            ..crate::policy::PolicyLimits::default()
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -229,6 +286,8 @@ pub struct PolicyCheckArgs {
     pub steps: u64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    #[command(flatten)]
+    pub limits: PolicyLimitArgs,
 }
 
 #[derive(Debug, Args)]
@@ -246,6 +305,8 @@ pub struct PolicyRunArgs {
     pub args: Vec<(String, String)>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    #[command(flatten)]
+    pub limits: PolicyLimitArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -268,8 +329,12 @@ pub enum BenchCommand {
     /// Policy call latency: Wasm default vs native, CPU bound, rich plans.
     Policy {
         /// A policy component to measure instead of the built-in default.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "languages")]
         policy: Option<PathBuf>,
+        /// Compare the same policy built in several languages: `NAME=FILE.wasm` (repeatable;
+        /// `NAME=builtin:default` for the embedded one). See scripts/bench-policy-languages.sh.
+        #[arg(long = "language", value_name = "NAME=FILE.wasm", value_parser = parse_key_value)]
+        languages: Vec<(String, String)>,
         #[arg(long, default_value_t = 200_000)]
         iterations: u64,
     },

@@ -5,9 +5,7 @@ use clap::Parser;
 use std::process::ExitCode;
 use std::sync::Arc;
 use stepscope::cli::{BenchCommand, Cli, Command, PolicyCommand};
-use stepscope::policy::{
-    PolicyCounters, PolicyLimits, PolicyModule, PolicyRuntime, PolicySource, conformance,
-};
+use stepscope::policy::{PolicyCounters, PolicyModule, PolicyRuntime, PolicySource, conformance};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -33,7 +31,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => stepscope::server::run(args),
         Command::Policy(PolicyCommand::Check(args)) => {
             let source = PolicySource::File(args.file.clone());
-            let module = PolicyModule::load(&source, PolicyLimits::default())?;
+            let module = PolicyModule::load(&source, args.limits.limits())?;
             let suite = conformance::SuiteParams {
                 params: stepscope::cli::policy_params(
                     args.sample_rate,
@@ -42,6 +40,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ),
                 seed: args.seed,
                 steps: args.steps,
+                measure_latency: true,
             };
             let report = conformance::check(&module, &suite)?;
             println!("{report}");
@@ -51,13 +50,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::Policy(PolicyCommand::Replay(args)) => run_replay(args),
         Command::Policy(PolicyCommand::Run(args)) => {
             let source = if args.file == "builtin:default" {
                 PolicySource::BuiltinDefault
             } else {
                 PolicySource::File(args.file.clone().into())
             };
-            let module = PolicyModule::load(&source, PolicyLimits::default())?;
+            let module = PolicyModule::load(&source, args.limits.limits())?;
             let params = stepscope::cli::policy_params(
                 args.sample_rate,
                 args.rich_subsample_rate,
@@ -116,7 +116,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(BenchCommand::Policy { policy, iterations }) => {
+        Command::Bench(BenchCommand::Policy {
+            policy,
+            languages,
+            iterations,
+        }) if !languages.is_empty() => {
+            let _ = policy;
+            let languages: Vec<_> = languages
+                .into_iter()
+                .map(|(name, file)| {
+                    let source = if file == "builtin:default" {
+                        PolicySource::BuiltinDefault
+                    } else {
+                        PolicySource::File(file.into())
+                    };
+                    (name, source)
+                })
+                .collect();
+            let rows = stepscope::bench::policy::run_languages(&languages, iterations.max(100))?;
+            print!("{}", stepscope::bench::policy::render(&rows));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Policy {
+            policy, iterations, ..
+        }) => {
             let source = PolicySource::from_option(policy.as_deref());
             let rows = stepscope::bench::policy::run(&source, iterations.max(100))?;
             print!("{}", stepscope::bench::policy::render(&rows));
@@ -179,5 +202,94 @@ fn run_generate(args: stepscope::cli::GenerateArgs) -> anyhow::Result<ExitCode> 
     }
     launched.engine.shutdown()?;
     tracer.shutdown();
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_replay(args: stepscope::cli::PolicyReplayArgs) -> anyhow::Result<ExitCode> {
+    let source = if args.file == "builtin:default" {
+        PolicySource::BuiltinDefault
+    } else {
+        PolicySource::File(args.file.clone().into())
+    };
+    let module = PolicyModule::load(&source, args.limits.limits())?;
+    let file = std::fs::File::open(&args.steps)
+        .with_context(|| format!("cannot open {}", args.steps.display()))?;
+    let steps = stepscope::observability::jsonl::read_recorded_steps(
+        std::io::BufReader::new(file),
+        args.seed,
+    )
+    .with_context(|| format!("reading recorded steps from {}", args.steps.display()))?;
+    if steps.is_empty() {
+        anyhow::bail!("{} holds no recorded steps", args.steps.display());
+    }
+    let params =
+        stepscope::cli::policy_params(args.sample_rate, args.rich_subsample_rate, &args.args);
+    let counters = Arc::new(PolicyCounters::default());
+    let mut runtime =
+        PolicyRuntime::new(module, params, counters).context("starting the policy")?;
+    let report = stepscope::policy::replay::replay(&mut runtime, &steps);
+    println!(
+        "policy {} ({})",
+        runtime.module().name(),
+        runtime.module().digest()
+    );
+    if !args.summary_only {
+        for step in &report.sampled {
+            let mut line = format!(
+                "step {:>8}  {}  p={:.4}",
+                step.step_id,
+                if step.rich {
+                    "batch+rich"
+                } else {
+                    "batch     "
+                },
+                step.batch_probability
+            );
+            if let Some(n) = step.rich_requests {
+                line.push_str(&format!("  snapshots={n}"));
+            }
+            for (key, value) in &step.extra {
+                line.push_str(&format!("  {key}={value}"));
+            }
+            println!("{line}");
+        }
+    }
+    println!(
+        "replayed {} recorded steps (step ids {}..={}, {:.3} s of step time)",
+        report.steps,
+        report.first_step.unwrap_or(0),
+        report.last_step.unwrap_or(0),
+        report.span_seconds
+    );
+    let per_second = report.sampled_per_second().map_or(String::new(), |r| {
+        format!(", {r:.2} per second of step time")
+    });
+    println!(
+        "batch-sampled: {} (rate {:.6}{per_second})",
+        report.sampled.len(),
+        report.batch_rate()
+    );
+    println!(
+        "rich-sampled: {} (rate {:.6})",
+        report.rich,
+        report.rich_rate()
+    );
+    let reasons: Vec<String> = report
+        .reasons
+        .iter()
+        .map(|(reason, n)| format!("{reason}={n}"))
+        .collect();
+    println!(
+        "by reason: {}",
+        if reasons.is_empty() {
+            "-".to_string()
+        } else {
+            reasons.join(" ")
+        }
+    );
+    println!(
+        "faults: {}, steps skipped in back-off: {}",
+        report.faults, report.backing_off
+    );
     Ok(ExitCode::SUCCESS)
 }

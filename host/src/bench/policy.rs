@@ -3,6 +3,11 @@
 //! Measures, in one run: the embedded default policy's `decide` vs the same logic as a native
 //! Rust function; `decide` without a CPU bound (an engine with no fuel metering) and with the
 //! default and a tight fuel bound; and `plan-rich` with 64 and 256 request views.
+//!
+//! With `--language NAME=FILE.wasm` (repeatable) it instead compares the same logic built in
+//! several languages (the templates under `policies/templates/` implement the default policy):
+//! `decide` and `plan-rich` over 64 request views for each, side by side with the native
+//! function, all under the default fuel bound and memory cap.
 
 use super::{LatencyStats, format_ns};
 use crate::policy::{
@@ -71,6 +76,64 @@ pub fn run(source: &PolicySource, iterations: u64) -> anyhow::Result<Vec<Row>> {
             name: format!("plan-rich: Wasm, {requests} request views"),
             stats: conformance::measure_rich(&mut runtime, seed, requests, iterations / 10 + 1)
                 .ok_or_else(|| anyhow::anyhow!("the policy faulted during plan-rich"))?,
+        });
+    }
+    Ok(rows)
+}
+
+/// The cross-language comparison: for each `(name, source)`, `decide` and `plan-rich` (64
+/// views) latency, after the native baseline.
+pub fn run_languages(
+    languages: &[(String, PolicySource)],
+    iterations: u64,
+) -> anyhow::Result<Vec<Row>> {
+    let params = vec![
+        ("sample_rate".to_string(), "0.5".to_string()),
+        ("rich_subsample_rate".to_string(), "0.5".to_string()),
+    ];
+    let seed = 0;
+    let mut rows = Vec::new();
+    let mut samples = Vec::with_capacity(iterations as usize);
+    let mut sink = 0u64;
+    for step in 1..=iterations {
+        let summary = synthetic::step_summary(seed, step);
+        let started = Instant::now();
+        let decision = native::default_decide(0.5, 0.5, std::hint::black_box(&summary));
+        samples.push(started.elapsed().as_nanos() as u64);
+        sink += u64::from(decision.emit_batch);
+    }
+    std::hint::black_box(sink);
+    rows.push(Row {
+        name: "decide: native Rust function".into(),
+        stats: stats(samples)?,
+    });
+    let mut runtimes = Vec::new();
+    for (name, source) in languages {
+        let runtime = runtime(source, PolicyLimits::default(), &params)
+            .map_err(|e| anyhow::anyhow!("{name}: {e:#}"))?;
+        runtimes.push((name, runtime));
+    }
+    // Decide rows first, then plan-rich rows, so the table reads as two comparisons.
+    for (name, runtime) in &mut runtimes {
+        rows.push(Row {
+            name: format!("decide: {name}"),
+            stats: conformance::measure_decide(runtime, seed, iterations)
+                .ok_or_else(|| anyhow::anyhow!("{name}: the policy faulted during decide"))?,
+        });
+    }
+    // Fresh instances for plan-rich: a StarlingMonkey (JavaScript) instance's heap only grows,
+    // and after ~10^5 calls it reaches the memory cap (a counted `memory` fault in a server).
+    let mut runtimes = Vec::new();
+    for (name, source) in languages {
+        let runtime = runtime(source, PolicyLimits::default(), &params)
+            .map_err(|e| anyhow::anyhow!("{name}: {e:#}"))?;
+        runtimes.push((name, runtime));
+    }
+    for (name, runtime) in &mut runtimes {
+        rows.push(Row {
+            name: format!("plan-rich (64 requests): {name}"),
+            stats: conformance::measure_rich(runtime, seed, 64, iterations / 10 + 1)
+                .ok_or_else(|| anyhow::anyhow!("{name}: the policy faulted during plan-rich"))?,
         });
     }
     Ok(rows)

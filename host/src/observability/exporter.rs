@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use super::config::ObservabilityConfig;
 use super::jsonl::JsonlSink;
 use super::metrics::TracerMetrics;
-use super::otlp::{OtlpSink, PolicyIdentity};
+use super::otlp::OtlpSink;
 use super::record::StepRecord;
 
 /// How often the exporter thread looks at the queue when it is idle.
@@ -52,7 +52,6 @@ pub(crate) struct ExporterThread {
     pub(crate) otlp: Option<OtlpSink>,
     pub(crate) jsonl: Option<JsonlSink>,
     pub(crate) metrics: Arc<TracerMetrics>,
-    pub(crate) policy: PolicyIdentity,
     pub(crate) deadline: Arc<ShutdownDeadline>,
     pub(crate) batch_size: usize,
     pub(crate) interval: Duration,
@@ -66,7 +65,6 @@ impl ExporterThread {
         config: &ObservabilityConfig,
         sinks: (Option<OtlpSink>, Option<JsonlSink>),
         metrics: Arc<TracerMetrics>,
-        policy: PolicyIdentity,
         deadline: Arc<ShutdownDeadline>,
     ) -> Self {
         Self {
@@ -74,7 +72,6 @@ impl ExporterThread {
             otlp: sinks.0,
             jsonl: sinks.1,
             metrics,
-            policy,
             deadline,
             batch_size: config.export_batch_size.max(1),
             interval: config.export_interval,
@@ -129,10 +126,10 @@ impl ExporterThread {
 
     fn process(&mut self, record: &StepRecord) {
         if let Some(jsonl) = &mut self.jsonl {
-            jsonl.write(record, &self.policy, &self.metrics);
+            jsonl.write(record, &self.metrics);
         }
         if let Some(otlp) = &mut self.otlp {
-            otlp.add(record, &self.policy);
+            otlp.add(record);
         }
     }
 

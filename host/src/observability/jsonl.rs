@@ -28,15 +28,20 @@ use thiserror::Error;
 
 use super::config::ObservabilityError;
 use super::metrics::{TracerMetrics, bump};
-use super::otlp::{PolicyIdentity, extra_key};
+use super::otlp::extra_key;
+use super::record::{
+    ATTR_EFFECTIVE_PROMPT_LEN, ATTR_KV_BLOCKS_ALLOCATED, ATTR_KV_BLOCKS_CACHED,
+    ATTR_NUM_COMPUTED_TOKENS, ATTR_NUM_OUTPUT_TOKENS, ATTR_NUM_PREEMPTIONS, ATTR_NUM_PROMPT_TOKENS,
+    ATTR_PHASE, ATTR_SCHEDULED_TOKENS,
+};
 use super::record::{
     AttrValue, BATCH_SUMMARY_ATTRIBUTES, EVENT_BATCH_SUMMARY, EVENT_REQUEST_SNAPSHOT, SCOPE_NAME,
     SPAN_BATCH_PROBABILITY, SPAN_LAST_STEP_DURATION_US, SPAN_NAME, SPAN_POLICY_DIGEST,
     SPAN_POLICY_NAME, SPAN_RICH_PROBABILITY, SPAN_STEP_ID, StepRecord, batch_summary_attributes,
     sat_i64, snapshot_attributes,
 };
-use crate::policy::StepSummary;
 use crate::policy::random::step_draws;
+use crate::policy::{RecordedStep, RequestViews, StepSummary};
 
 pub(crate) struct JsonlSink {
     path: PathBuf,
@@ -58,14 +63,9 @@ impl JsonlSink {
         })
     }
 
-    pub(crate) fn write(
-        &mut self,
-        record: &StepRecord,
-        policy: &PolicyIdentity,
-        metrics: &TracerMetrics,
-    ) {
+    pub(crate) fn write(&mut self, record: &StepRecord, metrics: &TracerMetrics) {
         self.line.clear();
-        render_line(&mut self.line, record, policy);
+        render_line(&mut self.line, record);
         self.line.push(b'\n');
         match self.writer.write_all(&self.line) {
             Ok(()) => bump(&metrics.jsonl_lines_written),
@@ -91,7 +91,8 @@ impl JsonlSink {
 }
 
 /// Renders one record as a JSON object (no trailing newline).
-pub(crate) fn render_line(out: &mut Vec<u8>, record: &StepRecord, policy: &PolicyIdentity) {
+pub(crate) fn render_line(out: &mut Vec<u8>, record: &StepRecord) {
+    let policy = &record.policy;
     let s = &record.summary;
     out.extend_from_slice(b"{\"name\":");
     push_str(out, SPAN_NAME);
@@ -237,6 +238,18 @@ pub fn read_step_summaries(
     reader: impl BufRead,
     seed: u64,
 ) -> Result<Vec<StepSummary>, JsonlReadError> {
+    Ok(read_recorded_steps(reader, seed)?
+        .into_iter()
+        .map(|step| step.summary)
+        .collect())
+}
+
+/// Like [`read_step_summaries`], with each rich line's `step.REQUEST_SNAPSHOT` events turned back
+/// into request-view columns (attributes the recording policy left out read as 0).
+pub fn read_recorded_steps(
+    reader: impl BufRead,
+    seed: u64,
+) -> Result<Vec<RecordedStep>, JsonlReadError> {
     let mut out = Vec::new();
     for (index, line) in reader.lines().enumerate() {
         let line_no = index + 1;
@@ -251,14 +264,68 @@ pub fn read_step_summaries(
             line: line_no,
             source,
         })?;
-        out.push(
-            summary_from_line(&json, seed).map_err(|what| JsonlReadError::Malformed {
-                line: line_no,
-                what,
-            })?,
-        );
+        let summary = summary_from_line(&json, seed).map_err(|what| JsonlReadError::Malformed {
+            line: line_no,
+            what,
+        })?;
+        out.push(RecordedStep {
+            summary,
+            requests: views_from_line(&json),
+        });
     }
     Ok(out)
+}
+
+/// The request views of a line's snapshot events; `None` when it has none.
+fn views_from_line(json: &Json) -> Option<RequestViews> {
+    let snapshots: Vec<&Json> = json
+        .get("events")?
+        .as_array()?
+        .iter()
+        .filter(|e| e.get("name").and_then(Json::as_str) == Some(EVENT_REQUEST_SNAPSHOT))
+        .filter_map(|e| e.get("attributes"))
+        .collect();
+    if snapshots.is_empty() {
+        return None;
+    }
+    let column = |name: &str| -> Vec<u32> {
+        snapshots
+            .iter()
+            .map(|a| {
+                a.get(name)
+                    .and_then(Json::as_u64)
+                    .map_or(0, |v| u32::try_from(v).unwrap_or(u32::MAX))
+            })
+            .collect()
+    };
+    let phase = |a: &&Json| a.get(ATTR_PHASE).and_then(Json::as_str) == Some("PREFILL");
+    Some(RequestViews {
+        request_id: snapshots
+            .iter()
+            .map(|a| a.get("request.id").and_then(Json::as_u64).unwrap_or(0))
+            .collect(),
+        is_prefill: snapshots.iter().map(|a| u8::from(phase(a))).collect(),
+        num_prompt_tokens: column(ATTR_NUM_PROMPT_TOKENS),
+        num_computed_tokens: column(ATTR_NUM_COMPUTED_TOKENS),
+        num_output_tokens: column(ATTR_NUM_OUTPUT_TOKENS),
+        num_preemptions: column(ATTR_NUM_PREEMPTIONS),
+        scheduled_tokens: column(ATTR_SCHEDULED_TOKENS),
+        kv_blocks_allocated: column(ATTR_KV_BLOCKS_ALLOCATED),
+        kv_blocks_cached: column(ATTR_KV_BLOCKS_CACHED),
+        // Not an event attribute: recovered from `request.effective_prompt_len` (present only
+        // when part of the prompt came from the prefix cache), else 0.
+        num_cached_tokens: snapshots
+            .iter()
+            .map(|a| {
+                let prompt = a.get(ATTR_NUM_PROMPT_TOKENS).and_then(Json::as_u64);
+                let effective = a.get(ATTR_EFFECTIVE_PROMPT_LEN).and_then(Json::as_u64);
+                match (prompt, effective) {
+                    (Some(p), Some(e)) => u32::try_from(p.saturating_sub(e)).unwrap_or(u32::MAX),
+                    _ => 0,
+                }
+            })
+            .collect(),
+    })
 }
 
 fn summary_from_line(json: &Json, seed: u64) -> Result<StepSummary, String> {

@@ -22,6 +22,7 @@ pub mod jsonl;
 mod metrics;
 mod otlp;
 pub mod record;
+pub mod swap;
 mod tracer;
 
 #[cfg(test)]
@@ -41,13 +42,14 @@ pub use config::{
     ObservabilityConfig, ObservabilityError, OtlpConfig, OtlpProtocol,
 };
 pub use metrics::{TracerMetrics, TracerMetricsSnapshot};
-pub use record::{StepRecord, step_summary};
+pub use record::{PolicyIdentity, StepRecord, step_summary};
+pub use swap::{ActivePolicy, PolicyOrigin, PolicySwitch, SwapError};
 pub use tracer::StepTracerObserver;
 
 use crate::policy::{PolicyCounters, PolicyLimits, PolicyModule, PolicyRuntime};
 use exporter::{ExportMessage, ExporterThread, ShutdownDeadline};
 use jsonl::JsonlSink;
-use otlp::{OtlpSink, PolicyIdentity};
+use otlp::OtlpSink;
 
 /// Name of the exporter thread.
 pub const EXPORTER_THREAD_NAME: &str = "stepscope-trace-export";
@@ -73,6 +75,7 @@ impl StepTracer {
                 TracerHandle {
                     config,
                     policy: None,
+                    switch: None,
                     metrics,
                     control: None,
                     thread: None,
@@ -80,13 +83,21 @@ impl StepTracer {
                 },
             ));
         }
+        let loading = Instant::now();
         let module = PolicyModule::load(&config.policy, config.policy_limits)?;
         let params = config.policy_params();
-        let runtime = PolicyRuntime::new(module.clone(), params.clone(), counters)?;
-        let policy = PolicyIdentity {
+        let runtime = PolicyRuntime::new(module.clone(), params.clone(), Arc::clone(&counters))?;
+        let policy = Arc::new(PolicyIdentity {
             name: Arc::from(module.name()),
             digest: Arc::from(module.digest()),
-        };
+        });
+        let switch = Arc::new(PolicySwitch::new(
+            &module,
+            params.clone(),
+            config.seed,
+            counters,
+            u64::try_from(loading.elapsed().as_millis()).unwrap_or(u64::MAX),
+        ));
         let jsonl = match &config.step_tracing_file {
             Some(path) => Some(JsonlSink::create(path)?),
             None => None,
@@ -108,7 +119,6 @@ impl StepTracer {
             &config,
             (otlp, jsonl),
             Arc::clone(&metrics),
-            policy.clone(),
             Arc::clone(&deadline),
         );
         let thread = std::thread::Builder::new()
@@ -123,8 +133,12 @@ impl StepTracer {
             otlp = config.otlp.as_ref().map(|o| o.endpoint.as_str()).unwrap_or("-"),
             "step tracing on"
         );
-        let observer =
-            StepTracerObserver::active(runtime, config.seed, queue.clone(), Arc::clone(&metrics));
+        let observer = StepTracerObserver::active(
+            (runtime, Arc::clone(&policy), Arc::clone(&switch)),
+            config.seed,
+            queue.clone(),
+            Arc::clone(&metrics),
+        );
         Ok((
             observer,
             TracerHandle {
@@ -135,6 +149,7 @@ impl StepTracer {
                     params,
                     limits: module.limits(),
                 }),
+                switch: Some(switch),
                 metrics,
                 control: Some(queue),
                 thread: Some(thread),
@@ -164,6 +179,7 @@ pub struct RunningPolicy {
 pub struct TracerHandle {
     config: ObservabilityConfig,
     policy: Option<RunningPolicy>,
+    switch: Option<Arc<PolicySwitch>>,
     metrics: Arc<TracerMetrics>,
     control: Option<SyncSender<ExportMessage>>,
     thread: Option<JoinHandle<()>>,
@@ -180,9 +196,14 @@ impl TracerHandle {
         self.policy.is_some()
     }
 
-    /// The running policy (`None` when tracing is disabled).
+    /// The policy the tracer started with (`None` when tracing is disabled).
     pub fn policy(&self) -> Option<&RunningPolicy> {
         self.policy.as_ref()
+    }
+
+    /// Hot swap of the running policy (`None` when tracing is disabled).
+    pub fn policy_switch(&self) -> Option<Arc<PolicySwitch>> {
+        self.switch.clone()
     }
 
     /// The live counters (for `/metrics`).

@@ -36,13 +36,6 @@ use super::record::{
     snapshot_attributes,
 };
 
-/// What every span of one tracer shares.
-#[derive(Debug, Clone)]
-pub(crate) struct PolicyIdentity {
-    pub name: Arc<str>,
-    pub digest: Arc<str>,
-}
-
 /// The attribute key of a policy extra: `policy.<key>`, or `policy.extra.<key>` where that
 /// would collide with `policy.name` / `policy.digest`.
 pub(crate) fn extra_key(key: &str) -> String {
@@ -138,7 +131,8 @@ impl OtlpSink {
     }
 
     /// Builds and ends the span of one record (it waits in the processor until `export`).
-    pub(crate) fn add(&mut self, record: &StepRecord, policy: &PolicyIdentity) {
+    pub(crate) fn add(&mut self, record: &StepRecord) {
+        let policy = &record.policy;
         let s = &record.summary;
         let start = unix_time(s.ts_start_ns);
         let end = unix_time(s.ts_end_ns.max(s.ts_start_ns));

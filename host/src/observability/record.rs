@@ -7,6 +7,8 @@
 //! turns a record into a span ([`otlp`](super::otlp)) and a JSON line ([`jsonl`](super::jsonl)).
 //! The attribute names below are the dashboards' contract (`DESIGN.md` §3): keep them exactly.
 
+use std::sync::Arc;
+
 use crate::engine::StepView;
 use crate::policy::random::step_draws;
 use crate::policy::{SnapshotAttributes, StepSummary};
@@ -92,9 +94,20 @@ pub struct RichRecord {
     pub rows: Vec<SnapshotRow>,
 }
 
+/// The policy that sampled a step: `policy.name` and `policy.digest` on its span.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyIdentity {
+    /// `builtin:default`, the file path, or the name given to an uploaded policy.
+    pub name: Arc<str>,
+    /// `sha256:<hex>` of the component.
+    pub digest: Arc<str>,
+}
+
 /// A sampled step, as queued for the exporter thread.
 #[derive(Debug, Clone)]
 pub struct StepRecord {
+    /// The policy that decided this step (it changes at a hot swap).
+    pub policy: Arc<PolicyIdentity>,
     /// The numbers the policy saw (those of `step.BATCH_SUMMARY`, plus the draws).
     pub summary: StepSummary,
     /// `sampling.batch_probability`.

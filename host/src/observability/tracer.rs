@@ -16,7 +16,8 @@ use crate::policy::{PolicyOutcome, PolicyRuntime, RequestViews, StepSummary};
 
 use super::exporter::ExportMessage;
 use super::metrics::{TracerMetrics, add, bump};
-use super::record::{RichRecord, SnapshotRow, StepRecord, sat_u32, step_summary};
+use super::record::{PolicyIdentity, RichRecord, SnapshotRow, StepRecord, sat_u32, step_summary};
+use super::swap::PolicySwitch;
 
 /// The engine's step observer for step tracing (see the module doc).
 pub struct StepTracerObserver {
@@ -33,6 +34,10 @@ impl std::fmt::Debug for StepTracerObserver {
 
 pub(crate) struct ActiveTracer {
     runtime: PolicyRuntime,
+    /// `policy.name` / `policy.digest` of `runtime`.
+    identity: Arc<PolicyIdentity>,
+    /// Where hot-swapped policies arrive.
+    switch: Arc<PolicySwitch>,
     seed: u64,
     queue: SyncSender<ExportMessage>,
     metrics: Arc<TracerMetrics>,
@@ -49,7 +54,7 @@ impl StepTracerObserver {
     }
 
     pub(crate) fn active(
-        runtime: PolicyRuntime,
+        (runtime, identity, switch): (PolicyRuntime, Arc<PolicyIdentity>, Arc<PolicySwitch>),
         seed: u64,
         queue: SyncSender<ExportMessage>,
         metrics: Arc<TracerMetrics>,
@@ -57,6 +62,8 @@ impl StepTracerObserver {
         Self {
             active: Some(Box::new(ActiveTracer {
                 runtime,
+                identity,
+                switch,
                 seed,
                 queue,
                 metrics,
@@ -83,6 +90,17 @@ impl StepObserver for StepTracerObserver {
 impl ActiveTracer {
     fn on_step(&mut self, step: &StepView<'_>) {
         bump(&self.metrics.steps_seen);
+        if let Some(pending) = self.switch.take_pending() {
+            let old = std::mem::replace(&mut self.runtime, pending.runtime);
+            self.identity = pending.identity;
+            // Tearing down an instance (a Python one holds tens of MB) is not the step's job.
+            let spawned = std::thread::Builder::new()
+                .name("stepscope-policy-drop".into())
+                .spawn(move || drop(old));
+            if let Err(error) = spawned {
+                tracing::debug!(%error, "dropping the old policy on the engine thread");
+            }
+        }
         let summary = step_summary(step, self.seed);
         let decision = match self.runtime.decide(&summary) {
             PolicyOutcome::Answer(decision) if decision.emit_batch => decision,
@@ -104,6 +122,7 @@ impl ActiveTracer {
             bump(&self.metrics.steps_rich_sampled);
         }
         let record = StepRecord {
+            policy: Arc::clone(&self.identity),
             summary,
             batch_probability: decision.batch_probability,
             extra,

@@ -6,30 +6,42 @@
 //! per-step calls under a fuel bound and a memory cap. Nothing a policy does escapes the
 //! runtime: traps, timeouts, memory exhaustion and malformed answers become counted
 //! [`FaultKind`]s, the step goes untraced, and the instance is re-created after a back-off.
+//! Components may import WASI 0.2 (Python, JavaScript and `wasm32-wasip2` toolchains need it):
+//! it is linked to an empty, deterministic sandbox ([`wasi`]); nothing else may be imported.
+//! Large components are compiled once and cached on disk ([`cache`]).
 //! The module also holds the seed-derived per-step randomness, a native twin of the default
 //! policy (for benchmarks), synthetic step streams, and the `policy check` conformance suite.
 
 mod bindings;
+pub mod cache;
 pub mod conformance;
 mod faults;
 mod limits;
 mod module;
 pub mod native;
 pub mod random;
+pub mod replay;
 mod runtime;
 pub mod synthetic;
 mod validate;
+mod wasi;
 
 pub use bindings::{ExtraAttribute, RequestViews, SnapshotAttributes, StepSummary};
 pub use faults::{FaultKind, PolicyCounters, PolicyCountersSnapshot};
 pub use limits::PolicyLimits;
 pub use module::{PolicyError, PolicyModule, PolicySource};
+pub use replay::RecordedStep;
 pub use runtime::{PolicyOutcome, PolicyRuntime};
 pub use validate::{Decision, RichSelection};
 
 /// The default policy component, built from `policies/default` by `build.rs`.
 pub const DEFAULT_POLICY_WASM: &[u8] =
     include_bytes!(concat!(env!("STEPSCOPE_GUEST_DIR"), "/default.wasm"));
+
+/// `sha256:<hex>` of component bytes: the digest a policy is known by.
+pub fn digest_of(bytes: &[u8]) -> String {
+    module::sha256_hex(bytes)
+}
 
 /// The interface name every policy must export.
 pub const POLICY_INTERFACE: &str = "stepscope:policy/policy@0.1.0";

@@ -152,25 +152,44 @@ impl Collector for StatsCollector {
 impl StatsCollector {
     fn encode_tracer(&self, e: &mut DescriptorEncoder) -> FmtResult {
         let t = self.tracer.snapshot();
+        let switch = self.tracing.switch.as_deref();
+        let active = switch.map(|s| s.active());
         let labels = [
-            (
-                "enabled",
-                if self.tracing.enabled {
-                    "true"
-                } else {
-                    "false"
-                },
-            ),
-            ("policy", self.tracing.policy_name.as_str()),
-            ("digest", self.tracing.policy_digest.as_str()),
+            ("enabled", if switch.is_some() { "true" } else { "false" }),
+            ("policy", active.as_ref().map_or("", |a| a.name.as_str())),
+            ("digest", active.as_ref().map_or("", |a| a.digest.as_str())),
         ];
         let mut info = e.encode_descriptor(
             "stepscope_step_tracing_info",
-            "Step tracing configuration (value is always 1)",
+            "Step tracing configuration and the active policy (value is always 1)",
             None,
             MetricType::Gauge,
         )?;
         ConstGauge::new(1i64).encode(info.encode_family(&labels)?)?;
+        if let (Some(switch), Some(active)) = (switch, &active) {
+            let loaded = ConstGauge::new(active.loaded_at_unix_ms as f64 / 1000.0);
+            loaded.encode(e.encode_descriptor(
+                "stepscope_policy_loaded_timestamp_seconds",
+                "When the active step-tracing policy became active (Unix time)",
+                None,
+                MetricType::Gauge,
+            )?)?;
+            encode_all(
+                e,
+                [
+                    (
+                        "stepscope_policy_swaps",
+                        "Step-tracing policies swapped in at run time (admin API or SIGHUP)",
+                        ConstCounter::new(switch.swaps()),
+                    ),
+                    (
+                        "stepscope_policy_swaps_refused",
+                        "Policy swaps refused (the active policy was kept)",
+                        ConstCounter::new(switch.refused()),
+                    ),
+                ],
+            )?;
+        }
         let p = t.policy;
         encode_all(
             e,

@@ -54,6 +54,11 @@ impl ApiError {
         }
     }
 
+    /// A 409 `invalid_request_error`: the request conflicts with how the server runs.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "invalid_request_error", message)
+    }
+
     /// A 400 `invalid_request_error`.
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)

@@ -117,12 +117,11 @@ impl ServerMetrics {
     }
 }
 
-/// What the tracer runs (for the `stepscope_step_tracing_info` series).
+/// Where the collector reads the active policy (for `stepscope_step_tracing_info` and the
+/// `stepscope_policy_*` series); `switch` is `None` when step tracing is disabled.
 #[derive(Debug, Clone, Default)]
 pub struct TracingInfo {
-    pub enabled: bool,
-    pub policy_name: String,
-    pub policy_digest: String,
+    pub switch: Option<Arc<crate::observability::PolicySwitch>>,
 }
 
 /// Times one generation request and records it when dropped (finished, or abandoned by its

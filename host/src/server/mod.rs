@@ -8,6 +8,7 @@
 //! is a 503. On SIGINT/SIGTERM ([`shutdown`]) the listener closes, in-flight requests finish, the
 //! engine shuts down, the trace exporter flushes, and the process exits 0.
 
+pub mod admin;
 pub mod collector;
 pub mod errors;
 pub mod generation;
@@ -72,12 +73,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let (observer, mut tracer) = StepTracer::start(config)?;
     let launched = crate::launch::launch(&spec, &args.engine, Box::new(observer))?;
     let tracing_info = TracingInfo {
-        enabled: tracer.is_enabled(),
-        policy_name: tracer.policy().map(|p| p.name.clone()).unwrap_or_default(),
-        policy_digest: tracer
-            .policy()
-            .map(|p| p.digest.clone())
-            .unwrap_or_default(),
+        switch: tracer.policy_switch(),
+    };
+    let admin = AdminConfig {
+        state: admin::AdminState {
+            switch: tracer.policy_switch(),
+        },
+        listen: args.admin_port.map(|port| (args.admin_host.clone(), port)),
+        policy_path: args.step_tracing.step_tracing_policy.clone(),
     };
     let metrics = Arc::new(ServerMetrics::new(
         launched.engine.clone(),
@@ -108,7 +111,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the HTTP runtime")?;
-    let served = runtime.block_on(serve_http(state, &args.host, args.port));
+    let served = runtime.block_on(serve_http(state, &args.host, args.port, admin));
     // Drain the engine (requests still queued finish) and flush the traces, whatever happened.
     let engine_result = launched.engine.shutdown();
     let traced = tracer.shutdown();
@@ -127,9 +130,34 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The admin side of `serve`: the optional admin listener and the SIGHUP reload.
+struct AdminConfig {
+    state: admin::AdminState,
+    /// `(host, port)` of the admin listener; `None`: no admin API.
+    listen: Option<(String, u16)>,
+    /// `--step-tracing-policy`, re-read on SIGHUP.
+    policy_path: Option<PathBuf>,
+}
+
 /// Binds, serves until the first signal, and returns once every connection has closed.
-async fn serve_http(state: AppState, host: &str, port: u16) -> anyhow::Result<()> {
+async fn serve_http(
+    state: AppState,
+    host: &str,
+    port: u16,
+    admin: AdminConfig,
+) -> anyhow::Result<()> {
     let drain = shutdown::install().context("installing the SIGINT/SIGTERM handlers")?;
+    admin::spawn_sighup_reload(admin.state.switch.clone(), admin.policy_path)
+        .context("installing the SIGHUP handler")?;
+    let admin_task = match admin.listen {
+        Some((admin_host, admin_port)) => {
+            // Bound before the API, so a bad admin address fails the start-up.
+            let listener = admin::bind(&admin_host, admin_port).await?;
+            let drained = drain.clone().wait();
+            Some(tokio::spawn(admin::serve(listener, admin.state, drained)))
+        }
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind((host, port))
         .await
         .with_context(|| format!("cannot listen on {host}:{port}"))?;
@@ -146,6 +174,9 @@ async fn serve_http(state: AppState, host: &str, port: u16) -> anyhow::Result<()
         .with_graceful_shutdown(drain.wait())
         .await
         .context("serving HTTP")?;
+    if let Some(task) = admin_task {
+        task.await.context("admin API task")??;
+    }
     tracing::info!("all connections closed");
     Ok(())
 }

@@ -326,3 +326,92 @@ fn serve_flags_parse() {
         ("127.0.0.1", 8000, None)
     );
 }
+
+async fn admin_call(app: &Router, method: &str, path: &str, body: Vec<u8>) -> (StatusCode, Value) {
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .body(Body::from(body))
+        .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap())
+}
+
+#[tokio::test]
+async fn admin_api_swaps_refuses_and_reports() {
+    use crate::observability::PolicySwitch;
+    use crate::policy::{PolicyLimits, PolicyModule, PolicySource};
+    let module =
+        PolicyModule::load(&PolicySource::BuiltinDefault, PolicyLimits::default()).unwrap();
+    let params = crate::cli::policy_params(0.1, 0.0, &[]);
+    let switch = Arc::new(PolicySwitch::new(&module, params, 0, Arc::default(), 1));
+    let app = super::admin::router(super::admin::AdminState {
+        switch: Some(Arc::clone(&switch)),
+    });
+
+    let (status, body) = admin_call(&app, "GET", "/admin/policy", Vec::new()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["active"]["name"], "builtin:default");
+    assert_eq!(body["params"][0], json!(["sample_rate", "0.1"]));
+
+    let pressure = std::fs::read(
+        std::path::Path::new(crate::policy::GUEST_COMPONENT_DIR).join("pressure.wasm"),
+    )
+    .unwrap();
+    let (status, body) = admin_call(&app, "POST", "/admin/policy", pressure).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body["name"].as_str().unwrap().starts_with("upload:"),
+        "{body}"
+    );
+    assert_eq!(body["origin"], "admin");
+
+    let (status, body) = admin_call(&app, "POST", "/admin/policy", Vec::new()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("empty"),
+        "{body}"
+    );
+    let (status, body) =
+        admin_call(&app, "POST", "/admin/policy?name=x", b"\0asm junk".to_vec()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["code"], "policy_refused");
+    let (status, body) = admin_call(&app, "GET", "/admin/policy", Vec::new()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (body["swaps"].as_u64(), body["swaps_refused"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(body["active"]["digest"], switch.active().digest);
+    let (status, _) = admin_call(&app, "DELETE", "/admin/policy", Vec::new()).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+
+    // With step tracing off there is nothing to replace: 409.
+    let off = super::admin::router(super::admin::AdminState { switch: None });
+    let (status, body) = admin_call(&off, "POST", "/admin/policy", b"\0asm".to_vec()).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["error"]["code"], "step_tracing_disabled");
+    let (status, body) = admin_call(&off, "GET", "/admin/policy", Vec::new()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["step_tracing_enabled"], false);
+}
+
+#[test]
+fn admin_flags_parse_and_the_host_needs_the_port() {
+    let cli = Cli::try_parse_from(["stepscope", "serve", "--admin-port", "0"]).unwrap();
+    let Command::Serve(args) = cli.command else {
+        panic!("not serve")
+    };
+    assert_eq!(
+        (args.admin_port, args.admin_host.as_str()),
+        (Some(0), "127.0.0.1")
+    );
+    let cli = Cli::try_parse_from(["stepscope", "serve"]).unwrap();
+    let Command::Serve(args) = cli.command else {
+        panic!("not serve")
+    };
+    assert_eq!(args.admin_port, None, "the admin API is off by default");
+    assert!(Cli::try_parse_from(["stepscope", "serve", "--admin-host", "0.0.0.0"]).is_err());
+}

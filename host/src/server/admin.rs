@@ -1,0 +1,219 @@
+//! The admin API and SIGHUP reload: hot swap of the step-tracing policy.
+//!
+//! Off by default. `--admin-port PORT` serves it on its own listener, bound to `--admin-host`
+//! (127.0.0.1 unless configured otherwise), so exposing the OpenAI API on a public address never
+//! exposes policy uploads with it. Routes:
+//!
+//! - `GET /admin/policy`: the active policy (name, digest, size, load time, origin, generation)
+//!   and the swap counters, as JSON.
+//! - `POST /admin/policy` with a component as the body (`?name=NAME` sets `policy.name`; default
+//!   `upload:<first 12 digest hex digits>`): compiled and checked off the step loop
+//!   ([`PolicySwitch::swap`]), then active from the next step. A bad component is a 400 with an
+//!   OpenAI-style error body naming the problem, and the old policy keeps running; with step
+//!   tracing off it is a 409.
+//!
+//! SIGHUP (whether or not the admin API is on) re-reads `--step-tracing-policy` (or the
+//! built-in default) and swaps it in the same way; a failure is logged and changes nothing.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::observability::{ActivePolicy, PolicyOrigin, PolicySwitch, SwapError};
+use crate::policy::DEFAULT_POLICY_WASM;
+
+use super::errors::ApiError;
+
+/// Largest accepted upload: a Python or JavaScript policy with its interpreter is 12–20 MB.
+pub const MAX_POLICY_UPLOAD_BYTES: usize = 64 << 20;
+
+/// What the admin handlers share.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    /// `None` when step tracing is disabled.
+    pub switch: Option<Arc<PolicySwitch>>,
+}
+
+/// The admin router.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/admin/policy", get(get_policy).post(post_policy))
+        .layer(DefaultBodyLimit::max(MAX_POLICY_UPLOAD_BYTES))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// `GET /admin/policy`'s body.
+#[derive(Debug, Serialize)]
+struct PolicyStatus {
+    step_tracing_enabled: bool,
+    active: Option<ActivePolicy>,
+    /// The parameters every policy is configured with.
+    params: Vec<(String, String)>,
+    swaps: u64,
+    swaps_refused: u64,
+}
+
+fn status(switch: Option<&PolicySwitch>) -> PolicyStatus {
+    PolicyStatus {
+        step_tracing_enabled: switch.is_some(),
+        active: switch.map(PolicySwitch::active),
+        params: switch.map(|s| s.params().to_vec()).unwrap_or_default(),
+        swaps: switch.map_or(0, PolicySwitch::swaps),
+        swaps_refused: switch.map_or(0, PolicySwitch::refused),
+    }
+}
+
+async fn get_policy(State(state): State<AdminState>) -> Response {
+    axum::Json(status(state.switch.as_deref())).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct UploadQuery {
+    name: Option<String>,
+}
+
+async fn post_policy(
+    State(state): State<AdminState>,
+    query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> Response {
+    let Some(switch) = state.switch else {
+        return ApiError::conflict(
+            "step tracing is disabled, so there is no policy to replace (start the server with \
+             --step-tracing-enabled)",
+        )
+        .with_code("step_tracing_disabled")
+        .into_response();
+    };
+    let name = match query {
+        Ok(Query(UploadQuery { name: Some(name) })) if !name.trim().is_empty() => {
+            if name.len() > 128 || name.chars().any(char::is_control) {
+                return ApiError::invalid_param(
+                    "name",
+                    "`name` must be 1-128 printable characters",
+                )
+                .into_response();
+            }
+            name
+        }
+        Ok(_) => {
+            let digest = crate::policy::digest_of(&body);
+            let hex = digest.trim_start_matches("sha256:");
+            format!("upload:{}", &hex[..hex.len().min(12)])
+        }
+        Err(rejection) => return ApiError::invalid(rejection.body_text()).into_response(),
+    };
+    if body.is_empty() {
+        return ApiError::invalid(
+            "the request body must be a policy component (.wasm); it is empty",
+        )
+        .with_code("policy_refused")
+        .into_response();
+    }
+    let swapped =
+        tokio::task::spawn_blocking(move || switch.swap(&name, &body, PolicyOrigin::Admin)).await;
+    match swapped {
+        Ok(Ok(active)) => (StatusCode::OK, axum::Json(active)).into_response(),
+        Ok(Err(SwapError::TracingDisabled)) => ApiError::conflict("step tracing is disabled")
+            .with_code("step_tracing_disabled")
+            .into_response(),
+        Ok(Err(error)) => ApiError::invalid(format!(
+            "policy refused, the active policy is unchanged: {error}"
+        ))
+        .with_code("policy_refused")
+        .into_response(),
+        Err(join) => {
+            ApiError::internal(format!("the policy swap task failed: {join}")).into_response()
+        }
+    }
+}
+
+async fn not_found(method: Method, uri: Uri) -> Response {
+    ApiError::route_not_found(method.as_str(), uri.path()).into_response()
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    ApiError::method_not_allowed(method.as_str(), uri.path()).into_response()
+}
+
+/// Binds the admin listener (and says where, warning when it is not loopback).
+pub async fn bind(host: &str, port: u16) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("cannot listen on {host}:{port} for the admin API"))?;
+    let address = listener.local_addr().context("reading the admin address")?;
+    if !address.ip().is_loopback() {
+        tracing::warn!(
+            "the admin API (policy uploads) listens on the non-loopback address {address}"
+        );
+    }
+    tracing::info!("admin API listening on http://{address}");
+    Ok(listener)
+}
+
+/// Serves the admin API on `listener` until `drain` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    drain: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(drain)
+        .await
+        .context("serving the admin API")
+}
+
+/// Reloads the policy file (or the built-in default) on every SIGHUP, for the process's life.
+pub fn spawn_sighup_reload(
+    switch: Option<Arc<PolicySwitch>>,
+    policy_path: Option<PathBuf>,
+) -> std::io::Result<()> {
+    let mut hangup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let Some(switch) = switch.clone() else {
+                tracing::warn!("SIGHUP received, but step tracing is disabled: nothing to reload");
+                continue;
+            };
+            let path = policy_path.clone();
+            tracing::info!(
+                policy = %path.as_ref().map_or("builtin:default".into(), |p| p.display().to_string()),
+                "SIGHUP received: reloading the step-tracing policy"
+            );
+            let reloaded = tokio::task::spawn_blocking(move || -> Result<(), String> {
+                let (name, bytes) = match &path {
+                    Some(path) => (
+                        path.display().to_string(),
+                        std::fs::read(path)
+                            .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+                    ),
+                    None => ("builtin:default".to_string(), DEFAULT_POLICY_WASM.to_vec()),
+                };
+                switch
+                    .swap(&name, &bytes, PolicyOrigin::Reload)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })
+            .await;
+            match reloaded {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "policy reload failed; the active policy is unchanged")
+                }
+                Err(error) => tracing::error!(%error, "policy reload task failed"),
+            }
+        }
+    });
+    Ok(())
+}
