@@ -19,6 +19,12 @@ echo "== NVRTC for the kernel-compilation tests (no GPU needed)"
 echo "== end-to-end test environment (tests/python: openai SDK, pytest, promtool)"
 ./scripts/setup-test-env.sh
 
+echo "== policy toolchains (C: clang, wasi-libc, wit-bindgen, wasm-tools; Python: componentize-py; JS: componentize-js)"
+./scripts/setup-policy-toolchains.sh
+export STEPSCOPE_REQUIRE_POLICY_TOOLCHAINS=1
+# Compiled Python/JS policies are cached here (not in ~/.cache), so a run leaves nothing behind.
+export STEPSCOPE_POLICY_CACHE="$PWD/target/policy-compile-cache"
+
 echo "== formatting and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release --locked -- -D warnings
