@@ -3,7 +3,8 @@
 `stepscope serve builtin:tiny` runs with a KV pool small enough to fill up and preempt, step
 tracing at batch rate 0.3 (rich 0) exported over OTLP/gRPC to oteltest's `GrpcSink`, and the admin
 API on a loopback port. Six client threads (the official `openai` SDK) stream completions the whole
-time. The policy goes: built-in default → `pressure` (POST /admin/policy) → a broken upload
+time. The policy goes: built-in default → `pressure` (POST /admin/policy, with its own argument
+`rich_top_k=4`) → a broken upload
 (refused with a 400, nothing changes) → the built-in default again (SIGHUP reload). Checked:
 
 - every request of the load completes, in every phase;
@@ -143,10 +144,15 @@ def test_swap_default_pressure_broken_default_under_load():
         with Load(server) as load:
             run_phase(server, load)
 
-            swapped = requests.post(admin, params={"name": "pressure"}, data=pressure, timeout=120)
+            swapped = requests.post(
+                admin, params={"name": "pressure", "arg": "rich_top_k=4"}, data=pressure, timeout=120
+            )
             assert swapped.status_code == 200, swapped.text
             assert swapped.json()["digest"] == pressure_digest
             assert swapped.json()["generation"] == 1
+            assert swapped.json()["params"] == [
+                ["sample_rate", str(SAMPLE_RATE)], ["rich_subsample_rate", "0"], ["rich_top_k", "4"]
+            ]
             assert info_digest(server) == pressure_digest
             run_phase(server, load, steps=300)
 
@@ -224,6 +230,7 @@ def test_swap_default_pressure_broken_default_under_load():
         if reason != "base_rate":
             triggered += 1
             assert span_attrs["sampling.batch_probability"] == 1.0
-            # Rich snapshots of only the (at most 8) requests holding the most blocks.
-            assert 1 <= len(snapshots) <= min(8, batch["queue.running_depth"]), (step_id, len(snapshots))
+            # Rich snapshots of only the (at most rich_top_k=4, given with the upload) requests
+            # holding the most blocks.
+            assert 1 <= len(snapshots) <= min(4, batch["queue.running_depth"]), (step_id, len(snapshots))
     assert triggered > 0, "the pressure policy never triggered although the KV pool was full"

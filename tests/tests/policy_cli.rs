@@ -121,3 +121,26 @@ fn out_of_range_rates_are_refused_by_the_cli() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("outside [0, 1]"));
 }
+
+#[test]
+fn check_passes_the_pressure_example() {
+    let dir = TempDir::new("check-pressure");
+    let file = write(&dir, "pressure.wasm", &guest("pressure"));
+    let out = stepscope(&[
+        "policy",
+        "check",
+        &file,
+        "--steps",
+        "2000",
+        "--arg",
+        "kv_usage_threshold=0.8",
+        "--arg",
+        "rich_top_k=4",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("verdict: PASS"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -4,8 +4,9 @@
 //! admin endpoint, SIGHUP). [`PolicySwitch::swap`] runs on the caller's thread, never on the step
 //! loop: it compiles the new component (through the compile cache), runs a short conformance
 //! check on fresh instances (contract, no faults, determinism, rich implies batch), then
-//! instantiates and configures the instance that will serve, with the same parameters as the
-//! policy it replaces. Only then is it parked in the switch and announced as active; at its next
+//! instantiates and configures the instance that will serve, with the server's parameters (the
+//! step-tracing rates and `--step-tracing-policy-arg`s), or with the rates and the `key=value`
+//! arguments given with the swap. Only then is it parked in the switch and announced as active; at its next
 //! step the observer takes it (one relaxed atomic load per step when nothing is pending) and
 //! drops the old instance off the loop. A component that fails any of this is refused with the
 //! reason and the old policy keeps running; requests are never touched. Swaps are serialized.
@@ -52,6 +53,8 @@ pub struct ActivePolicy {
     pub generation: u64,
     /// Time to compile, check and instantiate it, in milliseconds.
     pub load_ms: u64,
+    /// What its `configure` received.
+    pub params: Vec<(String, String)>,
 }
 
 /// Why a swap was refused. The old policy keeps running in every case.
@@ -112,7 +115,7 @@ impl PolicySwitch {
         load_ms: u64,
     ) -> Self {
         Self {
-            params,
+            params: params.clone(),
             limits: module.limits(),
             seed,
             counters,
@@ -127,6 +130,7 @@ impl PolicySwitch {
                 wasi_imports: module.wasi_imports().len(),
                 generation: 0,
                 load_ms,
+                params,
             }),
             swapping: Mutex::new(()),
             swaps: AtomicU64::new(0),
@@ -149,22 +153,42 @@ impl PolicySwitch {
         self.refused.load(Ordering::Relaxed)
     }
 
-    /// The parameters every policy of this tracer is configured with.
+    /// The server's policy parameters: the step-tracing rates, then the
+    /// `--step-tracing-policy-arg`s.
     pub fn params(&self) -> &[(String, String)] {
         &self.params
     }
 
+    /// The parameters for a swap: the server's, or, when `args` is given, the server's two
+    /// rates followed by `args` (so a policy with parameters of its own can replace another).
+    fn params_for(&self, args: Option<&[(String, String)]>) -> Vec<(String, String)> {
+        match args {
+            None => self.params.clone(),
+            Some(args) => self
+                .params
+                .iter()
+                .filter(|(key, _)| key == "sample_rate" || key == "rich_subsample_rate")
+                .take(2)
+                .chain(args)
+                .cloned()
+                .collect(),
+        }
+    }
+
     /// Compiles, checks and installs `bytes` (blocking: call it off async worker threads).
-    /// `name` becomes `policy.name` on the spans it samples.
+    /// `name` becomes `policy.name` on the spans it samples; `args` replaces the server's
+    /// `--step-tracing-policy-arg`s for this policy (see [`Self::params`]).
     pub fn swap(
         &self,
         name: &str,
         bytes: &[u8],
         origin: PolicyOrigin,
+        args: Option<&[(String, String)]>,
     ) -> Result<ActivePolicy, SwapError> {
         let _one_at_a_time = lock(&self.swapping);
         let started = Instant::now();
-        let result = self.prepare(name, bytes);
+        let params = self.params_for(args);
+        let result = self.prepare(name, bytes, &params);
         let (module, runtime) = match result {
             Ok(ready) => ready,
             Err(error) => {
@@ -187,6 +211,7 @@ impl PolicySwitch {
             wasi_imports: module.wasi_imports().len(),
             generation,
             load_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            params,
         };
         {
             // A swap that was never picked up (an idle engine) is simply superseded.
@@ -209,17 +234,18 @@ impl PolicySwitch {
         &self,
         name: &str,
         bytes: &[u8],
+        params: &[(String, String)],
     ) -> Result<(PolicyModule, PolicyRuntime), SwapError> {
         let module = PolicyModule::from_bytes(name, bytes, self.limits)?;
-        // The check samples every synthetic step (so `plan-rich` runs too), then the serving
-        // instance is configured with the tracer's own parameters.
-        let mut params = self.params.clone();
-        params.push(("sample_rate".into(), "0.5".into()));
-        params.push(("rich_subsample_rate".into(), "0.5".into()));
+        // The check samples about half of the synthetic steps at both stages (so `plan-rich`
+        // runs too), then the serving instance is configured with the real parameters.
+        let mut check_params = params.to_vec();
+        check_params.push(("sample_rate".into(), "0.5".into()));
+        check_params.push(("rich_subsample_rate".into(), "0.5".into()));
         let report = conformance::check(
             &module,
             &SuiteParams {
-                params,
+                params: check_params,
                 seed: self.seed,
                 steps: SWAP_CHECK_STEPS,
                 measure_latency: false,
@@ -238,11 +264,8 @@ impl PolicySwitch {
                 failures,
             });
         }
-        let runtime = PolicyRuntime::new(
-            module.clone(),
-            self.params.clone(),
-            Arc::clone(&self.counters),
-        )?;
+        let runtime =
+            PolicyRuntime::new(module.clone(), params.to_vec(), Arc::clone(&self.counters))?;
         Ok((module, runtime))
     }
 
@@ -289,7 +312,7 @@ mod tests {
         );
         assert!(switch.take_pending().is_none());
         let active = switch
-            .swap("pressure", &guest("pressure"), PolicyOrigin::Admin)
+            .swap("pressure", &guest("pressure"), PolicyOrigin::Admin, None)
             .unwrap();
         assert_eq!(active, switch.active());
         assert_eq!((active.generation, active.origin), (1, PolicyOrigin::Admin));
@@ -316,7 +339,7 @@ mod tests {
         ];
         for (name, bytes, expected) in cases {
             let error = switch
-                .swap(name, &bytes, PolicyOrigin::Admin)
+                .swap(name, &bytes, PolicyOrigin::Admin, None)
                 .expect_err(name);
             assert!(error.to_string().contains(expected), "{name}: {error}");
             assert_eq!(switch.active(), before);
@@ -331,7 +354,7 @@ mod tests {
         let switch = switch_with(&[("mode".into(), "trap".into())]);
         let before = switch.active();
         let error = switch
-            .swap("hostile", &guest("hostile"), PolicyOrigin::Reload)
+            .swap("hostile", &guest("hostile"), PolicyOrigin::Reload, None)
             .expect_err("a trapping policy must be refused");
         assert!(
             matches!(error, SwapError::CheckFailed { .. })
@@ -340,5 +363,44 @@ mod tests {
         );
         assert_eq!(switch.active(), before);
         assert_eq!((switch.swaps(), switch.refused()), (0, 1));
+    }
+
+    #[test]
+    fn swap_arguments_replace_the_servers_policy_arguments() {
+        // The server runs pressure-specific arguments; the default refuses them...
+        let switch = switch_with(&[("kv_usage_threshold".into(), "0.5".into())]);
+        let error = switch
+            .swap(
+                "default",
+                crate::policy::DEFAULT_POLICY_WASM,
+                PolicyOrigin::Admin,
+                None,
+            )
+            .expect_err("unknown parameter");
+        assert!(error.to_string().contains("kv_usage_threshold"), "{error}");
+        // ...but accepts the swap with its own (here: none), keeping the server's rates.
+        let active = switch
+            .swap(
+                "default",
+                crate::policy::DEFAULT_POLICY_WASM,
+                PolicyOrigin::Admin,
+                Some(&[]),
+            )
+            .unwrap();
+        assert_eq!(
+            active.params,
+            crate::cli::policy_params(0.5, 0.0, &[]),
+            "the rates stay, the arguments go"
+        );
+        let args = [("rich_top_k".to_string(), "2".to_string())];
+        let active = switch
+            .swap(
+                "pressure",
+                &guest("pressure"),
+                PolicyOrigin::Admin,
+                Some(&args),
+            )
+            .unwrap();
+        assert_eq!(active.params, crate::cli::policy_params(0.5, 0.0, &args));
     }
 }

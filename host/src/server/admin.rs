@@ -6,8 +6,10 @@
 //!
 //! - `GET /admin/policy`: the active policy (name, digest, size, load time, origin, generation)
 //!   and the swap counters, as JSON.
-//! - `POST /admin/policy` with a component as the body (`?name=NAME` sets `policy.name`; default
-//!   `upload:<first 12 digest hex digits>`): compiled and checked off the step loop
+//! - `POST /admin/policy` with a component as the body (`?name=NAME` sets `policy.name`, default
+//!   `upload:<first 12 digest hex digits>`; `&arg=KEY=VALUE`, repeatable, replaces the server's
+//!   `--step-tracing-policy-arg`s for this policy, so one with parameters of its own can be
+//!   swapped in, and a bare `&arg=` passes none): compiled and checked off the step loop
 //!   ([`PolicySwitch::swap`]), then active from the next step. A bad component is a 400 with an
 //!   OpenAI-style error body naming the problem, and the old policy keeps running; with step
 //!   tracing off it is a 409.
@@ -21,11 +23,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{DefaultBodyLimit, RawQuery, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::observability::{ActivePolicy, PolicyOrigin, PolicySwitch, SwapError};
@@ -58,7 +60,7 @@ pub fn router(state: AdminState) -> Router {
 struct PolicyStatus {
     step_tracing_enabled: bool,
     active: Option<ActivePolicy>,
-    /// The parameters every policy is configured with.
+    /// The server's policy parameters (what a swap without `arg`s configures).
     params: Vec<(String, String)>,
     swaps: u64,
     swaps_refused: u64,
@@ -78,14 +80,50 @@ async fn get_policy(State(state): State<AdminState>) -> Response {
     axum::Json(status(state.switch.as_deref())).into_response()
 }
 
-#[derive(Debug, Deserialize)]
+/// The query of an upload: `name`, and the `arg`s if any was given.
+#[derive(Debug, Default, PartialEq)]
 struct UploadQuery {
     name: Option<String>,
+    args: Option<Vec<(String, String)>>,
+}
+
+fn parse_upload_query(query: Option<&str>) -> Result<UploadQuery, ApiError> {
+    let mut parsed = UploadQuery::default();
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*key {
+            "name" => {
+                let name = value.trim();
+                if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+                    return Err(ApiError::invalid_param(
+                        "name",
+                        "`name` must be 1-128 printable characters",
+                    ));
+                }
+                parsed.name = Some(name.to_string());
+            }
+            "arg" => {
+                let args = parsed.args.get_or_insert_with(Vec::new);
+                if value.is_empty() {
+                    continue;
+                }
+                let pair = crate::cli::parse_key_value(&value)
+                    .map_err(|e| ApiError::invalid_param("arg", e))?;
+                args.push(pair);
+            }
+            other => {
+                return Err(ApiError::invalid_param(
+                    other,
+                    format!("unknown query parameter `{other}` (expected `name` and `arg`)"),
+                ));
+            }
+        }
+    }
+    Ok(parsed)
 }
 
 async fn post_policy(
     State(state): State<AdminState>,
-    query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
     let Some(switch) = state.switch else {
@@ -96,24 +134,16 @@ async fn post_policy(
         .with_code("step_tracing_disabled")
         .into_response();
     };
-    let name = match query {
-        Ok(Query(UploadQuery { name: Some(name) })) if !name.trim().is_empty() => {
-            if name.len() > 128 || name.chars().any(char::is_control) {
-                return ApiError::invalid_param(
-                    "name",
-                    "`name` must be 1-128 printable characters",
-                )
-                .into_response();
-            }
-            name
-        }
-        Ok(_) => {
-            let digest = crate::policy::digest_of(&body);
-            let hex = digest.trim_start_matches("sha256:");
-            format!("upload:{}", &hex[..hex.len().min(12)])
-        }
-        Err(rejection) => return ApiError::invalid(rejection.body_text()).into_response(),
+    let query = match parse_upload_query(query.as_deref()) {
+        Ok(query) => query,
+        Err(error) => return error.into_response(),
     };
+    let name = query.name.unwrap_or_else(|| {
+        let digest = crate::policy::digest_of(&body);
+        let hex = digest.trim_start_matches("sha256:");
+        format!("upload:{}", &hex[..hex.len().min(12)])
+    });
+    let args = query.args;
     if body.is_empty() {
         return ApiError::invalid(
             "the request body must be a policy component (.wasm); it is empty",
@@ -121,8 +151,10 @@ async fn post_policy(
         .with_code("policy_refused")
         .into_response();
     }
-    let swapped =
-        tokio::task::spawn_blocking(move || switch.swap(&name, &body, PolicyOrigin::Admin)).await;
+    let swapped = tokio::task::spawn_blocking(move || {
+        switch.swap(&name, &body, PolicyOrigin::Admin, args.as_deref())
+    })
+    .await;
     match swapped {
         Ok(Ok(active)) => (StatusCode::OK, axum::Json(active)).into_response(),
         Ok(Err(SwapError::TracingDisabled)) => ApiError::conflict("step tracing is disabled")
@@ -201,7 +233,7 @@ pub fn spawn_sighup_reload(
                     None => ("builtin:default".to_string(), DEFAULT_POLICY_WASM.to_vec()),
                 };
                 switch
-                    .swap(&name, &bytes, PolicyOrigin::Reload)
+                    .swap(&name, &bytes, PolicyOrigin::Reload, None)
                     .map(drop)
                     .map_err(|e| e.to_string())
             })
@@ -216,4 +248,34 @@ pub fn spawn_sighup_reload(
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_queries_parse_names_and_repeated_arguments() {
+        assert_eq!(parse_upload_query(None).unwrap(), UploadQuery::default());
+        let query = parse_upload_query(Some(
+            "name=pressure&arg=rich_top_k%3D2&arg=waiting_threshold=8",
+        ))
+        .unwrap();
+        assert_eq!(query.name.as_deref(), Some("pressure"));
+        assert_eq!(
+            query.args.unwrap(),
+            [
+                ("rich_top_k".to_string(), "2".to_string()),
+                ("waiting_threshold".to_string(), "8".to_string())
+            ]
+        );
+        // A bare `arg=` means "no arguments", which differs from not giving `arg` at all.
+        assert_eq!(
+            parse_upload_query(Some("arg=")).unwrap().args,
+            Some(Vec::new())
+        );
+        for bad in ["arg=novalue", "name=", "nmae=x"] {
+            assert!(parse_upload_query(Some(bad)).is_err(), "{bad}");
+        }
+    }
 }
