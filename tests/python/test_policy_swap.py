@@ -234,3 +234,75 @@ def test_swap_default_pressure_broken_default_under_load():
             # holding the most blocks.
             assert 1 <= len(snapshots) <= min(4, batch["queue.running_depth"]), (step_id, len(snapshots))
     assert triggered > 0, "the pressure policy never triggered although the KV pool was full"
+
+
+def test_a_python_policy_compiles_off_the_step_loop_while_requests_flow(tmp_path):
+    """Swapping in a Python policy (18 MB, ~10 s to compile, cache off) never pauses the engine."""
+    import os
+    import subprocess
+
+    component = tmp_path / "python-template.wasm"
+    build = subprocess.run(
+        ["bash", str(ROOT / "policies" / "templates" / "python" / "build.sh"), str(component)],
+        capture_output=True, text=True, timeout=600,
+    )
+    if build.returncode != 0:
+        if os.environ.get("STEPSCOPE_REQUIRE_POLICY_TOOLCHAINS") == "1":
+            pytest.fail(f"the Python template does not build:\n{build.stderr}")
+        pytest.skip(f"no Python policy toolchain (run scripts/setup-policy-toolchains.sh): {build.stderr[-300:]}")
+
+    handler = Collect()
+    otlp_port = free_port()
+    sink = GrpcSink(handler, logging.getLogger("otelsink"), port=otlp_port)
+    sink.start()
+    admin_port = free_port()
+    server = Server(
+        "builtin:tiny",
+        "--admin-port", str(admin_port),
+        "--step-tracing-enabled",
+        "--step-tracing-sample-rate", "1",
+        "--step-tracing-rich-subsample-rate", "0",
+        "--otlp-traces-endpoint", f"http://127.0.0.1:{otlp_port}",
+        env={"STEPSCOPE_POLICY_CACHE": "off"},
+    )
+    admin = f"http://127.0.0.1:{admin_port}/admin/policy"
+    try:
+        with Load(server, threads=3) as load:
+            run_phase(server, load, steps=50, completions=3)
+            result = {}
+
+            def upload():
+                result["response"] = requests.post(
+                    admin, params={"name": "python-template"}, data=component.read_bytes(), timeout=300
+                )
+
+            uploader = threading.Thread(target=upload)
+            before_steps, before_done = steps_seen(server), load.count()
+            uploader.start()
+            during = []
+            while uploader.is_alive():
+                during.append((steps_seen(server), load.count()))
+                time.sleep(0.2)
+            uploader.join()
+            response = result["response"]
+            assert response.status_code == 200, response.text
+            assert response.json()["load_ms"] > 0
+            # While the component compiled and was checked, the engine kept stepping and
+            # finishing requests.
+            assert len(during) >= 3, "the upload finished too fast to observe"
+            mid_steps, mid_done = during[len(during) // 2]
+            assert mid_steps > before_steps and during[-1][0] > mid_steps, during
+            assert during[-1][1] > before_done, during
+            run_phase(server, load, steps=100, completions=3)
+        assert not load.errors, load.errors
+        assert server.metrics()["stepscope_policy_swaps_total"] == 1
+        assert server.terminate() == 0
+    finally:
+        server.kill()
+        sink.stop()
+
+    names = [attributes(span.attributes)["policy.name"] for _, span in sorted(
+        spans_of(handler.requests), key=lambda s: attributes(s[1].attributes)["step.id"])]
+    assert names and names[0] == "builtin:default" and names[-1] == "python-template", set(names)
+    switch = names.index("python-template")
+    assert set(names[switch:]) == {"python-template"}, "a span of the old policy after the swap"

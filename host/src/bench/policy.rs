@@ -31,25 +31,7 @@ pub fn run(source: &PolicySource, iterations: u64) -> anyhow::Result<Vec<Row>> {
         ("rich_subsample_rate".to_string(), "0.5".to_string()),
     ];
     let seed = 0;
-    let mut rows = Vec::new();
-
-    let summaries: Vec<_> = (1..=iterations)
-        .map(|s| synthetic::step_summary(seed, s))
-        .collect();
-    let mut samples = Vec::with_capacity(summaries.len());
-    let mut sink = 0u64;
-    for summary in &summaries {
-        let started = Instant::now();
-        let decision = native::default_decide(0.5, 0.5, std::hint::black_box(summary));
-        samples.push(started.elapsed().as_nanos() as u64);
-        sink += u64::from(decision.emit_batch);
-    }
-    std::hint::black_box(sink);
-    rows.push(Row {
-        name: "decide: native Rust function".into(),
-        stats: stats(samples)?,
-    });
-
+    let mut rows = vec![native_row(seed, iterations)?];
     for (label, fuel) in [
         ("decide: Wasm default policy, no CPU bound", 0),
         (
@@ -92,27 +74,8 @@ pub fn run_languages(
         ("rich_subsample_rate".to_string(), "0.5".to_string()),
     ];
     let seed = 0;
-    let mut rows = Vec::new();
-    let mut samples = Vec::with_capacity(iterations as usize);
-    let mut sink = 0u64;
-    for step in 1..=iterations {
-        let summary = synthetic::step_summary(seed, step);
-        let started = Instant::now();
-        let decision = native::default_decide(0.5, 0.5, std::hint::black_box(&summary));
-        samples.push(started.elapsed().as_nanos() as u64);
-        sink += u64::from(decision.emit_batch);
-    }
-    std::hint::black_box(sink);
-    rows.push(Row {
-        name: "decide: native Rust function".into(),
-        stats: stats(samples)?,
-    });
-    let mut runtimes = Vec::new();
-    for (name, source) in languages {
-        let runtime = runtime(source, PolicyLimits::default(), &params)
-            .map_err(|e| anyhow::anyhow!("{name}: {e:#}"))?;
-        runtimes.push((name, runtime));
-    }
+    let mut rows = vec![native_row(seed, iterations)?];
+    let mut runtimes = instances(languages, &params)?;
     // Decide rows first, then plan-rich rows, so the table reads as two comparisons.
     for (name, runtime) in &mut runtimes {
         rows.push(Row {
@@ -123,12 +86,7 @@ pub fn run_languages(
     }
     // Fresh instances for plan-rich: a StarlingMonkey (JavaScript) instance's heap only grows,
     // and after ~10^5 calls it reaches the memory cap (a counted `memory` fault in a server).
-    let mut runtimes = Vec::new();
-    for (name, source) in languages {
-        let runtime = runtime(source, PolicyLimits::default(), &params)
-            .map_err(|e| anyhow::anyhow!("{name}: {e:#}"))?;
-        runtimes.push((name, runtime));
-    }
+    let mut runtimes = instances(languages, &params)?;
     for (name, runtime) in &mut runtimes {
         rows.push(Row {
             name: format!("plan-rich (64 requests): {name}"),
@@ -137,6 +95,41 @@ pub fn run_languages(
         });
     }
     Ok(rows)
+}
+
+/// The native Rust twin of the default policy's `decide`, over `iterations` synthetic steps.
+fn native_row(seed: u64, iterations: u64) -> anyhow::Result<Row> {
+    let summaries: Vec<_> = (1..=iterations)
+        .map(|s| synthetic::step_summary(seed, s))
+        .collect();
+    let mut samples = Vec::with_capacity(summaries.len());
+    let mut sink = 0u64;
+    for summary in &summaries {
+        let started = Instant::now();
+        let decision = native::default_decide(0.5, 0.5, std::hint::black_box(summary));
+        samples.push(started.elapsed().as_nanos() as u64);
+        sink += u64::from(decision.emit_batch);
+    }
+    std::hint::black_box(sink);
+    Ok(Row {
+        name: "decide: native Rust function".into(),
+        stats: stats(samples)?,
+    })
+}
+
+/// One configured instance per language, under the default bounds.
+fn instances<'a>(
+    languages: &'a [(String, PolicySource)],
+    params: &[(String, String)],
+) -> anyhow::Result<Vec<(&'a String, PolicyRuntime)>> {
+    languages
+        .iter()
+        .map(|(name, source)| {
+            let runtime = runtime(source, PolicyLimits::default(), params)
+                .map_err(|e| anyhow::anyhow!("{name}: {e:#}"))?;
+            Ok((name, runtime))
+        })
+        .collect()
 }
 
 fn runtime(

@@ -12,7 +12,8 @@
 //! lines, and exports over OTLP gRPC or HTTP/protobuf. Span limit: the SDK's 128 events per span
 //! is raised to the large constant [`DEFAULT_MAX_EVENTS_PER_SPAN`] (65 537), not
 //! `max_num_seqs + 1`, so no rich step loses snapshots whatever the engine's configuration.
-//! A slow or absent collector costs dropped spans (counted in [`TracerMetrics`]), never a
+//! [`PolicySwitch`] (from [`TracerHandle::policy_switch`]) replaces the policy of a running
+//! tracer: see [`swap`]. A slow or absent collector costs dropped spans (counted in [`TracerMetrics`]), never a
 //! blocked step. With tracing disabled the observer's per-step cost is a single branch.
 
 pub mod bench;

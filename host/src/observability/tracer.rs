@@ -5,8 +5,10 @@
 //! fill the reusable request-view columns (every running request, scheduled or not), call
 //! `plan-rich` once, and copy the chosen rows. The record goes to the exporter thread with
 //! `try_send` on a bounded queue: a full queue drops it (counted), the step never waits. A
-//! policy fault (counted by the runtime) leaves the step untraced. With tracing disabled the
-//! observer holds nothing and `on_step` is a single branch.
+//! policy fault (counted by the runtime) leaves the step untraced. Before the policy call, a
+//! policy hot-swapped in through the [`PolicySwitch`] (one relaxed atomic load when none is
+//! pending) replaces the running one; the old instance is dropped on a short-lived thread. With
+//! tracing disabled the observer holds nothing and `on_step` is a single branch.
 
 use std::sync::Arc;
 use std::sync::mpsc::{SyncSender, TrySendError};
