@@ -174,6 +174,10 @@ pub struct StepTracingArgs {
     /// start), for use without a collector and for `policy replay`.
     #[arg(long, value_name = "PATH")]
     pub step_tracing_file: Option<PathBuf>,
+    /// Record every step's summary (sampled or not) as JSON lines to this file (truncated at
+    /// start), in the `--step-tracing-file` format, for `stepscope policy replay`.
+    #[arg(long, value_name = "PATH", requires = "step_tracing_enabled")]
+    pub record_steps: Option<PathBuf>,
 }
 
 impl StepTracingArgs {

@@ -144,3 +144,83 @@ fn check_passes_the_pressure_example() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn record_steps_captures_every_step_for_replay() {
+    let dir = TempDir::new("record-steps");
+    let recorded = dir.path("steps.jsonl").display().to_string();
+    // Sampling nothing: the recording still holds every step.
+    let out = stepscope(&[
+        "generate",
+        "builtin:tiny",
+        "--prompt",
+        "record every step",
+        "--max-tokens",
+        "40",
+        "--ignore-eos",
+        "--json",
+        "--step-tracing-enabled",
+        "--step-tracing-sample-rate",
+        "0",
+        "--record-steps",
+        &recorded,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&recorded).unwrap();
+    let ids: Vec<u64> = text
+        .lines()
+        .map(|line| {
+            let json: serde_json::Value = serde_json::from_str(line).unwrap();
+            json["step.id"].as_u64().unwrap()
+        })
+        .collect();
+    assert!(ids.len() >= 40, "{} steps recorded", ids.len());
+    assert_eq!(
+        ids,
+        (1..=ids.len() as u64).collect::<Vec<_>>(),
+        "every step, in order"
+    );
+
+    let replay = stepscope(&[
+        "policy",
+        "replay",
+        "builtin:default",
+        "--steps",
+        &recorded,
+        "--sample-rate",
+        "0.5",
+        "--summary-only",
+    ]);
+    let stdout = String::from_utf8_lossy(&replay.stdout);
+    assert!(replay.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!("replayed {} recorded steps", ids.len())),
+        "{stdout}"
+    );
+    // The same seed and rate give the same decisions as the draws the engine used.
+    let sampled: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("batch-sampled: "))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    let expected = (1..=ids.len() as u64)
+        .filter(|&id| stepscope::policy::random::step_draws(0, id).0 < 0.5)
+        .count() as u64;
+    assert_eq!(sampled, expected, "{stdout}");
+
+    // Without step tracing there is nothing to record: refused at parse time.
+    let refused = stepscope(&[
+        "generate",
+        "builtin:tiny",
+        "--prompt",
+        "x",
+        "--record-steps",
+        &recorded,
+    ]);
+    assert!(!refused.status.success());
+}

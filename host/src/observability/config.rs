@@ -108,6 +108,8 @@ pub struct ObservabilityConfig {
     pub service_name: String,
     /// `--step-tracing-file`: also write every traced step as one JSON line.
     pub step_tracing_file: Option<PathBuf>,
+    /// `--record-steps`: write every step's summary as one JSON line (for `policy replay`).
+    pub record_steps: Option<PathBuf>,
     /// Bound of the step-loop → exporter queue, in records (sampled steps).
     pub queue_capacity: usize,
     /// Span limit on events (see [`DEFAULT_MAX_EVENTS_PER_SPAN`]).
@@ -137,6 +139,7 @@ impl Default for ObservabilityConfig {
             otlp: None,
             service_name: DEFAULT_SERVICE_NAME.to_string(),
             step_tracing_file: None,
+            record_steps: None,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             max_events_per_span: DEFAULT_MAX_EVENTS_PER_SPAN,
             export_batch_size: 512,
@@ -239,6 +242,7 @@ impl ObservabilityConfig {
                 .map(|name| name.trim().to_string())
                 .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_string()),
             step_tracing_file: args.step_tracing_file.clone(),
+            record_steps: args.record_steps.clone(),
             export_timeout,
             ..Self::default()
         })

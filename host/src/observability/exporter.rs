@@ -27,6 +27,8 @@ pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// What the step loop and the handle send to the exporter thread.
 pub(crate) enum ExportMessage {
     Record(StepRecord),
+    /// A step for the `--record-steps` file (every step, sampled or not).
+    Recorded(StepRecord),
     /// Export and flush everything queued before this message, then acknowledge.
     Flush(Sender<()>),
     /// Like `Flush`, then close the sinks and end the thread.
@@ -51,6 +53,8 @@ pub(crate) struct ExporterThread {
     pub(crate) rx: Receiver<ExportMessage>,
     pub(crate) otlp: Option<OtlpSink>,
     pub(crate) jsonl: Option<JsonlSink>,
+    /// `--record-steps`.
+    pub(crate) recorder: Option<JsonlSink>,
     pub(crate) metrics: Arc<TracerMetrics>,
     pub(crate) deadline: Arc<ShutdownDeadline>,
     pub(crate) batch_size: usize,
@@ -63,7 +67,7 @@ impl ExporterThread {
     pub(crate) fn new(
         rx: Receiver<ExportMessage>,
         config: &ObservabilityConfig,
-        sinks: (Option<OtlpSink>, Option<JsonlSink>),
+        sinks: (Option<OtlpSink>, Option<JsonlSink>, Option<JsonlSink>),
         metrics: Arc<TracerMetrics>,
         deadline: Arc<ShutdownDeadline>,
     ) -> Self {
@@ -71,6 +75,7 @@ impl ExporterThread {
             rx,
             otlp: sinks.0,
             jsonl: sinks.1,
+            recorder: sinks.2,
             metrics,
             deadline,
             batch_size: config.export_batch_size.max(1),
@@ -95,6 +100,10 @@ impl ExporterThread {
                         {
                             self.export();
                         }
+                    }
+                    Ok(ExportMessage::Recorded(record)) => {
+                        self.record(&record);
+                        oldest.get_or_insert_with(Instant::now);
                     }
                     Ok(ExportMessage::Flush(ack)) => {
                         self.flush();
@@ -126,10 +135,24 @@ impl ExporterThread {
 
     fn process(&mut self, record: &StepRecord) {
         if let Some(jsonl) = &mut self.jsonl {
-            jsonl.write(record, &self.metrics);
+            jsonl.write(
+                record,
+                &self.metrics.jsonl_lines_written,
+                &self.metrics.jsonl_write_failures,
+            );
         }
         if let Some(otlp) = &mut self.otlp {
             otlp.add(record);
+        }
+    }
+
+    fn record(&mut self, record: &StepRecord) {
+        if let Some(recorder) = &mut self.recorder {
+            recorder.write(
+                record,
+                &self.metrics.steps_recorded,
+                &self.metrics.record_write_failures,
+            );
         }
     }
 
@@ -142,7 +165,10 @@ impl ExporterThread {
     fn flush(&mut self) {
         self.export();
         if let Some(jsonl) = &mut self.jsonl {
-            jsonl.flush(&self.metrics);
+            jsonl.flush(&self.metrics.jsonl_write_failures);
+        }
+        if let Some(recorder) = &mut self.recorder {
+            recorder.flush(&self.metrics.record_write_failures);
         }
     }
 
@@ -153,6 +179,9 @@ impl ExporterThread {
             let Ok(message) = self.rx.try_recv() else {
                 break;
             };
+            if let ExportMessage::Recorded(record) = &message {
+                self.record(record);
+            }
             if let ExportMessage::Record(record) = message {
                 self.process(&record);
                 if self

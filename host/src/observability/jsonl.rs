@@ -27,7 +27,7 @@ use serde_json::Value as Json;
 use thiserror::Error;
 
 use super::config::ObservabilityError;
-use super::metrics::{TracerMetrics, bump};
+use super::metrics::bump;
 use super::otlp::extra_key;
 use super::record::{
     ATTR_EFFECTIVE_PROMPT_LEN, ATTR_KV_BLOCKS_ALLOCATED, ATTR_KV_BLOCKS_CACHED,
@@ -42,6 +42,7 @@ use super::record::{
 };
 use crate::policy::random::step_draws;
 use crate::policy::{RecordedStep, RequestViews, StepSummary};
+use std::sync::atomic::AtomicU64;
 
 pub(crate) struct JsonlSink {
     path: PathBuf,
@@ -63,17 +64,16 @@ impl JsonlSink {
         })
     }
 
-    pub(crate) fn write(&mut self, record: &StepRecord, metrics: &TracerMetrics) {
+    /// Writes one line, counting it in `written` or `failures`.
+    pub(crate) fn write(&mut self, record: &StepRecord, written: &AtomicU64, failures: &AtomicU64) {
         self.line.clear();
         render_line(&mut self.line, record);
         self.line.push(b'\n');
         match self.writer.write_all(&self.line) {
-            Ok(()) => bump(&metrics.jsonl_lines_written),
+            Ok(()) => bump(written),
             Err(error) => {
-                bump(&metrics.jsonl_write_failures);
-                let failures = metrics
-                    .jsonl_write_failures
-                    .load(std::sync::atomic::Ordering::Relaxed);
+                bump(failures);
+                let failures = failures.load(std::sync::atomic::Ordering::Relaxed);
                 if failures.is_power_of_two() {
                     tracing::warn!(path = %self.path.display(), %error, failures, "cannot write step trace line");
                 }
@@ -81,10 +81,10 @@ impl JsonlSink {
         }
     }
 
-    pub(crate) fn flush(&mut self, metrics: &TracerMetrics) {
+    pub(crate) fn flush(&mut self, failures: &AtomicU64) {
         if let Err(error) = self.writer.flush() {
             // Counted once per failed flush (how many buffered lines it lost is unknown).
-            bump(&metrics.jsonl_write_failures);
+            bump(failures);
             tracing::warn!(path = %self.path.display(), %error, "cannot flush the step trace file");
         }
     }

@@ -40,6 +40,10 @@ pub struct TracerMetrics {
     pub(crate) jsonl_lines_written: AtomicU64,
     /// Lines that could not be written (a failed flush of the buffer counts once).
     pub(crate) jsonl_write_failures: AtomicU64,
+    /// Lines written to the `--record-steps` file (one per step).
+    pub(crate) steps_recorded: AtomicU64,
+    /// Steps not recorded: queue full or closed, or the write failed.
+    pub(crate) record_write_failures: AtomicU64,
     policy: Arc<PolicyCounters>,
 }
 
@@ -59,6 +63,8 @@ pub struct TracerMetricsSnapshot {
     pub span_events_dropped: u64,
     pub jsonl_lines_written: u64,
     pub jsonl_write_failures: u64,
+    pub steps_recorded: u64,
+    pub record_write_failures: u64,
     /// The policy runtime's counters (calls, faults by kind, back-off skips).
     pub policy: PolicyCountersSnapshot,
 }
@@ -109,6 +115,8 @@ impl TracerMetrics {
             span_events_dropped: get(&self.span_events_dropped),
             jsonl_lines_written: get(&self.jsonl_lines_written),
             jsonl_write_failures: get(&self.jsonl_write_failures),
+            steps_recorded: get(&self.steps_recorded),
+            record_write_failures: get(&self.record_write_failures),
             policy: self.policy.snapshot(),
         }
     }

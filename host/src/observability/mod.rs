@@ -103,11 +103,15 @@ impl StepTracer {
             Some(path) => Some(JsonlSink::create(path)?),
             None => None,
         };
+        let recorder = match &config.record_steps {
+            Some(path) => Some(JsonlSink::create(path)?),
+            None => None,
+        };
         let otlp = match &config.otlp {
             Some(otlp) => Some(OtlpSink::new(&config, otlp)?),
             None => None,
         };
-        if otlp.is_none() && jsonl.is_none() {
+        if otlp.is_none() && jsonl.is_none() && recorder.is_none() {
             tracing::warn!(
                 "step tracing is enabled without --otlp-traces-endpoint (or OTEL_EXPORTER_OTLP_*) \
                  or --step-tracing-file: steps are sampled and counted but not exported"
@@ -118,7 +122,7 @@ impl StepTracer {
         let thread = ExporterThread::new(
             rx,
             &config,
-            (otlp, jsonl),
+            (otlp, jsonl, recorder),
             Arc::clone(&metrics),
             Arc::clone(&deadline),
         );
@@ -136,7 +140,7 @@ impl StepTracer {
         );
         let observer = StepTracerObserver::active(
             (runtime, Arc::clone(&policy), Arc::clone(&switch)),
-            config.seed,
+            (config.seed, config.record_steps.is_some()),
             queue.clone(),
             Arc::clone(&metrics),
         );

@@ -607,6 +607,7 @@ fn json_lines_file_reads_back_with_every_name_and_the_step_summaries() {
 #[test]
 fn every_flag_travels_from_the_command_line_into_the_running_tracer() {
     let file = temp_path("flags.jsonl");
+    let recorded = temp_path("flags-recorded.jsonl");
     let pressure = guest("pressure");
     let cli = Cli::try_parse_from([
         "stepscope",
@@ -632,6 +633,8 @@ fn every_flag_travels_from_the_command_line_into_the_running_tracer() {
         "http",
         "--step-tracing-file",
         file.to_str().expect("utf-8 path"),
+        "--record-steps",
+        recorded.to_str().expect("utf-8 path"),
     ])
     .expect("parse");
     let Command::Serve(serve) = cli.command else {
@@ -672,6 +675,7 @@ fn every_flag_travels_from_the_command_line_into_the_running_tracer() {
         }),
         service_name: "svc-under-test".into(),
         step_tracing_file: Some(file.clone()),
+        record_steps: Some(recorded.clone()),
         ..ObservabilityConfig::default()
     };
     assert_eq!(config, expected);
@@ -740,7 +744,21 @@ fn every_flag_travels_from_the_command_line_into_the_running_tracer() {
     // The collector at port 9 is not there: those spans are counted as failed, not lost.
     assert_eq!(metrics.records_queued, sampled.len() as u64);
     assert_eq!(metrics.spans_export_failed, sampled.len() as u64);
+    // --record-steps got every step the tracer saw, sampled or not, in order.
+    let recorded_ids: Vec<u64> = std::fs::read_to_string(&recorded)
+        .expect("recording")
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["step.id"]
+                .as_u64()
+                .expect("id")
+        })
+        .collect();
+    let all: Vec<u64> = steps.iter().map(|s| s.summary.step_id).collect();
+    assert_eq!(recorded_ids, all);
+    assert_eq!(metrics.steps_recorded, all.len() as u64);
     let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(&recorded);
 }
 
 #[test]

@@ -41,6 +41,8 @@ pub(crate) struct ActiveTracer {
     /// Where hot-swapped policies arrive.
     switch: Arc<PolicySwitch>,
     seed: u64,
+    /// `--record-steps`: every step's summary also goes to the exporter thread.
+    record_steps: bool,
     queue: SyncSender<ExportMessage>,
     metrics: Arc<TracerMetrics>,
     /// Request-view columns, reused from one rich step to the next.
@@ -57,7 +59,7 @@ impl StepTracerObserver {
 
     pub(crate) fn active(
         (runtime, identity, switch): (PolicyRuntime, Arc<PolicyIdentity>, Arc<PolicySwitch>),
-        seed: u64,
+        (seed, record_steps): (u64, bool),
         queue: SyncSender<ExportMessage>,
         metrics: Arc<TracerMetrics>,
     ) -> Self {
@@ -67,6 +69,7 @@ impl StepTracerObserver {
                 identity,
                 switch,
                 seed,
+                record_steps,
                 queue,
                 metrics,
                 views: empty_views(),
@@ -104,6 +107,9 @@ impl ActiveTracer {
             }
         }
         let summary = step_summary(step, self.seed);
+        if self.record_steps {
+            self.record(summary);
+        }
         let decision = match self.runtime.decide(&summary) {
             PolicyOutcome::Answer(decision) if decision.emit_batch => decision,
             _ => return,
@@ -137,6 +143,24 @@ impl ActiveTracer {
             }
             Err(TrySendError::Full(_)) => bump(&self.metrics.records_dropped_queue_full),
             Err(TrySendError::Disconnected(_)) => bump(&self.metrics.records_dropped_closed),
+        }
+    }
+
+    /// Queues the step for the `--record-steps` file (a full queue loses it, counted).
+    fn record(&mut self, summary: StepSummary) {
+        let record = StepRecord {
+            policy: Arc::clone(&self.identity),
+            summary,
+            batch_probability: 1.0,
+            extra: Vec::new(),
+            rich: None,
+        };
+        if self
+            .queue
+            .try_send(ExportMessage::Recorded(record))
+            .is_err()
+        {
+            bump(&self.metrics.record_write_failures);
         }
     }
 

@@ -245,6 +245,16 @@ impl StatsCollector {
                     t.jsonl_write_failures,
                 ),
                 (
+                    "stepscope_step_tracing_steps_recorded",
+                    "Steps written to the --record-steps file",
+                    t.steps_recorded,
+                ),
+                (
+                    "stepscope_step_tracing_record_failures",
+                    "Steps lost to the --record-steps file (queue full, or a failed write)",
+                    t.record_write_failures,
+                ),
+                (
                     "stepscope_policy_calls",
                     "Policy guest calls (decide and plan-rich)",
                     p.calls,
