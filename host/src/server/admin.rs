@@ -124,8 +124,17 @@ fn parse_upload_query(query: Option<&str>) -> Result<UploadQuery, ApiError> {
 async fn post_policy(
     State(state): State<AdminState>,
     RawQuery(query): RawQuery,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        // Over MAX_POLICY_UPLOAD_BYTES (413) or an interrupted upload: an OpenAI-style error too.
+        Err(rejection) => {
+            return ApiError::status(rejection.status(), rejection.body_text())
+                .with_code("policy_refused")
+                .into_response();
+        }
+    };
     let Some(switch) = state.switch else {
         return ApiError::conflict(
             "step tracing is disabled, so there is no policy to replace (start the server with \

@@ -54,6 +54,16 @@ impl ApiError {
         }
     }
 
+    /// An `invalid_request_error` with the given 4xx status (a server error for 5xx).
+    pub fn status(status: StatusCode, message: impl Into<String>) -> Self {
+        let kind = if status.is_server_error() {
+            "server_error"
+        } else {
+            "invalid_request_error"
+        };
+        Self::new(status, kind, message)
+    }
+
     /// A 409 `invalid_request_error`: the request conflicts with how the server runs.
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "invalid_request_error", message)

@@ -387,6 +387,10 @@ async fn admin_api_swaps_refuses_and_reports() {
     assert_eq!(body["active"]["digest"], switch.active().digest);
     let (status, _) = admin_call(&app, "DELETE", "/admin/policy", Vec::new()).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let huge = vec![0u8; super::admin::MAX_POLICY_UPLOAD_BYTES + 1];
+    let (status, body) = admin_call(&app, "POST", "/admin/policy", huge).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["error"]["code"], "policy_refused", "{body}");
 
     // With step tracing off there is nothing to replace: 409.
     let off = super::admin::router(super::admin::AdminState { switch: None });
