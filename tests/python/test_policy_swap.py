@@ -306,3 +306,43 @@ def test_a_python_policy_compiles_off_the_step_loop_while_requests_flow(tmp_path
     assert names and names[0] == "builtin:default" and names[-1] == "python-template", set(names)
     switch = names.index("python-template")
     assert set(names[switch:]) == {"python-template"}, "a span of the old policy after the swap"
+
+
+def test_sighup_rereads_the_policy_file_and_keeps_the_old_policy_when_it_is_broken(tmp_path):
+    """SIGHUP re-reads --step-tracing-policy: a broken file changes nothing, a new one swaps in."""
+    server = Server("builtin:tiny", "--step-tracing-enabled")
+    try:
+        default_digest = info_digest(server)
+    finally:
+        server.stop()
+    components = component_dir_for(default_digest)
+    policy_file = tmp_path / "policy.wasm"
+    pressure = (components / "pressure.wasm").read_bytes()
+    policy_file.write_bytes(pressure)
+    pressure_digest = "sha256:" + hashlib.sha256(pressure).hexdigest()
+
+    server = Server("builtin:tiny", "--step-tracing-enabled", "--step-tracing-policy", str(policy_file))
+    try:
+        assert info_digest(server) == pressure_digest
+        policy_file.write_bytes(b"\0asm\x0d\0\x01\0 this is not a component")
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "policy reload failed" not in server.log_text():
+            assert time.monotonic() < deadline, server.log_text()
+            time.sleep(0.05)
+        assert info_digest(server) == pressure_digest, "a broken file must not replace the policy"
+        assert server.metrics()["stepscope_policy_swaps_refused_total"] == 1
+
+        policy_file.write_bytes((components / "default.wasm").read_bytes())
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while info_digest(server) != default_digest:
+            assert time.monotonic() < deadline, server.log_text()
+            time.sleep(0.05)
+        # Requests are served by the same process throughout.
+        reply = server.client().completions.create(model="builtin:tiny", prompt="still here", max_tokens=4)
+        assert reply.choices[0].text is not None
+        assert server.metrics()["stepscope_policy_swaps_total"] == 1
+        assert server.terminate() == 0
+    finally:
+        server.kill()
