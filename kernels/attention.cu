@@ -9,10 +9,19 @@
 // shared memory; an online softmax (running max and sum per head) then accumulates P·V, each
 // lane owning head_dim/32 output dimensions. The warps' partial results are merged at the end.
 //
+// Split keys (flash-decoding): when a step has too few (token, KV head) pairs to fill the GPU,
+// the host passes num_splits > 1 and blockIdx.z also selects one of num_splits consecutive
+// ranges of each token's keys (the range length is derived from the token's own context on the
+// device, so a captured CUDA graph stays valid as contexts grow). Each block then writes its
+// unnormalised partial result with its running max and sum to `part`, and attention_combine
+// merges the ranges in a fixed order (deterministic).
+//
 // Cache layout per layer: [num_blocks][num_kv_heads][block_size][head_dim] act_t.
 #include "common.cuh"
 
 #define ATTN_MAX_GROUP 8
+// Fewest keys in one range of a split attention.
+#define ATTN_MIN_SPLIT 64
 
 template <int DPL>
 __device__ __forceinline__ void load_v(const act_t* row, int lane, int head_dim, float* vf) {
@@ -45,7 +54,9 @@ __device__ __forceinline__ void paged_attention_impl(
     int num_heads,
     int num_kv_heads,
     int block_size,
-    float scale)
+    float scale,
+    float* __restrict__ part,                      // [num_tokens, num_heads, num_splits, D + 2]
+    int num_splits)
 {
     static_assert(D % 8 == 0, "head_dim must be a multiple of 8");
     constexpr int DPL = (D + 31) / 32;   // output dimensions per lane
@@ -57,7 +68,9 @@ __device__ __forceinline__ void paged_attention_impl(
     const int kvh = blockIdx.y;
     const int group = num_heads / num_kv_heads;
     const int gmax = min(group, ATTN_MAX_GROUP);
-    const int g0 = blockIdx.z * ATTN_MAX_GROUP;
+    const int num_slices = (group + ATTN_MAX_GROUP - 1) / ATTN_MAX_GROUP;
+    const int split = blockIdx.z / num_slices;
+    const int g0 = (blockIdx.z - split * num_slices) * ATTN_MAX_GROUP;
     const int ng = min(ATTN_MAX_GROUP, group - g0);
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
@@ -74,6 +87,13 @@ __device__ __forceinline__ void paged_attention_impl(
     __syncthreads();
 
     const int L = context_lens[t];
+    int k_begin = 0, k_end = L;
+    if (num_splits > 1) {
+        const int even = (L + num_splits - 1) / num_splits;
+        const int per = max(ATTN_MIN_SPLIT, (even + 31) / 32 * 32);
+        k_begin = min(L, split * per);
+        k_end = min(L, k_begin + per);
+    }
     const int* bt = block_tables + block_table_offsets[t];
 
     float m[ATTN_MAX_GROUP], l[ATTN_MAX_GROUP], acc[ATTN_MAX_GROUP][DPL];
@@ -85,9 +105,9 @@ __device__ __forceinline__ void paged_attention_impl(
         for (int i = 0; i < DPL; ++i) acc[g][i] = 0.0f;
     }
 
-    for (int c0 = warp * 32; c0 < L; c0 += NWARPS * 32) {
+    for (int c0 = k_begin + warp * 32; c0 < k_end; c0 += NWARPS * 32) {
         const int j = c0 + lane;
-        const bool valid = j < L;
+        const bool valid = j < k_end;
         float sc[ATTN_MAX_GROUP];
 #pragma unroll
         for (int g = 0; g < ATTN_MAX_GROUP; ++g) sc[g] = 0.0f;
@@ -138,7 +158,7 @@ __device__ __forceinline__ void paged_attention_impl(
         }
 
         // P·V over the chunk's valid keys, values read from shared memory.
-        const int nvalid = min(32, L - c0);
+        const int nvalid = min(32, k_end - c0);
 #pragma unroll 4
         for (int jj = 0; jj < nvalid; ++jj) {
             float vf[DPL];
@@ -188,7 +208,43 @@ __device__ __forceinline__ void paged_attention_impl(
             num = fmaf(e, c[d], num);
             den = fmaf(e, c[D + 1], den);
         }
-        out[(size_t)t * num_heads * D + (size_t)(head0 + g) * D + d] = float_to_act(num / den);
+        if (num_splits > 1) {
+            // Unnormalised, relative to this range's max; an empty range has den = 0.
+            float* p = part + ((size_t)(t * num_heads + head0 + g) * num_splits + split) * (D + 2);
+            p[d] = num;
+            if (d == 0) {
+                p[D] = mx;
+                p[D + 1] = den;
+            }
+        } else {
+            out[(size_t)t * num_heads * D + (size_t)(head0 + g) * D + d] = float_to_act(num / den);
+        }
+    }
+}
+
+// Merges the key ranges of a split attention. grid: (num_tokens, num_heads), block: any.
+extern "C" __global__ void attention_combine(
+    act_t* __restrict__ out,          // [num_tokens, num_heads * head_dim]
+    const float* __restrict__ part,   // [num_tokens, num_heads, num_splits, head_dim + 2]
+    int num_heads,
+    int head_dim,
+    int num_splits)
+{
+    const size_t stride = head_dim + 2;
+    const float* p = part + (size_t)(blockIdx.x * num_heads + blockIdx.y) * num_splits * stride;
+    float mx = STEPSCOPE_NEG_INF;
+    for (int s = 0; s < num_splits; ++s)
+        if (p[s * stride + head_dim + 1] > 0.0f) mx = fmaxf(mx, p[s * stride + head_dim]);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float num = 0.0f, den = 0.0f;
+        for (int s = 0; s < num_splits; ++s) {
+            const float* q = p + s * stride;
+            const float e = q[head_dim + 1] > 0.0f ? expf(q[head_dim] - mx) : 0.0f;
+            num = fmaf(e, q[d], num);
+            den = fmaf(e, q[head_dim + 1], den);
+        }
+        out[(size_t)blockIdx.x * num_heads * head_dim + (size_t)blockIdx.y * head_dim + d] =
+            float_to_act(num / den);
     }
 }
 
@@ -198,10 +254,11 @@ __device__ __forceinline__ void paged_attention_impl(
         const act_t* __restrict__ k_cache, const act_t* __restrict__ v_cache,                  \
         const int* __restrict__ context_lens, const int* __restrict__ block_table_offsets,     \
         const int* __restrict__ block_tables, int row_stride, int num_heads, int num_kv_heads, \
-        int block_size, float scale) {                                                         \
+        int block_size, float scale, float* __restrict__ part, int num_splits) {               \
         paged_attention_impl<D, NWARPS>(out, qkv, k_cache, v_cache, context_lens,              \
                                         block_table_offsets, block_tables, row_stride,         \
-                                        num_heads, num_kv_heads, block_size, scale);           \
+                                        num_heads, num_kv_heads, block_size, scale, part,      \
+                                        num_splits);                                           \
     }
 
 // Head sizes served (the host refuses others at start-up with a clear error). The warp count

@@ -17,7 +17,7 @@ inline Dim3 blockDim, gridDim;
 struct alignas(16) uint4 { unsigned x, y, z, w; };
 struct alignas(8) uint2 { unsigned x, y; };
 struct alignas(16) float4 { float x, y, z, w; };
-struct WarpCtx { std::barrier<>* bar; uint32_t buf[32]; };
+struct WarpCtx { std::barrier<>* bar; uint32_t buf[32]; uint32_t ma[32][4]; uint32_t mb[32][2]; float mc[32][4]; };
 inline thread_local WarpCtx* t_warp;
 inline thread_local std::barrier<>* t_block;
 #define __global__
@@ -46,6 +46,45 @@ template <class T> T shfl_src(T v, int src) {
 template <class T> T __shfl_sync(unsigned, T v, int src) { return shfl_src(v, src); }
 template <class T> T __shfl_xor_sync(unsigned, T v, int m) { return shfl_src(v, (int)((threadIdx.x % 32) ^ m)); }
 extern float4 smem_f4[];
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, warp-collective: every lane hands in its
+// fragments (the PTX ISA's layout, g = lane / 4, q = lane % 4), the 16x16 A and 16x8 B are
+// rebuilt from all 32 lanes, and each lane gets its own four D values back.
+#define STEPSCOPE_EMU 1
+inline float emu_bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
+inline float emu_bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+inline void emu_mma_16816(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+    const unsigned lane = threadIdx.x % 32;
+    WarpCtx* w = t_warp;
+    w->ma[lane][0] = a0; w->ma[lane][1] = a1; w->ma[lane][2] = a2; w->ma[lane][3] = a3;
+    w->mb[lane][0] = b0; w->mb[lane][1] = b1;
+    for (int i = 0; i < 4; ++i) w->mc[lane][i] = d[i];
+    w->bar->arrive_and_wait();
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; ++l) {
+        const int g = l / 4, q = l % 4;
+        for (int r = 0; r < 4; ++r) {
+            const int row = g + 8 * (r % 2), kw = q + 4 * (r / 2);
+            A[row][2 * kw] = emu_bf16_lo(w->ma[l][r]);
+            A[row][2 * kw + 1] = emu_bf16_hi(w->ma[l][r]);
+        }
+        for (int r = 0; r < 2; ++r) {
+            const int kw = q + 4 * r;
+            B[2 * kw][g] = emu_bf16_lo(w->mb[l][r]);
+            B[2 * kw + 1][g] = emu_bf16_hi(w->mb[l][r]);
+        }
+    }
+    const int g = lane / 4, q = lane % 4;
+    float out[4];
+    for (int i = 0; i < 4; ++i) {
+        const int row = g + 8 * (i / 2), col = 2 * q + (i % 2);
+        float s = w->mc[lane][i];
+        for (int kk = 0; kk < 16; ++kk) s += A[row][kk] * B[kk][col];
+        out[i] = s;
+    }
+    w->bar->arrive_and_wait();
+    for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
 
 inline void launch(Dim3 grid, unsigned block, const std::function<void()>& body) {
     gridDim = grid; blockDim = {block, 1, 1};

@@ -15,6 +15,7 @@
 #include "k/sampling.cu"
 #include "k/embedding.cu"
 #include "k/elementwise.cu"
+#include "k/gemm.cu"
 #include <cstdio>
 #include <random>
 float4 smem_f4[8192];
@@ -24,9 +25,9 @@ static float bf2f(uint16_t b) { return __uint_as_float((uint32_t)b << 16); }
 static int fails = 0;
 #define CHECK(c, ...) do { if (!(c)) { printf("FAIL: " __VA_ARGS__); printf("\n"); fails++; } } while (0)
 
-typedef void (*AttnFn)(act_t*, const float*, const act_t*, const act_t*, const int*, const int*, const int*, int, int, int, int, float);
+typedef void (*AttnFn)(act_t*, const float*, const act_t*, const act_t*, const int*, const int*, const int*, int, int, int, int, float, float*, int);
 
-void test_attention(int D, AttnFn fn, int nwarps, int nh, int nkv, int bs, std::vector<int> ctx, unsigned seed) {
+void test_attention(int D, AttnFn fn, int nwarps, int nh, int nkv, int bs, std::vector<int> ctx, unsigned seed, int splits = 1) {
     std::mt19937 rng(seed); std::uniform_real_distribution<float> U(-1, 1);
     int T = ctx.size();
     int group = nh / nkv;
@@ -46,9 +47,11 @@ void test_attention(int D, AttnFn fn, int nwarps, int nh, int nkv, int bs, std::
     size_t smem = gmax * D * 4 + std::max((size_t)nwarps * 32 * (D + 8) * 2, (size_t)nwarps * gmax * (D + 2) * 4);
     CHECK(smem <= sizeof(smem_f4), "smem %zu", smem);
     memset(smem_f4, 0x7f, sizeof(smem_f4));  // garbage
-    launch({(unsigned)T, (unsigned)nkv, (unsigned)((group + 7) / 8)}, nwarps * 32, [&] {
-        fn(out.data(), qkv.data(), kc.data(), vc.data(), ctx.data(), offs.data(), tables.data(), row_stride, nh, nkv, bs, scale);
+    std::vector<float> part((size_t)T * nh * splits * (D + 2), 1e30f);  // garbage
+    launch({(unsigned)T, (unsigned)nkv, (unsigned)((group + 7) / 8 * splits)}, nwarps * 32, [&] {
+        fn(out.data(), qkv.data(), kc.data(), vc.data(), ctx.data(), offs.data(), tables.data(), row_stride, nh, nkv, bs, scale, part.data(), splits);
     });
+    if (splits > 1) launch({(unsigned)T, (unsigned)nh, 1}, 64, [&] { attention_combine(out.data(), part.data(), nh, D, splits); });
     double maxerr = 0;
     for (int t = 0; t < T; ++t) for (int h = 0; h < nh; ++h) {
         int kvh = h / group; int L = ctx[t];
@@ -69,8 +72,39 @@ void test_attention(int D, AttnFn fn, int nwarps, int nh, int nkv, int bs, std::
             maxerr = std::max(maxerr, e);
         }
     }
-    printf("attention D=%d nh=%d nkv=%d bs=%d T=%d: max abs err %.2e\n", D, nh, nkv, bs, T, maxerr);
+    printf("attention D=%d nh=%d nkv=%d bs=%d T=%d splits=%d: max abs err %.2e\n", D, nh, nkv, bs, T, splits, maxerr);
     CHECK(maxerr < 1e-2, "attention D=%d", D);
+}
+
+typedef void (*GemmFn)(float*, const act_t*, const act_t*, int, int, int, int);
+
+// Skinny GEMM against a double-precision reference: tails in m, n and k, both accumulate modes,
+// and a guard region after y that must stay untouched.
+void test_gemm(const char* name, GemmFn fn, int RT, int MT, int m, int n, int k, bool accumulate, unsigned seed) {
+    std::mt19937 rng(seed); std::uniform_real_distribution<float> U(-1, 1);
+    std::vector<uint16_t> w((size_t)n * k), x((size_t)m * k);
+    for (auto& v : w) v = f2bf(U(rng)); for (auto& v : x) v = f2bf(U(rng));
+    const int guard = 64;
+    std::vector<float> y((size_t)m * n + guard), y0;
+    for (auto& v : y) v = accumulate ? U(rng) * 4 : 12345.0f;
+    for (int i = 0; i < guard; ++i) y[(size_t)m * n + i] = -777.0f;
+    y0 = y;
+    size_t smem = (size_t)GEMM_NWARPS / 2 * RT * MT * 4 * 32 * 4;
+    CHECK(smem <= sizeof(smem_f4), "gemm smem %zu", smem);
+    memset(smem_f4, 0x7f, sizeof(smem_f4));
+    unsigned grid = (n + 16 * RT - 1) / (16 * RT);
+    launch({grid, 1, 1}, GEMM_NWARPS * 32, [&] { fn(y.data(), w.data(), x.data(), m, n, k, accumulate ? 1 : 0); });
+    double maxerr = 0, maxref = 0;
+    for (int t = 0; t < m; ++t) for (int r = 0; r < n; ++r) {
+        double ref = accumulate ? y0[(size_t)t * n + r] : 0.0;
+        for (int i = 0; i < k; ++i) ref += (double)bf2f(w[(size_t)r * k + i]) * bf2f(x[(size_t)t * k + i]);
+        maxerr = std::max(maxerr, fabs(ref - y[(size_t)t * n + r]));
+        maxref = std::max(maxref, fabs(ref));
+    }
+    bool guard_ok = true;
+    for (int i = 0; i < guard; ++i) guard_ok &= y[(size_t)m * n + i] == -777.0f;
+    printf("%s m=%d n=%d k=%d acc=%d: max abs err %.2e (max |y| %.1f)\n", name, m, n, k, accumulate, maxerr, maxref);
+    CHECK(maxerr <= 1e-5 * std::max(1.0, maxref) && guard_ok, "%s m=%d n=%d k=%d", name, m, n, k);
 }
 
 void test_small() {
@@ -133,6 +167,15 @@ void test_small() {
 
 int main() {
     test_small();
+    test_gemm("skinny_gemm_r1_m1", skinny_gemm_r1_m1, 1, 1, 1, 16, 32, false, 11);
+    test_gemm("skinny_gemm_r1_m1", skinny_gemm_r1_m1, 1, 1, 5, 40, 72, true, 12);
+    test_gemm("skinny_gemm_r1_m2", skinny_gemm_r1_m2, 1, 2, 13, 33, 520, false, 13);
+    test_gemm("skinny_gemm_r1_m4", skinny_gemm_r1_m4, 1, 4, 32, 100, 1032, true, 14);
+    test_gemm("skinny_gemm_r1_m8", skinny_gemm_r1_m8, 1, 8, 57, 20, 264, false, 15);
+    test_gemm("skinny_gemm_r2_m1", skinny_gemm_r2_m1, 2, 1, 8, 70, 1056, true, 16);
+    test_gemm("skinny_gemm_r2_m2", skinny_gemm_r2_m2, 2, 2, 9, 48, 64, false, 17);
+    test_gemm("skinny_gemm_r2_m4", skinny_gemm_r2_m4, 2, 4, 25, 31, 136, true, 18);
+    test_gemm("skinny_gemm_r2_m8", skinny_gemm_r2_m8, 2, 8, 64, 64, 2056, false, 19);
     test_attention(16, paged_attention_d16, 4, 4, 2, 4, {1, 2, 5, 33, 64, 100, 129}, 1);
     test_attention(32, paged_attention_d32, 4, 3, 1, 4, {1, 7, 31, 32, 33, 150}, 2);
     test_attention(64, paged_attention_d64, 4, 9, 3, 16, {1, 16, 17, 200, 257}, 3);
@@ -140,6 +183,11 @@ int main() {
     test_attention(96, paged_attention_d96, 4, 12, 1, 8, {5, 70}, 5);      // group 12 -> 2 slices
     test_attention(128, paged_attention_d128, 4, 16, 8, 16, {1, 31, 512, 300}, 6);
     test_attention(128, paged_attention_d128, 4, 8, 8, 32, {1, 2, 3, 260}, 7);
+    // Split keys (flash-decoding): contexts shorter than one range, empty ranges, many ranges.
+    test_attention(64, paged_attention_d64, 4, 4, 2, 16, {1, 63, 64, 65, 300}, 21, 2);
+    test_attention(128, paged_attention_d128, 4, 16, 8, 16, {531, 7, 200}, 22, 3);
+    test_attention(96, paged_attention_d96, 4, 12, 1, 8, {5, 700}, 23, 8);  // 2 slices x 8 ranges
+    test_attention(256, paged_attention_d256, 2, 8, 1, 16, {1000}, 24, 32);
     test_attention(256, paged_attention_d256, 2, 8, 1, 16, {1, 65, 140}, 8);
     printf("%s (%d failures)\n", fails ? "FAILED" : "ALL OK", fails);
     return fails != 0;

@@ -8,7 +8,9 @@
 //! the full logits copied back, next to the HBM floor: the bytes a step must read (every weight
 //! matrix once, plus every request's K and V in all layers) divided by the device-to-device copy
 //! bandwidth measured in the same run (bytes read + written per second, as `cudaMemcpy` D2D
-//! benchmarks count it).
+//! benchmarks count it). It also prints the start-up GEMM choice ([`super::gemm`]) per
+//! projection, and, side by side, the CUDA-graph step time of the baseline (every GEMM on cuBLAS,
+//! attention not split over key ranges: the runner before those two changes).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,6 +20,7 @@ use crate::model::KvCacheShape;
 use crate::model::tiny::tiny_weights;
 
 use super::CudaModelRunner;
+use super::gemm::GemmMode;
 use super::runner::CudaOptions;
 use super::tests::{device_or_skip, realistic_config};
 
@@ -137,99 +140,16 @@ const PROFILED_STEPS: usize = 5;
 /// (batch, context, device ms per op kind).
 type Profile = (usize, usize, Vec<(&'static str, f64)>);
 
-/// (batch, context, eager: argmax, eager: logits, graphs: argmax, graphs: logits).
-type Row = (usize, usize, f64, f64, Option<f64>, Option<f64>);
-
-/// cuBLAS alone on the model's GEMM shapes: weight bandwidth achieved by `GemmEx` with bf16
-/// inputs and f32 output (what the runner does) against bf16 output, for a few batch sizes.
-fn gemm_microbench(runner: &CudaModelRunner, cfg: &crate::model::ModelConfig) {
-    use cudarc::cublas::sys::{
-        cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType,
-    };
-    use cudarc::driver::DevicePtr;
-    let stream = runner.stream();
-    let blas = match cudarc::cublas::CudaBlas::new(stream.clone()) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("gemm microbench: {e:?}");
-            return;
-        }
-    };
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let shapes = [
-        ("qkv", cfg.q_dim() + 2 * cfg.kv_dim(), h),
-        ("o", h, cfg.q_dim()),
-        ("gate_up", 2 * i, h),
-        ("down", h, i),
-        ("lm_head", cfg.vocab_size, h),
-    ];
-    let max_w = shapes.iter().map(|(_, n, k)| n * k).max().unwrap_or(1);
-    let max_k = shapes.iter().map(|(_, _, k)| *k).max().unwrap_or(1);
-    let max_n = shapes.iter().map(|(_, n, _)| *n).max().unwrap_or(1);
-    let w = stream.alloc_zeros::<u16>(max_w).expect("alloc");
-    let x = stream.alloc_zeros::<u16>(128 * max_k).expect("alloc");
-    let y = stream.alloc_zeros::<f32>(128 * max_n).expect("alloc");
-    let (wp, _) = w.device_ptr(stream);
-    let (xp, _) = x.device_ptr(stream);
-    let (yp, _) = y.device_ptr(stream);
-    println!();
-    println!(
-        "cuBLAS GemmEx alone (bf16 weights and inputs, f32 compute; weight bytes / time; median of 20 rounds of 10 calls timed on the host: under ~5 us a call, the launch rate may dominate)"
-    );
-    println!("| shape (n x k) | m | f32 out | bf16 out |");
-    println!("| --- | ---: | ---: | ---: |");
-    for (name, n, k) in shapes {
-        for m in [1usize, 8, 32, 128] {
-            let mut cells = Vec::new();
-            for ctype in [cudaDataType::CUDA_R_32F, cudaDataType::CUDA_R_16BF] {
-                let (alpha, beta) = (1.0f32, 0.0f32);
-                let call = || unsafe {
-                    cudarc::cublas::result::gemm_ex(
-                        *blas.handle(),
-                        cublasOperation_t::CUBLAS_OP_T,
-                        cublasOperation_t::CUBLAS_OP_N,
-                        n as i32,
-                        m as i32,
-                        k as i32,
-                        (&alpha as *const f32).cast(),
-                        wp as *const std::ffi::c_void,
-                        cudaDataType::CUDA_R_16BF,
-                        k as i32,
-                        xp as *const std::ffi::c_void,
-                        cudaDataType::CUDA_R_16BF,
-                        k as i32,
-                        (&beta as *const f32).cast(),
-                        yp as *mut std::ffi::c_void,
-                        ctype,
-                        n as i32,
-                        cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                        cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
-                    )
-                };
-                if call().is_err() {
-                    cells.push("error".to_owned());
-                    continue;
-                }
-                let mut times = Vec::new();
-                for _ in 0..20 {
-                    stream.synchronize().expect("sync");
-                    let t = Instant::now();
-                    for _ in 0..10 {
-                        call().expect("gemm");
-                    }
-                    stream.synchronize().expect("sync");
-                    times.push(t.elapsed().as_secs_f64() / 10.0);
-                }
-                let t = median(times);
-                cells.push(format!(
-                    "{:.1} us ({:.0} GB/s)",
-                    t * 1e6,
-                    (2 * n * k) as f64 / t / 1e9
-                ));
-            }
-            println!("| {name} ({n} x {k}) | {m} | {} | {} |", cells[0], cells[1]);
-        }
-    }
+/// One batch size's step times (seconds).
+struct Row {
+    batch: usize,
+    context: usize,
+    eager_argmax: f64,
+    eager_logits: f64,
+    graphs_argmax: Option<f64>,
+    /// CUDA graphs as before the skinny GEMM and split attention: every GEMM on cuBLAS, one
+    /// thread block per (token, KV head); for comparison in the same run.
+    graphs_baseline_argmax: Option<f64>,
 }
 
 #[test]
@@ -271,10 +191,24 @@ fn cuda_decode_benchmark() {
         let mut runner =
             CudaModelRunner::new(cfg.clone(), weights.clone(), kv).expect("cuda runner");
         let bw = d2d_bandwidth(&runner);
-        gemm_microbench(&runner, &cfg);
+        println!();
+        println!(
+            "GEMM choice per projection and token bucket ({} mode; start-up timings, microseconds per call, each layer's matrix in turn):",
+            format!("{:?}", runner.gemm_plan().mode).to_lowercase()
+        );
+        for line in runner.gemm_plan().describe() {
+            println!("  {line}");
+        }
         for &b in &batches {
             let (g, f, ctx, prof) = measure(&mut runner, b, context, per_seq, warmup, steps, true);
-            rows.push((b, ctx, g, f, None, None));
+            rows.push(Row {
+                batch: b,
+                context: ctx,
+                eager_argmax: g,
+                eager_logits: f,
+                graphs_argmax: None,
+                graphs_baseline_argmax: None,
+            });
             profiles.push((b, ctx, prof));
         }
         (
@@ -286,20 +220,34 @@ fn cuda_decode_benchmark() {
             runner.kv_bytes_per_token(),
         )
     };
-    let opts = CudaOptions {
-        cuda_graphs: true,
-        ..CudaOptions::default()
-    };
-    match CudaModelRunner::with_options(cfg.clone(), weights.clone(), kv, &opts) {
-        Ok(mut runner) => {
-            for row in rows.iter_mut() {
-                let (g, f, _, _) =
-                    measure(&mut runner, row.0, context, per_seq, warmup, steps, false);
-                row.4 = Some(g);
-                row.5 = Some(f);
+    for baseline in [false, true] {
+        let opts = CudaOptions {
+            cuda_graphs: true,
+            gemm: baseline.then_some(GemmMode::Cublas),
+            split_attention: !baseline,
+            ..CudaOptions::default()
+        };
+        match CudaModelRunner::with_options(cfg.clone(), weights.clone(), kv, &opts) {
+            Ok(mut runner) => {
+                for row in rows.iter_mut() {
+                    let (g, _, _, _) = measure(
+                        &mut runner,
+                        row.batch,
+                        context,
+                        per_seq,
+                        warmup,
+                        steps,
+                        false,
+                    );
+                    if baseline {
+                        row.graphs_baseline_argmax = Some(g);
+                    } else {
+                        row.graphs_argmax = Some(g);
+                    }
+                }
             }
+            Err(e) => eprintln!("CUDA graphs runner (baseline: {baseline}) failed: {e}"),
         }
-        Err(e) => eprintln!("CUDA graphs runner failed: {e}"),
     }
 
     println!();
@@ -324,18 +272,28 @@ fn cuda_decode_benchmark() {
         "step = wall time of one forward as the engine sees it (median of {steps}); floor = (weight bytes + KV bytes read) / D2D bandwidth"
     );
     println!(
-        "| batch | context | bytes read/step | HBM floor | step, device argmax | x floor | step, logits to host | x floor | with CUDA graphs: argmax | x floor | tokens/s |"
+        "| batch | context | bytes read/step | HBM floor | step, device argmax | x floor | step, logits to host | x floor | with CUDA graphs: argmax | x floor | graphs, baseline (cuBLAS, unsplit attention) | x floor | tokens/s |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
     let fmt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{:.3} ms", v * 1e3));
     let ratio =
         |v: Option<f64>, floor: f64| v.map_or("-".to_owned(), |v| format!("{:.2}", v / floor));
-    for &(b, ctx, g, f, gg, _gf) in &rows {
-        let bytes = weight_bytes + b * ctx * kv_tok;
+    for r in &rows {
+        let (b, g, f, gg, gc) = (
+            r.batch,
+            r.eager_argmax,
+            r.eager_logits,
+            r.graphs_argmax,
+            r.graphs_baseline_argmax,
+        );
+        let bytes = weight_bytes + b * r.context * kv_tok;
         let floor = bytes as f64 / bw;
         let best = gg.map_or(g, |x| x.min(g));
         println!(
-            "| {b} | {ctx} | {:.2} GB | {:.3} ms | {:.3} ms | {:.2} | {:.3} ms | {:.2} | {} | {} | {:.0} |",
+            "| {b} | {} | {:.2} GB | {:.3} ms | {:.3} ms | {:.2} | {:.3} ms | {:.2} | {} | {} | {} | {} | {:.0} |",
+            r.context,
             bytes as f64 / 1e9,
             floor * 1e3,
             g * 1e3,
@@ -344,6 +302,8 @@ fn cuda_decode_benchmark() {
             f / floor,
             fmt(gg),
             ratio(gg, floor),
+            fmt(gc),
+            ratio(gc, floor),
             b as f64 / best
         );
     }
@@ -406,12 +366,13 @@ fn cuda_decode_benchmark() {
         }
         println!();
     }
-    if let Some(&(b, ctx, g, _, gg, _)) = rows.iter().find(|r| r.0 == 32) {
-        let floor = (weight_bytes + b * ctx * kv_tok) as f64 / bw;
+    if let Some(r) = rows.iter().find(|r| r.batch == 32) {
+        let floor = (weight_bytes + r.batch * r.context * kv_tok) as f64 / bw;
         println!(
-            "batch 32: {:.2}x the floor eager, {} with CUDA graphs (target <= 1.5x)",
-            g / floor,
-            ratio(gg, floor)
+            "batch 32: {:.2}x the floor eager, {} with CUDA graphs, {} for the baseline with CUDA graphs (target <= 1.5x)",
+            r.eager_argmax / floor,
+            ratio(r.graphs_argmax, floor),
+            ratio(r.graphs_baseline_argmax, floor)
         );
     }
 }

@@ -4,13 +4,15 @@
 //! needs one).
 //!
 //! - Weights live on the device in bf16 (f16 on GPUs older than compute capability 8.0); norms
-//!   and biases stay f32. Every projection is one cuBLAS `GemmEx` (16-bit inputs, f32
-//!   accumulation and output); the o and down projections accumulate straight into the f32
-//!   residual stream (beta = 1).
+//!   and biases stay f32. Every projection is one GEMM (16-bit inputs, f32 accumulation and
+//!   output): cuBLAS `GemmEx`, or for decode-sized batches our skinny tensor-core kernel where
+//!   the start-up timing found it faster ([`gemm`]); the o and down projections accumulate
+//!   straight into the f32 residual stream.
 //! - The KV cache is one device allocation per run, `[layer][K|V][block][kv_head][slot][dim]`
 //!   in the 16-bit type, indexed by the engine's block ids.
 //! - Our own kernels (`kernels/*.cu`: embedding gather, RMSNorm, RoPE, KV-cache write, paged
-//!   attention, SiLU-and-multiply, bias and residual adds, greedy argmax) are embedded with
+//!   attention with its key-range split and combine, skinny GEMM, SiLU-and-multiply, bias and
+//!   residual adds, greedy argmax) are embedded with
 //!   `include_str!` and compiled at start-up by NVRTC for the device's compute capability
 //!   (`sm_XY` cubin; [`nvrtc`]).
 //! - Libraries are loaded at run time (cudarc `dynamic-loading`), so the binary builds and runs
@@ -21,6 +23,7 @@
 //! [`cuda_available`] says whether a usable device is present; [`DeviceArg`] / [`resolve_device`]
 //! / [`build_runner`] implement `--device cpu|cuda|auto` for `serve` and `generate`.
 
+pub mod gemm;
 pub mod libs;
 pub mod nvrtc;
 pub mod runner;

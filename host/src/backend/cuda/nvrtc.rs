@@ -62,6 +62,7 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
             "paged_attention_d96",
             "paged_attention_d128",
             "paged_attention_d256",
+            "attention_combine",
         ],
     },
     KernelSource {
@@ -75,11 +76,35 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         functions: &["bias_add", "residual_add"],
     },
     KernelSource {
+        file: "gemm.cu",
+        source: include_str!("../../../../kernels/gemm.cu"),
+        functions: SKINNY_GEMM_FUNCTIONS,
+    },
+    KernelSource {
         file: "sampling.cu",
         source: include_str!("../../../../kernels/sampling.cu"),
         functions: &["argmax_rows"],
     },
 ];
+
+/// The skinny tensor-core GEMMs of `gemm.cu`, indexed `[rows_per_block / 16 - 1][token tile]`
+/// with token tiles of up to 8, 16, 32 and 64 tokens ([`SKINNY_GEMM_TOKEN_TILES`]).
+pub const SKINNY_GEMM_FUNCTIONS: &[&str] = &[
+    "skinny_gemm_r1_m1",
+    "skinny_gemm_r1_m2",
+    "skinny_gemm_r1_m4",
+    "skinny_gemm_r1_m8",
+    "skinny_gemm_r2_m1",
+    "skinny_gemm_r2_m2",
+    "skinny_gemm_r2_m4",
+    "skinny_gemm_r2_m8",
+];
+
+/// Eighths of the largest token count each skinny GEMM variant takes (its `MT`).
+pub const SKINNY_GEMM_TOKEN_TILES: [usize; 4] = [1, 2, 4, 8];
+
+/// Warps per block of the skinny GEMMs (`GEMM_NWARPS` in gemm.cu).
+pub const SKINNY_GEMM_WARPS: usize = 8;
 
 /// Head sizes the attention kernel is instantiated for.
 pub const ATTENTION_HEAD_DIMS: &[usize] = &[16, 32, 64, 80, 96, 128, 256];

@@ -26,6 +26,7 @@ use crate::model::{
     load_model_files,
 };
 
+use super::gemm::GemmMode;
 use super::nvrtc::{self, ActDtype, KERNEL_SOURCES};
 use super::runner::{CudaOptions, weights_rounded_to};
 use super::{CudaError, CudaModelRunner, DeviceArg, cuda_available, libs, probe};
@@ -82,8 +83,10 @@ fn kernels_compile_with_nvrtc() {
     for (arch, dtype) in [
         ("compute_75", ActDtype::F16),
         ("compute_80", ActDtype::Bf16),
+        ("compute_80", ActDtype::F16),
         ("compute_90", ActDtype::Bf16),
         ("sm_90", ActDtype::Bf16),
+        ("sm_80", ActDtype::F16),
     ] {
         let out = nvrtc::compile_all(arch, dtype).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(out.len(), KERNEL_SOURCES.len());
@@ -606,6 +609,34 @@ fn cuda_matches_cpu_on_tiny_models() {
             );
             drop(gpu_graphs);
 
+            // Each GEMM implementation on its own (by default the faster is picked per shape),
+            // and attention without the key-range split (on by default for small steps).
+            for (mode, split_attention) in [(GemmMode::Cublas, false), (GemmMode::Skinny, true)] {
+                let opts = CudaOptions {
+                    dtype: Some(dtype),
+                    cuda_graphs: false,
+                    gemm: Some(mode),
+                    split_attention,
+                    ..CudaOptions::default()
+                };
+                let mut forced =
+                    CudaModelRunner::with_options(cfg.clone(), weights.clone(), kv, &opts)
+                        .unwrap_or_else(|e| panic!("{name} ({mode:?} GEMMs): {e}"));
+                let sm = lockstep(&mut forced, &mut cpu, kv, &prompts, 5, new_tokens, 3);
+                eprintln!(
+                    "  {mode:?} GEMMs only, split attention {split_attention}: {}",
+                    sm.summary()
+                );
+                assert!(
+                    sm.max_rel_err <= row_tol
+                        && sm.mean_rel_err <= REL_TOL
+                        && sm.unexplained().is_empty(),
+                    "{name} [{}] with {mode:?} GEMMs: {}",
+                    dtype.name(),
+                    sm.summary()
+                );
+            }
+
             // Free-running greedy: batched with chunked prefill, and one request at a time.
             for opts in [
                 GreedyOptions {
@@ -813,41 +844,55 @@ fn cuda_matches_cpu_on_a_realistic_random_llama() {
         block_size: bs,
     };
     let mut failures = Vec::new();
-    for dtype in [ActDtype::Bf16, ActDtype::F16] {
+    // The default picks each GEMM's implementation by timing; the skinny kernel is also forced
+    // everywhere it applies, so that both paths are checked whatever the timings say.
+    for (dtype, gemm) in [
+        (ActDtype::Bf16, None),
+        (ActDtype::F16, None),
+        (ActDtype::Bf16, Some(GemmMode::Skinny)),
+    ] {
         // The CPU reference uses the weights rounded as the GPU stores them.
         let weights = Arc::new(weights_rounded_to(&base, dtype));
         let t0 = std::time::Instant::now();
         let opts = CudaOptions {
             dtype: Some(dtype),
+            gemm,
             ..CudaOptions::default()
         };
         let mut gpu = CudaModelRunner::with_options(cfg.clone(), weights.clone(), kv, &opts)
             .expect("cuda runner");
         eprintln!(
-            "cuda runner ({}, {}) ready in {:.1} s",
+            "cuda runner ({}, {}, {:?} GEMMs) ready in {:.1} s",
             gpu.arch(),
             gpu.dtype().name(),
+            gpu.gemm_plan().mode,
             t0.elapsed().as_secs_f64()
         );
+        if gemm.is_none() {
+            for line in gpu.gemm_plan().describe() {
+                eprintln!("  {line}");
+            }
+        }
         let mut cpu = CpuModelRunner::new(cfg.clone(), weights, kv).expect("cpu runner");
         let t0 = std::time::Instant::now();
         let s = lockstep(&mut gpu, &mut cpu, kv, &prompts, 32, new_tokens, 5);
         eprintln!(
-            "realistic random Llama [{}]: {} ({:.1} s)",
+            "realistic random Llama [{}, {:?} GEMMs]: {} ({:.1} s)",
             dtype.name(),
+            gpu.gemm_plan().mode,
             s.summary(),
             t0.elapsed().as_secs_f64()
         );
         if s.max_rel_err > REL_TOL {
             failures.push(format!(
-                "[{}] relative error {:.3e} > {REL_TOL}",
+                "[{}, {gemm:?}] relative error {:.3e} > {REL_TOL}",
                 dtype.name(),
                 s.max_rel_err
             ));
         }
         if !s.unexplained().is_empty() {
             failures.push(format!(
-                "[{}] greedy ids differ away from near-ties: {}",
+                "[{}, {gemm:?}] greedy ids differ away from near-ties: {}",
                 dtype.name(),
                 s.summary()
             ));
