@@ -208,15 +208,26 @@ pub fn compile(
 ) -> Result<CompiledKernel, CudaError> {
     guard(|| {
         libs::ensure_nvrtc()?;
-        compile_loaded(src, arch, dtype)
+        compile_loaded(src, arch, dtype, &[]).map(|(k, _)| k)
     })
 }
 
+/// What ptxas reports for each entry point of `src` compiled for the real architecture `arch`
+/// (`sm_XY`): registers, stack frame and spills (`--ptxas-options=-v`), for tests.
+pub fn ptxas_report(src: &KernelSource, arch: &str, dtype: ActDtype) -> Result<String, CudaError> {
+    guard(|| {
+        libs::ensure_nvrtc()?;
+        compile_loaded(src, arch, dtype, &["--ptxas-options=-v"]).map(|(_, log)| log)
+    })
+}
+
+/// Compiles `src`; returns the image and NVRTC's log.
 fn compile_loaded(
     src: &KernelSource,
     arch: &str,
     dtype: ActDtype,
-) -> Result<CompiledKernel, CudaError> {
+    extra_options: &[&str],
+) -> Result<(CompiledKernel, String), CudaError> {
     let nvrtc_err =
         |call: &str, e: sys::nvrtcResult| CudaError::Nvrtc(format!("{call}({}): {e:?}", src.file));
     let source = CString::new(src.source)
@@ -259,6 +270,7 @@ fn compile_loaded(
         dtype
             .defines()
             .iter()
+            .chain(extra_options)
             .map(|d| CString::new(*d).expect("no NUL")),
     );
     let option_ptrs: Vec<*const c_char> = options.iter().map(|o| o.as_ptr()).collect();
@@ -298,12 +310,15 @@ fn compile_loaded(
             .map_err(|e| nvrtc_err("nvrtcGetPTX", e.0))?;
         buf // includes the terminating NUL
     };
-    Ok(CompiledKernel {
-        file: src.file,
-        arch: arch.to_owned(),
-        image,
-        is_cubin,
-    })
+    Ok((
+        CompiledKernel {
+            file: src.file,
+            arch: arch.to_owned(),
+            image,
+            is_cubin,
+        },
+        log,
+    ))
 }
 
 fn program_log(prog: sys::nvrtcProgram) -> String {
@@ -337,13 +352,17 @@ pub fn compile_all(arch: &str, dtype: ActDtype) -> Result<Vec<CompiledKernel>, C
         let results: Vec<Result<CompiledKernel, CudaError>> = if threads <= 1 {
             KERNEL_SOURCES
                 .iter()
-                .map(|s| compile_loaded(s, arch, dtype))
+                .map(|s| compile_loaded(s, arch, dtype, &[]).map(|(k, _)| k))
                 .collect()
         } else {
             std::thread::scope(|scope| {
                 let handles: Vec<_> = KERNEL_SOURCES
                     .iter()
-                    .map(|s| scope.spawn(move || guard(|| compile_loaded(s, arch, dtype))))
+                    .map(|s| {
+                        scope.spawn(move || {
+                            guard(|| compile_loaded(s, arch, dtype, &[]).map(|(k, _)| k))
+                        })
+                    })
                     .collect();
                 handles
                     .into_iter()

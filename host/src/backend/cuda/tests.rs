@@ -112,6 +112,41 @@ fn kernels_compile_with_nvrtc() {
 }
 
 #[test]
+fn hot_kernels_do_not_spill_registers() {
+    // A spill to local memory would not change results, only make decode slower: ptxas's own
+    // report for the GEMM and attention kernels, for the architectures they are tuned for.
+    nvrtc_or_fail();
+    for (file, dtype) in [
+        ("gemm.cu", ActDtype::Bf16),
+        ("gemm.cu", ActDtype::F16),
+        ("attention.cu", ActDtype::Bf16),
+    ] {
+        let src = KERNEL_SOURCES
+            .iter()
+            .find(|s| s.file == file)
+            .expect("kernel file");
+        for arch in ["sm_80", "sm_90"] {
+            let log = nvrtc::ptxas_report(src, arch, dtype).unwrap_or_else(|e| panic!("{e}"));
+            let entries = log.matches("Compiling entry function").count();
+            assert_eq!(
+                entries,
+                src.functions.len(),
+                "{file} for {arch}: ptxas reported {entries} entry points:\n{log}"
+            );
+            let spills: Vec<&str> = log.lines().filter(|l| l.contains("spill")).collect();
+            assert_eq!(spills.len(), entries, "{file} for {arch}:\n{log}");
+            for line in spills {
+                assert!(
+                    line.contains("0 bytes spill stores, 0 bytes spill loads"),
+                    "{file} for {arch} ({}): {line}\n{log}",
+                    dtype.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn compile_errors_name_the_file_and_line() {
     nvrtc_or_fail();
     let bad = nvrtc::KernelSource {
