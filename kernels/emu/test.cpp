@@ -9,7 +9,6 @@
 #include "k/common.cuh"
 #include "k/attention.cu"
 #include "k/rmsnorm.cu"
-#include "k/rotary.cu"
 #include "k/kv_cache.cu"
 #include "k/activation.cu"
 #include "k/sampling.cu"
@@ -122,11 +121,13 @@ void test_small() {
     std::vector<uint16_t> out2(rows * dim);
     launch({(unsigned)rows, 1, 1}, 32, [&] { rms_norm(out2.data(), x.data(), nullptr, w.data(), dim, 1e-5f); });
     CHECK(out2[3*dim+5] == out[5], "rms_norm null rows");
-    // rotary
-    int D = 16, nh = 3, nkv = 1, stride = (nh + 2*nkv)*D; int T = 4;
+    // rotary fused with the KV-cache write (GQA: 3 query heads, 2 KV heads)
+    int D = 16, nh = 3, nkv = 2, stride = (nh + 2*nkv)*D + 5; int T = 4;
     std::vector<float> qkv(T*stride), orig; for (auto& v : qkv) v = U(rng); orig = qkv;
     std::vector<int> pos = {0, 5, 17, 1000}; std::vector<float> inv(D/2); for (int i = 0; i < D/2; ++i) inv[i] = 1.0f/powf(10000.f, 2.f*i/D);
-    launch({(unsigned)T, 1, 1}, 32, [&] { rotary_embedding(qkv.data(), pos.data(), inv.data(), nh + nkv, D, stride); });
+    int bs = 4, nb = 6; std::vector<int> slots = {5*bs+3, 0, 2*bs+1, 4*bs};
+    std::vector<uint16_t> kc(nb*nkv*bs*D, 0), vc(nb*nkv*bs*D, 0);
+    launch({(unsigned)T, 1, 1}, 32, [&] { rotary_kv_cache_write(qkv.data(), kc.data(), vc.data(), pos.data(), slots.data(), inv.data(), nh, nkv, D, bs, stride); });
     me = 0;
     for (int t = 0; t < T; ++t) for (int h = 0; h < nh + 2*nkv; ++h) for (int i = 0; i < D/2; ++i) {
         float* o = &orig[t*stride + h*D]; float* n = &qkv[t*stride + h*D];
@@ -134,16 +135,16 @@ void test_small() {
         float a = pos[t] * inv[i]; double c = cos((double)a), s = sin((double)a);
         me = std::max(me, fabs(n[i] - (o[i]*c - o[i+D/2]*s)) + fabs(n[i+D/2] - (o[i+D/2]*c + o[i]*s)));
     }
+    for (int t = 0; t < T; ++t) for (int i = (nh + 2*nkv)*D; i < stride; ++i) me = std::max(me, (double)fabs(orig[t*stride + i] - qkv[t*stride + i]));
     printf("rotary max err %.2e\n", me); CHECK(me < 1e-5, "rotary");
-    // kv write
-    int bs = 4, nb = 6; std::vector<int> slots = {5*bs+3, 0, 2*bs+1, 4*bs};
-    std::vector<uint16_t> kc(nb*nkv*bs*D, 0), vc(nb*nkv*bs*D, 0);
-    launch({(unsigned)T, 1, 1}, 64, [&] { kv_cache_write(kc.data(), vc.data(), qkv.data(), slots.data(), nh*D, nkv, D, bs, stride); });
-    bool ok = true;
+    bool ok = true; int written = 0;
     for (int t = 0; t < T; ++t) for (int h = 0; h < nkv; ++h) for (int d = 0; d < D; ++d) {
         int blk = slots[t] / bs, s = slots[t] % bs; size_t off = (((size_t)blk*nkv + h)*bs + s)*D + d;
         ok &= kc[off] == f2bf(qkv[t*stride + nh*D + h*D + d]); ok &= vc[off] == f2bf(qkv[t*stride + (nh+nkv)*D + h*D + d]);
+        written += 2;
     }
+    int nonzero = 0; for (size_t i = 0; i < kc.size(); ++i) nonzero += (kc[i] != 0) + (vc[i] != 0);
+    ok &= nonzero <= written;  // nothing outside the tokens' slots
     CHECK(ok, "kv_cache_write"); printf("kv_cache_write %s\n", ok ? "ok" : "BAD");
     // silu
     int inter = 37; std::vector<float> gu(3*2*inter); for (auto& v : gu) v = U(rng)*4; std::vector<uint16_t> act(3*inter);

@@ -42,14 +42,9 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         functions: &["rms_norm"],
     },
     KernelSource {
-        file: "rotary.cu",
-        source: include_str!("../../../../kernels/rotary.cu"),
-        functions: &["rotary_embedding"],
-    },
-    KernelSource {
         file: "kv_cache.cu",
         source: include_str!("../../../../kernels/kv_cache.cu"),
-        functions: &["kv_cache_write"],
+        functions: &["rotary_kv_cache_write"],
     },
     KernelSource {
         file: "attention.cu",

@@ -2,8 +2,8 @@
 //!
 //! Per step: the batch's token ids, positions, KV slots, context lengths, block tables and
 //! logits rows are packed into one `i32` buffer and copied to the device in one transfer; then
-//! the embedding gather, and per layer RMSNorm → fused QKV GEMM (+ Qwen2 bias) → RoPE → KV-cache
-//! write → paged attention (split over key ranges, then combined, when the step has too few
+//! the embedding gather, and per layer RMSNorm → fused QKV GEMM (+ Qwen2 bias) → RoPE fused with
+//! the KV-cache write → paged attention (split over key ranges, then combined, when the step has too few
 //! tokens to fill the GPU) → O GEMM accumulated into the residual (+ o bias) → RMSNorm → fused
 //! gate/up GEMM → SiLU-and-multiply → down GEMM accumulated into the residual; then the final
 //! norm on the rows that need logits only and the LM head. Everything is enqueued on one stream;
@@ -109,8 +109,7 @@ struct DeviceWeights {
 struct Kernels {
     embedding_gather: CudaFunction,
     rms_norm: CudaFunction,
-    rotary_embedding: CudaFunction,
-    kv_cache_write: CudaFunction,
+    rotary_kv_cache_write: CudaFunction,
     attention: CudaFunction,
     attention_combine: CudaFunction,
     silu_and_mul: CudaFunction,
@@ -451,8 +450,7 @@ impl CudaModelRunner {
         let k = Kernels {
             embedding_gather: load("embedding.cu", "embedding_gather")?,
             rms_norm: load("rmsnorm.cu", "rms_norm")?,
-            rotary_embedding: load("rotary.cu", "rotary_embedding")?,
-            kv_cache_write: load("kv_cache.cu", "kv_cache_write")?,
+            rotary_kv_cache_write: load("kv_cache.cu", "rotary_kv_cache_write")?,
             attention: load("attention.cu", &format!("paged_attention_d{d}"))?,
             attention_combine: load("attention.cu", "attention_combine")?,
             silu_and_mul: load("activation.cu", "silu_and_mul")?,
@@ -1032,9 +1030,8 @@ impl CudaModelRunner {
             (group.div_ceil(ATTN_MAX_GROUP) * splits) as u32,
         );
         let scale = 1.0f32 / (d as f32).sqrt();
-        let (qkv_dim_i, q_dim_i, nkv_i, d_i, bs_i, nh_i, inter_i, t_i) = (
+        let (qkv_dim_i, nkv_i, d_i, bs_i, nh_i, inter_i, t_i) = (
             qkv_dim as i32,
-            q_dim as i32,
             cfg.num_kv_heads as i32,
             d as i32,
             self.kv_shape.block_size as i32,
@@ -1042,7 +1039,6 @@ impl CudaModelRunner {
             inter as i32,
             t as i32,
         );
-        let rot_heads = (cfg.num_heads + cfg.num_kv_heads) as i32;
         let inv_freq = dptr(&self.inv_freq, stream);
         let kv_base = dptr(&self.kv, stream);
 
@@ -1080,21 +1076,23 @@ impl CudaModelRunner {
                 )?;
             }
             launch(
-                &k.rotary_embedding,
-                "rotary_embedding",
-                (t_u, 1, 1),
-                256,
-                0,
-                &[&qkv, &m.positions, &inv_freq, &rot_heads, &d_i, &qkv_dim_i],
-            )?;
-            launch(
-                &k.kv_cache_write,
-                "kv_cache_write",
+                &k.rotary_kv_cache_write,
+                "rotary_kv_cache_write",
                 (t_u, 1, 1),
                 256,
                 0,
                 &[
-                    &k_cache, &v_cache, &qkv, &m.slots, &q_dim_i, &nkv_i, &d_i, &bs_i, &qkv_dim_i,
+                    &qkv,
+                    &k_cache,
+                    &v_cache,
+                    &m.positions,
+                    &m.slots,
+                    &inv_freq,
+                    &nh_i,
+                    &nkv_i,
+                    &d_i,
+                    &bs_i,
+                    &qkv_dim_i,
                 ],
             )?;
             launch(
