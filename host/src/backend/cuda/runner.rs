@@ -2,22 +2,23 @@
 //!
 //! Per step: the batch's token ids, positions, KV slots, context lengths, block tables and
 //! logits rows are packed into one `i32` buffer and copied to the device in one transfer; then
-//! the embedding gather, and per layer RMSNorm → fused QKV GEMM (+ Qwen2 bias) → RoPE fused with
-//! the KV-cache write → paged attention (split over key ranges, then combined, when the step has too few
-//! tokens to fill the GPU) → O GEMM accumulated into the residual (+ o bias) → RMSNorm → fused
-//! gate/up GEMM → SiLU-and-multiply → down GEMM accumulated into the residual; then the final
-//! norm on the rows that need logits only and the LM head. Everything is enqueued on one stream;
-//! the only synchronisation is the copy of the logits (or, in [`CudaModelRunner::forward_greedy`],
-//! of one argmax id per row) back to the host. Activation buffers grow on demand and are reused.
+//! the embedding gather, and per layer RMSNorm → fused QKV GEMM (+ Qwen2 bias) → RoPE fused
+//! with the KV-cache write → paged attention (split over key ranges and then combined when the
+//! step has too few tokens to fill the GPU) → O GEMM accumulated into the residual (+ o bias) →
+//! RMSNorm → fused gate/up GEMM → SiLU-and-multiply → down GEMM accumulated into the residual;
+//! then the final norm on the rows that need logits only and the LM head. Everything is
+//! enqueued on one stream; the only synchronisation is the copy of the logits (or, in
+//! [`CudaModelRunner::forward_greedy`], of one argmax id per row) back to the host. Activation
+//! buffers grow on demand and are reused.
 //!
 //! Each GEMM runs on cuBLAS or on the skinny tensor-core kernel of `kernels/gemm.cu`, whichever
 //! [`super::gemm::tune`] found faster for its shape and token count at start-up.
 //!
 //! Options ([`CudaOptions`]): the device, the 16-bit type, the GEMM mode, the attention split,
-//! and CUDA graphs (off by default;
-//! `STEPSCOPE_CUDA_GRAPHS=1`): a pure decode step of a shape seen before is replayed as a graph
-//! captured the first time (the GPU check found replays bit-identical to eager launches and
-//! 0.2-0.4 ms faster per step). [`CudaModelRunner::profile_step`] times every kernel and GEMM
+//! and CUDA graphs (off by default; `STEPSCOPE_CUDA_GRAPHS=1`): a pure decode step of a shape
+//! seen before is replayed as a graph captured the first time (the GPU check found replays
+//! bit-identical to eager launches and 0.2-0.4 ms faster per step).
+//! [`CudaModelRunner::profile_step`] times every kernel and GEMM
 //! of one step with CUDA events, for the benchmark's breakdown.
 
 use std::cell::RefCell;
