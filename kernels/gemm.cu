@@ -19,6 +19,12 @@
 
 #define GEMM_NWARPS 8
 
+#ifdef STEPSCOPE_ACT_F16
+#define GEMM_MMA_TYPE "f16"
+#else
+#define GEMM_MMA_TYPE "bf16"
+#endif
+
 // 16 bytes of weights: read once per step, so kept out of L1 (L2 still caches them).
 __device__ __forceinline__ uint4 load_stream(const act_t* p) {
 #ifdef STEPSCOPE_EMU
@@ -40,19 +46,11 @@ __device__ __forceinline__ void mma_16816(float* d, unsigned a0, unsigned a1, un
 #ifdef STEPSCOPE_EMU
     emu_mma_16816(d, a0, a1, a2, a3, b0, b1);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-#ifdef STEPSCOPE_ACT_F16
     asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};"
+        "mma.sync.aligned.m16n8k16.row.col.f32." GEMM_MMA_TYPE "." GEMM_MMA_TYPE ".f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
 #else
     // Older GPUs have no m16n8k16 for these types; the host never launches this kernel there.
     __trap();
