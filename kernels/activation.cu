@@ -16,6 +16,6 @@ extern "C" __global__ void silu_and_mul(
         const size_t i = idx - t * inter;
         const float g = gate_up[t * 2 * inter + i];
         const float u = gate_up[t * 2 * inter + inter + i];
-        out[idx] = float_to_act(g / (1.0f + expf(-g)) * u);
+        out[idx] = float_to_act(silu_mul(g, u));
     }
 }

@@ -89,3 +89,9 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     v = (lane < nwarps) ? scratch[lane] : 0.0f;
     return warp_sum(v);
 }
+
+// SwiGLU's elementwise step, silu(gate) * up (shared by silu_and_mul and the fused skinny GEMM,
+// so both round the same value).
+__device__ __forceinline__ float silu_mul(float g, float u) {
+    return g / (1.0f + expf(-g)) * u;
+}

@@ -12,6 +12,11 @@
 // shared-memory staging. The warps' partial sums are added in a fixed tree order (deterministic:
 // the same inputs give bit-identical outputs) and written once, by warp 0.
 //
+// The SILU variant computes the gate/up projection and SwiGLU at once: `w` holds [gate; up]
+// (2 * n rows), each block takes 16 gate rows and the 16 matching up rows, and writes
+// act[m, n] = silu(gate) * up in the 16-bit type instead of y (one launch and the f32 gate|up
+// round trip saved).
+//
 // Requires k % 8 == 0 (16-byte rows); any m <= 8 * MT and any n (tails are masked).
 // The host (host/src/backend/cuda/gemm.rs) times this kernel against cuBLAS for each shape at
 // start-up and uses whichever is faster, after checking that the two agree.
@@ -57,13 +62,15 @@ __device__ __forceinline__ void mma_16816(float* d, unsigned a0, unsigned a1, un
 #endif
 }
 
-template <int RT, int MT, int U>
+template <int RT, int MT, int U, bool SILU>
 __device__ __forceinline__ void skinny_gemm_impl(
-    float* __restrict__ y,          // [m, n] f32
-    const act_t* __restrict__ w,    // [n, k]
+    float* __restrict__ y,          // [m, n] f32 (unless SILU)
+    act_t* __restrict__ act,        // [m, n] (SILU only)
+    const act_t* __restrict__ w,    // [n, k] ([2n, k] with SILU)
     const act_t* __restrict__ x,    // [m, k]
     int m, int n, int k, int accumulate)
 {
+    static_assert(!SILU || RT == 2, "the SILU variant pairs one gate and one up row tile");
     // Shared memory: the tree reduction, [NWARPS / 2][RT * MT * 4][32] f32.
     extern __shared__ float4 smem_f4[];
     float* red = reinterpret_cast<float*>(smem_f4);
@@ -73,7 +80,7 @@ __device__ __forceinline__ void skinny_gemm_impl(
     const int lane = threadIdx.x % 32;
     const int g = lane >> 2;
     const int q = lane & 3;
-    const int n0 = blockIdx.x * 16 * RT;
+    const int n0 = blockIdx.x * 16 * (SILU ? 1 : RT);
 
     float acc[RT][MT][4];
 #pragma unroll
@@ -90,9 +97,11 @@ __device__ __forceinline__ void skinny_gemm_impl(
     for (int r = 0; r < RT; ++r)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int row = n0 + r * 16 + g + 8 * h;
+            const int row = SILU ? n0 + g + 8 * h : n0 + r * 16 + g + 8 * h;
             wok[r][h] = row < n;
-            wrow[r][h] = w + (size_t)(wok[r][h] ? row : 0) * k + q * 8;
+            // With SILU, tile 1 is the up projection: the same features, n rows further.
+            const int wr = SILU && r == 1 ? row + n : row;
+            wrow[r][h] = w + (size_t)(wok[r][h] ? wr : 0) * k + q * 8;
         }
     const act_t* xrow[MT];
     bool xok[MT];
@@ -165,7 +174,18 @@ __device__ __forceinline__ void skinny_gemm_impl(
         __syncthreads();
     }
 
-    if (warp == 0) {
+    if (warp != 0) return;
+    if constexpr (SILU) {
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int col = n0 + g + 8 * (i >> 1);
+                const int tok = j * 8 + 2 * q + (i & 1);
+                if (col < n && tok < m)
+                    act[(size_t)tok * n + col] = float_to_act(silu_mul(acc[0][j][i], acc[1][j][i]));
+            }
+    } else {
 #pragma unroll
         for (int r = 0; r < RT; ++r)
 #pragma unroll
@@ -188,7 +208,15 @@ __device__ __forceinline__ void skinny_gemm_impl(
     extern "C" __global__ void __launch_bounds__(GEMM_NWARPS * 32) skinny_gemm_r##RT##_m##MT( \
         float* __restrict__ y, const act_t* __restrict__ w, const act_t* __restrict__ x,      \
         int m, int n, int k, int accumulate) {                                                \
-        skinny_gemm_impl<RT, MT, U>(y, w, x, m, n, k, accumulate);                            \
+        skinny_gemm_impl<RT, MT, U, false>(y, nullptr, w, x, m, n, k, accumulate);            \
+    }
+
+// Grid: (ceil(n / 16)) for n = intermediate size, block and shared memory as RT = 2.
+#define STEPSCOPE_DEFINE_SKINNY_GEMM_SILU(MT, U)                                              \
+    extern "C" __global__ void __launch_bounds__(GEMM_NWARPS * 32) skinny_gemm_silu_m##MT(    \
+        act_t* __restrict__ act, const act_t* __restrict__ w, const act_t* __restrict__ x,    \
+        int m, int n, int k) {                                                                \
+        skinny_gemm_impl<2, MT, U, true>(nullptr, act, w, x, m, n, k, 0);                     \
     }
 
 // Names must match SKINNY_GEMM_FUNCTIONS in host/src/backend/cuda/nvrtc.rs.
@@ -200,3 +228,7 @@ STEPSCOPE_DEFINE_SKINNY_GEMM(2, 1, 4)
 STEPSCOPE_DEFINE_SKINNY_GEMM(2, 2, 4)
 STEPSCOPE_DEFINE_SKINNY_GEMM(2, 4, 2)
 STEPSCOPE_DEFINE_SKINNY_GEMM(2, 8, 2)
+STEPSCOPE_DEFINE_SKINNY_GEMM_SILU(1, 4)
+STEPSCOPE_DEFINE_SKINNY_GEMM_SILU(2, 4)
+STEPSCOPE_DEFINE_SKINNY_GEMM_SILU(4, 2)
+STEPSCOPE_DEFINE_SKINNY_GEMM_SILU(8, 2)

@@ -106,6 +106,39 @@ void test_gemm(const char* name, GemmFn fn, int RT, int MT, int m, int n, int k,
     CHECK(maxerr <= 1e-5 * std::max(1.0, maxref) && guard_ok, "%s m=%d n=%d k=%d", name, m, n, k);
 }
 
+typedef void (*GemmSiluFn)(act_t*, const act_t*, const act_t*, int, int, int);
+
+// The fused gate/up GEMM + SwiGLU against silu(gate) * up in double precision: every value within
+// the 16-bit rounding of its reference; the guard after act untouched.
+void test_gemm_silu(const char* name, GemmSiluFn fn, int MT, int m, int inter, int k, unsigned seed) {
+    std::mt19937 rng(seed); std::uniform_real_distribution<float> U(-1, 1);
+    std::vector<uint16_t> w((size_t)2 * inter * k), x((size_t)m * k);
+    for (auto& v : w) v = f2bf(U(rng)); for (auto& v : x) v = f2bf(U(rng));
+    const int guard = 32;
+    std::vector<uint16_t> act((size_t)m * inter + guard, 0xffff);
+    for (int i = 0; i < guard; ++i) act[(size_t)m * inter + i] = 0x1234;
+    size_t smem = (size_t)GEMM_NWARPS / 2 * 2 * MT * 4 * 32 * 4;
+    CHECK(smem <= sizeof(smem_f4), "gemm smem %zu", smem);
+    memset(smem_f4, 0x7f, sizeof(smem_f4));
+    unsigned grid = (inter + 15) / 16;
+    launch({grid, 1, 1}, GEMM_NWARPS * 32, [&] { fn(act.data(), w.data(), x.data(), m, inter, k); });
+    double maxerr = 0; bool ok = true;
+    for (int t = 0; t < m; ++t) for (int r = 0; r < inter; ++r) {
+        double g = 0, u = 0;
+        for (int i = 0; i < k; ++i) {
+            g += (double)bf2f(w[(size_t)r * k + i]) * bf2f(x[(size_t)t * k + i]);
+            u += (double)bf2f(w[(size_t)(inter + r) * k + i]) * bf2f(x[(size_t)t * k + i]);
+        }
+        double ref = g / (1 + exp(-g)) * u;
+        double err = fabs(bf2f(act[(size_t)t * inter + r]) - ref);
+        ok &= err <= 4e-3 * fabs(ref) + 1e-4;  // half a bf16 ulp is up to 2^-8 relative
+        maxerr = std::max(maxerr, err);
+    }
+    for (int i = 0; i < guard; ++i) ok &= act[(size_t)m * inter + i] == 0x1234;
+    printf("%s m=%d inter=%d k=%d: max abs err %.2e\n", name, m, inter, k, maxerr);
+    CHECK(ok, "%s m=%d inter=%d k=%d", name, m, inter, k);
+}
+
 void test_small() {
     std::mt19937 rng(1); std::uniform_real_distribution<float> U(-2, 2);
     // rms_norm with row selection
@@ -177,6 +210,10 @@ int main() {
     test_gemm("skinny_gemm_r2_m2", skinny_gemm_r2_m2, 2, 2, 9, 48, 64, false, 17);
     test_gemm("skinny_gemm_r2_m4", skinny_gemm_r2_m4, 2, 4, 25, 31, 136, true, 18);
     test_gemm("skinny_gemm_r2_m8", skinny_gemm_r2_m8, 2, 8, 64, 64, 2056, false, 19);
+    test_gemm_silu("skinny_gemm_silu_m1", skinny_gemm_silu_m1, 1, 1, 40, 64, 31);
+    test_gemm_silu("skinny_gemm_silu_m2", skinny_gemm_silu_m2, 2, 11, 37, 136, 32);
+    test_gemm_silu("skinny_gemm_silu_m4", skinny_gemm_silu_m4, 4, 32, 48, 520, 33);
+    test_gemm_silu("skinny_gemm_silu_m8", skinny_gemm_silu_m8, 8, 50, 20, 72, 34);
     test_attention(16, paged_attention_d16, 4, 4, 2, 4, {1, 2, 5, 33, 64, 100, 129}, 1);
     test_attention(32, paged_attention_d32, 4, 3, 1, 4, {1, 7, 31, 32, 33, 150}, 2);
     test_attention(64, paged_attention_d64, 4, 9, 3, 16, {1, 16, 17, 200, 257}, 3);

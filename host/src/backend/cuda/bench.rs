@@ -347,7 +347,7 @@ fn cuda_decode_benchmark() {
             let bytes = match *label {
                 "gemm qkv" => mat(q + 2 * kvd, h),
                 "gemm o" => mat(h, q),
-                "gemm gate_up" => mat(2 * i, h),
+                "gemm gate_up" | "gemm gate_up+silu" => mat(2 * i, h),
                 "gemm down" => mat(h, i),
                 "gemm lm_head" => (2 * cfg.vocab_size * h) as f64,
                 "paged_attention" => (*b * ctx * kv_tok) as f64,

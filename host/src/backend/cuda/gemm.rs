@@ -6,8 +6,10 @@
 //! model's own weights with random inputs (if they disagree the kernel is not used, and the
 //! reason is kept for diagnostics), then times both, for every projection shape and token
 //! bucket, cycling through the layers' matrices so that the timings see HBM rather than L2.
-//! The faster one is used from then on. `STEPSCOPE_CUDA_GEMM=auto|cublas|skinny` (default auto)
-//! forces a choice for comparisons and tests; the records are what the decode benchmark prints.
+//! The faster one is used from then on. For the gate/up projection the candidates include the
+//! SwiGLU that follows (its own kernel after cuBLAS or the plain skinny GEMM), against the skinny
+//! kernel with SwiGLU fused in. `STEPSCOPE_CUDA_GEMM=auto|cublas|skinny` (default auto) forces a
+//! choice for comparisons and tests; the records are what the decode benchmark prints.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -71,6 +73,9 @@ pub enum GemmImpl {
     Skinny {
         rows_per_block: usize,
     },
+    /// `skinny_gemm_silu_m*`: the gate/up projection with SwiGLU fused in; its output is the
+    /// 16-bit SwiGLU activation, not the f32 projection.
+    SkinnySwiglu,
 }
 
 impl fmt::Display for GemmImpl {
@@ -78,6 +83,7 @@ impl fmt::Display for GemmImpl {
         match self {
             GemmImpl::Cublas => f.write_str("cuBLAS"),
             GemmImpl::Skinny { rows_per_block } => write!(f, "skinny/{rows_per_block}"),
+            GemmImpl::SkinnySwiglu => f.write_str("skinny+SwiGLU"),
         }
     }
 }
@@ -98,13 +104,15 @@ pub fn skinny_applies(m: usize, k: usize) -> bool {
     (1..=SKINNY_MAX_TOKENS).contains(&m) && k.is_multiple_of(8)
 }
 
-/// A projection of the model: its label, output and input sizes, and the device pointers of
-/// its matrix in every layer (one for the LM head).
+/// A projection of the model: its label (as the runner's profile names it), output and input
+/// sizes, the device pointers of its matrix in every layer (one for the LM head), and whether
+/// SwiGLU follows it (the gate/up projection: `n` is twice the intermediate size).
 pub struct GemmShape {
     pub label: &'static str,
     pub n: usize,
     pub k: usize,
     pub weights: Vec<u64>,
+    pub swiglu: bool,
 }
 
 /// Timings of one (shape, token bucket): microseconds per call, one layer's matrix.
@@ -118,6 +126,9 @@ pub struct TuneRecord {
     pub cublas_us: f64,
     /// Per [`SKINNY_VARIANTS`].
     pub skinny_us: Vec<f64>,
+    /// The fused gate/up + SwiGLU kernel (gate/up only); the other timings then include the
+    /// separate SwiGLU kernel.
+    pub fused_us: Option<f64>,
     pub chosen: GemmImpl,
 }
 
@@ -125,7 +136,8 @@ pub struct TuneRecord {
 #[derive(Debug, Clone, Default)]
 pub struct GemmPlan {
     pub mode: GemmMode,
-    choices: HashMap<(usize, usize, usize), GemmImpl>,
+    /// By projection label and token tile.
+    choices: HashMap<(&'static str, usize), GemmImpl>,
     /// One per (shape, token bucket) timed at start-up.
     pub records: Vec<TuneRecord>,
     /// Why the skinny kernel is not used at all (no tensor cores, or it disagreed with cuBLAS).
@@ -144,17 +156,25 @@ impl GemmPlan {
         }
     }
 
-    /// The implementation for a `[m, k] x [n, k]ᵀ` product.
-    pub fn choose(&self, m: usize, n: usize, k: usize) -> GemmImpl {
+    /// The implementation for the `[m, k] x [n, k]ᵀ` product of projection `label`;
+    /// [`GemmImpl::SkinnySwiglu`] only where `swiglu` (the gate/up projection) says SwiGLU
+    /// follows.
+    pub fn choose(&self, label: &str, m: usize, k: usize, swiglu: bool) -> GemmImpl {
         if self.skinny_disabled.is_some() || !skinny_applies(m, k) {
             return GemmImpl::Cublas;
         }
-        match self.mode {
+        let chosen = match self.mode {
             GemmMode::Cublas => GemmImpl::Cublas,
+            GemmMode::Skinny if swiglu => GemmImpl::SkinnySwiglu,
             GemmMode::Skinny => SKINNY_VARIANTS[0],
             GemmMode::Auto => token_tile(m)
-                .and_then(|t| self.choices.get(&(n, k, t)).copied())
+                .and_then(|t| self.choices.get(&(label, t)).copied())
                 .unwrap_or(GemmImpl::Cublas),
+        };
+        if chosen == GemmImpl::SkinnySwiglu && !swiglu {
+            GemmImpl::Cublas
+        } else {
+            chosen
         }
     }
 
@@ -170,28 +190,47 @@ impl GemmPlan {
             ));
         }
         for r in &self.records {
-            let skinny = SKINNY_VARIANTS
+            let mut skinny = SKINNY_VARIANTS
                 .iter()
                 .zip(&r.skinny_us)
                 .map(|(v, t)| format!("{v} {t:.1} us"))
-                .collect::<Vec<_>>()
-                .join(", ");
+                .collect::<Vec<_>>();
+            if let Some(t) = r.fused_us {
+                skinny.push(format!("{} {t:.1} us", GemmImpl::SkinnySwiglu));
+            }
+            let with = if r.fused_us.is_some() {
+                " (with the SwiGLU kernel)"
+            } else {
+                ""
+            };
             out.push(format!(
-                "{} ({} x {}), {} tokens: cuBLAS {:.1} us, {skinny} -> {}",
-                r.label, r.n, r.k, r.tokens, r.cublas_us, r.chosen
+                "{} ({} x {}), {} tokens: cuBLAS{with} {:.1} us, {} -> {}",
+                r.label,
+                r.n,
+                r.k,
+                r.tokens,
+                r.cublas_us,
+                skinny.join(", "),
+                r.chosen
             ));
         }
         out
     }
 }
 
-/// Runs one GEMM: `(impl, m, n, k, w, x, y, accumulate)`.
+/// Runs one GEMM: `(impl, m, n, k, w, x, y, accumulate)`; with [`GemmImpl::SkinnySwiglu`], `y`
+/// is the 16-bit `[m, n / 2]` SwiGLU output.
 pub type LaunchGemm<'a> =
     dyn Fn(GemmImpl, usize, usize, usize, u64, u64, u64, bool) -> Result<(), CudaError> + 'a;
+
+/// Runs the SwiGLU kernel: `(m, inter, gate_up f32 [m, 2 inter], act 16-bit [m, inter])`.
+pub type LaunchSwiglu<'a> = dyn Fn(usize, usize, u64, u64) -> Result<(), CudaError> + 'a;
 
 /// Relative difference above which the skinny kernel is taken to be wrong (both accumulate in
 /// f32 from the same 16-bit inputs; only the summation order differs).
 const CHECK_TOLERANCE: f64 = 1e-3;
+/// The same for a 16-bit output, which may round the other way (bf16 keeps 8 significant bits).
+const CHECK_TOLERANCE_16BIT: f64 = 1e-2;
 
 /// Checks and times the skinny kernel against cuBLAS on `shapes` (see the module doc).
 /// With [`GemmMode::Skinny`] a failed check is an error; with [`GemmMode::Auto`] it leaves
@@ -202,6 +241,7 @@ pub fn tune(
     mode: GemmMode,
     shapes: &[GemmShape],
     launch: &LaunchGemm<'_>,
+    swiglu: &LaunchSwiglu<'_>,
 ) -> Result<GemmPlan, CudaError> {
     let drv = |call: &'static str| move |e| CudaError::driver(call, e);
     let max_k = shapes.iter().map(|s| s.k).max().unwrap_or(1);
@@ -228,13 +268,42 @@ pub fn tune(
     let (xp, _) = x.device_ptr(stream);
     let (yr, _) = y_ref.device_ptr(stream);
     let (yt, _) = y_test.device_ptr(stream);
+    // SwiGLU outputs (16-bit), reference and fused.
+    let act_ref: CudaSlice<u16> = stream
+        .alloc_zeros(SKINNY_MAX_TOKENS * max_n)
+        .map_err(drv("cuMemAlloc (GEMM tuning)"))?;
+    let act_test: CudaSlice<u16> = stream
+        .alloc_zeros(SKINNY_MAX_TOKENS * max_n)
+        .map_err(drv("cuMemAlloc (GEMM tuning)"))?;
+    let (ar, _) = act_ref.device_ptr(stream);
+    let (at, _) = act_test.device_ptr(stream);
+    let to_f32 = |bits: &[u16]| -> Vec<f32> {
+        bits.iter()
+            .map(|&b| match dtype {
+                ActDtype::Bf16 => half::bf16::from_bits(b).to_f32(),
+                ActDtype::F16 => half::f16::from_bits(b).to_f32(),
+            })
+            .collect()
+    };
+    let max_diff = |got: &[f32], want: &[f32]| -> f64 {
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-6) as f64;
+        got.iter()
+            .zip(want)
+            .map(|(a, b)| {
+                let d = (a - b).abs() as f64;
+                if d.is_nan() { f64::INFINITY } else { d }
+            })
+            .fold(0f64, f64::max)
+            / scale
+    };
 
     let mut plan = GemmPlan {
         mode,
         ..GemmPlan::default()
     };
 
-    // 1. Agreement with cuBLAS, tails included (1, 13 and 64 tokens).
+    // 1. Agreement with cuBLAS, tails included (1, 13 and 64 tokens). The fused SwiGLU output
+    // is 16-bit, so it may differ from cuBLAS + the SwiGLU kernel by one rounding step.
     let mut worst = 0.0f64;
     for s in shapes.iter().filter(|s| skinny_applies(1, s.k)) {
         let Some(&w) = s.weights.first() else {
@@ -245,25 +314,35 @@ pub fn tune(
             let want = stream
                 .clone_dtoh(&y_ref.slice(0..m * s.n))
                 .map_err(drv("cuMemcpyDtoH (GEMM tuning)"))?;
-            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-6) as f64;
+            let mut diffs = Vec::new();
             for v in SKINNY_VARIANTS {
                 launch(v, m, s.n, s.k, w, xp, yt, false)?;
                 let got = stream
                     .clone_dtoh(&y_test.slice(0..m * s.n))
                     .map_err(drv("cuMemcpyDtoH (GEMM tuning)"))?;
-                let diff = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| {
-                        let d = (a - b).abs() as f64;
-                        if d.is_nan() { f64::INFINITY } else { d }
-                    })
-                    .fold(0f64, f64::max)
-                    / scale;
+                diffs.push((v, max_diff(&got, &want), CHECK_TOLERANCE));
+            }
+            if s.swiglu {
+                let inter = s.n / 2;
+                swiglu(m, inter, yr, ar)?;
+                launch(GemmImpl::SkinnySwiglu, m, s.n, s.k, w, xp, at, false)?;
+                let want = stream
+                    .clone_dtoh(&act_ref.slice(0..m * inter))
+                    .map_err(drv("cuMemcpyDtoH (GEMM tuning)"))?;
+                let got = stream
+                    .clone_dtoh(&act_test.slice(0..m * inter))
+                    .map_err(drv("cuMemcpyDtoH (GEMM tuning)"))?;
+                diffs.push((
+                    GemmImpl::SkinnySwiglu,
+                    max_diff(&to_f32(&got), &to_f32(&want)),
+                    CHECK_TOLERANCE_16BIT,
+                ));
+            }
+            for (v, diff, tolerance) in diffs {
                 worst = worst.max(diff);
-                if diff > CHECK_TOLERANCE {
+                if diff > tolerance {
                     let why = format!(
-                        "{v} differs from cuBLAS on {} ({} x {}) at {m} tokens: relative difference {diff:.2e} > {CHECK_TOLERANCE:.0e}",
+                        "{v} differs from cuBLAS on {} ({} x {}) at {m} tokens: relative difference {diff:.2e} > {tolerance:.0e}",
                         s.label, s.n, s.k
                     );
                     if mode == GemmMode::Skinny {
@@ -280,16 +359,28 @@ pub fn tune(
     plan.check_max_rel_diff = Some(worst);
 
     // 2. Timing, per shape and token bucket.
+    // One call of `imp` on matrix `w`, followed for the gate/up projection by the SwiGLU kernel
+    // unless it is fused in.
+    let call = |imp: GemmImpl, m: usize, s: &GemmShape, w: u64| -> Result<(), CudaError> {
+        if imp == GemmImpl::SkinnySwiglu {
+            return launch(imp, m, s.n, s.k, w, xp, at, false);
+        }
+        launch(imp, m, s.n, s.k, w, xp, yt, false)?;
+        if s.swiglu {
+            swiglu(m, s.n / 2, yt, at)?;
+        }
+        Ok(())
+    };
     let time = |imp: GemmImpl, m: usize, s: &GemmShape| -> Result<f64, CudaError> {
         let reps = (48 / s.weights.len()).max(2);
         for &w in &s.weights {
-            launch(imp, m, s.n, s.k, w, xp, yt, false)?;
+            call(imp, m, s, w)?;
         }
         let ev = || stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
         let start = ev().map_err(drv("cuEventRecord"))?;
         for _ in 0..reps {
             for &w in &s.weights {
-                launch(imp, m, s.n, s.k, w, xp, yt, false)?;
+                call(imp, m, s, w)?;
             }
         }
         let end = ev().map_err(drv("cuEventRecord"))?;
@@ -305,18 +396,21 @@ pub fn tune(
                 .iter()
                 .map(|&v| time(v, m, s))
                 .collect::<Result<Vec<_>, _>>()?;
-            let (best_skinny, best_us) = SKINNY_VARIANTS
+            let fused_us = if s.swiglu {
+                Some(time(GemmImpl::SkinnySwiglu, m, s)?)
+            } else {
+                None
+            };
+            let chosen = SKINNY_VARIANTS
                 .iter()
                 .zip(&skinny_us)
-                .min_by(|a, b| a.1.total_cmp(b.1))
                 .map(|(v, t)| (*v, *t))
-                .unwrap_or((GemmImpl::Cublas, f64::INFINITY));
-            let chosen = if best_us < cublas_us {
-                best_skinny
-            } else {
-                GemmImpl::Cublas
-            };
-            plan.choices.insert((s.n, s.k, tile), chosen);
+                .chain(fused_us.map(|t| (GemmImpl::SkinnySwiglu, t)))
+                .fold((GemmImpl::Cublas, cublas_us), |best, c| {
+                    if c.1 < best.1 { c } else { best }
+                })
+                .0;
+            plan.choices.insert((s.label, tile), chosen);
             plan.records.push(TuneRecord {
                 label: s.label,
                 n: s.n,
@@ -324,6 +418,7 @@ pub fn tune(
                 tokens: m,
                 cublas_us,
                 skinny_us,
+                fused_us,
                 chosen,
             });
         }
@@ -365,19 +460,36 @@ mod tests {
             mode: GemmMode::Auto,
             ..GemmPlan::default()
         };
-        plan.choices.insert((4096, 2048, 2), SKINNY_VARIANTS[1]);
-        assert_eq!(plan.choose(32, 4096, 2048), SKINNY_VARIANTS[1]);
-        // untimed bucket, too many tokens, k not a multiple of 8
-        assert_eq!(plan.choose(4, 4096, 2048), GemmImpl::Cublas);
-        assert_eq!(plan.choose(65, 4096, 2048), GemmImpl::Cublas);
-        assert_eq!(plan.choose(32, 4096, 2044), GemmImpl::Cublas);
+        plan.choices.insert(("gemm qkv", 2), SKINNY_VARIANTS[1]);
+        plan.choices
+            .insert(("gemm gate_up", 0), GemmImpl::SkinnySwiglu);
+        assert_eq!(plan.choose("gemm qkv", 32, 2048, false), SKINNY_VARIANTS[1]);
+        assert_eq!(
+            plan.choose("gemm gate_up", 3, 2048, true),
+            GemmImpl::SkinnySwiglu
+        );
+        // untimed bucket or projection, too many tokens, k not a multiple of 8
+        assert_eq!(plan.choose("gemm qkv", 4, 2048, false), GemmImpl::Cublas);
+        assert_eq!(plan.choose("gemm o", 32, 2048, false), GemmImpl::Cublas);
+        assert_eq!(plan.choose("gemm qkv", 65, 2048, false), GemmImpl::Cublas);
+        assert_eq!(plan.choose("gemm qkv", 32, 2044, false), GemmImpl::Cublas);
+        // the fused kernel never where no SwiGLU follows
+        assert_eq!(
+            plan.choose("gemm gate_up", 3, 2048, false),
+            GemmImpl::Cublas
+        );
         plan.mode = GemmMode::Skinny;
-        assert_eq!(plan.choose(4, 10, 16), SKINNY_VARIANTS[0]);
+        assert_eq!(plan.choose("gemm o", 4, 16, false), SKINNY_VARIANTS[0]);
+        assert_eq!(
+            plan.choose("gemm gate_up", 4, 16, true),
+            GemmImpl::SkinnySwiglu
+        );
         plan.skinny_disabled = Some("disagrees".into());
-        assert_eq!(plan.choose(4, 10, 16), GemmImpl::Cublas);
+        assert_eq!(plan.choose("gemm o", 4, 16, false), GemmImpl::Cublas);
+        assert_eq!(plan.choose("gemm gate_up", 4, 16, true), GemmImpl::Cublas);
         assert!(plan.describe()[0].contains("disagrees"));
         plan.mode = GemmMode::Cublas;
         plan.skinny_disabled = None;
-        assert_eq!(plan.choose(4, 10, 16), GemmImpl::Cublas);
+        assert_eq!(plan.choose("gemm o", 4, 16, false), GemmImpl::Cublas);
     }
 }

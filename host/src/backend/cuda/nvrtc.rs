@@ -82,8 +82,9 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
     },
 ];
 
-/// The skinny tensor-core GEMMs of `gemm.cu`, indexed `[rows_per_block / 16 - 1][token tile]`
-/// with token tiles of up to 8, 16, 32 and 64 tokens ([`SKINNY_GEMM_TOKEN_TILES`]).
+/// The skinny tensor-core GEMMs of `gemm.cu`, indexed `[variant][token tile]` with token tiles
+/// of up to 8, 16, 32 and 64 tokens ([`SKINNY_GEMM_TOKEN_TILES`]); the variants are 16 and 32
+/// rows per block, then the gate/up GEMM fused with SwiGLU.
 pub const SKINNY_GEMM_FUNCTIONS: &[&str] = &[
     "skinny_gemm_r1_m1",
     "skinny_gemm_r1_m2",
@@ -93,6 +94,10 @@ pub const SKINNY_GEMM_FUNCTIONS: &[&str] = &[
     "skinny_gemm_r2_m2",
     "skinny_gemm_r2_m4",
     "skinny_gemm_r2_m8",
+    "skinny_gemm_silu_m1",
+    "skinny_gemm_silu_m2",
+    "skinny_gemm_silu_m4",
+    "skinny_gemm_silu_m8",
 ];
 
 /// Eighths of the largest token count each skinny GEMM variant takes (its `MT`).

@@ -5,7 +5,7 @@
 //! the embedding gather, and per layer RMSNorm → fused QKV GEMM (+ Qwen2 bias) → RoPE fused
 //! with the KV-cache write → paged attention (split over key ranges and then combined when the
 //! step has too few tokens to fill the GPU) → O GEMM accumulated into the residual (+ o bias) →
-//! RMSNorm → fused gate/up GEMM → SiLU-and-multiply → down GEMM accumulated into the residual;
+//! RMSNorm → fused gate/up GEMM → SiLU-and-multiply (or both in one kernel) → down GEMM accumulated into the residual;
 //! then the final norm on the rows that need logits only and the LM head. Everything is
 //! enqueued on one stream; the only synchronisation is the copy of the logits (or, in
 //! [`CudaModelRunner::forward_greedy`], of one argmax id per row) back to the host. Activation
@@ -558,6 +558,7 @@ impl CudaModelRunner {
                 gemm_mode,
                 &shapes,
                 &|imp, m, n, k, w, x, y, acc| runner.launch_gemm(imp, m, n, k, w, x, y, acc),
+                &|m, inter, gate_up, act| runner.launch_swiglu(m, inter, gate_up, act),
             )?;
             tracing::debug!(
                 "CUDA GEMM plan ({:.0} ms): {}",
@@ -602,34 +603,39 @@ impl CudaModelRunner {
         );
         vec![
             GemmShape {
-                label: "qkv",
+                label: "gemm qkv",
                 n: q + 2 * kv,
                 k: h,
                 weights: per_layer(|l| &l.qkv),
+                swiglu: false,
             },
             GemmShape {
-                label: "o",
+                label: "gemm o",
                 n: h,
                 k: q,
                 weights: per_layer(|l| &l.o),
+                swiglu: false,
             },
             GemmShape {
-                label: "gate_up",
+                label: "gemm gate_up",
                 n: 2 * i,
                 k: h,
                 weights: per_layer(|l| &l.gate_up),
+                swiglu: true,
             },
             GemmShape {
-                label: "down",
+                label: "gemm down",
                 n: h,
                 k: i,
                 weights: per_layer(|l| &l.down),
+                swiglu: false,
             },
             GemmShape {
-                label: "lm_head",
+                label: "gemm lm_head",
                 n: cfg.vocab_size,
                 k: h,
                 weights: vec![dptr(w.lm_head.as_ref().unwrap_or(&w.embed), s)],
+                swiglu: false,
             },
         ]
     }
@@ -1031,13 +1037,12 @@ impl CudaModelRunner {
             (group.div_ceil(ATTN_MAX_GROUP) * splits) as u32,
         );
         let scale = 1.0f32 / (d as f32).sqrt();
-        let (qkv_dim_i, nkv_i, d_i, bs_i, nh_i, inter_i, t_i) = (
+        let (qkv_dim_i, nkv_i, d_i, bs_i, nh_i, t_i) = (
             qkv_dim as i32,
             cfg.num_kv_heads as i32,
             d as i32,
             self.kv_shape.block_size as i32,
             cfg.num_heads as i32,
-            inter as i32,
             t as i32,
         );
         let inv_freq = dptr(&self.inv_freq, stream);
@@ -1150,24 +1155,7 @@ impl CudaModelRunner {
                 0,
                 &[&hbuf, &x, &null, &norm_w, &hid_i, &eps_f],
             )?;
-            self.gemm(
-                "gemm gate_up",
-                t,
-                2 * inter,
-                hid,
-                dptr(&lw.gate_up, stream),
-                hbuf,
-                gu,
-                false,
-            )?;
-            launch(
-                &k.silu_and_mul,
-                "silu_and_mul",
-                (grid_for(t * inter), 1, 1),
-                256,
-                0,
-                &[&act, &gu, &t_i, &inter_i],
-            )?;
+            self.gate_up_swiglu(t, inter, hid, dptr(&lw.gate_up, stream), hbuf, gu, act)?;
             self.gemm(
                 "gemm down",
                 t,
@@ -1197,9 +1185,57 @@ impl CudaModelRunner {
         Ok(())
     }
 
+    /// The gate/up projection and SwiGLU: `act[m, inter] = silu(gate) * up` from
+    /// `x[m, k] · w[2 inter, k]ᵀ`, either fused in one skinny kernel or as the GEMM into the f32
+    /// `gate_up` buffer followed by the SwiGLU kernel, as the GEMM plan picks.
+    #[allow(clippy::too_many_arguments)]
+    fn gate_up_swiglu(
+        &self,
+        m: usize,
+        inter: usize,
+        k: usize,
+        w: u64,
+        x: u64,
+        gate_up: u64,
+        act: u64,
+    ) -> Result<(), CudaError> {
+        let label = "gemm gate_up";
+        let imp = self.gemm_plan.choose(label, m, k, true);
+        if imp == GemmImpl::SkinnySwiglu {
+            self.launch_gemm(imp, m, 2 * inter, k, w, x, act, false)?;
+            return self.mark("gemm gate_up+silu");
+        }
+        self.launch_gemm(imp, m, 2 * inter, k, w, x, gate_up, false)?;
+        self.mark(label)?;
+        self.launch_swiglu(m, inter, gate_up, act)?;
+        self.mark("silu_and_mul")
+    }
+
+    /// The SwiGLU kernel: `act[m, inter] = silu(gate) * up` from the f32 `gate_up[m, 2 inter]`.
+    fn launch_swiglu(
+        &self,
+        m: usize,
+        inter: usize,
+        gate_up: u64,
+        act: u64,
+    ) -> Result<(), CudaError> {
+        let (m_i, inter_i) = (m as i32, inter as i32);
+        let mut b = self.stream.launch_builder(&self.k.silu_and_mul);
+        b.arg(&act).arg(&gate_up).arg(&m_i).arg(&inter_i);
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (grid_for(m * inter), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(|e| CudaError::driver("cuLaunchKernel(silu_and_mul)", e))?;
+        Ok(())
+    }
+
     /// `y[m, n] (+)= x[m, k] · w[n, k]ᵀ`: 16-bit `x` and `w` (row-major, `w` in the Hugging Face
     /// `[out, in]` layout), f32 `y`, f32 accumulation, with the implementation the GEMM plan
-    /// picks for this shape.
+    /// picks for projection `label`.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
@@ -1212,13 +1248,15 @@ impl CudaModelRunner {
         y: u64,
         accumulate: bool,
     ) -> Result<(), CudaError> {
-        let imp = self.gemm_plan.choose(m, n, k);
+        let imp = self.gemm_plan.choose(label, m, k, false);
         self.launch_gemm(imp, m, n, k, w, x, y, accumulate)?;
         self.mark(label)
     }
 
-    /// Enqueues one GEMM with the given implementation (see [`CudaModelRunner::gemm`]). In
-    /// cuBLAS's column-major terms the product is `yᵀ (n×m) = op(w) · xᵀ` with `op = T`.
+    /// Enqueues one GEMM with the given implementation (see [`CudaModelRunner::gemm`]); with
+    /// [`GemmImpl::SkinnySwiglu`], `w` is `[gate; up]` (`n` rows in all) and `y` the 16-bit
+    /// SwiGLU output `[m, n / 2]`. In cuBLAS's column-major terms the product is
+    /// `yᵀ (n×m) = op(w) · xᵀ` with `op = T`.
     #[allow(clippy::too_many_arguments)]
     fn launch_gemm(
         &self,
@@ -1231,27 +1269,38 @@ impl CudaModelRunner {
         y: u64,
         accumulate: bool,
     ) -> Result<(), CudaError> {
-        if let GemmImpl::Skinny { rows_per_block } = imp {
+        let skinny = match imp {
+            GemmImpl::Cublas => None,
+            // (variant in SKINNY_GEMM_FUNCTIONS, row tiles per block, rows of output per block)
+            GemmImpl::Skinny { rows_per_block } => {
+                Some((rows_per_block / 16 - 1, rows_per_block / 16, rows_per_block))
+            }
+            GemmImpl::SkinnySwiglu => Some((2, 2, 16)),
+        };
+        if let Some((variant, row_tiles, rows_per_block)) = skinny {
             let (Some(funcs), Some(tile)) = (self.k.skinny_gemm.as_ref(), token_tile(m)) else {
                 return Err(CudaError::Unsupported(format!(
                     "skinny GEMM for {m} tokens on this device"
                 )));
             };
-            let rt = rows_per_block / 16;
-            let f = &funcs[(rt - 1) * SKINNY_GEMM_TOKEN_TILES.len() + tile];
-            let smem = SKINNY_GEMM_WARPS / 2 * rt * SKINNY_GEMM_TOKEN_TILES[tile] * 4 * 32 * 4;
-            let (m_i, n_i, k_i, acc_i) = (m as i32, n as i32, k as i32, i32::from(accumulate));
+            let f = &funcs[variant * SKINNY_GEMM_TOKEN_TILES.len() + tile];
+            let smem =
+                SKINNY_GEMM_WARPS / 2 * row_tiles * SKINNY_GEMM_TOKEN_TILES[tile] * 4 * 32 * 4;
+            // The fused kernel's n is the SwiGLU width (half the projection's rows).
+            let out_n = if imp == GemmImpl::SkinnySwiglu {
+                n / 2
+            } else {
+                n
+            };
+            let (m_i, n_i, k_i, acc_i) = (m as i32, out_n as i32, k as i32, i32::from(accumulate));
             let mut b = self.stream.launch_builder(f);
-            b.arg(&y)
-                .arg(&w)
-                .arg(&x)
-                .arg(&m_i)
-                .arg(&n_i)
-                .arg(&k_i)
-                .arg(&acc_i);
+            b.arg(&y).arg(&w).arg(&x).arg(&m_i).arg(&n_i).arg(&k_i);
+            if imp != GemmImpl::SkinnySwiglu {
+                b.arg(&acc_i);
+            }
             unsafe {
                 b.launch(LaunchConfig {
-                    grid_dim: (n.div_ceil(rows_per_block) as u32, 1, 1),
+                    grid_dim: (out_n.div_ceil(rows_per_block) as u32, 1, 1),
                     block_dim: ((SKINNY_GEMM_WARPS * 32) as u32, 1, 1),
                     shared_mem_bytes: smem as u32,
                 })
