@@ -32,7 +32,8 @@
 
 // 16 bytes of weights: read once per step, so kept out of L1 (L2 still caches them).
 __device__ __forceinline__ uint4 load_stream(const act_t* p) {
-#ifdef STEPSCOPE_EMU
+#if defined(STEPSCOPE_EMU) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 800
+    // (Before 8.0 the kernel is never launched; this keeps the file compiling for any GPU.)
     return *reinterpret_cast<const uint4*>(p);
 #else
     uint4 r;

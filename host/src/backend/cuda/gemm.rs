@@ -6,10 +6,12 @@
 //! model's own weights with random inputs (if they disagree the kernel is not used, and the
 //! reason is kept for diagnostics), then times both, for every projection shape and token
 //! bucket, cycling through the layers' matrices so that the timings see HBM rather than L2.
-//! The faster one is used from then on. For the gate/up projection the candidates include the
-//! SwiGLU that follows (its own kernel after cuBLAS or the plain skinny GEMM), against the skinny
-//! kernel with SwiGLU fused in. `STEPSCOPE_CUDA_GEMM=auto|cublas|skinny` (default auto) forces a
-//! choice for comparisons and tests; the records are what the decode benchmark prints.
+//! A skinny kernel is used from then on where it timed at least 5% faster than cuBLAS (so that
+//! timing noise rarely changes the choice, and with it the last bits of the logits, between
+//! starts). For the gate/up projection the candidates include the SwiGLU that follows (its own
+//! kernel after cuBLAS or the plain skinny GEMM), against the skinny kernel with SwiGLU fused
+//! in. `STEPSCOPE_CUDA_GEMM=auto|cublas|skinny` (default auto) forces a choice for comparisons
+//! and tests; the records are what the decode benchmark prints.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -226,6 +228,18 @@ pub type LaunchGemm<'a> =
 /// Runs the SwiGLU kernel: `(m, inter, gate_up f32 [m, 2 inter], act 16-bit [m, inter])`.
 pub type LaunchSwiglu<'a> = dyn Fn(usize, usize, u64, u64) -> Result<(), CudaError> + 'a;
 
+/// Token counts the start-up check compares at: a tail in each token tile.
+const CHECK_TOKENS: [usize; 4] = [1, 13, 29, 61];
+
+/// How much faster than cuBLAS (as a fraction) a skinny kernel must time to be chosen.
+const MIN_GAIN: f64 = 0.05;
+
+/// Bytes of device memory [`tune`] allocates for projections of at most `max_n` outputs and
+/// `max_k` inputs (freed when it returns).
+pub fn tuning_bytes(max_n: usize, max_k: usize) -> usize {
+    SKINNY_MAX_TOKENS * (max_k * 2 + 2 * max_n * 4 + 2 * max_n.div_ceil(2) * 2)
+}
+
 /// Relative difference above which the skinny kernel is taken to be wrong (both accumulate in
 /// f32 from the same 16-bit inputs; only the summation order differs).
 const CHECK_TOLERANCE: f64 = 1e-3;
@@ -270,10 +284,10 @@ pub fn tune(
     let (yt, _) = y_test.device_ptr(stream);
     // SwiGLU outputs (16-bit), reference and fused.
     let act_ref: CudaSlice<u16> = stream
-        .alloc_zeros(SKINNY_MAX_TOKENS * max_n)
+        .alloc_zeros(SKINNY_MAX_TOKENS * max_n.div_ceil(2))
         .map_err(drv("cuMemAlloc (GEMM tuning)"))?;
     let act_test: CudaSlice<u16> = stream
-        .alloc_zeros(SKINNY_MAX_TOKENS * max_n)
+        .alloc_zeros(SKINNY_MAX_TOKENS * max_n.div_ceil(2))
         .map_err(drv("cuMemAlloc (GEMM tuning)"))?;
     let (ar, _) = act_ref.device_ptr(stream);
     let (at, _) = act_test.device_ptr(stream);
@@ -302,14 +316,14 @@ pub fn tune(
         ..GemmPlan::default()
     };
 
-    // 1. Agreement with cuBLAS, tails included (1, 13 and 64 tokens). The fused SwiGLU output
+    // 1. Agreement with cuBLAS, every token tile with a tail (1, 13, 29 and 61 tokens). The fused SwiGLU output
     // is 16-bit, so it may differ from cuBLAS + the SwiGLU kernel by one rounding step.
     let mut worst = 0.0f64;
     for s in shapes.iter().filter(|s| skinny_applies(1, s.k)) {
         let Some(&w) = s.weights.first() else {
             continue;
         };
-        for m in [1usize, 13, SKINNY_MAX_TOKENS] {
+        for m in CHECK_TOKENS {
             launch(GemmImpl::Cublas, m, s.n, s.k, w, xp, yr, false)?;
             let want = stream
                 .clone_dtoh(&y_ref.slice(0..m * s.n))
@@ -357,6 +371,10 @@ pub fn tune(
         }
     }
     plan.check_max_rel_diff = Some(worst);
+    if mode == GemmMode::Skinny {
+        // Forced: the timings would not change anything.
+        return Ok(plan);
+    }
 
     // 2. Timing, per shape and token bucket.
     // One call of `imp` on matrix `w`, followed for the gate/up projection by the SwiGLU kernel
@@ -401,15 +419,21 @@ pub fn tune(
             } else {
                 None
             };
-            let chosen = SKINNY_VARIANTS
+            let (fastest, fastest_us) = SKINNY_VARIANTS
                 .iter()
                 .zip(&skinny_us)
                 .map(|(v, t)| (*v, *t))
                 .chain(fused_us.map(|t| (GemmImpl::SkinnySwiglu, t)))
-                .fold((GemmImpl::Cublas, cublas_us), |best, c| {
+                .fold((GemmImpl::Cublas, f64::INFINITY), |best, c| {
                     if c.1 < best.1 { c } else { best }
-                })
-                .0;
+                });
+            // cuBLAS unless clearly beaten, so that timing noise does not flip the choice (and
+            // with it the last bits of the logits) from one start to the next.
+            let chosen = if fastest_us < cublas_us * (1.0 - MIN_GAIN) {
+                fastest
+            } else {
+                GemmImpl::Cublas
+            };
             plan.choices.insert((s.label, tile), chosen);
             plan.records.push(TuneRecord {
                 label: s.label,
@@ -438,6 +462,16 @@ mod tests {
         assert_eq!(" skinny ".parse::<GemmMode>(), Ok(GemmMode::Skinny));
         let err = "fast".parse::<GemmMode>().unwrap_err();
         assert!(err.contains("STEPSCOPE_CUDA_GEMM") && err.contains("auto, cublas or skinny"));
+    }
+
+    #[test]
+    fn the_check_covers_every_token_tile_with_a_tail() {
+        let tiles: Vec<usize> = CHECK_TOKENS.iter().filter_map(|&m| token_tile(m)).collect();
+        assert_eq!(
+            tiles,
+            (0..SKINNY_GEMM_TOKEN_TILES.len()).collect::<Vec<_>>()
+        );
+        assert!(CHECK_TOKENS.iter().all(|m| m % 8 != 0));
     }
 
     #[test]

@@ -416,14 +416,27 @@ impl CudaModelRunner {
         let (free, _total) = ctx
             .mem_get_info()
             .map_err(|e| CudaError::driver("cuMemGetInfo", e))?;
-        if kv_elems * 2 + weight_bytes > free {
+        // Also the cuBLAS workspace and the start-up GEMM check's buffers (freed after it).
+        let max_n = [
+            cfg.q_dim() + 2 * cfg.kv_dim(),
+            cfg.hidden_size,
+            2 * cfg.intermediate_size,
+            cfg.vocab_size,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        let max_k = cfg.hidden_size.max(cfg.q_dim()).max(cfg.intermediate_size);
+        let working_bytes = CUBLAS_WORKSPACE_BYTES + super::gemm::tuning_bytes(max_n, max_k);
+        if kv_elems * 2 + weight_bytes + working_bytes > free {
             return Err(CudaError::OutOfMemory(format!(
-                "the weights ({:.2} GiB in {}) and a KV cache of {} blocks of {} ({:.2} GiB) do not fit in the {:.2} GiB free on {}",
+                "the weights ({:.2} GiB in {}) and a KV cache of {} blocks of {} ({:.2} GiB), with {:.2} GiB of working buffers, do not fit in the {:.2} GiB free on {}",
                 weight_bytes as f64 / GIB,
                 dtype.name(),
                 kv.num_blocks,
                 kv.block_size,
                 (kv_elems * 2) as f64 / GIB,
+                working_bytes as f64 / GIB,
                 free as f64 / GIB,
                 summary.name
             )));
