@@ -12,7 +12,7 @@
 // Split keys (flash-decoding): when a step has too few (token, KV head) pairs to fill the GPU,
 // the host passes num_splits > 1 and blockIdx.z also selects one of num_splits consecutive
 // ranges of each token's keys (the range length is derived from the token's own context on the
-// device, so a captured CUDA graph stays valid as contexts grow). Each block then writes its
+// device; the host keys captured CUDA graphs by the split count). Each block then writes its
 // unnormalised partial result with its running max and sum to `part`, and attention_combine
 // merges the ranges in a fixed order (deterministic).
 //
@@ -20,7 +20,7 @@
 #include "common.cuh"
 
 #define ATTN_MAX_GROUP 8
-// Fewest keys in one range of a split attention.
+// Fewest keys in one range of a split attention (ATTENTION_MIN_SPLIT in runner.rs).
 #define ATTN_MIN_SPLIT 64
 
 template <int DPL>

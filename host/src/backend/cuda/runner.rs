@@ -79,6 +79,8 @@ impl Default for CudaOptions {
 /// split aims for.
 const MAX_ATTENTION_SPLITS: usize = 32;
 const ATTENTION_BLOCKS_PER_SM: usize = 4;
+/// Fewest keys in one range (`ATTN_MIN_SPLIT` in attention.cu).
+const ATTENTION_MIN_SPLIT: usize = 64;
 
 /// Largest decode batch replayed as a CUDA graph, and how many shapes are kept.
 const MAX_GRAPH_TOKENS: usize = 512;
@@ -216,6 +218,8 @@ struct StepPtrs {
     qkv: u64,
     attn: u64,
     attn_part: u64,
+    /// Key ranges of the split attention (1: not split).
+    attn_splits: usize,
     gate_up: u64,
     act: u64,
     final_h: u64,
@@ -245,8 +249,8 @@ pub struct CudaModelRunner {
     /// Per-op timing for benchmarks ([`CudaModelRunner::profile_step`]): events recorded after
     /// each kernel or GEMM while set.
     prof: RefCell<Option<Vec<(&'static str, CudaEvent)>>>,
-    /// Captured decode steps by (tokens, logits rows); see `enqueue_prepared`.
-    graphs: HashMap<(usize, usize), SendGraph>,
+    /// Captured decode steps by (tokens, logits rows, attention splits); see `enqueue_prepared`.
+    graphs: HashMap<(usize, usize, usize), SendGraph>,
     graph_generation: u64,
     use_graphs: bool,
     /// Split each token's keys over several blocks when a step has few tokens (see attention.cu).
@@ -583,21 +587,18 @@ impl CudaModelRunner {
         Ok(runner)
     }
 
-    /// Key ranges each token's attention is split into for a step of `t` tokens: enough thread
-    /// blocks for [`ATTENTION_BLOCKS_PER_SM`] per SM. Depends on `t` only, so that a captured
-    /// decode graph stays valid (each block derives its range from its token's context).
-    fn attention_splits(&self, t: usize) -> usize {
-        if !self.split_attention || t == 0 {
+    /// See [`attention_splits`].
+    fn attention_splits(&self, t: usize, max_ctx: usize) -> usize {
+        if !self.split_attention {
             return 1;
         }
-        let group = self.cfg.num_heads / self.cfg.num_kv_heads;
-        let blocks = t * self.cfg.num_kv_heads * group.div_ceil(ATTN_MAX_GROUP);
-        let target = ATTENTION_BLOCKS_PER_SM * self.sm_count;
-        if blocks >= target {
-            1
-        } else {
-            target.div_ceil(blocks).min(MAX_ATTENTION_SPLITS)
-        }
+        attention_splits(
+            t,
+            self.cfg.num_heads,
+            self.cfg.num_kv_heads,
+            self.sm_count,
+            max_ctx,
+        )
     }
 
     /// The model's projections, with every layer's matrix (for [`super::gemm::tune`]).
@@ -861,8 +862,8 @@ impl CudaModelRunner {
         }
         let p = self.upload_and_size(t, r)?;
         // A pure decode step (one token per entry) of a shape seen before replays a CUDA graph:
-        // every launch parameter depends only on (t, r) and the buffers' addresses, and the
-        // per-step data is read from the metadata buffer.
+        // every launch parameter depends only on (t, r), the attention split count and the
+        // buffers' addresses, and the per-step data is read from the metadata buffer.
         let graphable = self.use_graphs && t == self.host.num_entries && t <= MAX_GRAPH_TOKENS;
         if graphable {
             match self.replay_or_capture(t, r, &p) {
@@ -883,7 +884,8 @@ impl CudaModelRunner {
             self.graphs.clear();
             self.graph_generation = self.bufs.generation;
         }
-        if let Some(g) = self.graphs.get(&(t, r)) {
+        let key = (t, r, p.attn_splits);
+        if let Some(g) = self.graphs.get(&key) {
             return g
                 .0
                 .launch()
@@ -908,7 +910,7 @@ impl CudaModelRunner {
         if self.graphs.len() >= MAX_GRAPHS {
             self.graphs.clear();
         }
-        self.graphs.insert((t, r), SendGraph(graph));
+        self.graphs.insert(key, SendGraph(graph));
         Ok(())
     }
 
@@ -924,7 +926,8 @@ impl CudaModelRunner {
             cfg.vocab_size,
         );
         let qkv_dim = q_dim + 2 * kv_dim;
-        let attn_splits = self.attention_splits(t);
+        let max_ctx = self.host.ctx_lens.iter().copied().max().unwrap_or(0).max(0) as usize;
+        let attn_splits = self.attention_splits(t, max_ctx);
 
         // Metadata: one host-to-device copy. Every part's offset depends on (t, r) only: the
         // block tables, whose length varies, come last.
@@ -976,6 +979,7 @@ impl CudaModelRunner {
                 t * cfg.num_heads * attn_splits * (cfg.head_dim + 2),
                 g,
             )?,
+            attn_splits,
             gate_up: b.gate_up.ensure(stream, t * 2 * inter, g)?,
             act: b.act.ensure(stream, t * inter, g)?,
             final_h: b.final_h.ensure(stream, r * hid, g)?,
@@ -1042,7 +1046,7 @@ impl CudaModelRunner {
         let nwarps = attention_warps(d);
         let smem_attn =
             (gmax * d * 4 + (nwarps * 32 * (d + 8) * 2).max(nwarps * gmax * (d + 2) * 4)) as u32;
-        let splits = self.attention_splits(t);
+        let splits = p.attn_splits;
         let splits_i = splits as i32;
         let attn_grid = (
             t_u,
@@ -1358,6 +1362,33 @@ fn backend_err(e: CudaError) -> ModelRunnerError {
     ModelRunnerError::Backend(format!("cuda: {e}"))
 }
 
+/// Key ranges each token's attention is split into for a step of `t` tokens whose longest
+/// context is `max_ctx`, on a GPU of `sm_count` SMs: enough thread blocks for
+/// [`ATTENTION_BLOCKS_PER_SM`] per SM, but no more ranges than the longest context fills with
+/// [`ATTENTION_MIN_SPLIT`] keys each. Each block derives its range from its own token's context
+/// on the device; a captured graph is keyed by the split count too.
+fn attention_splits(
+    t: usize,
+    num_heads: usize,
+    num_kv_heads: usize,
+    sm_count: usize,
+    max_ctx: usize,
+) -> usize {
+    if t == 0 || num_kv_heads == 0 {
+        return 1;
+    }
+    let blocks = t * num_kv_heads * (num_heads / num_kv_heads).div_ceil(ATTN_MAX_GROUP);
+    let target = ATTENTION_BLOCKS_PER_SM * sm_count;
+    if blocks >= target {
+        return 1;
+    }
+    target
+        .div_ceil(blocks)
+        .min(MAX_ATTENTION_SPLITS)
+        .min(max_ctx.div_ceil(ATTENTION_MIN_SPLIT))
+        .max(1)
+}
+
 /// Threads per block of the row-wise RMSNorm.
 fn norm_threads(dim: usize) -> u32 {
     (dim.div_ceil(4).next_power_of_two()).clamp(32, 1024) as u32
@@ -1513,5 +1544,27 @@ impl ModelRunner for CudaModelRunner {
             vocab_size: vocab,
             data,
         })
+    }
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::attention_splits;
+
+    #[test]
+    fn attention_is_split_only_where_blocks_are_few_and_contexts_long() {
+        // 16 query heads over 8 KV heads on 132 SMs (an H100): 528 blocks wanted.
+        let splits = |t, ctx| attention_splits(t, 16, 8, 132, ctx);
+        assert_eq!(splits(1, 531), 9); // 8 blocks: as many 64-key ranges as the context has
+        assert_eq!(splits(1, 100_000), 32); // capped
+        assert_eq!(splits(32, 531), 3); // 256 blocks -> 3 ranges
+        assert_eq!(splits(66, 531), 1); // 528 blocks: enough
+        assert_eq!(splits(128, 531), 1);
+        assert_eq!(splits(4, 64), 1); // one range holds the whole context
+        assert_eq!(splits(4, 65), 2);
+        assert_eq!(splits(0, 531), 1);
+        // Query-head groups above 8 take more blocks per KV head.
+        assert_eq!(attention_splits(1, 32, 2, 132, 4096), 32);
+        assert_eq!(attention_splits(33, 32, 2, 132, 4096), 4);
     }
 }
