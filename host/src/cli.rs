@@ -53,6 +53,12 @@ pub struct ServeArgs {
     /// Address of the admin API listener (loopback unless configured otherwise).
     #[arg(long, default_value = "127.0.0.1", requires = "admin_port")]
     pub admin_host: String,
+    /// How long a SIGINT/SIGTERM drain waits for requests in flight (seconds, fractions allowed).
+    /// Past it the engine aborts them, their clients get a 503 `server_shutdown` error (an error
+    /// event in a stream), the step traces are flushed and the process exits 0. Set it below the
+    /// orchestrator's kill timeout. Default: wait until every request has finished.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub shutdown_timeout: Option<std::time::Duration>,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -381,6 +387,16 @@ pub fn parse_key_value(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Parses a non-negative, finite number of seconds (`30`, `2.5`, `0`).
+fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
+    let seconds: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    std::time::Duration::try_from_secs_f64(seconds)
+        .map_err(|_| format!("`{text}`: the number of seconds must be finite and not negative"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,5 +447,32 @@ mod tests {
             ]
         );
         assert!(parse_key_value("novalue").is_err());
+    }
+
+    #[test]
+    fn shutdown_timeout_takes_seconds() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["stepscope", "serve"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).map(|cli| match cli.command {
+                Command::Serve(serve) => serve.shutdown_timeout,
+                _ => panic!("not serve"),
+            })
+        };
+        assert_eq!(parse(&[]).unwrap(), None);
+        assert_eq!(
+            parse(&["--shutdown-timeout", "2.5"]).unwrap(),
+            Some(std::time::Duration::from_millis(2500))
+        );
+        assert_eq!(
+            parse(&["--shutdown-timeout", "0"]).unwrap(),
+            Some(std::time::Duration::ZERO)
+        );
+        for bad in ["-1", "inf", "NaN", "soon"] {
+            assert!(
+                parse(&["--shutdown-timeout", bad]).is_err(),
+                "{bad} accepted"
+            );
+        }
     }
 }

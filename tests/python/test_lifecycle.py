@@ -4,13 +4,15 @@ refused), flushes the step traces and exits 0."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import signal
 
+import openai
 import pytest
 import requests
 
-from conftest import Server
+from conftest import SMOLLM_DIR, Server, assert_openai_error
 
 
 def test_disconnect_mid_stream_frees_the_blocks(tiny):
@@ -84,3 +86,45 @@ def test_disconnect_during_a_non_streaming_request_aborts_it(smollm):
     aborted = 'stepscope_request_success_total{finished_reason="abort"}'
     assert after[aborted] == before[aborted] + 1
     assert after["stepscope_generation_tokens_total"] - before["stepscope_generation_tokens_total"] < 400
+
+
+def test_drain_past_shutdown_timeout_aborts_requests_with_an_error(tmp_path):
+    """SmolLM2 decodes a few dozen tokens a second, so 1500-token answers are far from done when
+    the 1 s drain deadline passes: the engine aborts them, the streaming client gets a
+    `server_shutdown` error event (the SDK raises it), the non-streaming one a 503, the traces are
+    flushed, and the process exits 0 (the engine test `abort_all_ends_running_and_waiting_requests_
+    and_frees_everything` checks that every KV block returns)."""
+    if not (SMOLLM_DIR / "config.json").is_file():
+        pytest.skip(f"{SMOLLM_DIR} is not set up")
+    trace = tmp_path / "steps.jsonl"
+    server = Server(str(SMOLLM_DIR), "--shutdown-timeout", "1", "--step-tracing-enabled",
+                    "--step-tracing-sample-rate", "1", "--step-tracing-file", str(trace))
+    try:
+        max_tokens = 1500
+        body = {"prompt": "Tell me a long story.", "max_tokens": max_tokens, "ignore_eos": True}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            plain = pool.submit(requests.post, server.base_url + "/v1/completions", json=body, timeout=300)
+            stream = server.client().completions.create(
+                model="SmolLM2-135M-Instruct", prompt=body["prompt"], max_tokens=max_tokens, stream=True,
+                extra_body={"ignore_eos": True})
+            chunks = iter(stream)
+            first = next(chunks)
+            assert first.choices[0].text is not None
+            server.wait_metrics(lambda s: s["stepscope_num_requests_running"] == 2)
+            server.proc.send_signal(signal.SIGTERM)
+            received = 1
+            with pytest.raises(openai.APIError) as raised:
+                for _ in chunks:
+                    received += 1
+            assert "shutting down" in str(raised.value.message)
+            assert raised.value.body["code"] == "server_shutdown"
+            assert received < max_tokens
+            response = plain.result()
+        assert_openai_error(response, 503, message="shutting down")
+        assert response.json()["error"]["code"] == "server_shutdown"
+        assert server.proc.wait(timeout=60) == 0
+        log = server.log_text()
+        assert "--shutdown-timeout" in log and "step traces flushed" in log
+        assert len(trace.read_text().splitlines()) > 0
+    finally:
+        server.stop()

@@ -6,8 +6,9 @@
 //! the last one carrying the finish reason. The engine thread blocks on its command channel while
 //! it has nothing to do and otherwise steps continuously, taking new commands between steps.
 //! Aborting a request, or dropping its receiver (noticed between steps, or when a send fails),
-//! frees its blocks. `shutdown` refuses new requests, lets in-flight ones finish, and joins the
-//! thread; dropping every handle does the same without joining.
+//! frees its blocks. `abort_all` aborts every request the engine holds (a drain deadline).
+//! `shutdown` refuses new requests, lets in-flight ones finish, and joins the thread; dropping
+//! every handle does the same without joining.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
@@ -98,6 +99,7 @@ enum Command {
         outputs: UnboundedSender<RequestOutput>,
     },
     Abort(RequestId),
+    AbortAll,
     Shutdown,
 }
 
@@ -146,6 +148,13 @@ impl EngineHandle {
     pub fn abort(&self, request_id: RequestId) {
         // If the engine thread is gone there is nothing left to abort.
         let _ = self.inner.commands.send(Command::Abort(request_id));
+    }
+
+    /// Aborts every request the engine holds, running or waiting (those already sent and not
+    /// yet taken in too): each open receiver gets a last output with `finish_reason ==
+    /// Some(Abort)`, and every block returns to the pool. For a drain that ran out of time.
+    pub fn abort_all(&self) {
+        let _ = self.inner.commands.send(Command::AbortAll);
     }
 
     /// The engine's numbers as of its last step.
@@ -289,6 +298,20 @@ impl EngineLoop {
             Command::Abort(request_id) => {
                 if let Some(output) = self.core.abort_request(request_id) {
                     self.deliver(output);
+                }
+            }
+            Command::AbortAll => {
+                // Commands are handled in order, so every request added before this is known.
+                let mut request_ids: Vec<RequestId> = self.outputs.keys().copied().collect();
+                request_ids.sort_unstable();
+                tracing::debug!(requests = request_ids.len(), "aborting every request");
+                for request_id in request_ids {
+                    match self.core.abort_request(request_id) {
+                        Some(output) => self.deliver(output),
+                        None => {
+                            self.outputs.remove(&request_id);
+                        }
+                    }
                 }
             }
             Command::Shutdown => self.draining = true,
@@ -472,6 +495,53 @@ mod tests {
         });
         engine.abort(id); // Unknown by now: a no-op.
         engine.abort(12345);
+        engine.shutdown().unwrap();
+    }
+
+    #[test]
+    fn abort_all_ends_running_and_waiting_requests_and_frees_everything() {
+        let engine = start(
+            EngineConfig {
+                max_num_seqs: 2,
+                max_waiting_requests: 2,
+                ..config()
+            },
+            Some(Duration::from_millis(1)),
+        );
+        let mut streams = Vec::new();
+        // Two run (each has produced a token), two wait, and the waiting queue is full.
+        for i in 0..4 {
+            let (_, mut rx) = engine.add_request(prompt(i, 12), greedy(10_000)).unwrap();
+            if i < 2 {
+                rx.blocking_recv().unwrap();
+            }
+            streams.push(rx);
+        }
+        assert!(matches!(
+            engine.add_request(prompt(9, 4), greedy(1)),
+            Err(EngineError::QueueFull { .. })
+        ));
+        engine.abort_all();
+        for (i, rx) in streams.iter_mut().enumerate() {
+            let (_, last) = drain(rx);
+            assert_eq!(last.finish_reason, Some(FinishReason::Abort), "request {i}");
+            assert!(
+                rx.blocking_recv().is_none(),
+                "request {i}: output after the last"
+            );
+        }
+        wait_until("every block to be free", || {
+            let stats = engine.stats();
+            stats.kv_blocks_free == stats.kv_blocks_total
+                && stats.num_running == 0
+                && stats.num_waiting == 0
+        });
+        // The engine still serves, and the waiting queue has room again.
+        let (_, mut rx) = engine.add_request(prompt(7, 5), greedy(3)).unwrap();
+        let (tokens, last) = drain(&mut rx);
+        assert_eq!(last.finish_reason, Some(FinishReason::Length));
+        assert_eq!(tokens.len(), 3);
+        engine.abort_all(); // Nothing left: a no-op.
         engine.shutdown().unwrap();
     }
 

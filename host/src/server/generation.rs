@@ -5,7 +5,9 @@
 //! [`RequestTracker`] for the latency histograms. [`Generation::next`] yields text deltas for
 //! streaming; [`Generation::collect`] runs to the end for a plain JSON answer. Dropping a
 //! `Generation` early (the client went away, so hyper dropped the handler or the SSE body) drops
-//! its `TextStream`, which aborts the request in the engine and frees its KV blocks.
+//! its `TextStream`, which aborts the request in the engine and frees its KV blocks. A request
+//! that ends in `abort` while its handler still listens was stopped by the server (a drain that
+//! ran past `--shutdown-timeout`): the client gets a 503 `server_shutdown` error, not a result.
 
 use std::time::Instant;
 
@@ -82,7 +84,8 @@ impl Generation {
         self.prompt_token_ids.as_ref()
     }
 
-    /// Runs the request to its end. A model failure becomes a 500.
+    /// Runs the request to its end. A model failure becomes a 500, a request the server stopped
+    /// (or an output stream that ended without a finish reason) a 503.
     pub async fn collect(mut self) -> Result<Finished, ApiError> {
         let mut token_ids = Vec::new();
         let mut finish_reason = FinishReason::Abort;
@@ -92,8 +95,10 @@ impl Generation {
                 finish_reason = reason;
             }
         }
-        if finish_reason == FinishReason::Error {
-            return Err(model_failure());
+        match finish_reason {
+            FinishReason::Error => return Err(model_failure()),
+            FinishReason::Abort => return Err(stopped_by_server(self.usage().completion_tokens)),
+            _ => {}
         }
         Ok(Finished {
             text: self.stream.text().to_string(),
@@ -102,6 +107,18 @@ impl Generation {
             usage: self.usage(),
         })
     }
+}
+
+/// The error reported for a request the server stopped before its end (the drain deadline of a
+/// shutdown passed), after `completion_tokens` tokens.
+pub fn stopped_by_server(completion_tokens: usize) -> ApiError {
+    ApiError::unavailable(
+        "server_shutdown",
+        format!(
+            "the server is shutting down and stopped this request after {completion_tokens} \
+             generated tokens; retry it on another replica"
+        ),
+    )
 }
 
 /// The error reported when the model failed on a request.

@@ -5,8 +5,9 @@
 //! observer, and serves [`routes::router`] with TCP_NODELAY on every accepted socket. Requests
 //! flow one way: handler → [`generation::Generation`] (a `TextStream` on the engine) → JSON or
 //! SSE ([`sse`]). Bad input is a 4xx with an OpenAI error body ([`errors`]); a full waiting queue
-//! is a 503. On SIGINT/SIGTERM ([`shutdown`]) the listener closes, in-flight requests finish, the
-//! engine shuts down, the trace exporter flushes, and the process exits 0.
+//! is a 503. On SIGINT/SIGTERM ([`shutdown`]) the listener closes, in-flight requests finish (or,
+//! past `--shutdown-timeout`, are aborted with a `server_shutdown` error), the engine shuts down,
+//! the trace exporter flushes, and the process exits 0.
 
 pub mod admin;
 pub mod collector;
@@ -24,9 +25,11 @@ pub mod state;
 #[cfg(test)]
 mod tests;
 
+use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use axum::serve::ListenerExt;
@@ -111,7 +114,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the HTTP runtime")?;
-    let served = runtime.block_on(serve_http(state, &args.host, args.port, admin));
+    let served = runtime.block_on(serve_http(
+        state,
+        &args.host,
+        args.port,
+        admin,
+        args.shutdown_timeout,
+    ));
     // Drain the engine (requests still queued finish) and flush the traces, whatever happened.
     let engine_result = launched.engine.shutdown();
     let traced = tracer.shutdown();
@@ -139,12 +148,19 @@ struct AdminConfig {
     policy_path: Option<PathBuf>,
 }
 
-/// Binds, serves until the first signal, and returns once every connection has closed.
+/// How long connections may stay open after the drain deadline aborted their requests (time for
+/// the error events to reach the clients) before the server stops waiting for them.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Binds, serves until the first signal, and returns once every connection has closed, or, with
+/// a `shutdown_timeout`, once that long has passed since the signal (requests still in flight
+/// then are aborted) and connections had [`CLOSE_GRACE`] to close.
 async fn serve_http(
     state: AppState,
     host: &str,
     port: u16,
     admin: AdminConfig,
+    shutdown_timeout: Option<Duration>,
 ) -> anyhow::Result<()> {
     let drain = shutdown::install().context("installing the SIGINT/SIGTERM handlers")?;
     admin::spawn_sighup_reload(admin.state.switch.clone(), admin.policy_path)
@@ -170,13 +186,53 @@ async fn serve_http(
         }
     });
     tracing::info!("listening on http://{address}");
-    axum::serve(listener, routes::router(state))
-        .with_graceful_shutdown(drain.wait())
-        .await
-        .context("serving HTTP")?;
+    let engine = state.engine.clone();
+    let serving = axum::serve(listener, routes::router(state))
+        .with_graceful_shutdown(drain.clone().wait())
+        .into_future();
+    let deadline = drain_deadline(drain, shutdown_timeout, engine);
+    let closed = tokio::select! {
+        served = serving => {
+            served.context("serving HTTP")?;
+            true
+        }
+        () = deadline => false,
+    };
     if let Some(task) = admin_task {
-        task.await.context("admin API task")??;
+        if closed {
+            task.await.context("admin API task")??;
+        } else {
+            task.abort();
+        }
     }
-    tracing::info!("all connections closed");
+    if closed {
+        tracing::info!("all connections closed");
+    } else {
+        tracing::warn!(
+            "connections still open {CLOSE_GRACE:?} after the drain deadline: closing them"
+        );
+    }
     Ok(())
+}
+
+/// Resolves `CLOSE_GRACE` after the drain deadline, having aborted every request still in the
+/// engine at the deadline; never resolves without a `shutdown_timeout`.
+async fn drain_deadline(
+    drain: shutdown::DrainSignal,
+    shutdown_timeout: Option<Duration>,
+    engine: crate::engine::EngineHandle,
+) {
+    let Some(timeout) = shutdown_timeout else {
+        return std::future::pending().await;
+    };
+    drain.wait().await;
+    tokio::time::sleep(timeout).await;
+    let stats = engine.stats();
+    let in_flight = stats.num_running + stats.num_waiting;
+    tracing::warn!(
+        in_flight,
+        "the drain ran past --shutdown-timeout ({timeout:?}): aborting the requests in flight"
+    );
+    engine.abort_all();
+    tokio::time::sleep(CLOSE_GRACE).await;
 }

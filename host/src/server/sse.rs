@@ -8,7 +8,8 @@
 //! [`ChunkWriter`] knows the two chunk shapes: `text_completion` for `/v1/completions` and
 //! `chat.completion.chunk` (which starts with a `role: assistant` delta) for chat. A delta that
 //! decodes to no text yet (half a UTF-8 character) sends nothing; its token ids ride on the next
-//! chunk. A model failure mid-stream sends an `{"error": …}` event, as vLLM does.
+//! chunk. A model failure mid-stream sends an `{"error": …}` event, as vLLM does; so does a request
+//! the server stopped (`server_shutdown`, a drain past `--shutdown-timeout`).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -20,7 +21,7 @@ use serde::Serialize;
 
 use crate::engine::FinishReason;
 
-use super::generation::{Generation, model_failure};
+use super::generation::{Generation, model_failure, stopped_by_server};
 use super::openai_types::{
     ChatChunk, ChatChunkChoice, ChatDelta, CompletionChoice, CompletionResponse, Usage,
 };
@@ -162,11 +163,18 @@ struct StreamState {
 impl StreamState {
     fn absorb(&mut self, text: String, token_ids: Vec<u32>, finish: Option<FinishReason>) {
         self.pending_token_ids.extend(token_ids);
-        if finish == Some(FinishReason::Error) {
-            self.queue.push_back(Bytes::from(format!(
-                "data: {}\n\n",
-                model_failure().body_json()
-            )));
+        let error = match finish {
+            Some(FinishReason::Error) => Some(model_failure()),
+            Some(FinishReason::Abort) => Some(stopped_by_server(
+                self.generation
+                    .as_ref()
+                    .map_or(0, |g| g.usage().completion_tokens),
+            )),
+            _ => None,
+        };
+        if let Some(error) = error {
+            self.queue
+                .push_back(Bytes::from(format!("data: {}\n\n", error.body_json())));
             self.end();
             return;
         }
