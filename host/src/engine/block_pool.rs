@@ -8,7 +8,7 @@
 //! takes blocks from the front, so cached blocks are evicted least-recently-used first, and only
 //! after every block without reusable content (those are queued at the front when freed).
 
-use super::hashing::{IdHashMap, mix64};
+use super::hashing::IdHashMap;
 
 /// Index of a KV block in the pool (and in the model runner's KV tensors).
 pub type BlockId = u32;
@@ -16,27 +16,35 @@ pub type BlockId = u32;
 /// Marks "no block" in the free queue's links.
 const NO_BLOCK: u32 = u32::MAX;
 
-/// Chained hash of a full block: of its parent block's hash and its own token ids, so equal hashes
-/// mean equal whole prefixes (up to 64-bit collisions; this hash is fast, not collision-resistant).
+/// Chained hash of a full block: SHA-256 of its parent block's hash and its own token ids,
+/// truncated to 128 bits, so equal hashes mean equal whole prefixes. A fast non-cryptographic
+/// hash would let a client craft a prompt whose block hash equals another client's (vLLM's
+/// CVE-2025-25183), and then one request would read the other's K/V; with SHA-256 neither a
+/// chance collision nor a crafted one is within reach. A block costs about 1 µs to hash, once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct BlockHash(pub u64);
+pub struct BlockHash(pub u128);
 
 impl BlockHash {
     /// Hash of the first block has `parent == None`.
     pub fn of_block(parent: Option<BlockHash>, token_ids: &[u32]) -> BlockHash {
-        let mut h = match parent {
-            Some(BlockHash(p)) => p,
-            None => 0x5157_7E35_C0FF_EE01,
-        };
-        h = mix64(h ^ token_ids.len() as u64);
-        let mut pairs = token_ids.chunks_exact(2);
-        for pair in &mut pairs {
-            h = mix64(h ^ (u64::from(pair[0]) | (u64::from(pair[1]) << 32)));
+        use sha2::{Digest, Sha256};
+        // A distinct first field for the root, so no parent hash can play its part.
+        let mut hasher = Sha256::new();
+        match parent {
+            Some(BlockHash(p)) => {
+                hasher.update([1u8]);
+                hasher.update(p.to_le_bytes());
+            }
+            None => hasher.update([0u8]),
         }
-        if let [last] = pairs.remainder() {
-            h = mix64(h ^ u64::from(*last) ^ (1 << 63));
+        hasher.update((token_ids.len() as u64).to_le_bytes());
+        for token in token_ids {
+            hasher.update(token.to_le_bytes());
         }
-        BlockHash(h)
+        let digest = hasher.finalize();
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&digest[..16]);
+        BlockHash(u128::from_le_bytes(first))
     }
 }
 
@@ -380,6 +388,10 @@ mod tests {
             BlockHash::of_block(None, &[1, 2, 3]),
             BlockHash::of_block(None, &[1, 2, 3, 0])
         );
+        assert_ne!(a, BlockHash::of_block(Some(BlockHash(0)), &[1, 2, 3, 4]));
+        // SHA-256 of 0x00, the length (u64 LE) and the tokens (u32 LE), first 16 bytes as a LE
+        // u128 (Python: hashlib.sha256(...).digest()[:16]).
+        assert_eq!(a, BlockHash(0x3a53a1cbe125025611d4eb4dcf449488));
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! `mix64` is the splitmix64 finaliser (a bijection on `u64` with full avalanche). It backs the
 //! hasher of the engine's id-keyed maps (request ids and block hashes are already well spread, so
-//! SipHash's DoS resistance buys nothing there and costs time on every scheduler step) and the
-//! chained prefix-cache block hashes. Nothing here is cryptographic.
+//! SipHash's DoS resistance buys nothing there and costs time on every scheduler step). Nothing
+//! here is cryptographic: the prefix-cache block hashes, which clients can influence, are
+//! SHA-256 ([`super::block_pool::BlockHash`]).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -37,6 +38,12 @@ impl Hasher for IdHasher {
     #[inline]
     fn write_u64(&mut self, n: u64) {
         self.0 = mix64(self.0 ^ n);
+    }
+
+    #[inline]
+    fn write_u128(&mut self, n: u128) {
+        self.write_u64(n as u64);
+        self.write_u64((n >> 64) as u64);
     }
 
     #[inline]
