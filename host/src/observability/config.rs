@@ -8,12 +8,15 @@
 //! path gets `/v1/traces`; the generic `OTEL_EXPORTER_OTLP_ENDPOINT` is a base URL to which HTTP
 //! appends `/v1/traces`. The protocol defaults to gRPC (as in vLLM, whose flag spellings we keep).
 //! Without any endpoint, nothing goes to a collector (the JSON-lines file may still be written).
+//! An `https://` endpoint is reached over TLS, with the `…_CERTIFICATE`, `…_CLIENT_CERTIFICATE`
+//! and `…_CLIENT_KEY` files read here, at start-up (see [`super::tls`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use thiserror::Error;
 
+use super::tls::OtlpTls;
 use crate::cli::StepTracingArgs;
 use crate::policy::{PolicyError, PolicyLimits, PolicySource};
 
@@ -33,6 +36,18 @@ pub const ENV_OTLP_TRACES_HEADERS: &str = "OTEL_EXPORTER_OTLP_TRACES_HEADERS";
 pub const ENV_OTLP_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TIMEOUT";
 /// `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`: like `OTEL_EXPORTER_OTLP_TIMEOUT`, for traces only.
 pub const ENV_OTLP_TRACES_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT";
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE`: PEM file of the CA certificates to trust over TLS.
+pub const ENV_OTLP_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_CERTIFICATE";
+/// `OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE`: like `OTEL_EXPORTER_OTLP_CERTIFICATE`, for traces.
+pub const ENV_OTLP_TRACES_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE";
+/// `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE`: PEM file of the client certificate (mutual TLS).
+pub const ENV_OTLP_CLIENT_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE";
+/// `OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE`: the same, for traces only.
+pub const ENV_OTLP_TRACES_CLIENT_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE";
+/// `OTEL_EXPORTER_OTLP_CLIENT_KEY`: PEM file of the client's private key (mutual TLS).
+pub const ENV_OTLP_CLIENT_KEY: &str = "OTEL_EXPORTER_OTLP_CLIENT_KEY";
+/// `OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY`: the same, for traces only.
+pub const ENV_OTLP_TRACES_CLIENT_KEY: &str = "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY";
 /// `OTEL_SERVICE_NAME`: the `service.name` resource attribute.
 pub const ENV_SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
 
@@ -83,6 +98,8 @@ pub struct OtlpConfig {
     pub protocol: OtlpProtocol,
     /// Extra request headers (gRPC metadata), from `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS`.
     pub headers: Vec<(String, String)>,
+    /// Roots and client identity for an `https://` endpoint (defaults for `http://`).
+    pub tls: OtlpTls,
 }
 
 /// Everything the step tracer runs with.
@@ -211,6 +228,27 @@ impl ObservabilityConfig {
                 None => Vec::new(),
             },
         };
+        let https = endpoint
+            .as_deref()
+            .is_some_and(|url| url.starts_with("https://"));
+        let tls = if https {
+            // The signal-specific variable wins, as for every other setting.
+            let pick = |traces: &'static str, generic: &'static str| {
+                env(traces)
+                    .map(|path| (traces, path))
+                    .or_else(|| env(generic).map(|path| (generic, path)))
+            };
+            OtlpTls::read(
+                pick(ENV_OTLP_TRACES_CERTIFICATE, ENV_OTLP_CERTIFICATE),
+                pick(
+                    ENV_OTLP_TRACES_CLIENT_CERTIFICATE,
+                    ENV_OTLP_CLIENT_CERTIFICATE,
+                ),
+                pick(ENV_OTLP_TRACES_CLIENT_KEY, ENV_OTLP_CLIENT_KEY),
+            )?
+        } else {
+            OtlpTls::default()
+        };
         let export_timeout = match env(ENV_OTLP_TRACES_TIMEOUT)
             .map(|v| (ENV_OTLP_TRACES_TIMEOUT, v))
             .or_else(|| env(ENV_OTLP_TIMEOUT).map(|v| (ENV_OTLP_TIMEOUT, v)))
@@ -237,6 +275,7 @@ impl ObservabilityConfig {
                 endpoint,
                 protocol,
                 headers,
+                tls,
             }),
             service_name: env(ENV_SERVICE_NAME)
                 .map(|name| name.trim().to_string())
@@ -282,16 +321,10 @@ fn split_url<'a>(
         )));
     };
     match scheme {
-        "http" => {}
-        "https" => {
-            return Err(ObservabilityError::Config(format!(
-                "{source}: `{url}`: TLS is not built into this binary; use an http:// endpoint \
-                 (for example a local collector that forwards over TLS)"
-            )));
-        }
+        "http" | "https" => {}
         other => {
             return Err(ObservabilityError::Config(format!(
-                "{source}: `{url}`: unsupported scheme `{other}` (expected http)"
+                "{source}: `{url}`: unsupported scheme `{other}` (expected http or https)"
             )));
         }
     }
@@ -506,9 +539,19 @@ mod tests {
                 "not a URL",
             ),
             (
-                vec!["--otlp-traces-endpoint", "https://x:4317"],
+                vec!["--otlp-traces-endpoint", "ftp://x:4317"],
                 vec![],
-                "TLS",
+                "unsupported scheme `ftp`",
+            ),
+            (
+                vec!["--otlp-traces-endpoint", "https://x:4317"],
+                vec![(ENV_OTLP_CERTIFICATE, "/nonexistent/ca.pem")],
+                "OTEL_EXPORTER_OTLP_CERTIFICATE=/nonexistent/ca.pem: cannot read",
+            ),
+            (
+                vec!["--otlp-traces-endpoint", "https://x:4317"],
+                vec![(ENV_OTLP_TRACES_CLIENT_KEY, "/nonexistent/key.pem")],
+                "not its pair",
             ),
             (vec![], vec![(ENV_OTLP_PROTOCOL, "http/json")], "http/json"),
             (
@@ -529,5 +572,35 @@ mod tests {
             Cli::try_parse_from(["stepscope", "serve", "--otlp-protocol", "udp"]).is_err(),
             "unknown protocol accepted"
         );
+    }
+
+    #[test]
+    fn tls_files_are_read_for_https_endpoints_only() {
+        // https with no files: Mozilla's roots, no client identity.
+        let c = config(
+            &["--otlp-traces-endpoint", "https://collector.example:4317"],
+            &[],
+        )
+        .unwrap();
+        let otlp = c.otlp.unwrap();
+        assert_eq!(otlp.endpoint, "https://collector.example:4317");
+        assert!(!otlp.tls.is_customized());
+        // http ignores the TLS variables (a missing file is not even opened).
+        let c = config(
+            &["--otlp-traces-endpoint", "http://c:4317"],
+            &[(ENV_OTLP_CERTIFICATE, "/nonexistent/ca.pem")],
+        )
+        .unwrap();
+        assert!(!c.otlp.unwrap().tls.is_customized());
+        // The signal-specific variable wins over the generic one.
+        let err = config(
+            &["--otlp-traces-endpoint", "https://c:4317"],
+            &[
+                (ENV_OTLP_CERTIFICATE, "/nonexistent/generic.pem"),
+                (ENV_OTLP_TRACES_CERTIFICATE, "/nonexistent/traces.pem"),
+            ],
+        )
+        .unwrap_err();
+        assert!(err.contains("traces.pem"), "{err}");
     }
 }

@@ -19,11 +19,13 @@
 pub mod bench;
 mod config;
 mod exporter;
+mod http_client;
 pub mod jsonl;
 mod metrics;
 mod otlp;
 pub mod record;
 pub mod swap;
+mod tls;
 mod tracer;
 
 #[cfg(test)]

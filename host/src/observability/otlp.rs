@@ -1,5 +1,5 @@
 //! The OTLP sink, on the exporter thread: records become OpenTelemetry spans, exported in
-//! batches over gRPC (tonic) or HTTP/protobuf (hyper).
+//! batches over gRPC (tonic) or HTTP/protobuf (hyper), over TLS for `https://` endpoints.
 //!
 //! Spans are built with the SDK's tracer (so the SDK's span limits, ids and scope apply): one
 //! root span `scheduler.step` per record, in scope `stepscope.scheduler.step`, with explicit
@@ -28,6 +28,7 @@ use opentelemetry_sdk::trace::{
 };
 
 use super::config::{ObservabilityConfig, ObservabilityError, OtlpConfig, OtlpProtocol};
+use super::http_client::LastTransportError;
 use super::metrics::{TracerMetrics, add, bump};
 use super::record::{
     AttrValue, EVENT_BATCH_SUMMARY, EVENT_REQUEST_SNAPSHOT, SCOPE_NAME, SPAN_BATCH_PROBABILITY,
@@ -78,6 +79,9 @@ pub(crate) struct OtlpSink {
     tracer: SdkTracer,
     ended: Arc<Mutex<Vec<SpanData>>>,
     export_timeout: Duration,
+    /// Why the last HTTP/protobuf request failed (the exporter's own error says only "network
+    /// error"); `None` for gRPC, whose errors carry their cause.
+    transport_error: Option<LastTransportError>,
 }
 
 impl OtlpSink {
@@ -96,8 +100,8 @@ impl OtlpSink {
             let _guard = runtime.enter();
             build_exporter(otlp, config.export_timeout)
         };
-        let mut exporter = match built {
-            Ok(exporter) => exporter,
+        let (mut exporter, transport_error) = match built {
+            Ok(built) => built,
             Err(error) => {
                 // Dropping a runtime blocks, which panics if the caller is async code.
                 runtime.shutdown_background();
@@ -127,6 +131,7 @@ impl OtlpSink {
             tracer,
             ended,
             export_timeout: config.export_timeout,
+            transport_error,
         })
     }
 
@@ -233,7 +238,10 @@ impl OtlpSink {
         };
         match outcome {
             Ok(()) => add(&metrics.spans_exported, n),
-            Err(error) => {
+            Err(mut error) => {
+                if let Some(cause) = self.transport_error.as_ref().and_then(|e| e.take()) {
+                    error = format!("{error} ({cause})");
+                }
                 add(&metrics.spans_export_failed, n);
                 bump(&metrics.export_errors);
                 let errors = metrics
@@ -266,10 +274,12 @@ impl Drop for OtlpSink {
     }
 }
 
+/// The exporter for `otlp`, and (HTTP/protobuf) where its client records failures' causes.
 fn build_exporter(
     otlp: &OtlpConfig,
     timeout: Duration,
-) -> Result<OtlpSpanExporter, ObservabilityError> {
+) -> Result<(OtlpSpanExporter, Option<LastTransportError>), ObservabilityError> {
+    let mut transport_error = None;
     let built = match otlp.protocol {
         OtlpProtocol::Grpc => {
             let mut headers = http::HeaderMap::new();
@@ -282,23 +292,40 @@ fn build_exporter(
                 };
                 headers.append(name, value);
             }
-            OtlpSpanExporter::builder()
+            let builder = OtlpSpanExporter::builder()
                 .with_tonic()
                 .with_endpoint(otlp.endpoint.clone())
                 .with_protocol(Protocol::Grpc)
                 .with_timeout(timeout)
-                .with_metadata(tonic_metadata(headers))
+                .with_metadata(tonic_metadata(headers));
+            if is_https(otlp) {
+                builder
+                    .with_tls_config(super::tls::tonic_config(&otlp.tls)?)
+                    .build()
+            } else {
+                builder.build()
+            }
+        }
+        OtlpProtocol::HttpProtobuf => {
+            let (client, last_error) = super::http_client::build(otlp, timeout)?;
+            transport_error = Some(last_error);
+            OtlpSpanExporter::builder()
+                .with_http()
+                .with_endpoint(otlp.endpoint.clone())
+                .with_protocol(Protocol::HttpBinary)
+                .with_timeout(timeout)
+                .with_headers(otlp.headers.iter().cloned().collect())
+                .with_shared_http_client(client)
                 .build()
         }
-        OtlpProtocol::HttpProtobuf => OtlpSpanExporter::builder()
-            .with_http()
-            .with_endpoint(otlp.endpoint.clone())
-            .with_protocol(Protocol::HttpBinary)
-            .with_timeout(timeout)
-            .with_headers(otlp.headers.iter().cloned().collect())
-            .build(),
     };
-    built.map_err(|e| ObservabilityError::Otlp(format!("{}: {e}", otlp.endpoint)))
+    built
+        .map(|exporter| (exporter, transport_error))
+        .map_err(|e| ObservabilityError::Otlp(format!("{}: {e}", otlp.endpoint)))
+}
+
+fn is_https(otlp: &OtlpConfig) -> bool {
+    otlp.endpoint.starts_with("https://")
 }
 
 fn tonic_metadata(

@@ -255,6 +255,7 @@ fn grpc_export_to_a_real_collector_matches_the_engine() {
         endpoint: collector.endpoint.clone(),
         protocol: OtlpProtocol::Grpc,
         headers: vec![("x-test".into(), "1".into())],
+        tls: Default::default(),
     };
     end_to_end(otlp, |n| collector.wait_for(n));
 }
@@ -306,6 +307,7 @@ fn a_rich_step_with_256_running_requests_keeps_all_256_snapshots() {
                 endpoint: collector.endpoint.clone(),
                 protocol: OtlpProtocol::Grpc,
                 headers: Vec::new(),
+                tls: Default::default(),
             }),
             max_events_per_span,
             ..ObservabilityConfig::enabled_with_rates(1.0, 1.0, SEED)
@@ -365,6 +367,7 @@ fn pressure_policy_exports_only_preempting_or_kv_heavy_steps() {
             endpoint: collector.endpoint.clone(),
             protocol: OtlpProtocol::Grpc,
             headers: Vec::new(),
+            tls: Default::default(),
         }),
         ..ObservabilityConfig::enabled_with_rates(0.0, 0.0, SEED)
     };
@@ -462,6 +465,7 @@ fn an_unreachable_collector_drops_and_counts_but_never_blocks_steps() {
                 endpoint,
                 protocol,
                 headers: Vec::new(),
+                tls: Default::default(),
             }),
             queue_capacity: 4,
             export_batch_size: 2,
@@ -672,6 +676,7 @@ fn every_flag_travels_from_the_command_line_into_the_running_tracer() {
             endpoint: "http://127.0.0.1:9/v1/traces".into(),
             protocol: OtlpProtocol::HttpProtobuf,
             headers: vec![("x-tenant".into(), "t1".into())],
+            tls: Default::default(),
         }),
         service_name: "svc-under-test".into(),
         step_tracing_file: Some(file.clone()),
