@@ -93,8 +93,11 @@ def test_prompt_plus_max_tokens_over_the_context(short):
     ("n", 0, "n"),
     ("stop", 7, "stop"),
     ("stop", ["ok", 3], "stop"),
-    ("presence_penalty", 0.5, "presence_penalty"),
-    ("frequency_penalty", 1, "frequency_penalty"),
+    ("presence_penalty", 2.5, "presence_penalty"),
+    ("frequency_penalty", -3, "frequency_penalty"),
+    ("repetition_penalty", 0, "repetition_penalty"),
+    ("min_tokens", -1, "min_tokens"),
+    ("min_tokens", 3, "min_tokens"),  # more than max_tokens (2)
     ("stop_token_ids", [10**9], "stop_token_ids"),
     ("stream_options", {"include_usage": True}, "stream_options"),
 ])

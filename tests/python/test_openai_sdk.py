@@ -180,3 +180,38 @@ def smollm_dir():
     from conftest import SMOLLM_DIR
 
     return SMOLLM_DIR
+
+
+def test_penalties_change_greedy_output_and_min_tokens_holds_back_stops(tiny):
+    """Greedy decoding of the tiny model repeats tokens; each penalty, through the SDK's own
+    parameters or `extra_body`, yields a different continuation with fewer repeats, the same one
+    every time (the sampler's unit tests check the arithmetic). A stop token that would end the
+    request at once is held back by `min_tokens`."""
+    client = tiny.client()
+
+    def token_ids(**kwargs):
+        extra = {**TOKEN_IDS, **kwargs.pop("extra_body", {})}
+        c = client.completions.create(model="tiny", prompt="hello world, tell me", max_tokens=48, **GREEDY,
+                                      extra_body=extra, **kwargs)
+        return c.choices[0].token_ids, c.choices[0].finish_reason
+
+    plain, _ = token_ids()
+    assert len(set(plain)) < len(plain), "the baseline should repeat itself"
+    for kwargs in [{"presence_penalty": 2.0}, {"frequency_penalty": 2.0},
+                   {"extra_body": {"repetition_penalty": 3.0}}]:
+        penalised, _ = token_ids(**dict(kwargs))
+        assert penalised != plain, kwargs
+        assert len(set(penalised)) > len(set(plain)), kwargs
+        assert token_ids(**dict(kwargs))[0] == penalised, f"{kwargs}: not deterministic"
+
+    # Chat takes them too.
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          frequency_penalty=1.0, presence_penalty=-1.0, **GREEDY)
+    assert chat.usage.completion_tokens >= 1
+
+    first = plain[0]
+    stopped, reason = token_ids(extra_body={"ignore_eos": False, "stop_token_ids": [first]})
+    assert (stopped, reason) == ([first], "stop")
+    held, reason = token_ids(extra_body={"ignore_eos": False, "stop_token_ids": [first], "min_tokens": 3})
+    assert first not in held[:3] and len(held) >= 3, held
+    assert reason == "stop" and held[-1] == first or reason == "length", (held, reason)

@@ -14,7 +14,7 @@ use super::config::{EngineConfig, EngineError, RequestLimits};
 use super::model_runner::{ModelRunner, ModelRunnerError};
 use super::observer::{NoopStepObserver, StepObserver, StepView};
 use super::request::{Request, RequestId, RequestOutput, RequestRng, SamplingParams, unix_time_ns};
-use super::sampler::Sampler;
+use super::sampler::{Sampler, TokenHistory};
 use super::scheduler::Scheduler;
 
 /// Engine-wide numbers for `/metrics` and the CLI.
@@ -184,7 +184,11 @@ impl EngineCore {
                         continue;
                     }
                     let request = self.scheduler.running_request_mut(s.running_index);
-                    let token = self.sampler.sample(logits.row(row), &request.params, &mut request.rng);
+                    let history = TokenHistory {
+                        prompt: &request.token_ids[..request.num_prompt_tokens],
+                        output: &request.token_ids[request.num_prompt_tokens..],
+                    };
+                    let token = self.sampler.sample(logits.row(row), &request.params, history, &mut request.rng);
                     row += 1;
                     sampled.push(Some(token));
                 }

@@ -34,6 +34,15 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// The model's end-of-sequence token ids (filled in by the server from the tokenizer).
     pub eos_token_ids: Vec<u32>,
+    /// EOS and stop tokens cannot be sampled before this many tokens were generated.
+    pub min_tokens: usize,
+    /// Subtracted once from the logit of every token already generated (OpenAI, in [-2, 2]).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated (OpenAI, in [-2, 2]).
+    pub frequency_penalty: f32,
+    /// Divides positive and multiplies negative logits of every token in the prompt or the
+    /// output (vLLM and Hugging Face; 1 is off, > 1 discourages repetition).
+    pub repetition_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -47,6 +56,10 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             eos_token_ids: Vec::new(),
+            min_tokens: 0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
         }
     }
 }
@@ -88,7 +101,42 @@ impl SamplingParams {
                 reason: format!("must be in (0, 1], got {}", self.top_p),
             });
         }
+        for (name, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&value) {
+                return Err(InvalidSamplingParams {
+                    name,
+                    reason: format!("must be in [-2, 2], got {value}"),
+                });
+            }
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(InvalidSamplingParams {
+                name: "repetition_penalty",
+                reason: format!("must be finite and > 0, got {}", self.repetition_penalty),
+            });
+        }
+        if self.min_tokens > self.max_tokens {
+            return Err(InvalidSamplingParams {
+                name: "min_tokens",
+                reason: format!(
+                    "must not exceed max_tokens ({}), got {}",
+                    self.max_tokens, self.min_tokens
+                ),
+            });
+        }
         Ok(())
+    }
+
+    /// Whether the logits need rewriting before sampling (penalties, or EOS/stop tokens held
+    /// back by `min_tokens`) after `num_output_tokens` tokens.
+    pub fn processes_logits(&self, num_output_tokens: usize) -> bool {
+        self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || self.repetition_penalty != 1.0
+            || num_output_tokens < self.min_tokens
     }
 
     /// Whether sampling is greedy (argmax).
@@ -376,7 +424,8 @@ impl Request {
     /// (`max_tokens`, and `max_len`: the engine's effective `max_model_len`).
     pub(super) fn check_stop(&self, max_len: usize) -> Option<FinishReason> {
         let last = *self.token_ids.last()?;
-        if self.num_output_tokens() > 0
+        // Below `min_tokens` the sampler never picks a stop token; a forced one is kept going.
+        if self.num_output_tokens() >= self.params.min_tokens.max(1)
             && ((!self.params.ignore_eos && self.params.eos_token_ids.contains(&last))
                 || self.params.stop_token_ids.contains(&last))
         {

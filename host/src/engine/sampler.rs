@@ -1,9 +1,17 @@
-//! Token sampling from one row of logits: greedy, temperature, top-k and top-p.
+//! Token sampling from one row of logits: logits processors, then greedy, temperature, top-k and
+//! top-p.
 //!
 //! Each request draws from its own [`RequestRng`], so a request's tokens depend only on its
-//! logits, its parameters and its seed, never on what else shares the batch. Ties and orderings
-//! are broken by token id, so results are deterministic. NaN logits are ignored; a `+inf` logit
-//! wins outright. The [`Sampler`] keeps scratch buffers so a step allocates nothing.
+//! logits, its parameters, its own tokens so far and its seed, never on what else shares the
+//! batch. Ties and orderings are broken by token id, so results are deterministic. NaN logits
+//! are ignored; a `+inf` logit wins outright. The [`Sampler`] keeps scratch buffers so a step
+//! allocates nothing.
+//!
+//! The logits processors run first, on a copy of the row and only for requests that ask for them
+//! (as in vLLM, greedy requests included): `min_tokens` masks the EOS and stop tokens; then the
+//! repetition penalty (prompt and output tokens: a positive logit is divided by it, a negative one
+//! multiplied); then the frequency and presence penalties (output tokens: `logit -= frequency ×
+//! count + presence`).
 
 use std::cmp::Ordering;
 
@@ -13,10 +21,21 @@ use super::request::{RequestRng, SamplingParams};
 /// usual peaked distribution costs a partial selection instead of a full-vocabulary sort.
 const TOP_P_INITIAL_CANDIDATES: usize = 64;
 
+/// A request's tokens so far, which the logits processors read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokenHistory<'a> {
+    pub prompt: &'a [u32],
+    pub output: &'a [u32],
+}
+
 /// Samples tokens; reuse one per engine.
 #[derive(Debug, Default, Clone)]
 pub struct Sampler {
     candidates: Vec<Candidate>,
+    /// The processed copy of a row.
+    processed: Vec<f32>,
+    /// Per-token output counts (all zero between calls).
+    counts: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -36,63 +55,147 @@ impl Sampler {
         Self::default()
     }
 
-    /// Picks the next token from `logits` (one row, one entry per vocabulary token).
-    pub fn sample(&mut self, logits: &[f32], params: &SamplingParams, rng: &mut RequestRng) -> u32 {
-        if params.is_greedy() {
-            return argmax(logits);
-        }
-        if let Some(token) = logits.iter().position(|&x| x == f32::INFINITY) {
-            return token as u32;
-        }
-        let inv_temperature = 1.0 / params.temperature;
-        self.candidates.clear();
-        self.candidates.extend(
-            logits
-                .iter()
-                .enumerate()
-                .filter(|(_, x)| x.is_finite())
-                .map(|(token, &x)| Candidate {
-                    token: token as u32,
-                    weight: x * inv_temperature,
-                }),
-        );
-        if self.candidates.is_empty() {
-            return argmax(logits);
-        }
-        let candidates = &mut self.candidates;
-        if let Some(k) = params.top_k
-            && k < candidates.len()
-        {
-            candidates.select_nth_unstable_by(k - 1, by_weight_desc);
-            candidates.truncate(k);
-            candidates.sort_unstable_by(by_weight_desc);
-        }
-        // Softmax numerators, stable against overflow.
-        let max = candidates
-            .iter()
-            .map(|c| c.weight)
-            .fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0.0f64;
-        for c in candidates.iter_mut() {
-            c.weight = (c.weight - max).exp();
-            total += f64::from(c.weight);
-        }
-        let kept = if params.top_p < 1.0 {
-            top_p_prefix(candidates, f64::from(params.top_p) * total)
+    /// Picks the next token from `logits` (one row, one entry per vocabulary token) for a request
+    /// whose tokens so far are `history`.
+    pub fn sample(
+        &mut self,
+        logits: &[f32],
+        params: &SamplingParams,
+        history: TokenHistory<'_>,
+        rng: &mut RequestRng,
+    ) -> u32 {
+        if params.processes_logits(history.output.len()) {
+            let mut processed = std::mem::take(&mut self.processed);
+            processed.clear();
+            processed.extend_from_slice(logits);
+            self.process(&mut processed, params, history);
+            let token = sample_row(&mut self.candidates, &processed, params, rng);
+            self.processed = processed;
+            token
         } else {
-            candidates.len()
-        };
-        let kept = &candidates[..kept];
-        let mass: f64 = kept.iter().map(|c| f64::from(c.weight)).sum();
-        let mut target = rng.next_f64() * mass;
-        for c in kept {
-            target -= f64::from(c.weight);
-            if target < 0.0 {
-                return c.token;
+            sample_row(&mut self.candidates, logits, params, rng)
+        }
+    }
+
+    /// Applies `min_tokens` and the penalties to `logits` in place.
+    fn process(&mut self, logits: &mut [f32], params: &SamplingParams, history: TokenHistory<'_>) {
+        let vocab = logits.len();
+        if history.output.len() < params.min_tokens {
+            let eos = params.eos_token_ids.iter().filter(|_| !params.ignore_eos);
+            for &token in eos.chain(&params.stop_token_ids) {
+                if let Some(x) = logits.get_mut(token as usize) {
+                    *x = f32::NEG_INFINITY;
+                }
             }
         }
-        kept.last().map_or_else(|| argmax(logits), |c| c.token)
+        let repetition = params.repetition_penalty;
+        let (frequency, presence) = (params.frequency_penalty, params.presence_penalty);
+        if repetition == 1.0 && frequency == 0.0 && presence == 0.0 {
+            return;
+        }
+        self.counts.resize(vocab, 0);
+        for &token in history.output {
+            if let Some(count) = self.counts.get_mut(token as usize) {
+                *count += 1;
+            }
+        }
+        if repetition != 1.0 {
+            // Each distinct prompt or output token once: the output's are marked by their counts,
+            // the prompt's by a mark removed below.
+            const PROMPT_MARK: u32 = 1 << 31;
+            for &token in history.prompt.iter().chain(history.output) {
+                let Some(count) = self.counts.get_mut(token as usize) else {
+                    continue;
+                };
+                if *count & PROMPT_MARK != 0 {
+                    continue;
+                }
+                *count |= PROMPT_MARK;
+                let x = &mut logits[token as usize];
+                *x = if *x > 0.0 {
+                    *x / repetition
+                } else {
+                    *x * repetition
+                };
+            }
+            for &token in history.prompt.iter().chain(history.output) {
+                if let Some(count) = self.counts.get_mut(token as usize) {
+                    *count &= !PROMPT_MARK;
+                }
+            }
+        }
+        for &token in history.output {
+            let Some(count) = self.counts.get_mut(token as usize) else {
+                continue;
+            };
+            if *count > 0 {
+                logits[token as usize] -= frequency * *count as f32 + presence;
+                *count = 0;
+            }
+        }
     }
+}
+
+/// Samples from one (processed) row.
+fn sample_row(
+    candidates: &mut Vec<Candidate>,
+    logits: &[f32],
+    params: &SamplingParams,
+    rng: &mut RequestRng,
+) -> u32 {
+    if params.is_greedy() {
+        return argmax(logits);
+    }
+    if let Some(token) = logits.iter().position(|&x| x == f32::INFINITY) {
+        return token as u32;
+    }
+    let inv_temperature = 1.0 / params.temperature;
+    candidates.clear();
+    candidates.extend(
+        logits
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| x.is_finite())
+            .map(|(token, &x)| Candidate {
+                token: token as u32,
+                weight: x * inv_temperature,
+            }),
+    );
+    if candidates.is_empty() {
+        return argmax(logits);
+    }
+    if let Some(k) = params.top_k
+        && k < candidates.len()
+    {
+        candidates.select_nth_unstable_by(k - 1, by_weight_desc);
+        candidates.truncate(k);
+        candidates.sort_unstable_by(by_weight_desc);
+    }
+    // Softmax numerators, stable against overflow.
+    let max = candidates
+        .iter()
+        .map(|c| c.weight)
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0f64;
+    for c in candidates.iter_mut() {
+        c.weight = (c.weight - max).exp();
+        total += f64::from(c.weight);
+    }
+    let kept = if params.top_p < 1.0 {
+        top_p_prefix(candidates, f64::from(params.top_p) * total)
+    } else {
+        candidates.len()
+    };
+    let kept = &candidates[..kept];
+    let mass: f64 = kept.iter().map(|c| f64::from(c.weight)).sum();
+    let mut target = rng.next_f64() * mass;
+    for c in kept {
+        target -= f64::from(c.weight);
+        if target < 0.0 {
+            return c.token;
+        }
+    }
+    kept.last().map_or_else(|| argmax(logits), |c| c.token)
 }
 
 /// Sorts the top candidates by weight (descending) and returns how many of them are needed to
@@ -151,7 +254,7 @@ mod tests {
         let mut rng = RequestRng::new(seed);
         let mut counts = vec![0; logits.len()];
         for _ in 0..draws {
-            counts[sampler.sample(logits, p, &mut rng) as usize] += 1;
+            counts[sampler.sample(logits, p, TokenHistory::default(), &mut rng) as usize] += 1;
         }
         counts
     }
@@ -161,14 +264,35 @@ mod tests {
         let mut sampler = Sampler::new();
         let mut rng = RequestRng::new(0);
         let greedy = SamplingParams::greedy(1);
-        assert_eq!(sampler.sample(&[0.1, 3.0, 3.0, -1.0], &greedy, &mut rng), 1);
         assert_eq!(
-            sampler.sample(&[f32::NAN, 0.5, f32::NAN], &greedy, &mut rng),
+            sampler.sample(
+                &[0.1, 3.0, 3.0, -1.0],
+                &greedy,
+                TokenHistory::default(),
+                &mut rng
+            ),
             1
         );
-        assert_eq!(sampler.sample(&[f32::NAN], &greedy, &mut rng), 0);
         assert_eq!(
-            sampler.sample(&[f32::NEG_INFINITY, -5.0], &greedy, &mut rng),
+            sampler.sample(
+                &[f32::NAN, 0.5, f32::NAN],
+                &greedy,
+                TokenHistory::default(),
+                &mut rng
+            ),
+            1
+        );
+        assert_eq!(
+            sampler.sample(&[f32::NAN], &greedy, TokenHistory::default(), &mut rng),
+            0
+        );
+        assert_eq!(
+            sampler.sample(
+                &[f32::NEG_INFINITY, -5.0],
+                &greedy,
+                TokenHistory::default(),
+                &mut rng
+            ),
             1
         );
         assert_eq!(argmax(&[]), 0);
@@ -237,13 +361,150 @@ mod tests {
             sampler.sample(
                 &[0.0, f32::INFINITY, 1.0],
                 &params(1.0, None, 1.0),
+                TokenHistory::default(),
                 &mut rng
             ),
             1
         );
         assert_eq!(
-            sampler.sample(&[f32::NAN, f32::NAN], &params(1.0, None, 1.0), &mut rng),
+            sampler.sample(
+                &[f32::NAN, f32::NAN],
+                &params(1.0, None, 1.0),
+                TokenHistory::default(),
+                &mut rng
+            ),
             0
         );
+    }
+
+    fn history<'a>(prompt: &'a [u32], output: &'a [u32]) -> TokenHistory<'a> {
+        TokenHistory { prompt, output }
+    }
+
+    /// The processed row (and the scratch counts are left clean).
+    fn processed(logits: &[f32], p: &SamplingParams, h: TokenHistory<'_>) -> Vec<f32> {
+        let mut sampler = Sampler::new();
+        let mut row = logits.to_vec();
+        sampler.process(&mut row, p, h);
+        assert!(
+            sampler.counts.iter().all(|&c| c == 0),
+            "scratch counts left dirty"
+        );
+        row
+    }
+
+    #[test]
+    fn penalties_follow_openai_and_vllm() {
+        let logits = [1.0f32, -1.0, 2.0, 0.5, 3.0];
+        let p = SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..SamplingParams::greedy(8)
+        };
+        // Output [4, 4, 1]: token 4 twice, token 1 once; the prompt does not count.
+        let row = processed(&logits, &p, history(&[0, 2], &[4, 4, 1]));
+        assert_eq!(row, vec![1.0, -1.0 - 0.25 - 0.5, 2.0, 0.5, 3.0 - 0.5 - 0.5]);
+
+        // Repetition: prompt and output tokens, once each however often they occur.
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            ..SamplingParams::greedy(8)
+        };
+        let row = processed(&logits, &p, history(&[0, 1, 0], &[4, 4]));
+        assert_eq!(row, vec![0.5, -2.0, 2.0, 0.5, 1.5]);
+
+        // Both, in vLLM's order: repetition first.
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            frequency_penalty: 1.0,
+            ..SamplingParams::greedy(8)
+        };
+        let row = processed(&logits, &p, history(&[], &[4, 4]));
+        assert_eq!(row[4], 3.0 / 2.0 - 2.0);
+
+        // Greedy decoding sees the penalised row: 4 loses to 2 after repeating.
+        let mut sampler = Sampler::new();
+        let mut rng = RequestRng::new(0);
+        let p = SamplingParams {
+            frequency_penalty: 0.75,
+            ..SamplingParams::greedy(8)
+        };
+        assert_eq!(sampler.sample(&logits, &p, history(&[], &[]), &mut rng), 4);
+        assert_eq!(sampler.sample(&logits, &p, history(&[], &[4]), &mut rng), 4);
+        assert_eq!(
+            sampler.sample(&logits, &p, history(&[], &[4, 4]), &mut rng),
+            2
+        );
+        // Out-of-vocabulary ids in the history are ignored, not a panic.
+        assert_eq!(
+            sampler.sample(&logits, &p, history(&[99], &[77]), &mut rng),
+            4
+        );
+    }
+
+    #[test]
+    fn min_tokens_holds_back_eos_and_stop_tokens() {
+        let logits = [0.0f32, 5.0, 4.0, 3.0];
+        let p = SamplingParams {
+            min_tokens: 2,
+            eos_token_ids: vec![1],
+            stop_token_ids: vec![2],
+            ..SamplingParams::greedy(8)
+        };
+        let mut sampler = Sampler::new();
+        let mut rng = RequestRng::new(0);
+        assert_eq!(sampler.sample(&logits, &p, history(&[7], &[]), &mut rng), 3);
+        assert_eq!(
+            sampler.sample(&logits, &p, history(&[7], &[3]), &mut rng),
+            3
+        );
+        assert_eq!(
+            sampler.sample(&logits, &p, history(&[7], &[3, 3]), &mut rng),
+            1
+        );
+        // With ignore_eos the EOS token is an ordinary token.
+        let p = SamplingParams {
+            ignore_eos: true,
+            ..p
+        };
+        assert_eq!(sampler.sample(&logits, &p, history(&[7], &[]), &mut rng), 1);
+        assert!(!SamplingParams::greedy(4).processes_logits(0));
+    }
+
+    #[test]
+    fn penalty_ranges_are_checked() {
+        for (p, name) in [
+            (
+                SamplingParams {
+                    presence_penalty: 2.5,
+                    ..SamplingParams::greedy(4)
+                },
+                "presence_penalty",
+            ),
+            (
+                SamplingParams {
+                    frequency_penalty: -3.0,
+                    ..SamplingParams::greedy(4)
+                },
+                "frequency_penalty",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..SamplingParams::greedy(4)
+                },
+                "repetition_penalty",
+            ),
+            (
+                SamplingParams {
+                    min_tokens: 5,
+                    ..SamplingParams::greedy(4)
+                },
+                "min_tokens",
+            ),
+        ] {
+            let err = p.validate().unwrap_err();
+            assert!(err.to_string().contains(name), "{err}");
+        }
     }
 }

@@ -21,6 +21,9 @@ pub struct DetokenizerOptions {
     pub stop: Vec<String>,
     /// Keep the matched stop string at the end of the text (OpenAI's default is to drop it).
     pub include_stop_str_in_output: bool,
+    /// Stop strings are looked for only in text that tokens after the first `min_tokens` add
+    /// (vLLM's rule; the sampler holds back stop tokens as long).
+    pub min_tokens: usize,
 }
 
 impl Default for DetokenizerOptions {
@@ -29,6 +32,7 @@ impl Default for DetokenizerOptions {
             skip_special_tokens: true,
             stop: Vec::new(),
             include_stop_str_in_output: false,
+            min_tokens: 0,
         }
     }
 }
@@ -113,7 +117,11 @@ impl IncrementalDetokenizer {
                 self.prefix_offset = 0;
             }
         }
-        let stop = self.check_stop(old_len);
+        let stop = if self.num_output_tokens > self.opts.min_tokens {
+            self.check_stop(old_len)
+        } else {
+            None
+        };
         let release = if self.stopped.is_some() {
             self.text.len()
         } else {
@@ -271,6 +279,21 @@ mod tests {
         assert_eq!(d.text(), "Hello ");
         assert_eq!(d.num_output_tokens(), "Hello END".len());
         assert!(d.push(65).unwrap().delta.is_empty());
+    }
+
+    #[test]
+    fn stop_strings_wait_for_min_tokens() {
+        let t = tok();
+        let ids = t.encode("END is END", false).unwrap();
+        let opts = DetokenizerOptions {
+            stop: vec!["END".into()],
+            min_tokens: 5,
+            ..Default::default()
+        };
+        let mut d = IncrementalDetokenizer::new(t, &[], opts);
+        let (deltas, stop) = stream(&mut d, &ids);
+        assert_eq!(stop.as_deref(), Some("END"));
+        assert_eq!(deltas.concat(), "END is ");
     }
 
     #[test]

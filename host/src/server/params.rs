@@ -2,8 +2,8 @@
 //!
 //! [`RequestOptions::from_fields`] checks every OpenAI/vLLM sampling field against its range and
 //! turns the request into the engine's [`SamplingParams`] and the detokenizer's
-//! [`DetokenizerOptions`]; what this server does not implement (`n > 1`, penalties, logprobs)
-//! is refused with a 400 naming the field rather than silently ignored. [`resolve_max_tokens`]
+//! [`DetokenizerOptions`]; what this server does not implement (`n > 1`, logprobs) is refused
+//! with a 400 naming the field rather than silently ignored. [`resolve_max_tokens`]
 //! applies the context-length rule once the prompt is tokenized: the prompt plus `max_tokens`
 //! must fit in `max_model_len` (as vLLM checks), and an absent `max_tokens` takes the endpoint's
 //! default, capped at what is left of the context.
@@ -48,35 +48,40 @@ impl RequestOptions {
                 format!("best_of must be 1, got {best_of}"),
             ));
         }
-        for (name, value) in [
+        let mut penalties = [0.0f32; 2];
+        for ((name, value), out) in [
             ("presence_penalty", fields.presence_penalty),
             ("frequency_penalty", fields.frequency_penalty),
-        ] {
-            if let Some(v) = value
-                && v != 0.0
-            {
-                return Err(ApiError::unsupported(
+        ]
+        .into_iter()
+        .zip(&mut penalties)
+        {
+            let v = value.unwrap_or(0.0);
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(ApiError::invalid_param(
                     name,
-                    format!("{name} is not supported (only 0), got {v}"),
+                    format!("{name} must be between -2 and 2, got {v}"),
                 ));
             }
+            *out = v as f32;
         }
-        if let Some(v) = fields.repetition_penalty
-            && v != 1.0
-        {
-            return Err(ApiError::unsupported(
+        let [presence_penalty, frequency_penalty] = penalties;
+        let repetition_penalty = fields.repetition_penalty.unwrap_or(1.0);
+        if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
+            return Err(ApiError::invalid_param(
                 "repetition_penalty",
-                format!("repetition_penalty is not supported (only 1), got {v}"),
+                format!("repetition_penalty must be greater than 0, got {repetition_penalty}"),
             ));
         }
-        if let Some(v) = fields.min_tokens
-            && v != 0
-        {
-            return Err(ApiError::unsupported(
-                "min_tokens",
-                format!("min_tokens is not supported (only 0), got {v}"),
-            ));
-        }
+        let min_tokens = match fields.min_tokens {
+            None => 0,
+            Some(v) => usize::try_from(v).map_err(|_| {
+                ApiError::invalid_param(
+                    "min_tokens",
+                    format!("min_tokens must be at least 0, got {v}"),
+                )
+            })?,
+        };
         let temperature = fields.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
             return Err(ApiError::invalid_param(
@@ -142,11 +147,16 @@ impl RequestOptions {
                 stop_token_ids,
                 ignore_eos: fields.ignore_eos.unwrap_or(false),
                 eos_token_ids: Vec::new(),
+                min_tokens,
+                presence_penalty,
+                frequency_penalty,
+                repetition_penalty: repetition_penalty as f32,
             },
             detokenizer: DetokenizerOptions {
                 skip_special_tokens: fields.skip_special_tokens.unwrap_or(true),
                 stop: parse_stop(fields.stop.as_ref())?,
                 include_stop_str_in_output: fields.include_stop_str_in_output.unwrap_or(false),
+                min_tokens,
             },
             stream,
             include_usage,
@@ -283,9 +293,18 @@ mod tests {
                 "stop_token_ids",
             ),
             (
-                serde_json::json!({"presence_penalty": 0.5}),
+                serde_json::json!({"presence_penalty": 2.5}),
                 "presence_penalty",
             ),
+            (
+                serde_json::json!({"frequency_penalty": -2.01}),
+                "frequency_penalty",
+            ),
+            (
+                serde_json::json!({"repetition_penalty": 0}),
+                "repetition_penalty",
+            ),
+            (serde_json::json!({"min_tokens": -1}), "min_tokens"),
             (
                 serde_json::json!({"stream_options": {"include_usage": true}}),
                 "stream_options",
