@@ -118,7 +118,9 @@ def test_out_of_range_parameters(short, path, field, value, param):
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": {"text": "x"}}, "prompt"),
     ({"prompt": "x", "echo": True}, "echo"),
-    ({"prompt": "x", "logprobs": 2}, "logprobs"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "logprobs": -1}, "logprobs"),
+    ({"prompt": "x", "logprobs": "5"}, "logprobs"),
 ])
 def test_bad_completion_prompts(short, body, param):
     assert_openai_error(short.post("/v1/completions", body), 400, param=param)
@@ -132,7 +134,8 @@ def test_bad_completion_prompts(short, body, param):
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content[0]"),
-    ({"messages": CHAT, "logprobs": True}, "logprobs"),
+    ({"messages": CHAT, "top_logprobs": 3}, "top_logprobs"),
+    ({"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
 ])
 def test_bad_chat_requests(short, body, param):

@@ -292,6 +292,7 @@ impl EngineLoop {
                         num_cached_tokens: 0,
                         num_output_tokens: 0,
                         num_preemptions: 0,
+                        logprobs: Vec::new(),
                     });
                 }
             },

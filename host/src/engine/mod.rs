@@ -35,6 +35,7 @@ pub use kv_cache_manager::KvCacheManager;
 pub use model_runner::{BatchEntry, Logits, ModelBatch, ModelRunner, ModelRunnerError};
 pub use observer::{NoopStepObserver, RequestView, StepObserver, StepView};
 pub use request::{
-    FinishReason, RequestId, RequestOutput, RequestPhase, RequestStatus, SamplingParams,
+    FinishReason, MAX_LOGPROBS, RequestId, RequestOutput, RequestPhase, RequestStatus,
+    SamplingParams, TokenLogprobs,
 };
 pub use scheduler::{BatchSummary, Scheduler, SchedulerOutput};

@@ -43,6 +43,25 @@ pub struct SamplingParams {
     /// Divides positive and multiplies negative logits of every token in the prompt or the
     /// output (vLLM and Hugging Face; 1 is off, > 1 discourages repetition).
     pub repetition_penalty: f32,
+    /// Report each generated token's log-probability and this many top alternatives (at most
+    /// [`MAX_LOGPROBS`]), from the model's raw logits; `None`: no log-probabilities.
+    pub logprobs: Option<usize>,
+}
+
+/// The most top alternatives a request may ask log-probabilities for (vLLM's default limit).
+pub const MAX_LOGPROBS: usize = 20;
+
+/// The log-probabilities of one generated token, from the raw logits (before temperature,
+/// penalties and truncation, as vLLM's default `raw_logprobs`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The generated token and its log-probability.
+    pub token_id: u32,
+    pub logprob: f32,
+    /// 1 + the number of tokens with a higher logit.
+    pub rank: usize,
+    /// The most likely tokens, most likely first (ties by token id), as many as asked for.
+    pub top: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -60,6 +79,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             repetition_penalty: 1.0,
+            logprobs: None,
         }
     }
 }
@@ -116,6 +136,14 @@ impl SamplingParams {
             return Err(InvalidSamplingParams {
                 name: "repetition_penalty",
                 reason: format!("must be finite and > 0, got {}", self.repetition_penalty),
+            });
+        }
+        if let Some(n) = self.logprobs
+            && n > MAX_LOGPROBS
+        {
+            return Err(InvalidSamplingParams {
+                name: "logprobs",
+                reason: format!("at most {MAX_LOGPROBS} top log-probabilities, got {n}"),
             });
         }
         if self.min_tokens > self.max_tokens {
@@ -287,6 +315,8 @@ pub struct Request {
     /// Chained hashes of the full blocks of `token_ids`, computed lazily by the KV cache manager.
     pub(super) block_hashes: Vec<BlockHash>,
     pub(super) rng: RequestRng,
+    /// The log-probabilities of the token sampled this step, until the step's output takes them.
+    pub(super) sampled_logprobs: Option<TokenLogprobs>,
 }
 
 impl Request {
@@ -312,6 +342,7 @@ impl Request {
             num_scheduled_tokens: 0,
             block_hashes: Vec::new(),
             rng,
+            sampled_logprobs: None,
         }
     }
 
@@ -452,6 +483,8 @@ pub struct RequestOutput {
     /// Output tokens so far, these included.
     pub num_output_tokens: usize,
     pub num_preemptions: u32,
+    /// One entry per new token when the request asked for log-probabilities, else empty.
+    pub logprobs: Vec<TokenLogprobs>,
 }
 
 impl RequestOutput {
@@ -464,6 +497,7 @@ impl RequestOutput {
             num_cached_tokens: request.num_cached_tokens(),
             num_output_tokens: request.num_output_tokens(),
             num_preemptions: request.num_preemptions,
+            logprobs: Vec::new(),
         }
     }
 

@@ -15,7 +15,7 @@
 
 use std::cmp::Ordering;
 
-use super::request::{RequestRng, SamplingParams};
+use super::request::{RequestRng, SamplingParams, TokenLogprobs};
 
 /// How many top candidates top-p sorts first; it doubles until their mass reaches `top_p`, so the
 /// usual peaked distribution costs a partial selection instead of a full-vocabulary sort.
@@ -196,6 +196,68 @@ fn sample_row(
         }
     }
     kept.last().map_or_else(|| argmax(logits), |c| c.token)
+}
+
+/// The log-probabilities (log-softmax of the raw `logits`, in f64) of `token` and of the `top`
+/// most likely tokens (ties by token id). NaN logits count as impossible (−inf).
+pub fn token_logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let finite_or_neg_inf = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
+    let max = logits
+        .iter()
+        .map(|&x| finite_or_neg_inf(x))
+        .fold(f32::NEG_INFINITY, f32::max);
+    let log_sum_exp = if max.is_infinite() {
+        f64::from(max)
+    } else {
+        let sum: f64 = logits
+            .iter()
+            .map(|&x| (f64::from(finite_or_neg_inf(x)) - f64::from(max)).exp())
+            .sum();
+        f64::from(max) + sum.ln()
+    };
+    let logprob = |x: f32| -> f32 {
+        let x = finite_or_neg_inf(x);
+        if x == f32::INFINITY {
+            // +inf logits share the mass; none exist but these in practice.
+            return 0.0;
+        }
+        (f64::from(x) - log_sum_exp) as f32
+    };
+    let chosen = logits
+        .get(token as usize)
+        .copied()
+        .map_or(f32::NEG_INFINITY, finite_or_neg_inf);
+    let rank = 1 + logits
+        .iter()
+        .filter(|&&x| finite_or_neg_inf(x) > chosen)
+        .count();
+    let mut top_tokens: Vec<(u32, f32)> = Vec::new();
+    if top > 0 {
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        let by_logit_desc = |a: &u32, b: &u32| {
+            let (x, y) = (
+                finite_or_neg_inf(logits[*a as usize]),
+                finite_or_neg_inf(logits[*b as usize]),
+            );
+            y.total_cmp(&x).then(a.cmp(b))
+        };
+        let k = top.min(order.len());
+        if k < order.len() {
+            order.select_nth_unstable_by(k - 1, by_logit_desc);
+            order.truncate(k);
+        }
+        order.sort_unstable_by(by_logit_desc);
+        top_tokens = order
+            .into_iter()
+            .map(|t| (t, logprob(logits[t as usize])))
+            .collect();
+    }
+    TokenLogprobs {
+        token_id: token,
+        logprob: logprob(chosen),
+        rank,
+        top: top_tokens,
+    }
 }
 
 /// Sorts the top candidates by weight (descending) and returns how many of them are needed to
@@ -506,5 +568,30 @@ mod tests {
             let err = p.validate().unwrap_err();
             assert!(err.to_string().contains(name), "{err}");
         }
+    }
+
+    #[test]
+    fn logprobs_are_the_raw_log_softmax() {
+        let logits = [1.0f32, 3.0, f32::NAN, 3.0, -2.0];
+        let lse = (1f64.exp() + 2.0 * 3f64.exp() + (-2f64).exp()).ln();
+        let lp = token_logprobs(&logits, 0, 3);
+        assert!((f64::from(lp.logprob) - (1.0 - lse)).abs() < 1e-6, "{lp:?}");
+        assert_eq!(lp.rank, 3);
+        // Ties by token id; the NaN is never a top token.
+        let ids: Vec<u32> = lp.top.iter().map(|&(t, _)| t).collect();
+        assert_eq!(ids, vec![1, 3, 0]);
+        assert!((f64::from(lp.top[0].1) - (3.0 - lse)).abs() < 1e-6);
+        let total: f64 = logits
+            .iter()
+            .enumerate()
+            .map(|(t, _)| f64::from(token_logprobs(&logits, t as u32, 0).logprob).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-6, "{total}");
+        // More alternatives asked for than the vocabulary holds: all of them, in order.
+        let all = token_logprobs(&logits, 4, 20);
+        assert_eq!(all.top.len(), 5);
+        assert_eq!(all.rank, 4);
+        assert_eq!(all.top[4].1, f32::NEG_INFINITY);
+        assert!(token_logprobs(&logits, 1, 0).top.is_empty());
     }
 }

@@ -423,7 +423,9 @@ impl Scheduler {
                 request.finish(reason);
                 any_finished = true;
             }
-            outputs.push(RequestOutput::from_request(request, vec![token]));
+            let mut output = RequestOutput::from_request(request, vec![token]);
+            output.logprobs.extend(request.sampled_logprobs.take());
+            outputs.push(output);
         }
         if any_finished {
             for request in self.running.extract_if(.., |r| r.is_finished()) {

@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use crate::engine::FinishReason;
+use crate::engine::{FinishReason, TokenLogprobs};
 use crate::textgen::{TextDelta, TextStream};
 
 use super::errors::ApiError;
@@ -32,6 +32,8 @@ pub struct Generation {
 pub struct Finished {
     pub text: String,
     pub token_ids: Vec<u32>,
+    /// Per token, when the request asked for log-probabilities.
+    pub logprobs: Vec<TokenLogprobs>,
     pub finish_reason: FinishReason,
     pub usage: Usage,
 }
@@ -88,9 +90,11 @@ impl Generation {
     /// (or an output stream that ended without a finish reason) a 503.
     pub async fn collect(mut self) -> Result<Finished, ApiError> {
         let mut token_ids = Vec::new();
+        let mut logprobs = Vec::new();
         let mut finish_reason = FinishReason::Abort;
         while let Some(delta) = self.next().await {
             token_ids.extend_from_slice(&delta.token_ids);
+            logprobs.extend(delta.logprobs);
             if let Some(reason) = delta.finish_reason {
                 finish_reason = reason;
             }
@@ -103,6 +107,7 @@ impl Generation {
         Ok(Finished {
             text: self.stream.text().to_string(),
             token_ids,
+            logprobs,
             finish_reason,
             usage: self.usage(),
         })

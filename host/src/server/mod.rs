@@ -13,6 +13,7 @@ pub mod admin;
 pub mod collector;
 pub mod errors;
 pub mod generation;
+pub mod logprobs;
 pub mod metrics;
 pub mod openai_types;
 pub mod params;

@@ -39,6 +39,8 @@ pub struct SamplingFields {
     pub include_stop_str_in_output: Option<bool>,
     /// vLLM extension: add `token_ids` to every choice (and `prompt_token_ids`).
     pub return_token_ids: Option<bool>,
+    /// vLLM extension: show tokens in log-probabilities as `token_id:N`.
+    pub return_tokens_as_token_ids: Option<bool>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
 }

@@ -23,6 +23,9 @@ pub struct RequestOptions {
     pub stream: bool,
     pub include_usage: bool,
     pub return_token_ids: bool,
+    /// Show tokens in log-probabilities as `token_id:N` (`sampling.logprobs` is set by the
+    /// endpoint, whose field differs).
+    pub tokens_as_ids: bool,
 }
 
 /// The largest `max_tokens` accepted before it is compared with the context (keeps the
@@ -151,6 +154,7 @@ impl RequestOptions {
                 presence_penalty,
                 frequency_penalty,
                 repetition_penalty: repetition_penalty as f32,
+                logprobs: None,
             },
             detokenizer: DetokenizerOptions {
                 skip_special_tokens: fields.skip_special_tokens.unwrap_or(true),
@@ -161,6 +165,7 @@ impl RequestOptions {
             stream,
             include_usage,
             return_token_ids: fields.return_token_ids.unwrap_or(false),
+            tokens_as_ids: fields.return_tokens_as_token_ids.unwrap_or(false),
         })
     }
 }

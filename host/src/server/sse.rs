@@ -18,10 +18,13 @@ use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use serde_json::Value;
 
-use crate::engine::FinishReason;
+use crate::engine::{FinishReason, TokenLogprobs};
+use crate::textgen::TextDelta;
 
 use super::generation::{Generation, model_failure, stopped_by_server};
+use super::logprobs::LogprobsRenderer;
 use super::openai_types::{
     ChatChunk, ChatChunkChoice, ChatDelta, CompletionChoice, CompletionResponse, Usage,
 };
@@ -42,6 +45,8 @@ pub struct ChunkWriter {
     pub model: String,
     pub include_usage: bool,
     pub return_token_ids: bool,
+    /// Set when the request asked for log-probabilities.
+    pub logprobs: Option<LogprobsRenderer>,
 }
 
 /// One SSE event carrying `value` as JSON.
@@ -71,6 +76,7 @@ impl ChunkWriter {
                 },
                 None,
                 None,
+                None,
             )],
         }
     }
@@ -80,6 +86,7 @@ impl ChunkWriter {
         delta: ChatDelta,
         finish: Option<FinishReason>,
         token_ids: Option<Vec<u32>>,
+        logprobs: Option<Value>,
     ) -> Bytes {
         event(&ChatChunk {
             id: self.id.clone(),
@@ -89,7 +96,7 @@ impl ChunkWriter {
             choices: vec![ChatChunkChoice {
                 index: 0,
                 delta,
-                logprobs: None,
+                logprobs,
                 finish_reason: finish.map(FinishReason::as_str),
                 token_ids,
             }],
@@ -97,8 +104,15 @@ impl ChunkWriter {
         })
     }
 
-    /// A chunk with new text (and the finish reason on the last one).
-    pub fn delta(&self, text: String, token_ids: Vec<u32>, finish: Option<FinishReason>) -> Bytes {
+    /// A chunk with new text (and the finish reason on the last one), with the rendered
+    /// log-probabilities of its tokens if the request asked for them.
+    pub fn delta(
+        &self,
+        text: String,
+        token_ids: Vec<u32>,
+        finish: Option<FinishReason>,
+        logprobs: Option<Value>,
+    ) -> Bytes {
         let token_ids = self.return_token_ids.then_some(token_ids);
         match self.kind {
             ChunkKind::Completion => event(&CompletionResponse {
@@ -109,7 +123,7 @@ impl ChunkWriter {
                 choices: vec![CompletionChoice {
                     index: 0,
                     text,
-                    logprobs: None,
+                    logprobs,
                     finish_reason: finish.map(FinishReason::as_str),
                     token_ids,
                     prompt_token_ids: None,
@@ -125,6 +139,7 @@ impl ChunkWriter {
                     },
                     finish,
                     token_ids,
+                    logprobs,
                 )
             }
         }
@@ -158,11 +173,21 @@ struct StreamState {
     writer: ChunkWriter,
     queue: VecDeque<Bytes>,
     pending_token_ids: Vec<u32>,
+    pending_logprobs: Vec<TokenLogprobs>,
+    /// `text_offset` of the next token (completions' log-probabilities).
+    text_offset: usize,
 }
 
 impl StreamState {
-    fn absorb(&mut self, text: String, token_ids: Vec<u32>, finish: Option<FinishReason>) {
+    fn absorb(&mut self, delta: TextDelta) {
+        let TextDelta {
+            text,
+            token_ids,
+            logprobs,
+            finish_reason: finish,
+        } = delta;
         self.pending_token_ids.extend(token_ids);
+        self.pending_logprobs.extend(logprobs);
         let error = match finish {
             Some(FinishReason::Error) => Some(model_failure()),
             Some(FinishReason::Abort) => Some(stopped_by_server(
@@ -180,7 +205,14 @@ impl StreamState {
         }
         if !text.is_empty() || finish.is_some() {
             let ids = std::mem::take(&mut self.pending_token_ids);
-            self.queue.push_back(self.writer.delta(text, ids, finish));
+            let logprobs = std::mem::take(&mut self.pending_logprobs);
+            let logprobs = self
+                .writer
+                .logprobs
+                .as_ref()
+                .map(|renderer| renderer.render(&logprobs, &mut self.text_offset));
+            self.queue
+                .push_back(self.writer.delta(text, ids, finish, logprobs));
         }
         if finish.is_some() {
             self.end();
@@ -206,6 +238,8 @@ pub fn response(generation: Generation, writer: ChunkWriter) -> Response {
         writer,
         queue,
         pending_token_ids: Vec::new(),
+        pending_logprobs: Vec::new(),
+        text_offset: 0,
     };
     let stream = futures_util::stream::unfold(state, |mut state| async move {
         loop {
@@ -214,7 +248,7 @@ pub fn response(generation: Generation, writer: ChunkWriter) -> Response {
             }
             let generation = state.generation.as_mut()?;
             match generation.next().await {
-                Some(delta) => state.absorb(delta.text, delta.token_ids, delta.finish_reason),
+                Some(delta) => state.absorb(delta),
                 None => state.end(),
             }
         }
@@ -248,6 +282,7 @@ mod tests {
             model: "m".into(),
             include_usage,
             return_token_ids: true,
+            logprobs: None,
         }
     }
 
@@ -265,12 +300,12 @@ mod tests {
     fn completion_chunks() {
         let w = writer(ChunkKind::Completion, true);
         assert!(w.opening().is_empty());
-        let chunk = parse(&w.delta("hi".into(), vec![5], None));
+        let chunk = parse(&w.delta("hi".into(), vec![5], None, None));
         assert_eq!(chunk["object"], "text_completion");
         assert_eq!(chunk["choices"][0]["text"], "hi");
         assert_eq!(chunk["choices"][0]["token_ids"], serde_json::json!([5]));
         assert!(chunk["usage"].is_null() && chunk.get("usage").is_some());
-        let last = parse(&w.delta(String::new(), vec![], Some(FinishReason::Length)));
+        let last = parse(&w.delta(String::new(), vec![], Some(FinishReason::Length), None));
         assert_eq!(last["choices"][0]["finish_reason"], "length");
         let usage = parse(&w.usage(Usage::new(2, 3, 0)));
         assert_eq!(usage["choices"], serde_json::json!([]));
@@ -287,10 +322,10 @@ mod tests {
         assert_eq!(first["object"], "chat.completion.chunk");
         assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
         assert!(first.get("usage").is_none());
-        let chunk = parse(&w.delta("Paris".into(), vec![1], None));
+        let chunk = parse(&w.delta("Paris".into(), vec![1], None, None));
         assert_eq!(chunk["choices"][0]["delta"]["content"], "Paris");
         assert!(chunk["choices"][0]["delta"].get("role").is_none());
-        let last = parse(&w.delta(String::new(), vec![], Some(FinishReason::Stop)));
+        let last = parse(&w.delta(String::new(), vec![], Some(FinishReason::Stop), None));
         assert_eq!(last["choices"][0]["delta"], serde_json::json!({}));
         assert_eq!(last["choices"][0]["finish_reason"], "stop");
     }

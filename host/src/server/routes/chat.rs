@@ -1,7 +1,8 @@
 //! `POST /v1/chat/completions`: messages rendered with the model's chat template, answered as
 //! one `chat.completion` or as `chat.completion.chunk` SSE events. `max_completion_tokens`
-//! (or the older `max_tokens`) defaults to what the context leaves, as in vLLM; `logprobs`,
-//! `tools` and non-text `response_format` are refused with a 400.
+//! (or the older `max_tokens`) defaults to what the context leaves, as in vLLM. `logprobs: true`
+//! with `top_logprobs: N` (0–20) adds `logprobs.content`; `tools` and non-text `response_format`
+//! are refused with a 400.
 
 use std::time::Instant;
 
@@ -10,8 +11,11 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
+use crate::engine::MAX_LOGPROBS;
+
 use super::super::errors::{ApiError, ApiJson, from_value};
 use super::super::generation::Generation;
+use super::super::logprobs::{LogprobsRenderer, LogprobsShape};
 use super::super::openai_types::{
     ChatChoice, ChatFields, ChatMessageOut, ChatResponse, SamplingFields,
 };
@@ -30,19 +34,31 @@ pub async fn create(
     respond(&state, result)
 }
 
-fn refuse_unsupported(fields: &ChatFields) -> Result<(), ApiError> {
-    if fields.logprobs == Some(true) {
-        return Err(ApiError::unsupported(
-            "logprobs",
-            "logprobs are not supported",
-        ));
-    }
-    if fields.top_logprobs.is_some_and(|n| n != 0) {
-        return Err(ApiError::unsupported(
+/// `logprobs` and `top_logprobs`: how many top alternatives to report, if any.
+fn requested_logprobs(fields: &ChatFields) -> Result<Option<usize>, ApiError> {
+    let top = match fields.top_logprobs {
+        None => None,
+        Some(n) => match usize::try_from(n) {
+            Ok(n) if n <= MAX_LOGPROBS => Some(n),
+            _ => {
+                return Err(ApiError::invalid_param(
+                    "top_logprobs",
+                    format!("top_logprobs must be from 0 to {MAX_LOGPROBS}, got {n}"),
+                ));
+            }
+        },
+    };
+    match (fields.logprobs.unwrap_or(false), top) {
+        (true, top) => Ok(Some(top.unwrap_or(0))),
+        (false, Some(n)) if n > 0 => Err(ApiError::invalid_param(
             "top_logprobs",
-            "logprobs are not supported",
-        ));
+            "top_logprobs needs logprobs: true",
+        )),
+        (false, _) => Ok(None),
     }
+}
+
+fn refuse_unsupported(fields: &ChatFields) -> Result<(), ApiError> {
     if fields
         .tools
         .as_ref()
@@ -72,7 +88,16 @@ async fn handle(
     let fields: ChatFields = from_value(&body)?;
     let model = state.resolve_model(common.model.as_deref())?;
     refuse_unsupported(&fields)?;
+    let logprobs = requested_logprobs(&fields)?;
     let mut options = RequestOptions::from_fields(&common, state.engine.vocab_size())?;
+    options.sampling.logprobs = logprobs;
+    let renderer = logprobs.map(|_| {
+        LogprobsRenderer::new(
+            state.model.clone(),
+            LogprobsShape::Chat,
+            options.tokens_as_ids,
+        )
+    });
     let messages = normalize_messages(fields.messages.as_ref())?;
     let prompt_ids = encode_chat(
         &state.model,
@@ -103,6 +128,7 @@ async fn handle(
             model,
             include_usage: options.include_usage,
             return_token_ids: options.return_token_ids,
+            logprobs: renderer,
         };
         return Ok(sse::response(generation, writer));
     }
@@ -119,7 +145,7 @@ async fn handle(
                 role: "assistant",
                 content: done.text,
             },
-            logprobs: None,
+            logprobs: renderer.map(|r| r.render(&done.logprobs, &mut 0)),
             finish_reason: Some(done.finish_reason.as_str()),
             token_ids: options.return_token_ids.then_some(done.token_ids),
             prompt_token_ids,

@@ -1,6 +1,7 @@
 //! `POST /v1/completions`: a prompt (text or token ids) continued by the model, as one JSON
 //! answer or as SSE chunks. `max_tokens` defaults to 16 (OpenAI's default), capped at what the
-//! context leaves; `echo`, `logprobs` and `suffix` are refused with a 400.
+//! context leaves. `logprobs: N` (0–20) adds the legacy log-probabilities object (the chosen
+//! token's and the N most likely); `echo` and `suffix` are refused with a 400.
 
 use std::time::Instant;
 
@@ -9,8 +10,11 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
+use crate::engine::MAX_LOGPROBS;
+
 use super::super::errors::{ApiError, ApiJson, from_value};
 use super::super::generation::Generation;
+use super::super::logprobs::{LogprobsRenderer, LogprobsShape};
 use super::super::openai_types::{
     CompletionChoice, CompletionFields, CompletionResponse, SamplingFields,
 };
@@ -44,12 +48,18 @@ async fn handle(
     if fields.echo == Some(true) {
         return Err(ApiError::unsupported("echo", "echo is not supported"));
     }
-    if fields.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::unsupported(
-            "logprobs",
-            "logprobs are not supported",
-        ));
-    }
+    let logprobs = match &fields.logprobs {
+        None | Some(Value::Null) => None,
+        Some(value) => match value.as_u64() {
+            Some(n) if n as usize <= MAX_LOGPROBS => Some(n as usize),
+            _ => {
+                return Err(ApiError::invalid_param(
+                    "logprobs",
+                    format!("logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {value}"),
+                ));
+            }
+        },
+    };
     if fields
         .suffix
         .as_ref()
@@ -58,6 +68,14 @@ async fn handle(
         return Err(ApiError::unsupported("suffix", "suffix is not supported"));
     }
     let mut options = RequestOptions::from_fields(&common, state.engine.vocab_size())?;
+    options.sampling.logprobs = logprobs;
+    let renderer = logprobs.map(|_| {
+        LogprobsRenderer::new(
+            state.model.clone(),
+            LogprobsShape::Completion,
+            options.tokens_as_ids,
+        )
+    });
     let prompt_ids = encode_prompt(&state.model, parse_prompt(fields.prompt.as_ref())?)?;
     options.sampling.max_tokens = resolve_max_tokens(
         common.max_tokens,
@@ -78,6 +96,7 @@ async fn handle(
             model,
             include_usage: options.include_usage,
             return_token_ids: options.return_token_ids,
+            logprobs: renderer,
         };
         return Ok(sse::response(generation, writer));
     }
@@ -91,7 +110,7 @@ async fn handle(
         choices: vec![CompletionChoice {
             index: 0,
             text: done.text,
-            logprobs: None,
+            logprobs: renderer.map(|r| r.render(&done.logprobs, &mut 0)),
             finish_reason: Some(done.finish_reason.as_str()),
             token_ids: options.return_token_ids.then_some(done.token_ids),
             prompt_token_ids,

@@ -1,0 +1,199 @@
+//! Log-probabilities in the two OpenAI shapes.
+//!
+//! The engine gives one [`TokenLogprobs`] per generated token (raw log-softmax, the token's rank
+//! and the top alternatives). [`LogprobsRenderer`] turns a run of them into `/v1/completions`'
+//! legacy object (`tokens`, `token_logprobs`, `top_logprobs` as `{token: logprob}` maps that also
+//! hold the chosen token, and `text_offset`, character offsets that continue across stream
+//! chunks) or chat's `{"content": [{token, logprob, bytes, top_logprobs: [...]}]}`. A token is
+//! shown as its own decoded text (special tokens included), or, with the vLLM extension
+//! `return_tokens_as_token_ids`, as `token_id:N`, which stays exact when several tokens decode to
+//! the same text (partial UTF-8 bytes do). A `-inf` log-probability is written as -9999.0 (JSON
+//! has no infinity), as vLLM does.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use crate::engine::TokenLogprobs;
+use crate::model::ModelInfo;
+
+/// What JSON gets for a log-probability of -inf.
+const NEG_INF_LOGPROB: f64 = -9999.0;
+
+/// Which endpoint's shape to render.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogprobsShape {
+    Completion,
+    Chat,
+}
+
+/// Renders log-probabilities for one response.
+#[derive(Clone)]
+pub struct LogprobsRenderer {
+    model: Arc<ModelInfo>,
+    shape: LogprobsShape,
+    tokens_as_ids: bool,
+}
+
+impl std::fmt::Debug for LogprobsRenderer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogprobsRenderer")
+            .field("shape", &self.shape)
+            .field("tokens_as_ids", &self.tokens_as_ids)
+            .finish()
+    }
+}
+
+fn number(logprob: f32) -> f64 {
+    if logprob.is_finite() {
+        f64::from(logprob)
+    } else {
+        NEG_INF_LOGPROB
+    }
+}
+
+impl LogprobsRenderer {
+    pub fn new(model: Arc<ModelInfo>, shape: LogprobsShape, tokens_as_ids: bool) -> Self {
+        Self {
+            model,
+            shape,
+            tokens_as_ids,
+        }
+    }
+
+    /// How a token is shown.
+    pub fn token_text(&self, token: u32) -> String {
+        if self.tokens_as_ids {
+            return format!("token_id:{token}");
+        }
+        self.model
+            .tokenizer
+            .decode(&[token], false)
+            .unwrap_or_default()
+    }
+
+    /// The `logprobs` value of a choice (or chunk) holding `entries`; `text_offset` (completions)
+    /// is where the first token's text starts and is advanced past the last one.
+    pub fn render(&self, entries: &[TokenLogprobs], text_offset: &mut usize) -> Value {
+        match self.shape {
+            LogprobsShape::Completion => self.completion(entries, text_offset),
+            LogprobsShape::Chat => self.chat(entries),
+        }
+    }
+
+    fn completion(&self, entries: &[TokenLogprobs], text_offset: &mut usize) -> Value {
+        let mut tokens = Vec::with_capacity(entries.len());
+        let mut token_logprobs = Vec::with_capacity(entries.len());
+        let mut top_logprobs = Vec::with_capacity(entries.len());
+        let mut offsets = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let text = self.token_text(entry.token_id);
+            offsets.push(*text_offset);
+            *text_offset += text.chars().count();
+            let mut top: BTreeMap<String, f64> = entry
+                .top
+                .iter()
+                .map(|&(token, logprob)| (self.token_text(token), number(logprob)))
+                .collect();
+            top.entry(text.clone()).or_insert(number(entry.logprob));
+            tokens.push(text);
+            token_logprobs.push(number(entry.logprob));
+            top_logprobs.push(top);
+        }
+        json!({
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs,
+            "text_offset": offsets,
+        })
+    }
+
+    fn chat_entry(&self, token: u32, logprob: f32) -> serde_json::Map<String, Value> {
+        let text = self.token_text(token);
+        let bytes: Vec<u8> = text.as_bytes().to_vec();
+        let mut entry = serde_json::Map::new();
+        entry.insert("token".into(), Value::String(text));
+        entry.insert("logprob".into(), json!(number(logprob)));
+        entry.insert("bytes".into(), json!(bytes));
+        entry
+    }
+
+    fn chat(&self, entries: &[TokenLogprobs]) -> Value {
+        let content: Vec<Value> = entries
+            .iter()
+            .map(|entry| {
+                let mut item = self.chat_entry(entry.token_id, entry.logprob);
+                let top: Vec<Value> = entry
+                    .top
+                    .iter()
+                    .map(|&(token, logprob)| Value::Object(self.chat_entry(token, logprob)))
+                    .collect();
+                item.insert("top_logprobs".into(), Value::Array(top));
+                Value::Object(item)
+            })
+            .collect();
+        json!({ "content": content })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{BUILTIN_TINY, load_model_files};
+
+    fn renderer(shape: LogprobsShape, as_ids: bool) -> LogprobsRenderer {
+        let model = load_model_files(BUILTIN_TINY).expect("builtin:tiny");
+        LogprobsRenderer::new(Arc::new(model.info), shape, as_ids)
+    }
+
+    fn entries() -> Vec<TokenLogprobs> {
+        vec![
+            TokenLogprobs {
+                token_id: 72,
+                logprob: -0.5,
+                rank: 2,
+                top: vec![(105, -0.25), (72, -0.5)],
+            },
+            TokenLogprobs {
+                token_id: 105,
+                logprob: f32::NEG_INFINITY,
+                rank: 9,
+                top: vec![(33, -0.125)],
+            },
+        ]
+    }
+
+    #[test]
+    fn completion_shape_with_offsets_and_the_chosen_token() {
+        let r = renderer(LogprobsShape::Completion, true);
+        let mut offset = 3;
+        let v = r.render(&entries(), &mut offset);
+        assert_eq!(v["tokens"], json!(["token_id:72", "token_id:105"]));
+        assert_eq!(v["token_logprobs"], json!([-0.5, -9999.0]));
+        assert_eq!(v["text_offset"], json!([3, 14]));
+        assert_eq!(offset, 3 + 11 + 12);
+        // The chosen token joins the top map when it is not among the top ones.
+        assert_eq!(
+            v["top_logprobs"][1],
+            json!({"token_id:33": -0.125, "token_id:105": -9999.0})
+        );
+        assert_eq!(
+            v["top_logprobs"][0],
+            json!({"token_id:105": -0.25, "token_id:72": -0.5})
+        );
+    }
+
+    #[test]
+    fn chat_shape_lists_top_alternatives_with_bytes() {
+        let r = renderer(LogprobsShape::Chat, false);
+        let v = r.render(&entries(), &mut 0);
+        let first = &v["content"][0];
+        let text = r.token_text(72);
+        assert_eq!(first["token"], json!(text));
+        assert_eq!(first["bytes"], json!(text.as_bytes()));
+        assert_eq!(first["logprob"], json!(-0.5));
+        assert_eq!(first["top_logprobs"].as_array().map(Vec::len), Some(2));
+        assert_eq!(v["content"][1]["logprob"], json!(-9999.0));
+    }
+}
