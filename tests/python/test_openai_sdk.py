@@ -215,3 +215,22 @@ def test_penalties_change_greedy_output_and_min_tokens_holds_back_stops(tiny):
     held, reason = token_ids(extra_body={"ignore_eos": False, "stop_token_ids": [first], "min_tokens": 3})
     assert first not in held[:3] and len(held) >= 3, held
     assert reason == "stop" and held[-1] == first or reason == "length", (held, reason)
+
+
+def test_cache_salt_separates_prefix_caches(tiny):
+    client = tiny.client()
+    prompt = "a prompt only this test sends, long enough to fill a few KV blocks of sixteen tokens"
+
+    def cached(salt):
+        extra = {"ignore_eos": True} if salt is None else {"ignore_eos": True, "cache_salt": salt}
+        c = client.completions.create(model="tiny", prompt=prompt, max_tokens=1, extra_body=extra)
+        return c.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("tenant-a") == 0
+    assert cached("tenant-b") == 0
+    assert cached(None) == 0
+    assert cached("tenant-a") > 0
+    assert cached(None) > 0
+    with pytest.raises(Exception) as raised:
+        cached("")
+    assert getattr(raised.value, "status_code", None) == 400

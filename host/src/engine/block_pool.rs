@@ -27,15 +27,30 @@ pub struct BlockHash(pub u128);
 impl BlockHash {
     /// Hash of the first block has `parent == None`.
     pub fn of_block(parent: Option<BlockHash>, token_ids: &[u32]) -> BlockHash {
+        Self::of_salted_block(parent, None, token_ids)
+    }
+
+    /// Like [`of_block`](Self::of_block); a first block (`parent == None`) also hashes `salt`
+    /// (a request's `cache_salt`), so only requests with the same salt share cached blocks.
+    pub fn of_salted_block(
+        parent: Option<BlockHash>,
+        salt: Option<&str>,
+        token_ids: &[u32],
+    ) -> BlockHash {
         use sha2::{Digest, Sha256};
-        // A distinct first field for the root, so no parent hash can play its part.
+        // A distinct first field for each kind of root, so no parent hash can play its part.
         let mut hasher = Sha256::new();
-        match parent {
-            Some(BlockHash(p)) => {
+        match (parent, salt) {
+            (Some(BlockHash(p)), _) => {
                 hasher.update([1u8]);
                 hasher.update(p.to_le_bytes());
             }
-            None => hasher.update([0u8]),
+            (None, None) => hasher.update([0u8]),
+            (None, Some(salt)) => {
+                hasher.update([2u8]);
+                hasher.update((salt.len() as u64).to_le_bytes());
+                hasher.update(salt.as_bytes());
+            }
         }
         hasher.update((token_ids.len() as u64).to_le_bytes());
         for token in token_ids {
@@ -392,6 +407,21 @@ mod tests {
         // SHA-256 of 0x00, the length (u64 LE) and the tokens (u32 LE), first 16 bytes as a LE
         // u128 (Python: hashlib.sha256(...).digest()[:16]).
         assert_eq!(a, BlockHash(0x3a53a1cbe125025611d4eb4dcf449488));
+        // A salt changes the first block only; equal salts agree.
+        let salted = BlockHash::of_salted_block(None, Some("tenant-a"), &[1, 2, 3, 4]);
+        assert_ne!(salted, a);
+        assert_ne!(
+            salted,
+            BlockHash::of_salted_block(None, Some("tenant-b"), &[1, 2, 3, 4])
+        );
+        assert_eq!(
+            salted,
+            BlockHash::of_salted_block(None, Some("tenant-a"), &[1, 2, 3, 4])
+        );
+        assert_eq!(
+            BlockHash::of_salted_block(Some(a), Some("tenant-a"), &[5, 6, 7, 8]),
+            b
+        );
     }
 
     #[test]

@@ -398,6 +398,40 @@ proptest! {
 }
 
 #[test]
+fn cache_salts_separate_prefix_caches() {
+    let config = EngineConfig {
+        block_size: 4,
+        num_kv_blocks: 64,
+        ..EngineConfig::default()
+    };
+    let mut h = Harness::new(config);
+    let prompt_ids = prompt(3, 13); // 3 full blocks.
+    let salted = |salt: Option<&str>| SamplingParams {
+        cache_salt: salt.map(str::to_string),
+        ..greedy(2)
+    };
+    let runs = [
+        (1, Some("tenant-a"), 0),
+        (2, Some("tenant-b"), 0), // another salt: no hit
+        (3, None, 0),             // unsalted: no hit either
+        (4, Some("tenant-a"), 12),
+        (5, None, 12),
+    ];
+    for (id, salt, cached) in runs {
+        h.add(id, prompt_ids.clone(), salted(salt)).unwrap();
+        h.run_to_completion(100);
+        assert_eq!(h.final_output(id).num_cached_tokens, cached, "request {id}");
+        // The salt changes what is cached, never what is computed.
+        assert_eq!(h.tokens(id), h.expected(&prompt_ids, &greedy(2)).as_slice());
+    }
+    let empty = SamplingParams {
+        cache_salt: Some(String::new()),
+        ..greedy(2)
+    };
+    assert!(h.add(6, prompt_ids, empty).is_err());
+}
+
+#[test]
 fn shared_prefix_of_k_full_blocks_is_served_from_the_cache() {
     let config = EngineConfig {
         block_size: 4,

@@ -46,7 +46,14 @@ pub struct SamplingParams {
     /// Report each generated token's log-probability and this many top alternatives (at most
     /// [`MAX_LOGPROBS`]), from the model's raw logits; `None`: no log-probabilities.
     pub logprobs: Option<usize>,
+    /// Prefix-cache namespace: requests share cached blocks only with requests of the same salt
+    /// (vLLM's `cache_salt`), so one tenant cannot probe another's prompts by timing. `None`:
+    /// the shared namespace.
+    pub cache_salt: Option<String>,
 }
+
+/// The longest `cache_salt` accepted, in bytes.
+pub const MAX_CACHE_SALT_LEN: usize = 1024;
 
 /// The most top alternatives a request may ask log-probabilities for (vLLM's default limit).
 pub const MAX_LOGPROBS: usize = 20;
@@ -80,6 +87,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             repetition_penalty: 1.0,
             logprobs: None,
+            cache_salt: None,
         }
     }
 }
@@ -144,6 +152,17 @@ impl SamplingParams {
             return Err(InvalidSamplingParams {
                 name: "logprobs",
                 reason: format!("at most {MAX_LOGPROBS} top log-probabilities, got {n}"),
+            });
+        }
+        if let Some(salt) = &self.cache_salt
+            && (salt.is_empty() || salt.len() > MAX_CACHE_SALT_LEN)
+        {
+            return Err(InvalidSamplingParams {
+                name: "cache_salt",
+                reason: format!(
+                    "must be a non-empty string of at most {MAX_CACHE_SALT_LEN} bytes, got {} bytes",
+                    salt.len()
+                ),
             });
         }
         if self.min_tokens > self.max_tokens {
@@ -443,7 +462,9 @@ impl Request {
             let index = self.block_hashes.len();
             let parent = self.block_hashes.last().copied();
             let tokens = &self.token_ids[index * block_size..(index + 1) * block_size];
-            self.block_hashes.push(BlockHash::of_block(parent, tokens));
+            let salt = self.params.cache_salt.as_deref();
+            self.block_hashes
+                .push(BlockHash::of_salted_block(parent, salt, tokens));
         }
     }
 

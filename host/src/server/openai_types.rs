@@ -41,6 +41,8 @@ pub struct SamplingFields {
     pub return_token_ids: Option<bool>,
     /// vLLM extension: show tokens in log-probabilities as `token_id:N`.
     pub return_tokens_as_token_ids: Option<bool>,
+    /// vLLM extension: the request's prefix-cache namespace.
+    pub cache_salt: Option<String>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
 }

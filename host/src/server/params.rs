@@ -155,6 +155,7 @@ impl RequestOptions {
                 frequency_penalty,
                 repetition_penalty: repetition_penalty as f32,
                 logprobs: None,
+                cache_salt: fields.cache_salt.clone(),
             },
             detokenizer: DetokenizerOptions {
                 skip_special_tokens: fields.skip_special_tokens.unwrap_or(true),
