@@ -135,11 +135,16 @@ impl TextStream {
 
     fn absorb(&mut self, output: Option<RequestOutput>) -> TextDelta {
         let Some(output) = output else {
-            // The engine dropped the stream (shut down): end it as aborted.
+            // The engine dropped the stream without a last output: its thread died (a clean
+            // shutdown finishes every request first). An error, not an abort the client asked for.
+            tracing::error!(
+                request_id = self.request_id,
+                "the engine stopped without finishing this request"
+            );
             self.finished = true;
             return TextDelta {
                 text: self.detokenizer.finish(),
-                finish_reason: Some(FinishReason::Abort),
+                finish_reason: Some(FinishReason::Error),
                 ..TextDelta::default()
             };
         };

@@ -152,8 +152,14 @@ impl EngineHandle {
 
     /// Aborts every request the engine holds, running or waiting (those already sent and not
     /// yet taken in too): each open receiver gets a last output with `finish_reason ==
-    /// Some(Abort)`, and every block returns to the pool. For a drain that ran out of time.
+    /// Some(Abort)`, and every block returns to the pool. From then on new requests are refused
+    /// (`ShuttingDown`), and one that raced past that check is aborted as it arrives. For a
+    /// drain that ran out of time: what is left is `shutdown`.
     pub fn abort_all(&self) {
+        self.inner
+            .shared
+            .shutting_down
+            .store(true, Ordering::Release);
         let _ = self.inner.commands.send(Command::AbortAll);
     }
 
@@ -215,6 +221,8 @@ struct EngineLoop {
     shared: Arc<SharedState>,
     outputs: IdHashMap<RequestId, UnboundedSender<RequestOutput>>,
     draining: bool,
+    /// `abort_all` was called: requests arriving later are aborted at once.
+    aborting: bool,
     /// `core.scheduler().num_fresh_resolved_total()` already subtracted from `pending_fresh`.
     fresh_resolved_reported: u64,
 }
@@ -227,6 +235,7 @@ impl EngineLoop {
             shared,
             outputs: IdHashMap::default(),
             draining: false,
+            aborting: false,
             fresh_resolved_reported: 0,
         }
     }
@@ -279,6 +288,11 @@ impl EngineLoop {
             } => match self.core.add_request(request_id, prompt_token_ids, params) {
                 Ok(()) => {
                     self.outputs.insert(request_id, outputs);
+                    if self.aborting
+                        && let Some(output) = self.core.abort_request(request_id)
+                    {
+                        self.deliver(output);
+                    }
                 }
                 Err(error) => {
                     // The handle validated already; this is only reachable if the checks diverge.
@@ -302,6 +316,7 @@ impl EngineLoop {
                 }
             }
             Command::AbortAll => {
+                self.aborting = true;
                 // Commands are handled in order, so every request added before this is known.
                 let mut request_ids: Vec<RequestId> = self.outputs.keys().copied().collect();
                 request_ids.sort_unstable();
@@ -537,12 +552,23 @@ mod tests {
                 && stats.num_running == 0
                 && stats.num_waiting == 0
         });
-        // The engine still serves, and the waiting queue has room again.
-        let (_, mut rx) = engine.add_request(prompt(7, 5), greedy(3)).unwrap();
-        let (tokens, last) = drain(&mut rx);
-        assert_eq!(last.finish_reason, Some(FinishReason::Length));
-        assert_eq!(tokens.len(), 3);
-        engine.abort_all(); // Nothing left: a no-op.
+        // The waiting queue's count is back to zero.
+        assert_eq!(engine.inner.shared.pending_fresh.load(Ordering::Acquire), 0);
+        engine.shutdown().unwrap();
+    }
+
+    #[test]
+    fn after_abort_all_new_requests_are_refused() {
+        let engine = start(config(), Some(Duration::from_millis(1)));
+        let (_, mut rx) = engine.add_request(prompt(1, 8), greedy(10_000)).unwrap();
+        rx.blocking_recv().unwrap();
+        engine.abort_all();
+        assert_eq!(
+            engine.add_request(prompt(2, 8), greedy(3)).unwrap_err(),
+            EngineError::ShuttingDown
+        );
+        let (_, last) = drain(&mut rx);
+        assert_eq!(last.finish_reason, Some(FinishReason::Abort));
         engine.shutdown().unwrap();
     }
 

@@ -14,7 +14,7 @@ use super::config::{EngineConfig, EngineError, RequestLimits};
 use super::model_runner::{ModelRunner, ModelRunnerError};
 use super::observer::{NoopStepObserver, StepObserver, StepView};
 use super::request::{Request, RequestId, RequestOutput, RequestRng, SamplingParams, unix_time_ns};
-use super::sampler::{Sampler, TokenHistory, token_logprobs};
+use super::sampler::{Sampler, TokenHistory};
 use super::scheduler::Scheduler;
 
 /// Engine-wide numbers for `/metrics` and the CLI.
@@ -190,7 +190,7 @@ impl EngineCore {
                     };
                     let token = self.sampler.sample(logits.row(row), &request.params, history, &mut request.rng);
                     if let Some(top) = request.params.logprobs {
-                        request.sampled_logprobs = Some(token_logprobs(logits.row(row), token, top));
+                        request.sampled_logprobs = Some(self.sampler.logprobs(logits.row(row), token, top));
                     }
                     row += 1;
                     sampled.push(Some(token));

@@ -36,6 +36,8 @@ pub struct Sampler {
     processed: Vec<f32>,
     /// Per-token output counts (all zero between calls).
     counts: Vec<u32>,
+    /// Token ids, for picking the top log-probabilities.
+    order: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -198,9 +200,25 @@ fn sample_row(
     kept.last().map_or_else(|| argmax(logits), |c| c.token)
 }
 
-/// The log-probabilities (log-softmax of the raw `logits`, in f64) of `token` and of the `top`
-/// most likely tokens (ties by token id). NaN logits count as impossible (−inf).
+impl Sampler {
+    /// The log-probabilities (log-softmax of the raw `logits`, in f64) of `token` and of the
+    /// `top` most likely tokens (ties by token id). NaN logits count as impossible (−inf).
+    pub fn logprobs(&mut self, logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+        token_logprobs_with(&mut self.order, logits, token, top)
+    }
+}
+
+/// [`Sampler::logprobs`] without a sampler (allocates its scratch).
 pub fn token_logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    token_logprobs_with(&mut Vec::new(), logits, token, top)
+}
+
+fn token_logprobs_with(
+    order: &mut Vec<u32>,
+    logits: &[f32],
+    token: u32,
+    top: usize,
+) -> TokenLogprobs {
     let finite_or_neg_inf = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
     let max = logits
         .iter()
@@ -232,8 +250,9 @@ pub fn token_logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
         .filter(|&&x| finite_or_neg_inf(x) > chosen)
         .count();
     let mut top_tokens: Vec<(u32, f32)> = Vec::new();
-    if top > 0 {
-        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    if top > 0 && !logits.is_empty() {
+        order.clear();
+        order.extend(0..logits.len() as u32);
         let by_logit_desc = |a: &u32, b: &u32| {
             let (x, y) = (
                 finite_or_neg_inf(logits[*a as usize]),
@@ -248,8 +267,8 @@ pub fn token_logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
         }
         order.sort_unstable_by(by_logit_desc);
         top_tokens = order
-            .into_iter()
-            .map(|t| (t, logprob(logits[t as usize])))
+            .iter()
+            .map(|&t| (t, logprob(logits[t as usize])))
             .collect();
     }
     TokenLogprobs {

@@ -160,22 +160,25 @@ impl IncrementalDetokenizer {
         self.num_output_tokens
     }
 
-    /// Looks for a stop string in the text that `push` just extended from `old_len` bytes.
+    /// Looks for a stop string that ends in the text `push` just added after `old_len` bytes
+    /// (vLLM's rule: text before it was checked already, or held exempt by `min_tokens`).
     fn check_stop(&mut self, old_len: usize) -> Option<String> {
         if self.max_stop_len == 0 || self.text.len() == old_len {
             return None;
         }
-        let mut from = old_len.saturating_sub(self.max_stop_len - 1);
-        while !self.text.is_char_boundary(from) {
-            from -= 1;
-        }
-        let window = &self.text[from..];
+        let text = &self.text;
         let (pos, s) = self
             .opts
             .stop
             .iter()
             .filter(|s| !s.is_empty())
-            .filter_map(|s| window.find(s.as_str()).map(|i| (from + i, s)))
+            .filter_map(|s| {
+                let mut from = old_len.saturating_sub(s.len() - 1);
+                while !text.is_char_boundary(from) {
+                    from -= 1;
+                }
+                text[from..].find(s.as_str()).map(|i| (from + i, s))
+            })
             .min_by_key(|(i, _)| *i)?;
         let s = s.clone();
         let cut = if self.opts.include_stop_str_in_output {
@@ -279,6 +282,23 @@ mod tests {
         assert_eq!(d.text(), "Hello ");
         assert_eq!(d.num_output_tokens(), "Hello END".len());
         assert!(d.push(65).unwrap().delta.is_empty());
+    }
+
+    #[test]
+    fn a_stop_string_inside_the_min_tokens_text_is_never_matched() {
+        // "\n" arrives within the first 2 tokens: the longer stop string's window must not find
+        // it when the 3rd token is checked.
+        let t = tok();
+        let ids = t.encode("x\nyz", false).unwrap();
+        let opts = DetokenizerOptions {
+            stop: vec!["\n".into(), "</answer>".into()],
+            min_tokens: 2,
+            ..Default::default()
+        };
+        let mut d = IncrementalDetokenizer::new(t, &[], opts);
+        let (deltas, stop) = stream(&mut d, &ids);
+        assert_eq!(stop, None);
+        assert_eq!(deltas.concat(), "x\nyz");
     }
 
     #[test]

@@ -238,13 +238,22 @@ impl ObservabilityConfig {
                     .map(|path| (traces, path))
                     .or_else(|| env(generic).map(|path| (generic, path)))
             };
+            // The client certificate and key come as a pair from one level, so a traces-only
+            // certificate is never matched with the generic key.
+            let traces_identity = env(ENV_OTLP_TRACES_CLIENT_CERTIFICATE).is_some()
+                || env(ENV_OTLP_TRACES_CLIENT_KEY).is_some();
+            let (cert_var, key_var) = if traces_identity {
+                (
+                    ENV_OTLP_TRACES_CLIENT_CERTIFICATE,
+                    ENV_OTLP_TRACES_CLIENT_KEY,
+                )
+            } else {
+                (ENV_OTLP_CLIENT_CERTIFICATE, ENV_OTLP_CLIENT_KEY)
+            };
             OtlpTls::read(
                 pick(ENV_OTLP_TRACES_CERTIFICATE, ENV_OTLP_CERTIFICATE),
-                pick(
-                    ENV_OTLP_TRACES_CLIENT_CERTIFICATE,
-                    ENV_OTLP_CLIENT_CERTIFICATE,
-                ),
-                pick(ENV_OTLP_TRACES_CLIENT_KEY, ENV_OTLP_CLIENT_KEY),
+                env(cert_var).map(|path| (cert_var, path)),
+                env(key_var).map(|path| (key_var, path)),
             )?
         } else {
             OtlpTls::default()
@@ -602,5 +611,21 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("traces.pem"), "{err}");
+        // A traces-only client certificate is not paired with the generic key.
+        let err = config(
+            &["--otlp-traces-endpoint", "https://c:4317"],
+            &[
+                (ENV_OTLP_CLIENT_KEY, "/nonexistent/generic.key"),
+                (
+                    ENV_OTLP_TRACES_CLIENT_CERTIFICATE,
+                    "/nonexistent/traces.pem",
+                ),
+            ],
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE is set but not its pair"),
+            "{err}"
+        );
     }
 }

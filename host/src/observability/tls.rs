@@ -54,7 +54,7 @@ impl OtlpTls {
                 return Err(ObservabilityError::Config(format!(
                     "{name} is set but not its pair: mutual TLS needs both \
                      OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY \
-                     (or their _TRACES_ forms)"
+                     (or both their _TRACES_ forms)"
                 )));
             }
         };

@@ -2,15 +2,15 @@
 //!
 //! The engine gives one [`TokenLogprobs`] per generated token (raw log-softmax, the token's rank
 //! and the top alternatives). [`LogprobsRenderer`] turns a run of them into `/v1/completions`'
-//! legacy object (`tokens`, `token_logprobs`, `top_logprobs` as `{token: logprob}` maps that also
-//! hold the chosen token, and `text_offset`, character offsets that continue across stream
-//! chunks) or chat's `{"content": [{token, logprob, bytes, top_logprobs: [...]}]}`. A token is
+//! legacy object (`tokens`, `token_logprobs`, `top_logprobs` as `{token: logprob}` maps, most
+//! likely first, that also hold the chosen token, and `text_offset`, character offsets that
+//! continue across stream chunks; tokens decoding to the same text share a key there, so use
+//! `return_tokens_as_token_ids` where that matters) or chat's `{"content": [{token, logprob, bytes, top_logprobs: [...]}]}`. A token is
 //! shown as its own decoded text (special tokens included), or, with the vLLM extension
 //! `return_tokens_as_token_ids`, as `token_id:N`, which stays exact when several tokens decode to
 //! the same text (partial UTF-8 bytes do). A `-inf` log-probability is written as -9999.0 (JSON
 //! has no infinity), as vLLM does.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -91,12 +91,17 @@ impl LogprobsRenderer {
             let text = self.token_text(entry.token_id);
             offsets.push(*text_offset);
             *text_offset += text.chars().count();
-            let mut top: BTreeMap<String, f64> = entry
-                .top
-                .iter()
-                .map(|&(token, logprob)| (self.token_text(token), number(logprob)))
-                .collect();
-            top.entry(text.clone()).or_insert(number(entry.logprob));
+            // Most likely first (serde_json keeps insertion order here), then the chosen token
+            // if it is not among them.
+            let mut top = serde_json::Map::new();
+            for &(token, logprob) in &entry.top {
+                top.entry(self.token_text(token))
+                    .or_insert(json!(number(logprob)));
+            }
+            if !entry.top.iter().any(|&(token, _)| token == entry.token_id) {
+                top.entry(text.clone())
+                    .or_insert(json!(number(entry.logprob)));
+            }
             tokens.push(text);
             token_logprobs.push(number(entry.logprob));
             top_logprobs.push(top);
@@ -181,6 +186,21 @@ mod tests {
         assert_eq!(
             v["top_logprobs"][0],
             json!({"token_id:105": -0.25, "token_id:72": -0.5})
+        );
+        // Most likely first in the JSON text, as OpenAI lists them.
+        let text = serde_json::to_string(&v["top_logprobs"][0]).unwrap();
+        assert_eq!(text, r#"{"token_id:105":-0.25,"token_id:72":-0.5}"#);
+        // Worst first in the entries: the order is the entries', not alphabetical.
+        let reversed = [TokenLogprobs {
+            token_id: 5,
+            logprob: -3.0,
+            rank: 3,
+            top: vec![(9, -1.0), (10, -2.0)],
+        }];
+        let text = serde_json::to_string(&r.render(&reversed, &mut 0)["top_logprobs"][0]).unwrap();
+        assert_eq!(
+            text,
+            r#"{"token_id:9":-1.0,"token_id:10":-2.0,"token_id:5":-3.0}"#
         );
     }
 
