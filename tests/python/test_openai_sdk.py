@@ -237,3 +237,59 @@ def test_cache_salt_separates_prefix_caches(tiny):
     with pytest.raises(Exception) as raised:
         cached("")
     assert getattr(raised.value, "status_code", None) == 400
+
+
+def test_batched_prompts_and_n_choices(tiny):
+    """A batch of prompts, each answered `n` times: choice `index` = prompt × n + choice, the
+    choices of one prompt differ (a fixed seed is offset per choice), each prompt's greedy-free
+    choices equal what the same prompt alone gives with the offset seed, and usage counts each
+    prompt once."""
+    client = tiny.client()
+    prompts = ["first prompt", "a second, longer prompt"]
+    c = client.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=6, temperature=1.0, seed=11,
+                                  extra_body=TOKEN_IDS)
+    assert sorted(ch.index for ch in c.choices) == [0, 1, 2, 3]
+    by_index = {ch.index: ch for ch in c.choices}
+    singles = [client.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=1.0, seed=11 + j,
+                                         extra_body=TOKEN_IDS)
+               for p in prompts for j in range(2)]
+    for i, single in enumerate(singles):
+        assert by_index[i].token_ids == single.choices[0].token_ids, i
+        assert by_index[i].prompt_token_ids == single.choices[0].prompt_token_ids
+    assert by_index[0].token_ids != by_index[1].token_ids
+    prompt_tokens = singles[0].usage.prompt_tokens + singles[2].usage.prompt_tokens
+    assert c.usage.prompt_tokens == prompt_tokens
+    assert c.usage.completion_tokens == 4 * 6
+
+    # Streamed: chunks of all four interleave; each ends once; usage the same.
+    stream = client.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=6, temperature=1.0, seed=11,
+                                       stream=True, stream_options={"include_usage": True}, extra_body=TOKEN_IDS)
+    ids, finished, usage = {i: [] for i in range(4)}, [], None
+    for chunk in stream:
+        if not chunk.choices:
+            usage = chunk.usage
+            continue
+        choice = chunk.choices[0]
+        ids[choice.index] += choice.token_ids
+        if choice.finish_reason:
+            finished.append(choice.index)
+    assert sorted(finished) == [0, 1, 2, 3]
+    assert all(ids[i] == by_index[i].token_ids for i in range(4))
+    assert (usage.prompt_tokens, usage.completion_tokens) == (prompt_tokens, 24)
+
+
+def test_chat_with_n_choices(tiny):
+    client = tiny.client()
+    messages = [{"role": "user", "content": "hi"}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, n=3, max_tokens=4, temperature=1.0,
+                                           seed=3, extra_body={"ignore_eos": True})
+    assert [ch.index for ch in reply.choices] == [0, 1, 2]
+    assert all(ch.message.role == "assistant" for ch in reply.choices)
+    assert reply.usage.completion_tokens == 12
+    single = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=1.0, seed=3,
+                                            extra_body={"ignore_eos": True})
+    assert reply.usage.prompt_tokens == single.usage.prompt_tokens
+    stream = client.chat.completions.create(model="tiny", messages=messages, n=3, max_tokens=4, temperature=1.0,
+                                            seed=3, stream=True, extra_body={"ignore_eos": True})
+    roles = [c.choices[0].index for c in stream if c.choices and c.choices[0].delta.role == "assistant"]
+    assert sorted(roles) == [0, 1, 2]

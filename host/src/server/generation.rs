@@ -39,12 +39,14 @@ pub struct Finished {
 }
 
 impl Generation {
-    /// Submits the request. `options.sampling.max_tokens` must be resolved already;
-    /// `prompt_param` names the prompt's field for errors.
+    /// Submits choice number `choice` (0-based, per prompt; it offsets a fixed seed) of a
+    /// prompt. `options.sampling.max_tokens` must be resolved already; `prompt_param` names the
+    /// prompt's field for errors.
     pub fn start(
         state: &AppState,
         prompt_ids: Vec<u32>,
         options: &RequestOptions,
+        choice: usize,
         prompt_param: &str,
         arrival: Instant,
     ) -> Result<Self, ApiError> {
@@ -53,7 +55,7 @@ impl Generation {
             &state.engine,
             &state.model,
             prompt_ids,
-            options.sampling.clone(),
+            options.sampling_for_choice(choice),
             options.detokenizer.clone(),
         )
         .map_err(|error| ApiError::from_engine(&error, prompt_param))?;

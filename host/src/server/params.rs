@@ -27,6 +27,21 @@ pub struct RequestOptions {
     /// Show tokens in log-probabilities as `token_id:N` (`sampling.logprobs` is set by the
     /// endpoint, whose field differs).
     pub tokens_as_ids: bool,
+    /// Choices per prompt (`n`).
+    pub n: usize,
+}
+
+/// The most choices (`n`) per prompt.
+pub const MAX_CHOICES: usize = 128;
+
+impl RequestOptions {
+    /// The sampling parameters of choice `choice` of a prompt: the same, except that a fixed
+    /// `seed` is offset by the choice's number so the choices differ (choice 0 keeps it).
+    pub fn sampling_for_choice(&self, choice: usize) -> SamplingParams {
+        let mut sampling = self.sampling.clone();
+        sampling.seed = sampling.seed.map(|seed| seed.wrapping_add(choice as u64));
+        sampling
+    }
 }
 
 /// The largest `max_tokens` accepted before it is compared with the context (keeps the
@@ -36,14 +51,16 @@ const MAX_TOKENS_LIMIT: i64 = 1 << 40;
 impl RequestOptions {
     /// Checks the shared fields; `vocab_size` bounds `stop_token_ids`.
     pub fn from_fields(fields: &SamplingFields, vocab_size: usize) -> Result<Self, ApiError> {
-        if let Some(n) = fields.n
-            && n != 1
-        {
-            return Err(ApiError::unsupported(
-                "n",
-                format!("n must be 1 (one choice per request), got {n}"),
-            ));
-        }
+        let n = match fields.n {
+            None => 1,
+            Some(n) if (1..=MAX_CHOICES as i64).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(ApiError::invalid_param(
+                    "n",
+                    format!("n must be from 1 to {MAX_CHOICES}, got {n}"),
+                ));
+            }
+        };
         if let Some(best_of) = fields.best_of
             && best_of != 1
         {
@@ -168,6 +185,7 @@ impl RequestOptions {
             include_usage,
             return_token_ids: fields.return_token_ids.unwrap_or(false),
             tokens_as_ids: fields.return_tokens_as_token_ids.unwrap_or(false),
+            n,
         })
     }
 }
@@ -287,7 +305,8 @@ mod tests {
     #[test]
     fn out_of_range_fields_name_themselves() {
         for (body, param) in [
-            (serde_json::json!({"n": 2}), "n"),
+            (serde_json::json!({"n": 0}), "n"),
+            (serde_json::json!({"n": 129}), "n"),
             (serde_json::json!({"temperature": -0.1}), "temperature"),
             (serde_json::json!({"temperature": 2.5}), "temperature"),
             (serde_json::json!({"top_p": 0}), "top_p"),

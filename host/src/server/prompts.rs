@@ -1,8 +1,8 @@
 //! Prompts: a completion's `prompt` and a chat's `messages` turned into prompt token ids.
 //!
 //! A completion prompt is a string (tokenized with the model's special tokens, e.g. BOS, as
-//! `stepscope generate` does), a list of token ids, or a one-element list of either; several
-//! prompts in one request are refused (one choice per request). Chat messages are checked
+//! `stepscope generate` does) or a list of token ids; a list of either is a batch of prompts,
+//! each answered by its own choices. Chat messages are checked
 //! (`role` a string, `content` a string, `null`, or a list of `text` parts, which are joined with
 //! newlines as vLLM does), rendered with the model's own chat template through
 //! `ChatTemplate::render_json` (so extra fields such as `name` reach templates that use them),
@@ -21,44 +21,60 @@ pub enum PromptInput {
     TokenIds(Vec<u32>),
 }
 
-/// Reads `prompt`.
-pub fn parse_prompt(prompt: Option<&Value>) -> Result<PromptInput, ApiError> {
+/// The most prompts one completion request may carry.
+pub const MAX_PROMPTS: usize = 256;
+
+/// Reads `prompt`: one prompt, or a batch (a list of strings or of token-id lists), each of
+/// which becomes its own choices.
+pub fn parse_prompts(prompt: Option<&Value>) -> Result<Vec<PromptInput>, ApiError> {
     let bad = || {
         ApiError::invalid_param(
             "prompt",
-            "prompt must be a string, a list of token ids, or a one-element list of either",
+            "prompt must be a string, a list of token ids, or a list of either",
         )
     };
     match prompt {
         None | Some(Value::Null) => Err(ApiError::invalid_param("prompt", "prompt is required")),
-        Some(Value::String(text)) => Ok(PromptInput::Text(text.clone())),
+        Some(Value::String(text)) => Ok(vec![PromptInput::Text(text.clone())]),
         Some(Value::Array(items)) if items.is_empty() => {
             Err(ApiError::invalid_param("prompt", "the prompt is empty"))
         }
         Some(Value::Array(items)) if items.iter().all(Value::is_number) => {
-            token_ids(items).map(PromptInput::TokenIds)
+            Ok(vec![PromptInput::TokenIds(token_ids("prompt", items)?)])
         }
-        Some(Value::Array(items)) if items.len() == 1 => match &items[0] {
-            Value::String(text) => Ok(PromptInput::Text(text.clone())),
-            Value::Array(ids) if !ids.is_empty() && ids.iter().all(Value::is_number) => {
-                token_ids(ids).map(PromptInput::TokenIds)
-            }
-            _ => Err(bad()),
-        },
         Some(Value::Array(items)) if items.iter().all(|i| i.is_string() || i.is_array()) => {
-            Err(ApiError::unsupported(
-                "prompt",
-                format!(
-                    "batched prompts are not supported: send one prompt per request (got {})",
-                    items.len()
-                ),
-            ))
+            if items.len() > MAX_PROMPTS {
+                return Err(ApiError::invalid_param(
+                    "prompt",
+                    format!(
+                        "at most {MAX_PROMPTS} prompts per request, got {}",
+                        items.len()
+                    ),
+                ));
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    let param = format!("prompt[{i}]");
+                    match item {
+                        Value::String(text) => Ok(PromptInput::Text(text.clone())),
+                        Value::Array(ids) if !ids.is_empty() && ids.iter().all(Value::is_number) => {
+                            token_ids(&param, ids).map(PromptInput::TokenIds)
+                        }
+                        _ => Err(ApiError::invalid_param(
+                            &param,
+                            "each prompt of a batch must be a string or a non-empty list of token ids",
+                        )),
+                    }
+                })
+                .collect()
         }
         Some(_) => Err(bad()),
     }
 }
 
-fn token_ids(items: &[Value]) -> Result<Vec<u32>, ApiError> {
+fn token_ids(param: &str, items: &[Value]) -> Result<Vec<u32>, ApiError> {
     items
         .iter()
         .map(|item| {
@@ -66,7 +82,7 @@ fn token_ids(items: &[Value]) -> Result<Vec<u32>, ApiError> {
                 .and_then(|id| u32::try_from(id).ok())
                 .ok_or_else(|| {
                     ApiError::invalid_param(
-                        "prompt",
+                        param,
                         format!("prompt token ids must be integers in [0, 2^32), got {item}"),
                     )
                 })
@@ -195,35 +211,33 @@ mod tests {
 
     #[test]
     fn prompts_of_every_shape() {
+        let text = |t: &str| PromptInput::Text(t.into());
+        assert_eq!(parse_prompts(Some(&json!("hi"))), Ok(vec![text("hi")]));
+        assert_eq!(parse_prompts(Some(&json!(["hi"]))), Ok(vec![text("hi")]));
         assert_eq!(
-            parse_prompt(Some(&json!("hi"))),
-            Ok(PromptInput::Text("hi".into()))
+            parse_prompts(Some(&json!([1, 2]))),
+            Ok(vec![PromptInput::TokenIds(vec![1, 2])])
         );
         assert_eq!(
-            parse_prompt(Some(&json!(["hi"]))),
-            Ok(PromptInput::Text("hi".into()))
+            parse_prompts(Some(&json!([[3], "a", "b"]))),
+            Ok(vec![PromptInput::TokenIds(vec![3]), text("a"), text("b")])
         );
-        assert_eq!(
-            parse_prompt(Some(&json!([1, 2]))),
-            Ok(PromptInput::TokenIds(vec![1, 2]))
-        );
-        assert_eq!(
-            parse_prompt(Some(&json!([[3]]))),
-            Ok(PromptInput::TokenIds(vec![3]))
-        );
-        for bad in [
-            json!(null),
-            json!(3),
-            json!([]),
-            json!([-1]),
-            json!([1.5]),
-            json!(["a", "b"]),
-            json!({"a": 1}),
+        for (bad, param) in [
+            (json!(null), "prompt"),
+            (json!(3), "prompt"),
+            (json!([]), "prompt"),
+            (json!([-1]), "prompt"),
+            (json!([1.5]), "prompt"),
+            (json!(["a", [1, -2]]), "prompt[1]"),
+            (json!(["a", []]), "prompt[1]"),
+            (json!([[1], ["x"]]), "prompt[1]"),
+            (json!({"a": 1}), "prompt"),
+            (json!(vec!["a"; MAX_PROMPTS + 1]), "prompt"),
         ] {
-            let error = parse_prompt(Some(&bad)).unwrap_err();
-            assert_eq!(error.param.as_deref(), Some("prompt"), "{bad}");
+            let error = parse_prompts(Some(&bad)).unwrap_err();
+            assert_eq!(error.param.as_deref(), Some(param), "{bad}");
         }
-        assert!(parse_prompt(None).is_err());
+        assert!(parse_prompts(None).is_err());
     }
 
     #[test]

@@ -2,9 +2,13 @@
 //! (with `stream_options.include_usage`) a chunk with `usage` and empty `choices`, then
 //! `data: [DONE]`.
 //!
-//! The body is a stream that owns its [`Generation`] and pulls the next delta only when hyper
+//! With several choices (`n`, or a batch of prompts) their chunks interleave as they come, each
+//! with its `index`; the usage chunk counts every completion token and each prompt once.
+//!
+//! The body is a stream that owns its [`Generation`]s and pulls the next delta only when hyper
 //! asks for more bytes, so a client that disconnects makes hyper drop the body, which drops the
-//! generation and aborts the request (its KV blocks return to the pool at the next engine step).
+//! generations and aborts the requests (their KV blocks return to the pool at the next engine
+//! step).
 //! [`ChunkWriter`] knows the two chunk shapes: `text_completion` for `/v1/completions` and
 //! `chat.completion.chunk` (which starts with a `role: assistant` delta) for chat. A delta that
 //! decodes to no text yet (half a UTF-8 character) sends nothing; its token ids ride on the next
@@ -17,6 +21,8 @@ use std::convert::Infallible;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use futures_util::stream::{BoxStream, SelectAll};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -65,11 +71,12 @@ impl ChunkWriter {
         self.include_usage.then_some(None)
     }
 
-    /// Events sent before the first token (chat: the assistant role).
-    pub fn opening(&self) -> Vec<Bytes> {
+    /// Events sent before the first token of choice `index` (chat: the assistant role).
+    pub fn opening(&self, index: u32) -> Vec<Bytes> {
         match self.kind {
             ChunkKind::Completion => Vec::new(),
             ChunkKind::Chat => vec![self.chat_chunk(
+                index,
                 ChatDelta {
                     role: Some("assistant"),
                     content: Some(String::new()),
@@ -83,6 +90,7 @@ impl ChunkWriter {
 
     fn chat_chunk(
         &self,
+        index: u32,
         delta: ChatDelta,
         finish: Option<FinishReason>,
         token_ids: Option<Vec<u32>>,
@@ -94,7 +102,7 @@ impl ChunkWriter {
             created: self.created,
             model: self.model.clone(),
             choices: vec![ChatChunkChoice {
-                index: 0,
+                index,
                 delta,
                 logprobs,
                 finish_reason: finish.map(FinishReason::as_str),
@@ -104,10 +112,11 @@ impl ChunkWriter {
         })
     }
 
-    /// A chunk with new text (and the finish reason on the last one), with the rendered
-    /// log-probabilities of its tokens if the request asked for them.
+    /// A chunk of choice `index` with new text (and the finish reason on the last one), with
+    /// the rendered log-probabilities of its tokens if the request asked for them.
     pub fn delta(
         &self,
+        index: u32,
         text: String,
         token_ids: Vec<u32>,
         finish: Option<FinishReason>,
@@ -121,7 +130,7 @@ impl ChunkWriter {
                 created: self.created,
                 model: self.model.clone(),
                 choices: vec![CompletionChoice {
-                    index: 0,
+                    index,
                     text,
                     logprobs,
                     finish_reason: finish.map(FinishReason::as_str),
@@ -133,6 +142,7 @@ impl ChunkWriter {
             ChunkKind::Chat => {
                 let content = (!text.is_empty() || finish.is_none()).then_some(text);
                 self.chat_chunk(
+                    index,
                     ChatDelta {
                         role: None,
                         content,
@@ -168,87 +178,142 @@ impl ChunkWriter {
     }
 }
 
-struct StreamState {
-    generation: Option<Generation>,
-    writer: ChunkWriter,
-    queue: VecDeque<Bytes>,
+/// One choice of a response.
+pub struct Choice {
+    /// The choice's `index` (prompt number × `n` + choice number).
+    pub index: u32,
+    /// Whether this choice's prompt counts in `usage` (the first choice of each prompt does).
+    pub counts_prompt: bool,
+    pub generation: Generation,
+}
+
+/// The usage of several choices: every completion token, and each prompt once.
+pub fn total_usage<'a>(choices: impl IntoIterator<Item = (bool, &'a Usage)>) -> Usage {
+    let (mut prompt, mut completion, mut cached) = (0, 0, 0);
+    for (counts_prompt, usage) in choices {
+        completion += usage.completion_tokens;
+        if counts_prompt {
+            prompt += usage.prompt_tokens;
+            cached += usage.prompt_tokens_details.cached_tokens;
+        }
+    }
+    Usage::new(prompt, completion, cached)
+}
+
+/// What the stream remembers of one choice.
+struct ChoiceState {
+    index: u32,
+    counts_prompt: bool,
     pending_token_ids: Vec<u32>,
     pending_logprobs: Vec<TokenLogprobs>,
     /// `text_offset` of the next token (completions' log-probabilities).
     text_offset: usize,
+    usage: Usage,
+}
+
+/// A choice's deltas, each with the choice's slot and its usage after it.
+type ChoiceDeltas = BoxStream<'static, (usize, TextDelta, Usage)>;
+
+struct StreamState {
+    /// Every unfinished choice's deltas; dropping it drops their generations (aborting them).
+    deltas: SelectAll<ChoiceDeltas>,
+    choices: Vec<ChoiceState>,
+    writer: ChunkWriter,
+    queue: VecDeque<Bytes>,
+    ended: bool,
 }
 
 impl StreamState {
-    fn absorb(&mut self, delta: TextDelta) {
+    fn absorb(&mut self, slot: usize, delta: TextDelta, usage: Usage) {
         let TextDelta {
             text,
             token_ids,
             logprobs,
             finish_reason: finish,
         } = delta;
-        self.pending_token_ids.extend(token_ids);
-        self.pending_logprobs.extend(logprobs);
+        let choice = &mut self.choices[slot];
+        choice.usage = usage;
+        choice.pending_token_ids.extend(token_ids);
+        choice.pending_logprobs.extend(logprobs);
         let error = match finish {
             Some(FinishReason::Error) => Some(model_failure()),
-            Some(FinishReason::Abort) => Some(stopped_by_server(
-                self.generation
-                    .as_ref()
-                    .map_or(0, |g| g.usage().completion_tokens),
-            )),
+            Some(FinishReason::Abort) => Some(stopped_by_server(usage.completion_tokens)),
             _ => None,
         };
         if let Some(error) = error {
+            // One failed choice ends the response (the others are aborted).
             self.queue
                 .push_back(Bytes::from(format!("data: {}\n\n", error.body_json())));
             self.end();
             return;
         }
         if !text.is_empty() || finish.is_some() {
-            let ids = std::mem::take(&mut self.pending_token_ids);
-            let logprobs = std::mem::take(&mut self.pending_logprobs);
+            let ids = std::mem::take(&mut choice.pending_token_ids);
+            let logprobs = std::mem::take(&mut choice.pending_logprobs);
             let logprobs = self
                 .writer
                 .logprobs
                 .as_ref()
-                .map(|renderer| renderer.render(&logprobs, &mut self.text_offset));
+                .map(|renderer| renderer.render(&logprobs, &mut choice.text_offset));
+            let index = choice.index;
             self.queue
-                .push_back(self.writer.delta(text, ids, finish, logprobs));
-        }
-        if finish.is_some() {
-            self.end();
+                .push_back(self.writer.delta(index, text, ids, finish, logprobs));
         }
     }
 
-    /// Queues the usage chunk (if asked for) and `[DONE]`, and releases the generation.
+    /// Queues the usage chunk (if asked for) and `[DONE]`, and drops what is still running.
     fn end(&mut self) {
-        if let Some(generation) = self.generation.take()
-            && self.writer.include_usage
-        {
-            self.queue.push_back(self.writer.usage(generation.usage()));
+        self.deltas = SelectAll::new();
+        if self.writer.include_usage {
+            let usage = total_usage(self.choices.iter().map(|c| (c.counts_prompt, &c.usage)));
+            self.queue.push_back(self.writer.usage(usage));
         }
         self.queue.push_back(done_event());
+        self.ended = true;
     }
 }
 
-/// The SSE response for a started generation.
-pub fn response(generation: Generation, writer: ChunkWriter) -> Response {
-    let queue = VecDeque::from(writer.opening());
+/// The SSE response for started generations, one per choice.
+pub fn response(choices: Vec<Choice>, writer: ChunkWriter) -> Response {
+    let mut queue = VecDeque::new();
+    let mut states = Vec::with_capacity(choices.len());
+    let mut deltas = SelectAll::new();
+    for (slot, choice) in choices.into_iter().enumerate() {
+        queue.extend(writer.opening(choice.index));
+        let usage = choice.generation.usage();
+        states.push(ChoiceState {
+            index: choice.index,
+            counts_prompt: choice.counts_prompt,
+            pending_token_ids: Vec::new(),
+            pending_logprobs: Vec::new(),
+            text_offset: 0,
+            usage,
+        });
+        let stream =
+            futures_util::stream::unfold(choice.generation, move |mut generation| async move {
+                let delta = generation.next().await?;
+                let usage = generation.usage();
+                Some(((slot, delta, usage), generation))
+            });
+        deltas.push(stream.boxed());
+    }
     let state = StreamState {
-        generation: Some(generation),
+        deltas,
+        choices: states,
         writer,
         queue,
-        pending_token_ids: Vec::new(),
-        pending_logprobs: Vec::new(),
-        text_offset: 0,
+        ended: false,
     };
     let stream = futures_util::stream::unfold(state, |mut state| async move {
         loop {
             if let Some(bytes) = state.queue.pop_front() {
                 return Some((Ok::<Bytes, Infallible>(bytes), state));
             }
-            let generation = state.generation.as_mut()?;
-            match generation.next().await {
-                Some(delta) => state.absorb(delta),
+            if state.ended {
+                return None;
+            }
+            match state.deltas.next().await {
+                Some((slot, delta, usage)) => state.absorb(slot, delta, usage),
                 None => state.end(),
             }
         }
@@ -299,13 +364,13 @@ mod tests {
     #[test]
     fn completion_chunks() {
         let w = writer(ChunkKind::Completion, true);
-        assert!(w.opening().is_empty());
-        let chunk = parse(&w.delta("hi".into(), vec![5], None, None));
+        assert!(w.opening(0).is_empty());
+        let chunk = parse(&w.delta(0, "hi".into(), vec![5], None, None));
         assert_eq!(chunk["object"], "text_completion");
         assert_eq!(chunk["choices"][0]["text"], "hi");
         assert_eq!(chunk["choices"][0]["token_ids"], serde_json::json!([5]));
         assert!(chunk["usage"].is_null() && chunk.get("usage").is_some());
-        let last = parse(&w.delta(String::new(), vec![], Some(FinishReason::Length), None));
+        let last = parse(&w.delta(0, String::new(), vec![], Some(FinishReason::Length), None));
         assert_eq!(last["choices"][0]["finish_reason"], "length");
         let usage = parse(&w.usage(Usage::new(2, 3, 0)));
         assert_eq!(usage["choices"], serde_json::json!([]));
@@ -316,16 +381,16 @@ mod tests {
     #[test]
     fn chat_chunks() {
         let w = writer(ChunkKind::Chat, false);
-        let opening = w.opening();
+        let opening = w.opening(0);
         assert_eq!(opening.len(), 1);
         let first = parse(&opening[0]);
         assert_eq!(first["object"], "chat.completion.chunk");
         assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
         assert!(first.get("usage").is_none());
-        let chunk = parse(&w.delta("Paris".into(), vec![1], None, None));
+        let chunk = parse(&w.delta(0, "Paris".into(), vec![1], None, None));
         assert_eq!(chunk["choices"][0]["delta"]["content"], "Paris");
         assert!(chunk["choices"][0]["delta"].get("role").is_none());
-        let last = parse(&w.delta(String::new(), vec![], Some(FinishReason::Stop), None));
+        let last = parse(&w.delta(0, String::new(), vec![], Some(FinishReason::Stop), None));
         assert_eq!(last["choices"][0]["delta"], serde_json::json!({}));
         assert_eq!(last["choices"][0]["finish_reason"], "stop");
     }

@@ -231,9 +231,21 @@ async fn bad_requests_get_openai_errors() {
         ),
         (
             "/v1/completions",
-            json!({"prompt": "x", "n": 2}),
+            json!({"prompt": "x", "n": 0}),
             400,
             Some("n"),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": ["x", "y"], "n": 129}),
+            400,
+            Some("n"),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": ["x", [1, 2], 3]}),
+            400,
+            Some("prompt"),
         ),
         (
             "/v1/completions",

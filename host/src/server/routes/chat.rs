@@ -21,9 +21,9 @@ use super::super::openai_types::{
 };
 use super::super::params::{MaxTokensDefault, RequestOptions, resolve_max_tokens};
 use super::super::prompts::{encode_chat, normalize_messages};
-use super::super::sse::{self, ChunkKind, ChunkWriter};
+use super::super::sse::{self, Choice, ChunkKind, ChunkWriter, total_usage};
 use super::super::state::{AppState, new_id, unix_seconds};
-use super::{object_body, respond};
+use super::{MAX_CHOICES_PER_REQUEST, collect_all, object_body, respond};
 
 pub async fn create(
     State(state): State<AppState>,
@@ -117,7 +117,29 @@ async fn handle(
         state.engine.max_model_len(),
         "messages",
     )?;
-    let generation = Generation::start(state, prompt_ids, &options, "messages", arrival)?;
+    if options.n > MAX_CHOICES_PER_REQUEST {
+        return Err(ApiError::invalid_param(
+            "n",
+            format!("at most {MAX_CHOICES_PER_REQUEST} choices per request"),
+        ));
+    }
+    let mut choices = Vec::with_capacity(options.n);
+    for choice in 0..options.n {
+        // An error here drops the choices started so far, which aborts them.
+        let generation = Generation::start(
+            state,
+            prompt_ids.clone(),
+            &options,
+            choice,
+            "messages",
+            arrival,
+        )?;
+        choices.push(Choice {
+            index: choice as u32,
+            counts_prompt: choice == 0,
+            generation,
+        });
+    }
     let id = new_id("chatcmpl-");
     let created = unix_seconds();
     if options.stream {
@@ -130,27 +152,34 @@ async fn handle(
             return_token_ids: options.return_token_ids,
             logprobs: renderer,
         };
-        return Ok(sse::response(generation, writer));
+        return Ok(sse::response(choices, writer));
     }
-    let prompt_token_ids = generation.prompt_token_ids().cloned();
-    let done = generation.collect().await?;
+    let finished = collect_all(choices).await?;
+    let usage = total_usage(
+        finished
+            .iter()
+            .map(|(c, done)| (c.counts_prompt, &done.usage)),
+    );
     Ok(Json(ChatResponse {
         id,
         object: "chat.completion",
         created,
         model,
-        choices: vec![ChatChoice {
-            index: 0,
-            message: ChatMessageOut {
-                role: "assistant",
-                content: done.text,
-            },
-            logprobs: renderer.map(|r| r.render(&done.logprobs, &mut 0)),
-            finish_reason: Some(done.finish_reason.as_str()),
-            token_ids: options.return_token_ids.then_some(done.token_ids),
-            prompt_token_ids,
-        }],
-        usage: done.usage,
+        choices: finished
+            .into_iter()
+            .map(|(choice, done)| ChatChoice {
+                index: choice.index,
+                message: ChatMessageOut {
+                    role: "assistant",
+                    content: done.text,
+                },
+                logprobs: renderer.as_ref().map(|r| r.render(&done.logprobs, &mut 0)),
+                finish_reason: Some(done.finish_reason.as_str()),
+                token_ids: options.return_token_ids.then_some(done.token_ids),
+                prompt_token_ids: choice.prompt_token_ids,
+            })
+            .collect(),
+        usage,
     })
     .into_response())
 }

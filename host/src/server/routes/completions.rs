@@ -1,5 +1,6 @@
-//! `POST /v1/completions`: a prompt (text or token ids) continued by the model, as one JSON
-//! answer or as SSE chunks. `max_tokens` defaults to 16 (OpenAI's default), capped at what the
+//! `POST /v1/completions`: a prompt (text or token ids), or a batch of them, continued by the
+//! model `n` times each, as one JSON answer or as SSE chunks (choice `index` = prompt number ×
+//! `n` + choice number). `max_tokens` defaults to 16 (OpenAI's default), capped at what the
 //! context leaves. `logprobs: N` (0–20) adds the legacy log-probabilities object (the chosen
 //! token's and the N most likely); `echo` and `suffix` are refused with a 400.
 
@@ -19,10 +20,10 @@ use super::super::openai_types::{
     CompletionChoice, CompletionFields, CompletionResponse, SamplingFields,
 };
 use super::super::params::{MaxTokensDefault, RequestOptions, resolve_max_tokens};
-use super::super::prompts::{encode_prompt, parse_prompt};
-use super::super::sse::{self, ChunkKind, ChunkWriter};
+use super::super::prompts::{encode_prompt, parse_prompts};
+use super::super::sse::{self, Choice, ChunkKind, ChunkWriter, total_usage};
 use super::super::state::{AppState, new_id, unix_seconds};
-use super::{object_body, respond};
+use super::{MAX_CHOICES_PER_REQUEST, collect_all, object_body, respond};
 
 /// OpenAI's default `max_tokens` for completions.
 const DEFAULT_MAX_TOKENS: usize = 16;
@@ -76,16 +77,47 @@ async fn handle(
             options.tokens_as_ids,
         )
     });
-    let prompt_ids = encode_prompt(&state.model, parse_prompt(fields.prompt.as_ref())?)?;
-    options.sampling.max_tokens = resolve_max_tokens(
-        common.max_tokens,
-        "max_tokens",
-        MaxTokensDefault::Fixed(DEFAULT_MAX_TOKENS),
-        prompt_ids.len(),
-        state.engine.max_model_len(),
-        "prompt",
-    )?;
-    let generation = Generation::start(state, prompt_ids, &options, "prompt", arrival)?;
+    let prompts = parse_prompts(fields.prompt.as_ref())?;
+    let total = prompts.len() * options.n;
+    if total > MAX_CHOICES_PER_REQUEST {
+        return Err(ApiError::invalid_param(
+            "n",
+            format!(
+                "{} prompts × n = {} choices; at most {MAX_CHOICES_PER_REQUEST} per request",
+                prompts.len(),
+                options.n
+            ),
+        ));
+    }
+    let mut choices = Vec::with_capacity(total);
+    for (p, prompt) in prompts.into_iter().enumerate() {
+        let prompt_ids = encode_prompt(&state.model, prompt)?;
+        let mut options = options.clone();
+        options.sampling.max_tokens = resolve_max_tokens(
+            common.max_tokens,
+            "max_tokens",
+            MaxTokensDefault::Fixed(DEFAULT_MAX_TOKENS),
+            prompt_ids.len(),
+            state.engine.max_model_len(),
+            "prompt",
+        )?;
+        for choice in 0..options.n {
+            // An error here drops the choices started so far, which aborts them.
+            let generation = Generation::start(
+                state,
+                prompt_ids.clone(),
+                &options,
+                choice,
+                "prompt",
+                arrival,
+            )?;
+            choices.push(Choice {
+                index: (p * options.n + choice) as u32,
+                counts_prompt: choice == 0,
+                generation,
+            });
+        }
+    }
     let id = new_id("cmpl-");
     let created = unix_seconds();
     if options.stream {
@@ -98,24 +130,31 @@ async fn handle(
             return_token_ids: options.return_token_ids,
             logprobs: renderer,
         };
-        return Ok(sse::response(generation, writer));
+        return Ok(sse::response(choices, writer));
     }
-    let prompt_token_ids = generation.prompt_token_ids().cloned();
-    let done = generation.collect().await?;
+    let finished = collect_all(choices).await?;
+    let usage = total_usage(
+        finished
+            .iter()
+            .map(|(c, done)| (c.counts_prompt, &done.usage)),
+    );
     Ok(Json(CompletionResponse {
         id,
         object: "text_completion",
         created,
         model,
-        choices: vec![CompletionChoice {
-            index: 0,
-            text: done.text,
-            logprobs: renderer.map(|r| r.render(&done.logprobs, &mut 0)),
-            finish_reason: Some(done.finish_reason.as_str()),
-            token_ids: options.return_token_ids.then_some(done.token_ids),
-            prompt_token_ids,
-        }],
-        usage: Some(Some(done.usage)),
+        choices: finished
+            .into_iter()
+            .map(|(choice, done)| CompletionChoice {
+                index: choice.index,
+                text: done.text,
+                logprobs: renderer.as_ref().map(|r| r.render(&done.logprobs, &mut 0)),
+                finish_reason: Some(done.finish_reason.as_str()),
+                token_ids: options.return_token_ids.then_some(done.token_ids),
+                prompt_token_ids: choice.prompt_token_ids,
+            })
+            .collect(),
+        usage: Some(Some(usage)),
     })
     .into_response())
 }

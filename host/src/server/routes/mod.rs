@@ -17,7 +17,33 @@ use axum::routing::{get, post};
 use serde_json::Value;
 
 use super::errors::{ApiError, ApiJson};
+use super::generation::Finished;
+use super::sse::Choice;
 use super::state::AppState;
+
+/// The most choices one request may ask for (prompts × `n`).
+pub const MAX_CHOICES_PER_REQUEST: usize = 256;
+
+/// What a finished choice keeps of its [`Choice`].
+struct ChoiceInfo {
+    index: u32,
+    counts_prompt: bool,
+    prompt_token_ids: Option<Vec<u32>>,
+}
+
+/// Runs every choice to its end, concurrently, in `index` order. The first failure is the
+/// answer; the other choices are dropped, which aborts them.
+async fn collect_all(choices: Vec<Choice>) -> Result<Vec<(ChoiceInfo, Finished)>, ApiError> {
+    let runs = choices.into_iter().map(|choice| async move {
+        let info = ChoiceInfo {
+            index: choice.index,
+            counts_prompt: choice.counts_prompt,
+            prompt_token_ids: choice.generation.prompt_token_ids().cloned(),
+        };
+        choice.generation.collect().await.map(|done| (info, done))
+    });
+    futures_util::future::try_join_all(runs).await
+}
 
 /// The application's router.
 pub fn router(state: AppState) -> Router {
