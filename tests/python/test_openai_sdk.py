@@ -293,3 +293,29 @@ def test_chat_with_n_choices(tiny):
                                             seed=3, stream=True, extra_body={"ignore_eos": True})
     roles = [c.choices[0].index for c in stream if c.choices and c.choices[0].delta.role == "assistant"]
     assert sorted(roles) == [0, 1, 2]
+
+
+def test_tokenize_and_detokenize(tiny):
+    """vLLM's /tokenize and /detokenize: the ids a completion's prompt becomes (the same count
+    `usage.prompt_tokens` reports), the chat template's rendering, and the way back."""
+    text = "tokenize me, please"
+    tokens = requests.post(tiny.base_url + "/tokenize", json={"model": "tiny", "prompt": text,
+                                                              "return_token_strs": True}, timeout=10).json()
+    c = tiny.client().completions.create(model="tiny", prompt=text, max_tokens=1, extra_body=TOKEN_IDS)
+    assert tokens["tokens"] == c.choices[0].prompt_token_ids
+    assert tokens["count"] == c.usage.prompt_tokens == len(tokens["tokens"])
+    assert tokens["max_model_len"] > 0
+    assert len(tokens["token_strs"]) == tokens["count"]
+    back = requests.post(tiny.base_url + "/detokenize", json={"tokens": tokens["tokens"]}, timeout=10).json()
+    assert text in back["prompt"]
+
+    messages = [{"role": "user", "content": "hi"}]
+    chat = requests.post(tiny.base_url + "/tokenize", json={"messages": messages}, timeout=10).json()
+    reply = tiny.client().chat.completions.create(model="tiny", messages=messages, max_tokens=1)
+    assert chat["count"] == reply.usage.prompt_tokens
+
+    for path, body, param in [("/tokenize", {}, "prompt"), ("/detokenize", {"tokens": [10**9]}, "tokens"),
+                              ("/detokenize", {}, "tokens"), ("/tokenize", {"prompt": "x", "model": "nope"}, "model")]:
+        r = requests.post(tiny.base_url + path, json=body, timeout=10)
+        assert r.status_code in (400, 404), r.text
+        assert r.json()["error"]["param"] == param, r.text

@@ -1,5 +1,5 @@
 //! The HTTP routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`,
-//! `GET /health` and `GET /metrics`.
+//! `POST /tokenize`, `POST /detokenize`, `GET /health` and `GET /metrics`.
 //!
 //! Unknown paths and wrong methods get OpenAI-style JSON errors too (404, 405), so a client never
 //! has to parse plain text. Each generation handler reads its body as [`ApiJson`], whose failures
@@ -9,6 +9,7 @@
 mod chat;
 mod completions;
 mod info;
+mod tokenize;
 
 use axum::Router;
 use axum::http::{Method, Uri};
@@ -51,6 +52,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
         .route("/v1/models", get(info::models))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route("/health", get(info::health))
         .route("/metrics", get(info::metrics))
         .fallback(not_found)

@@ -1,0 +1,148 @@
+//! `POST /tokenize` and `POST /detokenize`, as vLLM serves them: clients count tokens, check how a
+//! prompt or a chat renders, or turn ids back into text without running the model.
+//!
+//! `/tokenize` takes a `prompt` (tokenized with the special tokens unless `add_special_tokens`
+//! is false, as `/v1/completions` does) or chat `messages` (rendered with the model's template,
+//! `add_generation_prompt` default true, as `/v1/chat/completions` does) and answers `count`,
+//! `max_model_len`, `tokens` and, with `return_token_strs`, each token's vocabulary string.
+//! `/detokenize` takes `tokens` and answers the decoded `prompt`.
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::super::errors::{ApiError, ApiJson, from_value};
+use super::super::prompts::{encode_chat, normalize_messages};
+use super::super::state::AppState;
+use super::{object_body, respond};
+
+#[derive(Debug, Default, Deserialize)]
+struct TokenizeFields {
+    model: Option<String>,
+    prompt: Option<String>,
+    messages: Option<Value>,
+    add_special_tokens: Option<bool>,
+    add_generation_prompt: Option<bool>,
+    chat_template_kwargs: Option<Map<String, Value>>,
+    return_token_strs: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+struct TokenizeResponse {
+    count: usize,
+    max_model_len: usize,
+    tokens: Vec<u32>,
+    token_strs: Option<Vec<Option<String>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct DetokenizeFields {
+    model: Option<String>,
+    tokens: Option<Vec<i64>>,
+}
+
+#[derive(Debug, Serialize)]
+struct DetokenizeResponse {
+    prompt: String,
+}
+
+pub async fn tokenize(
+    State(state): State<AppState>,
+    body: Result<ApiJson<Value>, ApiError>,
+) -> Response {
+    let result =
+        tokenize_body(&state, body).map(|r| axum::response::IntoResponse::into_response(Json(r)));
+    respond(&state, result)
+}
+
+fn tokenize_body(
+    state: &AppState,
+    body: Result<ApiJson<Value>, ApiError>,
+) -> Result<TokenizeResponse, ApiError> {
+    let body = object_body(body)?;
+    let fields: TokenizeFields = from_value(&body)?;
+    state.resolve_model(fields.model.as_deref())?;
+    let tokens = match (&fields.prompt, &fields.messages) {
+        (Some(prompt), None) => state
+            .model
+            .tokenizer
+            .encode(prompt, fields.add_special_tokens.unwrap_or(true))
+            .map_err(|e| ApiError::invalid_param("prompt", format!("cannot tokenize: {e}")))?,
+        (None, Some(_)) => {
+            let messages = normalize_messages(fields.messages.as_ref())?;
+            encode_chat(
+                &state.model,
+                &messages,
+                fields.add_generation_prompt.unwrap_or(true),
+                fields.chat_template_kwargs.as_ref(),
+            )?
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "give either `prompt` or `messages`, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::invalid_param(
+                "prompt",
+                "`prompt` (or chat `messages`) is required",
+            ));
+        }
+    };
+    let token_strs = fields.return_token_strs.unwrap_or(false).then(|| {
+        tokens
+            .iter()
+            .map(|&id| state.model.tokenizer.id_to_token(id))
+            .collect()
+    });
+    Ok(TokenizeResponse {
+        count: tokens.len(),
+        max_model_len: state.engine.max_model_len(),
+        tokens,
+        token_strs,
+    })
+}
+
+pub async fn detokenize(
+    State(state): State<AppState>,
+    body: Result<ApiJson<Value>, ApiError>,
+) -> Response {
+    let result =
+        detokenize_body(&state, body).map(|r| axum::response::IntoResponse::into_response(Json(r)));
+    respond(&state, result)
+}
+
+fn detokenize_body(
+    state: &AppState,
+    body: Result<ApiJson<Value>, ApiError>,
+) -> Result<DetokenizeResponse, ApiError> {
+    let body = object_body(body)?;
+    let fields: DetokenizeFields = from_value(&body)?;
+    state.resolve_model(fields.model.as_deref())?;
+    let Some(tokens) = fields.tokens else {
+        return Err(ApiError::invalid_param("tokens", "`tokens` is required"));
+    };
+    let vocab_size = state.engine.vocab_size();
+    let ids = tokens
+        .iter()
+        .map(|&id| {
+            u32::try_from(id)
+                .ok()
+                .filter(|&id| (id as usize) < vocab_size)
+                .ok_or_else(|| {
+                    ApiError::invalid_param(
+                        "tokens",
+                        format!("token id {id} is outside the vocabulary (size {vocab_size})"),
+                    )
+                })
+        })
+        .collect::<Result<Vec<u32>, ApiError>>()?;
+    let prompt = state
+        .model
+        .tokenizer
+        .decode(&ids, false)
+        .map_err(|e| ApiError::invalid_param("tokens", format!("cannot decode: {e}")))?;
+    Ok(DetokenizeResponse { prompt })
+}
