@@ -197,3 +197,30 @@ def test_no_default_model_names_the_setup_command(tmp_path):
                          timeout=60, env={"STEPSCOPE_DEFAULT_MODEL_DIR": str(tmp_path / "missing"), "PATH": "/usr/bin:/bin"})
     assert out.returncode != 0
     assert "./scripts/setup-default-model.sh" in out.stderr, out.stderr
+
+
+def test_a_bad_prompt_in_a_batch_starts_nothing(short):
+    """Every prompt of a batch is checked before any runs: the error names the prompt, and no
+    choice was started (and then aborted)."""
+    before = short.metrics()
+    too_long = "x" * 200  # over the 64-token context
+    r = short.post("/v1/completions", {"prompt": ["fine", too_long], "max_tokens": 2})
+    assert_openai_error(r, 400, param="prompt[1]")
+    r = short.post("/v1/completions", {"prompt": ["fine", [1, 10**6]], "max_tokens": 2})
+    assert_openai_error(r, 400, param="prompt[1]")
+    after = short.metrics()
+    aborted = 'stepscope_request_success_total{finished_reason="abort"}'
+    assert after.get(aborted, 0) == before.get(aborted, 0)
+    assert after["stepscope_generation_tokens_total"] == before["stepscope_generation_tokens_total"]
+
+
+def test_more_choices_than_the_queue_holds_is_a_400():
+    server = Server("builtin:tiny", "--max-waiting-requests", "4")
+    try:
+        r = server.post("/v1/completions", {"prompt": ["a", "b", "c"], "n": 2, "max_tokens": 1})
+        assert_openai_error(r, 400, param="n", message="--max-waiting-requests 4")
+        r = server.post("/v1/completions", {"prompt": ["a", "b"], "n": 2, "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"]) == 4
+    finally:
+        server.stop()

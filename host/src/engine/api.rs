@@ -274,6 +274,28 @@ impl EngineLoop {
             }
             self.publish();
         }
+        // An `Add` that passed the handle's check just before shutdown began and arrived after
+        // the loop stopped: end its stream as aborted rather than leave it without a last output.
+        while let Ok(command) = self.commands.try_recv() {
+            if let Command::Add {
+                request_id,
+                outputs,
+                ..
+            } = command
+            {
+                self.shared.pending_fresh.fetch_sub(1, Ordering::AcqRel);
+                let _ = outputs.send(RequestOutput {
+                    request_id,
+                    new_token_ids: Vec::new(),
+                    finish_reason: Some(FinishReason::Abort),
+                    num_prompt_tokens: 0,
+                    num_cached_tokens: 0,
+                    num_output_tokens: 0,
+                    num_preemptions: 0,
+                    logprobs: Vec::new(),
+                });
+            }
+        }
         self.publish();
         tracing::debug!("engine thread stopped");
     }

@@ -173,9 +173,11 @@ impl IncrementalDetokenizer {
             .iter()
             .filter(|s| !s.is_empty())
             .filter_map(|s| {
+                // Forward to a character boundary: a match starts on one, and moving back could
+                // find a stop string that ends in the old text.
                 let mut from = old_len.saturating_sub(s.len() - 1);
                 while !text.is_char_boundary(from) {
-                    from -= 1;
+                    from += 1;
                 }
                 text[from..].find(s.as_str()).map(|i| (from + i, s))
             })
@@ -299,6 +301,31 @@ mod tests {
         let (deltas, stop) = stream(&mut d, &ids);
         assert_eq!(stop, None);
         assert_eq!(deltas.concat(), "x\nyz");
+    }
+
+    #[test]
+    fn a_multibyte_stop_string_inside_the_min_tokens_text_is_never_matched() {
+        let t = tok();
+        let ids = t.encode("好。x", false).unwrap();
+        // Every token but the last ("x") is exempt: "。" lies wholly in the exempt text.
+        let opts = DetokenizerOptions {
+            stop: vec!["。".into()],
+            min_tokens: ids.len() - 1,
+            ..Default::default()
+        };
+        let mut d = IncrementalDetokenizer::new(t.clone(), &[], opts);
+        let (deltas, stop) = stream(&mut d, &ids);
+        assert_eq!(stop, None, "{ids:?}");
+        assert_eq!(deltas.concat(), "好。x");
+        // Without min_tokens the same text stops at the full stop.
+        let opts = DetokenizerOptions {
+            stop: vec!["。".into()],
+            ..Default::default()
+        };
+        let mut d = IncrementalDetokenizer::new(t, &[], opts);
+        let (deltas, stop) = stream(&mut d, &ids);
+        assert_eq!(stop.as_deref(), Some("。"));
+        assert_eq!(deltas.concat(), "好");
     }
 
     #[test]

@@ -85,7 +85,7 @@ impl ServerMetrics {
         );
         registry.register(
             "stepscope_request_success",
-            "Requests finished, by finish reason (abort: the client went away)",
+            "Requests finished, by finish reason (abort: the client went away); each of a request's n choices counts",
             finished.clone(),
         );
         registry.register(

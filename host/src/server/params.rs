@@ -2,8 +2,8 @@
 //!
 //! [`RequestOptions::from_fields`] checks every OpenAI/vLLM sampling field against its range and
 //! turns the request into the engine's [`SamplingParams`] and the detokenizer's
-//! [`DetokenizerOptions`]; what this server does not implement (`n > 1`, `best_of > 1`) is
-//! refused with a 400 naming the field rather than silently ignored (log-probabilities are set
+//! [`DetokenizerOptions`]; what this server does not implement (`best_of > 1`) is refused with
+//! a 400 naming the field rather than silently ignored (log-probabilities are set
 //! by each endpoint, whose fields differ). [`resolve_max_tokens`]
 //! applies the context-length rule once the prompt is tokenized: the prompt plus `max_tokens`
 //! must fit in `max_model_len` (as vLLM checks), and an absent `max_tokens` takes the endpoint's

@@ -90,14 +90,19 @@ fn token_ids(param: &str, items: &[Value]) -> Result<Vec<u32>, ApiError> {
         .collect()
 }
 
-/// Tokenizes a completion prompt (text gets the model's special tokens, as `generate` does).
-pub fn encode_prompt(model: &ModelInfo, prompt: PromptInput) -> Result<Vec<u32>, ApiError> {
+/// Tokenizes a completion prompt (text gets the model's special tokens, as `generate` does);
+/// `param` names it in errors (`prompt`, or `prompt[i]` in a batch).
+pub fn encode_prompt(
+    model: &ModelInfo,
+    prompt: PromptInput,
+    param: &str,
+) -> Result<Vec<u32>, ApiError> {
     match prompt {
         PromptInput::TokenIds(ids) => Ok(ids),
         PromptInput::Text(text) => model
             .tokenizer
             .encode(&text, true)
-            .map_err(|e| ApiError::invalid_param("prompt", format!("cannot tokenize: {e}"))),
+            .map_err(|e| ApiError::invalid_param(param, format!("cannot tokenize: {e}"))),
     }
 }
 

@@ -23,7 +23,7 @@ use super::super::params::{MaxTokensDefault, RequestOptions, resolve_max_tokens}
 use super::super::prompts::{encode_chat, normalize_messages};
 use super::super::sse::{self, Choice, ChunkKind, ChunkWriter, total_usage};
 use super::super::state::{AppState, new_id, unix_seconds};
-use super::{MAX_CHOICES_PER_REQUEST, collect_all, object_body, respond};
+use super::{check_choice_count, collect_all, object_body, respond};
 
 pub async fn create(
     State(state): State<AppState>,
@@ -117,12 +117,7 @@ async fn handle(
         state.engine.max_model_len(),
         "messages",
     )?;
-    if options.n > MAX_CHOICES_PER_REQUEST {
-        return Err(ApiError::invalid_param(
-            "n",
-            format!("at most {MAX_CHOICES_PER_REQUEST} choices per request"),
-        ));
-    }
+    check_choice_count(state, options.n, "n")?;
     let mut choices = Vec::with_capacity(options.n);
     for choice in 0..options.n {
         // An error here drops the choices started so far, which aborts them.

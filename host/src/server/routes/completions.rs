@@ -23,7 +23,7 @@ use super::super::params::{MaxTokensDefault, RequestOptions, resolve_max_tokens}
 use super::super::prompts::{encode_prompt, parse_prompts};
 use super::super::sse::{self, Choice, ChunkKind, ChunkWriter, total_usage};
 use super::super::state::{AppState, new_id, unix_seconds};
-use super::{MAX_CHOICES_PER_REQUEST, collect_all, object_body, respond};
+use super::{check_choice_count, collect_all, object_body, respond};
 
 /// OpenAI's default `max_tokens` for completions.
 const DEFAULT_MAX_TOKENS: usize = 16;
@@ -78,20 +78,18 @@ async fn handle(
         )
     });
     let prompts = parse_prompts(fields.prompt.as_ref())?;
+    let batched = prompts.len() > 1;
     let total = prompts.len() * options.n;
-    if total > MAX_CHOICES_PER_REQUEST {
-        return Err(ApiError::invalid_param(
-            "n",
-            format!(
-                "{} prompts × n = {} choices; at most {MAX_CHOICES_PER_REQUEST} per request",
-                prompts.len(),
-                options.n
-            ),
-        ));
-    }
-    let mut choices = Vec::with_capacity(total);
+    check_choice_count(state, total, "n")?;
+    // Tokenize and size every prompt before any starts, so a bad one wastes no work.
+    let mut sized = Vec::with_capacity(prompts.len());
     for (p, prompt) in prompts.into_iter().enumerate() {
-        let prompt_ids = encode_prompt(&state.model, prompt)?;
+        let param = if batched {
+            format!("prompt[{p}]")
+        } else {
+            "prompt".to_string()
+        };
+        let prompt_ids = encode_prompt(&state.model, prompt, &param)?;
         let mut options = options.clone();
         options.sampling.max_tokens = resolve_max_tokens(
             common.max_tokens,
@@ -99,18 +97,21 @@ async fn handle(
             MaxTokensDefault::Fixed(DEFAULT_MAX_TOKENS),
             prompt_ids.len(),
             state.engine.max_model_len(),
-            "prompt",
+            &param,
         )?;
+        state
+            .engine
+            .limits()
+            .validate_request(&prompt_ids, &options.sampling)
+            .map_err(|error| ApiError::from_engine(&error, &param))?;
+        sized.push((param, prompt_ids, options));
+    }
+    let mut choices = Vec::with_capacity(total);
+    for (p, (param, prompt_ids, options)) in sized.into_iter().enumerate() {
         for choice in 0..options.n {
             // An error here drops the choices started so far, which aborts them.
-            let generation = Generation::start(
-                state,
-                prompt_ids.clone(),
-                &options,
-                choice,
-                "prompt",
-                arrival,
-            )?;
+            let generation =
+                Generation::start(state, prompt_ids.clone(), &options, choice, &param, arrival)?;
             choices.push(Choice {
                 index: (p * options.n + choice) as u32,
                 counts_prompt: choice == 0,

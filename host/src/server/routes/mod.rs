@@ -25,6 +25,24 @@ use super::state::AppState;
 /// The most choices one request may ask for (prompts × `n`).
 pub const MAX_CHOICES_PER_REQUEST: usize = 256;
 
+/// Refuses a request whose choices could never all be admitted: more than
+/// [`MAX_CHOICES_PER_REQUEST`], or more than the waiting queue holds (a 503 `queue_full` would
+/// then be retried in vain).
+fn check_choice_count(state: &AppState, total: usize, param: &str) -> Result<(), ApiError> {
+    let queue = state.engine.limits().max_waiting_requests;
+    let limit = MAX_CHOICES_PER_REQUEST.min(queue);
+    if total > limit {
+        return Err(ApiError::invalid_param(
+            param,
+            format!(
+                "this request asks for {total} choices (prompts × n); at most {limit} fit \
+                 (--max-waiting-requests {queue}, and {MAX_CHOICES_PER_REQUEST} per request)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// What a finished choice keeps of its [`Choice`].
 struct ChoiceInfo {
     index: u32,
