@@ -264,17 +264,22 @@ def test_batched_prompts_and_n_choices(tiny):
     # Streamed: chunks of all four interleave; each ends once; usage the same.
     stream = client.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=6, temperature=1.0, seed=11,
                                        stream=True, stream_options={"include_usage": True}, extra_body=TOKEN_IDS)
-    ids, finished, usage = {i: [] for i in range(4)}, [], None
+    ids, finished, usage, prompt_ids = {i: [] for i in range(4)}, [], None, {}
     for chunk in stream:
         if not chunk.choices:
             usage = chunk.usage
             continue
         choice = chunk.choices[0]
         ids[choice.index] += choice.token_ids
+        if getattr(choice, "prompt_token_ids", None) is not None:
+            assert choice.index not in prompt_ids, "prompt_token_ids sent twice"
+            prompt_ids[choice.index] = choice.prompt_token_ids
         if choice.finish_reason:
             finished.append(choice.index)
     assert sorted(finished) == [0, 1, 2, 3]
     assert all(ids[i] == by_index[i].token_ids for i in range(4))
+    # Each choice's first chunk carries its prompt's ids (vLLM's return_token_ids).
+    assert prompt_ids == {i: by_index[i].prompt_token_ids for i in range(4)}
     assert (usage.prompt_tokens, usage.completion_tokens) == (prompt_tokens, 24)
 
 

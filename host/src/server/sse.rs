@@ -122,6 +122,20 @@ impl ChunkWriter {
         finish: Option<FinishReason>,
         logprobs: Option<Value>,
     ) -> Bytes {
+        self.delta_with_prompt(index, text, token_ids, finish, logprobs, None)
+    }
+
+    /// [`delta`](Self::delta), with the prompt's token ids (a completion choice's first chunk
+    /// carries them when `return_token_ids` is on, as vLLM does; chat chunks have no such field).
+    pub fn delta_with_prompt(
+        &self,
+        index: u32,
+        text: String,
+        token_ids: Vec<u32>,
+        finish: Option<FinishReason>,
+        logprobs: Option<Value>,
+        prompt_token_ids: Option<Vec<u32>>,
+    ) -> Bytes {
         let token_ids = self.return_token_ids.then_some(token_ids);
         match self.kind {
             ChunkKind::Completion => event(&CompletionResponse {
@@ -135,7 +149,7 @@ impl ChunkWriter {
                     logprobs,
                     finish_reason: finish.map(FinishReason::as_str),
                     token_ids,
-                    prompt_token_ids: None,
+                    prompt_token_ids,
                 }],
                 usage: self.usage_field(),
             }),
@@ -209,6 +223,8 @@ struct ChoiceState {
     /// `text_offset` of the next token (completions' log-probabilities).
     text_offset: usize,
     usage: Usage,
+    /// Sent with the choice's first chunk (`return_token_ids`).
+    prompt_token_ids: Option<Vec<u32>>,
 }
 
 /// A choice's deltas, each with the choice's slot and its usage after it.
@@ -256,8 +272,11 @@ impl StreamState {
                 .as_ref()
                 .map(|renderer| renderer.render(&logprobs, &mut choice.text_offset));
             let index = choice.index;
-            self.queue
-                .push_back(self.writer.delta(index, text, ids, finish, logprobs));
+            let prompt_ids = choice.prompt_token_ids.take();
+            self.queue.push_back(
+                self.writer
+                    .delta_with_prompt(index, text, ids, finish, logprobs, prompt_ids),
+            );
         }
     }
 
@@ -281,7 +300,9 @@ pub fn response(choices: Vec<Choice>, writer: ChunkWriter) -> Response {
     for (slot, choice) in choices.into_iter().enumerate() {
         queue.extend(writer.opening(choice.index));
         let usage = choice.generation.usage();
+        let prompt_token_ids = choice.generation.prompt_token_ids().cloned();
         states.push(ChoiceState {
+            prompt_token_ids,
             index: choice.index,
             counts_prompt: choice.counts_prompt,
             pending_token_ids: Vec::new(),
