@@ -92,6 +92,27 @@ fn unbounded_memory_growth_hits_the_memory_cap() {
 }
 
 #[test]
+fn a_heap_that_only_grows_is_recycled_before_it_faults() {
+    // 1 MiB more per call under a 16 MiB cap: without recycling the 16th call or so would hit
+    // the cap and fault. Recycled at 3/4 of the cap, every one of 100 steps gets an answer.
+    let (mut runtime, counters) = hostile("leak");
+    let faults = drive(&mut runtime, 100);
+    assert!(faults.is_empty(), "faults: {faults:?}");
+    let snapshot = counters.snapshot();
+    assert_eq!(snapshot.total_faults(), 0);
+    assert_eq!(snapshot.skipped_backoff, 0);
+    assert!(
+        snapshot.recycles >= 5,
+        "expected a recycle every dozen calls or so: {snapshot:?}"
+    );
+    assert_eq!(snapshot.instantiations, snapshot.recycles + 1);
+    // A well-behaved policy is never recycled.
+    let (mut runtime, counters) = hostile("ok");
+    assert!(drive(&mut runtime, 100).is_empty());
+    assert_eq!(counters.snapshot().recycles, 0);
+}
+
+#[test]
 fn a_trap_is_contained() {
     assert_contained("trap", FaultKind::Trap);
 }

@@ -132,12 +132,16 @@ pub fn check(module: &PolicyModule, suite: &SuiteParams) -> Result<CheckReport, 
             _ => note_fault(&mut faults, step, &a, &b),
         }
     }
+    let recycles = match counters.snapshot().recycles {
+        0 => String::new(),
+        n => format!(" ({n} instances retired with memory near the cap)"),
+    };
     lines.push(CheckLine {
         name: "no faults",
         passed: faults.is_empty(),
         detail: match faults.first() {
             None => format!(
-                "{} steps, {plans} rich plans, no trap/timeout/malformed answer",
+                "{} steps, {plans} rich plans, no trap/timeout/malformed answer{recycles}",
                 suite.steps
             ),
             Some((step, kind)) => format!("{} faults; first at step {step}: {kind}", faults.len()),

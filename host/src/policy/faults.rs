@@ -54,6 +54,7 @@ pub struct PolicyCounters {
     calls: AtomicU64,
     skipped_backoff: AtomicU64,
     instantiations: AtomicU64,
+    recycles: AtomicU64,
     faults: [AtomicU64; 5],
     call_nanos_total: AtomicU64,
 }
@@ -67,6 +68,8 @@ pub struct PolicyCountersSnapshot {
     pub skipped_backoff: u64,
     /// Instances created (the first one included).
     pub instantiations: u64,
+    /// Instances retired with their memory near the cap (not faults).
+    pub recycles: u64,
     /// Faults by kind, indexed like [`FaultKind::ALL`].
     pub faults: [u64; 5],
     /// Total time spent in guest calls, in nanoseconds.
@@ -97,6 +100,10 @@ impl PolicyCounters {
         self.skipped_backoff.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn record_recycle(&self) {
+        self.recycles.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn record_instantiation(&self) {
         self.instantiations.fetch_add(1, Ordering::Relaxed);
     }
@@ -110,6 +117,7 @@ impl PolicyCounters {
             calls: self.calls.load(Ordering::Relaxed),
             skipped_backoff: self.skipped_backoff.load(Ordering::Relaxed),
             instantiations: self.instantiations.load(Ordering::Relaxed),
+            recycles: self.recycles.load(Ordering::Relaxed),
             faults,
             call_nanos_total: self.call_nanos_total.load(Ordering::Relaxed),
         }

@@ -6,6 +6,12 @@
 //! backs off — 1, 2, 4 … up to `max_backoff_steps` steps — before instantiating again from
 //! the pre-linked template. Steps in between go untraced. Nothing here ever panics or returns
 //! an error to the step loop.
+//!
+//! Guests whose heap only grows (a JavaScript engine's does) would reach the memory cap after
+//! enough calls and fault on a step. So after each successful call, an instance whose largest
+//! linear memory has passed [`RECYCLE_MEMORY_FRACTION`] of the cap is retired: the next call
+//! instantiates a fresh one, with no fault, no back-off and no untraced step (counted as a
+//! recycle).
 
 use super::bindings::{RequestViews, StepPolicy, StepSummary};
 use super::faults::{FaultKind, PolicyCounters};
@@ -14,14 +20,65 @@ use super::validate::{Decision, RichSelection, check_decision, check_rich_plan};
 use super::wasi::SandboxWasi;
 use std::sync::Arc;
 use std::time::Instant;
-use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::{WasiCtxView, WasiView};
 
-/// Per-store host state: the resource limiter, and the sandbox WASI context for components
-/// that import WASI (built on first use; see [`super::wasi`]).
+/// An instance whose largest linear memory has grown past this fraction of the memory cap is
+/// replaced by a fresh one before its next call.
+pub const RECYCLE_MEMORY_FRACTION: f64 = 0.75;
+
+/// Per-store host state: the resource limiter, the size of the largest linear memory so far,
+/// and the sandbox WASI context for components that import WASI (built on first use; see
+/// [`super::wasi`]).
 pub(crate) struct StoreState {
     limits: StoreLimits,
+    largest_memory_bytes: usize,
     wasi: Option<SandboxWasi>,
+}
+
+/// [`StoreLimits`], noting the largest memory size it allowed.
+impl ResourceLimiter for StoreState {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        if allowed {
+            self.largest_memory_bytes = self.largest_memory_bytes.max(desired);
+        }
+        Ok(allowed)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.memory_grow_failed(error)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
 }
 
 impl WasiView for StoreState {
@@ -177,6 +234,19 @@ impl PolicyRuntime {
                 if self.successes_since_fault >= SUCCESSES_TO_FORGIVE {
                     self.consecutive_faults = 0;
                 }
+                let cap = self.module.limits().memory_bytes;
+                let used = live.store.data().largest_memory_bytes;
+                if used as f64 > cap as f64 * RECYCLE_MEMORY_FRACTION {
+                    tracing::debug!(
+                        policy = self.module.name(),
+                        step_id,
+                        used,
+                        cap,
+                        "policy memory near its cap: a fresh instance takes the next call"
+                    );
+                    self.counters.record_recycle();
+                    self.live = None;
+                }
                 PolicyOutcome::Answer(answer)
             }
             Ok(Err(reason)) => {
@@ -233,10 +303,11 @@ fn instantiate(
             .memories(16)
             .tables(256)
             .build(),
+        largest_memory_bytes: 0,
         wasi: None,
     };
     let mut store = Store::new(module.engine(), state);
-    store.limiter(|state| &mut state.limits);
+    store.limiter(|state| state);
     let fuel = |store: &mut Store<StoreState>| match limits.fuel_per_call {
         0 => Ok(()),
         fuel => store

@@ -265,6 +265,11 @@ impl StatsCollector {
                     p.instantiations,
                 ),
                 (
+                    "stepscope_policy_recycles",
+                    "Policy instances retired with linear memory near the cap (replaced, not faults)",
+                    p.recycles,
+                ),
+                (
                     "stepscope_policy_skipped_backoff",
                     "Steps left untraced while a faulty policy backs off",
                     p.skipped_backoff,

@@ -1,11 +1,12 @@
 //! A deliberately hostile policy for the host's sandbox tests.
 //!
 //! `configure` takes `mode=…` and every later call misbehaves that way: `loop` spins forever,
-//! `memory` allocates until the memory cap, `trap` hits `unreachable`, `out-of-range` names a
+//! `memory` allocates until the memory cap, `leak` keeps 1 MiB more on every call (a heap that
+//! only grows, as a JavaScript engine's), `trap` hits `unreachable`, `out-of-range` names a
 //! request index past the end, `huge-list` returns 200,000 indices, `duplicate` names one
 //! request twice, `bad-probability` returns NaN, `rich-without-batch` asks for snapshots of an
 //! unsampled step, `long-extra` returns an oversized extra attribute, and `ok` behaves (samples
-//! everything). The misbehaviour happens in `decide` for `loop`, `memory`, `trap`,
+//! everything). The misbehaviour happens in `decide` for `loop`, `memory`, `leak`, `trap`,
 //! `bad-probability`, `rich-without-batch` and `long-extra`, and in `plan-rich` otherwise.
 
 wit_bindgen::generate!({
@@ -31,12 +32,13 @@ enum Mode {
     BadProbability,
     RichWithoutBatch,
     LongExtra,
+    Leak,
 }
 
 static MODE: AtomicU32 = AtomicU32::new(Mode::Ok as u32);
 
 fn mode() -> Mode {
-    const ALL: [Mode; 10] = [
+    const ALL: [Mode; 11] = [
         Mode::Ok,
         Mode::Loop,
         Mode::Memory,
@@ -47,6 +49,7 @@ fn mode() -> Mode {
         Mode::BadProbability,
         Mode::RichWithoutBatch,
         Mode::LongExtra,
+        Mode::Leak,
     ];
     ALL[MODE.load(Ordering::Relaxed) as usize]
 }
@@ -70,6 +73,7 @@ impl Guest for Hostile {
                 "bad-probability" => Mode::BadProbability,
                 "rich-without-batch" => Mode::RichWithoutBatch,
                 "long-extra" => Mode::LongExtra,
+                "leak" => Mode::Leak,
                 "fail-configure" => return Err("configure refused on purpose".to_string()),
                 other => return Err(format!("unknown mode `{other}`")),
             };
@@ -98,6 +102,10 @@ impl Guest for Hostile {
                 loop {
                     hoard.push(std::hint::black_box(Vec::<u8>::with_capacity(1 << 20)));
                 }
+            }
+            Mode::Leak => {
+                let block: &'static mut [u8] = Vec::leak(vec![1u8; 1 << 20]);
+                std::hint::black_box(block);
             }
             Mode::Trap => core::arch::wasm32::unreachable(),
             Mode::BadProbability => decision.batch_probability = f64::NAN,
