@@ -90,6 +90,21 @@ pub struct GenerateArgs {
     /// Keep generating after an end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// OpenAI presence penalty, in [-2, 2].
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    /// OpenAI frequency penalty, in [-2, 2].
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+    /// vLLM repetition penalty (> 0; 1 is off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// EOS, stop tokens and stop strings are held back until this many tokens were generated.
+    #[arg(long, default_value_t = 0)]
+    pub min_tokens: usize,
+    /// With --json: add each token's log-probability and this many top alternatives (0-20).
+    #[arg(long, value_name = "N")]
+    pub logprobs: Option<usize>,
     /// Stop at this string (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,

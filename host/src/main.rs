@@ -173,18 +173,26 @@ fn run_generate(args: stepscope::cli::GenerateArgs) -> anyhow::Result<ExitCode> 
         top_p: args.top_p,
         seed: args.sampling_seed,
         ignore_eos: args.ignore_eos,
+        presence_penalty: args.presence_penalty,
+        frequency_penalty: args.frequency_penalty,
+        repetition_penalty: args.repetition_penalty,
+        min_tokens: args.min_tokens,
+        logprobs: args.logprobs,
         ..SamplingParams::default()
     };
     let detokenizer = DetokenizerOptions {
         stop: args.stop.clone(),
+        min_tokens: args.min_tokens,
         ..DetokenizerOptions::default()
     };
     let mut stream = TextStream::start(&launched.engine, model, prompt_ids, params, detokenizer)?;
     let mut token_ids = Vec::new();
     let mut stdout = std::io::stdout().lock();
     let mut finish_reason = None;
+    let mut logprobs = Vec::new();
     while let Some(delta) = stream.blocking_next() {
         token_ids.extend_from_slice(&delta.token_ids);
+        logprobs.extend(delta.logprobs);
         if !args.json {
             stdout.write_all(delta.text.as_bytes())?;
             stdout.flush()?;
@@ -195,7 +203,21 @@ fn run_generate(args: stepscope::cli::GenerateArgs) -> anyhow::Result<ExitCode> 
     drop(stream);
     if args.json {
         let finish_reason = finish_reason.map(|r| r.as_str());
-        let out = serde_json::json!({ "token_ids": token_ids, "text": text, "finish_reason": finish_reason });
+        let mut out = serde_json::json!({ "token_ids": token_ids, "text": text, "finish_reason": finish_reason });
+        if args.logprobs.is_some() {
+            // One entry per token: its log-probability, rank and the top alternatives.
+            out["logprobs"] = logprobs
+                .iter()
+                .map(|lp| {
+                    serde_json::json!({
+                        "token_id": lp.token_id,
+                        "logprob": lp.logprob,
+                        "rank": lp.rank,
+                        "top": lp.top.iter().map(|&(t, l)| serde_json::json!([t, l])).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+        }
         writeln!(stdout, "{out}")?;
     } else {
         writeln!(stdout)?;

@@ -47,6 +47,58 @@ fn tiny_greedy_generation_is_deterministic_and_respects_max_tokens() {
 }
 
 #[test]
+fn tiny_generation_takes_penalties_and_reports_logprobs() {
+    let base = [
+        "builtin:tiny",
+        "--prompt",
+        "hello world, tell me",
+        "--max-tokens",
+        "32",
+        "--ignore-eos",
+    ];
+    let plain = generate_json(&base);
+    let mut with_logprobs = base.to_vec();
+    with_logprobs.extend(["--logprobs", "3"]);
+    let out = generate_json(&with_logprobs);
+    assert_eq!(
+        ids(&out),
+        ids(&plain),
+        "logprobs must not change the tokens"
+    );
+    let logprobs = out["logprobs"].as_array().expect("logprobs");
+    assert_eq!(logprobs.len(), 32);
+    for (entry, id) in logprobs.iter().zip(ids(&out)) {
+        assert_eq!(entry["token_id"].as_u64(), Some(id));
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(entry["rank"].as_u64(), Some(1), "{entry}");
+        assert_eq!(entry["top"][0][0].as_u64(), Some(id));
+        assert!(entry["logprob"].as_f64().is_some_and(|l| l <= 0.0));
+        assert_eq!(entry["top"].as_array().map(Vec::len), Some(3));
+    }
+    assert!(plain.get("logprobs").is_none());
+
+    let mut penalised = base.to_vec();
+    penalised.extend(["--repetition-penalty", "3", "--presence-penalty", "-0.5"]);
+    let out = generate_json(&penalised);
+    assert_ne!(ids(&out), ids(&plain), "the penalties changed nothing");
+
+    let bad = stepscope_tests::stepscope(&[
+        "generate",
+        "builtin:tiny",
+        "--prompt",
+        "x",
+        "--frequency-penalty",
+        "3",
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("frequency_penalty"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
+
+#[test]
 fn tiny_generation_with_a_small_kv_pool_matches_a_large_one() {
     // 6 blocks of 4 tokens cannot hold prompt + 40 tokens at once with a second request
     // around, but a single request always fits; the output must not depend on the pool.
