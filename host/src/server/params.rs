@@ -127,24 +127,11 @@ impl RequestOptions {
                 ));
             }
         };
-        let stop_token_ids = fields
-            .stop_token_ids
-            .iter()
-            .flatten()
-            .map(|&id| {
-                u32::try_from(id)
-                    .ok()
-                    .filter(|&id| (id as usize) < vocab_size)
-                    .ok_or_else(|| {
-                        ApiError::invalid_param(
-                            "stop_token_ids",
-                            format!(
-                                "stop token id {id} is outside the vocabulary (size {vocab_size})"
-                            ),
-                        )
-                    })
-            })
-            .collect::<Result<Vec<u32>, ApiError>>()?;
+        let stop_token_ids = token_ids_in_vocabulary(
+            fields.stop_token_ids.as_deref().unwrap_or_default(),
+            vocab_size,
+            "stop_token_ids",
+        )?;
         let stream = fields.stream.unwrap_or(false);
         if fields.stream_options.is_some() && !stream {
             return Err(ApiError::invalid_param(
@@ -188,6 +175,28 @@ impl RequestOptions {
             n,
         })
     }
+}
+
+/// Token ids as a request gave them, each checked to be in `0..vocab_size`; `param` names the
+/// field in the error.
+pub fn token_ids_in_vocabulary(
+    ids: &[i64],
+    vocab_size: usize,
+    param: &str,
+) -> Result<Vec<u32>, ApiError> {
+    ids.iter()
+        .map(|&id| {
+            u32::try_from(id)
+                .ok()
+                .filter(|&id| (id as usize) < vocab_size)
+                .ok_or_else(|| {
+                    ApiError::invalid_param(
+                        param,
+                        format!("token id {id} is outside the vocabulary (size {vocab_size})"),
+                    )
+                })
+        })
+        .collect()
 }
 
 /// `stop`: a string or a list of strings (empty strings are dropped).

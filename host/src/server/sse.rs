@@ -34,6 +34,8 @@ use super::logprobs::LogprobsRenderer;
 use super::openai_types::{
     ChatChunk, ChatChunkChoice, ChatDelta, CompletionChoice, CompletionResponse, Usage,
 };
+use super::params::RequestOptions;
+use super::state::{new_id, unix_seconds};
 
 /// Which endpoint's chunk shape to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +69,25 @@ pub fn done_event() -> Bytes {
 }
 
 impl ChunkWriter {
+    /// The writer for a new response: a fresh `id` (`id_prefix` + random hex), created now.
+    pub fn new(
+        kind: ChunkKind,
+        id_prefix: &str,
+        model: String,
+        options: &RequestOptions,
+        logprobs: Option<LogprobsRenderer>,
+    ) -> Self {
+        Self {
+            kind,
+            id: new_id(id_prefix),
+            created: unix_seconds(),
+            model,
+            include_usage: options.include_usage,
+            return_token_ids: options.return_token_ids,
+            logprobs,
+        }
+    }
+
     fn usage_field(&self) -> Option<Option<Usage>> {
         self.include_usage.then_some(None)
     }

@@ -21,9 +21,9 @@ use super::super::openai_types::{
 };
 use super::super::params::{MaxTokensDefault, RequestOptions, resolve_max_tokens};
 use super::super::prompts::{encode_chat, normalize_messages};
-use super::super::sse::{self, Choice, ChunkKind, ChunkWriter, total_usage};
-use super::super::state::{AppState, new_id, unix_seconds};
-use super::{check_choice_count, collect_all, object_body, respond};
+use super::super::sse::{Choice, ChunkKind, ChunkWriter};
+use super::super::state::AppState;
+use super::{Answer, check_choice_count, object_body, respond, stream_or_collect};
 
 pub async fn create(
     State(state): State<AppState>,
@@ -135,26 +135,17 @@ async fn handle(
             generation,
         });
     }
-    let id = new_id("chatcmpl-");
-    let created = unix_seconds();
-    if options.stream {
-        let writer = ChunkWriter {
-            kind: ChunkKind::Chat,
-            id,
-            created,
-            model,
-            include_usage: options.include_usage,
-            return_token_ids: options.return_token_ids,
-            logprobs: renderer,
-        };
-        return Ok(sse::response(choices, writer));
-    }
-    let finished = collect_all(choices).await?;
-    let usage = total_usage(
-        finished
-            .iter()
-            .map(|(c, done)| (c.counts_prompt, &done.usage)),
+    let writer = ChunkWriter::new(ChunkKind::Chat, "chatcmpl-", model, &options, renderer);
+    let (id, created, model, renderer) = (
+        writer.id.clone(),
+        writer.created,
+        writer.model.clone(),
+        writer.logprobs.clone(),
     );
+    let (finished, usage) = match stream_or_collect(choices, &options, writer).await? {
+        Answer::Streamed(response) => return Ok(response),
+        Answer::Collected(finished, usage) => (finished, usage),
+    };
     Ok(Json(ChatResponse {
         id,
         object: "chat.completion",

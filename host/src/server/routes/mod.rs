@@ -19,11 +19,38 @@ use serde_json::Value;
 
 use super::errors::{ApiError, ApiJson};
 use super::generation::Finished;
-use super::sse::Choice;
+use super::openai_types::Usage;
+use super::params::RequestOptions;
+use super::sse::{self, Choice, ChunkWriter, total_usage};
 use super::state::AppState;
 
 /// The most choices one request may ask for (prompts × `n`).
 pub const MAX_CHOICES_PER_REQUEST: usize = 256;
+
+/// A generation request's answer: an SSE stream, or every choice run to its end (in `index`
+/// order) with the request's usage, for the endpoint to shape as JSON.
+enum Answer {
+    Streamed(Response),
+    Collected(Vec<(ChoiceInfo, Finished)>, Usage),
+}
+
+/// Streams `choices` when the request asked for it, else collects them.
+async fn stream_or_collect(
+    choices: Vec<Choice>,
+    options: &RequestOptions,
+    writer: ChunkWriter,
+) -> Result<Answer, ApiError> {
+    if options.stream {
+        return Ok(Answer::Streamed(sse::response(choices, writer)));
+    }
+    let finished = collect_all(choices).await?;
+    let usage = total_usage(
+        finished
+            .iter()
+            .map(|(c, done)| (c.counts_prompt, &done.usage)),
+    );
+    Ok(Answer::Collected(finished, usage))
+}
 
 /// Refuses a request whose choices could never all be admitted: more than
 /// [`MAX_CHOICES_PER_REQUEST`], or more than the waiting queue holds (a 503 `queue_full` would

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::super::errors::{ApiError, ApiJson, from_value};
+use super::super::params::token_ids_in_vocabulary;
 use super::super::prompts::{encode_chat, normalize_messages};
 use super::super::state::AppState;
 use super::{object_body, respond};
@@ -124,21 +125,7 @@ fn detokenize_body(
     let Some(tokens) = fields.tokens else {
         return Err(ApiError::invalid_param("tokens", "`tokens` is required"));
     };
-    let vocab_size = state.engine.vocab_size();
-    let ids = tokens
-        .iter()
-        .map(|&id| {
-            u32::try_from(id)
-                .ok()
-                .filter(|&id| (id as usize) < vocab_size)
-                .ok_or_else(|| {
-                    ApiError::invalid_param(
-                        "tokens",
-                        format!("token id {id} is outside the vocabulary (size {vocab_size})"),
-                    )
-                })
-        })
-        .collect::<Result<Vec<u32>, ApiError>>()?;
+    let ids = token_ids_in_vocabulary(&tokens, state.engine.vocab_size(), "tokens")?;
     let prompt = state
         .model
         .tokenizer
