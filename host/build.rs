@@ -18,6 +18,7 @@ const GUESTS: &[(&str, &str)] = &[
     ("stepscope-policy-hostile", "hostile"),
     ("stepscope-policy-wrong-world", "wrong-world"),
     ("stepscope-policy-host-import", "host-import"),
+    ("stepscope-policy-stall", "stall"),
 ];
 
 /// Guest crates built for `wasm32-wasip2` (package name, component file name).

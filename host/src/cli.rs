@@ -6,6 +6,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -182,6 +183,22 @@ pub struct StepTracingArgs {
     /// Linear-memory cap of a policy instance, in MiB.
     #[arg(long, default_value_t = 64)]
     pub step_tracing_policy_memory_mib: u64,
+    /// Wall-clock deadline of one policy call (`decide`, `plan-rich`), in milliseconds; time
+    /// spent in host calls counts. A call past it is stopped as a `timeout` fault.
+    #[arg(long, default_value_t = crate::policy::DEFAULT_CALL_DEADLINE_MS, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub step_tracing_policy_deadline_ms: u64,
+    /// Wall-clock deadline of a policy's instantiation plus `configure`, in milliseconds.
+    #[arg(long, default_value_t = crate::policy::DEFAULT_CONFIGURE_DEADLINE_MS, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub step_tracing_policy_configure_deadline_ms: u64,
+    /// Smallest per-step budget of the policy, in µs: a policy whose p99 cost per step passes
+    /// the budget is set aside for the built-in default until it is fast again (0 with
+    /// `--step-tracing-policy-budget-share 0`: no budget).
+    #[arg(long, default_value_t = crate::policy::budget::BudgetConfig::DEFAULT_FLOOR_US)]
+    pub step_tracing_policy_budget_us: u64,
+    /// The policy's per-step budget as a share of the engine's own step time (the budget is
+    /// the larger of this and `--step-tracing-policy-budget-us`).
+    #[arg(long, default_value_t = crate::policy::budget::BudgetConfig::DEFAULT_SHARE, value_parser = parse_share)]
+    pub step_tracing_policy_budget_share: f64,
     /// OTLP collector for step traces, e.g. `http://localhost:4317` (gRPC) or
     /// `http://localhost:4318` (HTTP; `/v1/traces` is appended when the URL has no path).
     /// Default: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, then `OTEL_EXPORTER_OTLP_ENDPOINT`.
@@ -216,7 +233,18 @@ impl StepTracingArgs {
         crate::policy::PolicyLimits {
             fuel_per_call: self.step_tracing_policy_fuel,
             memory_bytes: (self.step_tracing_policy_memory_mib.min(4096) as usize) << 20,
+            call_deadline: Duration::from_millis(self.step_tracing_policy_deadline_ms),
+            configure_deadline: Duration::from_millis(
+                self.step_tracing_policy_configure_deadline_ms,
+            ),
             ..crate::policy::PolicyLimits::default()
+        }
+    }
+
+    pub fn policy_budget(&self) -> crate::policy::budget::BudgetConfig {
+        crate::policy::budget::BudgetConfig {
+            floor: Duration::from_micros(self.step_tracing_policy_budget_us),
+            share: self.step_tracing_policy_budget_share,
         }
     }
 }
@@ -271,16 +299,22 @@ pub struct PolicyReplayArgs {
     pub limits: PolicyLimitArgs,
 }
 
-/// The policy sandbox's bounds, as `serve` sets them with `--step-tracing-policy-fuel` and
-/// `--step-tracing-policy-memory-mib`.
+/// The policy sandbox's bounds, as `serve` sets them with `--step-tracing-policy-fuel`,
+/// `--step-tracing-policy-memory-mib` and the two `--step-tracing-policy-*deadline-ms`.
 #[derive(Debug, Clone, Copy, Args)]
 pub struct PolicyLimitArgs {
-    /// Fuel one policy call may use (0: no CPU bound).
+    /// Fuel one policy call may use (0: no fuel bound; the deadline still applies).
     #[arg(long, default_value_t = 20_000_000)]
     pub fuel: u64,
     /// Linear-memory cap of a policy instance, in MiB.
     #[arg(long, default_value_t = 64)]
     pub memory_mib: u64,
+    /// Wall-clock deadline of one policy call, in milliseconds.
+    #[arg(long, default_value_t = crate::policy::DEFAULT_CALL_DEADLINE_MS, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub deadline_ms: u64,
+    /// Wall-clock deadline of instantiation plus `configure`, in milliseconds.
+    #[arg(long, default_value_t = crate::policy::DEFAULT_CONFIGURE_DEADLINE_MS, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub configure_deadline_ms: u64,
 }
 
 impl PolicyLimitArgs {
@@ -288,6 +322,8 @@ impl PolicyLimitArgs {
         crate::policy::PolicyLimits {
             fuel_per_call: self.fuel,
             memory_bytes: (self.memory_mib.min(4096) as usize) << 20,
+            call_deadline: Duration::from_millis(self.deadline_ms),
+            configure_deadline: Duration::from_millis(self.configure_deadline_ms),
             ..crate::policy::PolicyLimits::default()
         }
     }
@@ -311,6 +347,10 @@ pub struct PolicyCheckArgs {
     pub steps: u64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Wall-clock limit of the whole check, in seconds: a policy that makes it run longer
+    /// fails with a verdict saying so.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub time_limit_s: u64,
     #[command(flatten)]
     pub limits: PolicyLimitArgs,
 }
@@ -390,6 +430,11 @@ pub fn parse_rate(text: &str) -> Result<f64, String> {
     } else {
         Err(format!("{rate} is outside [0, 1]"))
     }
+}
+
+/// Parses a share of the step: a finite number in [0, 1].
+pub fn parse_share(text: &str) -> Result<f64, String> {
+    parse_rate(text)
 }
 
 /// Parses `key=value`.

@@ -41,6 +41,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 seed: args.seed,
                 steps: args.steps,
                 measure_latency: true,
+                time_limit: std::time::Duration::from_secs(args.time_limit_s),
             };
             let report = conformance::check(&module, &suite)?;
             println!("{report}");

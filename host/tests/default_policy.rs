@@ -125,6 +125,7 @@ fn conformance_suite_passes_the_default_and_fails_a_hostile_policy() {
         seed: 0,
         steps: 5_000,
         measure_latency: true,
+        time_limit: std::time::Duration::from_secs(120),
     };
     let module =
         PolicyModule::load(&PolicySource::BuiltinDefault, PolicyLimits::default()).unwrap();

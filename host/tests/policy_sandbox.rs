@@ -17,6 +17,7 @@ fn limits() -> PolicyLimits {
         fuel_per_call: 5_000_000,
         memory_bytes: 16 << 20,
         max_backoff_steps: 8,
+        ..PolicyLimits::default()
     }
 }
 
@@ -278,6 +279,7 @@ fn the_conformance_suite_passes_a_wasi_component() {
         seed: 0,
         steps: 500,
         measure_latency: false,
+        time_limit: std::time::Duration::from_secs(120),
     };
     let report = stepscope::policy::conformance::check(&module, &suite).unwrap();
     assert!(report.passed(), "{report}");

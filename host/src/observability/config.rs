@@ -18,6 +18,7 @@ use thiserror::Error;
 
 use super::tls::OtlpTls;
 use crate::cli::StepTracingArgs;
+use crate::policy::budget::BudgetConfig;
 use crate::policy::{PolicyError, PolicyLimits, PolicySource};
 
 /// `OTEL_EXPORTER_OTLP_ENDPOINT`: base URL for every signal.
@@ -115,8 +116,11 @@ pub struct ObservabilityConfig {
     pub policy: PolicySource,
     /// `--step-tracing-policy-arg key=value`, in order.
     pub policy_args: Vec<(String, String)>,
-    /// `--step-tracing-policy-fuel`, `--step-tracing-policy-memory-mib`.
+    /// `--step-tracing-policy-fuel`, `--step-tracing-policy-memory-mib`,
+    /// `--step-tracing-policy-deadline-ms`, `--step-tracing-policy-configure-deadline-ms`.
     pub policy_limits: PolicyLimits,
+    /// `--step-tracing-policy-budget-us`, `--step-tracing-policy-budget-share`.
+    pub policy_budget: BudgetConfig,
     /// The engine seed: the policy's per-step draws are `random::step_draws(seed, step_id)`.
     pub seed: u64,
     /// `--otlp-traces-endpoint` / `--otlp-protocol` / `OTEL_EXPORTER_OTLP_*`; `None`: no collector.
@@ -152,6 +156,7 @@ impl Default for ObservabilityConfig {
             policy: PolicySource::BuiltinDefault,
             policy_args: Vec::new(),
             policy_limits: PolicyLimits::default(),
+            policy_budget: BudgetConfig::default(),
             seed: 0,
             otlp: None,
             service_name: DEFAULT_SERVICE_NAME.to_string(),
@@ -172,8 +177,10 @@ impl Default for ObservabilityConfig {
 pub enum ObservabilityError {
     #[error("step tracing: {0}")]
     Config(String),
+    /// The message includes the policy error's; it is not also a `source`, so an error chain
+    /// (`{:#}`) prints it once.
     #[error("step tracing policy refused: {0}")]
-    Policy(#[from] PolicyError),
+    Policy(PolicyError),
     #[error("step tracing: cannot open {path}: {source}")]
     File {
         path: PathBuf,
@@ -183,6 +190,12 @@ pub enum ObservabilityError {
     Otlp(String),
     #[error("step tracing: cannot start the exporter thread: {0}")]
     Spawn(String),
+}
+
+impl From<PolicyError> for ObservabilityError {
+    fn from(error: PolicyError) -> Self {
+        ObservabilityError::Policy(error)
+    }
 }
 
 impl ObservabilityConfig {
@@ -279,6 +292,7 @@ impl ObservabilityConfig {
             policy: PolicySource::from_option(args.step_tracing_policy.as_deref()),
             policy_args: args.step_tracing_policy_args.clone(),
             policy_limits: args.policy_limits(),
+            policy_budget: args.policy_budget(),
             seed,
             otlp: endpoint.map(|endpoint| OtlpConfig {
                 endpoint,

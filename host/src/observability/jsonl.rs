@@ -36,7 +36,7 @@ use super::record::{
 };
 use super::record::{
     AttrValue, BATCH_SUMMARY_ATTRIBUTES, EVENT_BATCH_SUMMARY, EVENT_REQUEST_SNAPSHOT, SCOPE_NAME,
-    SPAN_BATCH_PROBABILITY, SPAN_LAST_STEP_DURATION_US, SPAN_NAME, SPAN_POLICY_DIGEST,
+    SPAN_BATCH_PROBABILITY, SPAN_LAST_STEP_DURATION_US, SPAN_NAME, SPAN_POLICY_DEGRADED, SPAN_POLICY_DIGEST,
     SPAN_POLICY_NAME, SPAN_RICH_PROBABILITY, SPAN_STEP_ID, StepRecord, batch_summary_attributes,
     sat_i64, snapshot_attributes,
 };
@@ -134,6 +134,11 @@ pub(crate) fn render_line(out: &mut Vec<u8>, record: &StepRecord) {
     push_str(out, SPAN_POLICY_DIGEST);
     out.push(b':');
     push_str(out, &policy.digest);
+    if record.degraded {
+        out.push(b',');
+        push_str(out, SPAN_POLICY_DEGRADED);
+        out.extend_from_slice(b":true");
+    }
     for (key, value) in &record.extra {
         out.push(b',');
         push_str(out, &extra_key(key));

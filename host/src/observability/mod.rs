@@ -49,7 +49,8 @@ pub use record::{PolicyIdentity, StepRecord, step_summary};
 pub use swap::{ActivePolicy, PolicyOrigin, PolicySwitch, SwapError};
 pub use tracer::StepTracerObserver;
 
-use crate::policy::{PolicyCounters, PolicyLimits, PolicyModule, PolicyRuntime};
+use crate::policy::budget::StepBudget;
+use crate::policy::{PolicyCounters, PolicyLimits, PolicyModule, PolicyRuntime, PolicySource};
 use exporter::{ExportMessage, ExporterThread, ShutdownDeadline};
 use jsonl::JsonlSink;
 use otlp::OtlpSink;
@@ -140,8 +141,24 @@ impl StepTracer {
             otlp = config.otlp.as_ref().map(|o| o.endpoint.as_str()).unwrap_or("-"),
             "step tracing on"
         );
+        // The built-in default, with the server's rates, stands in for a policy over its budget.
+        let fallback_module = PolicyModule::load(&PolicySource::BuiltinDefault, config.policy_limits)?;
+        let fallback_identity = Arc::new(PolicyIdentity {
+            name: Arc::from(fallback_module.name()),
+            digest: Arc::from(fallback_module.digest()),
+        });
+        let fallback = PolicyRuntime::new(
+            fallback_module,
+            crate::cli::policy_params(
+                config.step_tracing_sample_rate,
+                config.step_tracing_rich_subsample_rate,
+                &[],
+            ),
+            Arc::default(),
+        )?;
         let observer = StepTracerObserver::active(
             (runtime, Arc::clone(&policy), Arc::clone(&switch)),
+            (fallback, fallback_identity, StepBudget::new(config.policy_budget)),
             (config.seed, config.record_steps.is_some()),
             queue.clone(),
             Arc::clone(&metrics),

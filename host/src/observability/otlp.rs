@@ -32,19 +32,13 @@ use super::http_client::LastTransportError;
 use super::metrics::{TracerMetrics, add, bump};
 use super::record::{
     AttrValue, EVENT_BATCH_SUMMARY, EVENT_REQUEST_SNAPSHOT, SCOPE_NAME, SPAN_BATCH_PROBABILITY,
-    SPAN_LAST_STEP_DURATION_US, SPAN_NAME, SPAN_POLICY_DIGEST, SPAN_POLICY_NAME,
+    SPAN_LAST_STEP_DURATION_US, SPAN_NAME, SPAN_POLICY_DEGRADED, SPAN_POLICY_DIGEST, SPAN_POLICY_NAME,
     SPAN_RICH_PROBABILITY, SPAN_STEP_ID, StepRecord, batch_summary_attributes, sat_i64,
     snapshot_attributes,
 };
 
-/// The attribute key of a policy extra: `policy.<key>`, or `policy.extra.<key>` where that
-/// would collide with `policy.name` / `policy.digest`.
-pub(crate) fn extra_key(key: &str) -> String {
-    match key {
-        "name" | "digest" => format!("policy.extra.{key}"),
-        _ => format!("policy.{key}"),
-    }
-}
+/// The attribute key of a policy extra (see [`crate::policy::extra_attribute_key`]).
+pub(crate) use crate::policy::extra_attribute_key as extra_key;
 
 /// Collects ended spans for the exporter thread.
 #[derive(Debug, Default)]
@@ -162,6 +156,9 @@ impl OtlpSink {
             SPAN_POLICY_DIGEST,
             Value::String(Arc::clone(&policy.digest).into()),
         ));
+        if record.degraded {
+            attributes.push(KeyValue::new(SPAN_POLICY_DEGRADED, true));
+        }
         for (key, value) in &record.extra {
             attributes.push(KeyValue::new(extra_key(key), value.clone()));
         }

@@ -64,6 +64,9 @@ pub const SPAN_BATCH_PROBABILITY: &str = "sampling.batch_probability";
 pub const SPAN_RICH_PROBABILITY: &str = "sampling.rich_probability";
 pub const SPAN_POLICY_NAME: &str = "policy.name";
 pub const SPAN_POLICY_DIGEST: &str = "policy.digest";
+/// `true` on a step the built-in default decided because the configured policy went over its
+/// step budget (`policy.name` is then the default's); absent otherwise.
+pub const SPAN_POLICY_DEGRADED: &str = "policy.degraded";
 /// Prefix of the policy's extra attributes.
 pub const POLICY_EXTRA_PREFIX: &str = "policy.";
 
@@ -115,6 +118,8 @@ pub struct StepRecord {
     /// The policy's extra attributes (decide's, then plan-rich's), without the prefix.
     pub extra: Vec<(String, String)>,
     pub rich: Option<RichRecord>,
+    /// `policy.degraded`: the built-in default decided in place of a degraded policy.
+    pub degraded: bool,
 }
 
 /// Saturating `usize` → `u32` (queue depths and token counts fit; never wrap if they don't).

@@ -25,6 +25,9 @@ use super::record::PolicyIdentity;
 
 /// Synthetic steps the pre-swap check drives each candidate through.
 pub const SWAP_CHECK_STEPS: u64 = 2_000;
+/// Wall-clock limit of the pre-swap check: a candidate that makes it run longer is refused, and
+/// the swap lock is released (every call inside it also has its own deadline).
+pub const SWAP_CHECK_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What started a policy's tenure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -249,6 +252,7 @@ impl PolicySwitch {
                 seed: self.seed,
                 steps: SWAP_CHECK_STEPS,
                 measure_latency: false,
+                time_limit: SWAP_CHECK_TIME_LIMIT,
             },
         )?;
         if !report.passed() {

@@ -9,12 +9,17 @@
 //! policy hot-swapped in through the [`PolicySwitch`] (one relaxed atomic load when none is
 //! pending) replaces the running one; the old instance is dropped on a short-lived thread. With
 //! tracing disabled the observer holds nothing and `on_step` is a single branch.
+//!
+//! The policy's cost per step is watched by a [`StepBudget`]: while the policy is degraded
+//! (too slow), a built-in default instance with the same rates answers the steps instead (their
+//! spans carry `policy.degraded = true`), and the policy answers only its probe steps.
 
 use std::sync::Arc;
 use std::sync::mpsc::{SyncSender, TrySendError};
 
 use crate::engine::{RequestPhase, StepObserver, StepView};
-use crate::policy::{PolicyOutcome, PolicyRuntime, RequestViews, StepSummary};
+use crate::policy::budget::{Route, StepBudget, Transition};
+use crate::policy::{PolicyOutcome, PolicyRuntime, RequestViews, StepSummary, extra_attribute_key};
 
 use super::exporter::ExportMessage;
 use super::metrics::{TracerMetrics, add, bump};
@@ -38,6 +43,12 @@ pub(crate) struct ActiveTracer {
     runtime: PolicyRuntime,
     /// `policy.name` / `policy.digest` of `runtime`.
     identity: Arc<PolicyIdentity>,
+    /// The built-in default with the server's rates, answering for a degraded policy.
+    fallback: PolicyRuntime,
+    /// `policy.name` / `policy.digest` of `fallback`.
+    fallback_identity: Arc<PolicyIdentity>,
+    /// The policy's cost per step against its budget.
+    budget: StepBudget,
     /// Where hot-swapped policies arrive.
     switch: Arc<PolicySwitch>,
     seed: u64,
@@ -49,6 +60,8 @@ pub(crate) struct ActiveTracer {
     views: RequestViews,
     /// `request.effective_prompt_len` per view row (not a policy column).
     effective_prompt_len: Vec<Option<u32>>,
+    /// Wall time of the policy's calls in the current step.
+    policy_cost: std::time::Duration,
 }
 
 impl StepTracerObserver {
@@ -59,6 +72,7 @@ impl StepTracerObserver {
 
     pub(crate) fn active(
         (runtime, identity, switch): (PolicyRuntime, Arc<PolicyIdentity>, Arc<PolicySwitch>),
+        (fallback, fallback_identity, budget): (PolicyRuntime, Arc<PolicyIdentity>, StepBudget),
         (seed, record_steps): (u64, bool),
         queue: SyncSender<ExportMessage>,
         metrics: Arc<TracerMetrics>,
@@ -67,6 +81,9 @@ impl StepTracerObserver {
             active: Some(Box::new(ActiveTracer {
                 runtime,
                 identity,
+                fallback,
+                fallback_identity,
+                budget,
                 switch,
                 seed,
                 record_steps,
@@ -74,6 +91,7 @@ impl StepTracerObserver {
                 metrics,
                 views: empty_views(),
                 effective_prompt_len: Vec::new(),
+                policy_cost: std::time::Duration::ZERO,
             })),
         }
     }
@@ -98,6 +116,8 @@ impl ActiveTracer {
         if let Some(pending) = self.switch.take_pending() {
             let old = std::mem::replace(&mut self.runtime, pending.runtime);
             self.identity = pending.identity;
+            self.budget = StepBudget::new(self.budget.config());
+            self.runtime.counters().clear_degraded();
             // Tearing down an instance (a Python one holds tens of MB) is not the step's job.
             let spawned = std::thread::Builder::new()
                 .name("stepscope-policy-drop".into())
@@ -110,31 +130,51 @@ impl ActiveTracer {
         if self.record_steps {
             self.record(summary);
         }
-        let decision = match self.runtime.decide(&summary) {
-            PolicyOutcome::Answer(decision) if decision.emit_batch => decision,
-            _ => return,
-        };
-        let mut extra = decision.extra;
-        let rich = if decision.emit_rich {
-            match self.plan_rich(step, &summary, decision.rich_probability, &mut extra) {
-                Some(rich) => Some(rich),
-                // The runtime counted the fault; the step goes untraced.
-                None => return,
+        let route = self
+            .budget
+            .route(summary.step_id, summary.last_step_duration_us);
+        let degraded = route == Route::Fallback;
+        if degraded {
+            self.runtime.counters().record_fallback_step();
+        }
+        let outcome = self.decide_and_plan(step, &summary, degraded);
+        if !degraded {
+            let cost = self.policy_cost;
+            if !cost.is_zero() {
+                let transition = self.budget.record(route, cost);
+                self.note_transition(transition);
             }
-        } else {
-            None
+        }
+        let Some((decision, rich, mut extra)) = outcome else {
+            return;
         };
+        if let Some(rich_extra) = rich.as_ref().map(|(_, extra)| extra) {
+            // plan-rich's extras win over decide's, compared as span attributes.
+            extra.retain(|(key, _)| {
+                !rich_extra
+                    .iter()
+                    .any(|(k, _)| extra_attribute_key(k) == extra_attribute_key(key))
+            });
+            extra.extend(rich_extra.iter().cloned());
+        }
+        let rich = rich.map(|(rich, _)| rich);
         bump(&self.metrics.steps_batch_sampled);
         let snapshots = rich.as_ref().map_or(0, |rich| rich.rows.len() as u64);
         if rich.is_some() {
             bump(&self.metrics.steps_rich_sampled);
         }
+        let policy = if degraded {
+            &self.fallback_identity
+        } else {
+            &self.identity
+        };
         let record = StepRecord {
-            policy: Arc::clone(&self.identity),
+            policy: Arc::clone(policy),
             summary,
             batch_probability: decision.batch_probability,
             extra,
             rich,
+            degraded,
         };
         match self.queue.try_send(ExportMessage::Record(record)) {
             Ok(()) => {
@@ -154,6 +194,7 @@ impl ActiveTracer {
             batch_probability: 1.0,
             extra: Vec::new(),
             rich: None,
+            degraded: false,
         };
         if self
             .queue
@@ -164,14 +205,77 @@ impl ActiveTracer {
         }
     }
 
-    /// Fills the columns, asks the policy, copies the chosen rows; `None` on a policy fault.
+    /// Asks the policy (or, when `degraded`, the fallback) to decide and, for a rich step, to
+    /// plan; `None` when the step goes untraced (not sampled, or a fault the runtime counted).
+    /// Leaves the policy's wall time for the step in `policy_cost`.
+    #[allow(clippy::type_complexity)]
+    fn decide_and_plan(
+        &mut self,
+        step: &StepView<'_>,
+        summary: &StepSummary,
+        degraded: bool,
+    ) -> Option<(
+        crate::policy::Decision,
+        Option<(RichRecord, Vec<(String, String)>)>,
+        Vec<(String, String)>,
+    )> {
+        self.policy_cost = std::time::Duration::ZERO;
+        let runtime = if degraded {
+            &mut self.fallback
+        } else {
+            &mut self.runtime
+        };
+        let outcome = runtime.decide(summary);
+        self.policy_cost += runtime.last_call();
+        let mut decision = match outcome {
+            PolicyOutcome::Answer(decision) if decision.emit_batch => decision,
+            _ => return None,
+        };
+        let extra = std::mem::take(&mut decision.extra);
+        let rich = if decision.emit_rich {
+            // A fault here (counted by the runtime) leaves the step untraced.
+            Some(self.plan_rich(step, summary, decision.rich_probability, degraded)?)
+        } else {
+            None
+        };
+        Some((decision, rich, extra))
+    }
+
+    /// Logs and counts a change of the policy's standing under its budget.
+    fn note_transition(&self, transition: Option<Transition>) {
+        let counters = self.runtime.counters();
+        match transition {
+            None => {}
+            Some(Transition::Degraded { p99, budget }) => {
+                counters.record_degraded(true);
+                tracing::warn!(
+                    policy = %self.identity.name,
+                    p99_us = p99.as_micros() as u64,
+                    budget_us = budget.as_micros() as u64,
+                    "step-tracing policy over its step budget: the built-in default decides \
+                     steps until it is fast again (policy.degraded = true on their spans)"
+                );
+            }
+            Some(Transition::Recovered { budget }) => {
+                counters.record_degraded(false);
+                tracing::info!(
+                    policy = %self.identity.name,
+                    budget_us = budget.as_micros() as u64,
+                    "step-tracing policy back within its step budget"
+                );
+            }
+        }
+    }
+
+    /// Fills the columns, asks the policy (or the fallback), copies the chosen rows; `None` on
+    /// a policy fault. Returns the rows and plan-rich's extra attributes.
     fn plan_rich(
         &mut self,
         step: &StepView<'_>,
         summary: &StepSummary,
         probability: f64,
-        extra: &mut Vec<(String, String)>,
-    ) -> Option<RichRecord> {
+        degraded: bool,
+    ) -> Option<(RichRecord, Vec<(String, String)>)> {
         let views = &mut self.views;
         clear_views(views);
         self.effective_prompt_len.clear();
@@ -202,7 +306,14 @@ impl ActiveTracer {
             self.effective_prompt_len
                 .push(request.effective_prompt_len().map(sat_u32));
         }
-        let selection = self.runtime.plan_rich(summary, &self.views).answer()?;
+        let runtime = if degraded {
+            &mut self.fallback
+        } else {
+            &mut self.runtime
+        };
+        let outcome = runtime.plan_rich(summary, &self.views);
+        self.policy_cost += runtime.last_call();
+        let selection = outcome.answer()?;
         let views = &self.views;
         // The runtime validated every index against the column length.
         let rows = selection
@@ -224,15 +335,14 @@ impl ActiveTracer {
                 })
             })
             .collect();
-        if !selection.extra.is_empty() {
-            extra.retain(|(key, _)| !selection.extra.iter().any(|(k, _)| k == key));
-            extra.extend(selection.extra);
-        }
-        Some(RichRecord {
-            probability,
-            attributes: selection.attributes,
-            rows,
-        })
+        Some((
+            RichRecord {
+                probability,
+                attributes: selection.attributes,
+                rows,
+            },
+            selection.extra,
+        ))
     }
 }
 

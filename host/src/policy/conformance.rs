@@ -3,7 +3,11 @@
 //! The check loads the component (which validates it against the contract), configures it,
 //! and drives it over a synthetic step stream: the same inputs on two fresh instances must give
 //! identical answers (policies are pure), rich is never requested without batch, every answer
-//! is well-formed, no call faults, and call latency is measured. `run` reports the sampling
+//! is well-formed, no call faults, and call latency is measured. Every call runs under the
+//! module's deadlines, and the whole check under a wall-clock limit: a policy that blocks,
+//! times out or is slow ends the check early with a verdict that says so, never a hang. A
+//! `decide` whose p99 passes the serving budget's floor gets a warning (it would be set aside
+//! for the built-in default on short steps; see [`super::budget`]). `run` reports the sampling
 //! rates a policy produces over N synthetic steps.
 
 use super::bindings::StepSummary;
@@ -12,9 +16,10 @@ use super::module::{PolicyError, PolicyModule};
 use super::runtime::{PolicyOutcome, PolicyRuntime};
 use super::synthetic;
 use super::validate::{Decision, RichSelection};
+use super::budget::BudgetConfig;
 use crate::bench::LatencyStats;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// One line of the verdict.
 #[derive(Debug, Clone)]
@@ -22,6 +27,19 @@ pub struct CheckLine {
     pub name: &'static str,
     pub passed: bool,
     pub detail: String,
+    /// A passed line that deserves attention (printed `warn`).
+    pub warning: bool,
+}
+
+impl CheckLine {
+    fn new(name: &'static str, passed: bool, detail: String) -> Self {
+        Self {
+            name,
+            passed,
+            detail,
+            warning: false,
+        }
+    }
 }
 
 /// The outcome of `policy check`.
@@ -44,7 +62,11 @@ impl std::fmt::Display for CheckReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "policy {} ({})", self.policy, self.digest)?;
         for line in &self.lines {
-            let mark = if line.passed { "ok  " } else { "FAIL" };
+            let mark = match (line.passed, line.warning) {
+                (false, _) => "FAIL",
+                (true, true) => "warn",
+                (true, false) => "ok  ",
+            };
             writeln!(f, "  [{mark}] {:<28} {}", line.name, line.detail)?;
         }
         if let Some(stats) = &self.decide_latency {
@@ -66,6 +88,8 @@ pub struct SuiteParams {
     pub steps: u64,
     /// Also time `decide` (20 000 calls) and `plan-rich` (2 000 calls over 256 requests).
     pub measure_latency: bool,
+    /// Wall-clock limit of the whole check (loading not included).
+    pub time_limit: Duration,
 }
 
 /// Runs the conformance suite. Load errors are returned as `Err` (the component is refused).
@@ -73,35 +97,45 @@ pub fn check(module: &PolicyModule, suite: &SuiteParams) -> Result<CheckReport, 
     let counters = Arc::new(PolicyCounters::default());
     let mut first = PolicyRuntime::new(module.clone(), suite.params.clone(), counters.clone())?;
     let mut second = PolicyRuntime::new(module.clone(), suite.params.clone(), counters.clone())?;
-    let mut lines = vec![CheckLine {
-        name: "contract",
-        passed: true,
-        detail: format!(
+    let started = Instant::now();
+    let mut lines = vec![CheckLine::new(
+        "contract",
+        true,
+        format!(
             "exports {} and configure accepted the parameters",
             super::POLICY_INTERFACE
         ),
-    }];
-    lines.push(CheckLine {
-        name: "sandbox",
-        passed: true,
-        detail: if module.wasi_imports().is_empty() {
+    )];
+    lines.push(CheckLine::new(
+        "sandbox",
+        true,
+        if module.wasi_imports().is_empty() {
             "imports nothing".to_string()
         } else {
             format!(
                 "imports {} WASI 0.2 interfaces, served by an empty context (no files, \
-                 network or environment; clocks frozen, randomness seeded)",
+                 network or environment; clocks frozen, randomness seeded, no call blocks)",
                 module.wasi_imports().len()
             )
         },
-    });
+    ));
 
     let mut mismatches = 0u64;
     let mut rich_without_batch = 0u64;
     let mut faults: Vec<(u64, FaultKind)> = Vec::new();
     let (mut batch, mut rich, mut plans) = (0u64, 0u64, 0u64);
+    let mut decide_nanos: Vec<u64> = Vec::with_capacity(suite.steps.min(1 << 20) as usize);
+    let mut steps_run = 0u64;
     for step in 1..=suite.steps {
+        if started.elapsed() > suite.time_limit {
+            break;
+        }
+        steps_run = step;
         let summary = synthetic::step_summary(suite.seed, step);
         let a = first.decide(&summary);
+        if !first.last_call().is_zero() {
+            decide_nanos.push(u64::try_from(first.last_call().as_nanos()).unwrap_or(u64::MAX));
+        }
         let b = second.decide(&summary);
         match (&a, &b) {
             (PolicyOutcome::Answer(x), PolicyOutcome::Answer(y)) => {
@@ -132,49 +166,71 @@ pub fn check(module: &PolicyModule, suite: &SuiteParams) -> Result<CheckReport, 
             _ => note_fault(&mut faults, step, &a, &b),
         }
     }
+    let timed_out = steps_run < suite.steps;
+    lines.push(CheckLine::new(
+        "time limit",
+        !timed_out,
+        if timed_out {
+            format!(
+                "stopped after {steps_run} of {} steps: the check ran past its {} s limit \
+                 (the policy blocks, times out or is slow; see the fault line)",
+                suite.steps,
+                suite.time_limit.as_secs_f64()
+            )
+        } else {
+            format!(
+                "{} steps in {:.1} s (limit {} s)",
+                suite.steps,
+                started.elapsed().as_secs_f64(),
+                suite.time_limit.as_secs_f64()
+            )
+        },
+    ));
     let recycles = match counters.snapshot().recycles {
         0 => String::new(),
         n => format!(" ({n} instances retired with memory near the cap)"),
     };
-    lines.push(CheckLine {
-        name: "no faults",
-        passed: faults.is_empty(),
-        detail: match faults.first() {
+    lines.push(CheckLine::new(
+        "no faults",
+        faults.is_empty(),
+        match faults.first() {
             None => format!(
-                "{} steps, {plans} rich plans, no trap/timeout/malformed answer{recycles}",
-                suite.steps
+                "{steps_run} steps, {plans} rich plans, no trap/timeout/blocked call/malformed \
+                 answer{recycles}"
             ),
-            Some((step, kind)) => format!("{} faults; first at step {step}: {kind}", faults.len()),
+            Some((step, kind)) => format!(
+                "{} faults; first at step {step}: {kind}{}",
+                faults.len(),
+                fault_hint(*kind, module)
+            ),
         },
-    });
-    lines.push(CheckLine {
-        name: "deterministic",
-        passed: mismatches == 0,
-        detail: if mismatches == 0 {
+    ));
+    lines.push(CheckLine::new(
+        "deterministic",
+        mismatches == 0,
+        if mismatches == 0 {
             "two fresh instances gave identical answers for the same seed".to_string()
         } else {
             format!("{mismatches} answers differed between two instances fed the same steps")
         },
-    });
-    lines.push(CheckLine {
-        name: "rich implies batch",
-        passed: rich_without_batch == 0,
-        detail: format!(
-            "batch-sampled {batch}, rich-sampled {rich} of {} steps",
-            suite.steps
-        ),
-    });
-    lines.push(CheckLine {
-        name: "full sample rate",
-        passed: true,
-        detail: format!(
+    ));
+    lines.push(CheckLine::new(
+        "rich implies batch",
+        rich_without_batch == 0,
+        format!("batch-sampled {batch}, rich-sampled {rich} of {steps_run} steps"),
+    ));
+    lines.push(CheckLine::new(
+        "full sample rate",
+        true,
+        format!(
             "observed batch rate {:.5}, rich rate {:.6}",
-            batch as f64 / suite.steps.max(1) as f64,
-            rich as f64 / suite.steps.max(1) as f64
+            batch as f64 / steps_run.max(1) as f64,
+            rich as f64 / steps_run.max(1) as f64
         ),
-    });
+    ));
+    lines.push(budget_line(decide_nanos));
 
-    let (decide_latency, rich_latency) = if suite.measure_latency {
+    let (decide_latency, rich_latency) = if suite.measure_latency && !timed_out {
         (
             measure_decide(&mut first, suite.seed, 20_000),
             measure_rich(&mut first, suite.seed, 256, 2_000),
@@ -184,14 +240,14 @@ pub fn check(module: &PolicyModule, suite: &SuiteParams) -> Result<CheckReport, 
     };
     let faults_after = counters.snapshot().total_faults();
     if faults_after > faults.len() as u64 {
-        lines.push(CheckLine {
-            name: "latency run",
-            passed: false,
-            detail: format!(
+        lines.push(CheckLine::new(
+            "latency run",
+            false,
+            format!(
                 "{} faults while timing calls",
                 faults_after - faults.len() as u64
             ),
-        });
+        ));
     }
     Ok(CheckReport {
         policy: module.name().to_string(),
@@ -200,6 +256,59 @@ pub fn check(module: &PolicyModule, suite: &SuiteParams) -> Result<CheckReport, 
         decide_latency,
         rich_latency,
     })
+}
+
+/// What a fault kind means for the author, in a few words.
+fn fault_hint(kind: FaultKind, module: &PolicyModule) -> String {
+    let limits = module.limits();
+    match kind {
+        FaultKind::Timeout => format!(
+            " (a call ran past its {} ms deadline or its {} fuel)",
+            limits.call_deadline.as_millis(),
+            limits.fuel_per_call
+        ),
+        FaultKind::Blocked => " (the policy waited on a clock or a poll; nothing in the \
+             sandbox ever becomes ready, so blocking calls trap)"
+            .to_string(),
+        FaultKind::HostLimit => {
+            " (a host call asked for too much: random bytes, resources or table elements)"
+                .to_string()
+        }
+        FaultKind::Memory => format!(" (memory cap {} MiB)", limits.memory_bytes >> 20),
+        _ => String::new(),
+    }
+}
+
+/// Warns when `decide`'s p99 passes the serving budget's floor.
+fn budget_line(mut decide_nanos: Vec<u64>) -> CheckLine {
+    let floor = BudgetConfig::default().floor;
+    decide_nanos.sort_unstable();
+    let Some(&p99) = decide_nanos.get((decide_nanos.len() * 99).div_ceil(100).saturating_sub(1))
+    else {
+        return CheckLine::new("step budget", true, "no decide call completed".to_string());
+    };
+    let p99 = Duration::from_nanos(p99);
+    let over = p99 > floor;
+    CheckLine {
+        name: "step budget",
+        passed: true,
+        warning: over,
+        detail: if over {
+            format!(
+                "decide p99 {} µs is over the default budget floor of {} µs: when serving, \
+                 steps shorter than {} µs would be answered by the built-in default instead",
+                p99.as_micros(),
+                floor.as_micros(),
+                (p99.as_secs_f64() / BudgetConfig::DEFAULT_SHARE * 1e6) as u64
+            )
+        } else {
+            format!(
+                "decide p99 {} µs, within the default budget floor of {} µs",
+                p99.as_micros(),
+                floor.as_micros()
+            )
+        },
+    }
 }
 
 fn note_fault<A, B>(

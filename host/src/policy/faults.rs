@@ -15,15 +15,26 @@ pub enum FaultKind {
     Malformed,
     /// Re-creating the instance failed (instantiation or `configure` error).
     Instantiate,
+    /// The guest waited on something that never happens in the sandbox (a clock deadline, a
+    /// poll with nothing ready): the call traps instead of blocking the engine.
+    Blocked,
+    /// A host call asked for more than one call may have (random bytes, host resources, table
+    /// elements).
+    HostLimit,
 }
 
+/// How many fault kinds there are.
+const NUM_KINDS: usize = 7;
+
 impl FaultKind {
-    pub const ALL: [FaultKind; 5] = [
+    pub const ALL: [FaultKind; NUM_KINDS] = [
         FaultKind::Timeout,
         FaultKind::Memory,
         FaultKind::Trap,
         FaultKind::Malformed,
         FaultKind::Instantiate,
+        FaultKind::Blocked,
+        FaultKind::HostLimit,
     ];
 
     /// Stable label, used in metrics and logs.
@@ -34,6 +45,8 @@ impl FaultKind {
             FaultKind::Trap => "trap",
             FaultKind::Malformed => "malformed",
             FaultKind::Instantiate => "instantiate",
+            FaultKind::Blocked => "blocked",
+            FaultKind::HostLimit => "host_limit",
         }
     }
 
@@ -55,8 +68,12 @@ pub struct PolicyCounters {
     skipped_backoff: AtomicU64,
     instantiations: AtomicU64,
     recycles: AtomicU64,
-    faults: [AtomicU64; 5],
+    faults: [AtomicU64; NUM_KINDS],
     call_nanos_total: AtomicU64,
+    degradations: AtomicU64,
+    recoveries: AtomicU64,
+    fallback_steps: AtomicU64,
+    degraded: AtomicU64,
 }
 
 /// A point-in-time copy of [`PolicyCounters`].
@@ -71,9 +88,17 @@ pub struct PolicyCountersSnapshot {
     /// Instances retired with their memory near the cap (not faults).
     pub recycles: u64,
     /// Faults by kind, indexed like [`FaultKind::ALL`].
-    pub faults: [u64; 5],
+    pub faults: [u64; NUM_KINDS],
     /// Total time spent in guest calls, in nanoseconds.
     pub call_nanos_total: u64,
+    /// Times the policy went over its step budget and was set aside (see `policy::budget`).
+    pub degradations: u64,
+    /// Times a degraded policy was trusted again.
+    pub recoveries: u64,
+    /// Steps the built-in default answered for a degraded policy.
+    pub fallback_steps: u64,
+    /// Whether the policy is degraded now.
+    pub degraded: bool,
 }
 
 impl PolicyCountersSnapshot {
@@ -104,12 +129,33 @@ impl PolicyCounters {
         self.recycles.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A change of standing under the step budget.
+    pub fn record_degraded(&self, degraded: bool) {
+        let counter = if degraded {
+            &self.degradations
+        } else {
+            &self.recoveries
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.degraded.store(u64::from(degraded), Ordering::Relaxed);
+    }
+
+    /// A step the built-in default answered for a degraded policy.
+    pub fn record_fallback_step(&self) {
+        self.fallback_steps.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A hot swap replaced the policy: the new one starts in good standing.
+    pub fn clear_degraded(&self) {
+        self.degraded.store(0, Ordering::Relaxed);
+    }
+
     pub(crate) fn record_instantiation(&self) {
         self.instantiations.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> PolicyCountersSnapshot {
-        let mut faults = [0; 5];
+        let mut faults = [0; NUM_KINDS];
         for (slot, counter) in faults.iter_mut().zip(&self.faults) {
             *slot = counter.load(Ordering::Relaxed);
         }
@@ -120,6 +166,10 @@ impl PolicyCounters {
             recycles: self.recycles.load(Ordering::Relaxed),
             faults,
             call_nanos_total: self.call_nanos_total.load(Ordering::Relaxed),
+            degradations: self.degradations.load(Ordering::Relaxed),
+            recoveries: self.recoveries.load(Ordering::Relaxed),
+            fallback_steps: self.fallback_steps.load(Ordering::Relaxed),
+            degraded: self.degraded.load(Ordering::Relaxed) != 0,
         }
     }
 }

@@ -3,19 +3,25 @@
 //! A policy is a component exporting the `stepscope:policy/policy` interface (see
 //! `wit/policy.wit`). [`PolicyModule`] compiles and validates one (the embedded default or a
 //! `.wasm` file) once, at start-up; [`PolicyRuntime`] owns a live instance and makes the two
-//! per-step calls under a fuel bound and a memory cap. Nothing a policy does escapes the
-//! runtime: traps, timeouts, memory exhaustion and malformed answers become counted
-//! [`FaultKind`]s, the step goes untraced, and the instance is re-created after a back-off.
-//! Components may import WASI 0.2 (Python, JavaScript and `wasm32-wasip2` toolchains need it):
-//! it is linked to an empty, deterministic sandbox ([`wasi`]); nothing else may be imported.
+//! per-step calls under a fuel bound, a wall-clock deadline ([`epoch`]) and a memory cap.
+//! Nothing a policy does escapes the runtime: traps, timeouts, memory exhaustion, blocking
+//! waits and malformed answers become counted [`FaultKind`]s, the step goes untraced, and the
+//! instance is re-created after a back-off; a policy that is merely slow is set aside for the
+//! built-in default by [`budget`]. Components may import WASI 0.2 (Python, JavaScript and
+//! `wasm32-wasip2` toolchains need it): it is linked to an empty, deterministic sandbox in
+//! which no host call blocks ([`wasi`]); nothing else may be imported. Text a guest chooses is
+//! escaped and bounded before it is shown anywhere ([`guest_text`]).
 //! Large components are compiled once and cached on disk ([`cache`]).
 //! The module also holds the seed-derived per-step randomness, a native twin of the default
 //! policy (for benchmarks), synthetic step streams, and the `policy check` conformance suite.
 
 mod bindings;
+pub mod budget;
 pub mod cache;
 pub mod conformance;
+pub mod epoch;
 mod faults;
+pub mod guest_text;
 mod limits;
 mod module;
 pub mod native;
@@ -28,11 +34,11 @@ mod wasi;
 
 pub use bindings::{ExtraAttribute, RequestViews, SnapshotAttributes, StepSummary};
 pub use faults::{FaultKind, PolicyCounters, PolicyCountersSnapshot};
-pub use limits::PolicyLimits;
+pub use limits::{DEFAULT_CALL_DEADLINE_MS, DEFAULT_CONFIGURE_DEADLINE_MS, PolicyLimits};
 pub use module::{PolicyError, PolicyModule, PolicySource};
 pub use replay::RecordedStep;
 pub use runtime::{PolicyOutcome, PolicyRuntime};
-pub use validate::{Decision, RichSelection};
+pub use validate::{Decision, RichSelection, extra_attribute_key};
 
 /// The default policy component, built from `policies/default` by `build.rs`.
 pub const DEFAULT_POLICY_WASM: &[u8] =

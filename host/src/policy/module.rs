@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use thiserror::Error;
 use wasmtime::component::Linker;
-use wasmtime::{Config, Engine};
+use wasmtime::Engine;
 
 /// Why a policy was refused at load time. Each message fits on one line and names the problem.
 #[derive(Debug, Error)]
@@ -113,7 +113,8 @@ impl PolicyModule {
     pub fn from_bytes(name: &str, bytes: &[u8], limits: PolicyLimits) -> Result<Self, PolicyError> {
         let name = name.to_string();
         check_header(&name, bytes)?;
-        let engine = policy_engine(limits.fuel_per_call > 0)?;
+        let engine = super::epoch::shared_engine(limits.fuel_per_call > 0)
+            .map_err(|e| PolicyError::Engine(one_line(&e)))?;
         let digest = sha256_hex(bytes);
         let digest_hex = digest.trim_start_matches("sha256:");
         let (component, compile_source) =
@@ -220,16 +221,6 @@ fn check_header(name: &str, bytes: &[u8]) -> Result<(), PolicyError> {
     Ok(())
 }
 
-/// The wasmtime engine every policy runs on: component model, Cranelift, and fuel metering
-/// unless the CPU bound is disabled (`fuel_per_call == 0`, for benchmarks).
-fn policy_engine(fuel: bool) -> Result<Engine, PolicyError> {
-    let mut config = Config::new();
-    config.wasm_component_model(true);
-    config.consume_fuel(fuel);
-    config.cranelift_opt_level(wasmtime::OptLevel::Speed);
-    Engine::new(&config).map_err(|e| PolicyError::Engine(one_line(&e)))
-}
-
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
     let mut out = String::with_capacity(7 + 64);
@@ -240,7 +231,9 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     out
 }
 
-/// Flattens an error chain into one line.
+/// Flattens an error chain into one line, escaped and bounded: a guest chooses part of it
+/// (function names in backtraces, exit codes), so it goes through
+/// [`super::guest_text::sanitize`].
 pub(crate) fn one_line(error: &wasmtime::Error) -> String {
-    format!("{error:#}").replace('\n', " ")
+    super::guest_text::sanitize(&format!("{error:#}").replace('\n', " "))
 }

@@ -1,25 +1,34 @@
 //! A live policy instance and the two per-step calls, with faults contained.
 //!
-//! Each call gets a fresh fuel budget; the store's limiter caps linear memory. When a call
-//! traps, runs out of fuel or memory, or returns a malformed answer, the instance is dropped
+//! Each call gets a fresh fuel budget and a wall-clock deadline (an epoch deadline, see
+//! [`super::epoch`]); instantiation and `configure` get a longer one. The store's limiter caps
+//! the instance's linear memories together, its tables' elements together, and the number of
+//! instances, memories and tables ([`super::limits`]). When a call traps, runs out of fuel,
+//! time or memory, waits on something that can never happen in the sandbox (`blocked`), asks a
+//! host call for more than it gives (`host_limit`), or returns a malformed answer, the instance
+//! is dropped
 //! (a trapped instance cannot be entered again), the fault is counted by kind, and the runtime
 //! backs off — 1, 2, 4 … up to `max_backoff_steps` steps — before instantiating again from
 //! the pre-linked template. Steps in between go untraced. Nothing here ever panics or returns
 //! an error to the step loop.
 //!
 //! Guests whose heap only grows (a JavaScript engine's does) would reach the memory cap after
-//! enough calls and fault on a step. So after each successful call, an instance whose largest
-//! linear memory has passed [`RECYCLE_MEMORY_FRACTION`] of the cap is retired: the next call
+//! enough calls and fault on a step. So after each successful call, an instance whose linear
+//! memories together have passed [`RECYCLE_MEMORY_FRACTION`] of the cap are retired: the next call
 //! instantiates a fresh one, with no fault, no back-off and no untraced step (counted as a
 //! recycle).
 
 use super::bindings::{RequestViews, StepPolicy, StepSummary};
+use super::epoch::deadline_ticks;
 use super::faults::{FaultKind, PolicyCounters};
+use super::guest_text::sanitize;
+use super::limits::{MAX_INSTANCES, MAX_MEMORIES, MAX_TABLE_ELEMENTS, MAX_TABLES};
 use super::module::{PolicyError, PolicyModule, one_line};
 use super::validate::{Decision, RichSelection, check_decision, check_rich_plan};
-use super::wasi::SandboxWasi;
+use super::wasi::{HasSandbox, HostCallLimit, SandboxBlocked, SandboxWasi};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use wasmtime::component::ResourceTableError;
 use wasmtime::{ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::{WasiCtxView, WasiView};
 
@@ -27,16 +36,40 @@ use wasmtime_wasi::{WasiCtxView, WasiView};
 /// replaced by a fresh one before its next call.
 pub const RECYCLE_MEMORY_FRACTION: f64 = 0.75;
 
-/// Per-store host state: the resource limiter, the size of the largest linear memory so far,
-/// and the sandbox WASI context for components that import WASI (built on first use; see
+/// Per-store host state: the resource limiter, the linear memory and table elements allowed so
+/// far, and the sandbox WASI context for components that import WASI (built on first use; see
 /// [`super::wasi`]).
 pub(crate) struct StoreState {
     limits: StoreLimits,
-    largest_memory_bytes: usize,
+    /// The memory cap, for all linear memories together.
+    memory_cap: usize,
+    /// Bytes of all linear memories together.
+    memory_total: usize,
+    /// Elements of all tables together.
+    table_elements_total: usize,
     wasi: Option<SandboxWasi>,
 }
 
-/// [`StoreLimits`], noting the largest memory size it allowed.
+impl StoreState {
+    fn new(memory_cap: usize) -> Self {
+        Self {
+            limits: StoreLimitsBuilder::new()
+                .memory_size(memory_cap)
+                .table_elements(MAX_TABLE_ELEMENTS)
+                .instances(MAX_INSTANCES)
+                .memories(MAX_MEMORIES)
+                .tables(MAX_TABLES)
+                .trap_on_grow_failure(true)
+                .build(),
+            memory_cap,
+            memory_total: 0,
+            table_elements_total: 0,
+            wasi: None,
+        }
+    }
+}
+
+/// [`StoreLimits`] per memory and table, plus caps on all memories and all tables together.
 impl ResourceLimiter for StoreState {
     fn memory_growing(
         &mut self,
@@ -44,9 +77,18 @@ impl ResourceLimiter for StoreState {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        let total = self
+            .memory_total
+            .saturating_add(desired.saturating_sub(current));
+        if total > self.memory_cap {
+            return Err(wasmtime::Error::msg(format!(
+                "memory limit: the instance's linear memories would grow to {total} bytes together (cap {})",
+                self.memory_cap
+            )));
+        }
         let allowed = self.limits.memory_growing(current, desired, maximum)?;
         if allowed {
-            self.largest_memory_bytes = self.largest_memory_bytes.max(desired);
+            self.memory_total = total;
         }
         Ok(allowed)
     }
@@ -61,7 +103,19 @@ impl ResourceLimiter for StoreState {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        self.limits.table_growing(current, desired, maximum)
+        let total = self
+            .table_elements_total
+            .saturating_add(desired.saturating_sub(current));
+        if total > MAX_TABLE_ELEMENTS {
+            return Err(wasmtime::Error::new(HostCallLimit::new(format!(
+                "the instance's tables would hold {total} elements together (at most {MAX_TABLE_ELEMENTS})"
+            ))));
+        }
+        let allowed = self.limits.table_growing(current, desired, maximum)?;
+        if allowed {
+            self.table_elements_total = total;
+        }
+        Ok(allowed)
     }
 
     fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
@@ -83,7 +137,13 @@ impl ResourceLimiter for StoreState {
 
 impl WasiView for StoreState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        self.wasi.get_or_insert_with(SandboxWasi::new).view()
+        self.sandbox().view()
+    }
+}
+
+impl HasSandbox for StoreState {
+    fn sandbox(&mut self) -> &mut SandboxWasi {
+        self.wasi.get_or_insert_with(SandboxWasi::new)
     }
 }
 
@@ -121,6 +181,8 @@ pub struct PolicyRuntime {
     consecutive_faults: u32,
     successes_since_fault: u32,
     resume_at_step: u64,
+    /// Wall time of the last guest call (answered or faulted).
+    last_call: Duration,
 }
 
 /// Successful calls in a row after which a policy's back-off resets to one step.
@@ -152,6 +214,7 @@ impl PolicyRuntime {
             consecutive_faults: 0,
             successes_since_fault: 0,
             resume_at_step: 0,
+            last_call: Duration::ZERO,
         })
     }
 
@@ -165,6 +228,12 @@ impl PolicyRuntime {
 
     pub fn counters(&self) -> &Arc<PolicyCounters> {
         &self.counters
+    }
+
+    /// Wall time of the last guest call, answered or faulted (zero when the last attempt made
+    /// no call: backing off, or instantiation failed).
+    pub fn last_call(&self) -> Duration {
+        self.last_call
     }
 
     /// Asks the policy about one step.
@@ -199,6 +268,7 @@ impl PolicyRuntime {
         step_id: u64,
         f: impl FnOnce(&mut LiveInstance) -> wasmtime::Result<Result<T, String>>,
     ) -> PolicyOutcome<T> {
+        self.last_call = Duration::ZERO;
         if self.live.is_none() {
             if step_id < self.resume_at_step {
                 self.counters.record_skip();
@@ -218,14 +288,18 @@ impl PolicyRuntime {
         let Some(live) = self.live.as_mut() else {
             return self.fault(step_id, FaultKind::Instantiate);
         };
-        let fuel = self.module.limits().fuel_per_call;
-        if fuel > 0 && live.store.set_fuel(fuel).is_err() {
+        let limits = self.module.limits();
+        if limits.fuel_per_call > 0 && live.store.set_fuel(limits.fuel_per_call).is_err() {
             return self.fault(step_id, FaultKind::Instantiate);
         }
+        live.store
+            .set_epoch_deadline(deadline_ticks(limits.call_deadline));
         let started = Instant::now();
         let result = f(live);
+        let elapsed = started.elapsed();
+        self.last_call = elapsed;
         self.counters
-            .record_call(started.elapsed().as_nanos().min(u64::MAX as u128) as u64);
+            .record_call(elapsed.as_nanos().min(u64::MAX as u128) as u64);
         match result {
             Ok(Ok(answer)) => {
                 // Forgive only a sustained recovery, so a policy that faults on every
@@ -234,8 +308,8 @@ impl PolicyRuntime {
                 if self.successes_since_fault >= SUCCESSES_TO_FORGIVE {
                     self.consecutive_faults = 0;
                 }
-                let cap = self.module.limits().memory_bytes;
-                let used = live.store.data().largest_memory_bytes;
+                let cap = limits.memory_bytes;
+                let used = live.store.data().memory_total;
                 if used as f64 > cap as f64 * RECYCLE_MEMORY_FRACTION {
                     tracing::debug!(
                         policy = self.module.name(),
@@ -250,6 +324,7 @@ impl PolicyRuntime {
                 PolicyOutcome::Answer(answer)
             }
             Ok(Err(reason)) => {
+                let reason = sanitize(&reason);
                 tracing::warn!(policy = self.module.name(), step_id, %reason, "malformed policy answer");
                 self.fault(step_id, FaultKind::Malformed)
             }
@@ -294,20 +369,24 @@ fn instantiate(
     params: &[(String, String)],
 ) -> Result<LiveInstance, InstantiateError> {
     let limits = module.limits();
-    let state = StoreState {
-        limits: StoreLimitsBuilder::new()
-            .memory_size(limits.memory_bytes)
-            .trap_on_grow_failure(true)
-            // Python and JavaScript components link dozens of core instances and tables.
-            .instances(256)
-            .memories(16)
-            .tables(256)
-            .build(),
-        largest_memory_bytes: 0,
-        wasi: None,
-    };
-    let mut store = Store::new(module.engine(), state);
+    let mut store = Store::new(module.engine(), StoreState::new(limits.memory_bytes));
     store.limiter(|state| state);
+    store.set_epoch_deadline(deadline_ticks(limits.configure_deadline));
+    let failed = |e: wasmtime::Error| {
+        let reason = match classify(&e) {
+            FaultKind::Timeout => format!(
+                "did not finish within the configure deadline ({} ms{}): {}",
+                limits.configure_deadline.as_millis(),
+                match limits.fuel_per_call {
+                    0 => String::new(),
+                    fuel => format!(", or ran out of its {fuel} fuel"),
+                },
+                one_line(&e)
+            ),
+            _ => one_line(&e),
+        };
+        InstantiateError::Instantiate(reason)
+    };
     let fuel = |store: &mut Store<StoreState>| match limits.fuel_per_call {
         0 => Ok(()),
         fuel => store
@@ -315,27 +394,35 @@ fn instantiate(
             .map_err(|e| InstantiateError::Instantiate(one_line(&e))),
     };
     fuel(&mut store)?;
-    let bindings = module
-        .pre()
-        .instantiate(&mut store)
-        .map_err(|e| InstantiateError::Instantiate(one_line(&e)))?;
+    let bindings = module.pre().instantiate(&mut store).map_err(failed)?;
     fuel(&mut store)?;
     bindings
         .stepscope_policy_policy()
         .call_configure(&mut store, params)
-        .map_err(|e| InstantiateError::Instantiate(one_line(&e)))?
-        .map_err(InstantiateError::Configure)?;
+        .map_err(failed)?
+        .map_err(|reason| InstantiateError::Configure(sanitize(&reason)))?;
     Ok(LiveInstance { store, bindings })
 }
 
 /// Maps a failed call to its fault kind.
-fn classify(error: &wasmtime::Error) -> FaultKind {
+pub(crate) fn classify(error: &wasmtime::Error) -> FaultKind {
     if let Some(trap) = error.downcast_ref::<Trap>() {
         return match trap {
             Trap::OutOfFuel | Trap::Interrupt => FaultKind::Timeout,
             Trap::AllocationTooLarge => FaultKind::Memory,
             _ => FaultKind::Trap,
         };
+    }
+    if error.downcast_ref::<SandboxBlocked>().is_some() {
+        return FaultKind::Blocked;
+    }
+    if error.downcast_ref::<HostCallLimit>().is_some()
+        || matches!(
+            error.downcast_ref::<ResourceTableError>(),
+            Some(ResourceTableError::Full)
+        )
+    {
+        return FaultKind::HostLimit;
     }
     let text = format!("{error:#}");
     if text.contains("memory") && (text.contains("grow") || text.contains("limit")) {

@@ -5,7 +5,22 @@
 //! malformed (the step then goes untraced and the fault is counted).
 
 use super::bindings::{ExtraAttribute, RichPlan, SnapshotAttributes, StepDecision};
+use super::guest_text::sanitize;
 use super::limits::{MAX_EXTRA_ATTRIBUTES, MAX_EXTRA_KEY_BYTES, MAX_EXTRA_VALUE_BYTES};
+
+/// Extra-attribute keys that would collide with the host's own `policy.*` span attributes; they
+/// become `policy.extra.<key>`.
+const RESERVED_EXTRA_KEYS: &[&str] = &["name", "digest", "degraded"];
+
+/// The span attribute key of a policy's extra attribute: `policy.<key>`, or
+/// `policy.extra.<key>` for the keys the host uses itself (`name`, `digest`, `degraded`).
+pub fn extra_attribute_key(key: &str) -> String {
+    if RESERVED_EXTRA_KEYS.contains(&key) {
+        format!("policy.extra.{key}")
+    } else {
+        format!("policy.{key}")
+    }
+}
 
 /// A validated answer of `decide`.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,6 +111,7 @@ fn check_extra(extra: Vec<ExtraAttribute>) -> Result<Vec<(String, String)>, Stri
             extra.len()
         ));
     }
+    let mut seen: Vec<String> = Vec::with_capacity(extra.len());
     extra
         .into_iter()
         .map(|ExtraAttribute { key, value }| {
@@ -117,7 +133,15 @@ fn check_extra(extra: Vec<ExtraAttribute>) -> Result<Vec<(String, String)>, Stri
                     value.len()
                 ));
             }
-            Ok((key, value))
+            // `reason` twice, or `name` and `extra.name`, would be one span attribute twice.
+            let attribute = extra_attribute_key(&key);
+            if seen.contains(&attribute) {
+                return Err(format!(
+                    "extra attribute `{key}` collides with another one as `{attribute}`"
+                ));
+            }
+            seen.push(attribute);
+            Ok((key, sanitize(&value)))
         })
         .collect()
 }
@@ -172,6 +196,26 @@ mod tests {
         let mut d = decision();
         d.extra = vec![attr("reason", "kv_pressure")];
         assert_eq!(check_decision(d).unwrap().extra.len(), 1);
+    }
+
+    #[test]
+    fn colliding_keys_are_malformed_and_values_are_escaped() {
+        let attr = |k: &str, v: &str| ExtraAttribute {
+            key: k.into(),
+            value: v.into(),
+        };
+        for pair in [["reason", "reason"], ["name", "extra.name"], ["degraded", "extra.degraded"]] {
+            let mut d = decision();
+            d.extra = vec![attr(pair[0], "a"), attr(pair[1], "b")];
+            let error = check_decision(d).unwrap_err();
+            assert!(error.contains("collides"), "{pair:?}: {error}");
+        }
+        let mut d = decision();
+        d.extra = vec![attr("name", "a"), attr("reason", "line\n\x1b[31mforged")];
+        let extra = check_decision(d).unwrap().extra;
+        assert_eq!(extra[1].1, "line\\n\\u{1b}[31mforged");
+        assert_eq!(extra_attribute_key("name"), "policy.extra.name");
+        assert_eq!(extra_attribute_key("reason"), "policy.reason");
     }
 
     #[test]

@@ -1,21 +1,47 @@
-//! The WASI a policy may import, and nothing more.
+//! The WASI a policy may import, and nothing more: deterministic, and never blocking.
 //!
 //! Toolchains for Python (componentize-py), JavaScript (componentize-js) and Rust's
 //! `wasm32-wasip2` target produce components that import WASI preview 2 interfaces even when
 //! the policy never uses them (their runtimes start up through `wasi:cli`, ask for random seeds,
 //! and so on). Such a component is linked against wasmtime-wasi with an empty, deterministic
-//! context: no preopened directories, environment, arguments, stdin or network (stdout and
-//! stderr are discarded); both clocks are frozen at zero and both random generators are seeded
-//! with a constant, so a policy stays a pure function of the step summaries the host passes it
-//! (`policy check` verifies that). Components importing anything outside the preview-2 `wasi:`
-//! packages this module links (for example `wasi:http`, or host functions of their own) are
-//! refused at load time with the list of offending imports.
+//! context: no preopened directories, environment, arguments or network; stdin is closed and
+//! stdout and stderr are discarded; both clocks are frozen at zero and both random generators
+//! are seeded with a constant, so a policy stays a pure function of the step summaries the host
+//! passes it (`policy check` verifies that). Components importing anything outside the
+//! preview-2 `wasi:` packages this module links (for example `wasi:http`, or host functions of
+//! their own) are refused at load time with the list of offending imports.
+//!
+//! **No host call blocks or runs long.** A guest cannot be interrupted while it is inside a host
+//! call (fuel and epoch deadlines only act in Wasm code), so the interfaces that could wait or
+//! work without bound are replaced ([`SandboxBlocked`] and [`HostCallLimit`] are the traps):
+//! - `wasi:clocks/monotonic-clock`: the clock is frozen at 0, so a pollable from
+//!   `subscribe-instant(t)` / `subscribe-duration(d)` is ready when `t == 0` / `d == 0` and
+//!   never otherwise (no timer is armed);
+//! - `wasi:io/poll`: `poll` and `pollable.block` look at readiness once; if nothing is ready,
+//!   the call traps as *blocked* instead of waiting. Every other pollable the sandbox can hand
+//!   out is ready at once: stdin is closed, stdout/stderr are sinks, and socket creation and
+//!   name lookup are refused before any socket exists. The `blocking-*` stream methods
+//!   therefore return at once too;
+//! - `wasi:random/random` and `wasi:random/insecure`: at most [`MAX_RANDOM_BYTES`] per call;
+//! - host resources (pollables, streams, …) live in a table capped at [`MAX_HOST_RESOURCES`].
+//!
+//! Stream writes go to a sink that accepts at most 64 KiB per `check-write` permit; the bytes
+//! of a write are copied out of the guest's memory, so that copy is bounded by the memory cap.
 
-use rand::SeedableRng;
 use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::pin::pin;
 use std::time::Duration;
-use wasmtime::component::{Linker, ResourceTable};
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+use wasmtime_wasi::p2::bindings::clocks::monotonic_clock;
+use wasmtime_wasi::p2::bindings::io::poll::{Host as AsyncPoll, HostPollable as AsyncPollable};
+use wasmtime_wasi::p2::bindings::random::{insecure, random};
+use wasmtime_wasi::p2::bindings::sync::io::poll;
+use wasmtime_wasi::p2::{DynPollable, Pollable};
+use wasmtime_wasi::runtime::{poll_noop, with_ambient_tokio_runtime};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::limits::{MAX_HOST_RESOURCES, MAX_RANDOM_BYTES};
 
 /// Interface-name prefixes the WASI linker provides (the `wasi:cli/imports` world of 0.2).
 const PROVIDED_PACKAGES: &[&str] = &[
@@ -61,10 +87,32 @@ impl ImportPlan {
     }
 }
 
+/// A guest waited for something that can never happen in the sandbox (fault kind `blocked`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("blocked: {what} would wait, and nothing in the policy sandbox ever becomes ready")]
+pub struct SandboxBlocked {
+    what: &'static str,
+}
+
+/// A host call asked for more than the sandbox gives in one call, or the instance asked for
+/// more host-side structure (table elements) than it may have (fault kind `host_limit`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("host-call limit: {what}")]
+pub struct HostCallLimit {
+    what: String,
+}
+
+impl HostCallLimit {
+    pub(crate) fn new(what: String) -> Self {
+        Self { what }
+    }
+}
+
 /// Per-store WASI state, built only for components that import WASI.
 pub(crate) struct SandboxWasi {
     ctx: WasiCtx,
     table: ResourceTable,
+    random: SandboxRandom,
 }
 
 impl SandboxWasi {
@@ -76,12 +124,19 @@ impl SandboxWasi {
             .secure_random(StdRng::seed_from_u64(GUEST_RANDOM_SEED))
             .insecure_random(StdRng::seed_from_u64(GUEST_RANDOM_SEED ^ 1))
             .insecure_random_seed(u128::from(GUEST_RANDOM_SEED))
+            .max_random_size(MAX_RANDOM_BYTES)
             .allow_ip_name_lookup(false)
             .allow_tcp(false)
             .allow_udp(false);
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_HOST_RESOURCES);
         Self {
             ctx: builder.build(),
-            table: ResourceTable::new(),
+            table,
+            random: SandboxRandom {
+                secure: StdRng::seed_from_u64(GUEST_RANDOM_SEED),
+                insecure: StdRng::seed_from_u64(GUEST_RANDOM_SEED ^ 1),
+            },
         }
     }
 
@@ -93,9 +148,179 @@ impl SandboxWasi {
     }
 }
 
-/// Adds the WASI preview-2 host functions (synchronous variants) to `linker`.
-pub(crate) fn add_to_linker<T: WasiView + 'static>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
-    wasmtime_wasi::p2::add_to_linker_sync(linker)
+/// Store data that can hand out its sandbox WASI state.
+pub(crate) trait HasSandbox: WasiView + Send + 'static {
+    fn sandbox(&mut self) -> &mut SandboxWasi;
+}
+
+/// Adds the WASI preview-2 host functions (synchronous variants) to `linker`, with the
+/// blocking and unbounded ones replaced (see the module doc).
+pub(crate) fn add_to_linker<T: HasSandbox>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
+    wasmtime_wasi::p2::add_to_linker_sync(linker)?;
+    linker.allow_shadowing(true);
+    poll::add_to_linker::<T, NonBlockingPoll>(linker, |t| NonBlockingPollView {
+        table: &mut t.sandbox().table,
+    })?;
+    monotonic_clock::add_to_linker::<T, FrozenDeadlines>(linker, |t| FrozenDeadlinesView {
+        table: &mut t.sandbox().table,
+    })?;
+    random::add_to_linker::<T, BoundedRandom>(linker, |t| &mut t.sandbox().random)?;
+    insecure::add_to_linker::<T, BoundedRandom>(linker, |t| &mut t.sandbox().random)?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// `wasi:io/poll` that looks once and never waits.
+struct NonBlockingPoll;
+
+impl HasData for NonBlockingPoll {
+    type Data<'a> = NonBlockingPollView<'a>;
+}
+
+struct NonBlockingPollView<'a> {
+    table: &'a mut ResourceTable,
+}
+
+/// Polls `future` once, inside a tokio context (some wasmtime-wasi pollables are tokio-backed).
+fn ready_now<F: Future>(future: F) -> Option<F::Output> {
+    with_ambient_tokio_runtime(|| poll_noop(pin!(future)))
+}
+
+impl poll::Host for NonBlockingPollView<'_> {
+    fn poll(&mut self, pollables: Vec<Resource<DynPollable>>) -> wasmtime::Result<Vec<u32>> {
+        if pollables.is_empty() {
+            wasmtime::bail!("poll: empty pollable list");
+        }
+        match ready_now(AsyncPoll::poll(self.table, pollables)) {
+            Some(ready) => ready,
+            None => Err(wasmtime::Error::new(SandboxBlocked {
+                what: "wasi:io/poll.poll",
+            })),
+        }
+    }
+}
+
+impl poll::HostPollable for NonBlockingPollView<'_> {
+    fn ready(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<bool> {
+        ready_now(AsyncPollable::ready(self.table, pollable)).unwrap_or(Ok(false))
+    }
+
+    fn block(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<()> {
+        if self.ready(pollable)? {
+            Ok(())
+        } else {
+            Err(wasmtime::Error::new(SandboxBlocked {
+                what: "wasi:io/poll.pollable.block",
+            }))
+        }
+    }
+
+    fn drop(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<()> {
+        AsyncPollable::drop(self.table, pollable)
+    }
+}
+
+/// `wasi:clocks/monotonic-clock` frozen at 0, whose deadlines never pass (see the module doc).
+struct FrozenDeadlines;
+
+impl HasData for FrozenDeadlines {
+    type Data<'a> = FrozenDeadlinesView<'a>;
+}
+
+struct FrozenDeadlinesView<'a> {
+    table: &'a mut ResourceTable,
+}
+
+/// A deadline of the frozen clock: ready at once if it is not in the future, else never.
+struct FrozenDeadline {
+    passed: bool,
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for FrozenDeadline {
+    async fn ready(&mut self) {
+        if !self.passed {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl FrozenDeadlinesView<'_> {
+    fn deadline(&mut self, passed: bool) -> wasmtime::Result<Resource<DynPollable>> {
+        let deadline = self.table.push(FrozenDeadline { passed })?;
+        wasmtime_wasi::p2::subscribe(self.table, deadline)
+    }
+}
+
+impl monotonic_clock::Host for FrozenDeadlinesView<'_> {
+    fn now(&mut self) -> wasmtime::Result<monotonic_clock::Instant> {
+        Ok(0)
+    }
+
+    fn resolution(&mut self) -> wasmtime::Result<monotonic_clock::Duration> {
+        Ok(1_000_000_000)
+    }
+
+    fn subscribe_instant(
+        &mut self,
+        when: monotonic_clock::Instant,
+    ) -> wasmtime::Result<Resource<DynPollable>> {
+        self.deadline(when == 0)
+    }
+
+    fn subscribe_duration(
+        &mut self,
+        duration: monotonic_clock::Duration,
+    ) -> wasmtime::Result<Resource<DynPollable>> {
+        self.deadline(duration == 0)
+    }
+}
+
+/// `wasi:random` with constant seeds and at most [`MAX_RANDOM_BYTES`] per call.
+pub(crate) struct SandboxRandom {
+    secure: StdRng,
+    insecure: StdRng,
+}
+
+struct BoundedRandom;
+
+impl HasData for BoundedRandom {
+    type Data<'a> = &'a mut SandboxRandom;
+}
+
+fn random_bytes(rng: &mut StdRng, len: u64, function: &str) -> wasmtime::Result<Vec<u8>> {
+    if len > MAX_RANDOM_BYTES {
+        return Err(wasmtime::Error::new(HostCallLimit {
+            what: format!("{function}({len}) asks for more than {MAX_RANDOM_BYTES} bytes"),
+        }));
+    }
+    let mut bytes = vec![0; len as usize];
+    rng.fill_bytes(&mut bytes);
+    Ok(bytes)
+}
+
+impl random::Host for SandboxRandom {
+    fn get_random_bytes(&mut self, len: u64) -> wasmtime::Result<Vec<u8>> {
+        random_bytes(&mut self.secure, len, "wasi:random/random.get-random-bytes")
+    }
+
+    fn get_random_u64(&mut self) -> wasmtime::Result<u64> {
+        Ok(self.secure.next_u64())
+    }
+}
+
+impl insecure::Host for SandboxRandom {
+    fn get_insecure_random_bytes(&mut self, len: u64) -> wasmtime::Result<Vec<u8>> {
+        random_bytes(
+            &mut self.insecure,
+            len,
+            "wasi:random/insecure.get-insecure-random-bytes",
+        )
+    }
+
+    fn get_insecure_random_u64(&mut self) -> wasmtime::Result<u64> {
+        Ok(self.insecure.next_u64())
+    }
 }
 
 /// `wasi:clocks/wall-clock` stopped at the Unix epoch.
@@ -110,7 +335,8 @@ impl wasmtime_wasi::HostWallClock for FrozenWallClock {
     }
 }
 
-/// `wasi:clocks/monotonic-clock` that never advances.
+/// The context's own `wasi:clocks/monotonic-clock` (replaced in the linker by
+/// [`FrozenDeadlines`]; kept frozen too so nothing in wasmtime-wasi sees real time).
 struct FrozenMonotonicClock;
 
 impl wasmtime_wasi::HostMonotonicClock for FrozenMonotonicClock {
@@ -154,5 +380,50 @@ mod tests {
         );
         assert!(plan.needs_wasi());
         assert!(!ImportPlan::classify([]).needs_wasi());
+    }
+
+    #[test]
+    fn frozen_deadlines_are_ready_only_when_not_in_the_future() {
+        let mut table = ResourceTable::new();
+        let mut clocks = FrozenDeadlinesView { table: &mut table };
+        use monotonic_clock::Host as _;
+        let now = clocks.subscribe_duration(0).unwrap();
+        let later = clocks.subscribe_duration(1).unwrap();
+        let at_zero = clocks.subscribe_instant(0).unwrap();
+        let mut poll = NonBlockingPollView { table: &mut table };
+        use poll::Host as _;
+        use poll::HostPollable as _;
+        assert!(poll.ready(Resource::new_borrow(now.rep())).unwrap());
+        assert!(poll.ready(Resource::new_borrow(at_zero.rep())).unwrap());
+        assert!(!poll.ready(Resource::new_borrow(later.rep())).unwrap());
+        let ready = poll
+            .poll(vec![
+                Resource::new_borrow(later.rep()),
+                Resource::new_borrow(now.rep()),
+            ])
+            .unwrap();
+        assert_eq!(ready, [1]);
+        let error = poll
+            .poll(vec![Resource::new_borrow(later.rep())])
+            .unwrap_err();
+        assert!(error.downcast_ref::<SandboxBlocked>().is_some(), "{error:#}");
+        let error = poll.block(Resource::new_borrow(later.rep())).unwrap_err();
+        assert!(error.downcast_ref::<SandboxBlocked>().is_some(), "{error:#}");
+        poll.block(Resource::new_borrow(now.rep())).unwrap();
+    }
+
+    #[test]
+    fn random_bytes_are_bounded_and_seeded() {
+        let mut a = SandboxWasi::new();
+        let mut b = SandboxWasi::new();
+        use random::Host as _;
+        let bytes = a.random.get_random_bytes(MAX_RANDOM_BYTES).unwrap();
+        assert_eq!(bytes.len() as u64, MAX_RANDOM_BYTES);
+        assert_eq!(bytes, b.random.get_random_bytes(MAX_RANDOM_BYTES).unwrap());
+        let error = a.random.get_random_bytes(8 << 20).unwrap_err();
+        assert!(error.downcast_ref::<HostCallLimit>().is_some(), "{error:#}");
+        use insecure::Host as _;
+        let error = a.random.get_insecure_random_bytes(u64::MAX).unwrap_err();
+        assert!(error.downcast_ref::<HostCallLimit>().is_some(), "{error:#}");
     }
 }
