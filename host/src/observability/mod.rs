@@ -31,6 +31,8 @@ mod tracer;
 #[cfg(test)]
 mod test_support;
 #[cfg(test)]
+mod budget_tests;
+#[cfg(test)]
 mod tests;
 
 use std::sync::Arc;

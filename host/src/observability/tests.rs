@@ -631,6 +631,14 @@ fn every_flag_travels_from_the_command_line_into_the_running_tracer() {
         "5000000",
         "--step-tracing-policy-memory-mib",
         "32",
+        "--step-tracing-policy-deadline-ms",
+        "7",
+        "--step-tracing-policy-configure-deadline-ms",
+        "900",
+        "--step-tracing-policy-budget-us",
+        "400",
+        "--step-tracing-policy-budget-share",
+        "0.1",
         "--otlp-traces-endpoint",
         "http://127.0.0.1:9/",
         "--otlp-protocol",
@@ -669,7 +677,13 @@ fn every_flag_travels_from_the_command_line_into_the_running_tracer() {
         policy_limits: PolicyLimits {
             fuel_per_call: 5_000_000,
             memory_bytes: 32 << 20,
+            call_deadline: Duration::from_millis(7),
+            configure_deadline: Duration::from_millis(900),
             ..PolicyLimits::default()
+        },
+        policy_budget: crate::policy::budget::BudgetConfig {
+            floor: Duration::from_micros(400),
+            share: 0.1,
         },
         seed: 1234,
         otlp: Some(OtlpConfig {
@@ -696,7 +710,7 @@ fn every_flag_travels_from_the_command_line_into_the_running_tracer() {
     assert_eq!(policy.name, pressure.display().to_string());
     assert_eq!(
         policy.limits, expected.policy_limits,
-        "fuel and memory reach the module"
+        "fuel, memory and deadlines reach the module"
     );
     assert_eq!(
         policy.params,

@@ -274,8 +274,31 @@ impl StatsCollector {
                     "Steps left untraced while a faulty policy backs off",
                     p.skipped_backoff,
                 ),
+                (
+                    "stepscope_policy_degradations",
+                    "Times the policy's p99 cost per step passed its budget and the built-in default took over",
+                    p.degradations,
+                ),
+                (
+                    "stepscope_policy_recoveries",
+                    "Times a degraded policy came back within its budget",
+                    p.recoveries,
+                ),
+                (
+                    "stepscope_policy_fallback_steps",
+                    "Steps the built-in default decided for a degraded policy (policy.degraded = true)",
+                    p.fallback_steps,
+                ),
             ]
             .map(|(name, help, value)| (name, help, ConstCounter::new(value))),
+        )?;
+        encode_all(
+            e,
+            [(
+                "stepscope_policy_degraded",
+                "1 while the policy is over its step budget and the built-in default decides steps",
+                ConstGauge::new(f64::from(u8::from(p.degraded))),
+            )],
         )?;
         encode_all(
             e,
