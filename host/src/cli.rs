@@ -417,6 +417,28 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// The step budget: p50/p99 step time of `builtin:tiny` with the default policy, with a
+    /// slow policy under the budget, and with the budget off, side by side.
+    Budget {
+        /// The slow policy (default: the test policy `stall` of this build, when present).
+        #[arg(long, value_name = "PATH.wasm")]
+        policy: Option<PathBuf>,
+        /// A `key=value` parameter for the slow policy (default: `mode=slow spin=2000000`).
+        #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        args: Vec<(String, String)>,
+        /// Requests per round.
+        #[arg(long, default_value_t = 192)]
+        requests: usize,
+        /// Tokens generated per request.
+        #[arg(long, default_value_t = 48)]
+        output_tokens: usize,
+        /// Most requests running at once.
+        #[arg(long, default_value_t = 16)]
+        max_num_seqs: usize,
+        /// Interleaved rounds.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
 }
 
 /// Parses a probability in [0, 1].

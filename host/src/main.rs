@@ -117,6 +117,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(BenchCommand::Budget {
+            policy,
+            args,
+            requests,
+            output_tokens,
+            max_num_seqs,
+            rounds,
+        }) => {
+            use stepscope::observability::budget_bench;
+            let slow_policy = policy.unwrap_or_else(|| {
+                std::path::Path::new(stepscope::policy::GUEST_COMPONENT_DIR).join("stall.wasm")
+            });
+            anyhow::ensure!(
+                slow_policy.is_file(),
+                "{}: no such policy; pass --policy PATH.wasm",
+                slow_policy.display()
+            );
+            let slow_args = if args.is_empty() {
+                vec![
+                    ("mode".to_string(), "slow".to_string()),
+                    ("spin".to_string(), "2000000".to_string()),
+                ]
+            } else {
+                args
+            };
+            let params = budget_bench::BudgetBenchParams {
+                slow_policy,
+                slow_args,
+                requests,
+                output_tokens,
+                max_num_seqs,
+                rounds: rounds.max(1),
+            };
+            let rows = budget_bench::run(&params)?;
+            print!("{}", budget_bench::render(&rows, &params));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(BenchCommand::Policy {
             policy,
             languages,

@@ -17,6 +17,7 @@
 //! blocked step. With tracing disabled the observer's per-step cost is a single branch.
 
 pub mod bench;
+pub mod budget_bench;
 mod config;
 mod exporter;
 mod http_client;
