@@ -2,7 +2,8 @@
 # Set up what the end-to-end tests in tests/python/ need, idempotently:
 #
 #   <repo>/.cache/test-venv/   a private Python venv with pinned openai, pytest, requests, oteltest,
-#                              trustme (certificates for the OTLP-over-TLS test)
+#                              trustme (certificates for the OTLP-over-TLS test), schemathesis
+#                              (fuzzes the API from its /openapi.json)
 #   /usr/bin/promtool          from Debian's `prometheus` package (for `promtool check metrics`)
 #
 # A second run only checks both and exits (well under a second). The venv is made with
@@ -17,7 +18,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="$ROOT/.cache"
 VENV="$CACHE/test-venv"
 # Bump together; the stamp file makes the next run reinstall.
-REQUIREMENTS="openai==3.57.0 pytest==9.2.0 requests==2.34.2 oteltest==0.49.0 trustme==1.2.1"
+REQUIREMENTS="openai==3.57.0 pytest==9.2.0 requests==2.34.2 oteltest==0.49.0 trustme==1.2.1 schemathesis==4.32.5"
 
 QUIET=0
 for arg in "$@"; do

@@ -4,6 +4,7 @@
 //! the original feature (`--step-tracing-enabled`, `--step-tracing-sample-rate`, …) because
 //! users' scripts depend on them.
 
+use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -61,9 +62,42 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
     pub shutdown_timeout: Option<std::time::Duration>,
     #[command(flatten)]
+    pub http: HttpArgs,
+    #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
     pub step_tracing: StepTracingArgs,
+}
+
+/// How `serve` treats HTTP clients, and what `/health` checks (`server::http::HttpConfig`).
+#[derive(Debug, Clone, Copy, Args)]
+pub struct HttpArgs {
+    /// Seconds a client has to send a request head (after connecting, or between requests on a
+    /// kept-alive connection; the connection is closed past it), and again its body (a 408
+    /// past it). Slow or stalled clients are cut off and never reach the engine.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_positive_seconds)]
+    pub http_read_timeout: std::time::Duration,
+    /// The largest request body of the API, in bytes (a 413 above it). The admin API's policy
+    /// uploads have their own limit of 64 MiB.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::server::http::DEFAULT_MAX_BODY_BYTES,
+          value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
+    pub max_request_body_bytes: usize,
+    /// `GET /health` answers 503 when requests are waiting or running and the engine has not
+    /// completed a step for this many seconds. Keep it above the slowest legitimate step (a full
+    /// prefill batch on CPU).
+    #[arg(long, value_name = "SECONDS", default_value = "20", value_parser = parse_positive_seconds)]
+    pub health_stall_timeout: std::time::Duration,
+}
+
+impl HttpArgs {
+    /// The typed configuration the server takes.
+    pub fn config(&self) -> crate::server::http::HttpConfig {
+        crate::server::http::HttpConfig {
+            read_timeout: self.http_read_timeout,
+            max_body_bytes: self.max_request_body_bytes,
+            health_stall_timeout: self.health_stall_timeout,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -469,6 +503,16 @@ pub fn parse_key_value(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Parses a positive, finite number of seconds (`30`, `2.5`).
+fn parse_positive_seconds(text: &str) -> Result<std::time::Duration, String> {
+    match parse_seconds(text)? {
+        std::time::Duration::ZERO => {
+            Err(format!("`{text}`: the number of seconds must be above 0"))
+        }
+        seconds => Ok(seconds),
+    }
+}
+
 /// Parses a non-negative, finite number of seconds (`30`, `2.5`, `0`).
 fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
     let seconds: f64 = text
@@ -555,6 +599,45 @@ mod tests {
                 parse(&["--shutdown-timeout", bad]).is_err(),
                 "{bad} accepted"
             );
+        }
+    }
+
+    #[test]
+    fn http_flags_reach_the_server_config() {
+        use crate::server::http::HttpConfig;
+        use std::time::Duration;
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["stepscope", "serve"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).map(|cli| match cli.command {
+                Command::Serve(serve) => serve.http.config(),
+                _ => panic!("not serve"),
+            })
+        };
+        assert_eq!(parse(&[]).unwrap(), HttpConfig::default());
+        assert_eq!(
+            parse(&[
+                "--http-read-timeout",
+                "2.5",
+                "--max-request-body-bytes",
+                "1024",
+                "--health-stall-timeout",
+                "7"
+            ])
+            .unwrap(),
+            HttpConfig {
+                read_timeout: Duration::from_millis(2500),
+                max_body_bytes: 1024,
+                health_stall_timeout: Duration::from_secs(7),
+            }
+        );
+        for bad in [
+            ["--http-read-timeout", "0"],
+            ["--health-stall-timeout", "-1"],
+            ["--max-request-body-bytes", "0"],
+            ["--max-request-body-bytes", "lots"],
+        ] {
+            assert!(parse(&bad).is_err(), "{bad:?} accepted");
         }
     }
 }

@@ -8,18 +8,21 @@
 //! Aborting a request, or dropping its receiver (noticed between steps, or when a send fails),
 //! frees its blocks. `abort_all` aborts every request the engine holds (a drain deadline).
 //! `shutdown` refuses new requests, lets in-flight ones finish, and joins the thread; dropping
-//! every handle does the same without joining.
+//! every handle does the same without joining. `liveness` reads the thread's [`Heartbeat`]: a
+//! step loop that stopped completing steps while work is pending is `Stalled`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use super::config::{EngineConfig, EngineError, RequestLimits};
 use super::core::{EngineCore, EngineStats};
 use super::hashing::IdHashMap;
+use super::heartbeat::{Heartbeat, Liveness};
 use super::model_runner::ModelRunner;
 use super::observer::StepObserver;
 use super::request::{FinishReason, RequestId, RequestOutput, SamplingParams};
@@ -45,6 +48,7 @@ impl Engine {
             stats: Mutex::new(core.stats()),
             pending_fresh: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
+            heartbeat: Heartbeat::new(),
         });
         let (commands, command_rx) = mpsc::channel();
         let thread_shared = Arc::clone(&shared);
@@ -89,6 +93,7 @@ struct SharedState {
     /// fresh in the waiting queue). The waiting-queue bound applies to this.
     pending_fresh: AtomicUsize,
     shutting_down: AtomicBool,
+    heartbeat: Heartbeat,
 }
 
 enum Command {
@@ -187,6 +192,19 @@ impl EngineHandle {
         self.inner.vocab_size
     }
 
+    /// Whether the step loop is idle, busy, or stalled: busy with no step completed for longer
+    /// than `bound` at `now`.
+    pub fn liveness(&self, now: Instant, bound: Duration) -> Liveness {
+        self.inner.shared.heartbeat.liveness(now, bound)
+    }
+
+    /// Requests accepted and not finished: running, waiting, or not yet taken in by the engine.
+    pub fn num_pending(&self) -> usize {
+        let stats = self.stats();
+        let fresh = self.inner.shared.pending_fresh.load(Ordering::Acquire);
+        stats.num_running + stats.num_waiting.max(fresh)
+    }
+
     /// Whether `shutdown` was called.
     pub fn is_shutting_down(&self) -> bool {
         self.inner.shared.shutting_down.load(Ordering::Acquire)
@@ -248,7 +266,10 @@ impl EngineLoop {
                     break;
                 }
                 // Idle: block until a command arrives (or every handle is gone).
-                match self.commands.recv() {
+                self.shared.heartbeat.going_idle();
+                let command = self.commands.recv();
+                self.shared.heartbeat.woke_up();
+                match command {
                     Ok(command) => self.handle(command),
                     Err(_) => break,
                 }
@@ -266,6 +287,7 @@ impl EngineLoop {
             self.abort_abandoned_requests();
             if self.core.has_unfinished_requests() {
                 let step = self.core.step();
+                self.shared.heartbeat.beat();
                 // Publish first, so whoever receives an output sees stats at least that fresh.
                 self.publish();
                 for output in step.outputs {

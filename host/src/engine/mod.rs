@@ -7,7 +7,8 @@
 //! request, which recomputes later. [`EngineCore::step`] shows every decided batch to a
 //! [`StepObserver`] (the step tracer) before the post-schedule update, runs the [`ModelRunner`],
 //! samples, and applies stop rules. [`Engine::start`] runs the core on the `stepscope-engine`
-//! thread behind an [`EngineHandle`] that streams [`RequestOutput`]s. [`test_runner`] provides a
+//! thread behind an [`EngineHandle`] that streams [`RequestOutput`]s, and whose [`Heartbeat`]
+//! tells a stalled step loop from an idle one. [`test_runner`] provides a
 //! deterministic model runner that really goes through the paged KV cache, for tests and
 //! benchmarks; [`bench`](mod@bench) measures the scheduler's CPU cost per step.
 
@@ -17,6 +18,7 @@ pub mod block_pool;
 pub mod config;
 pub mod core;
 pub mod hashing;
+pub mod heartbeat;
 pub mod kv_cache_manager;
 pub mod model_runner;
 pub mod observer;
@@ -31,6 +33,7 @@ mod engine_tests;
 pub use self::core::{EngineCore, EngineStats, StepOutput};
 pub use api::{Engine, EngineHandle};
 pub use config::{EngineConfig, EngineError, RequestLimits};
+pub use heartbeat::{Heartbeat, Liveness};
 pub use kv_cache_manager::KvCacheManager;
 pub use model_runner::{BatchEntry, Logits, ModelBatch, ModelRunner, ModelRunnerError};
 pub use observer::{NoopStepObserver, RequestView, StepObserver, StepView};

@@ -14,6 +14,9 @@
 //!   OpenAI-style error body naming the problem, and the old policy keeps running; with step
 //!   tracing off it is a 409.
 //!
+//! - `GET /openapi.json`: the admin API's own OpenAPI description (generated from the handlers'
+//!   annotations; the main API's `/openapi.json` does not include the admin API).
+//!
 //! SIGHUP (whether or not the admin API is on) re-reads `--step-tracing-policy` (or the
 //! built-in default) and swaps it in the same way; a failure is logged and changes nothing.
 
@@ -26,14 +29,17 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, RawQuery, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
+use utoipa::{OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::observability::{ActivePolicy, PolicyOrigin, PolicySwitch, SwapError};
 use crate::policy::DEFAULT_POLICY_WASM;
 
 use super::errors::ApiError;
+use super::openapi::{self, AdminDoc, ErrorBody};
 
 /// Largest accepted upload: a Python or JavaScript policy with its interpreter is 12–20 MB.
 pub const MAX_POLICY_UPLOAD_BYTES: usize = 64 << 20;
@@ -47,20 +53,25 @@ pub struct AdminState {
 
 /// The admin router.
 pub fn router(state: AdminState) -> Router {
-    Router::new()
-        .route("/admin/policy", get(get_policy).post(post_policy))
-        .layer(DefaultBodyLimit::max(MAX_POLICY_UPLOAD_BYTES))
+    let api = OpenApiRouter::with_openapi(AdminDoc::openapi())
+        .routes(routes!(get_policy, post_policy))
+        .layer(DefaultBodyLimit::max(MAX_POLICY_UPLOAD_BYTES));
+    openapi::publish(api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
 /// `GET /admin/policy`'s body.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct PolicyStatus {
     step_tracing_enabled: bool,
+    /// The active policy: name, digest, size, load time, origin, generation.
+    #[schema(value_type = Option<Object>)]
     active: Option<ActivePolicy>,
-    /// The server's policy parameters (what a swap without `arg`s configures).
+    /// The server's policy parameters (what a swap without `arg`s configures), as
+    /// `[key, value]` pairs.
+    #[schema(value_type = Vec<Vec<String>>)]
     params: Vec<(String, String)>,
     swaps: u64,
     swaps_refused: u64,
@@ -76,6 +87,19 @@ fn status(switch: Option<&PolicySwitch>) -> PolicyStatus {
     }
 }
 
+/// A policy component, as uploaded.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)]
+struct PolicyUpload(Vec<u8>);
+
+#[utoipa::path(
+    get,
+    path = "/admin/policy",
+    tag = "admin",
+    operation_id = "get_policy",
+    responses((status = 200, description = "The active policy and the swap counters", body = PolicyStatus))
+)]
 async fn get_policy(State(state): State<AdminState>) -> Response {
     axum::Json(status(state.switch.as_deref())).into_response()
 }
@@ -121,6 +145,24 @@ fn parse_upload_query(query: Option<&str>) -> Result<UploadQuery, ApiError> {
     Ok(parsed)
 }
 
+#[utoipa::path(
+    post,
+    path = "/admin/policy",
+    tag = "admin",
+    operation_id = "swap_policy",
+    params(
+        ("name" = Option<String>, Query, description = "`policy.name` of the new policy (1-128 printable characters)"),
+        ("arg" = Option<Vec<String>>, Query, description = "`KEY=VALUE` policy parameters (repeatable); a bare `arg=` passes none"),
+    ),
+    request_body(content = PolicyUpload, content_type = "application/octet-stream", description = "A policy component (.wasm)"),
+    responses(
+        (status = 200, description = "Swapped in: the new active policy", body = Object),
+        (status = 400, description = "Refused (not a valid policy, or a bad query); the active policy is unchanged", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within --http-read-timeout", body = ErrorBody),
+        (status = 409, description = "Step tracing is disabled", body = ErrorBody),
+        (status = 413, description = "The body is over 64 MiB", body = ErrorBody),
+    )
+)]
 async fn post_policy(
     State(state): State<AdminState>,
     RawQuery(query): RawQuery,
@@ -203,16 +245,23 @@ pub async fn bind(host: &str, port: u16) -> anyhow::Result<tokio::net::TcpListen
     Ok(listener)
 }
 
-/// Serves the admin API on `listener` until `drain` resolves.
+/// Serves the admin API on `listener` until `drain` resolves, cutting off clients slower than
+/// `read_timeout` as the main API does.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AdminState,
+    read_timeout: std::time::Duration,
     drain: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(drain)
-        .await
-        .context("serving the admin API")
+    super::http::serve(
+        listener,
+        router(state),
+        read_timeout,
+        MAX_POLICY_UPLOAD_BYTES,
+        drain,
+    )
+    .await
+    .context("serving the admin API")
 }
 
 /// Reloads the policy file (or the built-in default) on every SIGHUP, for the process's life.

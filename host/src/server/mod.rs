@@ -2,7 +2,8 @@
 //!
 //! [`run`] resolves the model (the positional MODEL, else the default SmolLM2 directory), starts
 //! the step tracer from the step-tracing flags, launches the engine with the tracer as its step
-//! observer, and serves [`routes::router`] with TCP_NODELAY on every accepted socket. Requests
+//! observer, and serves [`routes::router`] through [`http::serve`] (TCP_NODELAY, read timeouts
+//! for slow clients, a body size limit; `GET /openapi.json` describes the API). Requests
 //! flow one way: handler → [`generation::Generation`] (a `TextStream` on the engine) → JSON or
 //! SSE ([`sse`]). Bad input is a 4xx with an OpenAI error body ([`errors`]); a full waiting queue
 //! is a 503. On SIGINT/SIGTERM ([`shutdown`]) the listener closes, in-flight requests finish (or,
@@ -10,12 +11,15 @@
 //! the trace exporter flushes, and the process exits 0.
 
 pub mod admin;
+pub mod body_limit;
 pub mod collector;
 pub mod errors;
 pub mod generation;
+pub mod http;
 pub mod logprobs;
 pub mod metrics;
 pub mod openai_types;
+pub mod openapi;
 pub mod params;
 pub mod prompts;
 pub mod routes;
@@ -26,18 +30,17 @@ pub mod state;
 #[cfg(test)]
 mod tests;
 
-use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use axum::serve::ListenerExt;
 
 use crate::cli::ServeArgs;
 use crate::observability::{ObservabilityConfig, StepTracer};
 
+use self::http::HttpConfig;
 use self::metrics::{ServerMetrics, TracingInfo};
 use self::state::AppState;
 
@@ -73,6 +76,11 @@ pub fn resolve_model_spec(
 /// Runs `stepscope serve` until SIGINT/SIGTERM and a complete drain.
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let spec = resolve_model_spec(args.model.as_deref(), |name| std::env::var(name).ok())?;
+    let http_config = args.http.config();
+    match http::raise_open_file_limit() {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
     let config = ObservabilityConfig::from_args(&args.step_tracing, args.engine.seed)?;
     let (observer, mut tracer) = StepTracer::start(config)?;
     let launched = crate::launch::launch(&spec, &args.engine, Box::new(observer))?;
@@ -91,13 +99,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tracer.metrics_handle(),
         tracing_info,
     ));
-    let state = AppState::new(
+    let mut state = AppState::new(
         launched.engine.clone(),
         launched.model.clone(),
         args.served_model_name.clone(),
         &spec,
         metrics,
     );
+    state.health_stall_timeout = http_config.health_stall_timeout;
     let limits = launched.engine.limits();
     tracing::info!(
         model = %launched.model.name,
@@ -117,8 +126,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .context("starting the HTTP runtime")?;
     let served = runtime.block_on(serve_http(
         state,
-        &args.host,
-        args.port,
+        (&args.host, args.port),
+        http_config,
         admin,
         args.shutdown_timeout,
     ));
@@ -158,8 +167,8 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// then are aborted) and connections had [`CLOSE_GRACE`] to close.
 async fn serve_http(
     state: AppState,
-    host: &str,
-    port: u16,
+    (host, port): (&str, u16),
+    config: HttpConfig,
     admin: AdminConfig,
     shutdown_timeout: Option<Duration>,
 ) -> anyhow::Result<()> {
@@ -171,26 +180,28 @@ async fn serve_http(
             // Bound before the API, so a bad admin address fails the start-up.
             let listener = admin::bind(&admin_host, admin_port).await?;
             let drained = drain.clone().wait();
-            Some(tokio::spawn(admin::serve(listener, admin.state, drained)))
+            Some(tokio::spawn(admin::serve(
+                listener,
+                admin.state,
+                config.read_timeout,
+                drained,
+            )))
         }
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind((host, port))
-        .await
-        .with_context(|| format!("cannot listen on {host}:{port}"))?;
+    let listener = http::bind(host, port).await?;
     let address = listener
         .local_addr()
         .context("reading the listening address")?;
-    let listener = listener.tap_io(|stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "cannot set TCP_NODELAY");
-        }
-    });
     tracing::info!("listening on http://{address}");
     let engine = state.engine.clone();
-    let serving = axum::serve(listener, routes::router(state))
-        .with_graceful_shutdown(drain.clone().wait())
-        .into_future();
+    let serving = http::serve(
+        listener,
+        routes::router(state),
+        config.read_timeout,
+        config.max_body_bytes,
+        drain.clone().wait(),
+    );
     let deadline = drain_deadline(drain, shutdown_timeout, engine);
     let closed = tokio::select! {
         served = serving => {

@@ -8,32 +8,51 @@
 //! once as the endpoint's own fields. Flexible fields (`prompt`, `stop`, `messages`) stay JSON
 //! values and are checked by hand, so every error can name the field. Unknown fields are
 //! ignored, as by the OpenAI API. Responses carry `id`, `object`, `created`, `model`,
-//! `choices` and `usage` exactly as the official SDKs expect.
+//! `choices` and `usage` exactly as the official SDKs expect. Every type also derives
+//! `utoipa::ToSchema`, so `GET /openapi.json` is generated from these very types (the `schema`
+//! attributes state the ranges the handlers check and the shapes of the JSON-valued fields).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::openapi::{ChatMessage, Stop};
 
 /// Fields both generation endpoints accept.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct SamplingFields {
     pub model: Option<String>,
+    #[schema(minimum = 1)]
     pub max_tokens: Option<i64>,
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f64>,
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f64>,
     /// vLLM extension; `-1` or `0` means no limit.
+    #[schema(minimum = -1)]
     pub top_k: Option<i64>,
     pub seed: Option<i64>,
     /// A string or a list of strings.
+    #[schema(value_type = Option<Stop>)]
     pub stop: Option<Value>,
     /// vLLM extension: generation stops after any of these tokens.
+    #[schema(value_type = Option<Vec<u32>>)]
     pub stop_token_ids: Option<Vec<i64>>,
+    /// Choices per prompt.
+    #[schema(minimum = 1, maximum = 128)]
     pub n: Option<i64>,
+    /// Only 1 is supported.
+    #[schema(minimum = 1, maximum = 1)]
     pub best_of: Option<i64>,
     /// vLLM extension: keep generating after an end-of-sequence token.
     pub ignore_eos: Option<bool>,
+    #[schema(minimum = -2, maximum = 2)]
     pub presence_penalty: Option<f64>,
+    #[schema(minimum = -2, maximum = 2)]
     pub frequency_penalty: Option<f64>,
+    #[schema(exclusive_minimum = 0)]
     pub repetition_penalty: Option<f64>,
+    #[schema(minimum = 0)]
     pub min_tokens: Option<i64>,
     pub skip_special_tokens: Option<bool>,
     pub include_stop_str_in_output: Option<bool>,
@@ -48,38 +67,52 @@ pub struct SamplingFields {
 }
 
 /// `stream_options`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
 /// Fields only `/v1/completions` has.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct CompletionFields {
-    /// A string, a list of token ids, or a one-element list of either.
+    /// A string or a list of token ids, or a batch: a list of either.
+    #[schema(schema_with = super::openapi::prompt_schema, required = true)]
     pub prompt: Option<Value>,
+    /// Not supported: only `false`.
     pub echo: Option<bool>,
+    /// How many most likely alternatives to report with each token.
+    #[schema(value_type = Option<u32>, minimum = 0, maximum = 20)]
     pub logprobs: Option<Value>,
+    /// Not supported: only empty.
+    #[schema(value_type = Option<String>)]
     pub suffix: Option<Value>,
 }
 
 /// Fields only `/v1/chat/completions` has.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct ChatFields {
+    #[schema(value_type = Vec<ChatMessage>, min_items = 1)]
     pub messages: Option<Value>,
+    #[schema(minimum = 1)]
     pub max_completion_tokens: Option<i64>,
     pub logprobs: Option<bool>,
+    #[schema(minimum = 0, maximum = 20)]
     pub top_logprobs: Option<i64>,
+    /// Not supported: absent, `null` or empty.
+    #[schema(value_type = Option<Vec<Object>>)]
     pub tools: Option<Value>,
+    /// Only `{"type": "text"}` is supported.
+    #[schema(value_type = Option<Object>)]
     pub response_format: Option<Value>,
     /// vLLM extension (default true).
     pub add_generation_prompt: Option<bool>,
     /// vLLM extension: extra variables for the chat template.
+    #[schema(value_type = Option<Object>)]
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
 }
 
 /// `usage`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
@@ -88,7 +121,7 @@ pub struct Usage {
 }
 
 /// `usage.prompt_tokens_details`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PromptTokensDetails {
     /// Prompt tokens whose KV came from the prefix cache.
     pub cached_tokens: usize,
@@ -107,7 +140,7 @@ impl Usage {
 
 /// A `/v1/completions` answer, or one of its stream chunks (`object` is `text_completion` in
 /// both cases, as OpenAI does).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CompletionResponse {
     pub id: String,
     pub object: &'static str,
@@ -116,11 +149,12 @@ pub struct CompletionResponse {
     pub choices: Vec<CompletionChoice>,
     /// Absent, `null` (stream chunks with `include_usage`), or the usage.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Usage>)]
     pub usage: Option<Option<Usage>>,
 }
 
 /// One choice of a completion (or of a completion chunk).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CompletionChoice {
     pub index: u32,
     pub text: String,
@@ -133,7 +167,7 @@ pub struct CompletionChoice {
 }
 
 /// A `/v1/chat/completions` answer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatResponse {
     pub id: String,
     pub object: &'static str,
@@ -143,7 +177,7 @@ pub struct ChatResponse {
     pub usage: Usage,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatChoice {
     pub index: u32,
     pub message: ChatMessageOut,
@@ -155,14 +189,14 @@ pub struct ChatChoice {
     pub prompt_token_ids: Option<Vec<u32>>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatMessageOut {
     pub role: &'static str,
     pub content: String,
 }
 
 /// A `chat.completion.chunk`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatChunk {
     pub id: String,
     pub object: &'static str,
@@ -170,10 +204,11 @@ pub struct ChatChunk {
     pub model: String,
     pub choices: Vec<ChatChunkChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Usage>)]
     pub usage: Option<Option<Usage>>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatChunkChoice {
     pub index: u32,
     pub delta: ChatDelta,
@@ -183,7 +218,7 @@ pub struct ChatChunkChoice {
     pub token_ids: Option<Vec<u32>>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
 pub struct ChatDelta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
@@ -192,13 +227,13 @@ pub struct ChatDelta {
 }
 
 /// `GET /v1/models`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ModelList {
     pub object: &'static str,
     pub data: Vec<ModelCard>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ModelCard {
     pub id: String,
     pub object: &'static str,

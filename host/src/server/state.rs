@@ -1,5 +1,5 @@
 //! What every handler shares: the engine handle, the model's text side, the names it is
-//! served under, and the metrics registry.
+//! served under, the metrics registry, and the bound `/health` holds the engine's steps to.
 //!
 //! [`AppState`] is cheap to clone (handles and `Arc`s). [`AppState::resolve_model`] implements
 //! the `model` field's rule: any of the served names (`--served-model-name`, default the model's
@@ -7,12 +7,13 @@
 //! name; anything else is a 404 `model_not_found`.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::engine::EngineHandle;
 use crate::model::ModelInfo;
 
 use super::errors::ApiError;
+use super::http::DEFAULT_HEALTH_STALL_TIMEOUT;
 use super::metrics::ServerMetrics;
 
 /// Shared server state.
@@ -27,6 +28,9 @@ pub struct AppState {
     pub metrics: Arc<ServerMetrics>,
     /// Unix time the server started (`created` of `/v1/models`).
     pub started: u64,
+    /// `/health` is a 503 when requests are pending and no step completed for this long
+    /// (`--health-stall-timeout`).
+    pub health_stall_timeout: Duration,
 }
 
 impl AppState {
@@ -49,6 +53,7 @@ impl AppState {
             model_spec: Arc::from(model_spec),
             metrics,
             started: unix_seconds(),
+            health_stall_timeout: DEFAULT_HEALTH_STALL_TIMEOUT,
         }
     }
 

@@ -19,6 +19,19 @@ use crate::engine::EngineHandle;
 use crate::observability::TracerMetrics;
 
 fn start(extra: &[&str]) -> (Router, EngineHandle) {
+    start_with(
+        extra,
+        Box::new(crate::engine::NoopStepObserver),
+        super::http::DEFAULT_HEALTH_STALL_TIMEOUT,
+    )
+}
+
+/// [`start`] with a step observer and `/health`'s stall bound.
+fn start_with(
+    extra: &[&str],
+    observer: Box<dyn crate::engine::StepObserver>,
+    health_stall_timeout: std::time::Duration,
+) -> (Router, EngineHandle) {
     let mut argv = vec![
         "stepscope",
         "serve",
@@ -30,25 +43,21 @@ fn start(extra: &[&str]) -> (Router, EngineHandle) {
     let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
         unreachable!()
     };
-    let launched = crate::launch::launch(
-        "builtin:tiny",
-        &args.engine,
-        Box::new(crate::engine::NoopStepObserver),
-    )
-    .unwrap();
+    let launched = crate::launch::launch("builtin:tiny", &args.engine, observer).unwrap();
     let tracer = Arc::new(TracerMetrics::default());
     let metrics = Arc::new(ServerMetrics::new(
         launched.engine.clone(),
         tracer,
         TracingInfo::default(),
     ));
-    let state = AppState::new(
+    let mut state = AppState::new(
         launched.engine.clone(),
         launched.model.clone(),
         args.served_model_name.clone(),
         "builtin:tiny",
         metrics,
     );
+    state.health_stall_timeout = health_stall_timeout;
     (super::routes::router(state), launched.engine)
 }
 
@@ -430,4 +439,97 @@ fn admin_flags_parse_and_the_host_needs_the_port() {
     };
     assert_eq!(args.admin_port, None, "the admin API is off by default");
     assert!(Cli::try_parse_from(["stepscope", "serve", "--admin-host", "0.0.0.0"]).is_err());
+}
+
+/// `/health` is a 503 `engine_stalled` while a step never returns with a request pending (a
+/// blocking step observer stands for a policy stuck in a host call), and 200 again once it
+/// returns. The bound is 1 ms and the test waits 50 ms past the observer's entry, so the outcome
+/// does not depend on timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_a_stalled_engine() {
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let mut blocked = false;
+    let observer = move |_: &crate::engine::StepView<'_>| {
+        if !blocked {
+            blocked = true;
+            entered_tx.send(()).unwrap();
+            release_rx.recv().unwrap();
+        }
+    };
+    let bound = std::time::Duration::from_millis(1);
+    let (app, engine) = start_with(&["--served-model-name", "tiny"], Box::new(observer), bound);
+    // Idle: healthy, however long ago the last step was.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(call(&app, "GET", "/health", None).await.0, StatusCode::OK);
+
+    let request = json!({"model": "tiny", "prompt": "hi", "max_tokens": 3, "ignore_eos": true});
+    let pending = tokio::spawn({
+        let app = app.clone();
+        async move { post(&app, "/v1/completions", request).await }
+    });
+    tokio::task::spawn_blocking(move || entered_rx.recv().unwrap())
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let (status, body) = call(&app, "GET", "/health", None).await;
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_error(status, &body, 503, None);
+    assert_eq!(body["error"]["code"], "engine_stalled");
+
+    release_tx.send(()).unwrap();
+    let (status, body) = pending.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Done: back to idle, so healthy again (polled: the engine thread goes idle just after the
+    // answer's last token).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while call(&app, "GET", "/health", None).await.0 != StatusCode::OK {
+        assert!(std::time::Instant::now() < deadline, "never healthy again");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    engine.shutdown().unwrap();
+}
+
+/// The description covers every route of the router, and each path answers as described.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_describes_every_route() {
+    let (app, engine) = start(&["--served-model-name", "tiny"]);
+    let (status, text) = call(&app, "GET", "/openapi.json", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let doc: Value = serde_json::from_str(&text).unwrap();
+    let mut described: Vec<(String, String)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, ops)| {
+            ops.as_object()
+                .unwrap()
+                .keys()
+                .map(move |method| (method.to_uppercase(), path.clone()))
+        })
+        .collect();
+    described.sort();
+    let expected = [
+        ("GET", "/health"),
+        ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
+        ("GET", "/v1/models"),
+        ("POST", "/detokenize"),
+        ("POST", "/tokenize"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+    ];
+    assert_eq!(
+        described,
+        expected.map(|(m, p)| (m.to_string(), p.to_string()))
+    );
+    // Every described route exists: none is a 404 or a 405 from the fallbacks.
+    for (method, path) in expected {
+        let (status, _) = call(&app, method, path, Some("{}")).await;
+        assert!(
+            status != StatusCode::NOT_FOUND && status != StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}: {status}"
+        );
+    }
+    engine.shutdown().unwrap();
 }

@@ -19,12 +19,31 @@ use super::super::logprobs::{LogprobsRenderer, LogprobsShape};
 use super::super::openai_types::{
     ChatChoice, ChatFields, ChatMessageOut, ChatResponse, SamplingFields,
 };
+use super::super::openapi::{ChatRequest, ErrorBody, ServerSentEvent};
 use super::super::params::{MaxTokensDefault, RequestOptions, resolve_max_tokens};
 use super::super::prompts::{encode_chat, normalize_messages};
 use super::super::sse::{Choice, ChunkKind, ChunkWriter};
 use super::super::state::AppState;
 use super::{Answer, check_choice_count, object_body, respond, stream_or_collect};
 
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "openai",
+    operation_id = "create_chat_completion",
+    request_body = ChatRequest,
+    responses(
+        (status = 200, description = "The chat completion; with `stream`, its chunks as server-sent events", content(
+            (ChatResponse = "application/json"),
+            (ServerSentEvent = "text/event-stream"),
+        )),
+        (status = 400, description = "Malformed body, or a field out of range or unsupported", body = ErrorBody),
+        (status = 404, description = "A `model` this server does not serve", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within --http-read-timeout", body = ErrorBody),
+        (status = 413, description = "The body is over --max-request-body-bytes", body = ErrorBody),
+        (status = 503, description = "The waiting queue is full, or the server is shutting down", body = ErrorBody),
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     body: Result<ApiJson<Value>, ApiError>,

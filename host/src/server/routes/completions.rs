@@ -19,6 +19,7 @@ use super::super::logprobs::{LogprobsRenderer, LogprobsShape};
 use super::super::openai_types::{
     CompletionChoice, CompletionFields, CompletionResponse, SamplingFields,
 };
+use super::super::openapi::{CompletionRequest, ErrorBody, ServerSentEvent};
 use super::super::params::{MaxTokensDefault, RequestOptions, resolve_max_tokens};
 use super::super::prompts::{encode_prompt, parse_prompts};
 use super::super::sse::{Choice, ChunkKind, ChunkWriter};
@@ -28,6 +29,24 @@ use super::{Answer, check_choice_count, object_body, respond, stream_or_collect}
 /// OpenAI's default `max_tokens` for completions.
 const DEFAULT_MAX_TOKENS: usize = 16;
 
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "openai",
+    operation_id = "create_completion",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The completion; with `stream`, its chunks as server-sent events", content(
+            (CompletionResponse = "application/json"),
+            (ServerSentEvent = "text/event-stream"),
+        )),
+        (status = 400, description = "Malformed body, or a field out of range or unsupported", body = ErrorBody),
+        (status = 404, description = "A `model` this server does not serve", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within --http-read-timeout", body = ErrorBody),
+        (status = 413, description = "The body is over --max-request-body-bytes", body = ErrorBody),
+        (status = 503, description = "The waiting queue is full, or the server is shutting down", body = ErrorBody),
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     body: Result<ApiJson<Value>, ApiError>,

@@ -1,5 +1,6 @@
 //! The HTTP routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`,
-//! `POST /tokenize`, `POST /detokenize`, `GET /health` and `GET /metrics`.
+//! `POST /tokenize`, `POST /detokenize`, `GET /health`, `GET /metrics` and `GET /openapi.json`
+//! (the description of all of them, generated from each handler's `#[utoipa::path]`).
 //!
 //! Unknown paths and wrong methods get OpenAI-style JSON errors too (404, 405), so a client never
 //! has to parse plain text. Each generation handler reads its body as [`ApiJson`], whose failures
@@ -14,12 +15,15 @@ mod tokenize;
 use axum::Router;
 use axum::http::{Method, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use serde_json::Value;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::errors::{ApiError, ApiJson};
 use super::generation::Finished;
 use super::openai_types::Usage;
+use super::openapi::{self, ApiDoc};
 use super::params::RequestOptions;
 use super::sse::{self, Choice, ChunkWriter, total_usage};
 use super::state::AppState;
@@ -93,14 +97,15 @@ async fn collect_all(choices: Vec<Choice>) -> Result<Vec<(ChoiceInfo, Finished)>
 
 /// The application's router.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/v1/completions", post(completions::create))
-        .route("/v1/chat/completions", post(chat::create))
-        .route("/v1/models", get(info::models))
-        .route("/tokenize", post(tokenize::tokenize))
-        .route("/detokenize", post(tokenize::detokenize))
-        .route("/health", get(info::health))
-        .route("/metrics", get(info::metrics))
+    let api = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(completions::create))
+        .routes(routes!(chat::create))
+        .routes(routes!(info::models))
+        .routes(routes!(tokenize::tokenize))
+        .routes(routes!(tokenize::detokenize))
+        .routes(routes!(info::health))
+        .routes(routes!(info::metrics));
+    openapi::publish(api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -12,43 +12,64 @@ use axum::extract::State;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 use super::super::errors::{ApiError, ApiJson, from_value};
+use super::super::openapi::{ChatMessage, ErrorBody};
 use super::super::params::token_ids_in_vocabulary;
 use super::super::prompts::{encode_chat, normalize_messages};
 use super::super::state::AppState;
 use super::{object_body, respond};
 
-#[derive(Debug, Default, Deserialize)]
-struct TokenizeFields {
+/// `POST /tokenize`'s body: a `prompt`, or chat `messages`, not both.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct TokenizeFields {
     model: Option<String>,
     prompt: Option<String>,
+    #[schema(value_type = Option<Vec<ChatMessage>>)]
     messages: Option<Value>,
     add_special_tokens: Option<bool>,
     add_generation_prompt: Option<bool>,
+    #[schema(value_type = Option<Object>)]
     chat_template_kwargs: Option<Map<String, Value>>,
     return_token_strs: Option<bool>,
 }
 
-#[derive(Debug, Serialize)]
-struct TokenizeResponse {
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenizeResponse {
     count: usize,
     max_model_len: usize,
     tokens: Vec<u32>,
     token_strs: Option<Vec<Option<String>>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct DetokenizeFields {
+/// `POST /detokenize`'s body.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct DetokenizeFields {
     model: Option<String>,
+    #[schema(value_type = Vec<u32>)]
     tokens: Option<Vec<i64>>,
 }
 
-#[derive(Debug, Serialize)]
-struct DetokenizeResponse {
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DetokenizeResponse {
     prompt: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/tokenize",
+    tag = "vllm",
+    operation_id = "tokenize",
+    request_body = TokenizeFields,
+    responses(
+        (status = 200, description = "The prompt's token ids", body = TokenizeResponse),
+        (status = 400, description = "Malformed body, or a field out of range or unsupported", body = ErrorBody),
+        (status = 404, description = "A `model` this server does not serve", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within --http-read-timeout", body = ErrorBody),
+        (status = 413, description = "The body is over --max-request-body-bytes", body = ErrorBody),
+    )
+)]
 pub async fn tokenize(
     State(state): State<AppState>,
     body: Result<ApiJson<Value>, ApiError>,
@@ -106,6 +127,20 @@ fn tokenize_body(
     })
 }
 
+#[utoipa::path(
+    post,
+    path = "/detokenize",
+    tag = "vllm",
+    operation_id = "detokenize",
+    request_body = DetokenizeFields,
+    responses(
+        (status = 200, description = "The decoded text", body = DetokenizeResponse),
+        (status = 400, description = "Malformed body, or a field out of range or unsupported", body = ErrorBody),
+        (status = 404, description = "A `model` this server does not serve", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within --http-read-timeout", body = ErrorBody),
+        (status = 413, description = "The body is over --max-request-body-bytes", body = ErrorBody),
+    )
+)]
 pub async fn detokenize(
     State(state): State<AppState>,
     body: Result<ApiJson<Value>, ApiError>,
