@@ -14,6 +14,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: log files and pipes get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match run(cli) {
@@ -137,7 +139,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let slow_args = if args.is_empty() {
                 vec![
                     ("mode".to_string(), "slow".to_string()),
-                    ("spin".to_string(), "2000000".to_string()),
+                    ("spin".to_string(), "800000".to_string()),
                 ]
             } else {
                 args

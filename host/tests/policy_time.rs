@@ -115,7 +115,11 @@ fn assert_contained(mode: &str, expected: FaultKind) -> Drive {
         "{mode}: {:?}",
         drive.counters
     );
-    assert!(drive.counters.instantiations >= 4, "{mode}: {:?}", drive.counters);
+    assert!(
+        drive.counters.instantiations >= 4,
+        "{mode}: {:?}",
+        drive.counters
+    );
     drive
 }
 
@@ -157,7 +161,11 @@ fn the_deadline_stops_a_loop_without_fuel() {
     };
     let drive = drive("hostile", &[("mode", "loop")], limits, 20);
     assert!(!drive.faults.is_empty());
-    assert!(drive.faults.iter().all(|&k| k == FaultKind::Timeout), "{:?}", drive.faults);
+    assert!(
+        drive.faults.iter().all(|&k| k == FaultKind::Timeout),
+        "{:?}",
+        drive.faults
+    );
 }
 
 #[test]

@@ -85,7 +85,7 @@ def test_serving_goes_on_with_the_same_text_and_the_fault_is_counted(reference, 
     what, kind = MODES[mode]
     args = ["--step-tracing-policy-arg", f"mode={mode}"]
     if mode == "slow":
-        args += ["--step-tracing-policy-arg", "spin=2000000"]
+        args += ["--step-tracing-policy-arg", "spin=800000"]
     server = Server(
         "builtin:tiny",
         "--step-tracing-enabled",

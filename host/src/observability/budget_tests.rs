@@ -3,7 +3,7 @@
 //! `policy.degraded`, counted), answers only its probe steps, and the engine's requests all
 //! finish; a fast one is never degraded; with the budget off the slow one decides every step.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::test_support::{TEST_VOCAB, TestRequest, distinct_prompt, run_engine};
@@ -14,21 +14,21 @@ use crate::policy::{GUEST_COMPONENT_DIR, PolicyLimits, PolicySource};
 
 const SEED: u64 = 7;
 
-/// 48 requests of 24 output tokens, 8 at a time: a few hundred short steps.
+/// 320 requests of 32 output tokens, 4 at a time: about 2 600 short steps (two probe periods).
 fn workload() -> (EngineConfig, Vec<TestRequest>) {
     let config = EngineConfig {
         block_size: 16,
         num_kv_blocks: 256,
-        max_num_seqs: 8,
+        max_num_seqs: 4,
         max_num_batched_tokens: 128,
         ..EngineConfig::default()
     };
-    let requests = (0..48)
+    let requests = (0..320)
         .map(|i| TestRequest {
             prompt: distinct_prompt(i, 12, TEST_VOCAB),
             params: SamplingParams {
                 ignore_eos: true,
-                ..SamplingParams::greedy(24)
+                ..SamplingParams::greedy(32)
             },
             add_before_step: 0,
         })
@@ -36,7 +36,7 @@ fn workload() -> (EngineConfig, Vec<TestRequest>) {
     (config, requests)
 }
 
-fn stall_config(args: &[(&str, &str)], budget: BudgetConfig, file: &PathBuf) -> ObservabilityConfig {
+fn stall_config(args: &[(&str, &str)], budget: BudgetConfig, file: &Path) -> ObservabilityConfig {
     ObservabilityConfig {
         policy: PolicySource::File(PathBuf::from(GUEST_COMPONENT_DIR).join("stall.wasm")),
         policy_args: args
@@ -49,7 +49,7 @@ fn stall_config(args: &[(&str, &str)], budget: BudgetConfig, file: &PathBuf) -> 
             call_deadline: Duration::from_secs(5),
             ..PolicyLimits::default()
         },
-        step_tracing_file: Some(file.clone()),
+        step_tracing_file: Some(file.to_path_buf()),
         ..ObservabilityConfig::enabled_with_rates(1.0, 0.0, SEED)
     }
 }
@@ -61,7 +61,7 @@ fn temp_file(name: &str) -> PathBuf {
 }
 
 /// (step id, policy.name, policy.degraded, policy.probe) of every traced step.
-fn traced(file: &PathBuf) -> Vec<(u64, String, bool, Option<String>)> {
+fn traced(file: &Path) -> Vec<(u64, String, bool, Option<String>)> {
     std::fs::read_to_string(file)
         .expect("trace file")
         .lines()
@@ -71,7 +71,9 @@ fn traced(file: &PathBuf) -> Vec<(u64, String, bool, Option<String>)> {
                 v["step.id"].as_u64().expect("step.id"),
                 v["policy.name"].as_str().expect("policy.name").to_string(),
                 v.get("policy.degraded").and_then(|d| d.as_bool()) == Some(true),
-                v.get("policy.probe").and_then(|p| p.as_str()).map(str::to_string),
+                v.get("policy.probe")
+                    .and_then(|p| p.as_str())
+                    .map(str::to_string),
             )
         })
         .collect()
@@ -88,13 +90,17 @@ fn a_slow_policy_is_set_aside_for_the_default_and_probed_rarely() {
     );
     let (observer, mut handle) = StepTracer::start(config).expect("tracer");
     let (engine, requests) = workload();
-    let (steps, finished) = run_engine(engine, &requests, observer, SEED, 5_000);
+    let (steps, finished) = run_engine(engine, &requests, observer, SEED, 10_000);
     assert_eq!(finished, requests.len());
     let m = handle.shutdown();
     assert_eq!(m.policy.degradations, 1, "{:?}", m.policy);
     assert!(m.policy.degraded);
     let lines = traced(&file);
-    assert_eq!(lines.len(), steps.len(), "every step traced, by one policy or the other");
+    assert_eq!(
+        lines.len(),
+        steps.len(),
+        "every step traced, by one policy or the other"
+    );
     let by_stall: Vec<u64> = lines.iter().filter(|l| !l.2).map(|l| l.0).collect();
     let by_default = lines.iter().filter(|l| l.2).count() as u64;
     assert_eq!(m.policy.fallback_steps, by_default);
@@ -107,15 +113,25 @@ fn a_slow_policy_is_set_aside_for_the_default_and_probed_rarely() {
             assert!(probe.as_deref().is_some_and(|p| p.starts_with("spun")));
         }
     }
-    // The slow policy decided the calibration steps and the probes, nothing else.
+    // The slow policy decided the first few steps and the probes, nothing else.
     let first_fallback = lines.iter().find(|l| l.2).expect("a fallback step").0;
-    assert!(first_fallback <= 16, "degraded only at step {first_fallback}");
     assert!(
-        by_stall
-            .iter()
-            .all(|&s| s < first_fallback || s % PROBE_EVERY == 0),
+        first_fallback <= 8,
+        "degraded only at step {first_fallback}"
+    );
+    let probes: Vec<u64> = by_stall
+        .iter()
+        .copied()
+        .filter(|&s| s > first_fallback)
+        .collect();
+    assert!(!probes.is_empty(), "never probed in {} steps", steps.len());
+    assert!(
+        probes.len() as u64 <= steps.len() as u64 / PROBE_EVERY + 1,
         "{by_stall:?}"
     );
+    for pair in probes.windows(2) {
+        assert_eq!(pair[1] - pair[0], PROBE_EVERY, "{probes:?}");
+    }
     let _ = std::fs::remove_file(&file);
 }
 
@@ -123,19 +139,29 @@ fn a_slow_policy_is_set_aside_for_the_default_and_probed_rarely() {
 fn a_fast_policy_or_a_budget_turned_off_keeps_every_step() {
     for (args, budget) in [
         (vec![("mode", "ok")], BudgetConfig::default()),
-        (vec![("mode", "slow"), ("spin", "200000")], BudgetConfig::OFF),
+        (
+            vec![("mode", "slow"), ("spin", "200000")],
+            BudgetConfig::OFF,
+        ),
     ] {
         let file = temp_file("fast.jsonl");
         let (observer, mut handle) =
             StepTracer::start(stall_config(&args, budget, &file)).expect("tracer");
         let (engine, requests) = workload();
-        let (steps, finished) = run_engine(engine, &requests, observer, SEED, 5_000);
+        let (steps, finished) = run_engine(engine, &requests, observer, SEED, 10_000);
         assert_eq!(finished, requests.len());
         let m = handle.shutdown();
-        assert_eq!((m.policy.degradations, m.policy.fallback_steps), (0, 0), "{args:?}");
+        assert_eq!(
+            (m.policy.degradations, m.policy.fallback_steps),
+            (0, 0),
+            "{args:?}"
+        );
         let lines = traced(&file);
         assert_eq!(lines.len(), steps.len());
-        assert!(lines.iter().all(|l| !l.2 && l.1.ends_with("stall.wasm")), "{args:?}");
+        assert!(
+            lines.iter().all(|l| !l.2 && l.1.ends_with("stall.wasm")),
+            "{args:?}"
+        );
         let _ = std::fs::remove_file(&file);
     }
 }

@@ -36,9 +36,9 @@ use super::record::{
 };
 use super::record::{
     AttrValue, BATCH_SUMMARY_ATTRIBUTES, EVENT_BATCH_SUMMARY, EVENT_REQUEST_SNAPSHOT, SCOPE_NAME,
-    SPAN_BATCH_PROBABILITY, SPAN_LAST_STEP_DURATION_US, SPAN_NAME, SPAN_POLICY_DEGRADED, SPAN_POLICY_DIGEST,
-    SPAN_POLICY_NAME, SPAN_RICH_PROBABILITY, SPAN_STEP_ID, StepRecord, batch_summary_attributes,
-    sat_i64, snapshot_attributes,
+    SPAN_BATCH_PROBABILITY, SPAN_LAST_STEP_DURATION_US, SPAN_NAME, SPAN_POLICY_DEGRADED,
+    SPAN_POLICY_DIGEST, SPAN_POLICY_NAME, SPAN_RICH_PROBABILITY, SPAN_STEP_ID, StepRecord,
+    batch_summary_attributes, sat_i64, snapshot_attributes,
 };
 use crate::policy::random::step_draws;
 use crate::policy::{RecordedStep, RequestViews, StepSummary};

@@ -30,9 +30,9 @@ mod tls;
 mod tracer;
 
 #[cfg(test)]
-mod test_support;
-#[cfg(test)]
 mod budget_tests;
+#[cfg(test)]
+mod test_support;
 #[cfg(test)]
 mod tests;
 
@@ -145,7 +145,8 @@ impl StepTracer {
             "step tracing on"
         );
         // The built-in default, with the server's rates, stands in for a policy over its budget.
-        let fallback_module = PolicyModule::load(&PolicySource::BuiltinDefault, config.policy_limits)?;
+        let fallback_module =
+            PolicyModule::load(&PolicySource::BuiltinDefault, config.policy_limits)?;
         let fallback_identity = Arc::new(PolicyIdentity {
             name: Arc::from(fallback_module.name()),
             digest: Arc::from(fallback_module.digest()),
@@ -161,7 +162,11 @@ impl StepTracer {
         )?;
         let observer = StepTracerObserver::active(
             (runtime, Arc::clone(&policy), Arc::clone(&switch)),
-            (fallback, fallback_identity, StepBudget::new(config.policy_budget)),
+            (
+                fallback,
+                fallback_identity,
+                StepBudget::new(config.policy_budget),
+            ),
             (config.seed, config.record_steps.is_some()),
             queue.clone(),
             Arc::clone(&metrics),

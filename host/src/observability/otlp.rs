@@ -32,9 +32,9 @@ use super::http_client::LastTransportError;
 use super::metrics::{TracerMetrics, add, bump};
 use super::record::{
     AttrValue, EVENT_BATCH_SUMMARY, EVENT_REQUEST_SNAPSHOT, SCOPE_NAME, SPAN_BATCH_PROBABILITY,
-    SPAN_LAST_STEP_DURATION_US, SPAN_NAME, SPAN_POLICY_DEGRADED, SPAN_POLICY_DIGEST, SPAN_POLICY_NAME,
-    SPAN_RICH_PROBABILITY, SPAN_STEP_ID, StepRecord, batch_summary_attributes, sat_i64,
-    snapshot_attributes,
+    SPAN_LAST_STEP_DURATION_US, SPAN_NAME, SPAN_POLICY_DEGRADED, SPAN_POLICY_DIGEST,
+    SPAN_POLICY_NAME, SPAN_RICH_PROBABILITY, SPAN_STEP_ID, StepRecord, batch_summary_attributes,
+    sat_i64, snapshot_attributes,
 };
 
 /// The attribute key of a policy extra (see [`crate::policy::extra_attribute_key`]).

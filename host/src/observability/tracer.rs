@@ -130,9 +130,7 @@ impl ActiveTracer {
         if self.record_steps {
             self.record(summary);
         }
-        let route = self
-            .budget
-            .route(summary.step_id, summary.last_step_duration_us);
+        let route = self.budget.route(summary.last_step_duration_us);
         let degraded = route == Route::Fallback;
         if degraded {
             self.runtime.counters().record_fallback_step();

@@ -6,7 +6,7 @@
 //!
 //! - **Budget.** `max(floor, share × median engine step)`, where the engine step is the previous
 //!   whole step minus the policy's part of it (median of the last [`ENGINE_WINDOW`] steps,
-//!   computed after 8, 16 and 32 steps, then every [`ENGINE_WINDOW`] steps; with a share, no
+//!   computed after 1, 2, 4, … 32 steps, then every [`ENGINE_WINDOW`] steps; with a share, no
 //!   policy is judged before the first one). With the defaults (250 µs, 0.2) a policy may take
 //!   a fifth of what the engine itself takes per step, and never less than 250 µs.
 //! - **Degrade.** When the p99 of the policy's cost over its last [`COST_WINDOW`] steps exceeds
@@ -15,7 +15,7 @@
 //!   built-in default policy (same sampling rates) answers the following steps, and those spans
 //!   carry `policy.degraded = true`.
 //! - **Probe and recover.** While degraded, the policy still answers one step in
-//!   [`PROBE_EVERY`] (under 1% of the steps, so the step-time p99 does not see it). After
+//!   [`PROBE_EVERY`] (0.1% of the steps, so the step-time p99 does not see it). After
 //!   [`PROBES_TO_RECOVER`] probes in a row within budget it is trusted again. A hot swap starts
 //!   a fresh budget.
 //!
@@ -31,10 +31,10 @@ pub const COST_WINDOW: usize = 256;
 pub const MIN_OVER_BUDGET: usize = 3;
 /// Engine step times the median is taken over (and how often it is refreshed).
 pub const ENGINE_WINDOW: usize = 64;
-/// While degraded, the policy answers the steps whose id is a multiple of this.
-pub const PROBE_EVERY: u64 = 256;
+/// While degraded, the policy answers one step in this many.
+pub const PROBE_EVERY: u64 = 1024;
 /// Probes in a row within budget that end a degradation.
-pub const PROBES_TO_RECOVER: u32 = 8;
+pub const PROBES_TO_RECOVER: u32 = 4;
 
 /// The budget's settings (`--step-tracing-policy-budget-us`, `…-budget-share`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -109,6 +109,8 @@ pub struct StepBudget {
     /// Whether `budget_us` reflects engine steps yet (always, without a share).
     calibrated: bool,
     degraded: bool,
+    /// Steps routed since the policy was degraded (the probe schedule).
+    since_degraded: u64,
     good_probes: u32,
 }
 
@@ -129,6 +131,7 @@ impl StepBudget {
             budget_us: micros(config.floor),
             calibrated: config.share <= 0.0,
             degraded: false,
+            since_degraded: 0,
             good_probes: 0,
         }
     }
@@ -146,9 +149,9 @@ impl StepBudget {
         self.degraded
     }
 
-    /// Who answers step `step_id`; `last_step_duration_us` is the previous whole step's wall
+    /// Who answers the next step; `last_step_duration_us` is the previous whole step's wall
     /// time (the summary's `last-step-duration-us`).
-    pub fn route(&mut self, step_id: u64, last_step_duration_us: u64) -> Route {
+    pub fn route(&mut self, last_step_duration_us: u64) -> Route {
         if self.config.is_off() {
             return Route::Policy;
         }
@@ -158,8 +161,10 @@ impl StepBudget {
         }
         self.previous_cost_us = 0;
         if !self.degraded {
-            Route::Policy
-        } else if step_id.is_multiple_of(PROBE_EVERY) {
+            return Route::Policy;
+        }
+        self.since_degraded += 1;
+        if self.since_degraded.is_multiple_of(PROBE_EVERY) {
             Route::Probe
         } else {
             Route::Fallback
@@ -193,6 +198,7 @@ impl StepBudget {
         self.push_cost(cost_us);
         if self.calibrated && self.over >= self.over_needed() {
             self.degraded = true;
+            self.since_degraded = 0;
             self.good_probes = 0;
             let p99 = self.p99();
             self.clear_costs();
@@ -246,7 +252,7 @@ impl StepBudget {
             self.engine_steps[self.next_engine_step] = engine_us;
         }
         self.next_engine_step = (self.next_engine_step + 1) % ENGINE_WINDOW;
-        let warming_up = matches!(self.engine_steps.len(), 8 | 16 | 32)
+        let warming_up = matches!(self.engine_steps.len(), 1 | 2 | 4 | 8 | 16 | 32)
             && self.next_engine_step == self.engine_steps.len();
         if self.next_engine_step == 0 || warming_up {
             self.refresh_budget();
@@ -282,7 +288,6 @@ mod tests {
     /// returns the routes and transitions seen.
     fn run(
         b: &mut StepBudget,
-        first_step: u64,
         steps: u64,
         engine_us: u64,
         cost_us: u64,
@@ -290,8 +295,8 @@ mod tests {
         let mut routes = Vec::new();
         let mut transitions = Vec::new();
         let mut last = 0;
-        for step in first_step..first_step + steps {
-            let route = b.route(step, last);
+        for _ in 0..steps {
+            let route = b.route(last);
             routes.push(route);
             let cost = if route == Route::Fallback { 1 } else { cost_us };
             transitions.extend(b.record(route, US(cost)));
@@ -303,7 +308,7 @@ mod tests {
     #[test]
     fn a_fast_policy_keeps_every_step() {
         let mut b = budget(250, 0.2);
-        let (routes, transitions) = run(&mut b, 1, 10_000, 1_500, 5);
+        let (routes, transitions) = run(&mut b, 10_000, 1_500, 5);
         assert!(routes.iter().all(|&r| r == Route::Policy));
         assert!(transitions.is_empty());
         assert_eq!(b.budget(), US(300), "0.2 × the 1.5 ms engine step");
@@ -314,12 +319,16 @@ mod tests {
         let mut b = budget(250, 0.0);
         // Two descheduled calls in a window of 256 are tolerated.
         for step in 1..=1_000u64 {
-            let route = b.route(step, 1_000);
-            let cost = if step % 200 == 0 && step <= 600 { 5_000 } else { 5 };
+            let route = b.route(1_000);
+            let cost = if step % 200 == 0 && step <= 600 {
+                5_000
+            } else {
+                5
+            };
             assert_eq!(b.record(route, US(cost)), None, "step {step}");
         }
         // A policy costing 1.2 ms per step is set aside on its third step.
-        let (routes, transitions) = run(&mut b, 1_001, 3, 1_000, 1_200);
+        let (routes, transitions) = run(&mut b, 3, 1_000, 1_200);
         assert_eq!(routes, [Route::Policy; 3]);
         assert!(matches!(
             transitions[..],
@@ -331,51 +340,52 @@ mod tests {
     #[test]
     fn a_degraded_policy_is_probed_rarely_and_recovers_after_good_probes() {
         let mut b = budget(250, 0.0);
-        run(&mut b, 1, 3, 1_000, 2_000);
+        run(&mut b, 3, 1_000, 2_000);
         assert!(b.is_degraded());
-        // Still slow: probed on multiples of PROBE_EVERY only, never recovers.
-        let (routes, transitions) = run(&mut b, 4, 10 * PROBE_EVERY, 1_000, 2_000);
-        let probes = routes.iter().filter(|&&r| r == Route::Probe).count();
-        assert_eq!(probes, 10);
+        // Still slow: probed once every PROBE_EVERY steps only, never recovers.
+        let (routes, transitions) = run(&mut b, 10 * PROBE_EVERY, 1_000, 2_000);
+        let probes: Vec<usize> = (0..routes.len())
+            .filter(|&i| routes[i] == Route::Probe)
+            .collect();
+        assert_eq!(probes.len(), 10);
+        assert!(
+            probes
+                .iter()
+                .all(|&i| (i as u64 + 1).is_multiple_of(PROBE_EVERY))
+        );
         assert!(routes.iter().all(|&r| r != Route::Policy));
         assert!(transitions.is_empty());
         // Fast again: recovers after PROBES_TO_RECOVER probes in a row.
-        let start = 4 + 10 * PROBE_EVERY;
-        let (_, transitions) = run(
-            &mut b,
-            start,
-            u64::from(PROBES_TO_RECOVER) * PROBE_EVERY,
-            1_000,
-            5,
-        );
+        let (_, transitions) = run(&mut b, u64::from(PROBES_TO_RECOVER) * PROBE_EVERY, 1_000, 5);
         assert!(matches!(transitions[..], [Transition::Recovered { .. }]));
         assert!(!b.is_degraded());
-        let next = start + u64::from(PROBES_TO_RECOVER) * PROBE_EVERY;
-        assert_eq!(b.route(next + 1, 1_000), Route::Policy);
+        assert_eq!(b.route(1_000), Route::Policy);
     }
 
     #[test]
     fn the_budget_follows_the_engine_step_without_the_policys_part() {
         // A 40 ms engine step allows an 8 ms policy at share 0.2: a 1.2 ms policy stays.
         let mut b = budget(250, 0.2);
-        let (_, transitions) = run(&mut b, 1, 1_000, 40_000, 1_200);
+        let (_, transitions) = run(&mut b, 1_000, 40_000, 1_200);
         assert!(transitions.is_empty());
         assert_eq!(b.budget(), US(8_000));
-        // A 1.5 ms engine step allows 300 µs: the same policy is degraded (its own 1.2 ms
-        // is not counted as engine time).
+        // A 1.5 ms engine step allows 300 µs: the same policy is degraded within a few steps
+        // (its own 1.2 ms is not counted as engine time).
         let mut b = budget(250, 0.2);
-        let (_, transitions) = run(&mut b, 1, 1_000, 1_500, 1_200);
+        let (routes, transitions) = run(&mut b, 1_000, 1_500, 1_200);
         assert!(matches!(
             transitions[..],
             [Transition::Degraded { budget, .. }] if budget == US(300)
         ));
+        let answered = routes.iter().take_while(|&&r| r == Route::Policy).count();
+        assert!(answered <= 4, "degraded after {answered} steps");
         assert_eq!(b.budget(), US(300));
     }
 
     #[test]
     fn off_means_the_policy_answers_every_step() {
         let mut b = StepBudget::new(BudgetConfig::OFF);
-        let (routes, transitions) = run(&mut b, 1, 2_000, 1_000, 50_000);
+        let (routes, transitions) = run(&mut b, 2_000, 1_000, 50_000);
         assert!(routes.iter().all(|&r| r == Route::Policy));
         assert!(transitions.is_empty());
     }

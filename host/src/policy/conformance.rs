@@ -11,12 +11,12 @@
 //! rates a policy produces over N synthetic steps.
 
 use super::bindings::StepSummary;
+use super::budget::BudgetConfig;
 use super::faults::{FaultKind, PolicyCounters};
 use super::module::{PolicyError, PolicyModule};
 use super::runtime::{PolicyOutcome, PolicyRuntime};
 use super::synthetic;
 use super::validate::{Decision, RichSelection};
-use super::budget::BudgetConfig;
 use crate::bench::LatencyStats;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -73,7 +73,11 @@ mod tests {
         let long = "é".repeat(100_000); // 200,000 bytes
         let clean = sanitize(&long);
         assert!(clean.len() <= MAX_GUEST_TEXT_BYTES + 40, "{}", clean.len());
-        assert!(clean.ends_with("…[198976 more bytes cut]"), "{}", &clean[1000..]);
+        assert!(
+            clean.ends_with("…[198976 more bytes cut]"),
+            "{}",
+            &clean[1000..]
+        );
         let escapes = "\x1b".repeat(1000);
         let clean = sanitize_to(&escapes, 20);
         assert_eq!(clean, "\\u{1b}\\u{1b}\\u{1b}…[997 more bytes cut]");

@@ -10,8 +10,8 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use thiserror::Error;
-use wasmtime::component::Linker;
 use wasmtime::Engine;
+use wasmtime::component::Linker;
 
 /// Why a policy was refused at load time. Each message fits on one line and names the problem.
 #[derive(Debug, Error)]

@@ -204,7 +204,11 @@ mod tests {
             key: k.into(),
             value: v.into(),
         };
-        for pair in [["reason", "reason"], ["name", "extra.name"], ["degraded", "extra.degraded"]] {
+        for pair in [
+            ["reason", "reason"],
+            ["name", "extra.name"],
+            ["degraded", "extra.degraded"],
+        ] {
             let mut d = decision();
             d.extra = vec![attr(pair[0], "a"), attr(pair[1], "b")];
             let error = check_decision(d).unwrap_err();

@@ -406,9 +406,15 @@ mod tests {
         let error = poll
             .poll(vec![Resource::new_borrow(later.rep())])
             .unwrap_err();
-        assert!(error.downcast_ref::<SandboxBlocked>().is_some(), "{error:#}");
+        assert!(
+            error.downcast_ref::<SandboxBlocked>().is_some(),
+            "{error:#}"
+        );
         let error = poll.block(Resource::new_borrow(later.rep())).unwrap_err();
-        assert!(error.downcast_ref::<SandboxBlocked>().is_some(), "{error:#}");
+        assert!(
+            error.downcast_ref::<SandboxBlocked>().is_some(),
+            "{error:#}"
+        );
         poll.block(Resource::new_borrow(now.rep())).unwrap();
     }
 

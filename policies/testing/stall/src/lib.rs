@@ -21,7 +21,7 @@
 //! - `stdout-loop`: `blocking-write-and-flush` of 4 KiB to stdout forever;
 //! - `network`: creates a TCP socket and looks a name up (both refused at once, no fault);
 //! - `resource-flood`: creates clock pollables forever without dropping them;
-//! - `slow`: a busy loop of `spin` iterations (default 1,000,000: about a millisecond), legal but slow.
+//! - `slow`: a busy loop of `spin` iterations (default 800,000: about a millisecond), legal but slow.
 //!
 //! The answer records what happened in an extra attribute `probe`.
 
@@ -74,7 +74,7 @@ const MODES: [(&str, Mode); 13] = [
 
 static MODE: AtomicU32 = AtomicU32::new(Mode::Ok as u32);
 static AFTER: AtomicU64 = AtomicU64::new(0);
-static SPIN: AtomicU64 = AtomicU64::new(1_000_000);
+static SPIN: AtomicU64 = AtomicU64::new(800_000);
 static CALLS: AtomicU64 = AtomicU64::new(0);
 
 fn mode() -> Mode {
