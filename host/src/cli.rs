@@ -210,9 +210,10 @@ pub struct StepTracingArgs {
     /// A `key=value` parameter for the policy's `configure` (repeatable).
     #[arg(long = "step-tracing-policy-arg", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub step_tracing_policy_args: Vec<(String, String)>,
-    /// Fuel (≈ Wasm instructions) one policy call may use before it is stopped as a timeout
-    /// (0 turns the CPU bound off: trusted policies only).
-    #[arg(long, default_value_t = 20_000_000)]
+    /// Fuel (≈ Wasm instructions) one policy call may use before it is stopped as a timeout,
+    /// a deterministic bound on top of the wall-clock deadline (0, the default: no fuel
+    /// metering; the deadline bounds every call).
+    #[arg(long, default_value_t = crate::policy::DEFAULT_FUEL_PER_CALL)]
     pub step_tracing_policy_fuel: u64,
     /// Linear-memory cap of a policy instance, in MiB.
     #[arg(long, default_value_t = 64)]
@@ -337,8 +338,9 @@ pub struct PolicyReplayArgs {
 /// `--step-tracing-policy-memory-mib` and the two `--step-tracing-policy-*deadline-ms`.
 #[derive(Debug, Clone, Copy, Args)]
 pub struct PolicyLimitArgs {
-    /// Fuel one policy call may use (0: no fuel bound; the deadline still applies).
-    #[arg(long, default_value_t = 20_000_000)]
+    /// Fuel one policy call may use (0, the default: no fuel metering; the deadline bounds
+    /// every call).
+    #[arg(long, default_value_t = crate::policy::DEFAULT_FUEL_PER_CALL)]
     pub fuel: u64,
     /// Linear-memory cap of a policy instance, in MiB.
     #[arg(long, default_value_t = 64)]
@@ -436,6 +438,10 @@ pub enum BenchCommand {
         languages: Vec<(String, String)>,
         #[arg(long, default_value_t = 200_000)]
         iterations: u64,
+        /// Fuel per call for the `--language` comparison (0, the default: no fuel metering,
+        /// the wall-clock deadline alone bounds a call).
+        #[arg(long, default_value_t = crate::policy::DEFAULT_FUEL_PER_CALL, requires = "languages")]
+        fuel: u64,
     },
     /// Step-tracing overhead: end-to-end tokens/s and step time with tracing off, at the
     /// default rates, at 1.0/0 and at 1.0/1.0 (JSON lines to /dev/null; and 1.0/1.0 without a

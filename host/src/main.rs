@@ -160,6 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             policy,
             languages,
             iterations,
+            fuel,
         }) if !languages.is_empty() => {
             let _ = policy;
             let languages: Vec<_> = languages
@@ -173,7 +174,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     (name, source)
                 })
                 .collect();
-            let rows = stepscope::bench::policy::run_languages(&languages, iterations.max(100))?;
+            let rows =
+                stepscope::bench::policy::run_languages(&languages, iterations.max(100), fuel)?;
             print!("{}", stepscope::bench::policy::render(&rows));
             Ok(ExitCode::SUCCESS)
         }

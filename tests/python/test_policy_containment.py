@@ -180,7 +180,13 @@ def test_a_policy_that_blocks_after_the_pre_swap_check_is_contained_under_load(r
                 time.sleep(0.05)
         assert not load.errors, load.errors
         assert samples["stepscope_policy_instantiations_total"] >= 3, samples
-        # A later, valid swap is not held up by the one before.
+        # A hostile configure error comes back as a bounded, escaped 400.
+        refused = requests.post(admin, params={"name": "evil", "arg": "fail=zz-marker:"}, data=stall, timeout=120)
+        assert refused.status_code == 400, refused.text[:2000]
+        message = refused.json()["error"]["message"]
+        assert "zz-marker:\\n2026-12-06" in message and "more bytes cut]" in message, message
+        assert len(message) < 2048 and "\x1b" not in message and "\n" not in message, message
+        # A later, valid swap is not held up by the ones before.
         default = (components / "default.wasm").read_bytes()
         back = requests.post(admin, params={"name": "default"}, data=default, timeout=120)
         assert back.status_code == 200, back.text

@@ -1,13 +1,13 @@
 //! `stepscope bench policy`: the cost of asking a policy, Wasm vs native.
 //!
 //! Measures, in one run: the embedded default policy's `decide` vs the same logic as a native
-//! Rust function; `decide` without a CPU bound (an engine with no fuel metering) and with the
-//! default and a tight fuel bound; and `plan-rich` with 64 and 256 request views.
+//! Rust function; `decide` with the wall-clock deadline alone (an engine with no fuel metering)
+//! and with the default and a tight fuel bound; and `plan-rich` with 64 and 256 request views.
 //!
 //! With `--language NAME=FILE.wasm` (repeatable) it instead compares the same logic built in
 //! several languages (the templates under `policies/templates/` implement the default policy):
 //! `decide` and `plan-rich` over 64 request views for each, side by side with the native
-//! function, all under the default fuel bound and memory cap.
+//! function, all under the given fuel bound (default none: the deadline alone) and memory cap.
 
 use super::{LatencyStats, format_ns};
 use crate::policy::{
@@ -33,11 +33,8 @@ pub fn run(source: &PolicySource, iterations: u64) -> anyhow::Result<Vec<Row>> {
     let seed = 0;
     let mut rows = vec![native_row(seed, iterations)?];
     for (label, fuel) in [
-        ("decide: Wasm default policy, no CPU bound", 0),
-        (
-            "decide: Wasm default policy, fuel bound 20M",
-            PolicyLimits::default().fuel_per_call,
-        ),
+        ("decide: Wasm default policy, deadline only (no fuel)", 0),
+        ("decide: Wasm default policy, fuel bound 20M", 20_000_000),
         ("decide: Wasm default policy, fuel bound 10k", 10_000),
     ] {
         let limits = PolicyLimits {
@@ -68,14 +65,19 @@ pub fn run(source: &PolicySource, iterations: u64) -> anyhow::Result<Vec<Row>> {
 pub fn run_languages(
     languages: &[(String, PolicySource)],
     iterations: u64,
+    fuel: u64,
 ) -> anyhow::Result<Vec<Row>> {
+    let limits = PolicyLimits {
+        fuel_per_call: fuel,
+        ..PolicyLimits::default()
+    };
     let params = vec![
         ("sample_rate".to_string(), "0.5".to_string()),
         ("rich_subsample_rate".to_string(), "0.5".to_string()),
     ];
     let seed = 0;
     let mut rows = vec![native_row(seed, iterations)?];
-    let mut runtimes = instances(languages, &params)?;
+    let mut runtimes = instances(languages, &params, limits)?;
     // Decide rows first, then plan-rich rows, so the table reads as two comparisons.
     for (name, runtime) in &mut runtimes {
         rows.push(Row {
@@ -86,7 +88,7 @@ pub fn run_languages(
     }
     // Fresh instances for plan-rich: a StarlingMonkey (JavaScript) instance's heap only grows,
     // and after ~10^5 calls it reaches the memory cap (a counted `memory` fault in a server).
-    let mut runtimes = instances(languages, &params)?;
+    let mut runtimes = instances(languages, &params, limits)?;
     for (name, runtime) in &mut runtimes {
         rows.push(Row {
             name: format!("plan-rich (64 requests): {name}"),
@@ -117,16 +119,17 @@ fn native_row(seed: u64, iterations: u64) -> anyhow::Result<Row> {
     })
 }
 
-/// One configured instance per language, under the default bounds.
+/// One configured instance per language, under `limits`.
 fn instances<'a>(
     languages: &'a [(String, PolicySource)],
     params: &[(String, String)],
+    limits: PolicyLimits,
 ) -> anyhow::Result<Vec<(&'a String, PolicyRuntime)>> {
     languages
         .iter()
         .map(|(name, source)| {
-            let runtime = runtime(source, PolicyLimits::default(), params)
-                .map_err(|e| anyhow::anyhow!("{name}: {e:#}"))?;
+            let runtime =
+                runtime(source, limits, params).map_err(|e| anyhow::anyhow!("{name}: {e:#}"))?;
             Ok((name, runtime))
         })
         .collect()

@@ -263,9 +263,12 @@ fn fault_hint(kind: FaultKind, module: &PolicyModule) -> String {
     let limits = module.limits();
     match kind {
         FaultKind::Timeout => format!(
-            " (a call ran past its {} ms deadline or its {} fuel)",
+            " (a call ran past its {} ms deadline{})",
             limits.call_deadline.as_millis(),
-            limits.fuel_per_call
+            match limits.fuel_per_call {
+                0 => String::new(),
+                fuel => format!(" or its {fuel} fuel"),
+            }
         ),
         FaultKind::Blocked => " (the policy waited on a clock or a poll; nothing in the \
              sandbox ever becomes ready, so blocking calls trap)"

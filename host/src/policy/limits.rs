@@ -10,7 +10,8 @@ use std::time::Duration;
 pub struct PolicyLimits {
     /// Fuel (roughly, Wasm instructions) one call may burn before it traps as a timeout.
     /// A decision of the default policy costs about 100; 20 million is a few milliseconds.
-    /// 0 disables the bound (no fuel metering at all): the wall-clock deadline still applies.
+    /// 0 (the default) disables fuel metering: the wall-clock deadline bounds every call, and
+    /// Python and JavaScript guests run 10–25% faster without the metering.
     pub fuel_per_call: u64,
     /// Wall-clock deadline of one `decide` or `plan-rich` call (epoch interruption). Time the
     /// guest spends inside host calls counts too, which fuel cannot see.
@@ -26,7 +27,7 @@ pub struct PolicyLimits {
 impl Default for PolicyLimits {
     fn default() -> Self {
         Self {
-            fuel_per_call: 20_000_000,
+            fuel_per_call: DEFAULT_FUEL_PER_CALL,
             call_deadline: Duration::from_millis(DEFAULT_CALL_DEADLINE_MS),
             configure_deadline: Duration::from_millis(DEFAULT_CONFIGURE_DEADLINE_MS),
             memory_bytes: 64 << 20,
@@ -35,6 +36,8 @@ impl Default for PolicyLimits {
     }
 }
 
+/// Default of [`PolicyLimits::fuel_per_call`]: no fuel metering (the deadline is the bound).
+pub const DEFAULT_FUEL_PER_CALL: u64 = 0;
 /// Default of [`PolicyLimits::call_deadline`], in milliseconds.
 pub const DEFAULT_CALL_DEADLINE_MS: u64 = 10;
 /// Default of [`PolicyLimits::configure_deadline`], in milliseconds.

@@ -34,7 +34,9 @@ mod wasi;
 
 pub use bindings::{ExtraAttribute, RequestViews, SnapshotAttributes, StepSummary};
 pub use faults::{FaultKind, PolicyCounters, PolicyCountersSnapshot};
-pub use limits::{DEFAULT_CALL_DEADLINE_MS, DEFAULT_CONFIGURE_DEADLINE_MS, PolicyLimits};
+pub use limits::{
+    DEFAULT_CALL_DEADLINE_MS, DEFAULT_CONFIGURE_DEADLINE_MS, DEFAULT_FUEL_PER_CALL, PolicyLimits,
+};
 pub use module::{PolicyError, PolicyModule, PolicySource};
 pub use replay::RecordedStep;
 pub use runtime::{PolicyOutcome, PolicyRuntime};
