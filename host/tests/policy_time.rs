@@ -146,6 +146,11 @@ fn hoarding_host_resources_is_a_host_limit() {
 }
 
 #[test]
+fn a_write_past_the_streams_permit_is_a_host_limit() {
+    assert_contained("stdout-huge", FaultKind::HostLimit);
+}
+
+#[test]
 fn cpu_spent_in_host_calls_is_stopped_by_the_deadline() {
     // Each 64 KiB of random bytes costs the guest a few fuel and the host ~0.2 ms: fuel alone
     // would let this run for seconds; the 10 ms wall-clock deadline stops it.

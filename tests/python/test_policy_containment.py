@@ -40,6 +40,7 @@ MODES = {
     "stdout-loop": ("faults", "timeout"),
     "random-huge": ("faults", "host_limit"),
     "resource-flood": ("faults", "host_limit"),
+    "stdout-huge": ("faults", "host_limit"),
     "slow": ("degraded", None),
 }
 

@@ -1,21 +1,20 @@
 //! A live policy instance and the two per-step calls, with faults contained.
 //!
-//! Each call gets a fresh fuel budget and a wall-clock deadline (an epoch deadline, see
-//! [`super::epoch`]); instantiation and `configure` get a longer one. The store's limiter caps
-//! the instance's linear memories together, its tables' elements together, and the number of
-//! instances, memories and tables ([`super::limits`]). When a call traps, runs out of fuel,
-//! time or memory, waits on something that can never happen in the sandbox (`blocked`), asks a
-//! host call for more than it gives (`host_limit`), or returns a malformed answer, the instance
-//! is dropped
-//! (a trapped instance cannot be entered again), the fault is counted by kind, and the runtime
-//! backs off — 1, 2, 4 … up to `max_backoff_steps` steps — before instantiating again from
-//! the pre-linked template. Steps in between go untraced. Nothing here ever panics or returns
-//! an error to the step loop.
+//! Each call gets a wall-clock deadline (an epoch deadline, see [`super::epoch`]) and, when
+//! fuel metering is on, a fresh fuel budget; instantiation and `configure` get a longer
+//! deadline. The store's limiter caps the instance's linear memories together, its tables'
+//! elements together, and the number of instances, memories and tables ([`super::limits`]).
+//! When a call traps, runs out of time, fuel or memory, waits on something that never happens
+//! in the sandbox (`blocked`), asks a host call for more than it gives (`host_limit`), or
+//! returns a malformed answer, the instance is dropped (a trapped instance cannot be entered
+//! again), the fault is counted by kind, and the runtime backs off — 1, 2, 4 … up to
+//! `max_backoff_steps` steps — before instantiating again from the pre-linked template. Steps
+//! in between go untraced. Nothing here ever panics or returns an error to the step loop.
 //!
 //! Guests whose heap only grows (a JavaScript engine's does) would reach the memory cap after
 //! enough calls and fault on a step. So after each successful call, an instance whose linear
-//! memories together have passed [`RECYCLE_MEMORY_FRACTION`] of the cap are retired: the next call
-//! instantiates a fresh one, with no fault, no back-off and no untraced step (counted as a
+//! memories together have passed [`RECYCLE_MEMORY_FRACTION`] of the cap is retired: the next
+//! call instantiates a fresh one, with no fault, no back-off and no untraced step (counted as a
 //! recycle).
 
 use super::bindings::{RequestViews, StepPolicy, StepSummary};

@@ -25,19 +25,24 @@
 //! - `wasi:random/random` and `wasi:random/insecure`: at most [`MAX_RANDOM_BYTES`] per call;
 //! - host resources (pollables, streams, …) live in a table capped at [`MAX_HOST_RESOURCES`].
 //!
-//! Stream writes go to a sink that accepts at most 64 KiB per `check-write` permit; the bytes
-//! of a write are copied out of the guest's memory, so that copy is bounded by the memory cap.
+//! - `wasi:io/streams` `output-stream.write` and `blocking-write-and-flush`: the length is
+//!   checked against the stream's `check-write` permit (64 KiB for the stdout/stderr sinks;
+//!   4 KiB for the blocking variant, as the interface says) *before* the bytes are copied out of
+//!   guest memory, and a larger write traps as `host_limit`; a blocking write to a stream that is
+//!   not ready traps as `blocked`. Reads can only come from the closed stdin: nothing to copy.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::pin::pin;
 use std::time::Duration;
-use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+use wasmtime::StoreContextMut;
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable, WasmList};
 use wasmtime_wasi::p2::bindings::clocks::monotonic_clock;
 use wasmtime_wasi::p2::bindings::io::poll::{Host as AsyncPoll, HostPollable as AsyncPollable};
+use wasmtime_wasi::p2::bindings::io::streams::{Host as _, StreamError as WitStreamError};
 use wasmtime_wasi::p2::bindings::random::{insecure, random};
 use wasmtime_wasi::p2::bindings::sync::io::poll;
-use wasmtime_wasi::p2::{DynPollable, Pollable};
+use wasmtime_wasi::p2::{DynOutputStream, DynPollable, Pollable, StreamError};
 use wasmtime_wasi::runtime::{poll_noop, with_ambient_tokio_runtime};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
@@ -52,6 +57,11 @@ const PROVIDED_PACKAGES: &[&str] = &[
     "wasi:random/",
     "wasi:sockets/",
 ];
+
+/// The `wasi:io/streams` instance wasmtime-wasi 48 defines (guests' 0.2.x imports resolve to it).
+const STREAMS_INTERFACE: &str = "wasi:io/streams@0.2.12";
+/// The most `blocking-write-and-flush` takes in one call (the interface's own bound).
+const MAX_BLOCKING_WRITE: usize = 4096;
 
 /// The seed of the guest-visible random generators: constant, so runs are reproducible.
 const GUEST_RANDOM_SEED: u64 = 0x5eed_5eed_5eed_5eed;
@@ -166,8 +176,80 @@ pub(crate) fn add_to_linker<T: HasSandbox>(linker: &mut Linker<T>) -> wasmtime::
     })?;
     random::add_to_linker::<T, BoundedRandom>(linker, |t| &mut t.sandbox().random)?;
     insecure::add_to_linker::<T, BoundedRandom>(linker, |t| &mut t.sandbox().random)?;
+    let mut streams = linker.instance(STREAMS_INTERFACE)?;
+    streams.func_wrap(
+        "[method]output-stream.write",
+        |store: StoreContextMut<'_, T>, (stream, bytes): (Resource<DynOutputStream>, WasmList<u8>)| {
+            bounded_write(store, stream, bytes, false)
+        },
+    )?;
+    streams.func_wrap(
+        "[method]output-stream.blocking-write-and-flush",
+        |store: StoreContextMut<'_, T>, (stream, bytes): (Resource<DynOutputStream>, WasmList<u8>)| {
+            bounded_write(store, stream, bytes, true)
+        },
+    )?;
     linker.allow_shadowing(false);
     Ok(())
+}
+
+/// `output-stream.write` (or, with `blocking`, `blocking-write-and-flush`) that checks the
+/// length against the permit before copying anything out of guest memory (see the module doc).
+fn bounded_write<T: HasSandbox>(
+    mut store: StoreContextMut<'_, T>,
+    stream: Resource<DynOutputStream>,
+    bytes: WasmList<u8>,
+    blocking: bool,
+) -> wasmtime::Result<(Result<(), WitStreamError>,)> {
+    let function = if blocking {
+        "blocking-write-and-flush"
+    } else {
+        "write"
+    };
+    let permit = match store.data_mut().sandbox().table.get_mut(&stream)?.check_write() {
+        Ok(permit) => permit,
+        Err(error) => return stream_error(store.data_mut().sandbox(), error),
+    };
+    if blocking && bytes.len() > MAX_BLOCKING_WRITE {
+        return Err(wasmtime::Error::new(HostCallLimit::new(format!(
+            "output-stream.{function} of {} bytes (at most {MAX_BLOCKING_WRITE})",
+            bytes.len()
+        ))));
+    }
+    if bytes.len() > permit {
+        if blocking {
+            return Err(wasmtime::Error::new(SandboxBlocked {
+                what: "wasi:io/streams.output-stream.blocking-write-and-flush",
+            }));
+        }
+        return Err(wasmtime::Error::new(HostCallLimit::new(format!(
+            "output-stream.write of {} bytes, more than the {permit} its check-write permits",
+            bytes.len()
+        ))));
+    }
+    let data = bytes::Bytes::copy_from_slice(bytes.as_le_slice(&store));
+    let sandbox = store.data_mut().sandbox();
+    let output = sandbox.table.get_mut(&stream)?;
+    let written = output.write(data).and_then(|()| {
+        if blocking {
+            output.flush()
+        } else {
+            Ok(())
+        }
+    });
+    match written {
+        Ok(()) => Ok((Ok(()),)),
+        Err(error) => stream_error(sandbox, error),
+    }
+}
+
+/// A stream error as the guest sees it (`closed`, or `last-operation-failed` with an error
+/// resource), or a trap.
+fn stream_error(
+    sandbox: &mut SandboxWasi,
+    error: StreamError,
+) -> wasmtime::Result<(Result<(), WitStreamError>,)> {
+    Ok((Err(sandbox.table.convert_stream_error(error)?),))
 }
 
 /// `wasi:io/poll` that looks once and never waits.

@@ -19,6 +19,7 @@
 //! - `stdin`: `blocking-read` of 1 MiB from stdin and `block` on its pollable (stdin is closed:
 //!   both return at once, no fault);
 //! - `stdout-loop`: `blocking-write-and-flush` of 4 KiB to stdout forever;
+//! - `stdout-huge`: one `write` of 256 KiB to stdout, past its 64 KiB `check-write` permit;
 //! - `network`: creates a TCP socket and looks a name up (both refused at once, no fault);
 //! - `resource-flood`: creates clock pollables forever without dropping them;
 //! - `slow`: a busy loop of `spin` iterations (default 800,000: about a millisecond), legal but slow.
@@ -51,12 +52,13 @@ enum Mode {
     InsecureRandomHuge,
     Stdin,
     StdoutLoop,
+    StdoutHuge,
     Network,
     ResourceFlood,
     Slow,
 }
 
-const MODES: [(&str, Mode); 13] = [
+const MODES: [(&str, Mode); 14] = [
     ("ok", Mode::Ok),
     ("sleep", Mode::Sleep),
     ("sleep-forever", Mode::SleepForever),
@@ -67,6 +69,7 @@ const MODES: [(&str, Mode); 13] = [
     ("insecure-random-huge", Mode::InsecureRandomHuge),
     ("stdin", Mode::Stdin),
     ("stdout-loop", Mode::StdoutLoop),
+    ("stdout-huge", Mode::StdoutHuge),
     ("network", Mode::Network),
     ("resource-flood", Mode::ResourceFlood),
     ("slow", Mode::Slow),
@@ -138,6 +141,10 @@ fn misbehave(mode: Mode, step: u64) -> String {
                     return "stdout closed".into();
                 }
             }
+        }
+        Mode::StdoutHuge => {
+            let stdout = wasi::cli::stdout::get_stdout();
+            format!("wrote {:?}", stdout.write(&vec![b'x'; 256 << 10]).is_ok())
         }
         Mode::Network => {
             use wasi::sockets::network::IpAddressFamily;
