@@ -254,14 +254,40 @@ pub struct StepTracingArgs {
 }
 
 impl StepTracingArgs {
-    /// The parameters passed to `configure`: the two rates first, then the user's arguments
-    /// (which therefore override them).
-    pub fn policy_params(&self) -> Vec<(String, String)> {
-        policy_params(
-            self.step_tracing_sample_rate,
-            self.step_tracing_rich_subsample_rate,
-            &self.step_tracing_policy_args,
-        )
+    /// The flags, typed, for the library ([`ObservabilityConfig::resolve`] adds the `OTEL_*`
+    /// environment).
+    ///
+    /// [`ObservabilityConfig::resolve`]: crate::observability::ObservabilityConfig::resolve
+    pub fn settings(&self) -> crate::observability::StepTracingSettings {
+        crate::observability::StepTracingSettings {
+            enabled: self.step_tracing_enabled,
+            policy: crate::policy::PolicySource::from_option(self.step_tracing_policy.as_deref()),
+            policy_params: self.policy_params(),
+            policy_limits: self.policy_limits(),
+            policy_budget: self.policy_budget(),
+            otlp_traces_endpoint: self.otlp_traces_endpoint.clone(),
+            otlp_protocol: self.otlp_protocol,
+            step_tracing_file: self.step_tracing_file.clone(),
+            record_steps: self.record_steps.clone(),
+        }
+    }
+
+    /// The tracer's configuration: these flags plus the process's `OTEL_*` environment.
+    pub fn to_config(
+        &self,
+        seed: u64,
+    ) -> Result<crate::observability::ObservabilityConfig, crate::observability::ObservabilityError>
+    {
+        crate::observability::ObservabilityConfig::from_settings(self.settings(), seed)
+    }
+
+    /// The rates and the `--step-tracing-policy-arg`s, typed.
+    pub fn policy_params(&self) -> crate::policy::PolicyParams {
+        crate::policy::PolicyParams {
+            sample_rate: self.step_tracing_sample_rate,
+            rich_subsample_rate: self.step_tracing_rich_subsample_rate,
+            args: self.step_tracing_policy_args.clone(),
+        }
     }
 
     pub fn policy_limits(&self) -> crate::policy::PolicyLimits {
@@ -282,20 +308,6 @@ impl StepTracingArgs {
             share: self.step_tracing_policy_budget_share,
         }
     }
-}
-
-/// Builds `configure` parameters from the rates and extra `key=value` pairs.
-pub fn policy_params(
-    sample_rate: f64,
-    rich_rate: f64,
-    args: &[(String, String)],
-) -> Vec<(String, String)> {
-    let mut params = vec![
-        ("sample_rate".to_string(), sample_rate.to_string()),
-        ("rich_subsample_rate".to_string(), rich_rate.to_string()),
-    ];
-    params.extend(args.iter().cloned());
-    params
 }
 
 #[derive(Debug, Subcommand)]
@@ -320,18 +332,43 @@ pub struct PolicyReplayArgs {
     /// The `--seed` of the recording server (the per-step draws derive from it).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long, default_value_t = 0.01, value_parser = parse_rate)]
-    pub sample_rate: f64,
-    #[arg(long, default_value_t = 0.001, value_parser = parse_rate)]
-    pub rich_subsample_rate: f64,
-    /// A `key=value` parameter for `configure` (repeatable).
-    #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_key_value)]
-    pub args: Vec<(String, String)>,
+    /// The rates (default 0.01 and 0.001, as `serve`) and the policy's `--arg`s.
+    #[command(flatten)]
+    pub params: PolicyParamArgs,
     /// Print only the totals, not one line per sampled step.
     #[arg(long)]
     pub summary_only: bool,
     #[command(flatten)]
     pub limits: PolicyLimitArgs,
+}
+
+/// What the `policy` subcommands pass to `configure`, as `serve`'s
+/// `--step-tracing-sample-rate`, `--step-tracing-rich-subsample-rate` and
+/// `--step-tracing-policy-arg` do. Each subcommand has its own default rates.
+#[derive(Debug, Clone, Args)]
+pub struct PolicyParamArgs {
+    /// Batch sample rate passed to `configure` (default: see the subcommand).
+    #[arg(long, value_parser = parse_rate)]
+    pub sample_rate: Option<f64>,
+    /// Rich subsample rate passed to `configure` (default: see the subcommand).
+    #[arg(long, value_parser = parse_rate)]
+    pub rich_subsample_rate: Option<f64>,
+    /// A `key=value` parameter for `configure` (repeatable).
+    #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub args: Vec<(String, String)>,
+}
+
+impl PolicyParamArgs {
+    /// The typed parameters, with `defaults` for the rates not given.
+    pub fn params(&self, defaults: crate::policy::PolicyParams) -> crate::policy::PolicyParams {
+        crate::policy::PolicyParams {
+            sample_rate: self.sample_rate.unwrap_or(defaults.sample_rate),
+            rich_subsample_rate: self
+                .rich_subsample_rate
+                .unwrap_or(defaults.rich_subsample_rate),
+            args: self.args.clone(),
+        }
+    }
 }
 
 /// The policy sandbox's bounds, as `serve` sets them with `--step-tracing-policy-fuel`,
@@ -369,15 +406,9 @@ impl PolicyLimitArgs {
 pub struct PolicyCheckArgs {
     /// The policy component (.wasm).
     pub file: PathBuf,
-    /// A `key=value` parameter for `configure` (repeatable).
-    #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_key_value)]
-    pub args: Vec<(String, String)>,
-    /// Batch sample rate passed to `configure`.
-    #[arg(long, default_value_t = 0.5, value_parser = parse_rate)]
-    pub sample_rate: f64,
-    /// Rich subsample rate passed to `configure`.
-    #[arg(long, default_value_t = 0.5, value_parser = parse_rate)]
-    pub rich_subsample_rate: f64,
+    /// The rates (default 0.5 and 0.5, so that `plan-rich` runs often) and the `--arg`s.
+    #[command(flatten)]
+    pub params: PolicyParamArgs,
     /// Synthetic steps to run.
     #[arg(long, default_value_t = 20_000)]
     pub steps: u64,
@@ -397,13 +428,9 @@ pub struct PolicyRunArgs {
     pub file: String,
     #[arg(long, default_value_t = 100_000)]
     pub steps: u64,
-    #[arg(long, default_value_t = 0.01, value_parser = parse_rate)]
-    pub sample_rate: f64,
-    #[arg(long, default_value_t = 0.001, value_parser = parse_rate)]
-    pub rich_subsample_rate: f64,
-    /// A `key=value` parameter for `configure` (repeatable).
-    #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_key_value)]
-    pub args: Vec<(String, String)>,
+    /// The rates (default 0.01 and 0.001, as `serve`) and the policy's `--arg`s.
+    #[command(flatten)]
+    pub params: PolicyParamArgs,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[command(flatten)]
@@ -499,15 +526,7 @@ pub fn parse_share(text: &str) -> Result<f64, String> {
     parse_rate(text)
 }
 
-/// Parses `key=value`.
-pub fn parse_key_value(text: &str) -> Result<(String, String), String> {
-    match text.split_once('=') {
-        Some((key, value)) if !key.trim().is_empty() => {
-            Ok((key.trim().to_string(), value.to_string()))
-        }
-        _ => Err(format!("`{text}` is not of the form key=value")),
-    }
-}
+pub use crate::policy::params::parse_key_value;
 
 /// Parses a positive, finite number of seconds (`30`, `2.5`).
 fn parse_positive_seconds(text: &str) -> Result<std::time::Duration, String> {
@@ -570,7 +589,7 @@ mod tests {
             panic!("not serve")
         };
         assert_eq!(
-            serve.step_tracing.policy_params(),
+            serve.step_tracing.policy_params().to_configure(),
             vec![
                 ("sample_rate".into(), "0.25".into()),
                 ("rich_subsample_rate".into(), "0.5".into()),

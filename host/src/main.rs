@@ -5,7 +5,9 @@ use clap::Parser;
 use std::process::ExitCode;
 use std::sync::Arc;
 use stepscope::cli::{BenchCommand, Cli, Command, PolicyCommand};
-use stepscope::policy::{PolicyCounters, PolicyModule, PolicyRuntime, PolicySource, conformance};
+use stepscope::policy::{
+    PolicyCounters, PolicyModule, PolicyParams, PolicyRuntime, PolicySource, conformance,
+};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -35,11 +37,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let source = PolicySource::File(args.file.clone());
             let module = PolicyModule::load(&source, args.limits.limits())?;
             let suite = conformance::SuiteParams {
-                params: stepscope::cli::policy_params(
-                    args.sample_rate,
-                    args.rich_subsample_rate,
-                    &args.args,
-                ),
+                params: args
+                    .params
+                    .params(PolicyParams::rates(0.5, 0.5))
+                    .to_configure(),
                 seed: args.seed,
                 steps: args.steps,
                 measure_latency: true,
@@ -61,13 +62,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 PolicySource::File(args.file.clone().into())
             };
             let module = PolicyModule::load(&source, args.limits.limits())?;
-            let params = stepscope::cli::policy_params(
-                args.sample_rate,
-                args.rich_subsample_rate,
-                &args.args,
-            );
+            let params = args.params.params(PolicyParams::default());
             let counters = Arc::new(PolicyCounters::default());
-            let mut runtime = PolicyRuntime::new(module, params, counters.clone())
+            let mut runtime = PolicyRuntime::new(module, params.to_configure(), counters.clone())
                 .context("starting the policy")?;
             let report = conformance::run(&mut runtime, args.seed, args.steps);
             println!(
@@ -80,13 +77,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "batch-sampled: {} (rate {:.6}; configured {})",
                 report.batch,
                 report.batch_rate(),
-                args.sample_rate
+                params.sample_rate
             );
             println!(
                 "rich-sampled: {} (rate {:.6}; configured product {:.6})",
                 report.rich,
                 report.rich_rate(),
-                args.sample_rate * args.rich_subsample_rate
+                params.sample_rate * params.rich_subsample_rate
             );
             println!(
                 "faults: {}, steps skipped in back-off: {}",
@@ -195,11 +192,11 @@ fn run_generate(args: stepscope::cli::GenerateArgs) -> anyhow::Result<ExitCode> 
     use std::io::Write;
     use stepscope::engine::SamplingParams;
     use stepscope::model::{ChatMessage, DetokenizerOptions};
-    use stepscope::observability::{ObservabilityConfig, StepTracer};
+    use stepscope::observability::StepTracer;
     use stepscope::textgen::TextStream;
 
     // The same step tracer as `serve`, from the same flags (off unless --step-tracing-enabled).
-    let tracing_config = ObservabilityConfig::from_args(&args.step_tracing, args.engine.seed)?;
+    let tracing_config = args.step_tracing.to_config(args.engine.seed)?;
     let (observer, mut tracer) = StepTracer::start(tracing_config)?;
     let launched = stepscope::launch::launch(&args.model, &args.engine, Box::new(observer))?;
     let model = &launched.model;
@@ -286,11 +283,10 @@ fn run_replay(args: stepscope::cli::PolicyReplayArgs) -> anyhow::Result<ExitCode
     if steps.is_empty() {
         anyhow::bail!("{} holds no recorded steps", args.steps.display());
     }
-    let params =
-        stepscope::cli::policy_params(args.sample_rate, args.rich_subsample_rate, &args.args);
+    let params = args.params.params(PolicyParams::default());
     let counters = Arc::new(PolicyCounters::default());
-    let mut runtime =
-        PolicyRuntime::new(module, params, counters).context("starting the policy")?;
+    let mut runtime = PolicyRuntime::new(module, params.to_configure(), counters)
+        .context("starting the policy")?;
     let report = stepscope::policy::replay::replay(&mut runtime, &steps);
     println!(
         "policy {} ({})",

@@ -12,7 +12,7 @@ fn default_runtime(sample_rate: f64, rich_rate: f64) -> PolicyRuntime {
         PolicyModule::load(&PolicySource::BuiltinDefault, PolicyLimits::default()).unwrap();
     PolicyRuntime::new(
         module,
-        stepscope::cli::policy_params(sample_rate, rich_rate, &[]),
+        stepscope::policy::PolicyParams::rates(sample_rate, rich_rate).to_configure(),
         Arc::new(PolicyCounters::default()),
     )
     .unwrap()
@@ -121,7 +121,7 @@ fn default_policy_refuses_unknown_or_invalid_parameters() {
 #[test]
 fn conformance_suite_passes_the_default_and_fails_a_hostile_policy() {
     let suite = conformance::SuiteParams {
-        params: stepscope::cli::policy_params(0.5, 0.5, &[]),
+        params: stepscope::policy::PolicyParams::rates(0.5, 0.5).to_configure(),
         seed: 0,
         steps: 5_000,
         measure_latency: true,

@@ -97,7 +97,10 @@ pub fn run(params: &BudgetBenchParams) -> anyhow::Result<Vec<BudgetBenchRow>> {
     for (label, policy, args, budget) in &variants {
         let config = ObservabilityConfig {
             policy: policy.clone(),
-            policy_args: args.clone(),
+            policy_params: crate::policy::PolicyParams {
+                args: args.clone(),
+                ..crate::policy::PolicyParams::rates(1.0, 0.0)
+            },
             policy_budget: *budget,
             ..ObservabilityConfig::enabled_with_rates(1.0, 0.0, 0)
         };

@@ -39,10 +39,13 @@ fn workload() -> (EngineConfig, Vec<TestRequest>) {
 fn stall_config(args: &[(&str, &str)], budget: BudgetConfig, file: &Path) -> ObservabilityConfig {
     ObservabilityConfig {
         policy: PolicySource::File(PathBuf::from(GUEST_COMPONENT_DIR).join("stall.wasm")),
-        policy_args: args
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        policy_params: crate::policy::PolicyParams {
+            args: args
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..crate::policy::PolicyParams::rates(1.0, 0.0)
+        },
         policy_budget: budget,
         policy_limits: PolicyLimits {
             fuel_per_call: 0,

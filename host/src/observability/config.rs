@@ -17,9 +17,8 @@ use std::time::Duration;
 use thiserror::Error;
 
 use super::tls::OtlpTls;
-use crate::cli::StepTracingArgs;
 use crate::policy::budget::BudgetConfig;
-use crate::policy::{PolicyError, PolicyLimits, PolicySource};
+use crate::policy::{PolicyError, PolicyLimits, PolicyParams, PolicySource};
 
 /// `OTEL_EXPORTER_OTLP_ENDPOINT`: base URL for every signal.
 pub const ENV_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
@@ -103,19 +102,41 @@ pub struct OtlpConfig {
     pub tls: OtlpTls,
 }
 
+/// The step-tracing settings as the command line gives them, typed (the CLI converts its flags
+/// into this); [`ObservabilityConfig::resolve`] adds the `OTEL_*` environment.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StepTracingSettings {
+    /// `--step-tracing-enabled`.
+    pub enabled: bool,
+    /// `--step-tracing-policy` (default: the built-in default policy).
+    pub policy: PolicySource,
+    /// `--step-tracing-sample-rate`, `--step-tracing-rich-subsample-rate`,
+    /// `--step-tracing-policy-arg`.
+    pub policy_params: PolicyParams,
+    /// `--step-tracing-policy-{fuel,memory-mib,deadline-ms,configure-deadline-ms}`.
+    pub policy_limits: PolicyLimits,
+    /// `--step-tracing-policy-budget-{us,share}`.
+    pub policy_budget: BudgetConfig,
+    /// `--otlp-traces-endpoint`.
+    pub otlp_traces_endpoint: Option<String>,
+    /// `--otlp-protocol`.
+    pub otlp_protocol: Option<OtlpProtocol>,
+    /// `--step-tracing-file`.
+    pub step_tracing_file: Option<PathBuf>,
+    /// `--record-steps`.
+    pub record_steps: Option<PathBuf>,
+}
+
 /// Everything the step tracer runs with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ObservabilityConfig {
     /// `--step-tracing-enabled`.
     pub step_tracing_enabled: bool,
-    /// `--step-tracing-sample-rate` (default 0.01), passed to the policy as `sample_rate`.
-    pub step_tracing_sample_rate: f64,
-    /// `--step-tracing-rich-subsample-rate` (default 0.001), passed as `rich_subsample_rate`.
-    pub step_tracing_rich_subsample_rate: f64,
     /// `--step-tracing-policy` (default: the built-in default policy).
     pub policy: PolicySource,
-    /// `--step-tracing-policy-arg key=value`, in order.
-    pub policy_args: Vec<(String, String)>,
+    /// The rates (defaults 0.01 and 0.001) and `--step-tracing-policy-arg key=value`s the
+    /// policy's `configure` receives.
+    pub policy_params: PolicyParams,
     /// `--step-tracing-policy-fuel`, `--step-tracing-policy-memory-mib`,
     /// `--step-tracing-policy-deadline-ms`, `--step-tracing-policy-configure-deadline-ms`.
     pub policy_limits: PolicyLimits,
@@ -151,10 +172,8 @@ impl Default for ObservabilityConfig {
     fn default() -> Self {
         Self {
             step_tracing_enabled: false,
-            step_tracing_sample_rate: 0.01,
-            step_tracing_rich_subsample_rate: 0.001,
             policy: PolicySource::BuiltinDefault,
-            policy_args: Vec::new(),
+            policy_params: PolicyParams::default(),
             policy_limits: PolicyLimits::default(),
             policy_budget: BudgetConfig::default(),
             seed: 0,
@@ -200,14 +219,14 @@ impl From<PolicyError> for ObservabilityError {
 
 impl ObservabilityConfig {
     /// The configuration for `args`, reading the `OTEL_*` variables from the process environment.
-    pub fn from_args(args: &StepTracingArgs, seed: u64) -> Result<Self, ObservabilityError> {
-        Self::from_args_with_env(args, seed, |name| std::env::var(name).ok())
+    pub fn from_settings(args: StepTracingSettings, seed: u64) -> Result<Self, ObservabilityError> {
+        Self::resolve(args, seed, |name| std::env::var(name).ok())
     }
 
-    /// Like [`from_args`](Self::from_args), with the environment given as a lookup function
-    /// (tests pass a map instead of mutating the process environment).
-    pub fn from_args_with_env(
-        args: &StepTracingArgs,
+    /// Like [`from_settings`](Self::from_settings), with the environment given as a lookup
+    /// function (tests pass a map instead of mutating the process environment).
+    pub fn resolve(
+        args: StepTracingSettings,
         seed: u64,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ObservabilityError> {
@@ -286,13 +305,11 @@ impl ObservabilityConfig {
             None => Self::default().export_timeout,
         };
         Ok(Self {
-            step_tracing_enabled: args.step_tracing_enabled,
-            step_tracing_sample_rate: args.step_tracing_sample_rate,
-            step_tracing_rich_subsample_rate: args.step_tracing_rich_subsample_rate,
-            policy: PolicySource::from_option(args.step_tracing_policy.as_deref()),
-            policy_args: args.step_tracing_policy_args.clone(),
-            policy_limits: args.policy_limits(),
-            policy_budget: args.policy_budget(),
+            step_tracing_enabled: args.enabled,
+            policy: args.policy,
+            policy_params: args.policy_params,
+            policy_limits: args.policy_limits,
+            policy_budget: args.policy_budget,
             seed,
             otlp: endpoint.map(|endpoint| OtlpConfig {
                 endpoint,
@@ -303,29 +320,18 @@ impl ObservabilityConfig {
             service_name: env(ENV_SERVICE_NAME)
                 .map(|name| name.trim().to_string())
                 .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_string()),
-            step_tracing_file: args.step_tracing_file.clone(),
-            record_steps: args.record_steps.clone(),
+            step_tracing_file: args.step_tracing_file,
+            record_steps: args.record_steps,
             export_timeout,
             ..Self::default()
         })
-    }
-
-    /// The parameters the policy's `configure` receives: the two rates, then the user's
-    /// `key=value` arguments (which therefore override them).
-    pub fn policy_params(&self) -> Vec<(String, String)> {
-        crate::cli::policy_params(
-            self.step_tracing_sample_rate,
-            self.step_tracing_rich_subsample_rate,
-            &self.policy_args,
-        )
     }
 
     /// A configuration with tracing on at the given rates and nothing else set (tests, benches).
     pub fn enabled_with_rates(sample_rate: f64, rich_subsample_rate: f64, seed: u64) -> Self {
         Self {
             step_tracing_enabled: true,
-            step_tracing_sample_rate: sample_rate,
-            step_tracing_rich_subsample_rate: rich_subsample_rate,
+            policy_params: PolicyParams::rates(sample_rate, rich_subsample_rate),
             seed,
             ..Self::default()
         }
@@ -451,7 +457,7 @@ fn percent_decode(text: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Cli, Command};
+    use crate::cli::{Cli, Command, StepTracingArgs};
     use clap::Parser;
     use std::collections::HashMap;
 
@@ -471,7 +477,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        ObservabilityConfig::from_args_with_env(&args(extra), 7, |name| env.get(name).cloned())
+        ObservabilityConfig::resolve(args(extra).settings(), 7, |name| env.get(name).cloned())
             .map_err(|e| e.to_string())
     }
 
@@ -479,8 +485,7 @@ mod tests {
     fn defaults_mean_tracing_off_and_no_collector() {
         let config = config(&[], &[]).unwrap();
         assert!(!config.step_tracing_enabled);
-        assert_eq!(config.step_tracing_sample_rate, 0.01);
-        assert_eq!(config.step_tracing_rich_subsample_rate, 0.001);
+        assert_eq!(config.policy_params, PolicyParams::rates(0.01, 0.001));
         assert_eq!(config.otlp, None);
         assert_eq!(config.service_name, "stepscope");
         assert_eq!(config.seed, 7);

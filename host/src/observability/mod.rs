@@ -45,7 +45,7 @@ pub use config::{
     DEFAULT_MAX_EVENTS_PER_SPAN, DEFAULT_QUEUE_CAPACITY, DEFAULT_SERVICE_NAME, ENV_OTLP_ENDPOINT,
     ENV_OTLP_HEADERS, ENV_OTLP_PROTOCOL, ENV_OTLP_TIMEOUT, ENV_OTLP_TRACES_ENDPOINT,
     ENV_OTLP_TRACES_HEADERS, ENV_OTLP_TRACES_PROTOCOL, ENV_OTLP_TRACES_TIMEOUT, ENV_SERVICE_NAME,
-    ObservabilityConfig, ObservabilityError, OtlpConfig, OtlpProtocol,
+    ObservabilityConfig, ObservabilityError, OtlpConfig, OtlpProtocol, StepTracingSettings,
 };
 pub use metrics::{TracerMetrics, TracerMetricsSnapshot};
 pub use record::{PolicyIdentity, StepRecord, step_summary};
@@ -92,8 +92,9 @@ impl StepTracer {
         }
         let loading = Instant::now();
         let module = PolicyModule::load(&config.policy, config.policy_limits)?;
-        let params = config.policy_params();
-        let runtime = PolicyRuntime::new(module.clone(), params.clone(), Arc::clone(&counters))?;
+        let params = config.policy_params.clone();
+        let runtime =
+            PolicyRuntime::new(module.clone(), params.to_configure(), Arc::clone(&counters))?;
         let policy = Arc::new(PolicyIdentity {
             name: Arc::from(module.name()),
             digest: Arc::from(module.digest()),
@@ -139,8 +140,8 @@ impl StepTracer {
         tracing::info!(
             policy = %policy.name,
             digest = %policy.digest,
-            sample_rate = config.step_tracing_sample_rate,
-            rich_subsample_rate = config.step_tracing_rich_subsample_rate,
+            sample_rate = config.policy_params.sample_rate,
+            rich_subsample_rate = config.policy_params.rich_subsample_rate,
             otlp = config.otlp.as_ref().map(|o| o.endpoint.as_str()).unwrap_or("-"),
             "step tracing on"
         );
@@ -153,11 +154,7 @@ impl StepTracer {
         });
         let fallback = PolicyRuntime::new(
             fallback_module,
-            crate::cli::policy_params(
-                config.step_tracing_sample_rate,
-                config.step_tracing_rich_subsample_rate,
-                &[],
-            ),
+            config.policy_params.rates_only().to_configure(),
             Arc::default(),
         )?;
         let observer = StepTracerObserver::active(
@@ -178,7 +175,7 @@ impl StepTracer {
                 policy: Some(RunningPolicy {
                     name: policy.name.to_string(),
                     digest: policy.digest.to_string(),
-                    params,
+                    params: params.to_configure(),
                     limits: module.limits(),
                 }),
                 switch: Some(switch),

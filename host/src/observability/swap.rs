@@ -19,7 +19,10 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::policy::conformance::{self, SuiteParams};
-use crate::policy::{PolicyCounters, PolicyError, PolicyLimits, PolicyModule, PolicyRuntime};
+use crate::policy::params::{RICH_SUBSAMPLE_RATE_KEY, SAMPLE_RATE_KEY};
+use crate::policy::{
+    PolicyCounters, PolicyError, PolicyLimits, PolicyModule, PolicyParams, PolicyRuntime,
+};
 
 use super::record::PolicyIdentity;
 
@@ -79,7 +82,7 @@ pub(crate) struct PendingPolicy {
 
 /// The hand-over point between swap requests and the step loop (see the module doc).
 pub struct PolicySwitch {
-    params: Vec<(String, String)>,
+    params: PolicyParams,
     limits: PolicyLimits,
     seed: u64,
     counters: Arc<PolicyCounters>,
@@ -112,7 +115,7 @@ pub(crate) fn unix_ms(time: SystemTime) -> u64 {
 impl PolicySwitch {
     pub(crate) fn new(
         module: &PolicyModule,
-        params: Vec<(String, String)>,
+        params: PolicyParams,
         seed: u64,
         counters: Arc<PolicyCounters>,
         load_ms: u64,
@@ -133,7 +136,7 @@ impl PolicySwitch {
                 wasi_imports: module.wasi_imports().len(),
                 generation: 0,
                 load_ms,
-                params,
+                params: params.to_configure(),
             }),
             swapping: Mutex::new(()),
             swaps: AtomicU64::new(0),
@@ -156,25 +159,18 @@ impl PolicySwitch {
         self.refused.load(Ordering::Relaxed)
     }
 
-    /// The server's policy parameters: the step-tracing rates, then the
+    /// The server's policy parameters: the step-tracing rates and the
     /// `--step-tracing-policy-arg`s.
-    pub fn params(&self) -> &[(String, String)] {
+    pub fn params(&self) -> &PolicyParams {
         &self.params
     }
 
-    /// The parameters for a swap: the server's, or, when `args` is given, the server's two
-    /// rates followed by `args` (so a policy with parameters of its own can replace another).
-    fn params_for(&self, args: Option<&[(String, String)]>) -> Vec<(String, String)> {
+    /// The parameters for a swap: the server's, or, when `args` is given, the server's rates
+    /// with `args` (so a policy with parameters of its own can replace another).
+    fn params_for(&self, args: Option<&[(String, String)]>) -> PolicyParams {
         match args {
             None => self.params.clone(),
-            Some(args) => self
-                .params
-                .iter()
-                .filter(|(key, _)| key == "sample_rate" || key == "rich_subsample_rate")
-                .take(2)
-                .chain(args)
-                .cloned()
-                .collect(),
+            Some(args) => self.params.with_args(args),
         }
     }
 
@@ -214,7 +210,7 @@ impl PolicySwitch {
             wasi_imports: module.wasi_imports().len(),
             generation,
             load_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            params,
+            params: params.to_configure(),
         };
         {
             // A swap that was never picked up (an idle engine) is simply superseded.
@@ -237,18 +233,26 @@ impl PolicySwitch {
         &self,
         name: &str,
         bytes: &[u8],
-        params: &[(String, String)],
+        params: &PolicyParams,
     ) -> Result<(PolicyModule, PolicyRuntime), SwapError> {
         let module = PolicyModule::from_bytes(name, bytes, self.limits)?;
         // The check samples about half of the synthetic steps at both stages (so `plan-rich`
         // runs too), then the serving instance is configured with the real parameters.
-        let mut check_params = params.to_vec();
-        check_params.push(("sample_rate".into(), "0.5".into()));
-        check_params.push(("rich_subsample_rate".into(), "0.5".into()));
+        let check_params = PolicyParams {
+            args: [
+                &params.args[..],
+                &[
+                    (SAMPLE_RATE_KEY.into(), "0.5".into()),
+                    (RICH_SUBSAMPLE_RATE_KEY.into(), "0.5".into()),
+                ],
+            ]
+            .concat(),
+            ..params.clone()
+        };
         let report = conformance::check(
             &module,
             &SuiteParams {
-                params: check_params,
+                params: check_params.to_configure(),
                 seed: self.seed,
                 steps: SWAP_CHECK_STEPS,
                 measure_latency: false,
@@ -268,8 +272,11 @@ impl PolicySwitch {
                 failures,
             });
         }
-        let runtime =
-            PolicyRuntime::new(module.clone(), params.to_vec(), Arc::clone(&self.counters))?;
+        let runtime = PolicyRuntime::new(
+            module.clone(),
+            params.to_configure(),
+            Arc::clone(&self.counters),
+        )?;
         Ok((module, runtime))
     }
 
@@ -298,7 +305,7 @@ mod tests {
     fn switch_with(args: &[(String, String)]) -> PolicySwitch {
         let module =
             PolicyModule::load(&PolicySource::BuiltinDefault, PolicyLimits::default()).unwrap();
-        let params = crate::cli::policy_params(0.5, 0.0, args);
+        let params = PolicyParams::rates(0.5, 0.0).with_args(args);
         PolicySwitch::new(&module, params, 0, Arc::default(), 1)
     }
 
@@ -393,7 +400,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             active.params,
-            crate::cli::policy_params(0.5, 0.0, &[]),
+            PolicyParams::rates(0.5, 0.0).to_configure(),
             "the rates stay, the arguments go"
         );
         let args = [("rich_top_k".to_string(), "2".to_string())];
@@ -405,6 +412,11 @@ mod tests {
                 Some(&args),
             )
             .unwrap();
-        assert_eq!(active.params, crate::cli::policy_params(0.5, 0.0, &args));
+        assert_eq!(
+            active.params,
+            PolicyParams::rates(0.5, 0.0)
+                .with_args(&args)
+                .to_configure()
+        );
     }
 }

@@ -16,7 +16,7 @@ use super::*;
 use crate::cli::{Cli, Command};
 use crate::engine::{EngineConfig, SamplingParams};
 use crate::policy::random::step_draws;
-use crate::policy::{FaultKind, GUEST_COMPONENT_DIR, PolicyLimits, PolicySource};
+use crate::policy::{FaultKind, GUEST_COMPONENT_DIR, PolicyLimits, PolicyParams, PolicySource};
 
 const SEED: u64 = 42;
 
@@ -277,7 +277,7 @@ fn http_protobuf_export_matches_the_engine_and_names_the_scope() {
         }) => serve.step_tracing,
         other => panic!("{other:?}"),
     };
-    let config = ObservabilityConfig::from_args_with_env(&args, SEED, |_| None).expect("config");
+    let config = ObservabilityConfig::resolve(args.settings(), SEED, |_| None).expect("config");
     let otlp = config.otlp.expect("otlp");
     assert_eq!(otlp.endpoint, collector.endpoint);
     let spans = end_to_end(otlp, |n| collector.wait_for(n));
@@ -362,7 +362,10 @@ fn pressure_policy_exports_only_preempting_or_kv_heavy_steps() {
     let collector = GrpcCollector::start();
     let config = ObservabilityConfig {
         policy: PolicySource::File(guest("pressure")),
-        policy_args: vec![("rich_top_k".into(), "3".into())],
+        policy_params: PolicyParams {
+            args: vec![("rich_top_k".into(), "3".into())],
+            ..PolicyParams::rates(0.0, 0.0)
+        },
         otlp: Some(OtlpConfig {
             endpoint: collector.endpoint.clone(),
             protocol: OtlpProtocol::Grpc,
@@ -661,19 +664,21 @@ fn every_flag_travels_from_the_command_line_into_the_running_tracer() {
     ]
     .into_iter()
     .collect();
-    let config = ObservabilityConfig::from_args_with_env(&serve.step_tracing, 1234, |name| {
+    let config = ObservabilityConfig::resolve(serve.step_tracing.settings(), 1234, |name| {
         env.get(name).map(|v| v.to_string())
     })
     .expect("config");
     let expected = ObservabilityConfig {
         step_tracing_enabled: true,
-        step_tracing_sample_rate: 0.25,
-        step_tracing_rich_subsample_rate: 0.5,
+        policy_params: PolicyParams {
+            sample_rate: 0.25,
+            rich_subsample_rate: 0.5,
+            args: vec![
+                ("kv_usage_threshold".into(), "0.99".into()),
+                ("rich_top_k".into(), "2".into()),
+            ],
+        },
         policy: PolicySource::File(pressure.clone()),
-        policy_args: vec![
-            ("kv_usage_threshold".into(), "0.99".into()),
-            ("rich_top_k".into(), "2".into()),
-        ],
         policy_limits: PolicyLimits {
             fuel_per_call: 5_000_000,
             memory_bytes: 32 << 20,
@@ -787,7 +792,7 @@ fn disabled_tracing_loads_nothing_and_counts_nothing() {
         panic!("not serve")
     };
     let config =
-        ObservabilityConfig::from_args_with_env(&serve.step_tracing, 0, |_| None).expect("config");
+        ObservabilityConfig::resolve(serve.step_tracing.settings(), 0, |_| None).expect("config");
     let (observer, mut handle) = StepTracer::start(config).expect("tracer");
     assert!(!observer.is_enabled() && !handle.is_enabled());
     assert!(handle.policy().is_none());
@@ -804,7 +809,10 @@ fn a_faulty_policy_leaves_steps_untraced_and_is_counted() {
     let path = temp_path("hostile.jsonl");
     let config = ObservabilityConfig {
         policy: PolicySource::File(guest("hostile")),
-        policy_args: vec![("mode".into(), "out-of-range".into())],
+        policy_params: PolicyParams {
+            args: vec![("mode".into(), "out-of-range".into())],
+            ..PolicyParams::rates(1.0, 1.0)
+        },
         step_tracing_file: Some(path.clone()),
         ..ObservabilityConfig::enabled_with_rates(1.0, 1.0, SEED)
     };

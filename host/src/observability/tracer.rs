@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{SyncSender, TrySendError};
 
 use crate::engine::{RequestPhase, StepObserver, StepView};
-use crate::policy::budget::{Route, StepBudget, Transition};
+use crate::policy::budget::{Route, StepBudget, Transition, thread_cpu_time};
 use crate::policy::{PolicyOutcome, PolicyRuntime, RequestViews, StepSummary, extra_attribute_key};
 
 use super::exporter::ExportMessage;
@@ -135,11 +135,19 @@ impl ActiveTracer {
         if degraded {
             self.runtime.counters().record_fallback_step();
         }
+        // CPU time costs ~0.5 µs a read: only when the budget asks for it (see policy::budget).
+        let cpu_start = if !degraded && self.budget.wants_cpu_time() {
+            thread_cpu_time()
+        } else {
+            None
+        };
         let outcome = self.decide_and_plan(step, &summary, degraded);
         if !degraded {
             let cost = self.policy_cost;
             if !cost.is_zero() {
-                let transition = self.budget.record(route, cost);
+                let cpu =
+                    cpu_start.and_then(|start| Some(thread_cpu_time()?.saturating_sub(start)));
+                let transition = self.budget.record(route, cost, cpu);
                 self.note_transition(transition);
             }
         }

@@ -9,9 +9,15 @@
 //!   computed after 1, 2, 4, … 32 steps, then every [`ENGINE_WINDOW`] steps; with a share, no
 //!   policy is judged before the first one). With the defaults (250 µs, 0.2) a policy may take
 //!   a fifth of what the engine itself takes per step, and never less than 250 µs.
+//! - **Cost.** What the policy's calls took this step, in wall time, which is cheap to read;
+//!   but a call that was merely descheduled on a busy machine looks slow in wall time. So once a
+//!   step's wall cost passes the budget, the next [`SUSPECT_STEPS`] steps (and every probe) are
+//!   also timed in the engine thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`, ~0.5 µs per read,
+//!   too dear for every step), and only CPU time counts against the budget. A wall-time outlier
+//!   alone never does.
 //! - **Degrade.** When the p99 of the policy's cost over its last [`COST_WINDOW`] steps exceeds
-//!   the budget — counted as at least [`MIN_OVER_BUDGET`] steps over it in the window, so one
-//!   descheduled call on a busy machine does not trigger it — the policy is *degraded*: the
+//!   the budget — counted as at least [`MIN_OVER_BUDGET`] steps over it in the window — the
+//!   policy is *degraded*: the
 //!   built-in default policy (same sampling rates) answers the following steps, and those spans
 //!   carry `policy.degraded = true`.
 //! - **Probe and recover.** While degraded, the policy still answers one step in
@@ -35,6 +41,28 @@ pub const ENGINE_WINDOW: usize = 64;
 pub const PROBE_EVERY: u64 = 1024;
 /// Probes in a row within budget that end a degradation.
 pub const PROBES_TO_RECOVER: u32 = 4;
+/// Steps timed in CPU time after a step whose wall cost passed the budget.
+pub const SUSPECT_STEPS: u32 = 16;
+
+/// The calling thread's CPU time (`None` where the platform cannot tell).
+pub fn thread_cpu_time() -> Option<Duration> {
+    #[cfg(unix)]
+    {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `now` is a valid, writable timespec for the duration of the call.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+        if rc == 0 {
+            return Some(Duration::new(
+                u64::try_from(now.tv_sec).ok()?,
+                u32::try_from(now.tv_nsec).ok()?,
+            ));
+        }
+    }
+    None
+}
 
 /// The budget's settings (`--step-tracing-policy-budget-us`, `…-budget-share`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -112,6 +140,8 @@ pub struct StepBudget {
     /// Steps routed since the policy was degraded (the probe schedule).
     since_degraded: u64,
     good_probes: u32,
+    /// Steps still to be timed in CPU time after a wall-time outlier.
+    suspect_left: u32,
 }
 
 fn micros(d: Duration) -> u32 {
@@ -133,7 +163,13 @@ impl StepBudget {
             degraded: false,
             since_degraded: 0,
             good_probes: 0,
+            suspect_left: 0,
         }
+    }
+
+    /// Whether the coming step's cost should also be read in CPU time (see the module doc).
+    pub fn wants_cpu_time(&self) -> bool {
+        !self.config.is_off() && (self.suspect_left > 0 || self.degraded)
     }
 
     pub fn config(&self) -> BudgetConfig {
@@ -172,13 +208,31 @@ impl StepBudget {
     }
 
     /// What the policy's calls cost in a step it answered (`route` said Policy or Probe, and at
-    /// least one call was made).
-    pub fn record(&mut self, route: Route, cost: Duration) -> Option<Transition> {
+    /// least one call was made): their wall time, and their CPU time when
+    /// [`wants_cpu_time`](Self::wants_cpu_time) said so (and the platform could tell).
+    pub fn record(
+        &mut self,
+        route: Route,
+        wall: Duration,
+        cpu: Option<Duration>,
+    ) -> Option<Transition> {
         if self.config.is_off() || route == Route::Fallback {
             return None;
         }
-        let cost_us = micros(cost);
-        self.previous_cost_us = u64::from(cost_us);
+        self.previous_cost_us = u64::from(micros(wall));
+        self.suspect_left = self.suspect_left.saturating_sub(1);
+        let cost_us = match cpu {
+            Some(cpu) => micros(cpu),
+            None if micros(wall) > self.budget_us => {
+                // Slow, or only descheduled: the next steps are timed in CPU time to tell.
+                self.suspect_left = SUSPECT_STEPS;
+                if route == Route::Probe {
+                    self.good_probes = 0;
+                }
+                return None;
+            }
+            None => micros(wall),
+        };
         if route == Route::Probe {
             if cost_us > self.budget_us {
                 self.good_probes = 0;
@@ -299,7 +353,9 @@ mod tests {
             let route = b.route(last);
             routes.push(route);
             let cost = if route == Route::Fallback { 1 } else { cost_us };
-            transitions.extend(b.record(route, US(cost)));
+            // As the tracer does: CPU time only when asked for (here equal to the wall time).
+            let cpu = b.wants_cpu_time().then_some(US(cost));
+            transitions.extend(b.record(route, US(cost), cpu));
             last = engine_us + cost;
         }
         (routes, transitions)
@@ -315,21 +371,21 @@ mod tests {
     }
 
     #[test]
-    fn rare_outliers_do_not_degrade_but_a_slow_policy_does_within_three_steps() {
+    fn descheduled_calls_do_not_degrade_but_a_slow_policy_does_within_four_steps() {
         let mut b = budget(250, 0.0);
-        // Two descheduled calls in a window of 256 are tolerated.
+        // A fast policy descheduled every 10th step: 5 ms of wall time, 5 µs of CPU time.
         for step in 1..=1_000u64 {
             let route = b.route(1_000);
-            let cost = if step % 200 == 0 && step <= 600 {
-                5_000
-            } else {
-                5
-            };
-            assert_eq!(b.record(route, US(cost)), None, "step {step}");
+            let wall = if step % 10 == 0 { 5_000 } else { 5 };
+            let cpu = b.wants_cpu_time().then_some(US(5));
+            assert_eq!(b.record(route, US(wall), cpu), None, "step {step}");
         }
-        // A policy costing 1.2 ms per step is set aside on its third step.
-        let (routes, transitions) = run(&mut b, 3, 1_000, 1_200);
-        assert_eq!(routes, [Route::Policy; 3]);
+        // Quiet again long enough for the suspicion to lapse.
+        run(&mut b, u64::from(SUSPECT_STEPS), 1_000, 5);
+        // Truly slow (CPU time too): set aside on its fourth step, the first one only raising
+        // the suspicion that the next three confirm.
+        let (routes, transitions) = run(&mut b, 4, 1_000, 1_200);
+        assert_eq!(routes, [Route::Policy; 4]);
         assert!(matches!(
             transitions[..],
             [Transition::Degraded { p99, budget }] if p99 == US(1_200) && budget == US(250)
@@ -340,7 +396,7 @@ mod tests {
     #[test]
     fn a_degraded_policy_is_probed_rarely_and_recovers_after_good_probes() {
         let mut b = budget(250, 0.0);
-        run(&mut b, 3, 1_000, 2_000);
+        run(&mut b, 4, 1_000, 2_000);
         assert!(b.is_degraded());
         // Still slow: probed once every PROBE_EVERY steps only, never recovers.
         let (routes, transitions) = run(&mut b, 10 * PROBE_EVERY, 1_000, 2_000);

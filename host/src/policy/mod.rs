@@ -25,6 +25,7 @@ pub mod guest_text;
 mod limits;
 mod module;
 pub mod native;
+pub mod params;
 pub mod random;
 pub mod replay;
 mod runtime;
@@ -38,6 +39,7 @@ pub use limits::{
     DEFAULT_CALL_DEADLINE_MS, DEFAULT_CONFIGURE_DEADLINE_MS, DEFAULT_FUEL_PER_CALL, PolicyLimits,
 };
 pub use module::{PolicyError, PolicyModule, PolicySource};
+pub use params::PolicyParams;
 pub use replay::RecordedStep;
 pub use runtime::{PolicyOutcome, PolicyRuntime};
 pub use validate::{Decision, RichSelection, extra_attribute_key};

@@ -48,9 +48,10 @@ pub enum PolicyError {
 }
 
 /// Where a policy comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum PolicySource {
     /// The default policy embedded in the binary.
+    #[default]
     BuiltinDefault,
     /// A component file.
     File(PathBuf),

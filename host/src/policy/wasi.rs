@@ -179,13 +179,15 @@ pub(crate) fn add_to_linker<T: HasSandbox>(linker: &mut Linker<T>) -> wasmtime::
     let mut streams = linker.instance(STREAMS_INTERFACE)?;
     streams.func_wrap(
         "[method]output-stream.write",
-        |store: StoreContextMut<'_, T>, (stream, bytes): (Resource<DynOutputStream>, WasmList<u8>)| {
+        |store: StoreContextMut<'_, T>,
+         (stream, bytes): (Resource<DynOutputStream>, WasmList<u8>)| {
             bounded_write(store, stream, bytes, false)
         },
     )?;
     streams.func_wrap(
         "[method]output-stream.blocking-write-and-flush",
-        |store: StoreContextMut<'_, T>, (stream, bytes): (Resource<DynOutputStream>, WasmList<u8>)| {
+        |store: StoreContextMut<'_, T>,
+         (stream, bytes): (Resource<DynOutputStream>, WasmList<u8>)| {
             bounded_write(store, stream, bytes, true)
         },
     )?;
@@ -206,7 +208,13 @@ fn bounded_write<T: HasSandbox>(
     } else {
         "write"
     };
-    let permit = match store.data_mut().sandbox().table.get_mut(&stream)?.check_write() {
+    let permit = match store
+        .data_mut()
+        .sandbox()
+        .table
+        .get_mut(&stream)?
+        .check_write()
+    {
         Ok(permit) => permit,
         Err(error) => return stream_error(store.data_mut().sandbox(), error),
     };
@@ -230,13 +238,9 @@ fn bounded_write<T: HasSandbox>(
     let data = bytes::Bytes::copy_from_slice(bytes.as_le_slice(&store));
     let sandbox = store.data_mut().sandbox();
     let output = sandbox.table.get_mut(&stream)?;
-    let written = output.write(data).and_then(|()| {
-        if blocking {
-            output.flush()
-        } else {
-            Ok(())
-        }
-    });
+    let written = output
+        .write(data)
+        .and_then(|()| if blocking { output.flush() } else { Ok(()) });
     match written {
         Ok(()) => Ok((Ok(()),)),
         Err(error) => stream_error(sandbox, error),

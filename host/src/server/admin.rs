@@ -81,7 +81,9 @@ fn status(switch: Option<&PolicySwitch>) -> PolicyStatus {
     PolicyStatus {
         step_tracing_enabled: switch.is_some(),
         active: switch.map(PolicySwitch::active),
-        params: switch.map(|s| s.params().to_vec()).unwrap_or_default(),
+        params: switch
+            .map(|s| s.params().to_configure())
+            .unwrap_or_default(),
         swaps: switch.map_or(0, PolicySwitch::swaps),
         swaps_refused: switch.map_or(0, PolicySwitch::refused),
     }
@@ -130,7 +132,7 @@ fn parse_upload_query(query: Option<&str>) -> Result<UploadQuery, ApiError> {
                 if value.is_empty() {
                     continue;
                 }
-                let pair = crate::cli::parse_key_value(&value)
+                let pair = crate::policy::params::parse_key_value(&value)
                     .map_err(|e| ApiError::invalid_param("arg", e))?;
                 args.push(pair);
             }

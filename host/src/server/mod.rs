@@ -38,7 +38,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::cli::ServeArgs;
-use crate::observability::{ObservabilityConfig, StepTracer};
+use crate::observability::StepTracer;
 
 use self::http::HttpConfig;
 use self::metrics::{ServerMetrics, TracingInfo};
@@ -81,7 +81,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Ok(limit) => tracing::debug!(limit, "open-file limit"),
         Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
     }
-    let config = ObservabilityConfig::from_args(&args.step_tracing, args.engine.seed)?;
+    let config = args.step_tracing.to_config(args.engine.seed)?;
     let (observer, mut tracer) = StepTracer::start(config)?;
     let launched = crate::launch::launch(&spec, &args.engine, Box::new(observer))?;
     let tracing_info = TracingInfo {

@@ -366,7 +366,7 @@ async fn admin_api_swaps_refuses_and_reports() {
     use crate::policy::{PolicyLimits, PolicyModule, PolicySource};
     let module =
         PolicyModule::load(&PolicySource::BuiltinDefault, PolicyLimits::default()).unwrap();
-    let params = crate::cli::policy_params(0.1, 0.0, &[]);
+    let params = crate::policy::PolicyParams::rates(0.1, 0.0);
     let switch = Arc::new(PolicySwitch::new(&module, params, 0, Arc::default(), 1));
     let app = super::admin::router(super::admin::AdminState {
         switch: Some(Arc::clone(&switch)),
