@@ -27,7 +27,7 @@ import pytest
 import requests
 
 from conftest import BINARY, ROOT, Server, free_port
-from test_policy_swap import Load, component_dir_for
+from test_policy_swap import Load, component_dir_for, info_digest
 
 PROMPTS = [f"request {i}: the quick brown fox jumps over the lazy dog" for i in range(16)]
 SHUTDOWN_TIMEOUT = 3
@@ -65,11 +65,7 @@ def reference():
     """The greedy texts under the built-in default policy, and the components directory."""
     server = Server("builtin:tiny", "--step-tracing-enabled", "--step-tracing-sample-rate", "1")
     try:
-        digest = None
-        for line in server.metrics_text().splitlines():
-            if line.startswith("stepscope_step_tracing_info{"):
-                digest = line.split('digest="', 1)[1].split('"', 1)[0]
-        assert digest, "no stepscope_step_tracing_info series"
+        digest = info_digest(server)
         texts = completions(server)
     finally:
         server.stop()
