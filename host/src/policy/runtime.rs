@@ -2,7 +2,10 @@
 //!
 //! Each call gets a wall-clock deadline (an epoch deadline, see [`super::epoch`]) and, when
 //! fuel metering is on, a fresh fuel budget; instantiation and `configure` get a longer
-//! deadline. The store's limiter caps the instance's linear memories together, its tables'
+//! deadline. When the deadline passes, [`deadline_passed`] looks at the thread's CPU time over
+//! one more deadline period: a call that keeps the CPU busy is stopped (between one and two
+//! deadlines after it began), one that was only descheduled on a busy machine is given more
+//! time, up to [`WALL_CAP_FACTOR`] deadlines plus a second. The store's limiter caps the instance's linear memories together, its tables'
 //! elements together, and the number of instances, memories and tables ([`super::limits`]).
 //! When a call traps, runs out of time, fuel or memory, waits on something that never happens
 //! in the sandbox (`blocked`), asks a host call for more than it gives (`host_limit`), or
@@ -18,6 +21,7 @@
 //! recycle).
 
 use super::bindings::{RequestViews, StepPolicy, StepSummary};
+use super::budget::thread_cpu_time;
 use super::epoch::deadline_ticks;
 use super::faults::{FaultKind, PolicyCounters};
 use super::guest_text::sanitize;
@@ -28,12 +32,16 @@ use super::wasi::{HasSandbox, HostCallLimit, SandboxBlocked, SandboxWasi};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::component::ResourceTableError;
-use wasmtime::{ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline};
 use wasmtime_wasi::{WasiCtxView, WasiView};
 
-/// An instance whose largest linear memory has grown past this fraction of the memory cap is
+/// An instance whose linear memories have grown past this fraction of the memory cap is
 /// replaced by a fresh one before its next call.
 pub const RECYCLE_MEMORY_FRACTION: f64 = 0.75;
+
+/// A descheduled call may run this many deadlines (plus a second) of wall time before it is
+/// stopped anyway.
+pub const WALL_CAP_FACTOR: u32 = 10;
 
 /// Per-store host state: the resource limiter, the linear memory and table elements allowed so
 /// far, and the sandbox WASI context for components that import WASI (built on first use; see
@@ -46,6 +54,11 @@ pub(crate) struct StoreState {
     memory_total: usize,
     /// Elements of all tables together.
     table_elements_total: usize,
+    /// The deadline of the call in progress, when it began, and the thread's CPU time when the
+    /// deadline last passed (see [`deadline_passed`]).
+    deadline: Duration,
+    call_started: Instant,
+    cpu_mark: Option<Duration>,
     wasi: Option<SandboxWasi>,
 }
 
@@ -63,8 +76,36 @@ impl StoreState {
             memory_cap,
             memory_total: 0,
             table_elements_total: 0,
+            deadline: Duration::ZERO,
+            call_started: Instant::now(),
+            cpu_mark: None,
             wasi: None,
         }
+    }
+
+    /// Starts the deadline of a call (or of instantiation and `configure`).
+    fn arm(&mut self, deadline: Duration, started: Instant) {
+        self.deadline = deadline;
+        self.call_started = started;
+        self.cpu_mark = None;
+    }
+}
+
+/// The epoch deadline of a call has passed. The first time, note the thread's CPU time and
+/// wait one more deadline period; after that, stop the call if it kept the CPU busy for at
+/// least half of that period, else (it was descheduled) wait again, up to the wall-time cap.
+/// Reading the CPU clock costs ~0.5 µs, so it is read here, never at the start of a call.
+fn deadline_passed(state: &mut StoreState) -> UpdateDeadline {
+    let cap = state.deadline * WALL_CAP_FACTOR + Duration::from_secs(1);
+    let Some(cpu) = thread_cpu_time() else {
+        return UpdateDeadline::Interrupt;
+    };
+    if state.call_started.elapsed() >= cap {
+        return UpdateDeadline::Interrupt;
+    }
+    match state.cpu_mark.replace(cpu) {
+        Some(mark) if cpu.saturating_sub(mark) * 2 >= state.deadline => UpdateDeadline::Interrupt,
+        _ => UpdateDeadline::Continue(deadline_ticks(state.deadline)),
     }
 }
 
@@ -291,9 +332,10 @@ impl PolicyRuntime {
         if limits.fuel_per_call > 0 && live.store.set_fuel(limits.fuel_per_call).is_err() {
             return self.fault(step_id, FaultKind::Instantiate);
         }
+        let started = Instant::now();
+        live.store.data_mut().arm(limits.call_deadline, started);
         live.store
             .set_epoch_deadline(deadline_ticks(limits.call_deadline));
-        let started = Instant::now();
         let result = f(live);
         let elapsed = started.elapsed();
         self.last_call = elapsed;
@@ -370,6 +412,10 @@ fn instantiate(
     let limits = module.limits();
     let mut store = Store::new(module.engine(), StoreState::new(limits.memory_bytes));
     store.limiter(|state| state);
+    store.epoch_deadline_callback(|mut store| Ok(deadline_passed(store.data_mut())));
+    store
+        .data_mut()
+        .arm(limits.configure_deadline, Instant::now());
     store.set_epoch_deadline(deadline_ticks(limits.configure_deadline));
     let failed = |e: wasmtime::Error| {
         let reason = match classify(&e) {
