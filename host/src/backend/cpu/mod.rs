@@ -16,9 +16,7 @@ mod tests;
 
 use std::sync::Arc;
 
-use crate::engine::model_runner::{
-    BatchLimits, Logits, ModelBatch, ModelRunner, ModelRunnerError,
-};
+use crate::engine::model_runner::{BatchLimits, Logits, ModelBatch, ModelRunner, ModelRunnerError};
 use crate::model::{KvCacheShape, LlamaWeights, ModelConfig, ModelError};
 
 use attention::{AttnShape, SeqSpan, paged_attention};
