@@ -20,7 +20,7 @@ use super::super::nvrtc::{
     self, ActDtype, SKINNY_GEMM_TOKEN_TILES, SKINNY_GEMM_WARPS, attention_warps,
 };
 use super::super::{CudaError, guard};
-use super::step::{ATTN_MAX_GROUP, StepPtrs, dptr};
+use super::step::{ATTN_MAX_GROUP, StepPtrs, Widths, dptr};
 use super::{CudaModelRunner, backend_err};
 
 pub(super) struct Kernels {
@@ -151,14 +151,13 @@ impl CudaModelRunner {
     ) -> Result<(), CudaError> {
         let cfg = &self.cfg;
         let stream = &self.stream;
-        let (hid, q_dim, kv_dim, inter, vocab) = (
-            cfg.hidden_size,
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.intermediate_size,
-            cfg.vocab_size,
-        );
-        let qkv_dim = q_dim + 2 * kv_dim;
+        let Widths {
+            hidden: hid,
+            q: q_dim,
+            qkv: qkv_dim,
+            inter,
+            vocab,
+        } = Widths::of(cfg);
         let d = cfg.head_dim;
         let eps = cfg.rms_norm_eps;
         let m = p.meta;

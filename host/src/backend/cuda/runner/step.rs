@@ -11,6 +11,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 
 use crate::engine::model_runner::{BatchLimits, ModelBatch, ModelRunnerError};
+use crate::model::ModelConfig;
 
 use super::super::CudaError;
 use super::CudaModelRunner;
@@ -131,6 +132,29 @@ pub(super) struct MetaPtrs {
     pub(super) tables: u64,
 }
 
+/// Per-token widths of the activations, from the model's configuration.
+#[derive(Clone, Copy)]
+pub(super) struct Widths {
+    pub(super) hidden: usize,
+    pub(super) q: usize,
+    /// Fused Q, K and V.
+    pub(super) qkv: usize,
+    pub(super) inter: usize,
+    pub(super) vocab: usize,
+}
+
+impl Widths {
+    pub(super) fn of(cfg: &ModelConfig) -> Widths {
+        Widths {
+            hidden: cfg.hidden_size,
+            q: cfg.q_dim(),
+            qkv: cfg.q_dim() + 2 * cfg.kv_dim(),
+            inter: cfg.intermediate_size,
+            vocab: cfg.vocab_size,
+        }
+    }
+}
+
 impl Buffers {
     pub(super) fn new() -> Self {
         Buffers {
@@ -209,14 +233,7 @@ impl CudaModelRunner {
     pub(super) fn upload_and_size(&mut self, t: usize, r: usize) -> Result<StepPtrs, CudaError> {
         let cfg = &self.cfg;
         let stream = &self.stream;
-        let (hid, q_dim, kv_dim, inter, vocab) = (
-            cfg.hidden_size,
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.intermediate_size,
-            cfg.vocab_size,
-        );
-        let qkv_dim = q_dim + 2 * kv_dim;
+        let w = Widths::of(cfg);
         let max_ctx = self.host.ctx_lens.iter().copied().max().unwrap_or(0).max(0) as usize;
         let attn_splits = self.attention_splits(t, max_ctx);
 
@@ -261,20 +278,20 @@ impl CudaModelRunner {
                 logit_rows: at(5),
                 tables: at(6),
             },
-            x: b.x.ensure(stream, t * hid, g)?,
-            h: b.h.ensure(stream, t * hid, g)?,
-            qkv: b.qkv.ensure(stream, t * qkv_dim, g)?,
-            attn: b.attn.ensure(stream, t * q_dim, g)?,
+            x: b.x.ensure(stream, t * w.hidden, g)?,
+            h: b.h.ensure(stream, t * w.hidden, g)?,
+            qkv: b.qkv.ensure(stream, t * w.qkv, g)?,
+            attn: b.attn.ensure(stream, t * w.q, g)?,
             attn_part: b.attn_part.ensure(
                 stream,
                 t * cfg.num_heads * attn_splits * (cfg.head_dim + 2),
                 g,
             )?,
             attn_splits,
-            gate_up: b.gate_up.ensure(stream, t * 2 * inter, g)?,
-            act: b.act.ensure(stream, t * inter, g)?,
-            final_h: b.final_h.ensure(stream, r * hid, g)?,
-            logits: b.logits.ensure(stream, r * vocab, g)?,
+            gate_up: b.gate_up.ensure(stream, t * 2 * w.inter, g)?,
+            act: b.act.ensure(stream, t * w.inter, g)?,
+            final_h: b.final_h.ensure(stream, r * w.hidden, g)?,
+            logits: b.logits.ensure(stream, r * w.vocab, g)?,
         })
     }
 }
