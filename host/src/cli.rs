@@ -4,10 +4,18 @@
 //! the original feature (`--step-tracing-enabled`, `--step-tracing-sample-rate`, …) because
 //! users' scripts depend on them.
 
+use anyhow::Context;
 use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
+use std::fmt;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
+
+use crate::backend::Device;
+use crate::backend::cuda::CudaError;
+use crate::engine::EngineConfig;
+use crate::launch::LaunchConfig;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -152,13 +160,53 @@ pub struct GenerateArgs {
     pub step_tracing: StepTracingArgs,
 }
 
-/// Where the model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Device {
+/// Where the model runs (`--device`); [`DeviceArg::resolve`] turns it into the backend's
+/// [`Device`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DeviceArg {
     Cpu,
     Cuda,
     /// CUDA when a usable device is present, else CPU.
+    #[default]
     Auto,
+}
+
+impl DeviceArg {
+    /// Decides the device: `cpu` is always the CPU; `cuda` is CUDA or an error saying why not;
+    /// `auto` is CUDA when usable, else the CPU with the reason (for a log line).
+    pub fn resolve(self) -> Result<(Device, Option<String>), CudaError> {
+        match self {
+            DeviceArg::Cpu => Ok((Device::Cpu, None)),
+            DeviceArg::Cuda => Device::cuda().map(|d| (d, None)),
+            DeviceArg::Auto => Ok(Device::cuda_or_cpu()),
+        }
+    }
+}
+
+/// Case-insensitive, with `gpu` for `cuda` (clap parses `--device` itself, case-sensitively).
+impl FromStr for DeviceArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "cpu" => Ok(DeviceArg::Cpu),
+            "cuda" | "gpu" => Ok(DeviceArg::Cuda),
+            "auto" => Ok(DeviceArg::Auto),
+            other => Err(format!(
+                "unknown device `{other}` (expected cpu, cuda or auto)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for DeviceArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DeviceArg::Cpu => "cpu",
+            DeviceArg::Cuda => "cuda",
+            DeviceArg::Auto => "auto",
+        })
+    }
 }
 
 /// Engine and KV-cache sizing (vLLM's flag names).
@@ -185,11 +233,42 @@ pub struct EngineArgs {
     /// Turn prefix caching off.
     #[arg(long)]
     pub no_enable_prefix_caching: bool,
-    #[arg(long, value_enum, default_value_t = Device::Cpu)]
-    pub device: Device,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
     /// Engine seed: request sampling streams and step-tracing draws derive from it.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+impl EngineArgs {
+    /// The engine configuration the flags ask for.
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            block_size: self.block_size,
+            num_kv_blocks: self.num_kv_blocks,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            max_model_len: self.max_model_len,
+            max_waiting_requests: self.max_waiting_requests,
+            enable_prefix_caching: !self.no_enable_prefix_caching,
+            seed: self.seed,
+        }
+    }
+}
+
+/// The engine flags as the library takes them: the engine configuration and the resolved
+/// device (resolving probes for CUDA, so a bad `--device` fails here).
+impl TryFrom<&EngineArgs> for LaunchConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(args: &EngineArgs) -> anyhow::Result<LaunchConfig> {
+        let (device, device_note) = args.device.resolve().context("--device")?;
+        Ok(LaunchConfig {
+            engine: args.engine_config(),
+            device,
+            device_note,
+        })
+    }
 }
 
 /// The step-tracing flags (shared by `serve` and `generate`).
@@ -664,5 +743,19 @@ mod tests {
         ] {
             assert!(parse(&bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn device_arg_parses() {
+        assert_eq!("cpu".parse::<DeviceArg>(), Ok(DeviceArg::Cpu));
+        assert_eq!("CUDA".parse::<DeviceArg>(), Ok(DeviceArg::Cuda));
+        assert_eq!("auto".parse::<DeviceArg>(), Ok(DeviceArg::Auto));
+        assert!(
+            "tpu"
+                .parse::<DeviceArg>()
+                .unwrap_err()
+                .contains("cpu, cuda or auto")
+        );
+        assert_eq!(DeviceArg::default().to_string(), "auto");
     }
 }

@@ -1,15 +1,26 @@
-//! Start-up shared by `serve` and `generate`: load the model, pick the device, size the KV
-//! cache, and start the engine thread with a step observer (the step tracer, or a no-op).
+//! Start-up shared by `serve` and `generate`: load the model, build its runner on the resolved
+//! device, size the KV cache, and start the engine thread with a step observer (the step
+//! tracer, or a no-op).
 //!
 //! Everything here runs once, before the first request; errors are reported with the setting
-//! that caused them (`anyhow` at this edge).
+//! that caused them (`anyhow` at this edge). What to launch arrives as a [`LaunchConfig`]: the
+//! CLI converts its flags into one (`TryFrom<&EngineArgs>` in `cli.rs`), so this module does not
+//! know the flags.
 
-use crate::backend::cuda::{self, DeviceArg};
-use crate::cli::{Device, EngineArgs};
+use crate::backend::{self, Device};
 use crate::engine::{Engine, EngineConfig, EngineHandle, StepObserver};
 use crate::model::{KvCacheShape, ModelInfo};
 use anyhow::Context;
 use std::sync::Arc;
+
+/// What [`launch`] starts: the engine configuration and the device, `auto` already resolved.
+#[derive(Debug, Clone)]
+pub struct LaunchConfig {
+    pub engine: EngineConfig,
+    pub device: Device,
+    /// Why `--device auto` chose the CPU, for a log line.
+    pub device_note: Option<String>,
+}
 
 /// A started engine and the model description the text side needs.
 pub struct LaunchedEngine {
@@ -19,50 +30,35 @@ pub struct LaunchedEngine {
     pub device: Device,
 }
 
-/// The engine configuration the flags ask for.
-pub fn engine_config(args: &EngineArgs) -> EngineConfig {
-    EngineConfig {
-        block_size: args.block_size,
-        num_kv_blocks: args.num_kv_blocks,
-        max_num_seqs: args.max_num_seqs,
-        max_num_batched_tokens: args.max_num_batched_tokens,
-        max_model_len: args.max_model_len,
-        max_waiting_requests: args.max_waiting_requests,
-        enable_prefix_caching: !args.no_enable_prefix_caching,
-        seed: args.seed,
-    }
-}
-
-/// Loads `model_spec` and starts the engine on its own thread.
-pub fn launch(
+/// Loads `model_spec` and starts the engine on its own thread. `config` is a [`LaunchConfig`]
+/// or anything that converts into one (the CLI's engine flags).
+pub fn launch<C>(
     model_spec: &str,
-    args: &EngineArgs,
+    config: C,
     observer: Box<dyn StepObserver>,
-) -> anyhow::Result<LaunchedEngine> {
-    let kv = KvCacheShape {
-        num_blocks: args.num_kv_blocks,
-        block_size: args.block_size,
-    };
-    let (device, why) = cuda::resolve_device(match args.device {
-        Device::Cpu => DeviceArg::Cpu,
-        Device::Cuda => DeviceArg::Cuda,
-        Device::Auto => DeviceArg::Auto,
-    })
-    .context("--device")?;
-    if let Some(why) = why {
+) -> anyhow::Result<LaunchedEngine>
+where
+    C: TryInto<LaunchConfig>,
+    C::Error: Into<anyhow::Error>,
+{
+    let LaunchConfig {
+        engine: engine_config,
+        device,
+        device_note,
+    } = config.try_into().map_err(Into::into)?;
+    if let Some(why) = device_note {
         tracing::info!("--device auto: {why}");
     }
+    let kv = KvCacheShape {
+        num_blocks: engine_config.num_kv_blocks,
+        block_size: engine_config.block_size,
+    };
     let model = crate::model::load_model_files(model_spec)
         .with_context(|| format!("loading model `{model_spec}`"))?;
-    let runner = cuda::build_runner(&model, kv, &device)
+    let runner = backend::build_runner(&model, kv, &device)
         .with_context(|| format!("preparing model `{model_spec}` on {device}"))?;
     let info = model.info;
-    let device = match device {
-        cuda::Device::Cpu => Device::Cpu,
-        cuda::Device::Cuda(_) => Device::Cuda,
-    };
-    let engine =
-        Engine::start(engine_config(args), runner, observer).context("starting the engine")?;
+    let engine = Engine::start(engine_config, runner, observer).context("starting the engine")?;
     Ok(LaunchedEngine {
         engine,
         model: Arc::new(info),

@@ -35,7 +35,9 @@ pub use api::{Engine, EngineHandle};
 pub use config::{EngineConfig, EngineError, RequestLimits};
 pub use heartbeat::{Heartbeat, Liveness};
 pub use kv_cache_manager::KvCacheManager;
-pub use model_runner::{BatchEntry, Logits, ModelBatch, ModelRunner, ModelRunnerError};
+pub use model_runner::{
+    BatchEntry, BatchLimits, Logits, ModelBatch, ModelRunner, ModelRunnerError,
+};
 pub use observer::{NoopStepObserver, RequestView, StepObserver, StepView};
 pub use request::{
     FinishReason, MAX_LOGPROBS, RequestId, RequestOutput, RequestPhase, RequestStatus,

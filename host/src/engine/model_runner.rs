@@ -42,6 +42,64 @@ impl ModelBatch<'_> {
     pub fn num_logits_rows(&self) -> usize {
         self.entries.iter().filter(|e| e.needs_logits).count()
     }
+
+    /// Checks every entry against what a runner holds (the check the CPU and CUDA runners
+    /// share): each entry has tokens; its last position fits `max_model_len` and the KV cache's
+    /// capacity (`num_blocks * block_size` slots); its block table covers its positions with
+    /// block ids below `num_blocks`; its token ids are below `vocab_size`.
+    pub fn validate(&self, limits: &BatchLimits) -> Result<(), ModelRunnerError> {
+        let BatchLimits {
+            max_model_len,
+            block_size: bs,
+            num_blocks,
+            vocab_size: vocab,
+        } = *limits;
+        let capacity = bs * num_blocks;
+        let max_len = max_model_len.min(capacity);
+        for e in &self.entries {
+            let invalid = |msg: String| {
+                ModelRunnerError::InvalidBatch(format!("request {}: {msg}", e.request_id))
+            };
+            if e.token_ids.is_empty() {
+                return Err(invalid("no tokens to compute".into()));
+            }
+            let end = e.start_position + e.token_ids.len();
+            if end > max_len {
+                return Err(invalid(format!(
+                    "positions up to {end} exceed max_model_len {max_model_len} (or the KV cache capacity {capacity})"
+                )));
+            }
+            if e.block_table.len() * bs < end {
+                return Err(invalid(format!(
+                    "block table of {} blocks cannot hold {end} tokens (block size {bs})",
+                    e.block_table.len()
+                )));
+            }
+            if let Some(b) = e.block_table[..end.div_ceil(bs)]
+                .iter()
+                .find(|&&b| b as usize >= num_blocks)
+            {
+                return Err(invalid(format!(
+                    "block id {b} out of range (num_blocks {num_blocks})"
+                )));
+            }
+            if let Some(t) = e.token_ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(invalid(format!(
+                    "token id {t} out of range (vocab {vocab})"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The bounds [`ModelBatch::validate`] checks a batch against: the model's and the KV cache's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    pub max_model_len: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub vocab_size: usize,
 }
 
 /// Logits for the requests that need them: `rows` rows of `vocab_size` floats, row-major.

@@ -16,7 +16,7 @@ mod tests;
 
 use std::sync::Arc;
 
-use crate::engine::model_runner::{Logits, ModelBatch, ModelRunner, ModelRunnerError};
+use crate::engine::model_runner::{BatchLimits, Logits, ModelBatch, ModelRunner, ModelRunnerError};
 use crate::model::{KvCacheShape, LlamaWeights, ModelConfig, ModelError};
 
 use attention::{AttnShape, SeqSpan, paged_attention};
@@ -105,50 +105,20 @@ impl CpuModelRunner {
         &mut self,
         batch: &ModelBatch<'b>,
     ) -> Result<Vec<SeqSpan<'b>>, ModelRunnerError> {
+        batch.validate(&BatchLimits {
+            max_model_len: self.cfg.max_model_len,
+            block_size: self.kv.shape().block_size,
+            num_blocks: self.kv.shape().num_blocks,
+            vocab_size: self.cfg.vocab_size,
+        })?;
         let bs = self.kv.shape().block_size;
-        let num_blocks = self.kv.shape().num_blocks;
-        let max_len = self.rope.max_positions().min(self.cfg.max_model_len);
-        let vocab = self.cfg.vocab_size;
         let s = &mut self.scratch;
         s.positions.clear();
         s.slots.clear();
         s.logit_rows.clear();
         let mut spans = Vec::with_capacity(batch.entries.len());
         for e in &batch.entries {
-            let invalid = |msg: String| {
-                ModelRunnerError::InvalidBatch(format!("request {}: {msg}", e.request_id))
-            };
-            if e.token_ids.is_empty() {
-                return Err(invalid("no tokens to compute".into()));
-            }
             let end = e.start_position + e.token_ids.len();
-            if end > max_len {
-                return Err(invalid(format!(
-                    "positions up to {end} exceed max_model_len {} (or the KV cache capacity {})",
-                    self.cfg.max_model_len,
-                    bs * num_blocks
-                )));
-            }
-            if e.block_table.len() * bs < end {
-                return Err(invalid(format!(
-                    "block table of {} blocks cannot hold {end} tokens (block size {bs})",
-                    e.block_table.len()
-                )));
-            }
-            let used = end.div_ceil(bs);
-            if let Some(b) = e.block_table[..used]
-                .iter()
-                .find(|&&b| b as usize >= num_blocks)
-            {
-                return Err(invalid(format!(
-                    "block id {b} out of range (num_blocks {num_blocks})"
-                )));
-            }
-            if let Some(t) = e.token_ids.iter().find(|&&t| t as usize >= vocab) {
-                return Err(invalid(format!(
-                    "token id {t} out of range (vocab {vocab})"
-                )));
-            }
             let row = s.positions.len();
             for p in e.start_position..end {
                 s.positions.push(p);

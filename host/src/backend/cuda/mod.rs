@@ -20,8 +20,8 @@
 //!   path or in the usual install locations, and a missing library or device is a clear
 //!   [`CudaError`] at start-up, never a panic.
 //!
-//! [`cuda_available`] says whether a usable device is present; [`DeviceArg`] / [`resolve_device`]
-//! / [`build_runner`] implement `--device cpu|cuda|auto` for `serve` and `generate`.
+//! [`cuda_available`] says whether a usable device is present; the choice between the CPU and
+//! CUDA (`--device cpu|cuda|auto`) is [`crate::backend::Device`]'s.
 
 pub mod gemm;
 pub mod libs;
@@ -34,16 +34,16 @@ mod bench;
 mod tests;
 
 use std::fmt;
-use std::str::FromStr;
 use std::sync::OnceLock;
 
 use thiserror::Error;
 
-use crate::engine::model_runner::ModelRunner;
-use crate::model::{KvCacheShape, LoadedModel, ModelError};
-
 pub use nvrtc::{ActDtype, KERNEL_SOURCES};
 pub use runner::CudaModelRunner;
+
+// The old paths of the device choice; `observability/budget_bench.rs` still uses them (its
+// owners are changing that folder): new code uses `crate::backend`.
+pub use super::{Device, build_runner};
 
 /// Why the CUDA backend cannot start or a CUDA call failed.
 #[derive(Debug, Error)]
@@ -199,70 +199,6 @@ pub fn cuda_available() -> bool {
     probe().is_ok()
 }
 
-/// The `--device` argument of `serve` and `generate`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DeviceArg {
-    Cpu,
-    Cuda,
-    /// CUDA when a usable device is present, else CPU.
-    #[default]
-    Auto,
-}
-
-impl FromStr for DeviceArg {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "cpu" => Ok(DeviceArg::Cpu),
-            "cuda" | "gpu" => Ok(DeviceArg::Cuda),
-            "auto" => Ok(DeviceArg::Auto),
-            other => Err(format!(
-                "unknown device `{other}` (expected cpu, cuda or auto)"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for DeviceArg {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            DeviceArg::Cpu => "cpu",
-            DeviceArg::Cuda => "cuda",
-            DeviceArg::Auto => "auto",
-        })
-    }
-}
-
-/// The device a runner will use, after `auto` has been decided.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-    Cuda(DeviceSummary),
-}
-
-impl fmt::Display for Device {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Device::Cpu => f.write_str("cpu"),
-            Device::Cuda(s) => write!(f, "cuda: {s}"),
-        }
-    }
-}
-
-/// Decides `--device`: `cpu` is always CPU; `cuda` is CUDA or an error saying why not; `auto`
-/// is CUDA when usable, else CPU with the reason (for a log line).
-pub fn resolve_device(arg: DeviceArg) -> Result<(Device, Option<String>), CudaError> {
-    match arg {
-        DeviceArg::Cpu => Ok((Device::Cpu, None)),
-        DeviceArg::Cuda => probe().map(|s| (Device::Cuda(s), None)),
-        DeviceArg::Auto => match probe() {
-            Ok(s) => Ok((Device::Cuda(s), None)),
-            Err(e) => Ok((Device::Cpu, Some(format!("using the CPU: {e}")))),
-        },
-    }
-}
-
 /// How many KV blocks of `block_size` tokens fit on device 0 next to the model's 16-bit weights,
 /// using at most `memory_fraction` of the GPU's memory and leaving `reserve_bytes` for
 /// activations, logits and the cuBLAS workspace (1 GiB is ample for batches of a few thousand
@@ -288,33 +224,4 @@ pub fn kv_blocks_that_fit(
         )));
     }
     Ok((budget - used) / per_block)
-}
-
-/// Why [`build_runner`] failed.
-#[derive(Debug, Error)]
-pub enum BuildRunnerError {
-    #[error(transparent)]
-    Model(#[from] ModelError),
-    #[error(transparent)]
-    Cuda(#[from] CudaError),
-}
-
-/// Builds the model runner for a resolved device: the CPU runner or a [`CudaModelRunner`].
-pub fn build_runner(
-    model: &LoadedModel,
-    kv: KvCacheShape,
-    device: &Device,
-) -> Result<Box<dyn ModelRunner>, BuildRunnerError> {
-    Ok(match device {
-        Device::Cpu => Box::new(crate::backend::cpu::CpuModelRunner::new(
-            model.info.config.clone(),
-            model.weights.clone(),
-            kv,
-        )?),
-        Device::Cuda(_) => Box::new(CudaModelRunner::new(
-            model.info.config.clone(),
-            model.weights.clone(),
-            kv,
-        )?),
-    })
 }

@@ -29,7 +29,8 @@ use crate::model::{
 use super::gemm::GemmMode;
 use super::nvrtc::{self, ActDtype, KERNEL_SOURCES};
 use super::runner::{CudaOptions, weights_rounded_to};
-use super::{CudaError, CudaModelRunner, DeviceArg, cuda_available, libs, probe};
+use super::{CudaError, CudaModelRunner, cuda_available, libs, probe};
+use crate::backend::Device;
 
 /// Relative error bound of the GPU logits against the CPU's (‖gpu − cpu‖ / ‖cpu‖), per row.
 pub(super) const REL_TOL: f64 = 1e-2;
@@ -268,24 +269,10 @@ fn kernels_behave_on_the_cpu_emulator() {
 }
 
 #[test]
-fn device_arg_parses() {
-    assert_eq!("cpu".parse::<DeviceArg>(), Ok(DeviceArg::Cpu));
-    assert_eq!("CUDA".parse::<DeviceArg>(), Ok(DeviceArg::Cuda));
-    assert_eq!("auto".parse::<DeviceArg>(), Ok(DeviceArg::Auto));
-    assert!(
-        "tpu"
-            .parse::<DeviceArg>()
-            .unwrap_err()
-            .contains("cpu, cuda or auto")
-    );
-    assert_eq!(DeviceArg::default().to_string(), "auto");
-}
-
-#[test]
 fn missing_device_is_an_error_not_a_panic() {
     // Whatever this machine has, none of these may panic.
     let available = cuda_available();
-    let (device, why) = super::resolve_device(DeviceArg::Auto).expect("auto never fails");
+    let (device, why) = Device::cuda_or_cpu(); // `auto` never fails
     let cfg = tiny_config();
     let kv = KvCacheShape {
         num_blocks: 8,
@@ -293,14 +280,13 @@ fn missing_device_is_an_error_not_a_panic() {
     };
     let result = CudaModelRunner::new(cfg.clone(), Arc::new(tiny_weights(&cfg)), kv);
     if available {
-        assert!(matches!(device, super::Device::Cuda(_)));
+        assert!(matches!(device, Device::Cuda(_)));
         result.expect("a usable device builds the tiny model");
     } else {
-        assert_eq!(device, super::Device::Cpu);
+        assert_eq!(device, Device::Cpu);
         let why = why.expect("auto says why it fell back");
         let err = result.expect_err("no device: an error");
-        let cuda_err =
-            super::resolve_device(DeviceArg::Cuda).expect_err("--device cuda without a device");
+        let cuda_err = Device::cuda().expect_err("--device cuda without a device");
         eprintln!(
             "skipped: no CUDA device (runtime tests); auto: {why}; runner: {err}; --device cuda: {cuda_err}"
         );
