@@ -673,6 +673,34 @@ mod tests {
     }
 
     #[test]
+    fn a_validated_request_is_submitted_as_it_is() {
+        let engine = start(config(), None);
+        assert_eq!(
+            engine.validate(vec![], greedy(1)).unwrap_err(),
+            EngineError::EmptyPrompt
+        );
+        let seeded = SamplingParams {
+            seed: Some(7),
+            ..greedy(3)
+        };
+        let first = engine.validate(prompt(1, 8), seeded).unwrap();
+        let second = first.with_seed_offset(1);
+        assert_eq!(second.params().seed, Some(8));
+        assert_eq!(second.prompt_token_ids(), first.prompt_token_ids());
+        for request in [first.clone(), second] {
+            let (_, mut rx) = engine.submit(request).unwrap();
+            let (tokens, last) = drain(&mut rx);
+            assert_eq!(
+                (tokens.len(), last.finish_reason),
+                (3, Some(FinishReason::Length))
+            );
+        }
+        engine.abort_all();
+        assert_eq!(engine.submit(first).unwrap_err(), EngineError::ShuttingDown);
+        engine.shutdown().unwrap();
+    }
+
+    #[test]
     fn after_abort_all_new_requests_are_refused() {
         let engine = start(config(), Some(Duration::from_millis(1)));
         let (_, mut rx) = engine.add_request(prompt(1, 8), greedy(10_000)).unwrap();
