@@ -6,6 +6,7 @@
 //! unfinished stream (a client that went away) aborts its request, which frees its KV blocks.
 //! Used by `stepscope generate` (blocking) and by the HTTP server (async).
 
+use crate::engine::api::ValidRequest;
 use crate::engine::{
     EngineError, EngineHandle, FinishReason, RequestOutput, SamplingParams, TokenLogprobs,
 };
@@ -62,7 +63,44 @@ impl TextStream {
         let detokenizer = model.detokenizer(&prompt_ids, detokenizer);
         let num_prompt_tokens = prompt_ids.len();
         let (request_id, outputs) = engine.add_request(prompt_ids, params)?;
-        Ok(Self {
+        Ok(Self::attach(
+            engine,
+            request_id,
+            outputs,
+            detokenizer,
+            num_prompt_tokens,
+        ))
+    }
+
+    /// Submits a request [`EngineHandle::validate`] accepted (with the model's EOS ids when it
+    /// names none), so it is not checked again. Errors: shutting down, full queue.
+    pub fn submit(
+        engine: &EngineHandle,
+        model: &ModelInfo,
+        request: ValidRequest,
+        detokenizer: DetokenizerOptions,
+    ) -> Result<Self, EngineError> {
+        let request = request.with_default_eos(&model.eos_token_ids);
+        let detokenizer = model.detokenizer(request.prompt_token_ids(), detokenizer);
+        let num_prompt_tokens = request.prompt_token_ids().len();
+        let (request_id, outputs) = engine.submit(request)?;
+        Ok(Self::attach(
+            engine,
+            request_id,
+            outputs,
+            detokenizer,
+            num_prompt_tokens,
+        ))
+    }
+
+    fn attach(
+        engine: &EngineHandle,
+        request_id: u64,
+        outputs: UnboundedReceiver<RequestOutput>,
+        detokenizer: IncrementalDetokenizer,
+        num_prompt_tokens: usize,
+    ) -> Self {
+        Self {
             engine: engine.clone(),
             request_id,
             outputs,
@@ -70,7 +108,7 @@ impl TextStream {
             num_prompt_tokens,
             num_cached_tokens: 0,
             finished: false,
-        })
+        }
     }
 
     pub fn request_id(&self) -> u64 {

@@ -1,7 +1,8 @@
 //! The engine's thread API: [`Engine::start`] runs an [`EngineCore`] on its own thread
 //! (`stepscope-engine`) and returns a cheap-to-clone [`EngineHandle`].
 //!
-//! `add_request` validates synchronously (prompt, parameters, the waiting-queue bound) and returns
+//! `add_request` validates synchronously (prompt, parameters, the waiting-queue bound; or in two
+//! halves, `validate` then `submit`, the only check a request gets) and returns
 //! the request id with a tokio unbounded receiver of [`RequestOutput`]s: one per generated token,
 //! the last one carrying the finish reason. The engine thread blocks on its command channel while
 //! it has nothing to do and otherwise steps continuously, taking new commands between steps.
@@ -75,6 +76,41 @@ pub struct EngineHandle {
     inner: Arc<HandleInner>,
 }
 
+/// A prompt and sampling parameters that passed [`EngineHandle::validate`], ready for
+/// [`EngineHandle::submit`]. Only what the checks do not look at can change afterwards: the seed
+/// and the default EOS ids.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRequest {
+    prompt_token_ids: Vec<u32>,
+    params: SamplingParams,
+}
+
+impl ValidRequest {
+    pub fn prompt_token_ids(&self) -> &[u32] {
+        &self.prompt_token_ids
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// The same request with a fixed seed offset by `offset` (so that the choices of one prompt
+    /// differ; offset 0 keeps it).
+    pub fn with_seed_offset(&self, offset: u64) -> Self {
+        let mut request = self.clone();
+        request.params.seed = request.params.seed.map(|seed| seed.wrapping_add(offset));
+        request
+    }
+
+    /// Fills in the model's EOS ids when the parameters name none.
+    pub fn with_default_eos(mut self, eos_token_ids: &[u32]) -> Self {
+        if self.params.eos_token_ids.is_empty() {
+            self.params.eos_token_ids = eos_token_ids.to_vec();
+        }
+        self
+    }
+}
+
 #[derive(Debug)]
 struct HandleInner {
     commands: Sender<Command>,
@@ -109,17 +145,48 @@ enum Command {
 }
 
 impl EngineHandle {
-    /// Queues a request. Errors: invalid prompt or parameters, waiting queue full, shutting down.
+    /// Queues a request. Errors: shutting down, invalid prompt or parameters, waiting queue full.
     pub fn add_request(
         &self,
         prompt_token_ids: Vec<u32>,
         params: SamplingParams,
     ) -> Result<(RequestId, UnboundedReceiver<RequestOutput>), EngineError> {
+        if self.inner.shared.shutting_down.load(Ordering::Acquire) {
+            return Err(EngineError::ShuttingDown);
+        }
+        self.submit(self.validate(prompt_token_ids, params)?)
+    }
+
+    /// Checks a prompt and its sampling parameters against the engine's limits (not the queue
+    /// bound, which [`submit`](Self::submit) checks). This is the one place a request is
+    /// validated: the engine thread takes a [`ValidRequest`] as it is.
+    pub fn validate(
+        &self,
+        prompt_token_ids: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<ValidRequest, EngineError> {
+        self.inner
+            .limits
+            .validate_request(&prompt_token_ids, &params)?;
+        Ok(ValidRequest {
+            prompt_token_ids,
+            params,
+        })
+    }
+
+    /// Queues a validated request. Errors: shutting down, waiting queue full.
+    pub fn submit(
+        &self,
+        request: ValidRequest,
+    ) -> Result<(RequestId, UnboundedReceiver<RequestOutput>), EngineError> {
+        let ValidRequest {
+            prompt_token_ids,
+            params,
+        } = request;
         let inner = &*self.inner;
         if inner.shared.shutting_down.load(Ordering::Acquire) {
             return Err(EngineError::ShuttingDown);
         }
-        inner.limits.validate_request(&prompt_token_ids, &params)?;
         let max_waiting_requests = inner.limits.max_waiting_requests;
         let reserved =
             inner
@@ -329,7 +396,10 @@ impl EngineLoop {
                 prompt_token_ids,
                 params,
                 outputs,
-            } => match self.core.add_request(request_id, prompt_token_ids, params) {
+            } => match self
+                .core
+                .queue_validated(request_id, prompt_token_ids, params)
+            {
                 Ok(()) => {
                     self.outputs.insert(request_id, outputs);
                     if self.aborting
@@ -339,7 +409,8 @@ impl EngineLoop {
                     }
                 }
                 Err(error) => {
-                    // The handle validated already; this is only reachable if the checks diverge.
+                    // The handle validated the request; only the scheduler's own refusals
+                    // (a duplicate id, its queue bound) can land here.
                     tracing::error!(request_id, %error, "engine refused a request the handle accepted");
                     self.shared.pending_fresh.fetch_sub(1, Ordering::AcqRel);
                     let _ = outputs.send(RequestOutput {
@@ -598,6 +669,34 @@ mod tests {
         });
         // The waiting queue's count is back to zero.
         assert_eq!(engine.inner.shared.pending_fresh.load(Ordering::Acquire), 0);
+        engine.shutdown().unwrap();
+    }
+
+    #[test]
+    fn a_validated_request_is_submitted_as_it_is() {
+        let engine = start(config(), None);
+        assert_eq!(
+            engine.validate(vec![], greedy(1)).unwrap_err(),
+            EngineError::EmptyPrompt
+        );
+        let seeded = SamplingParams {
+            seed: Some(7),
+            ..greedy(3)
+        };
+        let first = engine.validate(prompt(1, 8), seeded).unwrap();
+        let second = first.with_seed_offset(1);
+        assert_eq!(second.params().seed, Some(8));
+        assert_eq!(second.prompt_token_ids(), first.prompt_token_ids());
+        for request in [first.clone(), second] {
+            let (_, mut rx) = engine.submit(request).unwrap();
+            let (tokens, last) = drain(&mut rx);
+            assert_eq!(
+                (tokens.len(), last.finish_reason),
+                (3, Some(FinishReason::Length))
+            );
+        }
+        engine.abort_all();
+        assert_eq!(engine.submit(first).unwrap_err(), EngineError::ShuttingDown);
         engine.shutdown().unwrap();
     }
 

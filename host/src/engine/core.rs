@@ -119,6 +119,17 @@ impl EngineCore {
         self.scheduler
             .limits()
             .validate_request(&prompt_token_ids, &params)?;
+        self.queue_validated(request_id, prompt_token_ids, params)
+    }
+
+    /// Queues a request that [`EngineHandle::validate`](super::EngineHandle::validate) checked
+    /// against these same limits already (the engine thread's path: no second check).
+    pub(super) fn queue_validated(
+        &mut self,
+        request_id: RequestId,
+        prompt_token_ids: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<(), EngineError> {
         let rng = RequestRng::for_request(params.seed, self.seed, request_id);
         self.scheduler
             .add_request(Request::new(request_id, prompt_token_ids, params, rng))

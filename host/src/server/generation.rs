@@ -1,7 +1,7 @@
 //! One generation request from admission to its last token, shared by both endpoints.
 //!
-//! [`Generation::start`] submits the prompt through [`TextStream`] (so admission errors, such as
-//! a too-long prompt or a full queue, come back before any response is sent) and attaches a
+//! [`Generation::start`] submits a validated prompt through [`TextStream`] (so admission errors,
+//! such as a full queue, come back before any response is sent) and attaches a
 //! [`RequestTracker`] for the latency histograms. [`Generation::next`] yields text deltas for
 //! streaming; [`Generation::collect`] runs to the end for a plain JSON answer. Dropping a
 //! `Generation` early (the client went away, so hyper dropped the handler or the SSE body) drops
@@ -11,6 +11,7 @@
 
 use std::time::Instant;
 
+use crate::engine::api::ValidRequest;
 use crate::engine::{FinishReason, TokenLogprobs};
 use crate::textgen::{TextDelta, TextStream};
 
@@ -39,23 +40,22 @@ pub struct Finished {
 }
 
 impl Generation {
-    /// Submits choice number `choice` (0-based, per prompt; it offsets a fixed seed) of a
-    /// prompt. `options.sampling.max_tokens` must be resolved already; `prompt_param` names the
-    /// prompt's field for errors.
+    /// Submits one choice of a prompt the engine handle validated (its seed already offset for
+    /// the choice); `prompt_param` names the prompt's field for errors.
     pub fn start(
         state: &AppState,
-        prompt_ids: Vec<u32>,
+        request: ValidRequest,
         options: &RequestOptions,
-        choice: usize,
         prompt_param: &str,
         arrival: Instant,
     ) -> Result<Self, ApiError> {
-        let prompt_token_ids = options.return_token_ids.then(|| prompt_ids.clone());
-        let stream = TextStream::start(
+        let prompt_token_ids = options
+            .return_token_ids
+            .then(|| request.prompt_token_ids().to_vec());
+        let stream = TextStream::submit(
             &state.engine,
             &state.model,
-            prompt_ids,
-            options.sampling_for_choice(choice),
+            request,
             options.detokenizer.clone(),
         )
         .map_err(|error| ApiError::from_engine(&error, prompt_param))?;

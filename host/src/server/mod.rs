@@ -4,7 +4,8 @@
 //! the step tracer from the step-tracing flags, launches the engine with the tracer as its step
 //! observer, and serves [`routes::router`] through [`http::serve`] (TCP_NODELAY, read timeouts
 //! for slow clients, a body size limit; `GET /openapi.json` describes the API). Requests
-//! flow one way: handler → [`generation::Generation`] (a `TextStream` on the engine) → JSON or
+//! flow one way: handler → [`serving`] (the pipeline both OpenAI endpoints share) →
+//! [`generation::Generation`] (a `TextStream` on the engine) → JSON or
 //! SSE ([`sse`]). Bad input is a 4xx with an OpenAI error body ([`errors`]); a full waiting queue
 //! is a 503. On SIGINT/SIGTERM ([`shutdown`]) the listener closes, in-flight requests finish (or,
 //! past `--shutdown-timeout`, are aborted with a `server_shutdown` error), the engine shuts down,
@@ -23,6 +24,7 @@ pub mod openapi;
 pub mod params;
 pub mod prompts;
 pub mod routes;
+pub mod serving;
 pub mod shutdown;
 pub mod sse;
 pub mod state;

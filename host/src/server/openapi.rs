@@ -19,7 +19,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
-use utoipa::{OpenApi, ToSchema};
+use utoipa::{IntoResponses, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -150,6 +150,28 @@ pub enum TextPartType {
 pub struct ServerSentEvent {
     pub data: String,
     pub event: Option<String>,
+}
+
+/// The refusals `POST /v1/completions` and `POST /v1/chat/completions` can answer, each with
+/// an [`ErrorBody`].
+#[derive(IntoResponses)]
+#[allow(dead_code)] // only its description is used
+pub enum GenerationErrors {
+    /// Malformed body, or a field out of range or unsupported
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// A `model` this server does not serve
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// The body did not arrive within --http-read-timeout
+    #[response(status = 408)]
+    Timeout(ErrorBody),
+    /// The body is over --max-request-body-bytes
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// The waiting queue is full, or the server is shutting down
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
 }
 
 /// The OpenAI error body every refusal carries.

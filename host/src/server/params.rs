@@ -34,16 +34,6 @@ pub struct RequestOptions {
 /// The most choices (`n`) per prompt.
 pub const MAX_CHOICES: usize = 128;
 
-impl RequestOptions {
-    /// The sampling parameters of choice `choice` of a prompt: the same, except that a fixed
-    /// `seed` is offset by the choice's number so the choices differ (choice 0 keeps it).
-    pub fn sampling_for_choice(&self, choice: usize) -> SamplingParams {
-        let mut sampling = self.sampling.clone();
-        sampling.seed = sampling.seed.map(|seed| seed.wrapping_add(choice as u64));
-        sampling
-    }
-}
-
 /// The largest `max_tokens` accepted before it is compared with the context (keeps the
 /// arithmetic far from overflow).
 const MAX_TOKENS_LIMIT: i64 = 1 << 40;

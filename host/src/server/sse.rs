@@ -30,7 +30,7 @@ use crate::engine::{FinishReason, TokenLogprobs};
 use crate::textgen::TextDelta;
 
 use super::generation::{Generation, model_failure, stopped_by_server};
-use super::logprobs::LogprobsRenderer;
+use super::logprobs::{LogprobsRenderer, LogprobsShape};
 use super::openai_types::{
     ChatChunk, ChatChunkChoice, ChatDelta, CompletionChoice, CompletionResponse, Usage,
 };
@@ -42,6 +42,24 @@ use super::state::{new_id, unix_seconds};
 pub enum ChunkKind {
     Completion,
     Chat,
+}
+
+impl ChunkKind {
+    /// The prefix of a response's `id`.
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Self::Completion => "cmpl-",
+            Self::Chat => "chatcmpl-",
+        }
+    }
+
+    /// The endpoint's log-probabilities shape.
+    pub fn logprobs_shape(self) -> LogprobsShape {
+        match self {
+            Self::Completion => LogprobsShape::Completion,
+            Self::Chat => LogprobsShape::Chat,
+        }
+    }
 }
 
 /// Serializes the chunks of one streamed response.
@@ -69,17 +87,16 @@ pub fn done_event() -> Bytes {
 }
 
 impl ChunkWriter {
-    /// The writer for a new response: a fresh `id` (`id_prefix` + random hex), created now.
+    /// The writer for a new response: a fresh `id` (the kind's prefix + random hex), created now.
     pub fn new(
         kind: ChunkKind,
-        id_prefix: &str,
         model: String,
         options: &RequestOptions,
         logprobs: Option<LogprobsRenderer>,
     ) -> Self {
         Self {
             kind,
-            id: new_id(id_prefix),
+            id: new_id(kind.id_prefix()),
             created: unix_seconds(),
             model,
             include_usage: options.include_usage,

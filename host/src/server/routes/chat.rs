@@ -2,55 +2,69 @@
 //! one `chat.completion` or as `chat.completion.chunk` SSE events. `max_completion_tokens`
 //! (or the older `max_tokens`) defaults to what the context leaves, as in vLLM. `logprobs: true`
 //! with `top_logprobs: N` (0–20) adds `logprobs.content`; `tools` and non-text `response_format`
-//! are refused with a 400.
+//! are refused with a 400. Everything else is the shared [`serving`](super::super::serving)
+//! pipeline.
 
-use std::time::Instant;
-
-use axum::Json;
-use axum::extract::State;
-use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use crate::engine::MAX_LOGPROBS;
 
-use super::super::errors::{ApiError, ApiJson, from_value};
-use super::super::generation::Generation;
-use super::super::logprobs::{LogprobsRenderer, LogprobsShape};
-use super::super::openai_types::{
-    ChatChoice, ChatFields, ChatMessageOut, ChatResponse, SamplingFields,
-};
-use super::super::openapi::{ChatRequest, ErrorBody, ServerSentEvent};
-use super::super::params::{MaxTokensDefault, RequestOptions, resolve_max_tokens};
+use super::super::errors::{ApiError, ApiJson};
+use super::super::openai_types::{ChatChoice, ChatFields, ChatMessageOut, ChatResponse, Usage};
+use super::super::openapi::{ChatRequest, GenerationErrors, ServerSentEvent};
+use super::super::params::MaxTokensDefault;
 use super::super::prompts::{encode_chat, normalize_messages};
-use super::super::sse::{Choice, ChunkKind, ChunkWriter};
+use super::super::serving::{Collected, Endpoint, Prompts, openai_handler, serve};
+use super::super::sse::{ChunkKind, ChunkWriter};
 use super::super::state::AppState;
-use super::{Answer, check_choice_count, object_body, respond, stream_or_collect};
 
-#[utoipa::path(
-    post,
-    path = "/v1/chat/completions",
-    tag = "openai",
-    operation_id = "create_chat_completion",
-    request_body = ChatRequest,
-    responses(
-        (status = 200, description = "The chat completion; with `stream`, its chunks as server-sent events", content(
-            (ChatResponse = "application/json"),
-            (ServerSentEvent = "text/event-stream"),
-        )),
-        (status = 400, description = "Malformed body, or a field out of range or unsupported", body = ErrorBody),
-        (status = 404, description = "A `model` this server does not serve", body = ErrorBody),
-        (status = 408, description = "The body did not arrive within --http-read-timeout", body = ErrorBody),
-        (status = 413, description = "The body is over --max-request-body-bytes", body = ErrorBody),
-        (status = 503, description = "The waiting queue is full, or the server is shutting down", body = ErrorBody),
-    )
-)]
-pub async fn create(
-    State(state): State<AppState>,
-    body: Result<ApiJson<Value>, ApiError>,
-) -> Response {
-    let arrival = Instant::now();
-    let result = handle(&state, body, arrival).await;
-    respond(&state, result)
+/// The chat endpoint's part of the [`serving`](super::super::serving) pipeline.
+impl Endpoint for ChatFields {
+    const KIND: ChunkKind = ChunkKind::Chat;
+    type Response = ChatResponse;
+
+    fn logprobs(&self) -> Result<Option<usize>, ApiError> {
+        refuse_unsupported(self)?;
+        requested_logprobs(self)
+    }
+
+    fn prompts(self, prompts: &mut Prompts<'_>) -> Result<(), ApiError> {
+        let messages = normalize_messages(self.messages.as_ref())?;
+        let prompt_ids = encode_chat(
+            prompts.model(),
+            &messages,
+            self.add_generation_prompt.unwrap_or(true),
+            self.chat_template_kwargs.as_ref(),
+        )?;
+        let max_tokens = match self.max_completion_tokens {
+            Some(n) => (Some(n), "max_completion_tokens"),
+            None => (prompts.max_tokens(), "max_tokens"),
+        };
+        let default = MaxTokensDefault::RestOfContext;
+        prompts.push("messages".into(), prompt_ids, max_tokens, default)
+    }
+
+    fn response(head: &ChunkWriter, choices: Vec<Collected>, usage: Usage) -> ChatResponse {
+        let choices = choices.into_iter().map(|choice| ChatChoice {
+            index: choice.index,
+            message: ChatMessageOut {
+                role: "assistant",
+                content: choice.text,
+            },
+            logprobs: choice.logprobs,
+            finish_reason: Some(choice.finish_reason),
+            token_ids: choice.token_ids,
+            prompt_token_ids: choice.prompt_token_ids,
+        });
+        ChatResponse {
+            id: head.id.clone(),
+            object: "chat.completion",
+            created: head.created,
+            model: head.model.clone(),
+            choices: choices.collect(),
+            usage,
+        }
+    }
 }
 
 /// `logprobs` and `top_logprobs`: how many top alternatives to report, if any.
@@ -97,94 +111,11 @@ fn refuse_unsupported(fields: &ChatFields) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn handle(
-    state: &AppState,
-    body: Result<ApiJson<Value>, ApiError>,
-    arrival: Instant,
-) -> Result<Response, ApiError> {
-    let body = object_body(body)?;
-    let common: SamplingFields = from_value(&body)?;
-    let fields: ChatFields = from_value(&body)?;
-    let model = state.resolve_model(common.model.as_deref())?;
-    refuse_unsupported(&fields)?;
-    let logprobs = requested_logprobs(&fields)?;
-    let mut options = RequestOptions::from_fields(&common, state.engine.vocab_size())?;
-    options.sampling.logprobs = logprobs;
-    let renderer = logprobs.map(|_| {
-        LogprobsRenderer::new(
-            state.model.clone(),
-            LogprobsShape::Chat,
-            options.tokens_as_ids,
-        )
-    });
-    let messages = normalize_messages(fields.messages.as_ref())?;
-    let prompt_ids = encode_chat(
-        &state.model,
-        &messages,
-        fields.add_generation_prompt.unwrap_or(true),
-        fields.chat_template_kwargs.as_ref(),
-    )?;
-    let (requested, param) = match fields.max_completion_tokens {
-        Some(n) => (Some(n), "max_completion_tokens"),
-        None => (common.max_tokens, "max_tokens"),
-    };
-    options.sampling.max_tokens = resolve_max_tokens(
-        requested,
-        param,
-        MaxTokensDefault::RestOfContext,
-        prompt_ids.len(),
-        state.engine.max_model_len(),
-        "messages",
-    )?;
-    check_choice_count(state, options.n, "n")?;
-    let mut choices = Vec::with_capacity(options.n);
-    for choice in 0..options.n {
-        // An error here drops the choices started so far, which aborts them.
-        let generation = Generation::start(
-            state,
-            prompt_ids.clone(),
-            &options,
-            choice,
-            "messages",
-            arrival,
-        )?;
-        choices.push(Choice {
-            index: choice as u32,
-            counts_prompt: choice == 0,
-            generation,
-        });
-    }
-    let writer = ChunkWriter::new(ChunkKind::Chat, "chatcmpl-", model, &options, renderer);
-    let (id, created, model, renderer) = (
-        writer.id.clone(),
-        writer.created,
-        writer.model.clone(),
-        writer.logprobs.clone(),
-    );
-    let (finished, usage) = match stream_or_collect(choices, &options, writer).await? {
-        Answer::Streamed(response) => return Ok(response),
-        Answer::Collected(finished, usage) => (finished, usage),
-    };
-    Ok(Json(ChatResponse {
-        id,
-        object: "chat.completion",
-        created,
-        model,
-        choices: finished
-            .into_iter()
-            .map(|(choice, done)| ChatChoice {
-                index: choice.index,
-                message: ChatMessageOut {
-                    role: "assistant",
-                    content: done.text,
-                },
-                logprobs: renderer.as_ref().map(|r| r.render(&done.logprobs, &mut 0)),
-                finish_reason: Some(done.finish_reason.as_str()),
-                token_ids: options.return_token_ids.then_some(done.token_ids),
-                prompt_token_ids: choice.prompt_token_ids,
-            })
-            .collect(),
-        usage,
-    })
-    .into_response())
-}
+openai_handler!(
+    ChatFields,
+    "/v1/chat/completions",
+    "create_chat_completion",
+    ChatRequest,
+    ChatResponse,
+    "The chat completion; with `stream`, its chunks as server-sent events"
+);

@@ -1,0 +1,291 @@
+//! The OpenAI serving pipeline that `/v1/completions` and `/v1/chat/completions` share, as vLLM's
+//! `entrypoints/openai/serving_engine.py` is the base of both. [`serve`] reads the body as a JSON
+//! object, parses the shared [`SamplingFields`] and the endpoint's own fields, resolves the
+//! model, and builds the [`RequestOptions`] and the log-probabilities renderer; the endpoint
+//! ([`Endpoint`]) then tokenizes its prompts into [`Prompts`], which sizes `max_tokens` and
+//! validates each prompt once, through the engine handle ([`EngineHandle::validate`]), before any
+//! choice starts (a bad prompt of a batch wastes no work, and the engine thread does not check it
+//! again). Every choice (prompt number × `n` + choice number) is then submitted, and the answer is
+//! streamed ([`sse::response`]) or collected: every choice run to its end, concurrently, the
+//! first failure being the answer, with the log-probabilities rendered, token ids kept when asked
+//! for, and a usage that counts each prompt once. The endpoint keeps only its fields and its
+//! response shape.
+//!
+//! [`EngineHandle::validate`]: crate::engine::EngineHandle::validate
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::engine::api::ValidRequest;
+use crate::model::ModelInfo;
+
+use super::errors::{ApiError, ApiJson, from_value};
+use super::generation::Generation;
+use super::logprobs::LogprobsRenderer;
+use super::openai_types::{SamplingFields, Usage};
+use super::params::{MaxTokensDefault, RequestOptions, resolve_max_tokens};
+use super::routes::{object_body, respond};
+use super::sse::{self, Choice, ChunkKind, ChunkWriter, total_usage};
+use super::state::AppState;
+
+/// The most choices one request may ask for (prompts × `n`).
+pub const MAX_CHOICES_PER_REQUEST: usize = 256;
+
+/// Declares an OpenAI endpoint's handler, `create`, with its OpenAPI description (the `200`
+/// answer as JSON or SSE, and the shared [`GenerationErrors`]): the whole handler is
+/// [`serve`] for the given [`Endpoint`].
+///
+/// [`GenerationErrors`]: super::openapi::GenerationErrors
+macro_rules! openai_handler {
+    ($endpoint:ident, $path:tt, $operation_id:tt, $request:ident, $response:ident, $description:tt) => {
+        #[utoipa::path(
+                            post, path = $path, tag = "openai", operation_id = $operation_id,
+                            request_body = $request,
+                            responses(
+                                (status = 200, description = $description, content(
+                                    ($response = "application/json"),
+                                    (ServerSentEvent = "text/event-stream"),
+                                )),
+                                GenerationErrors,
+                            )
+                        )]
+        pub async fn create(
+            axum::extract::State(state): axum::extract::State<AppState>,
+            body: Result<ApiJson<serde_json::Value>, ApiError>,
+        ) -> axum::response::Response {
+            serve::<$endpoint>(&state, body).await
+        }
+    };
+}
+pub(super) use openai_handler;
+
+/// What one OpenAI endpoint adds to the pipeline: its own body fields (the implementor, parsed
+/// beside the shared [`SamplingFields`]) and its response shape.
+pub trait Endpoint: DeserializeOwned {
+    /// The endpoint's chunk shape (and so its id prefix and log-probabilities shape).
+    const KIND: ChunkKind;
+    /// The JSON answer.
+    type Response: Serialize;
+
+    /// Refuses the fields the endpoint does not support, and says how many top
+    /// log-probabilities the request asks for (`None`: no log-probabilities).
+    fn logprobs(&self) -> Result<Option<usize>, ApiError>;
+
+    /// Tokenizes the request's prompts into `prompts`. The choice count is checked once they are
+    /// all in, unless the endpoint checks it earlier ([`Prompts::check_choice_count`]).
+    fn prompts(self, prompts: &mut Prompts<'_>) -> Result<(), ApiError>;
+
+    /// The answer once every choice has finished (in `index` order); `head` carries the
+    /// response's `id`, `created` and `model`.
+    fn response(head: &ChunkWriter, choices: Vec<Collected>, usage: Usage) -> Self::Response;
+}
+
+/// One choice run to its end, ready for the endpoint's shape.
+pub struct Collected {
+    pub index: u32,
+    pub text: String,
+    /// The rendered log-probabilities, when the request asked for them.
+    pub logprobs: Option<Value>,
+    pub finish_reason: &'static str,
+    /// The generated token ids, when the request asked for them (`return_token_ids`).
+    pub token_ids: Option<Vec<u32>>,
+    /// The prompt's token ids, when the request asked for them.
+    pub prompt_token_ids: Option<Vec<u32>>,
+}
+
+/// Answers one request to `E`: the handler's whole body.
+pub async fn serve<E: Endpoint>(
+    state: &AppState,
+    body: Result<ApiJson<Value>, ApiError>,
+) -> Response {
+    let arrival = Instant::now();
+    let result = run::<E>(state, body, arrival).await;
+    respond(state, result)
+}
+
+async fn run<E: Endpoint>(
+    state: &AppState,
+    body: Result<ApiJson<Value>, ApiError>,
+    arrival: Instant,
+) -> Result<Response, ApiError> {
+    let body = object_body(body)?;
+    let common: SamplingFields = from_value(&body)?;
+    let fields: E = from_value(&body)?;
+    let model = state.resolve_model(common.model.as_deref())?;
+    let logprobs = fields.logprobs()?;
+    let mut options = RequestOptions::from_fields(&common, state.engine.vocab_size())?;
+    options.sampling.logprobs = logprobs;
+    let renderer = logprobs.map(|_| {
+        LogprobsRenderer::new(
+            state.model.clone(),
+            E::KIND.logprobs_shape(),
+            options.tokens_as_ids,
+        )
+    });
+    let mut prompts = Prompts::new(state, &options, common.max_tokens);
+    fields.prompts(&mut prompts)?;
+    let choices = prompts.start(arrival)?;
+    let writer = ChunkWriter::new(E::KIND, model, &options, renderer);
+    if options.stream {
+        return Ok(sse::response(choices, writer));
+    }
+    let (collected, usage) = collect_all(choices, &writer).await?;
+    Ok(Json(E::response(&writer, collected, usage)).into_response())
+}
+
+/// A request's prompts, each with its `max_tokens` sized and, once the choice count is known to
+/// fit, validated by the engine handle: the one check a prompt gets.
+pub struct Prompts<'a> {
+    state: &'a AppState,
+    options: &'a RequestOptions,
+    /// The shared `max_tokens` field.
+    max_tokens: Option<i64>,
+    /// Whether [`check_choice_count`](Self::check_choice_count) passed: until then a prompt
+    /// waits in `sized` for its validation, so errors come in the order the fields are read.
+    counted: bool,
+    sized: Vec<(String, Vec<u32>, RequestOptions)>,
+    valid: Vec<(String, ValidRequest)>,
+}
+
+impl<'a> Prompts<'a> {
+    fn new(state: &'a AppState, options: &'a RequestOptions, max_tokens: Option<i64>) -> Self {
+        Self {
+            state,
+            options,
+            max_tokens,
+            counted: false,
+            sized: Vec::new(),
+            valid: Vec::new(),
+        }
+    }
+
+    /// The model, to tokenize with.
+    pub fn model(&self) -> &ModelInfo {
+        &self.state.model
+    }
+
+    /// The request's `max_tokens` field (shared by both endpoints).
+    pub fn max_tokens(&self) -> Option<i64> {
+        self.max_tokens
+    }
+
+    /// Refuses a request whose choices (`num_prompts` × `n`) could never all be admitted: more
+    /// than [`MAX_CHOICES_PER_REQUEST`], or more than the waiting queue holds (a 503
+    /// `queue_full` would then be retried in vain). Validates the prompts added so far.
+    pub fn check_choice_count(&mut self, num_prompts: usize) -> Result<(), ApiError> {
+        let total = num_prompts * self.options.n;
+        let queue = self.state.engine.limits().max_waiting_requests;
+        let limit = MAX_CHOICES_PER_REQUEST.min(queue);
+        if total > limit {
+            return Err(ApiError::invalid_param(
+                "n",
+                format!(
+                    "this request asks for {total} choices (prompts × n); at most {limit} fit \
+                     (--max-waiting-requests {queue}, and {MAX_CHOICES_PER_REQUEST} per request)"
+                ),
+            ));
+        }
+        self.counted = true;
+        for (param, prompt_ids, options) in std::mem::take(&mut self.sized) {
+            self.validate(param, prompt_ids, options)?;
+        }
+        Ok(())
+    }
+
+    /// Adds a tokenized prompt (its field named `param` in errors), with `max_tokens` resolved
+    /// from the `requested` value of field `max_tokens_param` or the endpoint's `default`.
+    pub fn push(
+        &mut self,
+        param: String,
+        prompt_ids: Vec<u32>,
+        (requested, max_tokens_param): (Option<i64>, &str),
+        default: MaxTokensDefault,
+    ) -> Result<(), ApiError> {
+        let mut options = self.options.clone();
+        options.sampling.max_tokens = resolve_max_tokens(
+            requested,
+            max_tokens_param,
+            default,
+            prompt_ids.len(),
+            self.state.engine.max_model_len(),
+            &param,
+        )?;
+        if self.counted {
+            self.validate(param, prompt_ids, options)
+        } else {
+            self.sized.push((param, prompt_ids, options));
+            Ok(())
+        }
+    }
+
+    fn validate(
+        &mut self,
+        param: String,
+        prompt_ids: Vec<u32>,
+        options: RequestOptions,
+    ) -> Result<(), ApiError> {
+        let request = self
+            .state
+            .engine
+            .validate(prompt_ids, options.sampling)
+            .map_err(|error| ApiError::from_engine(&error, &param))?;
+        self.valid.push((param, request));
+        Ok(())
+    }
+
+    /// Submits every choice of every prompt (`index` = prompt number × `n` + choice number;
+    /// with a fixed seed, choice j uses seed + j). An error drops the choices started so far,
+    /// which aborts them.
+    fn start(mut self, arrival: Instant) -> Result<Vec<Choice>, ApiError> {
+        if !self.counted {
+            self.check_choice_count(self.sized.len())?;
+        }
+        let n = self.options.n;
+        let mut choices = Vec::with_capacity(self.valid.len() * n);
+        for (p, (param, request)) in self.valid.iter().enumerate() {
+            for choice in 0..n {
+                let request = request.with_seed_offset(choice as u64);
+                let generation =
+                    Generation::start(self.state, request, self.options, param, arrival)?;
+                choices.push(Choice {
+                    index: (p * n + choice) as u32,
+                    counts_prompt: choice == 0,
+                    generation,
+                });
+            }
+        }
+        Ok(choices)
+    }
+}
+
+/// Runs every choice to its end, concurrently, in `index` order, with the request's usage. The
+/// first failure is the answer; the other choices are dropped, which aborts them.
+async fn collect_all(
+    choices: Vec<Choice>,
+    writer: &ChunkWriter,
+) -> Result<(Vec<Collected>, Usage), ApiError> {
+    let runs = choices.into_iter().map(|choice| async move {
+        let prompt_token_ids = choice.generation.prompt_token_ids().cloned();
+        let done = choice.generation.collect().await?;
+        let collected = Collected {
+            index: choice.index,
+            text: done.text,
+            logprobs: writer
+                .logprobs
+                .as_ref()
+                .map(|renderer| renderer.render(&done.logprobs, &mut 0)),
+            finish_reason: done.finish_reason.as_str(),
+            token_ids: writer.return_token_ids.then_some(done.token_ids),
+            prompt_token_ids,
+        };
+        Ok::<_, ApiError>(((choice.counts_prompt, done.usage), collected))
+    });
+    let finished = futures_util::future::try_join_all(runs).await?;
+    let usage = total_usage(finished.iter().map(|((counts, usage), _)| (*counts, usage)));
+    Ok((finished.into_iter().map(|(_, c)| c).collect(), usage))
+}
