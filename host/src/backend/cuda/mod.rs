@@ -41,10 +41,6 @@ use thiserror::Error;
 pub use nvrtc::{ActDtype, KERNEL_SOURCES};
 pub use runner::CudaModelRunner;
 
-// The old paths of the device choice; `observability/budget_bench.rs` still uses them (its
-// owners are changing that folder): new code uses `crate::backend`.
-pub use super::{Device, build_runner};
-
 /// Why the CUDA backend cannot start or a CUDA call failed.
 #[derive(Debug, Error)]
 pub enum CudaError {
