@@ -97,6 +97,25 @@ pub struct HttpArgs {
     pub health_stall_timeout: std::time::Duration,
 }
 
+impl ServeArgs {
+    /// The typed configuration `serve` runs with: the engine flags with the device resolved,
+    /// and the step-tracing flags with the `OTEL_*` environment.
+    pub fn to_config(&self) -> anyhow::Result<crate::server::ServeConfig> {
+        Ok(crate::server::ServeConfig {
+            model: self.model.clone(),
+            host: self.host.clone(),
+            port: self.port,
+            served_model_name: self.served_model_name.clone(),
+            admin_listen: self.admin_port.map(|port| (self.admin_host.clone(), port)),
+            policy_path: self.step_tracing.step_tracing_policy.clone(),
+            shutdown_timeout: self.shutdown_timeout,
+            http: self.http.config(),
+            launch: LaunchConfig::try_from(&self.engine)?,
+            tracing: self.step_tracing.to_config(self.engine.seed)?,
+        })
+    }
+}
+
 impl HttpArgs {
     /// The typed configuration the server takes.
     pub fn config(&self) -> crate::server::http::HttpConfig {
@@ -630,6 +649,14 @@ fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_otlp_protocol_is_refused() {
+        assert!(
+            Cli::try_parse_from(["stepscope", "serve", "--otlp-protocol", "udp"]).is_err(),
+            "unknown protocol accepted"
+        );
+    }
 
     #[test]
     fn rates_outside_unit_interval_are_refused() {

@@ -32,7 +32,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Generate(args) => run_generate(args),
-        Command::Serve(args) => stepscope::server::run(args),
+        Command::Serve(args) => stepscope::server::run(args.to_config()?),
         Command::Policy(PolicyCommand::Check(args)) => {
             let source = PolicySource::File(args.file.clone());
             let module = PolicyModule::load(&source, args.limits.limits())?;

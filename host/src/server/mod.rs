@@ -39,7 +39,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::cli::ServeArgs;
+use crate::launch::LaunchConfig;
+use crate::observability::ObservabilityConfig;
 use crate::observability::StepTracer;
 
 use self::http::HttpConfig;
@@ -75,17 +76,40 @@ pub fn resolve_model_spec(
     )
 }
 
+/// Everything `serve` runs with, typed: the CLI turns its flags into this before the library
+/// sees them.
+pub struct ServeConfig {
+    /// The positional MODEL (default: the SmolLM2 directory, see [`resolve_model_spec`]).
+    pub model: Option<String>,
+    /// `--host`, `--port`.
+    pub host: String,
+    pub port: u16,
+    /// `--served-model-name` (empty: the model's own name).
+    pub served_model_name: Vec<String>,
+    /// `--admin-host`, `--admin-port` (none: no admin API).
+    pub admin_listen: Option<(String, u16)>,
+    /// `--step-tracing-policy`, re-read on SIGHUP.
+    pub policy_path: Option<PathBuf>,
+    /// `--shutdown-timeout` (none: drain without a bound).
+    pub shutdown_timeout: Option<Duration>,
+    /// `--http-read-timeout`, `--max-request-body-bytes`, `--health-stall-timeout`.
+    pub http: http::HttpConfig,
+    /// The engine flags with the device resolved.
+    pub launch: LaunchConfig,
+    /// The step-tracing flags with the `OTEL_*` environment.
+    pub tracing: ObservabilityConfig,
+}
+
 /// Runs `stepscope serve` until SIGINT/SIGTERM and a complete drain.
-pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: ServeConfig) -> anyhow::Result<ExitCode> {
     let spec = resolve_model_spec(args.model.as_deref(), |name| std::env::var(name).ok())?;
-    let http_config = args.http.config();
+    let http_config = args.http;
     match http::raise_open_file_limit() {
         Ok(limit) => tracing::debug!(limit, "open-file limit"),
         Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
     }
-    let config = args.step_tracing.to_config(args.engine.seed)?;
-    let (observer, mut tracer) = StepTracer::start(config)?;
-    let launched = crate::launch::launch(&spec, &args.engine, Box::new(observer))?;
+    let (observer, mut tracer) = StepTracer::start(args.tracing)?;
+    let launched = crate::launch::launch(&spec, args.launch, Box::new(observer))?;
     let tracing_info = TracingInfo {
         switch: tracer.policy_switch(),
     };
@@ -93,8 +117,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         state: admin::AdminState {
             switch: tracer.policy_switch(),
         },
-        listen: args.admin_port.map(|port| (args.admin_host.clone(), port)),
-        policy_path: args.step_tracing.step_tracing_policy.clone(),
+        listen: args.admin_listen,
+        policy_path: args.policy_path,
     };
     let metrics = Arc::new(ServerMetrics::new(
         launched.engine.clone(),
@@ -104,7 +128,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut state = AppState::new(
         launched.engine.clone(),
         launched.model.clone(),
-        args.served_model_name.clone(),
+        args.served_model_name,
         &spec,
         metrics,
     );
