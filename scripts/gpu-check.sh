@@ -62,7 +62,7 @@ say "== kernels, parity (tiny models, realistic random Llama)"
 "$TEST_BIN" --test-threads=1 --nocapture --include-ignored backend::cuda::tests 2>&1 | tee -a "$LOG"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 say "== decode benchmark"
-"$TEST_BIN" --test-threads=1 --nocapture --include-ignored backend::cuda::bench 2>&1 | tee -a "$LOG"
+"$TEST_BIN" --test-threads=1 --nocapture --include-ignored bench::cuda 2>&1 | tee -a "$LOG"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>&1 | tee -a "$LOG"
 say "done (status $status); log: $LOG"

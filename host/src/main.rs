@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use stepscope::cli::{BenchCommand, Cli, Command, PolicyCommand};
 use stepscope::policy::{
-    PolicyCounters, PolicyModule, PolicyParams, PolicyRuntime, PolicySource, conformance,
+    PolicyCounters, PolicyModule, PolicyParams, PolicyRuntime, PolicySource, devkit::conformance,
 };
 
 fn main() -> ExitCode {
@@ -93,13 +93,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Model { model, batch }) => {
             let model = model.unwrap_or_else(|| {
-                stepscope::model::bench::default_bench_model(std::path::Path::new("."))
+                stepscope::bench::model::default_bench_model(std::path::Path::new("."))
             });
-            stepscope::model::bench::cpu_throughput_bench(&model, &batch)?;
+            stepscope::bench::model::cpu_throughput_bench(&model, &batch)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Scheduler { running }) => {
-            for row in stepscope::engine::bench::scheduler_bench(&running) {
+            for row in stepscope::bench::scheduler::scheduler_bench(&running) {
                 println!("{row}");
             }
             Ok(ExitCode::SUCCESS)
@@ -109,10 +109,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output_tokens,
             rounds,
         }) => {
-            let rows = stepscope::observability::bench::run(requests, output_tokens, rounds)?;
+            let rows = stepscope::bench::step_tracing::run(requests, output_tokens, rounds)?;
             print!(
                 "{}",
-                stepscope::observability::bench::render(&rows, requests, output_tokens, rounds)
+                stepscope::bench::step_tracing::render(&rows, requests, output_tokens, rounds)
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -124,7 +124,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_num_seqs,
             rounds,
         }) => {
-            use stepscope::observability::budget_bench;
+            use stepscope::bench::budget as budget_bench;
             let slow_policy = policy.unwrap_or_else(|| {
                 std::path::Path::new(stepscope::policy::GUEST_COMPONENT_DIR).join("stall.wasm")
             });
@@ -287,7 +287,7 @@ fn run_replay(args: stepscope::cli::PolicyReplayArgs) -> anyhow::Result<ExitCode
     let counters = Arc::new(PolicyCounters::default());
     let mut runtime = PolicyRuntime::new(module, params.to_configure(), counters)
         .context("starting the policy")?;
-    let report = stepscope::policy::replay::replay(&mut runtime, &steps);
+    let report = stepscope::policy::devkit::replay::replay(&mut runtime, &steps);
     println!(
         "policy {} ({})",
         runtime.module().name(),

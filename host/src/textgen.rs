@@ -26,16 +26,6 @@ pub struct TextDelta {
     pub finish_reason: Option<FinishReason>,
 }
 
-/// A finished generation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Completion {
-    pub token_ids: Vec<u32>,
-    pub text: String,
-    pub finish_reason: FinishReason,
-    pub num_prompt_tokens: usize,
-    pub num_cached_tokens: usize,
-}
-
 /// One request's output as text.
 pub struct TextStream {
     engine: EngineHandle,
@@ -111,10 +101,6 @@ impl TextStream {
         }
     }
 
-    pub fn request_id(&self) -> u64 {
-        self.request_id
-    }
-
     pub fn num_prompt_tokens(&self) -> usize {
         self.num_prompt_tokens
     }
@@ -145,25 +131,6 @@ impl TextStream {
         }
         let output = self.outputs.blocking_recv();
         Some(self.absorb(output))
-    }
-
-    /// Runs the request to completion (blocking).
-    pub fn blocking_collect(mut self) -> Completion {
-        let mut token_ids = Vec::new();
-        let mut finish_reason = FinishReason::Abort;
-        while let Some(delta) = self.blocking_next() {
-            token_ids.extend(delta.token_ids);
-            if let Some(reason) = delta.finish_reason {
-                finish_reason = reason;
-            }
-        }
-        Completion {
-            token_ids,
-            text: self.detokenizer.text().to_string(),
-            finish_reason,
-            num_prompt_tokens: self.num_prompt_tokens,
-            num_cached_tokens: self.num_cached_tokens,
-        }
     }
 
     /// The whole text so far.

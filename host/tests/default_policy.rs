@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use stepscope::policy::{
     PolicyCounters, PolicyLimits, PolicyModule, PolicyOutcome, PolicyRuntime, PolicySource,
-    conformance, native, synthetic,
+    devkit::{conformance, native, synthetic},
 };
 
 fn default_runtime(sample_rate: f64, rich_rate: f64) -> PolicyRuntime {

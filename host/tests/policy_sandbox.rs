@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use stepscope::policy::{
     FaultKind, GUEST_COMPONENT_DIR, PolicyCounters, PolicyError, PolicyLimits, PolicyModule,
-    PolicyOutcome, PolicyRuntime, PolicySource, synthetic,
+    PolicyOutcome, PolicyRuntime, PolicySource, devkit::synthetic,
 };
 
 fn guest(name: &str) -> std::path::PathBuf {
@@ -274,14 +274,14 @@ fn a_wasi_component_runs_in_an_empty_deterministic_sandbox() {
 #[test]
 fn the_conformance_suite_passes_a_wasi_component() {
     let module = PolicyModule::load(&PolicySource::File(guest("wasi-probe")), limits()).unwrap();
-    let suite = stepscope::policy::conformance::SuiteParams {
+    let suite = stepscope::policy::devkit::conformance::SuiteParams {
         params: Vec::new(),
         seed: 0,
         steps: 500,
         measure_latency: false,
         time_limit: std::time::Duration::from_secs(120),
     };
-    let report = stepscope::policy::conformance::check(&module, &suite).unwrap();
+    let report = stepscope::policy::devkit::conformance::check(&module, &suite).unwrap();
     assert!(report.passed(), "{report}");
     assert!(
         report.to_string().contains("WASI 0.2 interfaces"),

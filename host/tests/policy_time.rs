@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 use stepscope::policy::{
     FaultKind, GUEST_COMPONENT_DIR, PolicyCounters, PolicyCountersSnapshot, PolicyError,
-    PolicyLimits, PolicyModule, PolicyOutcome, PolicyRuntime, PolicySource, synthetic,
+    PolicyLimits, PolicyModule, PolicyOutcome, PolicyRuntime, PolicySource, devkit::synthetic,
 };
 
 fn guest(name: &str) -> std::path::PathBuf {

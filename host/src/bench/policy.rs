@@ -11,8 +11,8 @@
 
 use super::{LatencyStats, format_ns};
 use crate::policy::{
-    PolicyCounters, PolicyLimits, PolicyModule, PolicyRuntime, PolicySource, conformance, native,
-    synthetic,
+    PolicyCounters, PolicyLimits, PolicyModule, PolicyRuntime, PolicySource,
+    devkit::{conformance, native, synthetic},
 };
 use std::sync::Arc;
 use std::time::Instant;

@@ -505,7 +505,7 @@ mod tests {
 
     use super::*;
     use crate::engine::observer::{NoopStepObserver, StepView};
-    use crate::engine::test_runner::{DeterministicRunner, reference_greedy_output};
+    use crate::testing::deterministic_runner::{DeterministicRunner, reference_greedy_output};
 
     const VOCAB: usize = 97;
     const MAX_MODEL_LEN: usize = 512;

@@ -14,7 +14,9 @@ use super::core::{EngineCore, StepOutput};
 use super::model_runner::{Logits, ModelBatch, ModelRunner, ModelRunnerError};
 use super::observer::StepView;
 use super::request::{FinishReason, RequestId, RequestOutput, RequestPhase, SamplingParams};
-use super::test_runner::{DeterministicRunner, RunnerCounters, reference_greedy_output};
+use crate::testing::deterministic_runner::{
+    DeterministicRunner, RunnerCounters, reference_greedy_output,
+};
 
 const VOCAB: usize = 61;
 const RUNNER_MAX_MODEL_LEN: usize = 256;

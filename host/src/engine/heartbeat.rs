@@ -90,8 +90,8 @@ mod tests {
 
     use super::*;
     use crate::engine::observer::StepView;
-    use crate::engine::test_runner::DeterministicRunner;
     use crate::engine::{Engine, EngineConfig, SamplingParams};
+    use crate::testing::deterministic_runner::DeterministicRunner;
 
     const HOUR: Duration = Duration::from_secs(3600);
 

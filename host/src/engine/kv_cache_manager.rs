@@ -7,7 +7,7 @@
 //! them; at least the last prompt token is always recomputed, so there are logits to sample from.
 //! Prefix-cache queries and hits are counted in tokens, as vLLM does.
 
-use super::block_pool::{BlockHash, BlockId, BlockPool};
+use super::block_pool::{BlockId, BlockPool};
 use super::hashing::IdHashMap;
 use super::request::{Request, RequestId};
 
@@ -39,10 +39,6 @@ impl KvCacheManager {
 
     pub fn block_size(&self) -> usize {
         self.block_size
-    }
-
-    pub fn prefix_caching_enabled(&self) -> bool {
-        self.enable_prefix_caching
     }
 
     pub fn num_total_blocks(&self) -> usize {
@@ -192,11 +188,6 @@ impl KvCacheManager {
             self.prefix_cache_queries += num_tokens as u64;
             self.prefix_cache_hits += num_hit_tokens as u64;
         }
-    }
-
-    /// The block hash index lookup, for tests and diagnostics.
-    pub fn cached_block(&self, hash: BlockHash) -> Option<BlockId> {
-        self.pool.cached_block(hash)
     }
 
     /// Checks the pool's invariants, that every block's ref count equals the number of requests

@@ -8,12 +8,11 @@
 //! [`StepObserver`] (the step tracer) before the post-schedule update, runs the [`ModelRunner`],
 //! samples, and applies stop rules. [`Engine::start`] runs the core on the `stepscope-engine`
 //! thread behind an [`EngineHandle`] that streams [`RequestOutput`]s, and whose [`Heartbeat`]
-//! tells a stalled step loop from an idle one. [`test_runner`] provides a
-//! deterministic model runner that really goes through the paged KV cache, for tests and
-//! benchmarks; [`bench`](mod@bench) measures the scheduler's CPU cost per step.
+//! tells a stalled step loop from an idle one. Tests and benchmarks drive it with the
+//! deterministic runner of [`crate::testing`]; the scheduler's CPU cost per step is measured by
+//! [`crate::bench::scheduler`].
 
 pub mod api;
-pub mod bench;
 pub mod block_pool;
 pub mod config;
 pub mod core;
@@ -25,22 +24,15 @@ pub mod observer;
 pub mod request;
 pub mod sampler;
 pub mod scheduler;
-pub mod test_runner;
 
 #[cfg(test)]
 mod engine_tests;
 
-pub use self::core::{EngineCore, EngineStats, StepOutput};
+pub use self::core::EngineCore;
 pub use api::{Engine, EngineHandle};
-pub use config::{EngineConfig, EngineError, RequestLimits};
-pub use heartbeat::{Heartbeat, Liveness};
-pub use kv_cache_manager::KvCacheManager;
-pub use model_runner::{
-    BatchEntry, BatchLimits, Logits, ModelBatch, ModelRunner, ModelRunnerError,
-};
-pub use observer::{NoopStepObserver, RequestView, StepObserver, StepView};
+pub use config::{EngineConfig, EngineError};
+pub use heartbeat::Liveness;
+pub use observer::{NoopStepObserver, StepObserver, StepView};
 pub use request::{
-    FinishReason, MAX_LOGPROBS, RequestId, RequestOutput, RequestPhase, RequestStatus,
-    SamplingParams, TokenLogprobs,
+    FinishReason, MAX_LOGPROBS, RequestOutput, RequestPhase, SamplingParams, TokenLogprobs,
 };
-pub use scheduler::{BatchSummary, Scheduler, SchedulerOutput};

@@ -33,11 +33,6 @@ pub struct ModelBatch<'a> {
 }
 
 impl ModelBatch<'_> {
-    /// Total tokens computed this step.
-    pub fn num_tokens(&self) -> usize {
-        self.entries.iter().map(|e| e.token_ids.len()).sum()
-    }
-
     /// Number of logits rows the runner must return.
     pub fn num_logits_rows(&self) -> usize {
         self.entries.iter().filter(|e| e.needs_logits).count()

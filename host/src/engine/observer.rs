@@ -8,7 +8,7 @@
 //! KV metrics) only when asked. Observers only read; nothing they do changes the engine.
 
 use super::kv_cache_manager::KvCacheManager;
-use super::request::{Request, RequestId, RequestPhase, RequestStatus};
+use super::request::{Request, RequestId, RequestPhase};
 use super::scheduler::{BatchSummary, ScheduledRequest, Scheduler, SchedulerOutput};
 
 /// Called once per engine step with a read-only view of it.
@@ -132,17 +132,6 @@ impl<'a> StepView<'a> {
     pub fn preempted_request_ids(&self) -> &'a [RequestId] {
         &self.output.preempted_request_ids
     }
-
-    /// Requests that finished since the previous step.
-    pub fn finished_request_ids(&self) -> &'a [RequestId] {
-        &self.output.finished_request_ids
-    }
-
-    /// Prefix-cache lookups and hits so far, in tokens.
-    pub fn prefix_cache_queries_and_hits(&self) -> (u64, u64) {
-        let kv = self.scheduler.kv_cache();
-        (kv.prefix_cache_queries(), kv.prefix_cache_hits())
-    }
 }
 
 /// A request as of the step's emission point; each accessor reads it in place.
@@ -161,10 +150,6 @@ impl<'a> RequestView<'a> {
     /// `request.phase`: PREFILL while the request has no output token.
     pub fn phase(&self) -> RequestPhase {
         self.request.phase()
-    }
-
-    pub fn status(&self) -> RequestStatus {
-        self.request.status()
     }
 
     /// `request.num_prompt_tokens`.
@@ -205,18 +190,5 @@ impl<'a> RequestView<'a> {
     /// `request.effective_prompt_len`: only when part, but not all, of the prompt was cached.
     pub fn effective_prompt_len(&self) -> Option<usize> {
         self.request.effective_prompt_len()
-    }
-
-    pub fn prompt_token_ids(&self) -> &'a [u32] {
-        self.request.prompt_token_ids()
-    }
-
-    pub fn output_token_ids(&self) -> &'a [u32] {
-        self.request.output_token_ids()
-    }
-
-    /// The whole request, for anything not covered above.
-    pub fn request(&self) -> &'a Request {
-        self.request
     }
 }

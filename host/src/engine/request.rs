@@ -6,7 +6,7 @@
 //! random-number generator (so sampling is reproducible whatever else shares its batches).
 //! [`RequestOutput`] is what one engine step produces for one request.
 
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::block_pool::BlockHash;
 use super::hashing::mix64;
@@ -274,16 +274,6 @@ pub enum RequestPhase {
     Decode,
 }
 
-impl RequestPhase {
-    /// `PREFILL` or `DECODE`, the spelling of `request.phase`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Prefill => "PREFILL",
-            Self::Decode => "DECODE",
-        }
-    }
-}
-
 /// A request's private random stream (splitmix64): small, fast and reproducible.
 #[derive(Debug, Clone)]
 pub struct RequestRng {
@@ -326,8 +316,6 @@ pub struct Request {
     pub(super) num_cached_tokens: Option<usize>,
     pub(super) num_preemptions: u32,
     pub(super) params: SamplingParams,
-    pub(super) arrival: Instant,
-    pub(super) arrival_unix_ns: u64,
     pub(super) status: RequestStatus,
     /// Tokens scheduled for this request in the step being built (0 outside a step).
     pub(super) num_scheduled_tokens: usize,
@@ -355,8 +343,6 @@ impl Request {
             num_cached_tokens: None,
             num_preemptions: 0,
             params,
-            arrival: Instant::now(),
-            arrival_unix_ns: unix_time_ns(),
             status: RequestStatus::Waiting,
             num_scheduled_tokens: 0,
             block_hashes: Vec::new(),
@@ -369,17 +355,8 @@ impl Request {
         self.id
     }
 
-    pub fn prompt_token_ids(&self) -> &[u32] {
-        &self.token_ids[..self.num_prompt_tokens]
-    }
-
     pub fn output_token_ids(&self) -> &[u32] {
         &self.token_ids[self.num_prompt_tokens..]
-    }
-
-    /// Prompt followed by output tokens.
-    pub fn all_token_ids(&self) -> &[u32] {
-        &self.token_ids
     }
 
     pub fn num_prompt_tokens(&self) -> usize {
@@ -411,19 +388,6 @@ impl Request {
 
     pub fn num_preemptions(&self) -> u32 {
         self.num_preemptions
-    }
-
-    pub fn sampling_params(&self) -> &SamplingParams {
-        &self.params
-    }
-
-    pub fn arrival(&self) -> Instant {
-        self.arrival
-    }
-
-    /// Arrival time, Unix epoch nanoseconds.
-    pub fn arrival_unix_ns(&self) -> u64 {
-        self.arrival_unix_ns
     }
 
     pub fn status(&self) -> RequestStatus {

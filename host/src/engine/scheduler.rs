@@ -172,14 +172,6 @@ impl Scheduler {
         &self.limits
     }
 
-    pub fn max_num_seqs(&self) -> usize {
-        self.max_num_seqs
-    }
-
-    pub fn max_num_batched_tokens(&self) -> usize {
-        self.max_num_batched_tokens
-    }
-
     pub fn kv_cache(&self) -> &KvCacheManager {
         &self.kv
     }
@@ -204,11 +196,6 @@ impl Scheduler {
 
     pub fn has_unfinished_requests(&self) -> bool {
         !self.running.is_empty() || !self.waiting.is_empty()
-    }
-
-    /// Waiting requests never admitted yet.
-    pub fn num_fresh_waiting(&self) -> usize {
-        self.num_fresh_waiting
     }
 
     /// How many requests ever left the fresh-waiting state (first admission or finished while

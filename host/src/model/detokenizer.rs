@@ -150,11 +150,6 @@ impl IncrementalDetokenizer {
         &self.text
     }
 
-    /// The stop string that ended the request, if any.
-    pub fn stopped(&self) -> Option<&str> {
-        self.stopped.as_deref()
-    }
-
     /// Tokens pushed (up to and including the one that matched a stop string).
     pub fn num_output_tokens(&self) -> usize {
         self.num_output_tokens

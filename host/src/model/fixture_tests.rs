@@ -9,8 +9,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::greedy::{GreedyOptions, greedy_generate};
 use super::{KvCacheShape, load_model};
+use crate::testing::greedy::{GreedyOptions, greedy_generate};
 
 #[derive(Deserialize)]
 struct Reference {

@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::export::export_hf_dir;
-use super::greedy::{GreedyOptions, greedy_generate};
 use super::tiny::{self, tiny_config, tiny_weights};
 use super::{
     Architecture, ChatMessage, DetokenizerOptions, KvCacheShape, LoadedModel, ModelError,
     load_model, load_model_files,
 };
+use crate::testing::export::export_hf_dir;
+use crate::testing::greedy::{GreedyOptions, greedy_generate};
 
 /// A temporary directory removed on drop.
 struct TempDir(PathBuf);
@@ -41,7 +41,7 @@ fn spec(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn greedy(spec: &str, prompts: &[Vec<u32>]) -> super::greedy::GreedyOutput {
+fn greedy(spec: &str, prompts: &[Vec<u32>]) -> crate::testing::greedy::GreedyOutput {
     let (mut r, _) = load_model(spec, KV).unwrap();
     let opts = GreedyOptions {
         max_new_tokens: 8,

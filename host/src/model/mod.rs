@@ -7,13 +7,10 @@
 //! it turns a model spec (`builtin:tiny` or a Hugging Face directory) into a CPU model runner
 //! plus the [`ModelInfo`] the text side needs.
 
-pub mod bench;
 pub mod chat_template;
 pub mod config;
 pub mod detokenizer;
 pub mod error;
-pub mod export;
-pub mod greedy;
 pub mod tiny;
 pub mod tokenizer;
 pub mod weights;
@@ -28,7 +25,7 @@ use std::sync::Arc;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig, RopeScaling};
-pub use detokenizer::{DetokenizerOptions, DetokenizerStep, IncrementalDetokenizer};
+pub use detokenizer::{DetokenizerOptions, IncrementalDetokenizer};
 pub use error::ModelError;
 pub use tokenizer::{SpecialTokens, TextTokenizer};
 pub use weights::LlamaWeights;
@@ -77,8 +74,6 @@ pub struct ModelInfo {
     /// Token ids that end generation (generation_config, config and tokenizer EOS, merged).
     pub eos_token_ids: Vec<u32>,
     pub chat_template: Option<ChatTemplate>,
-    /// Longest prompt + output the model accepts.
-    pub max_model_len: usize,
     /// Width of a logits row (the config's vocab size; may exceed the tokenizer's).
     pub vocab_size: usize,
 }
@@ -176,7 +171,6 @@ fn load_dir(dir: &Path) -> Result<LoadedModel, ModelError> {
     let info = ModelInfo {
         name,
         source: dir.display().to_string(),
-        max_model_len: config.max_model_len,
         vocab_size: config.vocab_size,
         bos_token_id: special.bos_token_id,
         eos_token_ids: special.eos_token_ids,

@@ -70,7 +70,6 @@ pub fn tiny_model() -> LoadedModel {
         bos_token_id: Some(BOS_ID),
         eos_token_ids: config.eos_token_ids.clone(),
         chat_template,
-        max_model_len: config.max_model_len,
         vocab_size: config.vocab_size,
         config,
     };

@@ -243,10 +243,6 @@ impl SafetensorsDir {
         })
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
-    }
-
     /// Reads tensor `name`, checks its shape and converts it to f32.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
         let missing = || ModelError::MissingTensor {

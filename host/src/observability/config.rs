@@ -71,14 +71,6 @@ pub enum OtlpProtocol {
 }
 
 impl OtlpProtocol {
-    /// The spelling of `OTEL_EXPORTER_OTLP_PROTOCOL`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OtlpProtocol::Grpc => "grpc",
-            OtlpProtocol::HttpProtobuf => "http/protobuf",
-        }
-    }
-
     fn parse_env(name: &str, value: &str) -> Result<Self, ObservabilityError> {
         match value.trim() {
             "grpc" => Ok(OtlpProtocol::Grpc),

@@ -94,11 +94,6 @@ impl TracerMetrics {
         }
     }
 
-    /// The policy runtime's live counters.
-    pub fn policy_counters(&self) -> &Arc<PolicyCounters> {
-        &self.policy
-    }
-
     pub fn snapshot(&self) -> TracerMetricsSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         TracerMetricsSnapshot {

@@ -16,8 +16,6 @@
 //! tracer: see [`swap`]. A slow or absent collector costs dropped spans (counted in [`TracerMetrics`]), never a
 //! blocked step. With tracing disabled the observer's per-step cost is a single branch.
 
-pub mod bench;
-pub mod budget_bench;
 mod config;
 mod exporter;
 mod http_client;
@@ -42,14 +40,13 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 pub use config::{
-    DEFAULT_MAX_EVENTS_PER_SPAN, DEFAULT_QUEUE_CAPACITY, DEFAULT_SERVICE_NAME, ENV_OTLP_ENDPOINT,
-    ENV_OTLP_HEADERS, ENV_OTLP_PROTOCOL, ENV_OTLP_TIMEOUT, ENV_OTLP_TRACES_ENDPOINT,
-    ENV_OTLP_TRACES_HEADERS, ENV_OTLP_TRACES_PROTOCOL, ENV_OTLP_TRACES_TIMEOUT, ENV_SERVICE_NAME,
-    ObservabilityConfig, ObservabilityError, OtlpConfig, OtlpProtocol, StepTracingSettings,
+    DEFAULT_MAX_EVENTS_PER_SPAN, ENV_OTLP_PROTOCOL, ENV_OTLP_TRACES_ENDPOINT,
+    ENV_OTLP_TRACES_HEADERS, ENV_SERVICE_NAME, ObservabilityConfig, ObservabilityError,
+    OtlpProtocol, StepTracingSettings,
 };
 pub use metrics::{TracerMetrics, TracerMetricsSnapshot};
-pub use record::{PolicyIdentity, StepRecord, step_summary};
-pub use swap::{ActivePolicy, PolicyOrigin, PolicySwitch, SwapError};
+pub use record::PolicyIdentity;
+pub use swap::{ActivePolicy, PolicyOrigin, PolicySwitch};
 pub use tracer::StepTracerObserver;
 
 use crate::policy::budget::StepBudget;
@@ -238,10 +235,6 @@ impl TracerHandle {
     /// The live counters (for `/metrics`).
     pub fn metrics_handle(&self) -> Arc<TracerMetrics> {
         Arc::clone(&self.metrics)
-    }
-
-    pub fn metrics(&self) -> TracerMetricsSnapshot {
-        self.metrics.snapshot()
     }
 
     /// Writes and exports every record queued so far; returns once done (each export is

@@ -67,8 +67,6 @@ pub const SPAN_POLICY_DIGEST: &str = "policy.digest";
 /// `true` on a step the built-in default decided because the configured policy went over its
 /// step budget (`policy.name` is then the default's); absent otherwise.
 pub const SPAN_POLICY_DEGRADED: &str = "policy.degraded";
-/// Prefix of the policy's extra attributes.
-pub const POLICY_EXTRA_PREFIX: &str = "policy.";
 
 /// One chosen running request of a rich step, as plain numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,7 +250,7 @@ mod tests {
 
     #[test]
     fn batch_summary_has_the_sixteen_names_in_order() {
-        let summary = crate::policy::synthetic::step_summary(0, 3);
+        let summary = crate::policy::devkit::synthetic::step_summary(0, 3);
         let attrs = batch_summary_attributes(&summary);
         let names: Vec<&str> = attrs.iter().map(|(name, _)| *name).collect();
         assert_eq!(names, BATCH_SUMMARY_ATTRIBUTES);

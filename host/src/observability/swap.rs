@@ -18,7 +18,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::policy::conformance::{self, SuiteParams};
+use crate::policy::devkit::conformance::{self, SuiteParams};
 use crate::policy::params::{RICH_SUBSAMPLE_RATE_KEY, SAMPLE_RATE_KEY};
 use crate::policy::{
     PolicyCounters, PolicyError, PolicyLimits, PolicyModule, PolicyParams, PolicyRuntime,
@@ -66,8 +66,6 @@ pub struct ActivePolicy {
 /// Why a swap was refused. The old policy keeps running in every case.
 #[derive(Debug, Error)]
 pub enum SwapError {
-    #[error("step tracing is disabled (start the server with --step-tracing-enabled)")]
-    TracingDisabled,
     #[error(transparent)]
     Refused(#[from] PolicyError),
     #[error("{name}: failed the pre-swap check: {failures}")]

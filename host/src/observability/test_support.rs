@@ -15,9 +15,9 @@ use prost::Message;
 
 use crate::engine::{
     EngineConfig, EngineCore, RequestPhase, SamplingParams, StepObserver, StepView,
-    test_runner::DeterministicRunner,
 };
 use crate::policy::StepSummary;
+use crate::testing::DeterministicRunner;
 
 use super::StepTracerObserver;
 use super::record::{sat_u32, step_summary};

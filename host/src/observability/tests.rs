@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use super::config::OtlpConfig;
 use super::test_support::{
     CollectedSpan, ExpectedStep, GrpcCollector, HttpCollector, TEST_VOCAB, TestRequest,
     distinct_prompt, run_engine,
@@ -452,7 +453,8 @@ fn pressure_policy_exports_only_preempting_or_kv_heavy_steps() {
 
 #[test]
 fn an_unreachable_collector_drops_and_counts_but_never_blocks_steps() {
-    use crate::engine::{Engine, test_runner::DeterministicRunner};
+    use crate::engine::Engine;
+    use crate::testing::deterministic_runner::DeterministicRunner;
     for protocol in [OtlpProtocol::Grpc, OtlpProtocol::HttpProtobuf] {
         // A port nobody listens on.
         let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -12,37 +12,35 @@
 //! which no host call blocks ([`wasi`]); nothing else may be imported. Text a guest chooses is
 //! escaped and bounded before it is shown anywhere ([`guest_text`]).
 //! Large components are compiled once and cached on disk ([`cache`]).
-//! The module also holds the seed-derived per-step randomness, a native twin of the default
-//! policy (for benchmarks), synthetic step streams, and the `policy check` conformance suite.
+//! The module also holds the seed-derived per-step randomness ([`random`]); the tools that
+//! exercise a policy outside an engine (conformance suite, synthetic steps, replay, native twin)
+//! are its [`devkit`].
 
 mod bindings;
 pub mod budget;
 pub mod cache;
-pub mod conformance;
+pub mod devkit;
 pub mod epoch;
 mod faults;
 pub mod guest_text;
 mod limits;
 mod module;
-pub mod native;
 pub mod params;
 pub mod random;
-pub mod replay;
 mod runtime;
-pub mod synthetic;
 mod validate;
 mod wasi;
 
-pub use bindings::{ExtraAttribute, RequestViews, SnapshotAttributes, StepSummary};
+pub use bindings::{RequestViews, SnapshotAttributes, StepSummary};
+pub use devkit::RecordedStep;
 pub use faults::{FaultKind, PolicyCounters, PolicyCountersSnapshot};
 pub use limits::{
     DEFAULT_CALL_DEADLINE_MS, DEFAULT_CONFIGURE_DEADLINE_MS, DEFAULT_FUEL_PER_CALL, PolicyLimits,
 };
 pub use module::{PolicyError, PolicyModule, PolicySource};
 pub use params::PolicyParams;
-pub use replay::RecordedStep;
 pub use runtime::{PolicyOutcome, PolicyRuntime};
-pub use validate::{Decision, RichSelection, extra_attribute_key};
+pub use validate::{Decision, extra_attribute_key};
 
 /// The default policy component, built from `policies/default` by `build.rs`.
 pub const DEFAULT_POLICY_WASM: &[u8] =

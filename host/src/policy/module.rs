@@ -2,7 +2,7 @@
 //! pre-linked instance template (`InstancePre`) so re-instantiation after a fault is cheap.
 
 use super::bindings::StepPolicyPre;
-use super::cache::{self, CompileSource};
+use super::cache;
 use super::limits::PolicyLimits;
 use super::wasi::{self, ImportPlan};
 use super::{DEFAULT_POLICY_WASM, POLICY_INTERFACE};
@@ -81,7 +81,6 @@ struct ModuleInner {
     size_bytes: usize,
     limits: PolicyLimits,
     wasi_imports: Vec<String>,
-    compile_source: CompileSource,
 }
 
 impl std::fmt::Debug for PolicyModule {
@@ -123,6 +122,7 @@ impl PolicyModule {
                 name: name.clone(),
                 reason: one_line(&e),
             })?;
+        tracing::debug!(policy = %name, %digest, source = ?compile_source, "policy component ready");
         let ty = component.component_type();
         let imports: Vec<String> = ty.imports(&engine).map(|(n, _)| n.to_string()).collect();
         let import_plan = ImportPlan::classify(imports.iter().map(String::as_str));
@@ -165,7 +165,6 @@ impl PolicyModule {
                 size_bytes: bytes.len(),
                 limits,
                 wasi_imports: import_plan.wasi,
-                compile_source,
             }),
         })
     }
@@ -191,11 +190,6 @@ impl PolicyModule {
     /// The WASI interfaces the component imports (served by the empty sandbox context).
     pub fn wasi_imports(&self) -> &[String] {
         &self.inner.wasi_imports
-    }
-
-    /// Whether the component was compiled now or loaded from the compile cache.
-    pub fn compile_source(&self) -> CompileSource {
-        self.inner.compile_source
     }
 
     pub(crate) fn engine(&self) -> &Engine {

@@ -262,10 +262,6 @@ impl PolicyRuntime {
         &self.module
     }
 
-    pub fn params(&self) -> &[(String, String)] {
-        &self.params
-    }
-
     pub fn counters(&self) -> &Arc<PolicyCounters> {
         &self.counters
     }

@@ -33,18 +33,7 @@ pub struct Decision {
     pub extra: Vec<(String, String)>,
 }
 
-impl Decision {
-    /// The answer used when a step is not traced.
-    pub fn untraced() -> Self {
-        Decision {
-            emit_batch: false,
-            emit_rich: false,
-            batch_probability: 0.0,
-            rich_probability: 0.0,
-            extra: Vec::new(),
-        }
-    }
-}
+impl Decision {}
 
 /// A validated answer of `plan-rich`.
 #[derive(Debug, Clone, PartialEq)]

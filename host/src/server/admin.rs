@@ -35,7 +35,7 @@ use utoipa::{OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::observability::{ActivePolicy, PolicyOrigin, PolicySwitch, SwapError};
+use crate::observability::{ActivePolicy, PolicyOrigin, PolicySwitch};
 use crate::policy::DEFAULT_POLICY_WASM;
 
 use super::errors::ApiError;
@@ -210,9 +210,6 @@ async fn post_policy(
     .await;
     match swapped {
         Ok(Ok(active)) => (StatusCode::OK, axum::Json(active)).into_response(),
-        Ok(Err(SwapError::TracingDisabled)) => ApiError::conflict("step tracing is disabled")
-            .with_code("step_tracing_disabled")
-            .into_response(),
         Ok(Err(error)) => ApiError::invalid(format!(
             "policy refused, the active policy is unchanged: {error}"
         ))

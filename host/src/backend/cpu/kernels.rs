@@ -176,10 +176,6 @@ impl RopeTable {
         RopeTable { half, cos, sin }
     }
 
-    pub fn max_positions(&self) -> usize {
-        self.cos.len().checked_div(self.half).unwrap_or(0)
-    }
-
     /// Rotates every `2 * half`-wide head of `v` (rotate-half convention) for position `pos`.
     pub fn apply(&self, v: &mut [f32], pos: usize) {
         let h = self.half;

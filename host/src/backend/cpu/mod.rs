@@ -88,14 +88,6 @@ impl CpuModelRunner {
         })
     }
 
-    pub fn config(&self) -> &ModelConfig {
-        &self.cfg
-    }
-
-    pub fn kv_shape(&self) -> KvCacheShape {
-        self.kv.shape()
-    }
-
     pub fn weights(&self) -> &Arc<LlamaWeights> {
         &self.weights
     }

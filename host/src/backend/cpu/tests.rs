@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::engine::model_runner::{BatchEntry, ModelBatch, ModelRunner, ModelRunnerError};
-use crate::model::greedy::{GreedyOptions, greedy_generate};
 use crate::model::tiny::{self, SplitMix64, tiny_config, tiny_weights};
 use crate::model::weights::LlamaWeights;
 use crate::model::{KvCacheShape, ModelConfig, RopeScaling};
+use crate::testing::greedy::{GreedyOptions, greedy_generate};
 
 use super::CpuModelRunner;
 

@@ -233,13 +233,3 @@ fn preload(path: &Path) -> Result<(), libloading::Error> {
     held.push((path.to_path_buf(), lib));
     Ok(())
 }
-
-/// The libraries this process opened by absolute path (for diagnostics).
-pub fn preloaded() -> Vec<PathBuf> {
-    PRELOADED
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .map(|(p, _)| p.clone())
-        .collect()
-}

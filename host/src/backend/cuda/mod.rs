@@ -29,16 +29,13 @@ pub mod nvrtc;
 pub mod runner;
 
 #[cfg(test)]
-mod bench;
-#[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::fmt;
 use std::sync::OnceLock;
 
 use thiserror::Error;
 
-pub use nvrtc::{ActDtype, KERNEL_SOURCES};
 pub use runner::CudaModelRunner;
 
 /// Why the CUDA backend cannot start or a CUDA call failed.
@@ -193,31 +190,4 @@ fn probe_uncached() -> Result<DeviceSummary, CudaError> {
 /// panics; the first call costs a driver initialisation, later calls are free.
 pub fn cuda_available() -> bool {
     probe().is_ok()
-}
-
-/// How many KV blocks of `block_size` tokens fit on device 0 next to the model's 16-bit weights,
-/// using at most `memory_fraction` of the GPU's memory and leaving `reserve_bytes` for
-/// activations, logits and the cuBLAS workspace (1 GiB is ample for batches of a few thousand
-/// tokens on a 1-8 B model). For sizing `--num-kv-blocks` on `--device cuda`.
-pub fn kv_blocks_that_fit(
-    cfg: &crate::model::ModelConfig,
-    num_params: usize,
-    block_size: usize,
-    memory_fraction: f64,
-    reserve_bytes: usize,
-) -> Result<usize, CudaError> {
-    let dev = probe()?;
-    let budget = (dev.total_memory_bytes as f64 * memory_fraction.clamp(0.0, 1.0)) as usize;
-    let per_block = 2 * cfg.num_layers * cfg.kv_dim() * 2 * block_size.max(1);
-    let used = 2 * num_params + reserve_bytes;
-    if budget <= used {
-        return Err(CudaError::OutOfMemory(format!(
-            "{:.2} GiB of {} ({:.0}% of its memory) hold no KV cache next to {:.2} GiB of weights",
-            budget as f64 / (1u64 << 30) as f64,
-            dev.name,
-            memory_fraction * 100.0,
-            (2 * num_params) as f64 / (1u64 << 30) as f64
-        )));
-    }
-    Ok((budget - used) / per_block)
 }

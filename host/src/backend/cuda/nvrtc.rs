@@ -150,7 +150,6 @@ impl ActDtype {
 #[derive(Debug, Clone)]
 pub struct CompiledKernel {
     pub file: &'static str,
-    pub arch: String,
     pub image: Vec<u8>,
     pub is_cubin: bool,
 }
@@ -313,7 +312,6 @@ fn compile_loaded(
     Ok((
         CompiledKernel {
             file: src.file,
-            arch: arch.to_owned(),
             image,
             is_cubin,
         },

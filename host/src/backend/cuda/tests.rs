@@ -19,12 +19,12 @@ use std::sync::Arc;
 
 use crate::backend::cpu::CpuModelRunner;
 use crate::engine::model_runner::{BatchEntry, ModelBatch, ModelRunner};
-use crate::model::greedy::{GreedyOptions, argmax, greedy_generate};
 use crate::model::tiny::{SplitMix64, tiny_config, tiny_weights};
 use crate::model::{
     Architecture, BUILTIN_TINY, KvCacheShape, LlamaWeights, ModelConfig, RopeScaling,
     load_model_files,
 };
+use crate::testing::greedy::{GreedyOptions, argmax, greedy_generate};
 
 use super::gemm::GemmMode;
 use super::nvrtc::{self, ActDtype, KERNEL_SOURCES};
@@ -49,7 +49,7 @@ pub(super) fn repo_root() -> PathBuf {
 
 /// Prints the skip line and returns false when no device is usable (or fails, under
 /// `STEPSCOPE_REQUIRE_CUDA=1`, as `scripts/gpu-check.sh` sets it).
-pub(super) fn device_or_skip(test: &str) -> bool {
+pub(crate) fn device_or_skip(test: &str) -> bool {
     match probe() {
         Ok(_) => true,
         Err(e) if std::env::var("STEPSCOPE_REQUIRE_CUDA").is_ok_and(|v| v == "1") => {
@@ -816,7 +816,7 @@ fn cuda_refuses_unsupported_models_cleanly() {
 /// A random Llama of realistic size (Llama-3.2-1B-like geometry with a 32000 vocabulary):
 /// about 0.9 B parameters, weights drawn from `tiny_weights`' fixed seed on the machine that
 /// runs the test.
-pub(super) fn realistic_config() -> ModelConfig {
+pub(crate) fn realistic_config() -> ModelConfig {
     ModelConfig {
         architecture: Architecture::Llama,
         vocab_size: 32_000,

@@ -40,7 +40,7 @@ mod weights;
 #[cfg(test)]
 mod tests;
 
-pub use weights::{round_to_dtype, to_half_bits, weights_rounded_to};
+pub use weights::{to_half_bits, weights_rounded_to};
 
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -53,7 +53,7 @@ use crate::model::{KvCacheShape, LlamaWeights, ModelConfig};
 
 use super::gemm::{GemmMode, GemmPlan};
 use super::nvrtc::{self, ActDtype};
-use super::{CudaError, DeviceSummary, guard, libs, probe};
+use super::{CudaError, DeviceSummary, guard, probe};
 
 use forward::Kernels;
 use graphs::Graphs;
@@ -148,14 +148,6 @@ impl CudaModelRunner {
         kv: KvCacheShape,
     ) -> Result<Self, CudaError> {
         Self::with_options(cfg, weights, kv, &CudaOptions::default())
-    }
-
-    /// [`CudaModelRunner::new`] for a loaded model.
-    pub fn from_model(
-        model: &crate::model::LoadedModel,
-        kv: KvCacheShape,
-    ) -> Result<Self, CudaError> {
-        Self::new(model.info.config.clone(), model.weights.clone(), kv)
     }
 
     pub fn with_options(
@@ -338,14 +330,6 @@ impl CudaModelRunner {
         &self.gemm_plan
     }
 
-    pub fn config(&self) -> &ModelConfig {
-        &self.cfg
-    }
-
-    pub fn kv_shape(&self) -> KvCacheShape {
-        self.kv_shape
-    }
-
     pub fn dtype(&self) -> ActDtype {
         self.dtype
     }
@@ -373,11 +357,6 @@ impl CudaModelRunner {
     /// The CUDA stream everything runs on (for benchmarks).
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
-    }
-
-    /// Libraries opened by absolute path (diagnostics).
-    pub fn preloaded_libraries(&self) -> Vec<std::path::PathBuf> {
-        libs::preloaded()
     }
 }
 

@@ -23,7 +23,9 @@ use crate::model::KvCacheShape;
 use crate::policy::PolicySource;
 use crate::policy::budget::BudgetConfig;
 
-use super::{ObservabilityConfig, ObservabilityError, StepTracer, StepTracerObserver};
+use crate::observability::{
+    ObservabilityConfig, ObservabilityError, StepTracer, StepTracerObserver,
+};
 
 /// What to run.
 #[derive(Debug, Clone)]

@@ -8,10 +8,10 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{Value, json};
 
-use super::config::RopeScaling;
-use super::error::ModelError;
-use super::weights::Matrix;
-use super::{LoadedModel, ModelConfig};
+use crate::model::config::RopeScaling;
+use crate::model::error::ModelError;
+use crate::model::weights::Matrix;
+use crate::model::{LoadedModel, ModelConfig};
 
 /// Writes `model` into `dir` (created if needed); weights in bf16 when `bf16`, else f32.
 pub fn export_hf_dir(model: &LoadedModel, dir: &Path, bf16: bool) -> Result<(), ModelError> {

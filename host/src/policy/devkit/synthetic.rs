@@ -1,11 +1,11 @@
 //! Synthetic step streams for `policy run`, `policy check`, benchmarks and tests.
 //!
 //! The numbers look like a busy engine (varying queue depths, KV pressure, occasional
-//! preemptions); the per-step draws come from [`super::random::step_draws`] exactly as in the
+//! preemptions); the per-step draws come from [`crate::policy::random::step_draws`] exactly as in the
 //! engine, so a policy's observed rates over a synthetic stream match what it would do live.
 
-use super::bindings::{RequestViews, StepSummary};
-use super::random::{mix64, step_draws};
+use crate::policy::bindings::{RequestViews, StepSummary};
+use crate::policy::random::{mix64, step_draws};
 
 /// The summary of synthetic step `step_id` (1-based) under `seed`.
 pub fn step_summary(seed: u64, step_id: u64) -> StepSummary {

@@ -8,7 +8,7 @@
 //! the full logits copied back, next to the HBM floor: the bytes a step must read (every weight
 //! matrix once, plus every request's K and V in all layers) divided by the device-to-device copy
 //! bandwidth measured in the same run (bytes read + written per second, as `cudaMemcpy` D2D
-//! benchmarks count it). It also prints the start-up GEMM choice ([`super::gemm`]) per
+//! benchmarks count it). It also prints the start-up GEMM choice ([`crate::backend::cuda::gemm`]) per
 //! projection, and, side by side, the CUDA-graph step time of the baseline (every GEMM on cuBLAS,
 //! attention not split over key ranges: the runner before those two changes).
 
@@ -19,10 +19,10 @@ use crate::engine::model_runner::{BatchEntry, ModelBatch, ModelRunner};
 use crate::model::KvCacheShape;
 use crate::model::tiny::tiny_weights;
 
-use super::CudaModelRunner;
-use super::gemm::GemmMode;
-use super::runner::CudaOptions;
-use super::tests::{device_or_skip, realistic_config};
+use crate::backend::cuda::CudaModelRunner;
+use crate::backend::cuda::gemm::GemmMode;
+use crate::backend::cuda::runner::CudaOptions;
+use crate::backend::cuda::tests::{device_or_skip, realistic_config};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

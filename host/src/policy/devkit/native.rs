@@ -3,8 +3,8 @@
 //! Used as the baseline of `stepscope bench policy` (Wasm vs native, side by side) and by
 //! tests that check the embedded component decides exactly like it.
 
-use super::bindings::StepSummary;
-use super::validate::Decision;
+use crate::policy::bindings::StepSummary;
+use crate::policy::validate::Decision;
 
 /// Two-stage sampling: batch with `sample_rate`, then rich with `rich_subsample_rate`.
 pub fn default_decide(

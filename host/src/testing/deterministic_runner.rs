@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::hashing::mix64;
-use super::model_runner::{Logits, ModelBatch, ModelRunner, ModelRunnerError};
-use super::request::SamplingParams;
+use crate::engine::hashing::mix64;
+use crate::engine::model_runner::{Logits, ModelBatch, ModelRunner, ModelRunnerError};
+use crate::engine::request::SamplingParams;
 
 /// Height of the most likely token's logit above the others' (which lie in [0, 2)).
 const TARGET_LOGIT_BOOST: f32 = 3.0;
@@ -85,10 +85,6 @@ impl DeterministicRunner {
 
     pub fn counters(&self) -> Arc<RunnerCounters> {
         Arc::clone(&self.counters)
-    }
-
-    pub fn seed(&self) -> u64 {
-        self.seed
     }
 
     fn slot_index(&self, block_table: &[u32], position: usize) -> Result<usize, String> {

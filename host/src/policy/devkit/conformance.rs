@@ -7,17 +7,17 @@
 //! module's deadlines, and the whole check under a wall-clock limit: a policy that blocks,
 //! times out or is slow ends the check early with a verdict that says so, never a hang. A
 //! `decide` whose p99 passes the serving budget's floor gets a warning (it would be set aside
-//! for the built-in default on short steps; see [`super::budget`]). `run` reports the sampling
+//! for the built-in default on short steps; see [`crate::policy::budget`]). `run` reports the sampling
 //! rates a policy produces over N synthetic steps.
 
-use super::bindings::StepSummary;
-use super::budget::BudgetConfig;
-use super::faults::{FaultKind, PolicyCounters};
-use super::module::{PolicyError, PolicyModule};
-use super::runtime::{PolicyOutcome, PolicyRuntime};
 use super::synthetic;
-use super::validate::{Decision, RichSelection};
-use crate::bench::LatencyStats;
+use crate::latency::LatencyStats;
+use crate::policy::bindings::StepSummary;
+use crate::policy::budget::BudgetConfig;
+use crate::policy::faults::{FaultKind, PolicyCounters};
+use crate::policy::module::{PolicyError, PolicyModule};
+use crate::policy::runtime::{PolicyOutcome, PolicyRuntime};
+use crate::policy::validate::{Decision, RichSelection};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -103,7 +103,7 @@ pub fn check(module: &PolicyModule, suite: &SuiteParams) -> Result<CheckReport, 
         true,
         format!(
             "exports {} and configure accepted the parameters",
-            super::POLICY_INTERFACE
+            crate::policy::POLICY_INTERFACE
         ),
     )];
     lines.push(CheckLine::new(

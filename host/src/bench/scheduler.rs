@@ -9,9 +9,9 @@
 
 use std::time::Instant;
 
-use super::config::EngineConfig;
-use super::request::{Request, RequestRng, SamplingParams};
-use super::scheduler::Scheduler;
+use crate::engine::config::EngineConfig;
+use crate::engine::request::{Request, RequestRng, SamplingParams};
+use crate::engine::scheduler::Scheduler;
 
 /// Prompt length of the benchmark requests (plus 0..block_size, staggered).
 const PROMPT_TOKENS: usize = 128;

@@ -8,9 +8,9 @@ use std::time::Instant;
 
 use crate::engine::model_runner::{BatchEntry, ModelBatch, ModelRunner};
 
-use super::greedy::argmax;
-use super::tiny::SplitMix64;
-use super::{BUILTIN_TINY, KvCacheShape, ModelError, load_model};
+use crate::engine::sampler::argmax;
+use crate::model::tiny::SplitMix64;
+use crate::model::{BUILTIN_TINY, KvCacheShape, ModelError, load_model};
 
 /// Prompt length used by the benchmark.
 pub const BENCH_PROMPT_LEN: usize = 128;

@@ -8,8 +8,8 @@
 //! extra attribute, if it gives one), and the rates, so a policy can be tried offline on real
 //! traffic before it is swapped in.
 
-use super::runtime::{PolicyOutcome, PolicyRuntime};
-use super::{RequestViews, StepSummary};
+use crate::policy::runtime::{PolicyOutcome, PolicyRuntime};
+use crate::policy::{RequestViews, StepSummary};
 use std::collections::BTreeMap;
 
 /// One recorded step: its summary, and the running requests if the recording snapshotted them.

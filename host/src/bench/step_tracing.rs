@@ -16,10 +16,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use crate::bench::{LatencyStats, format_ns};
-use crate::engine::test_runner::DeterministicRunner;
 use crate::engine::{EngineConfig, EngineCore, SamplingParams, StepObserver, StepView};
+use crate::testing::deterministic_runner::DeterministicRunner;
 
-use super::{
+use crate::observability::{
     ObservabilityConfig, ObservabilityError, StepTracer, StepTracerObserver, TracerMetrics,
 };
 

@@ -5,8 +5,8 @@
 
 use crate::engine::model_runner::{BatchEntry, ModelBatch, ModelRunner, ModelRunnerError};
 
-use super::KvCacheShape;
-use super::tiny::SplitMix64;
+use crate::model::KvCacheShape;
+use crate::model::tiny::SplitMix64;
 
 /// How to drive the runner.
 #[derive(Debug, Clone)]
@@ -38,16 +38,8 @@ pub struct GreedyOutput {
     pub prompt_logits: Vec<Vec<f32>>,
 }
 
-/// Index of the largest logit (the first one on ties, as `torch.argmax`).
-pub fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
+/// The engine's greedy choice: the first largest logit, as `torch.argmax` (NaNs skipped).
+pub use crate::engine::sampler::argmax;
 
 struct Seq {
     tokens: Vec<u32>,
