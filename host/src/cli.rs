@@ -340,7 +340,7 @@ pub struct StepTracingArgs {
     /// OTLP transport: `grpc` or `http` (HTTP/protobuf). Default:
     /// `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, then `OTEL_EXPORTER_OTLP_PROTOCOL`, then grpc.
     #[arg(long, value_enum, value_name = "grpc|http")]
-    pub otlp_protocol: Option<crate::observability::OtlpProtocol>,
+    pub otlp_protocol: Option<crate::step_tracing::OtlpProtocol>,
     /// Also write every traced step as one JSON object per line to this file (truncated at
     /// start), for use without a collector and for `policy replay`.
     #[arg(long, value_name = "PATH")]
@@ -352,12 +352,12 @@ pub struct StepTracingArgs {
 }
 
 impl StepTracingArgs {
-    /// The flags, typed, for the library ([`ObservabilityConfig::resolve`] adds the `OTEL_*`
+    /// The flags, typed, for the library ([`StepTracingConfig::resolve`] adds the `OTEL_*`
     /// environment).
     ///
-    /// [`ObservabilityConfig::resolve`]: crate::observability::ObservabilityConfig::resolve
-    pub fn settings(&self) -> crate::observability::StepTracingSettings {
-        crate::observability::StepTracingSettings {
+    /// [`StepTracingConfig::resolve`]: crate::step_tracing::StepTracingConfig::resolve
+    pub fn settings(&self) -> crate::step_tracing::StepTracingSettings {
+        crate::step_tracing::StepTracingSettings {
             enabled: self.step_tracing_enabled,
             policy: crate::policy::PolicySource::from_option(self.step_tracing_policy.as_deref()),
             policy_params: self.policy_params(),
@@ -374,9 +374,8 @@ impl StepTracingArgs {
     pub fn to_config(
         &self,
         seed: u64,
-    ) -> Result<crate::observability::ObservabilityConfig, crate::observability::ObservabilityError>
-    {
-        crate::observability::ObservabilityConfig::from_settings(self.settings(), seed)
+    ) -> Result<crate::step_tracing::StepTracingConfig, crate::step_tracing::StepTracingError> {
+        crate::step_tracing::StepTracingConfig::from_settings(self.settings(), seed)
     }
 
     /// The rates and the `--step-tracing-policy-arg`s, typed.

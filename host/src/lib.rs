@@ -1,7 +1,7 @@
 //! stepscope: an LLM inference server whose scheduler is observable step by step.
 //!
 //! At every scheduler step the host asks a sandboxed WebAssembly policy whether to trace the
-//! step and what to put in the trace. See `DESIGN.md` for the whole picture; each module's doc
+//! step and what to put in the trace. See `docs/ARCHITECTURE.md` for the whole picture; each module's doc
 //! says what it owns.
 
 pub mod backend;
@@ -11,8 +11,9 @@ pub mod engine;
 pub mod latency;
 pub mod launch;
 pub mod model;
-pub mod observability;
 pub mod policy;
 pub mod server;
+pub mod splitmix;
+pub mod step_tracing;
 pub mod testing;
 pub mod textgen;

@@ -192,7 +192,7 @@ fn run_generate(args: stepscope::cli::GenerateArgs) -> anyhow::Result<ExitCode> 
     use std::io::Write;
     use stepscope::engine::SamplingParams;
     use stepscope::model::{ChatMessage, DetokenizerOptions};
-    use stepscope::observability::StepTracer;
+    use stepscope::step_tracing::StepTracer;
     use stepscope::textgen::TextStream;
 
     // The same step tracer as `serve`, from the same flags (off unless --step-tracing-enabled).
@@ -275,7 +275,7 @@ fn run_replay(args: stepscope::cli::PolicyReplayArgs) -> anyhow::Result<ExitCode
     let module = PolicyModule::load(&source, args.limits.limits())?;
     let file = std::fs::File::open(&args.steps)
         .with_context(|| format!("cannot open {}", args.steps.display()))?;
-    let steps = stepscope::observability::jsonl::read_recorded_steps(
+    let steps = stepscope::step_tracing::jsonl::read_recorded_steps(
         std::io::BufReader::new(file),
         args.seed,
     )

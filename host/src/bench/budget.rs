@@ -23,9 +23,7 @@ use crate::model::KvCacheShape;
 use crate::policy::PolicySource;
 use crate::policy::budget::BudgetConfig;
 
-use crate::observability::{
-    ObservabilityConfig, ObservabilityError, StepTracer, StepTracerObserver,
-};
+use crate::step_tracing::{StepTracer, StepTracerObserver, StepTracingConfig, StepTracingError};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -97,17 +95,17 @@ pub fn run(params: &BudgetBenchParams) -> anyhow::Result<Vec<BudgetBenchRow>> {
     ];
     let mut tracers = Vec::new();
     for (label, policy, args, budget) in &variants {
-        let config = ObservabilityConfig {
+        let config = StepTracingConfig {
             policy: policy.clone(),
             policy_params: crate::policy::PolicyParams {
                 args: args.clone(),
                 ..crate::policy::PolicyParams::rates(1.0, 0.0)
             },
             policy_budget: *budget,
-            ..ObservabilityConfig::enabled_with_rates(1.0, 0.0, 0)
+            ..StepTracingConfig::enabled_with_rates(1.0, 0.0, 0)
         };
         let (observer, handle) = StepTracer::start(config)
-            .map_err(|e: ObservabilityError| anyhow::anyhow!("{label}: {e}"))?;
+            .map_err(|e: StepTracingError| anyhow::anyhow!("{label}: {e}"))?;
         tracers.push((Arc::new(Mutex::new(observer)), handle, Vec::<u64>::new()));
     }
     let engine_config = EngineConfig {

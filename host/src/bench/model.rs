@@ -8,9 +8,10 @@ use std::time::Instant;
 
 use crate::engine::model_runner::{BatchEntry, ModelBatch, ModelRunner};
 
+use crate::backend::cpu::load_cpu_model;
 use crate::engine::sampler::argmax;
-use crate::model::tiny::SplitMix64;
-use crate::model::{BUILTIN_TINY, KvCacheShape, ModelError, load_model};
+use crate::model::{BUILTIN_TINY, KvCacheShape, ModelError};
+use crate::splitmix::SplitMix64;
 
 /// Prompt length used by the benchmark.
 pub const BENCH_PROMPT_LEN: usize = 128;
@@ -51,9 +52,9 @@ pub fn cpu_throughput_bench(
         num_blocks: max_batch * blocks_per_seq,
         block_size: BLOCK_SIZE,
     };
-    let (mut runner, info) = load_model(model, kv)?;
+    let (mut runner, info) = load_cpu_model(model, kv)?;
     let vocab = info.tokenizer.vocab_size().min(info.vocab_size) as u64;
-    let mut rng = SplitMix64(42);
+    let mut rng = SplitMix64::new(42);
     let mut rows = Vec::new();
     println!(
         "model {} | prompt {BENCH_PROMPT_LEN} tokens | {BENCH_DECODE_STEPS} decode steps | {} threads",

@@ -11,7 +11,7 @@
 
 use super::{LatencyStats, format_ns};
 use crate::policy::{
-    PolicyCounters, PolicyLimits, PolicyModule, PolicyRuntime, PolicySource,
+    PolicyCounters, PolicyLimits, PolicyModule, PolicyParams, PolicyRuntime, PolicySource,
     devkit::{conformance, native, synthetic},
 };
 use std::sync::Arc;
@@ -26,10 +26,7 @@ pub struct Row {
 
 /// Runs the policy benchmark and returns its rows (printing is the caller's job).
 pub fn run(source: &PolicySource, iterations: u64) -> anyhow::Result<Vec<Row>> {
-    let params = vec![
-        ("sample_rate".to_string(), "0.5".to_string()),
-        ("rich_subsample_rate".to_string(), "0.5".to_string()),
-    ];
+    let params = PolicyParams::rates(0.5, 0.5).to_configure();
     let seed = 0;
     let mut rows = vec![native_row(seed, iterations)?];
     for (label, fuel) in [
@@ -71,10 +68,7 @@ pub fn run_languages(
         fuel_per_call: fuel,
         ..PolicyLimits::default()
     };
-    let params = vec![
-        ("sample_rate".to_string(), "0.5".to_string()),
-        ("rich_subsample_rate".to_string(), "0.5".to_string()),
-    ];
+    let params = PolicyParams::rates(0.5, 0.5).to_configure();
     let seed = 0;
     let mut rows = vec![native_row(seed, iterations)?];
     let mut runtimes = instances(languages, &params, limits)?;

@@ -10,7 +10,8 @@
 use std::time::Instant;
 
 use crate::engine::config::EngineConfig;
-use crate::engine::request::{Request, RequestRng, SamplingParams};
+use crate::engine::request::{Request, RequestRng};
+use crate::engine::sampling_params::SamplingParams;
 use crate::engine::scheduler::Scheduler;
 
 /// Prompt length of the benchmark requests (plus 0..block_size, staggered).

@@ -19,8 +19,8 @@ use crate::bench::{LatencyStats, format_ns};
 use crate::engine::{EngineConfig, EngineCore, SamplingParams, StepObserver, StepView};
 use crate::testing::deterministic_runner::DeterministicRunner;
 
-use crate::observability::{
-    ObservabilityConfig, ObservabilityError, StepTracer, StepTracerObserver, TracerMetrics,
+use crate::step_tracing::{
+    StepTracer, StepTracerObserver, StepTracingConfig, StepTracingError, TracerMetrics,
 };
 
 const BENCH_VOCAB: usize = 1024;
@@ -177,13 +177,13 @@ fn run_round(
     requests: usize,
     output_tokens: usize,
     samples: &Arc<Mutex<Vec<(u64, StepKind)>>>,
-) -> Result<RoundResult, ObservabilityError> {
+) -> Result<RoundResult, StepTracingError> {
     let (engine_config, prompts) = workload(requests, output_tokens);
     let config = match variant.rates {
-        None => ObservabilityConfig::default(),
-        Some((rate, rich)) => ObservabilityConfig {
+        None => StepTracingConfig::default(),
+        Some((rate, rich)) => StepTracingConfig {
             step_tracing_file: variant.jsonl.then(|| "/dev/null".into()),
-            ..ObservabilityConfig::enabled_with_rates(rate, rich, 0)
+            ..StepTracingConfig::enabled_with_rates(rate, rich, 0)
         },
     };
     let (tracer, mut handle) = StepTracer::start(config)?;
@@ -200,14 +200,14 @@ fn run_round(
         PROMPT_TOKENS + output_tokens + 16,
     );
     let mut core = EngineCore::new(engine_config, Box::new(runner), Box::new(observer))
-        .map_err(|e| ObservabilityError::Config(format!("bench engine: {e}")))?;
+        .map_err(|e| StepTracingError::Config(format!("bench engine: {e}")))?;
     let params = SamplingParams {
         ignore_eos: true,
         ..SamplingParams::greedy(output_tokens)
     };
     for (i, prompt) in prompts.into_iter().enumerate() {
         core.add_request(i as u64 + 1, prompt, params.clone())
-            .map_err(|e| ObservabilityError::Config(format!("bench request: {e}")))?;
+            .map_err(|e| StepTracingError::Config(format!("bench request: {e}")))?;
     }
     let cpu_before = thread_cpu_ns();
     let started = Instant::now();
@@ -261,7 +261,7 @@ pub fn run(
     requests: usize,
     output_tokens: usize,
     rounds: usize,
-) -> Result<Vec<TracingBenchRow>, ObservabilityError> {
+) -> Result<Vec<TracingBenchRow>, StepTracingError> {
     let requests = requests.clamp(1, 4096);
     let output_tokens = output_tokens.clamp(1, 8192);
     let rounds = rounds.max(1);

@@ -26,7 +26,8 @@ use super::hashing::IdHashMap;
 use super::heartbeat::{Heartbeat, Liveness};
 use super::model_runner::ModelRunner;
 use super::observer::StepObserver;
-use super::request::{FinishReason, RequestId, RequestOutput, SamplingParams};
+use super::request::{FinishReason, RequestId, RequestOutput};
+use super::sampling_params::SamplingParams;
 
 /// Name of the engine thread.
 pub const ENGINE_THREAD_NAME: &str = "stepscope-engine";

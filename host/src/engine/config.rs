@@ -7,7 +7,7 @@
 
 use thiserror::Error;
 
-use super::request::SamplingParams;
+use super::sampling_params::SamplingParams;
 
 /// Engine configuration. `Default` gives a small CPU-friendly setup.
 #[derive(Debug, Clone, PartialEq)]

@@ -13,8 +13,9 @@ use std::time::Instant;
 use super::config::{EngineConfig, EngineError, RequestLimits};
 use super::model_runner::{ModelRunner, ModelRunnerError};
 use super::observer::{NoopStepObserver, StepObserver, StepView};
-use super::request::{Request, RequestId, RequestOutput, RequestRng, SamplingParams, unix_time_ns};
-use super::sampler::{Sampler, TokenHistory};
+use super::request::{Request, RequestId, RequestOutput, request_rng, unix_time_ns};
+use super::sampler::Sampler;
+use super::sampling_params::SamplingParams;
 use super::scheduler::Scheduler;
 
 /// Engine-wide numbers for `/metrics` and the CLI.
@@ -60,7 +61,7 @@ pub struct EngineCore {
     observer_failed: bool,
     sampler: Sampler,
     seed: u64,
-    prev_step_duration_us: u64,
+    last_step_duration_us: u64,
     model_errors_total: u64,
 }
 
@@ -88,7 +89,7 @@ impl EngineCore {
             observer_failed: false,
             sampler: Sampler::new(),
             seed: config.seed,
-            prev_step_duration_us: 0,
+            last_step_duration_us: 0,
             model_errors_total: 0,
         })
     }
@@ -130,7 +131,7 @@ impl EngineCore {
         prompt_token_ids: Vec<u32>,
         params: SamplingParams,
     ) -> Result<(), EngineError> {
-        let rng = RequestRng::for_request(params.seed, self.seed, request_id);
+        let rng = request_rng(params.seed, self.seed, request_id);
         self.scheduler
             .add_request(Request::new(request_id, prompt_token_ids, params, rng))
     }
@@ -157,7 +158,7 @@ impl EngineCore {
                 &scheduled,
                 ts_start_ns,
                 schedule_ns,
-                self.prev_step_duration_us,
+                self.last_step_duration_us,
             );
             let observer = &mut self.observer;
             if catch_unwind(AssertUnwindSafe(|| observer.on_step(&view))).is_err() {
@@ -178,35 +179,12 @@ impl EngineCore {
             let forward = self.runner.forward(&batch);
             drop(batch);
             let sampled = forward.and_then(|logits| {
-                let expected_rows = scheduled.num_logits_rows();
-                if logits.vocab_size != self.runner.vocab_size() || logits.data.len() != expected_rows * logits.vocab_size {
-                    return Err(ModelRunnerError::Backend(format!(
-                        "runner returned {} floats of vocab width {}, expected {expected_rows} rows of {}",
-                        logits.data.len(),
-                        logits.vocab_size,
-                        self.runner.vocab_size()
-                    )));
-                }
-                let mut row = 0;
-                let mut sampled = Vec::with_capacity(scheduled.scheduled.len());
-                for s in &scheduled.scheduled {
-                    if !s.needs_logits {
-                        sampled.push(None);
-                        continue;
-                    }
-                    let request = self.scheduler.running_request_mut(s.running_index);
-                    let history = TokenHistory {
-                        prompt: &request.token_ids[..request.num_prompt_tokens],
-                        output: &request.token_ids[request.num_prompt_tokens..],
-                    };
-                    let token = self.sampler.sample(logits.row(row), &request.params, history, &mut request.rng);
-                    if let Some(top) = request.params.logprobs {
-                        request.sampled_logprobs = Some(self.sampler.logprobs(logits.row(row), token, top));
-                    }
-                    row += 1;
-                    sampled.push(Some(token));
-                }
-                Ok(sampled)
+                logits.check_shape(scheduled.num_logits_rows(), self.runner.vocab_size())?;
+                Ok(self.sampler.sample_step(
+                    &logits,
+                    &scheduled.scheduled,
+                    self.scheduler.running_mut(),
+                ))
             });
             match sampled {
                 Ok(sampled) => self
@@ -220,7 +198,7 @@ impl EngineCore {
                 }
             }
         };
-        self.prev_step_duration_us =
+        self.last_step_duration_us =
             u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         StepOutput {
             step_id: scheduled.step_id,

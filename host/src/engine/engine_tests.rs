@@ -13,7 +13,8 @@ use super::config::{EngineConfig, EngineError};
 use super::core::{EngineCore, StepOutput};
 use super::model_runner::{Logits, ModelBatch, ModelRunner, ModelRunnerError};
 use super::observer::StepView;
-use super::request::{FinishReason, RequestId, RequestOutput, RequestPhase, SamplingParams};
+use super::request::{FinishReason, RequestId, RequestOutput, RequestPhase};
+use super::sampling_params::SamplingParams;
 use crate::testing::deterministic_runner::{
     DeterministicRunner, RunnerCounters, reference_greedy_output,
 };
@@ -118,6 +119,22 @@ fn checking_observer(
             violations.push(format!(
                 "step {}: per-request tokens {scheduled_sum} != {}",
                 step.id, b.scheduled_tokens
+            ));
+        }
+        let per_view: Vec<(u64, usize)> = step
+            .running_requests()
+            .filter(|r| r.scheduled_tokens_this_step() > 0)
+            .map(|r| (r.id(), r.scheduled_tokens_this_step()))
+            .collect();
+        let per_output: Vec<(u64, usize)> = step
+            .scheduled()
+            .iter()
+            .map(|s| (s.request_id, s.num_tokens))
+            .collect();
+        if per_view != per_output {
+            violations.push(format!(
+                "step {}: request views {per_view:?} disagree with the scheduler output {per_output:?}",
+                step.id
             ));
         }
         log.max_scheduled_tokens = log.max_scheduled_tokens.max(b.scheduled_tokens);

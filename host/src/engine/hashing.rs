@@ -1,7 +1,7 @@
 //! Small, fast, deterministic hashing shared by the engine.
 //!
-//! `mix64` is the splitmix64 finaliser (a bijection on `u64` with full avalanche). It backs the
-//! hasher of the engine's id-keyed maps (request ids and block hashes are already well spread, so
+//! SplitMix64's finaliser ([`crate::splitmix::finalize`], a bijection on `u64` with full
+//! avalanche) backs the hasher of the engine's id-keyed maps (request ids and block hashes are already well spread, so
 //! SipHash's DoS resistance buys nothing there and costs time on every scheduler step). Nothing
 //! here is cryptographic: the prefix-cache block hashes, which clients can influence, are
 //! SHA-256 ([`super::block_pool::BlockHash`]).
@@ -9,15 +9,9 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-/// The splitmix64 output function: a cheap bijective 64-bit mixer.
-#[inline]
-pub const fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+use crate::splitmix::finalize;
 
-/// Hasher for maps keyed by integer ids: one `mix64` per written word.
+/// Hasher for maps keyed by integer ids: one [`finalize`] per written word.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct IdHasher(u64);
 
@@ -37,7 +31,7 @@ impl Hasher for IdHasher {
 
     #[inline]
     fn write_u64(&mut self, n: u64) {
-        self.0 = mix64(self.0 ^ n);
+        self.0 = finalize(self.0 ^ n);
     }
 
     #[inline]
@@ -63,15 +57,6 @@ pub type IdHashMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mix64_is_deterministic_and_spreads_neighbours() {
-        assert_eq!(mix64(1), mix64(1));
-        assert_ne!(mix64(1), mix64(2));
-        // Neighbouring inputs differ in about half their output bits.
-        let differing = (mix64(1000) ^ mix64(1001)).count_ones();
-        assert!((16..=48).contains(&differing), "{differing}");
-    }
 
     #[test]
     fn id_hash_map_works_with_integer_keys() {

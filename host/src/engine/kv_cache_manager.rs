@@ -250,7 +250,8 @@ impl KvCacheManager {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::request::{RequestRng, SamplingParams};
+    use crate::engine::request::RequestRng;
+    use crate::engine::sampling_params::SamplingParams;
 
     fn request(id: RequestId, prompt: Vec<u32>) -> Request {
         Request::new(id, prompt, SamplingParams::greedy(8), RequestRng::new(0))

@@ -23,6 +23,7 @@ pub mod model_runner;
 pub mod observer;
 pub mod request;
 pub mod sampler;
+pub mod sampling_params;
 pub mod scheduler;
 
 #[cfg(test)]
@@ -33,6 +34,5 @@ pub use api::{Engine, EngineHandle};
 pub use config::{EngineConfig, EngineError};
 pub use heartbeat::Liveness;
 pub use observer::{NoopStepObserver, StepObserver, StepView};
-pub use request::{
-    FinishReason, MAX_LOGPROBS, RequestOutput, RequestPhase, SamplingParams, TokenLogprobs,
-};
+pub use request::{FinishReason, RequestOutput, RequestPhase, TokenLogprobs};
+pub use sampling_params::{MAX_LOGPROBS, SamplingParams};

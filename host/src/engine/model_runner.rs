@@ -112,6 +112,18 @@ impl Logits {
     pub fn row(&self, i: usize) -> &[f32] {
         &self.data[i * self.vocab_size..(i + 1) * self.vocab_size]
     }
+
+    /// Checks that a runner returned `rows` rows of the engine's `vocab_size`.
+    pub fn check_shape(&self, rows: usize, vocab_size: usize) -> Result<(), ModelRunnerError> {
+        if self.vocab_size != vocab_size || self.data.len() != rows * self.vocab_size {
+            return Err(ModelRunnerError::Backend(format!(
+                "runner returned {} floats of vocab width {}, expected {rows} rows of {vocab_size}",
+                self.data.len(),
+                self.vocab_size,
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Why a forward pass failed.

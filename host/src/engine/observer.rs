@@ -67,7 +67,7 @@ pub struct StepView<'a> {
     pub duration_us: u64,
     /// Wall time of the previous whole step (schedule, observer, forward, sample, update), in µs;
     /// 0 for the first step.
-    pub prev_step_duration_us: u64,
+    pub last_step_duration_us: u64,
     pub queue: QueueDepths,
     pub batch: BatchSummary,
     pub kv: KvSummary,
@@ -81,7 +81,7 @@ impl<'a> StepView<'a> {
         output: &'a SchedulerOutput,
         ts_start_ns: u64,
         duration_ns: u64,
-        prev_step_duration_us: u64,
+        last_step_duration_us: u64,
     ) -> Self {
         let kv = scheduler.kv_cache();
         Self {
@@ -89,7 +89,7 @@ impl<'a> StepView<'a> {
             ts_start_ns,
             ts_end_ns: ts_start_ns.saturating_add(duration_ns),
             duration_us: duration_ns / 1_000,
-            prev_step_duration_us,
+            last_step_duration_us,
             queue: QueueDepths {
                 running_depth: scheduler.num_running(),
                 waiting_depth: scheduler.num_waiting(),
@@ -108,10 +108,22 @@ impl<'a> StepView<'a> {
     /// Every running request, scheduled this step or not, oldest admission first.
     pub fn running_requests(&self) -> impl ExactSizeIterator<Item = RequestView<'a>> + 'a {
         let kv = self.scheduler.kv_cache();
+        // `scheduled` is in running-queue order: walk it alongside the queue.
+        let mut scheduled = self.output.scheduled.iter().peekable();
         self.scheduler
             .running()
             .iter()
-            .map(move |request| RequestView { request, kv })
+            .enumerate()
+            .map(move |(index, request)| {
+                let scheduled_tokens = scheduled
+                    .next_if(|s| s.running_index == index)
+                    .map_or(0, |s| s.num_tokens);
+                RequestView {
+                    request,
+                    kv,
+                    scheduled_tokens,
+                }
+            })
     }
 
     /// Waiting requests (preempted ones included), next to admit first.
@@ -120,7 +132,11 @@ impl<'a> StepView<'a> {
         self.scheduler
             .waiting()
             .iter()
-            .map(move |request| RequestView { request, kv })
+            .map(move |request| RequestView {
+                request,
+                kv,
+                scheduled_tokens: 0,
+            })
     }
 
     /// The scheduled requests, in running-queue order.
@@ -139,6 +155,8 @@ impl<'a> StepView<'a> {
 pub struct RequestView<'a> {
     request: &'a Request,
     kv: &'a KvCacheManager,
+    /// From the step's scheduler output (0 when not scheduled).
+    scheduled_tokens: usize,
 }
 
 impl<'a> RequestView<'a> {
@@ -174,7 +192,7 @@ impl<'a> RequestView<'a> {
 
     /// `request.scheduled_tokens_this_step` (0 when running but unscheduled).
     pub fn scheduled_tokens_this_step(&self) -> usize {
-        self.request.num_scheduled_tokens()
+        self.scheduled_tokens
     }
 
     /// `(kv.blocks_allocated_gpu, kv.blocks_cached_gpu)`, from `per_request_kv_metrics`.

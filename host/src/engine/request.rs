@@ -1,4 +1,5 @@
-//! Requests as the engine tracks them, their sampling parameters, and what they stream back.
+//! Requests as the engine tracks them and what they stream back (their sampling parameters are
+//! in [`super::sampling_params`]).
 //!
 //! A [`Request`] holds its prompt and generated tokens in one sequence, how many of those tokens
 //! already have K/V in its KV blocks (`num_computed_tokens`), the prefix-cache hit it got at its
@@ -9,54 +10,11 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::block_pool::BlockHash;
-use super::hashing::mix64;
+use super::sampling_params::SamplingParams;
+use crate::splitmix::{SplitMix64, finalize};
 
 /// Engine request id.
 pub type RequestId = u64;
-
-/// How a request's tokens are chosen; the engine validates these at admission
-/// (see [`SamplingParams::validate`]).
-#[derive(Debug, Clone, PartialEq)]
-pub struct SamplingParams {
-    /// Most tokens to generate (at least 1).
-    pub max_tokens: usize,
-    /// Softmax temperature; 0 (anything below 1e-5) means greedy decoding.
-    pub temperature: f32,
-    /// Keep only the `k` most likely tokens (`None`: no limit; `Some(0)` is invalid).
-    pub top_k: Option<usize>,
-    /// Keep the smallest set of most likely tokens whose probability reaches `top_p`, in (0, 1].
-    pub top_p: f32,
-    /// Seed of this request's random stream; `None`: derived from the engine seed and the id.
-    pub seed: Option<u64>,
-    /// Generation stops after any of these tokens (the token is part of the output).
-    pub stop_token_ids: Vec<u32>,
-    /// Keep generating after an end-of-sequence token.
-    pub ignore_eos: bool,
-    /// The model's end-of-sequence token ids (filled in by the server from the tokenizer).
-    pub eos_token_ids: Vec<u32>,
-    /// EOS and stop tokens cannot be sampled before this many tokens were generated.
-    pub min_tokens: usize,
-    /// Subtracted once from the logit of every token already generated (OpenAI, in [-2, 2]).
-    pub presence_penalty: f32,
-    /// Subtracted from a token's logit once per time it was generated (OpenAI, in [-2, 2]).
-    pub frequency_penalty: f32,
-    /// Divides positive and multiplies negative logits of every token in the prompt or the
-    /// output (vLLM and Hugging Face; 1 is off, > 1 discourages repetition).
-    pub repetition_penalty: f32,
-    /// Report each generated token's log-probability and this many top alternatives (at most
-    /// [`MAX_LOGPROBS`]), from the model's raw logits; `None`: no log-probabilities.
-    pub logprobs: Option<usize>,
-    /// Prefix-cache namespace: requests share cached blocks only with requests of the same salt
-    /// (vLLM's `cache_salt`), so one tenant cannot probe another's prompts by timing. `None`:
-    /// the shared namespace.
-    pub cache_salt: Option<String>,
-}
-
-/// The longest `cache_salt` accepted, in bytes.
-pub const MAX_CACHE_SALT_LEN: usize = 1024;
-
-/// The most top alternatives a request may ask log-probabilities for (vLLM's default limit).
-pub const MAX_LOGPROBS: usize = 20;
 
 /// The log-probabilities of one generated token, from the raw logits (before temperature,
 /// penalties and truncation, as vLLM's default `raw_logprobs`).
@@ -70,130 +28,6 @@ pub struct TokenLogprobs {
     /// The most likely tokens, most likely first (ties by token id), as many as asked for.
     pub top: Vec<(u32, f32)>,
 }
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        Self {
-            max_tokens: 16,
-            temperature: 1.0,
-            top_k: None,
-            top_p: 1.0,
-            seed: None,
-            stop_token_ids: Vec::new(),
-            ignore_eos: false,
-            eos_token_ids: Vec::new(),
-            min_tokens: 0,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            repetition_penalty: 1.0,
-            logprobs: None,
-            cache_salt: None,
-        }
-    }
-}
-
-impl SamplingParams {
-    /// Greedy decoding of at most `max_tokens` tokens.
-    pub fn greedy(max_tokens: usize) -> Self {
-        Self {
-            max_tokens,
-            temperature: 0.0,
-            ..Self::default()
-        }
-    }
-
-    /// Checks every field's range; the error names the field.
-    pub fn validate(&self) -> Result<(), super::config::EngineError> {
-        use super::config::EngineError::InvalidSamplingParams;
-        if self.max_tokens == 0 {
-            return Err(InvalidSamplingParams {
-                name: "max_tokens",
-                reason: "must be at least 1".into(),
-            });
-        }
-        if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(InvalidSamplingParams {
-                name: "temperature",
-                reason: format!("must be finite and >= 0, got {}", self.temperature),
-            });
-        }
-        if self.top_k == Some(0) {
-            return Err(InvalidSamplingParams {
-                name: "top_k",
-                reason: "must be at least 1 (leave it unset for no limit)".into(),
-            });
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(InvalidSamplingParams {
-                name: "top_p",
-                reason: format!("must be in (0, 1], got {}", self.top_p),
-            });
-        }
-        for (name, value) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if !(-2.0..=2.0).contains(&value) {
-                return Err(InvalidSamplingParams {
-                    name,
-                    reason: format!("must be in [-2, 2], got {value}"),
-                });
-            }
-        }
-        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return Err(InvalidSamplingParams {
-                name: "repetition_penalty",
-                reason: format!("must be finite and > 0, got {}", self.repetition_penalty),
-            });
-        }
-        if let Some(n) = self.logprobs
-            && n > MAX_LOGPROBS
-        {
-            return Err(InvalidSamplingParams {
-                name: "logprobs",
-                reason: format!("at most {MAX_LOGPROBS} top log-probabilities, got {n}"),
-            });
-        }
-        if let Some(salt) = &self.cache_salt
-            && (salt.is_empty() || salt.len() > MAX_CACHE_SALT_LEN)
-        {
-            return Err(InvalidSamplingParams {
-                name: "cache_salt",
-                reason: format!(
-                    "must be a non-empty string of at most {MAX_CACHE_SALT_LEN} bytes, got {} bytes",
-                    salt.len()
-                ),
-            });
-        }
-        if self.min_tokens > self.max_tokens {
-            return Err(InvalidSamplingParams {
-                name: "min_tokens",
-                reason: format!(
-                    "must not exceed max_tokens ({}), got {}",
-                    self.max_tokens, self.min_tokens
-                ),
-            });
-        }
-        Ok(())
-    }
-
-    /// Whether the logits need rewriting before sampling (penalties, or EOS/stop tokens held
-    /// back by `min_tokens`) after `num_output_tokens` tokens.
-    pub fn processes_logits(&self, num_output_tokens: usize) -> bool {
-        self.presence_penalty != 0.0
-            || self.frequency_penalty != 0.0
-            || self.repetition_penalty != 1.0
-            || num_output_tokens < self.min_tokens
-    }
-
-    /// Whether sampling is greedy (argmax).
-    pub fn is_greedy(&self) -> bool {
-        self.temperature < GREEDY_TEMPERATURE_EPSILON
-    }
-}
-
-/// Temperatures below this are treated as 0 (greedy), as vLLM does.
-pub const GREEDY_TEMPERATURE_EPSILON: f32 = 1e-5;
 
 /// Why a request finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -274,33 +108,18 @@ pub enum RequestPhase {
     Decode,
 }
 
-/// A request's private random stream (splitmix64): small, fast and reproducible.
-#[derive(Debug, Clone)]
-pub struct RequestRng {
-    state: u64,
-}
+/// A request's private random stream.
+pub type RequestRng = SplitMix64;
 
-impl RequestRng {
-    pub fn new(seed: u64) -> Self {
-        Self { state: seed }
-    }
-
-    /// The stream a request uses: from its own seed if it has one, else from the engine seed and
-    /// its id (so two requests never share a stream by accident).
-    pub fn for_request(params_seed: Option<u64>, engine_seed: u64, request_id: RequestId) -> Self {
-        let seed = params_seed.unwrap_or_else(|| mix64(engine_seed ^ mix64(request_id)));
-        Self::new(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        mix64(self.state)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
+/// The stream a request samples from: from its own seed if it has one, else from the engine seed
+/// and its id (so two requests never share a stream by accident).
+pub fn request_rng(
+    params_seed: Option<u64>,
+    engine_seed: u64,
+    request_id: RequestId,
+) -> RequestRng {
+    let seed = params_seed.unwrap_or_else(|| finalize(engine_seed ^ finalize(request_id)));
+    SplitMix64::new(seed)
 }
 
 /// One request inside the engine.
@@ -317,8 +136,6 @@ pub struct Request {
     pub(super) num_preemptions: u32,
     pub(super) params: SamplingParams,
     pub(super) status: RequestStatus,
-    /// Tokens scheduled for this request in the step being built (0 outside a step).
-    pub(super) num_scheduled_tokens: usize,
     /// Chained hashes of the full blocks of `token_ids`, computed lazily by the KV cache manager.
     pub(super) block_hashes: Vec<BlockHash>,
     pub(super) rng: RequestRng,
@@ -327,7 +144,7 @@ pub struct Request {
 }
 
 impl Request {
-    /// A new WAITING request. `rng_seed` seeds its sampler (see [`RequestRng::for_request`]).
+    /// A new WAITING request. `rng_seed` seeds its sampler (see [`request_rng`]).
     pub fn new(
         id: RequestId,
         prompt_token_ids: Vec<u32>,
@@ -344,7 +161,6 @@ impl Request {
             num_preemptions: 0,
             params,
             status: RequestStatus::Waiting,
-            num_scheduled_tokens: 0,
             block_hashes: Vec::new(),
             rng,
             sampled_logprobs: None,
@@ -396,11 +212,6 @@ impl Request {
 
     pub fn is_finished(&self) -> bool {
         self.status.is_finished()
-    }
-
-    /// Tokens scheduled for this request in the step being built (0 outside a step).
-    pub fn num_scheduled_tokens(&self) -> usize {
-        self.num_scheduled_tokens
     }
 
     /// PREFILL while the request has no output token, DECODE after.
@@ -507,59 +318,6 @@ mod tests {
     }
 
     #[test]
-    fn sampling_params_validation_names_the_field() {
-        assert!(SamplingParams::default().validate().is_ok());
-        let bad = [
-            (
-                SamplingParams {
-                    max_tokens: 0,
-                    ..Default::default()
-                },
-                "max_tokens",
-            ),
-            (
-                SamplingParams {
-                    temperature: -1.0,
-                    ..Default::default()
-                },
-                "temperature",
-            ),
-            (
-                SamplingParams {
-                    temperature: f32::NAN,
-                    ..Default::default()
-                },
-                "temperature",
-            ),
-            (
-                SamplingParams {
-                    top_k: Some(0),
-                    ..Default::default()
-                },
-                "top_k",
-            ),
-            (
-                SamplingParams {
-                    top_p: 0.0,
-                    ..Default::default()
-                },
-                "top_p",
-            ),
-            (
-                SamplingParams {
-                    top_p: 1.5,
-                    ..Default::default()
-                },
-                "top_p",
-            ),
-        ];
-        for (params, field) in bad {
-            let err = params.validate().unwrap_err().to_string();
-            assert!(err.contains(field), "{err}");
-        }
-    }
-
-    #[test]
     fn stop_rules() {
         let params = SamplingParams {
             max_tokens: 3,
@@ -607,16 +365,16 @@ mod tests {
 
     #[test]
     fn rng_is_reproducible_and_in_range() {
-        let mut a = RequestRng::for_request(None, 7, 42);
-        let mut b = RequestRng::for_request(None, 7, 42);
-        let mut c = RequestRng::for_request(None, 7, 43);
+        let mut a = request_rng(None, 7, 42);
+        let mut b = request_rng(None, 7, 42);
+        let mut c = request_rng(None, 7, 43);
         let xs: Vec<u64> = (0..8).map(|_| a.next_u64()).collect();
         let ys: Vec<u64> = (0..8).map(|_| b.next_u64()).collect();
         let zs: Vec<u64> = (0..8).map(|_| c.next_u64()).collect();
         assert_eq!(xs, ys);
         assert_ne!(xs, zs);
         assert_eq!(
-            RequestRng::for_request(Some(5), 1, 2).next_u64(),
+            request_rng(Some(5), 1, 2).next_u64(),
             RequestRng::new(5).next_u64()
         );
         for _ in 0..1000 {

@@ -15,7 +15,10 @@
 
 use std::cmp::Ordering;
 
-use super::request::{RequestRng, SamplingParams, TokenLogprobs};
+use super::model_runner::Logits;
+use super::request::{Request, RequestRng, TokenLogprobs};
+use super::sampling_params::SamplingParams;
+use super::scheduler::ScheduledRequest;
 
 /// How many top candidates top-p sorts first; it doubles until their mass reaches `top_p`, so the
 /// usual peaked distribution costs a partial selection instead of a full-vocabulary sort.
@@ -55,6 +58,38 @@ fn by_weight_desc(a: &Candidate, b: &Candidate) -> Ordering {
 impl Sampler {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Samples the step's tokens: one per scheduled request that computes its last known token
+    /// (`None` for a prefill chunk that stops short of it), in `scheduled` order, row `i` of
+    /// `logits` for the `i`-th of those; records the log-probabilities of requests that ask for
+    /// them. `running` is the running queue `scheduled` indexes into.
+    pub fn sample_step(
+        &mut self,
+        logits: &Logits,
+        scheduled: &[ScheduledRequest],
+        running: &mut [Request],
+    ) -> Vec<Option<u32>> {
+        let mut row = 0;
+        let mut sampled = Vec::with_capacity(scheduled.len());
+        for s in scheduled {
+            if !s.needs_logits {
+                sampled.push(None);
+                continue;
+            }
+            let request = &mut running[s.running_index];
+            let history = TokenHistory {
+                prompt: &request.token_ids[..request.num_prompt_tokens],
+                output: &request.token_ids[request.num_prompt_tokens..],
+            };
+            let token = self.sample(logits.row(row), &request.params, history, &mut request.rng);
+            if let Some(top) = request.params.logprobs {
+                request.sampled_logprobs = Some(self.logprobs(logits.row(row), token, top));
+            }
+            row += 1;
+            sampled.push(Some(token));
+        }
+        sampled
     }
 
     /// Picks the next token from `logits` (one row, one entry per vocabulary token) for a request

@@ -208,8 +208,9 @@ impl Scheduler {
         self.counters
     }
 
-    pub(super) fn running_request_mut(&mut self, running_index: usize) -> &mut Request {
-        &mut self.running[running_index]
+    /// The running queue, for the sampler to draw each scheduled request's token.
+    pub(super) fn running_mut(&mut self) -> &mut [Request] {
+        &mut self.running
     }
 
     /// Decides the next step's batch. See the module doc for the policy.
@@ -296,7 +297,6 @@ impl Scheduler {
         num_tokens: usize,
     ) {
         let request = &mut self.running[running_index];
-        request.num_scheduled_tokens = num_tokens;
         let start_position = request.num_computed_tokens;
         let phase = request.phase();
         out.scheduled.push(ScheduledRequest {
@@ -328,7 +328,6 @@ impl Scheduler {
         self.kv.free(victim.id);
         victim.status = RequestStatus::Preempted;
         victim.num_computed_tokens = 0;
-        victim.num_scheduled_tokens = 0;
         victim.num_preemptions += 1;
         self.counters.num_preemptions_total += 1;
         tracing::debug!(
@@ -386,7 +385,6 @@ impl Scheduler {
         for (i, s) in out.scheduled.iter().enumerate() {
             let request = &mut self.running[s.running_index];
             debug_assert_eq!(request.id, s.request_id);
-            request.num_scheduled_tokens = 0;
             let Some(sampled) = sampled else {
                 request.finish(FinishReason::Error);
                 any_finished = true;
@@ -442,7 +440,6 @@ impl Scheduler {
             request
         };
         request.finish(FinishReason::Abort);
-        request.num_scheduled_tokens = 0;
         self.live_ids.remove(&request_id);
         self.finished_since_last_step.push(request_id);
         self.counters.num_requests_finished_total += 1;
@@ -482,12 +479,6 @@ impl Scheduler {
                     allocated,
                     r.num_computed_tokens,
                     r.num_tokens()
-                ));
-            }
-            if r.num_scheduled_tokens != 0 {
-                return Err(format!(
-                    "request {} has scheduled tokens outside a step",
-                    r.id
                 ));
             }
         }
@@ -532,7 +523,8 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::request::{RequestRng, SamplingParams};
+    use crate::engine::request::RequestRng;
+    use crate::engine::sampling_params::SamplingParams;
 
     fn scheduler(config: EngineConfig) -> Scheduler {
         let limits = config.validate(1 << 20, 1000).unwrap();

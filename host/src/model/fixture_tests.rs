@@ -9,7 +9,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{KvCacheShape, load_model};
+use super::KvCacheShape;
+use crate::backend::cpu::load_cpu_model;
 use crate::testing::greedy::{GreedyOptions, greedy_generate};
 
 #[derive(Deserialize)]
@@ -55,7 +56,7 @@ fn check_fixture(name: &str) {
         num_blocks: need + 7,
         block_size,
     };
-    let (mut runner, info) = load_model(dir.to_str().expect("utf-8 path"), kv).expect("load");
+    let (mut runner, info) = load_cpu_model(dir.to_str().expect("utf-8 path"), kv).expect("load");
     assert_eq!(info.vocab_size, reference.last_logits[0].len());
 
     let variants = [

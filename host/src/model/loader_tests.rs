@@ -9,8 +9,9 @@ use serde_json::Value;
 use super::tiny::{self, tiny_config, tiny_weights};
 use super::{
     Architecture, ChatMessage, DetokenizerOptions, KvCacheShape, LoadedModel, ModelError,
-    load_model, load_model_files,
+    load_model_files,
 };
+use crate::backend::cpu::load_cpu_model;
 use crate::testing::export::export_hf_dir;
 use crate::testing::greedy::{GreedyOptions, greedy_generate};
 
@@ -42,7 +43,7 @@ fn spec(p: &Path) -> &str {
 }
 
 fn greedy(spec: &str, prompts: &[Vec<u32>]) -> crate::testing::greedy::GreedyOutput {
-    let (mut r, _) = load_model(spec, KV).unwrap();
+    let (mut r, _) = load_cpu_model(spec, KV).unwrap();
     let opts = GreedyOptions {
         max_new_tokens: 8,
         ..Default::default()
@@ -109,7 +110,7 @@ fn bf16_and_qwen2_checkpoints_load() {
 }
 
 fn expect_err(spec: &str) -> String {
-    match load_model(spec, KV) {
+    match load_cpu_model(spec, KV) {
         Ok(_) => panic!("{spec} loaded"),
         Err(e) => e.to_string(),
     }
@@ -177,7 +178,7 @@ fn broken_directories_give_clear_errors() {
     let msg = expect_err(spec(&dir.0));
     assert!(msg.contains("model.safetensors"), "{msg}");
     assert!(matches!(
-        load_model(
+        load_cpu_model(
             spec(&dir.0),
             KvCacheShape {
                 num_blocks: 0,
@@ -186,7 +187,7 @@ fn broken_directories_give_clear_errors() {
         ),
         Err(ModelError::Parse { .. })
     ));
-    let ok = load_model(
+    let ok = load_cpu_model(
         "builtin:tiny",
         KvCacheShape {
             num_blocks: 0,
@@ -215,7 +216,7 @@ fn smollm2_dir() -> Option<PathBuf> {
 #[test]
 fn smollm2_answers_capital_of_france() {
     let Some(dir) = smollm2_dir() else { return };
-    let (mut runner, info) = load_model(spec(&dir), KV).unwrap();
+    let (mut runner, info) = load_cpu_model(spec(&dir), KV).unwrap();
     assert_eq!(info.config.num_layers, 30);
     assert_eq!(info.vocab_size, 49152);
     assert!(info.config.tie_word_embeddings);

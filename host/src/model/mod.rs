@@ -1,11 +1,10 @@
 //! Llama-family models: configuration (`config`), f32 weights loaded from safetensors
 //! (`weights`), tokenizer and special tokens (`tokenizer`), chat templates (`chat_template`),
-//! streaming detokenization with stop strings (`detokenizer`), writing a model back out as a
-//! Hugging Face directory (`export`), the built-in `builtin:tiny` test
-//! model (`tiny`), a greedy generation helper for tests (`greedy`) and a CPU throughput
-//! benchmark (`bench`). [`load_model`] is the entry point the engine, the CLI and the server use:
-//! it turns a model spec (`builtin:tiny` or a Hugging Face directory) into a CPU model runner
-//! plus the [`ModelInfo`] the text side needs.
+//! streaming detokenization with stop strings (`detokenizer`) and the built-in `builtin:tiny`
+//! model (`tiny`). [`load_model_files`] is the entry point: it turns a model spec
+//! (`builtin:tiny` or a Hugging Face directory) into a [`LoadedModel`], the weights a backend
+//! runs ([`crate::backend::build_runner`]) plus the [`ModelInfo`] the text side needs. This
+//! module knows no backend; test tools (greedy generation, export) are in [`crate::testing`].
 
 pub mod chat_template;
 pub mod config;
@@ -29,8 +28,6 @@ pub use detokenizer::{DetokenizerOptions, IncrementalDetokenizer};
 pub use error::ModelError;
 pub use tokenizer::{SpecialTokens, TextTokenizer};
 pub use weights::LlamaWeights;
-
-use crate::backend::cpu::CpuModelRunner;
 
 /// The spec of the built-in tiny random model.
 pub const BUILTIN_TINY: &str = "builtin:tiny";
@@ -120,14 +117,6 @@ impl ModelInfo {
 pub struct LoadedModel {
     pub info: ModelInfo,
     pub weights: Arc<LlamaWeights>,
-}
-
-/// Loads `spec` (`builtin:tiny` or a Hugging Face model directory) and builds a CPU runner
-/// with a paged KV cache of the given shape.
-pub fn load_model(spec: &str, kv: KvCacheShape) -> Result<(CpuModelRunner, ModelInfo), ModelError> {
-    let model = load_model_files(spec)?;
-    let runner = CpuModelRunner::new(model.info.config.clone(), model.weights, kv)?;
-    Ok((runner, model.info))
 }
 
 /// Loads the config, tokenizer, templates and weights of `spec` without building a runner.

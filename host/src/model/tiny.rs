@@ -3,6 +3,7 @@
 //! tokenizer built in code and a ChatML-style chat template. Tests and offline demos use it with
 //! no files on disk; its output is gibberish, but always the same gibberish.
 
+use crate::splitmix::SplitMix64;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -81,7 +82,7 @@ pub fn tiny_model() -> LoadedModel {
 
 /// Deterministic random weights for `cfg` (any Llama geometry; used by tests too).
 pub fn tiny_weights(cfg: &ModelConfig) -> LlamaWeights {
-    let mut rng = SplitMix64(SEED);
+    let mut rng = SplitMix64::new(SEED);
     let (h, q, kv, inter, v) = (
         cfg.hidden_size,
         cfg.q_dim(),
@@ -191,24 +192,6 @@ fn bytes_to_unicode() -> Vec<char> {
             char::from_u32(code).unwrap_or('?')
         })
         .collect()
-}
-
-/// A small, fast, seedable PRNG (SplitMix64).
-pub(crate) struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1).
-    pub fn uniform(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
 }
 
 #[cfg(test)]

@@ -4,18 +4,7 @@
 //! step `n` depend only on `(seed, n)`, so a decision can be reproduced after the fact, and the
 //! batch and rich draws come from distinct streams, so they are independent.
 
-/// SplitMix64's output function: a bijective 64-bit mixer with good avalanche.
-pub fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Maps 64 random bits to a uniform f64 in [0, 1) (53 bits of precision).
-pub fn unit_f64(bits: u64) -> f64 {
-    (bits >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-}
+use crate::splitmix::{mix64, unit_f64};
 
 const BATCH_STREAM: u64 = 0x6261_7463_685f_7374; // "batch_st"
 const RICH_STREAM: u64 = 0x7269_6368_5f73_7472; // "rich_str"

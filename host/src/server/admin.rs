@@ -35,8 +35,8 @@ use utoipa::{OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::observability::{ActivePolicy, PolicyOrigin, PolicySwitch};
 use crate::policy::DEFAULT_POLICY_WASM;
+use crate::step_tracing::{ActivePolicy, PolicyOrigin, PolicySwitch};
 
 use super::errors::ApiError;
 use super::openapi::{self, AdminDoc, ErrorBody};

@@ -15,8 +15,8 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
 use crate::engine::EngineHandle;
-use crate::observability::TracerMetrics;
 use crate::policy::FaultKind;
+use crate::step_tracing::TracerMetrics;
 
 use super::metrics::TracingInfo;
 

@@ -18,7 +18,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::engine::{EngineHandle, FinishReason};
-use crate::observability::TracerMetrics;
+use crate::step_tracing::TracerMetrics;
 
 use super::collector::StatsCollector;
 
@@ -121,7 +121,7 @@ impl ServerMetrics {
 /// `stepscope_policy_*` series); `switch` is `None` when step tracing is disabled.
 #[derive(Debug, Clone, Default)]
 pub struct TracingInfo {
-    pub switch: Option<Arc<crate::observability::PolicySwitch>>,
+    pub switch: Option<Arc<crate::step_tracing::PolicySwitch>>,
 }
 
 /// Times one generation request and records it when dropped (finished, or abandoned by its

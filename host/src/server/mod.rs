@@ -40,8 +40,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::launch::LaunchConfig;
-use crate::observability::ObservabilityConfig;
-use crate::observability::StepTracer;
+use crate::step_tracing::StepTracer;
+use crate::step_tracing::StepTracingConfig;
 
 use self::http::HttpConfig;
 use self::metrics::{ServerMetrics, TracingInfo};
@@ -97,7 +97,7 @@ pub struct ServeConfig {
     /// The engine flags with the device resolved.
     pub launch: LaunchConfig,
     /// The step-tracing flags with the `OTEL_*` environment.
-    pub tracing: ObservabilityConfig,
+    pub tracing: StepTracingConfig,
 }
 
 /// Runs `stepscope serve` until SIGINT/SIGTERM and a complete drain.

@@ -78,22 +78,16 @@ pub fn unix_seconds() -> u64 {
 /// A fresh OpenAI-style id: `prefix` followed by 32 hex digits (time, counter and process id
 /// mixed, so ids are unique within and across runs).
 pub fn new_id(prefix: &str) -> String {
+    use crate::splitmix::{GOLDEN_GAMMA, mix64};
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     let count = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let high = splitmix(nanos ^ u64::from(std::process::id()).rotate_left(32));
-    let low = splitmix(high ^ count.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let high = mix64(nanos ^ u64::from(std::process::id()).rotate_left(32));
+    let low = mix64(high ^ count.wrapping_mul(GOLDEN_GAMMA));
     format!("{prefix}{high:016x}{low:016x}")
-}
-
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use super::metrics::{ServerMetrics, TracingInfo};
 use super::state::AppState;
 use crate::cli::{Cli, Command};
 use crate::engine::EngineHandle;
-use crate::observability::TracerMetrics;
+use crate::step_tracing::TracerMetrics;
 
 fn start(extra: &[&str]) -> (Router, EngineHandle) {
     start_with(
@@ -362,8 +362,8 @@ async fn admin_call(app: &Router, method: &str, path: &str, body: Vec<u8>) -> (S
 
 #[tokio::test]
 async fn admin_api_swaps_refuses_and_reports() {
-    use crate::observability::PolicySwitch;
     use crate::policy::{PolicyLimits, PolicyModule, PolicySource};
+    use crate::step_tracing::PolicySwitch;
     let module =
         PolicyModule::load(&PolicySource::BuiltinDefault, PolicyLimits::default()).unwrap();
     let params = crate::policy::PolicyParams::rates(0.1, 0.0);

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::engine::hashing::mix64;
 use crate::engine::model_runner::{Logits, ModelBatch, ModelRunner, ModelRunnerError};
-use crate::engine::request::SamplingParams;
+use crate::engine::sampling_params::SamplingParams;
+use crate::splitmix::{GOLDEN_GAMMA, finalize as mix64};
 
 /// Height of the most likely token's logit above the others' (which lie in [0, 2)).
 const TARGET_LOGIT_BOOST: f32 = 3.0;
@@ -203,8 +203,8 @@ fn target_token(context_hash: u64, vocab_size: usize) -> u32 {
 fn push_logits_row(data: &mut Vec<f32>, context_hash: u64, vocab_size: usize) {
     let target = target_token(context_hash, vocab_size) as usize;
     data.extend((0..vocab_size).map(|token| {
-        let noise = (mix64(context_hash ^ (token as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
-            >> 40) as f32
+        let noise = (mix64(context_hash ^ (token as u64 + 1).wrapping_mul(GOLDEN_GAMMA)) >> 40)
+            as f32
             / (1u64 << 23) as f32;
         if token == target {
             noise + TARGET_LOGIT_BOOST

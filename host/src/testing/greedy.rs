@@ -6,7 +6,7 @@
 use crate::engine::model_runner::{BatchEntry, ModelBatch, ModelRunner, ModelRunnerError};
 
 use crate::model::KvCacheShape;
-use crate::model::tiny::SplitMix64;
+use crate::splitmix::SplitMix64;
 
 /// How to drive the runner.
 #[derive(Debug, Clone)]
@@ -58,7 +58,7 @@ pub fn greedy_generate(
 ) -> Result<GreedyOutput, ModelRunnerError> {
     let mut free: Vec<u32> = (0..kv.num_blocks as u32).collect();
     if let Some(seed) = opts.shuffle_blocks {
-        let mut rng = SplitMix64(seed);
+        let mut rng = SplitMix64::new(seed);
         for i in (1..free.len()).rev() {
             free.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
         }

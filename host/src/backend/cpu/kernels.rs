@@ -195,7 +195,7 @@ impl RopeTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::tiny::SplitMix64;
+    use crate::splitmix::SplitMix64;
 
     #[test]
     fn exp_fast_is_accurate() {
@@ -214,7 +214,7 @@ mod tests {
 
     #[test]
     fn dot_variants_agree() {
-        let mut rng = SplitMix64(3);
+        let mut rng = SplitMix64::new(3);
         let a: Vec<f32> = (0..133).map(|_| rng.uniform()).collect();
         let b: Vec<f32> = (0..133).map(|_| rng.uniform()).collect();
         let exact: f64 = a

@@ -313,7 +313,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::tiny::SplitMix64;
+    use crate::splitmix::SplitMix64;
 
     fn naive(x: &[f32], m: usize, w: &Matrix) -> Vec<f32> {
         let mut out = vec![0.0; m * w.rows];
@@ -331,7 +331,7 @@ mod tests {
 
     #[test]
     fn matmul_matches_naive_for_all_row_counts() {
-        let mut rng = SplitMix64(7);
+        let mut rng = SplitMix64::new(7);
         let (n, k) = (70, 45);
         let w = Matrix::new(n, k, (0..n * k).map(|_| rng.uniform()).collect());
         let mut scratch = Vec::new();

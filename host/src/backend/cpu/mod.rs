@@ -17,7 +17,9 @@ mod tests;
 use std::sync::Arc;
 
 use crate::engine::model_runner::{BatchLimits, Logits, ModelBatch, ModelRunner, ModelRunnerError};
-use crate::model::{KvCacheShape, LlamaWeights, ModelConfig, ModelError};
+use crate::model::{
+    KvCacheShape, LlamaWeights, ModelConfig, ModelError, ModelInfo, load_model_files,
+};
 
 use attention::{AttnShape, SeqSpan, paged_attention};
 use kernels::{RopeTable, add_bias, rms_norm, silu_mul};
@@ -57,6 +59,17 @@ impl std::fmt::Debug for CpuModelRunner {
             .field("kv", &self.kv.shape())
             .finish()
     }
+}
+
+/// Loads `spec` (`builtin:tiny` or a Hugging Face model directory) and builds a CPU runner
+/// with a paged KV cache of the given shape.
+pub fn load_cpu_model(
+    spec: &str,
+    kv: KvCacheShape,
+) -> Result<(CpuModelRunner, ModelInfo), ModelError> {
+    let model = load_model_files(spec)?;
+    let runner = CpuModelRunner::new(model.info.config.clone(), model.weights, kv)?;
+    Ok((runner, model.info))
 }
 
 impl CpuModelRunner {

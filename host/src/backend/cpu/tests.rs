@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::engine::model_runner::{BatchEntry, ModelBatch, ModelRunner, ModelRunnerError};
-use crate::model::tiny::{self, SplitMix64, tiny_config, tiny_weights};
+use crate::model::tiny::{self, tiny_config, tiny_weights};
 use crate::model::weights::LlamaWeights;
 use crate::model::{KvCacheShape, ModelConfig, RopeScaling};
+use crate::splitmix::SplitMix64;
 use crate::testing::greedy::{GreedyOptions, greedy_generate};
 
 use super::CpuModelRunner;
@@ -58,7 +59,7 @@ fn runner(cfg: &ModelConfig, kv: KvCacheShape) -> CpuModelRunner {
 }
 
 fn prompts(n: usize, seed: u64, vocab: u32) -> Vec<Vec<u32>> {
-    let mut rng = SplitMix64(seed);
+    let mut rng = SplitMix64::new(seed);
     (0..n)
         .map(|i| {
             let len = 1 + (i * 7 + 3) % 29;

@@ -19,11 +19,12 @@ use std::sync::Arc;
 
 use crate::backend::cpu::CpuModelRunner;
 use crate::engine::model_runner::{BatchEntry, ModelBatch, ModelRunner};
-use crate::model::tiny::{SplitMix64, tiny_config, tiny_weights};
+use crate::model::tiny::{tiny_config, tiny_weights};
 use crate::model::{
     Architecture, BUILTIN_TINY, KvCacheShape, LlamaWeights, ModelConfig, RopeScaling,
     load_model_files,
 };
+use crate::splitmix::SplitMix64;
 use crate::testing::greedy::{GreedyOptions, argmax, greedy_generate};
 
 use super::gemm::GemmMode;
@@ -388,7 +389,7 @@ pub(super) fn lockstep(
 ) -> Lockstep {
     let bs = kv.block_size;
     let mut free: Vec<u32> = (0..kv.num_blocks as u32).collect();
-    let mut rng = SplitMix64(shuffle_seed);
+    let mut rng = SplitMix64::new(shuffle_seed);
     for i in (1..free.len()).rev() {
         free.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
     }
@@ -482,7 +483,7 @@ pub(super) fn lockstep(
 }
 
 fn synthetic_prompts(n: usize, seed: u64, vocab: usize, max_len: usize) -> Vec<Vec<u32>> {
-    let mut rng = SplitMix64(seed);
+    let mut rng = SplitMix64::new(seed);
     (0..n)
         .map(|i| {
             let len = 1 + (i * 13 + 5) % max_len;

@@ -5,7 +5,8 @@
 //! engine, so a policy's observed rates over a synthetic stream match what it would do live.
 
 use crate::policy::bindings::{RequestViews, StepSummary};
-use crate::policy::random::{mix64, step_draws};
+use crate::policy::random::step_draws;
+use crate::splitmix::mix64;
 
 /// The summary of synthetic step `step_id` (1-based) under `seed`.
 pub fn step_summary(seed: u64, step_id: u64) -> StepSummary {

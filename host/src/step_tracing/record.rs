@@ -5,7 +5,8 @@
 //! attributes, and for a rich step one [`SnapshotRow`] of plain numbers per chosen request. No
 //! string is formatted and no OpenTelemetry type is built on the step loop; the exporter thread
 //! turns a record into a span ([`otlp`](super::otlp)) and a JSON line ([`jsonl`](super::jsonl)).
-//! The attribute names below are the dashboards' contract (`DESIGN.md` §3): keep them exactly.
+//! The names below are the contract users' dashboards depend on (see `docs/ARCHITECTURE.md`,
+//! "The export path"): keep them exactly.
 
 use std::sync::Arc;
 
@@ -141,7 +142,7 @@ pub fn step_summary(step: &StepView<'_>, seed: u64) -> StepSummary {
         ts_start_ns: step.ts_start_ns,
         ts_end_ns: step.ts_end_ns,
         duration_us: step.duration_us,
-        last_step_duration_us: step.prev_step_duration_us,
+        last_step_duration_us: step.last_step_duration_us,
         running_depth: sat_u32(step.queue.running_depth),
         waiting_depth: sat_u32(step.queue.waiting_depth),
         num_prefill_reqs: sat_u32(step.batch.num_prefill_reqs),

@@ -13,7 +13,7 @@ use http::{Request, Response};
 use opentelemetry_http::hyper::HyperClient;
 use opentelemetry_http::{Bytes, HttpClient, HttpError};
 
-use super::config::{ObservabilityError, OtlpConfig};
+use super::config::{OtlpConfig, StepTracingError};
 
 /// The cause chain of the latest failed request, taken by whoever reports the failure.
 #[derive(Debug, Clone, Default)]
@@ -68,7 +68,7 @@ fn cause_chain(error: &(dyn std::error::Error + 'static)) -> String {
 pub fn build(
     otlp: &OtlpConfig,
     timeout: Duration,
-) -> Result<(Arc<dyn HttpClient>, LastTransportError), ObservabilityError> {
+) -> Result<(Arc<dyn HttpClient>, LastTransportError), StepTracingError> {
     let last_error = LastTransportError::default();
     let client: Arc<dyn HttpClient> = if otlp.endpoint.starts_with("https://") {
         Arc::new(CauseRecordingClient {

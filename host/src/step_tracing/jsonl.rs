@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value as Json;
 use thiserror::Error;
 
-use super::config::ObservabilityError;
+use super::config::StepTracingError;
 use super::metrics::bump;
 use super::otlp::extra_key;
 use super::record::{
@@ -52,8 +52,8 @@ pub(crate) struct JsonlSink {
 
 impl JsonlSink {
     /// Creates (truncates) the file.
-    pub(crate) fn create(path: &Path) -> Result<Self, ObservabilityError> {
-        let file = File::create(path).map_err(|source| ObservabilityError::File {
+    pub(crate) fn create(path: &Path) -> Result<Self, StepTracingError> {
+        let file = File::create(path).map_err(|source| StepTracingError::File {
             path: path.to_path_buf(),
             source,
         })?;

@@ -20,7 +20,7 @@ use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig, I
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::config::ObservabilityError;
+use super::config::StepTracingError;
 
 /// A PEM file's contents, with where it came from (for messages).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,12 +46,12 @@ impl OtlpTls {
         ca: Option<(&str, String)>,
         client_certificate: Option<(&str, String)>,
         client_key: Option<(&str, String)>,
-    ) -> Result<Self, ObservabilityError> {
+    ) -> Result<Self, StepTracingError> {
         let client_identity = match (client_certificate, client_key) {
             (Some(cert), Some(key)) => Some((read_pem(cert)?, read_pem(key)?)),
             (None, None) => None,
             (Some((name, _)), None) | (None, Some((name, _))) => {
-                return Err(ObservabilityError::Config(format!(
+                return Err(StepTracingError::Config(format!(
                     "{name} is set but not its pair: mutual TLS needs both \
                      OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY \
                      (or both their _TRACES_ forms)"
@@ -73,20 +73,20 @@ impl OtlpTls {
         self.ca.is_some() || self.client_identity.is_some()
     }
 
-    fn ca_certificates(&self) -> Result<Option<Vec<CertificateDer<'static>>>, ObservabilityError> {
+    fn ca_certificates(&self) -> Result<Option<Vec<CertificateDer<'static>>>, StepTracingError> {
         self.ca.as_ref().map(certificates).transpose()
     }
 
     fn client_chain_and_key(
         &self,
-    ) -> Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>, ObservabilityError>
+    ) -> Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>, StepTracingError>
     {
         let Some((cert, key)) = &self.client_identity else {
             return Ok(None);
         };
         let chain = certificates(cert)?;
         let key = PrivateKeyDer::from_pem_slice(&key.pem).map_err(|e| {
-            ObservabilityError::Config(format!(
+            StepTracingError::Config(format!(
                 "{}: no PEM private key (PKCS#8, PKCS#1 or SEC1) found: {e}",
                 key.source
             ))
@@ -95,24 +95,24 @@ impl OtlpTls {
     }
 }
 
-fn read_pem((name, path): (&str, String)) -> Result<PemFile, ObservabilityError> {
+fn read_pem((name, path): (&str, String)) -> Result<PemFile, StepTracingError> {
     let path = path.trim().to_string();
     let pem = std::fs::read(&path)
-        .map_err(|e| ObservabilityError::Config(format!("{name}={path}: cannot read it: {e}")))?;
+        .map_err(|e| StepTracingError::Config(format!("{name}={path}: cannot read it: {e}")))?;
     Ok(PemFile {
         source: format!("{name}={path}"),
         pem,
     })
 }
 
-fn certificates(file: &PemFile) -> Result<Vec<CertificateDer<'static>>, ObservabilityError> {
+fn certificates(file: &PemFile) -> Result<Vec<CertificateDer<'static>>, StepTracingError> {
     let certs = CertificateDer::pem_slice_iter(&file.pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| {
-            ObservabilityError::Config(format!("{}: not a PEM certificate file: {e}", file.source))
+            StepTracingError::Config(format!("{}: not a PEM certificate file: {e}", file.source))
         })?;
     if certs.is_empty() {
-        return Err(ObservabilityError::Config(format!(
+        return Err(StepTracingError::Config(format!(
             "{}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
             file.source
         )));
@@ -121,7 +121,7 @@ fn certificates(file: &PemFile) -> Result<Vec<CertificateDer<'static>>, Observab
 }
 
 /// tonic's TLS settings for a gRPC `https://` endpoint.
-pub fn tonic_config(tls: &OtlpTls) -> Result<ClientTlsConfig, ObservabilityError> {
+pub fn tonic_config(tls: &OtlpTls) -> Result<ClientTlsConfig, StepTracingError> {
     let mut config = ClientTlsConfig::new();
     config = match &tls.ca {
         Some(ca) => config.ca_certificate(Certificate::from_pem(&ca.pem)),
@@ -134,15 +134,15 @@ pub fn tonic_config(tls: &OtlpTls) -> Result<ClientTlsConfig, ObservabilityError
 }
 
 /// The rustls client configuration for the HTTP/protobuf exporter.
-fn rustls_config(tls: &OtlpTls) -> Result<rustls::ClientConfig, ObservabilityError> {
-    let tls_error = |e: rustls::Error| ObservabilityError::Otlp(format!("TLS configuration: {e}"));
+fn rustls_config(tls: &OtlpTls) -> Result<rustls::ClientConfig, StepTracingError> {
+    let tls_error = |e: rustls::Error| StepTracingError::Otlp(format!("TLS configuration: {e}"));
     let mut roots = rustls::RootCertStore::empty();
     match tls.ca_certificates()? {
         Some(certs) => {
             let source = tls.ca.as_ref().map_or("", |ca| ca.source.as_str());
             for cert in certs {
                 roots.add(cert).map_err(|e| {
-                    ObservabilityError::Config(format!("{source}: unusable CA certificate: {e}"))
+                    StepTracingError::Config(format!("{source}: unusable CA certificate: {e}"))
                 })?;
             }
         }
@@ -156,7 +156,7 @@ fn rustls_config(tls: &OtlpTls) -> Result<rustls::ClientConfig, ObservabilityErr
     .with_root_certificates(roots);
     match tls.client_chain_and_key()? {
         Some((chain, key)) => builder.with_client_auth_cert(chain, key).map_err(|e| {
-            ObservabilityError::Config(format!(
+            StepTracingError::Config(format!(
                 "the OTLP client certificate and key do not go together: {e}"
             ))
         }),
@@ -168,7 +168,7 @@ fn rustls_config(tls: &OtlpTls) -> Result<rustls::ClientConfig, ObservabilityErr
 pub fn https_client(
     tls: &OtlpTls,
     timeout: Duration,
-) -> Result<HyperClient<HttpsConnector<HttpConnector>>, ObservabilityError> {
+) -> Result<HyperClient<HttpsConnector<HttpConnector>>, StepTracingError> {
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(rustls_config(tls)?)
         .https_only()

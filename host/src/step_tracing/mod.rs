@@ -1,11 +1,12 @@
-//! Step tracing end to end: configuration, the step-loop observer, the exporter thread, and
+//! Step tracing end to end (named so apart from the `tracing` logging crate): configuration, the step-loop observer, the exporter thread, and
 //! the OTLP and JSON-lines sinks.
 //!
-//! [`StepTracer::start`] turns an [`ObservabilityConfig`] (built from the CLI flags and the
-//! `OTEL_*` variables by [`ObservabilityConfig::from_args`]) into a [`StepTracerObserver`] to hand
+//! [`StepTracer::start`] turns a [`StepTracingConfig`] (built by
+//! [`StepTracingConfig::from_settings`] from the typed [`StepTracingSettings`] the CLI makes of
+//! its flags, plus the `OTEL_*` variables) into a [`StepTracerObserver`] to hand
 //! to [`Engine::start`](crate::engine::Engine::start) and a [`TracerHandle`] for metrics, flush
 //! and shutdown. On the engine thread the observer calls the policy's `decide` once per step (and
-//! `plan-rich` once per rich step) and copies a sampled step into a compact [`StepRecord`] that it
+//! `plan-rich` once per rich step) and copies a sampled step into a compact [`record::StepRecord`] that it
 //! `try_send`s into a bounded queue; a full queue drops the record and counts it. The exporter
 //! thread builds the spans (scope `stepscope.scheduler.step`, span `scheduler.step`, events
 //! `step.BATCH_SUMMARY` and `step.REQUEST_SNAPSHOT`, with the step's own timestamps) and the JSON
@@ -41,8 +42,8 @@ use std::time::Instant;
 
 pub use config::{
     DEFAULT_MAX_EVENTS_PER_SPAN, ENV_OTLP_PROTOCOL, ENV_OTLP_TRACES_ENDPOINT,
-    ENV_OTLP_TRACES_HEADERS, ENV_SERVICE_NAME, ObservabilityConfig, ObservabilityError,
-    OtlpProtocol, StepTracingSettings,
+    ENV_OTLP_TRACES_HEADERS, ENV_SERVICE_NAME, OtlpProtocol, StepTracingConfig, StepTracingError,
+    StepTracingSettings,
 };
 pub use metrics::{TracerMetrics, TracerMetricsSnapshot};
 pub use record::PolicyIdentity;
@@ -69,8 +70,8 @@ impl StepTracer {
     /// Errors: a policy file that is unreadable, not a policy component, or refuses its
     /// parameters; an OTLP exporter that cannot be built; a trace file that cannot be created.
     pub fn start(
-        config: ObservabilityConfig,
-    ) -> Result<(StepTracerObserver, TracerHandle), ObservabilityError> {
+        config: StepTracingConfig,
+    ) -> Result<(StepTracerObserver, TracerHandle), StepTracingError> {
         let counters = Arc::new(PolicyCounters::default());
         let metrics = Arc::new(TracerMetrics::new(Arc::clone(&counters)));
         if !config.step_tracing_enabled {
@@ -133,7 +134,7 @@ impl StepTracer {
         let thread = std::thread::Builder::new()
             .name(EXPORTER_THREAD_NAME.into())
             .spawn(move || thread.run())
-            .map_err(|e| ObservabilityError::Spawn(e.to_string()))?;
+            .map_err(|e| StepTracingError::Spawn(e.to_string()))?;
         tracing::info!(
             policy = %policy.name,
             digest = %policy.digest,
@@ -203,7 +204,7 @@ pub struct RunningPolicy {
 /// async code, call them through `spawn_blocking`.
 #[derive(Debug)]
 pub struct TracerHandle {
-    config: ObservabilityConfig,
+    config: StepTracingConfig,
     policy: Option<RunningPolicy>,
     switch: Option<Arc<PolicySwitch>>,
     metrics: Arc<TracerMetrics>,
@@ -214,7 +215,7 @@ pub struct TracerHandle {
 
 impl TracerHandle {
     /// The configuration the tracer runs with.
-    pub fn config(&self) -> &ObservabilityConfig {
+    pub fn config(&self) -> &StepTracingConfig {
         &self.config
     }
 

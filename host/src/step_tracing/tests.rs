@@ -26,7 +26,7 @@ fn guest(name: &str) -> PathBuf {
 }
 
 fn temp_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("stepscope-observability-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("stepscope-step-tracing-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir.join(name)
 }
@@ -201,10 +201,10 @@ fn check_span(span: &CollectedSpan, expected: &ExpectedStep, rich: bool) {
 /// Runs the mixed workload at 1.0 / 1.0 into `otlp` and checks every span against the engine.
 fn end_to_end(otlp: OtlpConfig, wait: impl Fn(usize) -> Vec<CollectedSpan>) -> Vec<CollectedSpan> {
     let (engine_config, requests) = mixed_workload();
-    let config = ObservabilityConfig {
+    let config = StepTracingConfig {
         otlp: Some(otlp),
         service_name: "stepscope-test".into(),
-        ..ObservabilityConfig::enabled_with_rates(1.0, 1.0, SEED)
+        ..StepTracingConfig::enabled_with_rates(1.0, 1.0, SEED)
     };
     let (observer, mut handle) = StepTracer::start(config).expect("tracer");
     let (steps, finished) = run_engine(engine_config, &requests, observer, SEED, 1000);
@@ -278,7 +278,7 @@ fn http_protobuf_export_matches_the_engine_and_names_the_scope() {
         }) => serve.step_tracing,
         other => panic!("{other:?}"),
     };
-    let config = ObservabilityConfig::resolve(args.settings(), SEED, |_| None).expect("config");
+    let config = StepTracingConfig::resolve(args.settings(), SEED, |_| None).expect("config");
     let otlp = config.otlp.expect("otlp");
     assert_eq!(otlp.endpoint, collector.endpoint);
     let spans = end_to_end(otlp, |n| collector.wait_for(n));
@@ -303,7 +303,7 @@ fn a_rich_step_with_256_running_requests_keeps_all_256_snapshots() {
         .collect();
     let collector = GrpcCollector::start();
     let run = |max_events_per_span: u32| {
-        let config = ObservabilityConfig {
+        let config = StepTracingConfig {
             otlp: Some(OtlpConfig {
                 endpoint: collector.endpoint.clone(),
                 protocol: OtlpProtocol::Grpc,
@@ -311,7 +311,7 @@ fn a_rich_step_with_256_running_requests_keeps_all_256_snapshots() {
                 tls: Default::default(),
             }),
             max_events_per_span,
-            ..ObservabilityConfig::enabled_with_rates(1.0, 1.0, SEED)
+            ..StepTracingConfig::enabled_with_rates(1.0, 1.0, SEED)
         };
         let (observer, mut handle) = StepTracer::start(config).expect("tracer");
         let (steps, _) = run_engine(engine_config.clone(), &requests, observer, SEED, 2);
@@ -361,7 +361,7 @@ fn pressure_policy_exports_only_preempting_or_kv_heavy_steps() {
         .map(|i| request(distinct_prompt(i, 40, TEST_VOCAB), 40, 0))
         .collect();
     let collector = GrpcCollector::start();
-    let config = ObservabilityConfig {
+    let config = StepTracingConfig {
         policy: PolicySource::File(guest("pressure")),
         policy_params: PolicyParams {
             args: vec![("rich_top_k".into(), "3".into())],
@@ -373,7 +373,7 @@ fn pressure_policy_exports_only_preempting_or_kv_heavy_steps() {
             headers: Vec::new(),
             tls: Default::default(),
         }),
-        ..ObservabilityConfig::enabled_with_rates(0.0, 0.0, SEED)
+        ..StepTracingConfig::enabled_with_rates(0.0, 0.0, SEED)
     };
     let (observer, mut handle) = StepTracer::start(config).expect("tracer");
     let (steps, finished) = run_engine(engine_config, &requests, observer, SEED, 5000);
@@ -465,7 +465,7 @@ fn an_unreachable_collector_drops_and_counts_but_never_blocks_steps() {
             OtlpProtocol::Grpc => format!("http://127.0.0.1:{port}"),
             OtlpProtocol::HttpProtobuf => format!("http://127.0.0.1:{port}/v1/traces"),
         };
-        let config = ObservabilityConfig {
+        let config = StepTracingConfig {
             otlp: Some(OtlpConfig {
                 endpoint,
                 protocol,
@@ -477,7 +477,7 @@ fn an_unreachable_collector_drops_and_counts_but_never_blocks_steps() {
             export_interval: Duration::from_millis(5),
             export_timeout: Duration::from_secs(2),
             shutdown_timeout: Duration::from_millis(300),
-            ..ObservabilityConfig::enabled_with_rates(1.0, 1.0, SEED)
+            ..StepTracingConfig::enabled_with_rates(1.0, 1.0, SEED)
         };
         let (observer, mut handle) = StepTracer::start(config).expect("tracer");
         let engine_config = EngineConfig {
@@ -535,9 +535,9 @@ fn an_unreachable_collector_drops_and_counts_but_never_blocks_steps() {
 fn json_lines_file_reads_back_with_every_name_and_the_step_summaries() {
     let path = temp_path("jsonl-roundtrip.jsonl");
     let (engine_config, requests) = mixed_workload();
-    let config = ObservabilityConfig {
+    let config = StepTracingConfig {
         step_tracing_file: Some(path.clone()),
-        ..ObservabilityConfig::enabled_with_rates(1.0, 1.0, SEED)
+        ..StepTracingConfig::enabled_with_rates(1.0, 1.0, SEED)
     };
     let (observer, mut handle) = StepTracer::start(config).expect("tracer");
     let (steps, finished) = run_engine(engine_config, &requests, observer, SEED, 1000);
@@ -666,11 +666,11 @@ fn every_flag_travels_from_the_command_line_into_the_running_tracer() {
     ]
     .into_iter()
     .collect();
-    let config = ObservabilityConfig::resolve(serve.step_tracing.settings(), 1234, |name| {
+    let config = StepTracingConfig::resolve(serve.step_tracing.settings(), 1234, |name| {
         env.get(name).map(|v| v.to_string())
     })
     .expect("config");
-    let expected = ObservabilityConfig {
+    let expected = StepTracingConfig {
         step_tracing_enabled: true,
         policy_params: PolicyParams {
             sample_rate: 0.25,
@@ -702,7 +702,7 @@ fn every_flag_travels_from_the_command_line_into_the_running_tracer() {
         service_name: "svc-under-test".into(),
         step_tracing_file: Some(file.clone()),
         record_steps: Some(recorded.clone()),
-        ..ObservabilityConfig::default()
+        ..StepTracingConfig::default()
     };
     assert_eq!(config, expected);
 
@@ -794,7 +794,7 @@ fn disabled_tracing_loads_nothing_and_counts_nothing() {
         panic!("not serve")
     };
     let config =
-        ObservabilityConfig::resolve(serve.step_tracing.settings(), 0, |_| None).expect("config");
+        StepTracingConfig::resolve(serve.step_tracing.settings(), 0, |_| None).expect("config");
     let (observer, mut handle) = StepTracer::start(config).expect("tracer");
     assert!(!observer.is_enabled() && !handle.is_enabled());
     assert!(handle.policy().is_none());
@@ -809,14 +809,14 @@ fn disabled_tracing_loads_nothing_and_counts_nothing() {
 #[test]
 fn a_faulty_policy_leaves_steps_untraced_and_is_counted() {
     let path = temp_path("hostile.jsonl");
-    let config = ObservabilityConfig {
+    let config = StepTracingConfig {
         policy: PolicySource::File(guest("hostile")),
         policy_params: PolicyParams {
             args: vec![("mode".into(), "out-of-range".into())],
             ..PolicyParams::rates(1.0, 1.0)
         },
         step_tracing_file: Some(path.clone()),
-        ..ObservabilityConfig::enabled_with_rates(1.0, 1.0, SEED)
+        ..StepTracingConfig::enabled_with_rates(1.0, 1.0, SEED)
     };
     let (observer, mut handle) = StepTracer::start(config).expect("tracer");
     let (engine_config, requests) = mixed_workload();

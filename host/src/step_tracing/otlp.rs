@@ -7,7 +7,7 @@
 //! (`step.id`, the sampling probabilities, `policy.name`, `policy.digest`, the policy's
 //! `policy.*` extras) and the `step.BATCH_SUMMARY` / `step.REQUEST_SNAPSHOT` events timed at the
 //! emission point. The span limit on events is raised to
-//! [`ObservabilityConfig::max_events_per_span`] (default 65 537, a large constant rather than
+//! [`StepTracingConfig::max_events_per_span`] (default 65 537, a large constant rather than
 //! `max_num_seqs + 1`, which the tracer does not know), so a rich step never loses snapshots to
 //! the SDK's default of 128. Ended spans are collected by a small span processor and handed to
 //! the OTLP exporter by this thread itself, on a current-thread tokio runtime it owns, so every
@@ -27,7 +27,7 @@ use opentelemetry_sdk::trace::{
     SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter as _, SpanProcessor,
 };
 
-use super::config::{ObservabilityConfig, ObservabilityError, OtlpConfig, OtlpProtocol};
+use super::config::{OtlpConfig, OtlpProtocol, StepTracingConfig, StepTracingError};
 use super::http_client::LastTransportError;
 use super::metrics::{TracerMetrics, add, bump};
 use super::record::{
@@ -81,14 +81,14 @@ pub(crate) struct OtlpSink {
 impl OtlpSink {
     /// Builds the exporter (refusing bad settings now, not at the first export).
     pub(crate) fn new(
-        config: &ObservabilityConfig,
+        config: &StepTracingConfig,
         otlp: &OtlpConfig,
-    ) -> Result<Self, ObservabilityError> {
+    ) -> Result<Self, StepTracingError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .thread_name("stepscope-trace-export")
             .build()
-            .map_err(|e| ObservabilityError::Otlp(format!("tokio runtime: {e}")))?;
+            .map_err(|e| StepTracingError::Otlp(format!("tokio runtime: {e}")))?;
         // tonic's lazy channel must be created inside a runtime.
         let built = {
             let _guard = runtime.enter();
@@ -275,7 +275,7 @@ impl Drop for OtlpSink {
 fn build_exporter(
     otlp: &OtlpConfig,
     timeout: Duration,
-) -> Result<(OtlpSpanExporter, Option<LastTransportError>), ObservabilityError> {
+) -> Result<(OtlpSpanExporter, Option<LastTransportError>), StepTracingError> {
     let mut transport_error = None;
     let built = match otlp.protocol {
         OtlpProtocol::Grpc => {
@@ -285,7 +285,7 @@ fn build_exporter(
                     http::HeaderName::from_bytes(key.as_bytes()),
                     http::HeaderValue::from_str(value),
                 ) else {
-                    return Err(ObservabilityError::Otlp(format!("invalid header `{key}`")));
+                    return Err(StepTracingError::Otlp(format!("invalid header `{key}`")));
                 };
                 headers.append(name, value);
             }
@@ -318,7 +318,7 @@ fn build_exporter(
     };
     built
         .map(|exporter| (exporter, transport_error))
-        .map_err(|e| ObservabilityError::Otlp(format!("{}: {e}", otlp.endpoint)))
+        .map_err(|e| StepTracingError::Otlp(format!("{}: {e}", otlp.endpoint)))
 }
 
 fn is_https(otlp: &OtlpConfig) -> bool {

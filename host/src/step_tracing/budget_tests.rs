@@ -36,8 +36,8 @@ fn workload() -> (EngineConfig, Vec<TestRequest>) {
     (config, requests)
 }
 
-fn stall_config(args: &[(&str, &str)], budget: BudgetConfig, file: &Path) -> ObservabilityConfig {
-    ObservabilityConfig {
+fn stall_config(args: &[(&str, &str)], budget: BudgetConfig, file: &Path) -> StepTracingConfig {
+    StepTracingConfig {
         policy: PolicySource::File(PathBuf::from(GUEST_COMPONENT_DIR).join("stall.wasm")),
         policy_params: crate::policy::PolicyParams {
             args: args
@@ -53,7 +53,7 @@ fn stall_config(args: &[(&str, &str)], budget: BudgetConfig, file: &Path) -> Obs
             ..PolicyLimits::default()
         },
         step_tracing_file: Some(file.to_path_buf()),
-        ..ObservabilityConfig::enabled_with_rates(1.0, 0.0, SEED)
+        ..StepTracingConfig::enabled_with_rates(1.0, 0.0, SEED)
     }
 }
 

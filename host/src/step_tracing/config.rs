@@ -1,5 +1,5 @@
 //! Step-tracing configuration: the command-line flags and the standard `OTEL_*` variables,
-//! resolved once into an [`ObservabilityConfig`] that the tracer runs with (and exposes).
+//! resolved once into an [`StepTracingConfig`] that the tracer runs with (and exposes).
 //!
 //! Precedence, per setting: a flag wins over the signal-specific variable
 //! (`OTEL_EXPORTER_OTLP_TRACES_*`), which wins over the generic one (`OTEL_EXPORTER_OTLP_*`),
@@ -71,11 +71,11 @@ pub enum OtlpProtocol {
 }
 
 impl OtlpProtocol {
-    fn parse_env(name: &str, value: &str) -> Result<Self, ObservabilityError> {
+    fn parse_env(name: &str, value: &str) -> Result<Self, StepTracingError> {
         match value.trim() {
             "grpc" => Ok(OtlpProtocol::Grpc),
             "http/protobuf" | "http" => Ok(OtlpProtocol::HttpProtobuf),
-            other => Err(ObservabilityError::Config(format!(
+            other => Err(StepTracingError::Config(format!(
                 "{name}={other:?} is not supported (use `grpc` or `http/protobuf`)"
             ))),
         }
@@ -95,7 +95,7 @@ pub struct OtlpConfig {
 }
 
 /// The step-tracing settings as the command line gives them, typed (the CLI converts its flags
-/// into this); [`ObservabilityConfig::resolve`] adds the `OTEL_*` environment.
+/// into this); [`StepTracingConfig::resolve`] adds the `OTEL_*` environment.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct StepTracingSettings {
     /// `--step-tracing-enabled`.
@@ -121,7 +121,7 @@ pub struct StepTracingSettings {
 
 /// Everything the step tracer runs with.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ObservabilityConfig {
+pub struct StepTracingConfig {
     /// `--step-tracing-enabled`.
     pub step_tracing_enabled: bool,
     /// `--step-tracing-policy` (default: the built-in default policy).
@@ -159,7 +159,7 @@ pub struct ObservabilityConfig {
     pub shutdown_timeout: Duration,
 }
 
-impl Default for ObservabilityConfig {
+impl Default for StepTracingConfig {
     /// Tracing off, the flags' defaults.
     fn default() -> Self {
         Self {
@@ -185,7 +185,7 @@ impl Default for ObservabilityConfig {
 
 /// Why the tracer could not be configured or started. Each message fits on one line.
 #[derive(Debug, Error)]
-pub enum ObservabilityError {
+pub enum StepTracingError {
     #[error("step tracing: {0}")]
     Config(String),
     /// The message includes the policy error's; it is not also a `source`, so an error chain
@@ -203,15 +203,15 @@ pub enum ObservabilityError {
     Spawn(String),
 }
 
-impl From<PolicyError> for ObservabilityError {
+impl From<PolicyError> for StepTracingError {
     fn from(error: PolicyError) -> Self {
-        ObservabilityError::Policy(error)
+        StepTracingError::Policy(error)
     }
 }
 
-impl ObservabilityConfig {
+impl StepTracingConfig {
     /// The configuration for `args`, reading the `OTEL_*` variables from the process environment.
-    pub fn from_settings(args: StepTracingSettings, seed: u64) -> Result<Self, ObservabilityError> {
+    pub fn from_settings(args: StepTracingSettings, seed: u64) -> Result<Self, StepTracingError> {
         Self::resolve(args, seed, |name| std::env::var(name).ok())
     }
 
@@ -221,7 +221,7 @@ impl ObservabilityConfig {
         args: StepTracingSettings,
         seed: u64,
         env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, ObservabilityError> {
+    ) -> Result<Self, StepTracingError> {
         let env = |name: &str| env(name).filter(|value| !value.trim().is_empty());
         let protocol = match args.otlp_protocol {
             Some(protocol) => protocol,
@@ -289,7 +289,7 @@ impl ObservabilityConfig {
             Some((name, value)) => match value.trim().parse::<u64>() {
                 Ok(ms) if ms > 0 => Duration::from_millis(ms),
                 _ => {
-                    return Err(ObservabilityError::Config(format!(
+                    return Err(StepTracingError::Config(format!(
                         "{name}={value:?} is not a positive number of milliseconds"
                     )));
                 }
@@ -334,17 +334,17 @@ impl ObservabilityConfig {
 fn split_url<'a>(
     source: &str,
     url: &'a str,
-) -> Result<(&'a str, &'a str, &'a str), ObservabilityError> {
+) -> Result<(&'a str, &'a str, &'a str), StepTracingError> {
     let url = url.trim();
     let Some((scheme, rest)) = url.split_once("://") else {
-        return Err(ObservabilityError::Config(format!(
+        return Err(StepTracingError::Config(format!(
             "{source}: `{url}` is not a URL (expected http://host:port)"
         )));
     };
     match scheme {
         "http" | "https" => {}
         other => {
-            return Err(ObservabilityError::Config(format!(
+            return Err(StepTracingError::Config(format!(
                 "{source}: `{url}`: unsupported scheme `{other}` (expected http or https)"
             )));
         }
@@ -354,12 +354,12 @@ fn split_url<'a>(
         None => (rest, ""),
     };
     if authority.is_empty() {
-        return Err(ObservabilityError::Config(format!(
+        return Err(StepTracingError::Config(format!(
             "{source}: `{url}` has no host"
         )));
     }
     if url.parse::<http::Uri>().is_err() {
-        return Err(ObservabilityError::Config(format!(
+        return Err(StepTracingError::Config(format!(
             "{source}: `{url}` is not a valid URL"
         )));
     }
@@ -371,7 +371,7 @@ fn signal_endpoint(
     source: &str,
     url: &str,
     protocol: OtlpProtocol,
-) -> Result<String, ObservabilityError> {
+) -> Result<String, StepTracingError> {
     let (scheme, authority, path) = split_url(source, url)?;
     Ok(match protocol {
         OtlpProtocol::HttpProtobuf if path.is_empty() || path == "/" => {
@@ -386,7 +386,7 @@ fn base_endpoint(
     source: &str,
     url: &str,
     protocol: OtlpProtocol,
-) -> Result<String, ObservabilityError> {
+) -> Result<String, StepTracingError> {
     let (scheme, authority, path) = split_url(source, url)?;
     Ok(match protocol {
         OtlpProtocol::HttpProtobuf => {
@@ -401,7 +401,7 @@ fn base_endpoint(
 
 /// Parses `key=value,key2=value2` (values percent-decoded), refusing what is not a valid
 /// header, so a typo is reported at start-up instead of silently dropped.
-fn parse_headers(source: &str, value: &str) -> Result<Vec<(String, String)>, ObservabilityError> {
+fn parse_headers(source: &str, value: &str) -> Result<Vec<(String, String)>, StepTracingError> {
     let mut headers = Vec::new();
     for item in value
         .split(',')
@@ -409,18 +409,18 @@ fn parse_headers(source: &str, value: &str) -> Result<Vec<(String, String)>, Obs
         .filter(|item| !item.is_empty())
     {
         let Some((key, raw)) = item.split_once('=') else {
-            return Err(ObservabilityError::Config(format!(
+            return Err(StepTracingError::Config(format!(
                 "{source}: `{item}` is not of the form key=value"
             )));
         };
         let key = key.trim().to_ascii_lowercase();
         let decoded = percent_decode(raw.trim()).ok_or_else(|| {
-            ObservabilityError::Config(format!("{source}: the value of `{key}` is badly encoded"))
+            StepTracingError::Config(format!("{source}: the value of `{key}` is badly encoded"))
         })?;
         if http::HeaderName::from_bytes(key.as_bytes()).is_err()
             || http::HeaderValue::from_str(&decoded).is_err()
         {
-            return Err(ObservabilityError::Config(format!(
+            return Err(StepTracingError::Config(format!(
                 "{source}: `{key}` is not a valid header"
             )));
         }
@@ -452,7 +452,7 @@ mod tests {
     use std::collections::HashMap;
 
     /// The settings for `--otlp-traces-endpoint URL` / `--otlp-protocol grpc|http` pairs (the
-    /// CLI's own parsing of these flags is tested in `cli.rs` and `observability/tests.rs`).
+    /// CLI's own parsing of these flags is tested in `cli.rs` and `step_tracing/tests.rs`).
     fn args(extra: &[&str]) -> StepTracingSettings {
         let mut settings = StepTracingSettings::default();
         for pair in extra.chunks(2) {
@@ -470,12 +470,12 @@ mod tests {
         settings
     }
 
-    fn config(extra: &[&str], env: &[(&str, &str)]) -> Result<ObservabilityConfig, String> {
+    fn config(extra: &[&str], env: &[(&str, &str)]) -> Result<StepTracingConfig, String> {
         let env: HashMap<String, String> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        ObservabilityConfig::resolve(args(extra), 7, |name| env.get(name).cloned())
+        StepTracingConfig::resolve(args(extra), 7, |name| env.get(name).cloned())
             .map_err(|e| e.to_string())
     }
 

@@ -4,8 +4,8 @@
 //! The thread polls the queue every [`POLL_INTERVAL`] rather than blocking on it, so that the
 //! step loop's `try_send` never has to wake it (a futex syscall, and on a busy machine a
 //! context switch, per sampled step); the handle unparks it for flush and shutdown.
-//! Spans are exported when [`ObservabilityConfig::export_batch_size`] are pending, when the
-//! oldest pending one has waited [`ObservabilityConfig::export_interval`], on a flush request,
+//! Spans are exported when [`StepTracingConfig::export_batch_size`] are pending, when the
+//! oldest pending one has waited [`StepTracingConfig::export_interval`], on a flush request,
 //! and at shutdown. [`TracerHandle::shutdown`](super::TracerHandle::shutdown) first sets a
 //! deadline (now + `shutdown_timeout`), then queues a shutdown message behind the records
 //! already queued: everything before it is written and exported (or, past the deadline,
@@ -15,7 +15,7 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::config::ObservabilityConfig;
+use super::config::StepTracingConfig;
 use super::jsonl::JsonlSink;
 use super::metrics::TracerMetrics;
 use super::otlp::OtlpSink;
@@ -66,7 +66,7 @@ pub(crate) struct ExporterThread {
 impl ExporterThread {
     pub(crate) fn new(
         rx: Receiver<ExportMessage>,
-        config: &ObservabilityConfig,
+        config: &StepTracingConfig,
         sinks: (Option<OtlpSink>, Option<JsonlSink>, Option<JsonlSink>),
         metrics: Arc<TracerMetrics>,
         deadline: Arc<ShutdownDeadline>,
