@@ -11,7 +11,7 @@ use proptest::prelude::*;
 
 use super::config::{EngineConfig, EngineError};
 use super::core::{EngineCore, StepOutput};
-use super::model_runner::{Logits, ModelBatch, ModelRunner, ModelRunnerError};
+use super::model_runner::{BatchLimits, Logits, ModelBatch, ModelRunner, ModelRunnerError};
 use super::observer::StepView;
 use super::request::{FinishReason, RequestId, RequestOutput, RequestPhase};
 use super::sampling_params::SamplingParams;
@@ -793,12 +793,8 @@ struct FailingRunner {
 }
 
 impl ModelRunner for FailingRunner {
-    fn vocab_size(&self) -> usize {
-        self.inner.vocab_size()
-    }
-
-    fn max_model_len(&self) -> usize {
-        self.inner.max_model_len()
+    fn limits(&self) -> BatchLimits {
+        self.inner.limits()
     }
 
     fn forward(&mut self, batch: &ModelBatch<'_>) -> Result<Logits, ModelRunnerError> {

@@ -137,10 +137,16 @@ pub enum ModelRunnerError {
 
 /// A model backend the engine drives (CPU, CUDA, or the deterministic test runner).
 pub trait ModelRunner: Send {
+    /// What the runner accepts: the model's vocabulary and length, the KV cache's geometry.
+    fn limits(&self) -> BatchLimits;
     /// Vocabulary size (width of each logits row).
-    fn vocab_size(&self) -> usize;
+    fn vocab_size(&self) -> usize {
+        self.limits().vocab_size
+    }
     /// Longest sequence (prompt + output) the model accepts.
-    fn max_model_len(&self) -> usize;
+    fn max_model_len(&self) -> usize {
+        self.limits().max_model_len
+    }
     /// Runs one batched forward pass; returns one logits row per entry with `needs_logits`.
     fn forward(&mut self, batch: &ModelBatch<'_>) -> Result<Logits, ModelRunnerError>;
 }

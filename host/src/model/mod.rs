@@ -22,6 +22,8 @@ mod loader_tests;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::engine::model_runner::BatchLimits;
+
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use detokenizer::{DetokenizerOptions, IncrementalDetokenizer};
@@ -40,6 +42,18 @@ pub struct KvCacheShape {
 }
 
 impl KvCacheShape {
+    /// What a runner of `config` over this cache accepts (what [`ModelBatch::validate`] checks).
+    ///
+    /// [`ModelBatch::validate`]: crate::engine::model_runner::ModelBatch::validate
+    pub fn batch_limits(self, config: &ModelConfig) -> BatchLimits {
+        BatchLimits {
+            max_model_len: config.max_model_len,
+            block_size: self.block_size,
+            num_blocks: self.num_blocks,
+            vocab_size: config.vocab_size,
+        }
+    }
+
     /// As many blocks of `block_size` slots as fit in `budget_bytes` of f32 K/V for `config`
     /// (at least one).
     pub fn from_budget(config: &ModelConfig, budget_bytes: usize, block_size: usize) -> Self {

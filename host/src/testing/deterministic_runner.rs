@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::engine::model_runner::{Logits, ModelBatch, ModelRunner, ModelRunnerError};
+use crate::engine::model_runner::{BatchLimits, Logits, ModelBatch, ModelRunner, ModelRunnerError};
 use crate::engine::sampling_params::SamplingParams;
 use crate::splitmix::{GOLDEN_GAMMA, finalize as mix64};
 
@@ -105,12 +105,13 @@ impl DeterministicRunner {
 }
 
 impl ModelRunner for DeterministicRunner {
-    fn vocab_size(&self) -> usize {
-        self.vocab_size
-    }
-
-    fn max_model_len(&self) -> usize {
-        self.max_model_len
+    fn limits(&self) -> BatchLimits {
+        BatchLimits {
+            max_model_len: self.max_model_len,
+            block_size: self.block_size,
+            num_blocks: self.num_blocks,
+            vocab_size: self.vocab_size,
+        }
     }
 
     fn forward(&mut self, batch: &ModelBatch<'_>) -> Result<Logits, ModelRunnerError> {

@@ -5,7 +5,8 @@
 //! check scheduling and caching exactly, without weights. The model tools only tests need are
 //! compiled for tests alone: [`greedy`] (a greedy generation loop independent of the engine, the
 //! reference for backend and fixture tests) and [`export`] (writes a loaded model back as a
-//! Hugging Face directory, for loader round trips). `host/tests/architecture.rs` checks that no
+//! Hugging Face directory, for loader round trips), and [`model_configs`] (geometries the CPU
+//! and CUDA backend tests share). `host/tests/architecture.rs` checks that no
 //! serving module imports this one outside its tests.
 
 pub mod deterministic_runner;
@@ -13,5 +14,7 @@ pub mod deterministic_runner;
 pub mod export;
 #[cfg(test)]
 pub mod greedy;
+#[cfg(test)]
+pub mod model_configs;
 
 pub use deterministic_runner::DeterministicRunner;

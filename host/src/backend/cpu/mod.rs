@@ -110,12 +110,7 @@ impl CpuModelRunner {
         &mut self,
         batch: &ModelBatch<'b>,
     ) -> Result<Vec<SeqSpan<'b>>, ModelRunnerError> {
-        batch.validate(&BatchLimits {
-            max_model_len: self.cfg.max_model_len,
-            block_size: self.kv.shape().block_size,
-            num_blocks: self.kv.shape().num_blocks,
-            vocab_size: self.cfg.vocab_size,
-        })?;
+        batch.validate(&self.limits())?;
         let bs = self.kv.shape().block_size;
         let s = &mut self.scratch;
         s.positions.clear();
@@ -144,12 +139,8 @@ impl CpuModelRunner {
 }
 
 impl ModelRunner for CpuModelRunner {
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
-
-    fn max_model_len(&self) -> usize {
-        self.cfg.max_model_len
+    fn limits(&self) -> BatchLimits {
+        self.kv.shape().batch_limits(&self.cfg)
     }
 
     fn forward(&mut self, batch: &ModelBatch<'_>) -> Result<Logits, ModelRunnerError> {

@@ -9,35 +9,12 @@ use std::time::Instant;
 use crate::engine::model_runner::{BatchEntry, ModelBatch, ModelRunner, ModelRunnerError};
 use crate::model::tiny::{self, tiny_config, tiny_weights};
 use crate::model::weights::LlamaWeights;
-use crate::model::{KvCacheShape, ModelConfig, RopeScaling};
+use crate::model::{KvCacheShape, ModelConfig};
 use crate::splitmix::SplitMix64;
 use crate::testing::greedy::{GreedyOptions, greedy_generate};
+use crate::testing::model_configs::variant_config;
 
 use super::CpuModelRunner;
-
-/// A geometry unlike the tiny model's: biases everywhere, tied embeddings, one KV head,
-/// `head_dim * num_heads != hidden_size`, llama3 RoPE scaling.
-fn variant_config() -> ModelConfig {
-    let mut c = tiny_config();
-    c.hidden_size = 48;
-    c.intermediate_size = 80;
-    c.num_layers = 3;
-    c.num_heads = 3;
-    c.num_kv_heads = 1;
-    c.head_dim = 32;
-    c.qkv_bias = true;
-    c.o_bias = true;
-    c.tie_word_embeddings = true;
-    c.max_model_len = 256;
-    c.rope_theta = 500_000.0;
-    c.rope_scaling = RopeScaling::Llama3 {
-        factor: 8.0,
-        low_freq_factor: 1.0,
-        high_freq_factor: 4.0,
-        original_max_position_embeddings: 32,
-    };
-    c
-}
 
 /// Head dimensions with specialised attention paths (64, 128), a single layer.
 fn wide_configs() -> Vec<ModelConfig> {

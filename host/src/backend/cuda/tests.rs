@@ -26,6 +26,7 @@ use crate::model::{
 };
 use crate::splitmix::SplitMix64;
 use crate::testing::greedy::{GreedyOptions, argmax, greedy_generate};
+use crate::testing::model_configs::variant_config;
 
 use super::gemm::GemmMode;
 use super::nvrtc::{self, ActDtype, KERNEL_SOURCES};
@@ -492,30 +493,6 @@ fn synthetic_prompts(n: usize, seed: u64, vocab: usize, max_len: usize) -> Vec<V
                 .collect()
         })
         .collect()
-}
-
-/// A geometry unlike the tiny model's (as in the CPU tests): biases everywhere, tied
-/// embeddings, one KV head for three query heads, head_dim 32 ≠ hidden / heads, llama3 RoPE.
-fn variant_config() -> ModelConfig {
-    let mut c = tiny_config();
-    c.hidden_size = 48;
-    c.intermediate_size = 80;
-    c.num_layers = 3;
-    c.num_heads = 3;
-    c.num_kv_heads = 1;
-    c.head_dim = 32;
-    c.qkv_bias = true;
-    c.o_bias = true;
-    c.tie_word_embeddings = true;
-    c.max_model_len = 256;
-    c.rope_theta = 500_000.0;
-    c.rope_scaling = RopeScaling::Llama3 {
-        factor: 8.0,
-        low_freq_factor: 1.0,
-        high_freq_factor: 4.0,
-        original_max_position_embeddings: 32,
-    };
-    c
 }
 
 /// A test model: name, config, weights, prompts.

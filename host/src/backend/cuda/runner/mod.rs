@@ -48,7 +48,7 @@ use std::sync::Arc;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtrMut};
 
-use crate::engine::model_runner::{Logits, ModelBatch, ModelRunner, ModelRunnerError};
+use crate::engine::model_runner::{BatchLimits, Logits, ModelBatch, ModelRunner, ModelRunnerError};
 use crate::model::{KvCacheShape, LlamaWeights, ModelConfig};
 
 use super::gemm::{GemmMode, GemmPlan};
@@ -367,12 +367,8 @@ fn backend_err(e: CudaError) -> ModelRunnerError {
 }
 
 impl ModelRunner for CudaModelRunner {
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
-
-    fn max_model_len(&self) -> usize {
-        self.cfg.max_model_len
+    fn limits(&self) -> BatchLimits {
+        self.kv_shape.batch_limits(&self.cfg)
     }
 
     fn forward(&mut self, batch: &ModelBatch<'_>) -> Result<Logits, ModelRunnerError> {

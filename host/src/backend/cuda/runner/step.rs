@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 
-use crate::engine::model_runner::{BatchLimits, ModelBatch, ModelRunnerError};
+use crate::engine::model_runner::{ModelBatch, ModelRunnerError};
 use crate::model::ModelConfig;
 
 use super::super::CudaError;
@@ -192,12 +192,7 @@ impl CudaModelRunner {
     /// Checks the batch ([`ModelBatch::validate`], as the CPU runner does) and fills the host
     /// metadata.
     pub(super) fn prepare(&mut self, batch: &ModelBatch<'_>) -> Result<(), ModelRunnerError> {
-        batch.validate(&BatchLimits {
-            max_model_len: self.cfg.max_model_len,
-            block_size: self.kv_shape.block_size,
-            num_blocks: self.kv_shape.num_blocks,
-            vocab_size: self.cfg.vocab_size,
-        })?;
+        batch.validate(&self.kv_shape.batch_limits(&self.cfg))?;
         let bs = self.kv_shape.block_size;
         let h = &mut self.host;
         h.ids.clear();
