@@ -205,7 +205,7 @@ impl<'a> RequestView<'a> {
         self.request.num_cached_tokens()
     }
 
-    /// `request.effective_prompt_len`: only when part, but not all, of the prompt was cached.
+    /// `request.effective_prompt_len`: prompt − cached, whenever not all of the prompt was cached.
     pub fn effective_prompt_len(&self) -> Option<usize> {
         self.request.effective_prompt_len()
     }

@@ -223,11 +223,13 @@ impl Request {
         }
     }
 
-    /// Prompt tokens that had to be computed: `Some(prompt - cached)` only when part, but not
-    /// all, of the prompt came from the prefix cache (the `request.effective_prompt_len` rule).
+    /// Prompt tokens that had to be computed, `prompt - cached`: the seed's
+    /// `request.effective_prompt_len` rule, present whenever `0 <= cached < prompt` once the
+    /// request was admitted (a cache miss included), absent before admission and when the whole
+    /// prompt came from the cache.
     pub fn effective_prompt_len(&self) -> Option<usize> {
-        let cached = self.num_cached_tokens();
-        (cached > 0 && cached < self.num_prompt_tokens).then(|| self.num_prompt_tokens - cached)
+        let cached = self.num_cached_tokens?;
+        (cached < self.num_prompt_tokens).then(|| self.num_prompt_tokens - cached)
     }
 
     /// Makes sure the hashes of the first `num_blocks` full blocks are known.
@@ -355,9 +357,14 @@ mod tests {
     fn phase_and_effective_prompt_len() {
         let mut r = request(vec![1; 10], SamplingParams::greedy(4));
         assert_eq!(r.phase(), RequestPhase::Prefill);
-        assert_eq!(r.effective_prompt_len(), None);
+        assert_eq!(r.effective_prompt_len(), None, "not admitted yet");
+        r.num_cached_tokens = Some(0);
+        assert_eq!(r.effective_prompt_len(), Some(10), "a cache miss");
         r.num_cached_tokens = Some(4);
         assert_eq!(r.effective_prompt_len(), Some(6));
+        r.num_cached_tokens = Some(10);
+        assert_eq!(r.effective_prompt_len(), None, "the whole prompt cached");
+        r.num_cached_tokens = Some(4);
         r.token_ids.push(3);
         assert_eq!(r.phase(), RequestPhase::Decode);
         assert_eq!(r.output_token_ids(), &[3]);

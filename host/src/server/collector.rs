@@ -210,6 +210,11 @@ impl StatsCollector {
                     t.steps_rich_sampled,
                 ),
                 (
+                    "stepscope_step_tracing_steps_rich_faulted",
+                    "Rich-sampled steps whose plan-rich call faulted (traced without snapshots)",
+                    t.steps_rich_faulted,
+                ),
+                (
                     "stepscope_step_tracing_snapshots",
                     "Request snapshots emitted",
                     t.snapshots_emitted,

@@ -37,8 +37,8 @@ use super::record::{
 use super::record::{
     AttrValue, BATCH_SUMMARY_ATTRIBUTES, EVENT_BATCH_SUMMARY, EVENT_REQUEST_SNAPSHOT, SCOPE_NAME,
     SPAN_BATCH_PROBABILITY, SPAN_LAST_STEP_DURATION_US, SPAN_NAME, SPAN_POLICY_DEGRADED,
-    SPAN_POLICY_DIGEST, SPAN_POLICY_NAME, SPAN_RICH_PROBABILITY, SPAN_STEP_ID, StepRecord,
-    batch_summary_attributes, sat_i64, snapshot_attributes,
+    SPAN_POLICY_DIGEST, SPAN_POLICY_NAME, SPAN_POLICY_RICH_FAULT, SPAN_RICH_PROBABILITY,
+    SPAN_STEP_ID, StepRecord, batch_summary_attributes, sat_i64, snapshot_attributes,
 };
 use crate::policy::random::step_draws;
 use crate::policy::{RecordedStep, RequestViews, StepSummary};
@@ -138,6 +138,12 @@ pub(crate) fn render_line(out: &mut Vec<u8>, record: &StepRecord) {
         out.push(b',');
         push_str(out, SPAN_POLICY_DEGRADED);
         out.extend_from_slice(b":true");
+    }
+    if let Some(kind) = record.rich_fault {
+        out.push(b',');
+        push_str(out, SPAN_POLICY_RICH_FAULT);
+        out.push(b':');
+        push_str(out, kind.as_str());
     }
     for (key, value) in &record.extra {
         out.push(b',');
@@ -317,8 +323,8 @@ fn views_from_line(json: &Json) -> Option<RequestViews> {
         scheduled_tokens: column(ATTR_SCHEDULED_TOKENS),
         kv_blocks_allocated: column(ATTR_KV_BLOCKS_ALLOCATED),
         kv_blocks_cached: column(ATTR_KV_BLOCKS_CACHED),
-        // Not an event attribute: recovered from `request.effective_prompt_len` (present only
-        // when part of the prompt came from the prefix cache), else 0.
+        // Not an event attribute: recovered from `request.effective_prompt_len` (prompt -
+        // cached, present whenever not all of the prompt was cached), else 0.
         num_cached_tokens: snapshots
             .iter()
             .map(|a| {

@@ -20,6 +20,9 @@ pub struct TracerMetrics {
     pub(crate) steps_batch_sampled: AtomicU64,
     /// Steps the policy rich-sampled and planned successfully.
     pub(crate) steps_rich_sampled: AtomicU64,
+    /// Steps the policy rich-sampled whose `plan-rich` faulted: traced with the batch summary
+    /// only, marked `policy.rich_fault` (the fault itself is counted by kind in `policy`).
+    pub(crate) steps_rich_faulted: AtomicU64,
     /// Snapshots in queued records.
     pub(crate) snapshots_emitted: AtomicU64,
     /// Records handed to the exporter thread.
@@ -53,6 +56,7 @@ pub struct TracerMetricsSnapshot {
     pub steps_seen: u64,
     pub steps_batch_sampled: u64,
     pub steps_rich_sampled: u64,
+    pub steps_rich_faulted: u64,
     pub snapshots_emitted: u64,
     pub records_queued: u64,
     pub records_dropped_queue_full: u64,
@@ -100,6 +104,7 @@ impl TracerMetrics {
             steps_seen: get(&self.steps_seen),
             steps_batch_sampled: get(&self.steps_batch_sampled),
             steps_rich_sampled: get(&self.steps_rich_sampled),
+            steps_rich_faulted: get(&self.steps_rich_faulted),
             snapshots_emitted: get(&self.snapshots_emitted),
             records_queued: get(&self.records_queued),
             records_dropped_queue_full: get(&self.records_dropped_queue_full),

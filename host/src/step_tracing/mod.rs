@@ -34,6 +34,8 @@ mod budget_tests;
 mod test_support;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tracer_tests;
 
 use std::sync::Arc;
 use std::sync::mpsc::{self, SyncSender};

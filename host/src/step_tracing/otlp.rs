@@ -33,8 +33,8 @@ use super::metrics::{TracerMetrics, add, bump};
 use super::record::{
     AttrValue, EVENT_BATCH_SUMMARY, EVENT_REQUEST_SNAPSHOT, SCOPE_NAME, SPAN_BATCH_PROBABILITY,
     SPAN_LAST_STEP_DURATION_US, SPAN_NAME, SPAN_POLICY_DEGRADED, SPAN_POLICY_DIGEST,
-    SPAN_POLICY_NAME, SPAN_RICH_PROBABILITY, SPAN_STEP_ID, StepRecord, batch_summary_attributes,
-    sat_i64, snapshot_attributes,
+    SPAN_POLICY_NAME, SPAN_POLICY_RICH_FAULT, SPAN_RICH_PROBABILITY, SPAN_STEP_ID, StepRecord,
+    batch_summary_attributes, sat_i64, snapshot_attributes,
 };
 
 /// The attribute key of a policy extra (see [`crate::policy::extra_attribute_key`]).
@@ -158,6 +158,9 @@ impl OtlpSink {
         ));
         if record.degraded {
             attributes.push(KeyValue::new(SPAN_POLICY_DEGRADED, true));
+        }
+        if let Some(kind) = record.rich_fault {
+            attributes.push(KeyValue::new(SPAN_POLICY_RICH_FAULT, kind.as_str()));
         }
         for (key, value) in &record.extra {
             attributes.push(KeyValue::new(extra_key(key), value.clone()));

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::engine::StepView;
 use crate::policy::random::step_draws;
-use crate::policy::{SnapshotAttributes, StepSummary};
+use crate::policy::{FaultKind, SnapshotAttributes, StepSummary};
 
 /// Instrumentation scope of every step span.
 pub const SCOPE_NAME: &str = "stepscope.scheduler.step";
@@ -68,6 +68,9 @@ pub const SPAN_POLICY_DIGEST: &str = "policy.digest";
 /// `true` on a step the built-in default decided because the configured policy went over its
 /// step budget (`policy.name` is then the default's); absent otherwise.
 pub const SPAN_POLICY_DEGRADED: &str = "policy.degraded";
+/// The fault kind (`trap`, `malformed`, …) when the policy's `plan-rich` failed on a step it
+/// had rich-sampled: the batch summary is kept, no snapshots are emitted; absent otherwise.
+pub const SPAN_POLICY_RICH_FAULT: &str = "policy.rich_fault";
 
 /// One chosen running request of a rich step, as plain numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +85,8 @@ pub struct SnapshotRow {
     pub scheduled_tokens: u32,
     pub kv_blocks_allocated: u32,
     pub kv_blocks_cached: u32,
-    /// `Some` only when part, but not all, of the prompt came from the prefix cache.
+    /// `Some(prompt - cached)` whenever not all of the prompt came from the prefix cache (a
+    /// miss included).
     pub effective_prompt_len: Option<u32>,
 }
 
@@ -119,6 +123,8 @@ pub struct StepRecord {
     pub rich: Option<RichRecord>,
     /// `policy.degraded`: the built-in default decided in place of a degraded policy.
     pub degraded: bool,
+    /// `policy.rich_fault`: the step was rich-sampled but `plan-rich` faulted (`rich` is `None`).
+    pub rich_fault: Option<FaultKind>,
 }
 
 /// Saturating `usize` → `u32` (queue depths and token counts fit; never wrap if they don't).

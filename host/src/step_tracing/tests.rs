@@ -17,7 +17,7 @@ use super::*;
 use crate::cli::{Cli, Command};
 use crate::engine::{EngineConfig, SamplingParams};
 use crate::policy::random::step_draws;
-use crate::policy::{FaultKind, GUEST_COMPONENT_DIR, PolicyLimits, PolicyParams, PolicySource};
+use crate::policy::{GUEST_COMPONENT_DIR, PolicyLimits, PolicyParams, PolicySource};
 
 const SEED: u64 = 42;
 
@@ -804,29 +804,4 @@ fn disabled_tracing_loads_nothing_and_counts_nothing() {
     assert_eq!(finished, requests.len());
     assert!(handle.flush());
     assert_eq!(handle.shutdown(), TracerMetricsSnapshot::default());
-}
-
-#[test]
-fn a_faulty_policy_leaves_steps_untraced_and_is_counted() {
-    let path = temp_path("hostile.jsonl");
-    let config = StepTracingConfig {
-        policy: PolicySource::File(guest("hostile")),
-        policy_params: PolicyParams {
-            args: vec![("mode".into(), "out-of-range".into())],
-            ..PolicyParams::rates(1.0, 1.0)
-        },
-        step_tracing_file: Some(path.clone()),
-        ..StepTracingConfig::enabled_with_rates(1.0, 1.0, SEED)
-    };
-    let (observer, mut handle) = StepTracer::start(config).expect("tracer");
-    let (engine_config, requests) = mixed_workload();
-    let (steps, finished) = run_engine(engine_config, &requests, observer, SEED, 1000);
-    assert_eq!(finished, requests.len());
-    let m = handle.shutdown();
-    assert_eq!(m.steps_seen, steps.len() as u64);
-    assert_eq!(m.steps_batch_sampled, 0);
-    assert!(m.policy.faults_of(FaultKind::Malformed) > 0);
-    assert!(m.policy.skipped_backoff > 0);
-    assert_eq!(std::fs::read_to_string(&path).expect("file"), "");
-    let _ = std::fs::remove_file(&path);
 }

@@ -5,7 +5,9 @@
 //! fill the reusable request-view columns (every running request, scheduled or not), call
 //! `plan-rich` once, and copy the chosen rows. The record goes to the exporter thread with
 //! `try_send` on a bounded queue: a full queue drops it (counted), the step never waits. A
-//! policy fault (counted by the runtime) leaves the step untraced. Before the policy call, a
+//! fault in `decide` (counted by the runtime) leaves the step untraced; a fault in `plan-rich`
+//! keeps the step's batch summary, without snapshots, its span marked `policy.rich_fault`
+//! (counted too), so heavy steps are not dropped from the batch stream. Before the policy call, a
 //! policy hot-swapped in through the [`PolicySwitch`] (one relaxed atomic load when none is
 //! pending) replaces the running one; the old instance is dropped on a short-lived thread. With
 //! tracing disabled the observer holds nothing and `on_step` is a single branch.
@@ -19,7 +21,9 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 
 use crate::engine::{RequestPhase, StepObserver, StepView};
 use crate::policy::budget::{Route, StepBudget, Transition, thread_cpu_time};
-use crate::policy::{PolicyOutcome, PolicyRuntime, RequestViews, StepSummary, extra_attribute_key};
+use crate::policy::{
+    FaultKind, PolicyOutcome, PolicyRuntime, RequestViews, StepSummary, extra_attribute_key,
+};
 
 use super::exporter::ExportMessage;
 use super::metrics::{TracerMetrics, add, bump};
@@ -151,8 +155,13 @@ impl ActiveTracer {
                 self.note_transition(transition);
             }
         }
-        let Some((decision, rich, mut extra)) = outcome else {
+        let Some((decision, planned, mut extra)) = outcome else {
             return;
+        };
+        let (rich, rich_fault, rich_faulted) = match planned {
+            RichOutcome::NotSampled => (None, None, false),
+            RichOutcome::Planned(rich, rich_extra) => (Some((rich, rich_extra)), None, false),
+            RichOutcome::Faulted(kind) => (None, kind, true),
         };
         if let Some(rich_extra) = rich.as_ref().map(|(_, extra)| extra) {
             // plan-rich's extras win over decide's, compared as span attributes.
@@ -169,6 +178,9 @@ impl ActiveTracer {
         if rich.is_some() {
             bump(&self.metrics.steps_rich_sampled);
         }
+        if rich_faulted {
+            bump(&self.metrics.steps_rich_faulted);
+        }
         let policy = if degraded {
             &self.fallback_identity
         } else {
@@ -181,6 +193,7 @@ impl ActiveTracer {
             extra,
             rich,
             degraded,
+            rich_fault,
         };
         match self.queue.try_send(ExportMessage::Record(record)) {
             Ok(()) => {
@@ -201,6 +214,7 @@ impl ActiveTracer {
             extra: Vec::new(),
             rich: None,
             degraded: false,
+            rich_fault: None,
         };
         if self
             .queue
@@ -212,19 +226,15 @@ impl ActiveTracer {
     }
 
     /// Asks the policy (or, when `degraded`, the fallback) to decide and, for a rich step, to
-    /// plan; `None` when the step goes untraced (not sampled, or a fault the runtime counted).
-    /// Leaves the policy's wall time for the step in `policy_cost`.
-    #[allow(clippy::type_complexity)]
+    /// plan; `None` when the step goes untraced (not sampled, or a fault in `decide` the runtime
+    /// counted). Returns the decision, the rich outcome and `decide`'s extra attributes, and
+    /// leaves the policy's wall time for the step in `policy_cost`.
     fn decide_and_plan(
         &mut self,
         step: &StepView<'_>,
         summary: &StepSummary,
         degraded: bool,
-    ) -> Option<(
-        crate::policy::Decision,
-        Option<(RichRecord, Vec<(String, String)>)>,
-        Vec<(String, String)>,
-    )> {
+    ) -> Option<(crate::policy::Decision, RichOutcome, ExtraAttributes)> {
         self.policy_cost = std::time::Duration::ZERO;
         let runtime = if degraded {
             &mut self.fallback
@@ -239,10 +249,9 @@ impl ActiveTracer {
         };
         let extra = std::mem::take(&mut decision.extra);
         let rich = if decision.emit_rich {
-            // A fault here (counted by the runtime) leaves the step untraced.
-            Some(self.plan_rich(step, summary, decision.rich_probability, degraded)?)
+            self.plan_rich(step, summary, decision.rich_probability, degraded)
         } else {
-            None
+            RichOutcome::NotSampled
         };
         Some((decision, rich, extra))
     }
@@ -273,15 +282,15 @@ impl ActiveTracer {
         }
     }
 
-    /// Fills the columns, asks the policy (or the fallback), copies the chosen rows; `None` on
-    /// a policy fault. Returns the rows and plan-rich's extra attributes.
+    /// Fills the columns, asks the policy (or the fallback), copies the chosen rows. Returns the
+    /// rows and plan-rich's extra attributes, or the fault (counted by the runtime).
     fn plan_rich(
         &mut self,
         step: &StepView<'_>,
         summary: &StepSummary,
         probability: f64,
         degraded: bool,
-    ) -> Option<(RichRecord, Vec<(String, String)>)> {
+    ) -> RichOutcome {
         let views = &mut self.views;
         clear_views(views);
         self.effective_prompt_len.clear();
@@ -319,7 +328,11 @@ impl ActiveTracer {
         };
         let outcome = runtime.plan_rich(summary, &self.views);
         self.policy_cost += runtime.last_call();
-        let selection = outcome.answer()?;
+        let selection = match outcome {
+            PolicyOutcome::Answer(selection) => selection,
+            PolicyOutcome::Fault(kind) => return RichOutcome::Faulted(Some(kind)),
+            PolicyOutcome::BackingOff => return RichOutcome::Faulted(None),
+        };
         let views = &self.views;
         // The runtime validated every index against the column length.
         let rows = selection
@@ -341,15 +354,29 @@ impl ActiveTracer {
                 })
             })
             .collect();
-        Some((
+        RichOutcome::Planned(
             RichRecord {
                 probability,
                 attributes: selection.attributes,
                 rows,
             },
             selection.extra,
-        ))
+        )
     }
+}
+
+/// A policy's extra attributes: (key without the `policy.` prefix, value).
+type ExtraAttributes = Vec<(String, String)>;
+
+/// What came of a step's rich sampling.
+enum RichOutcome {
+    /// `decide` did not ask for snapshots.
+    NotSampled,
+    /// The chosen rows, and `plan-rich`'s extra attributes.
+    Planned(RichRecord, ExtraAttributes),
+    /// `decide` asked for snapshots but `plan-rich` faulted (the kind), or was skipped while the
+    /// runtime backs off after an earlier fault (`None`): the batch summary alone is traced.
+    Faulted(Option<FaultKind>),
 }
 
 fn empty_views() -> RequestViews {
