@@ -84,6 +84,8 @@ pub struct EngineHandle {
 pub struct ValidRequest {
     prompt_token_ids: Vec<u32>,
     params: SamplingParams,
+    /// The id the client knows the request by; `None`: the engine's decimal id.
+    external_id: Option<Arc<str>>,
 }
 
 impl ValidRequest {
@@ -93,6 +95,12 @@ impl ValidRequest {
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
+    }
+
+    /// The same request known to the client (and on step snapshots, `request.id`) as `id`.
+    pub fn with_external_id(mut self, id: Arc<str>) -> Self {
+        self.external_id = Some(id);
+        self
     }
 
     /// The same request with a fixed seed offset by `offset` (so that the choices of one prompt
@@ -136,8 +144,10 @@ struct SharedState {
 enum Command {
     Add {
         request_id: RequestId,
+        external_id: Option<Arc<str>>,
         prompt_token_ids: Vec<u32>,
-        params: SamplingParams,
+        /// Boxed: the command channel moves the small variants too.
+        params: Box<SamplingParams>,
         outputs: UnboundedSender<RequestOutput>,
     },
     Abort(RequestId),
@@ -172,6 +182,7 @@ impl EngineHandle {
         Ok(ValidRequest {
             prompt_token_ids,
             params,
+            external_id: None,
         })
     }
 
@@ -183,6 +194,7 @@ impl EngineHandle {
         let ValidRequest {
             prompt_token_ids,
             params,
+            external_id,
         } = request;
         let inner = &*self.inner;
         if inner.shared.shutting_down.load(Ordering::Acquire) {
@@ -205,8 +217,9 @@ impl EngineHandle {
         let (outputs, receiver) = unbounded_channel();
         let command = Command::Add {
             request_id,
+            external_id,
             prompt_token_ids,
-            params,
+            params: Box::new(params),
             outputs,
         };
         if inner.commands.send(command).is_err() {
@@ -394,38 +407,42 @@ impl EngineLoop {
         match command {
             Command::Add {
                 request_id,
+                external_id,
                 prompt_token_ids,
                 params,
                 outputs,
-            } => match self
-                .core
-                .queue_validated(request_id, prompt_token_ids, params)
-            {
-                Ok(()) => {
-                    self.outputs.insert(request_id, outputs);
-                    if self.aborting
-                        && let Some(output) = self.core.abort_request(request_id)
-                    {
-                        self.deliver(output);
+            } => {
+                match self.core.queue_validated(
+                    (request_id, external_id),
+                    prompt_token_ids,
+                    *params,
+                ) {
+                    Ok(()) => {
+                        self.outputs.insert(request_id, outputs);
+                        if self.aborting
+                            && let Some(output) = self.core.abort_request(request_id)
+                        {
+                            self.deliver(output);
+                        }
+                    }
+                    Err(error) => {
+                        // The handle validated the request; only the scheduler's own refusals
+                        // (a duplicate id, its queue bound) can land here.
+                        tracing::error!(request_id, %error, "engine refused a request the handle accepted");
+                        self.shared.pending_fresh.fetch_sub(1, Ordering::AcqRel);
+                        let _ = outputs.send(RequestOutput {
+                            request_id,
+                            new_token_ids: Vec::new(),
+                            finish_reason: Some(FinishReason::Error),
+                            num_prompt_tokens: 0,
+                            num_cached_tokens: 0,
+                            num_output_tokens: 0,
+                            num_preemptions: 0,
+                            logprobs: Vec::new(),
+                        });
                     }
                 }
-                Err(error) => {
-                    // The handle validated the request; only the scheduler's own refusals
-                    // (a duplicate id, its queue bound) can land here.
-                    tracing::error!(request_id, %error, "engine refused a request the handle accepted");
-                    self.shared.pending_fresh.fetch_sub(1, Ordering::AcqRel);
-                    let _ = outputs.send(RequestOutput {
-                        request_id,
-                        new_token_ids: Vec::new(),
-                        finish_reason: Some(FinishReason::Error),
-                        num_prompt_tokens: 0,
-                        num_cached_tokens: 0,
-                        num_output_tokens: 0,
-                        num_preemptions: 0,
-                        logprobs: Vec::new(),
-                    });
-                }
-            },
+            }
             Command::Abort(request_id) => {
                 if let Some(output) = self.core.abort_request(request_id) {
                     self.deliver(output);

@@ -8,6 +8,7 @@
 //! panicking observer is disabled and logged, the engine keeps going.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::config::{EngineConfig, EngineError, RequestLimits};
@@ -120,20 +121,24 @@ impl EngineCore {
         self.scheduler
             .limits()
             .validate_request(&prompt_token_ids, &params)?;
-        self.queue_validated(request_id, prompt_token_ids, params)
+        self.queue_validated((request_id, None), prompt_token_ids, params)
     }
 
     /// Queues a request that [`EngineHandle::validate`](super::EngineHandle::validate) checked
     /// against these same limits already (the engine thread's path: no second check).
+    /// `ids`: the engine's id and, when the client knows the request by another, that one.
     pub(super) fn queue_validated(
         &mut self,
-        request_id: RequestId,
+        (request_id, external_id): (RequestId, Option<Arc<str>>),
         prompt_token_ids: Vec<u32>,
         params: SamplingParams,
     ) -> Result<(), EngineError> {
         let rng = request_rng(params.seed, self.seed, request_id);
-        self.scheduler
-            .add_request(Request::new(request_id, prompt_token_ids, params, rng))
+        let mut request = Request::new(request_id, prompt_token_ids, params, rng);
+        if let Some(external_id) = external_id {
+            request = request.with_external_id(external_id);
+        }
+        self.scheduler.add_request(request)
     }
 
     /// Aborts a request and frees its blocks; its final output, or `None` if unknown.

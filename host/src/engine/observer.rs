@@ -160,9 +160,14 @@ pub struct RequestView<'a> {
 }
 
 impl<'a> RequestView<'a> {
-    /// `request.id`.
+    /// The engine's id (the `request-id` column a policy sees).
     pub fn id(&self) -> RequestId {
         self.request.id()
+    }
+
+    /// `request.id`: the id the client knows the request by.
+    pub fn external_id(&self) -> &'a std::sync::Arc<str> {
+        self.request.external_id()
     }
 
     /// `request.phase`: PREFILL while the request has no output token.

@@ -7,6 +7,7 @@
 //! random-number generator (so sampling is reproducible whatever else shares its batches).
 //! [`RequestOutput`] is what one engine step produces for one request.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::block_pool::BlockHash;
@@ -126,6 +127,9 @@ pub fn request_rng(
 #[derive(Debug, Clone)]
 pub struct Request {
     pub(super) id: RequestId,
+    /// The id the client knows the request by (`chatcmpl-…`, `cmpl-…-N`, or its
+    /// `X-Request-Id`): `request.id` on snapshots. The engine's own key is `id`.
+    pub(super) external_id: Arc<str>,
     /// Prompt followed by the generated tokens.
     pub(super) token_ids: Vec<u32>,
     pub(super) num_prompt_tokens: usize,
@@ -154,6 +158,7 @@ impl Request {
         let num_prompt_tokens = prompt_token_ids.len();
         Self {
             id,
+            external_id: Arc::from(id.to_string()),
             token_ids: prompt_token_ids,
             num_prompt_tokens,
             num_computed_tokens: 0,
@@ -169,6 +174,17 @@ impl Request {
 
     pub fn id(&self) -> RequestId {
         self.id
+    }
+
+    /// The same request known to the client as `external_id` (by default, the decimal `id`).
+    pub fn with_external_id(mut self, external_id: Arc<str>) -> Self {
+        self.external_id = external_id;
+        self
+    }
+
+    /// The id the client knows the request by.
+    pub fn external_id(&self) -> &Arc<str> {
+        &self.external_id
     }
 
     pub fn output_token_ids(&self) -> &[u32] {

@@ -11,15 +11,25 @@
 //! for, and a usage that counts each prompt once. The endpoint keeps only its fields and its
 //! response shape.
 //!
+//! Request ids: the response `id` is the kind's prefix and random hex, or the prefix and the
+//! client's `X-Request-Id` when it sends one (as vLLM does); the `X-Request-Id` response header
+//! echoes the client's value, or carries the response `id`. Each choice is known to the engine,
+//! and to step snapshots as `request.id`, by the client's `X-Request-Id` or else the response
+//! `id`, with `-N` appended for choice N when the request has more than one choice. The
+//! server's log lines about a request carry the same id (a `request` span).
+//!
 //! [`EngineHandle::validate`]: crate::engine::EngineHandle::validate
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Json;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use tracing::Instrument;
 
 use crate::engine::api::ValidRequest;
 use crate::model::ModelInfo;
@@ -31,7 +41,12 @@ use super::openai_types::{SamplingFields, Usage};
 use super::params::{MaxTokensDefault, RequestOptions, resolve_max_tokens};
 use super::routes::{object_body, respond};
 use super::sse::{self, Choice, ChunkKind, ChunkWriter, total_usage};
-use super::state::AppState;
+use super::state::{AppState, new_id};
+
+/// The request-id header a client may send (and the server echoes).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// The longest `X-Request-Id` accepted.
+pub const MAX_REQUEST_ID_LEN: usize = 256;
 
 /// The most choices one request may ask for (prompts × `n`).
 pub const MAX_CHOICES_PER_REQUEST: usize = 256;
@@ -56,9 +71,10 @@ macro_rules! openai_handler {
                         )]
         pub async fn create(
             axum::extract::State(state): axum::extract::State<AppState>,
+            headers: axum::http::HeaderMap,
             body: Result<ApiJson<serde_json::Value>, ApiError>,
         ) -> axum::response::Response {
-            serve::<$endpoint>(&state, body).await
+            serve::<$endpoint>(&state, &headers, body).await
         }
     };
 }
@@ -101,17 +117,95 @@ pub struct Collected {
 /// Answers one request to `E`: the handler's whole body.
 pub async fn serve<E: Endpoint>(
     state: &AppState,
+    headers: &HeaderMap,
     body: Result<ApiJson<Value>, ApiError>,
 ) -> Response {
     let arrival = Instant::now();
-    let result = run::<E>(state, body, arrival).await;
-    respond(state, result)
+    let prefix = E::KIND.id_prefix();
+    let (ids, result) = match client_request_id(headers) {
+        Ok(client_id) => {
+            let ids = RequestIds::new(prefix, client_id);
+            let span = tracing::info_span!("request", request_id = %ids.base);
+            let result = run::<E>(state, body, arrival, &ids).instrument(span).await;
+            (ids, result)
+        }
+        Err(error) => (RequestIds::new(prefix, None), Err(error)),
+    };
+    let mut response = respond(state, result);
+    if let Ok(value) = HeaderValue::from_str(&ids.base) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
+/// A request's ids (see the module doc).
+struct RequestIds {
+    /// The response's `id`.
+    response: String,
+    /// The client's `X-Request-Id`, or else the response `id`: the choices' ids are built on it.
+    base: String,
+}
+
+impl RequestIds {
+    fn new(prefix: &str, client_id: Option<String>) -> Self {
+        match client_id {
+            Some(client_id) => Self {
+                response: format!("{prefix}{client_id}"),
+                base: client_id,
+            },
+            None => {
+                let response = new_id(prefix);
+                Self {
+                    base: response.clone(),
+                    response,
+                }
+            }
+        }
+    }
+
+    /// The id of choice `index` of `choices`.
+    fn choice(&self, index: usize, choices: usize) -> Arc<str> {
+        if choices > 1 {
+            Arc::from(format!("{}-{index}", self.base))
+        } else {
+            Arc::from(self.base.as_str())
+        }
+    }
+}
+
+/// The client's `X-Request-Id`: `None` when absent; refused (400, naming the header) unless it
+/// is 1 to [`MAX_REQUEST_ID_LEN`] visible ASCII characters.
+fn client_request_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut values = headers.get_all(REQUEST_ID_HEADER).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let refuse = |why: &str| {
+        Err(ApiError::invalid_param(
+            "X-Request-Id",
+            format!("the X-Request-Id header {why}"),
+        ))
+    };
+    if values.next().is_some() {
+        return refuse("is given more than once");
+    }
+    let bytes = value.as_bytes();
+    if bytes.is_empty() || bytes.len() > MAX_REQUEST_ID_LEN {
+        return refuse(&format!(
+            "must be 1 to {MAX_REQUEST_ID_LEN} characters long"
+        ));
+    }
+    if !bytes.iter().all(u8::is_ascii_graphic) {
+        return refuse("may hold only visible ASCII characters (no spaces)");
+    }
+    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
 }
 
 async fn run<E: Endpoint>(
     state: &AppState,
     body: Result<ApiJson<Value>, ApiError>,
     arrival: Instant,
+    ids: &RequestIds,
 ) -> Result<Response, ApiError> {
     let body = object_body(body)?;
     let common: SamplingFields = from_value(&body)?;
@@ -129,8 +223,9 @@ async fn run<E: Endpoint>(
     });
     let mut prompts = Prompts::new(state, &options, common.max_tokens);
     fields.prompts(&mut prompts)?;
-    let choices = prompts.start(arrival)?;
-    let writer = ChunkWriter::new(E::KIND, model, &options, renderer);
+    let choices = prompts.start(arrival, ids)?;
+    tracing::debug!(choices = choices.len(), "request admitted");
+    let writer = ChunkWriter::new(E::KIND, ids.response.clone(), model, &options, renderer);
     if options.stream {
         return Ok(sse::response(choices, writer));
     }
@@ -241,19 +336,23 @@ impl<'a> Prompts<'a> {
     /// Submits every choice of every prompt (`index` = prompt number × `n` + choice number;
     /// with a fixed seed, choice j uses seed + j). An error drops the choices started so far,
     /// which aborts them.
-    fn start(mut self, arrival: Instant) -> Result<Vec<Choice>, ApiError> {
+    fn start(mut self, arrival: Instant, ids: &RequestIds) -> Result<Vec<Choice>, ApiError> {
         if !self.counted {
             self.check_choice_count(self.sized.len())?;
         }
         let n = self.options.n;
-        let mut choices = Vec::with_capacity(self.valid.len() * n);
+        let total = self.valid.len() * n;
+        let mut choices = Vec::with_capacity(total);
         for (p, (param, request)) in self.valid.iter().enumerate() {
             for choice in 0..n {
-                let request = request.with_seed_offset(choice as u64);
+                let index = p * n + choice;
+                let request = request
+                    .with_seed_offset(choice as u64)
+                    .with_external_id(ids.choice(index, total));
                 let generation =
                     Generation::start(self.state, request, self.options, param, arrival)?;
                 choices.push(Choice {
-                    index: (p * n + choice) as u32,
+                    index: index as u32,
                     counts_prompt: choice == 0,
                     generation,
                 });

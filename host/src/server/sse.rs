@@ -35,7 +35,7 @@ use super::openai_types::{
     ChatChunk, ChatChunkChoice, ChatDelta, CompletionChoice, CompletionResponse, Usage,
 };
 use super::params::RequestOptions;
-use super::state::{new_id, unix_seconds};
+use super::state::unix_seconds;
 
 /// Which endpoint's chunk shape to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,16 +87,17 @@ pub fn done_event() -> Bytes {
 }
 
 impl ChunkWriter {
-    /// The writer for a new response: a fresh `id` (the kind's prefix + random hex), created now.
+    /// The writer for a new response with this `id`, created now.
     pub fn new(
         kind: ChunkKind,
+        id: String,
         model: String,
         options: &RequestOptions,
         logprobs: Option<LogprobsRenderer>,
     ) -> Self {
         Self {
             kind,
-            id: new_id(kind.id_prefix()),
+            id,
             created: unix_seconds(),
             model,
             include_usage: options.include_usage,

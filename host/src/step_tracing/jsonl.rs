@@ -221,6 +221,10 @@ fn push_attr(out: &mut Vec<u8>, name: &'static str, value: AttrValue) {
             out.extend_from_slice(v.as_bytes());
             out.push(b'"');
         }
+        // A client's request id: escaped.
+        AttrValue::Text(v) => {
+            let _ = serde_json::to_writer(&mut *out, v);
+        }
     }
 }
 
@@ -256,12 +260,15 @@ pub fn read_step_summaries(
 }
 
 /// Like [`read_step_summaries`], with each rich line's `step.REQUEST_SNAPSHOT` events turned back
-/// into request-view columns (attributes the recording policy left out read as 0).
+/// into request-view columns (attributes the recording policy left out read as 0). A policy
+/// sees integer request ids: each distinct `request.id` string gets the next integer, from 1, in
+/// file order (an older file's integer ids are kept as they are).
 pub fn read_recorded_steps(
     reader: impl BufRead,
     seed: u64,
 ) -> Result<Vec<RecordedStep>, JsonlReadError> {
     let mut out = Vec::new();
+    let mut request_ids = RequestIdMap::default();
     for (index, line) in reader.lines().enumerate() {
         let line_no = index + 1;
         let line = line.map_err(|source| JsonlReadError::Io {
@@ -281,14 +288,33 @@ pub fn read_recorded_steps(
         })?;
         out.push(RecordedStep {
             summary,
-            requests: views_from_line(&json),
+            requests: views_from_line(&json, &mut request_ids),
         });
     }
     Ok(out)
 }
 
+/// Integer ids for the `request.id` strings of a recording, in order of first appearance.
+#[derive(Default)]
+struct RequestIdMap {
+    ids: std::collections::HashMap<String, u64>,
+}
+
+impl RequestIdMap {
+    fn id_of(&mut self, value: Option<&Json>) -> u64 {
+        match value {
+            Some(Json::String(text)) => {
+                let next = self.ids.len() as u64 + 1;
+                *self.ids.entry(text.clone()).or_insert(next)
+            }
+            Some(other) => other.as_u64().unwrap_or(0),
+            None => 0,
+        }
+    }
+}
+
 /// The request views of a line's snapshot events; `None` when it has none.
-fn views_from_line(json: &Json) -> Option<RequestViews> {
+fn views_from_line(json: &Json, request_ids: &mut RequestIdMap) -> Option<RequestViews> {
     let snapshots: Vec<&Json> = json
         .get("events")?
         .as_array()?
@@ -313,7 +339,7 @@ fn views_from_line(json: &Json) -> Option<RequestViews> {
     Some(RequestViews {
         request_id: snapshots
             .iter()
-            .map(|a| a.get("request.id").and_then(Json::as_u64).unwrap_or(0))
+            .map(|a| request_ids.id_of(a.get("request.id")))
             .collect(),
         is_prefill: snapshots.iter().map(|a| u8::from(phase(a))).collect(),
         num_prompt_tokens: column(ATTR_NUM_PROMPT_TOKENS),

@@ -343,5 +343,6 @@ fn key_value(name: &'static str, value: AttrValue) -> KeyValue {
         AttrValue::Int(v) => KeyValue::new(name, v),
         AttrValue::Float(v) => KeyValue::new(name, v),
         AttrValue::Str(v) => KeyValue::new(name, v),
+        AttrValue::Text(v) => KeyValue::new(name, v.to_owned()),
     }
 }

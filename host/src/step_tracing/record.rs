@@ -72,10 +72,12 @@ pub const SPAN_POLICY_DEGRADED: &str = "policy.degraded";
 /// had rich-sampled: the batch summary is kept, no snapshots are emitted; absent otherwise.
 pub const SPAN_POLICY_RICH_FAULT: &str = "policy.rich_fault";
 
-/// One chosen running request of a rich step, as plain numbers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One chosen running request of a rich step: its id and plain numbers.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotRow {
-    pub request_id: u64,
+    /// `request.id`: the id the client knows the request by (`chatcmpl-…`, or its
+    /// `X-Request-Id`), not the engine's integer.
+    pub request_id: Arc<str>,
     /// PREFILL while the request has no output token.
     pub is_prefill: bool,
     pub num_prompt_tokens: u32,
@@ -168,14 +170,16 @@ pub fn step_summary(step: &StepView<'_>, seed: u64) -> StepSummary {
 
 /// A typed attribute value, shared by the OTLP and JSON-lines renderings.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum AttrValue {
+pub enum AttrValue<'a> {
     Int(i64),
     Float(f64),
     Str(&'static str),
+    /// Text that lives as long as the record (a request id).
+    Text(&'a str),
 }
 
 /// The 16 `step.BATCH_SUMMARY` attributes of a summary, in [`BATCH_SUMMARY_ATTRIBUTES`] order.
-pub fn batch_summary_attributes(s: &StepSummary) -> [(&'static str, AttrValue); 16] {
+pub fn batch_summary_attributes(s: &StepSummary) -> [(&'static str, AttrValue<'static>); 16] {
     use AttrValue::{Float, Int};
     let n = |v: u32| Int(i64::from(v));
     let values = [
@@ -207,16 +211,16 @@ pub fn batch_summary_attributes(s: &StepSummary) -> [(&'static str, AttrValue); 
 }
 
 /// The attributes of one `step.REQUEST_SNAPSHOT` event, calling `push` for each.
-pub fn snapshot_attributes(
+pub fn snapshot_attributes<'a>(
     step_id: u64,
-    row: &SnapshotRow,
+    row: &'a SnapshotRow,
     chosen: SnapshotAttributes,
-    mut push: impl FnMut(&'static str, AttrValue),
+    mut push: impl FnMut(&'static str, AttrValue<'a>),
 ) {
-    use AttrValue::{Int, Str};
+    use AttrValue::{Int, Str, Text};
     let n = |v: u32| Int(i64::from(v));
     push("step.id", Int(sat_i64(step_id)));
-    push("request.id", Int(sat_i64(row.request_id)));
+    push("request.id", Text(&row.request_id));
     if chosen.contains(SnapshotAttributes::PHASE) {
         push(
             ATTR_PHASE,
@@ -268,7 +272,7 @@ mod tests {
     #[test]
     fn snapshot_attributes_follow_the_chosen_flags() {
         let row = SnapshotRow {
-            request_id: 9,
+            request_id: Arc::from("chatcmpl-9"),
             is_prefill: true,
             num_prompt_tokens: 100,
             num_computed_tokens: 32,
@@ -287,9 +291,12 @@ mod tests {
         snapshot_attributes(5, &row, none, |n, _| names.push(n));
         assert_eq!(names, SNAPSHOT_ALWAYS);
         let mut names = Vec::new();
+        let mut values = Vec::new();
+        snapshot_attributes(5, &row, none, |_, v| values.push(v));
+        assert_eq!(values[1], AttrValue::Text("chatcmpl-9"));
         let no_epl = SnapshotRow {
             effective_prompt_len: None,
-            ..row
+            ..row.clone()
         };
         snapshot_attributes(5, &no_epl, SnapshotAttributes::all(), |n, _| names.push(n));
         assert!(!names.contains(&ATTR_EFFECTIVE_PROMPT_LEN));

@@ -25,6 +25,11 @@ fn guest(name: &str) -> PathBuf {
     PathBuf::from(GUEST_COMPONENT_DIR).join(format!("{name}.wasm"))
 }
 
+/// A `request.id` of a request added without a client id: the engine's id, in decimal.
+fn decimal_id(value: &super::test_support::TestValue) -> i64 {
+    value.str().parse().expect("a decimal request id")
+}
+
 fn temp_path(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("stepscope-step-tracing-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -158,7 +163,8 @@ fn check_span(span: &CollectedSpan, expected: &ExpectedStep, rich: bool) {
         assert_eq!(a.keys().map(String::as_str).collect::<BTreeSet<_>>(), names);
         let int = |name: &str| a[name].int() as u64;
         assert_eq!(int("step.id"), s.step_id);
-        assert_eq!(int("request.id"), want.id);
+        // Requests added without a client id are known by the engine's decimal id.
+        assert_eq!(a["request.id"].str(), want.id.to_string());
         // PREFILL exactly while the request has no output token.
         let phase = a["request.phase"].str();
         assert_eq!(phase == "PREFILL", int("request.num_output_tokens") == 0);
@@ -329,7 +335,7 @@ fn a_rich_step_with_256_running_requests_keeps_all_256_snapshots() {
         let snapshots: BTreeSet<i64> = span.events[1..]
             .iter()
             .filter(|e| e.name == "step.REQUEST_SNAPSHOT")
-            .map(|e| e.attributes["request.id"].int())
+            .map(|e| decimal_id(&e.attributes["request.id"]))
             .collect();
         assert_eq!(snapshots, (1..=256).collect(), "every request, once");
         assert_eq!(span.events.len(), 257);
@@ -440,7 +446,7 @@ fn pressure_policy_exports_only_preempting_or_kv_heavy_steps() {
             .collect();
         let got: Vec<i64> = span.events[1..]
             .iter()
-            .map(|e| e.attributes["request.id"].int())
+            .map(|e| decimal_id(&e.attributes["request.id"]))
             .collect();
         assert_eq!(got, top, "step {}", span.step_id());
         let batch = &span.events[0].attributes;
@@ -579,7 +585,7 @@ fn json_lines_file_reads_back_with_every_name_and_the_step_summaries() {
         for (event, req) in events[1..].iter().zip(&want.running) {
             assert_eq!(event["name"], "step.REQUEST_SNAPSHOT");
             let a = &event["attributes"];
-            assert_eq!(a["request.id"], req.id);
+            assert_eq!(a["request.id"], req.id.to_string());
             assert_eq!(a["step.id"], step_id);
             for name in [
                 "request.phase",

@@ -294,7 +294,10 @@ impl ActiveTracer {
         let views = &mut self.views;
         clear_views(views);
         self.effective_prompt_len.clear();
+        // `request.id` per view row, borrowed from the step; only chosen rows are copied.
+        let mut external_ids = Vec::with_capacity(step.running_requests().len());
         for request in step.running_requests() {
+            external_ids.push(request.external_id());
             let (allocated, cached) = request.kv_blocks();
             views.request_id.push(request.id());
             views
@@ -341,7 +344,7 @@ impl ActiveTracer {
             .filter_map(|&index| {
                 let i = index as usize;
                 Some(SnapshotRow {
-                    request_id: *views.request_id.get(i)?,
+                    request_id: Arc::clone(external_ids.get(i)?),
                     is_prefill: *views.is_prefill.get(i)? != 0,
                     num_prompt_tokens: *views.num_prompt_tokens.get(i)?,
                     num_computed_tokens: *views.num_computed_tokens.get(i)?,

@@ -256,7 +256,10 @@ fn effective_prompt_len_is_prompt_minus_cached_on_a_miss_and_on_a_partial_hit() 
     for line in read_lines(&path) {
         for event in line["events"].as_array().expect("events").iter().skip(1) {
             let a = &event["attributes"];
-            let id = a["request.id"].as_u64().expect("request.id");
+            let id: u64 = a["request.id"]
+                .as_str()
+                .and_then(|id| id.parse().ok())
+                .expect("request.id: the engine's id in decimal (no client id given)");
             let prompt = a["request.num_prompt_tokens"].as_u64().expect("prompt");
             assert_eq!(
                 a["request.effective_prompt_len"].as_u64(),
