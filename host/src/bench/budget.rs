@@ -68,6 +68,13 @@ impl StepObserver for SharedObserver {
             .unwrap_or_else(PoisonError::into_inner)
             .on_step(step);
     }
+
+    fn on_step_end(&mut self, step_id: u64, ts_end_ns: u64) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .on_step_end(step_id, ts_end_ns);
+    }
 }
 
 /// Runs the benchmark (see the module doc).

@@ -7,7 +7,8 @@
 //! with no sink (the exporter thread drops the records), which isolates the step-loop cost
 //! from the exporter's CPU on a machine with few cores. Configurations are
 //! interleaved over `rounds` rounds; end-to-end tokens/s and mean step time are the medians of
-//! the rounds. The step-loop cost is measured by timing the observer's `on_step` on every step
+//! the rounds. The step-loop cost is measured by timing the observer's `on_step` and
+//! `on_step_end` on every step
 //! and classifying the step (unsampled, batch-only, rich with N snapshots) from the tracer's
 //! counters; the per-snapshot cost is (rich step − batch-only step) / snapshots per rich step.
 
@@ -103,30 +104,53 @@ pub struct TracingBenchRow {
     pub records_dropped: u64,
 }
 
-/// Times the wrapped observer's `on_step` and classifies each step from the tracer's counters.
+/// Times the wrapped observer's `on_step` plus `on_step_end` (where a sampled step's record is
+/// queued) and classifies each step from the tracer's counters.
 struct TimedObserver {
     inner: StepTracerObserver,
     metrics: Arc<TracerMetrics>,
     samples: Vec<(u64, StepKind)>,
     out: Arc<Mutex<Vec<(u64, StepKind)>>>,
+    /// The current step: `on_step`'s time and the counters before it.
+    current: Option<(u64, [u64; 3])>,
+}
+
+impl TimedObserver {
+    fn counters(&self) -> [u64; 3] {
+        let m = &self.metrics;
+        [
+            m.steps_batch_sampled.load(Ordering::Relaxed),
+            m.steps_rich_sampled.load(Ordering::Relaxed),
+            m.snapshots_emitted.load(Ordering::Relaxed),
+        ]
+    }
 }
 
 impl StepObserver for TimedObserver {
     fn on_step(&mut self, step: &StepView<'_>) {
-        let batch_before = self.metrics.steps_batch_sampled.load(Ordering::Relaxed);
-        let rich_before = self.metrics.steps_rich_sampled.load(Ordering::Relaxed);
-        let snaps_before = self.metrics.snapshots_emitted.load(Ordering::Relaxed);
+        let before = self.counters();
         let started = Instant::now();
         self.inner.on_step(step);
         let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let kind = if self.metrics.steps_rich_sampled.load(Ordering::Relaxed) != rich_before {
-            StepKind::Rich(self.metrics.snapshots_emitted.load(Ordering::Relaxed) - snaps_before)
-        } else if self.metrics.steps_batch_sampled.load(Ordering::Relaxed) != batch_before {
+        self.current = Some((ns, before));
+    }
+
+    fn on_step_end(&mut self, step_id: u64, ts_end_ns: u64) {
+        let started = Instant::now();
+        self.inner.on_step_end(step_id, ts_end_ns);
+        let end_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let Some((ns, [batch_before, rich_before, snaps_before])) = self.current.take() else {
+            return;
+        };
+        let [batch, rich, snaps] = self.counters();
+        let kind = if rich != rich_before {
+            StepKind::Rich(snaps - snaps_before)
+        } else if batch != batch_before {
             StepKind::Batch
         } else {
             StepKind::Unsampled
         };
-        self.samples.push((ns, kind));
+        self.samples.push((ns + end_ns, kind));
     }
 }
 
@@ -192,6 +216,7 @@ fn run_round(
         metrics: handle.metrics_handle(),
         samples: Vec::with_capacity(4096),
         out: Arc::clone(samples),
+        current: None,
     };
     let runner = DeterministicRunner::new(
         engine_config.num_kv_blocks,

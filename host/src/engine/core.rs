@@ -203,8 +203,24 @@ impl EngineCore {
                 }
             }
         };
-        self.last_step_duration_us =
-            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let step_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_step_duration_us = step_ns / 1_000;
+        if !self.observer_failed {
+            let observer = &mut self.observer;
+            let ts_end_ns = ts_start_ns.saturating_add(step_ns);
+            let step_id = scheduled.step_id;
+            if catch_unwind(AssertUnwindSafe(|| {
+                observer.on_step_end(step_id, ts_end_ns)
+            }))
+            .is_err()
+            {
+                self.observer_failed = true;
+                tracing::error!(
+                    step_id,
+                    "step observer panicked; it is disabled from now on"
+                );
+            }
+        }
         StepOutput {
             step_id: scheduled.step_id,
             outputs,

@@ -13,7 +13,12 @@ use super::scheduler::{BatchSummary, ScheduledRequest, Scheduler, SchedulerOutpu
 
 /// Called once per engine step with a read-only view of it.
 pub trait StepObserver: Send {
+    /// At the step's emission point: the batch is decided, nothing has run yet.
     fn on_step(&mut self, step: &StepView<'_>);
+
+    /// When step `step_id` is over (forward pass, sampling and update done), at wall clock
+    /// `ts_end_ns` (Unix ns). Called after every `on_step` that returned normally.
+    fn on_step_end(&mut self, _step_id: u64, _ts_end_ns: u64) {}
 }
 
 /// The default observer: does nothing.

@@ -40,6 +40,7 @@ use super::record::{
     SPAN_POLICY_DIGEST, SPAN_POLICY_NAME, SPAN_POLICY_RICH_FAULT, SPAN_RICH_PROBABILITY,
     SPAN_STEP_ID, StepRecord, batch_summary_attributes, sat_i64, snapshot_attributes,
 };
+use super::record::{OPENINFERENCE_KIND_CHAIN, SPAN_OPENINFERENCE_KIND};
 use crate::policy::random::step_draws;
 use crate::policy::{RecordedStep, RequestViews, StepSummary};
 use std::sync::atomic::AtomicU64;
@@ -106,7 +107,7 @@ pub(crate) fn render_line(out: &mut Vec<u8>, record: &StepRecord) {
     push_field(
         out,
         "end_time_unix_nano",
-        AttrValue::Int(sat_i64(s.ts_end_ns.max(s.ts_start_ns))),
+        AttrValue::Int(sat_i64(record.span_end_ns())),
     );
     push_field(out, SPAN_STEP_ID, AttrValue::Int(sat_i64(s.step_id)));
     push_field(
@@ -150,6 +151,16 @@ pub(crate) fn render_line(out: &mut Vec<u8>, record: &StepRecord) {
         push_str(out, &extra_key(key));
         out.push(b':');
         push_str(out, value);
+    }
+    out.push(b',');
+    push_str(out, SPAN_OPENINFERENCE_KIND);
+    out.push(b':');
+    push_str(out, OPENINFERENCE_KIND_CHAIN);
+    // The batch numbers as span attributes too (as on the OTLP span; `step.id` is there).
+    for (name, value) in batch_summary_attributes(s) {
+        if name != SPAN_STEP_ID {
+            push_field(out, name, value);
+        }
     }
     out.extend_from_slice(b",\"events\":[");
     let time = sat_i64(s.ts_end_ns.max(s.ts_start_ns));

@@ -3,10 +3,12 @@
 //!
 //! Spans are built with the SDK's tracer (so the SDK's span limits, ids and scope apply): one
 //! root span `scheduler.step` per record, in scope `stepscope.scheduler.step`, with explicit
-//! start and end times (the step's `ts_start_ns` / `ts_end_ns`), span attributes
-//! (`step.id`, the sampling probabilities, `policy.name`, `policy.digest`, the policy's
-//! `policy.*` extras) and the `step.BATCH_SUMMARY` / `step.REQUEST_SNAPSHOT` events timed at the
-//! emission point. The span limit on events is raised to
+//! start and end times (the step's `ts_start_ns` and the end of the whole step: forward pass,
+//! sampling and update), span attributes (`step.id`, the sampling probabilities, `policy.name`,
+//! `policy.digest`, the policy's `policy.*` extras, `openinference.span.kind = CHAIN`, and the
+//! 16 batch-summary numbers again, so backends that filter and chart on span attributes can use
+//! them) and the `step.BATCH_SUMMARY` / `step.REQUEST_SNAPSHOT` events timed at the emission
+//! point. The span limit on events is raised to
 //! [`StepTracingConfig::max_events_per_span`] (default 65 537, a large constant rather than
 //! `max_num_seqs + 1`, which the tracer does not know), so a rich step never loses snapshots to
 //! the SDK's default of 128. Ended spans are collected by a small span processor and handed to
@@ -36,6 +38,7 @@ use super::record::{
     SPAN_POLICY_NAME, SPAN_POLICY_RICH_FAULT, SPAN_RICH_PROBABILITY, SPAN_STEP_ID, StepRecord,
     batch_summary_attributes, sat_i64, snapshot_attributes,
 };
+use super::record::{OPENINFERENCE_KIND_CHAIN, SPAN_OPENINFERENCE_KIND};
 
 /// The attribute key of a policy extra (see [`crate::policy::extra_attribute_key`]).
 pub(crate) use crate::policy::extra_attribute_key as extra_key;
@@ -134,9 +137,22 @@ impl OtlpSink {
         let policy = &record.policy;
         let s = &record.summary;
         let start = unix_time(s.ts_start_ns);
-        let end = unix_time(s.ts_end_ns.max(s.ts_start_ns));
-        let mut attributes = Vec::with_capacity(7 + record.extra.len());
+        let emitted = unix_time(s.ts_end_ns.max(s.ts_start_ns));
+        let end = unix_time(record.span_end_ns());
+        let batch = batch_summary_attributes(s);
+        let mut attributes = Vec::with_capacity(8 + batch.len() + record.extra.len());
         attributes.push(KeyValue::new(SPAN_STEP_ID, sat_i64(s.step_id)));
+        attributes.push(KeyValue::new(
+            SPAN_OPENINFERENCE_KIND,
+            OPENINFERENCE_KIND_CHAIN,
+        ));
+        // `step.id` is already there.
+        attributes.extend(
+            batch
+                .iter()
+                .filter(|(name, _)| *name != SPAN_STEP_ID)
+                .map(|&(name, value)| key_value(name, value)),
+        );
         attributes.push(KeyValue::new(
             SPAN_LAST_STEP_DURATION_US,
             sat_i64(s.last_step_duration_us),
@@ -170,8 +186,8 @@ impl OtlpSink {
         let mut events = Vec::with_capacity(1 + snapshots);
         events.push(Event::new(
             EVENT_BATCH_SUMMARY,
-            end,
-            batch_summary_attributes(s)
+            emitted,
+            batch
                 .into_iter()
                 .map(|(name, value)| key_value(name, value))
                 .collect(),
@@ -183,7 +199,7 @@ impl OtlpSink {
                 snapshot_attributes(s.step_id, row, rich.attributes, |name, value| {
                     attrs.push(key_value(name, value))
                 });
-                events.push(Event::new(EVENT_REQUEST_SNAPSHOT, end, attrs, 0));
+                events.push(Event::new(EVENT_REQUEST_SNAPSHOT, emitted, attrs, 0));
             }
         }
         let mut span = self

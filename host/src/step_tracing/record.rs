@@ -71,6 +71,10 @@ pub const SPAN_POLICY_DEGRADED: &str = "policy.degraded";
 /// The fault kind (`trap`, `malformed`, …) when the policy's `plan-rich` failed on a step it
 /// had rich-sampled: the batch summary is kept, no snapshots are emitted; absent otherwise.
 pub const SPAN_POLICY_RICH_FAULT: &str = "policy.rich_fault";
+/// OpenInference's span kind, by which LLM-observability tools (Arize Phoenix, …) classify a
+/// span; a step is a `CHAIN`.
+pub const SPAN_OPENINFERENCE_KIND: &str = "openinference.span.kind";
+pub const OPENINFERENCE_KIND_CHAIN: &str = "CHAIN";
 
 /// One chosen running request of a rich step: its id and plain numbers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +131,17 @@ pub struct StepRecord {
     pub degraded: bool,
     /// `policy.rich_fault`: the step was rich-sampled but `plan-rich` faulted (`rich` is `None`).
     pub rich_fault: Option<FaultKind>,
+    /// When the whole step (forward pass, sampling, update) was over, Unix ns: the span's end.
+    /// `None` when the engine did not report it; the span then ends at `ts_end_ns`.
+    pub ts_step_end_ns: Option<u64>,
+}
+
+impl StepRecord {
+    /// The span's end: the step's end, never before the batch was decided.
+    pub fn span_end_ns(&self) -> u64 {
+        let decided = self.summary.ts_end_ns.max(self.summary.ts_start_ns);
+        self.ts_step_end_ns.map_or(decided, |end| end.max(decided))
+    }
 }
 
 /// Saturating `usize` → `u32` (queue depths and token counts fit; never wrap if they don't).

@@ -465,6 +465,25 @@ pub fn distinct_prompt(i: usize, len: usize, vocab: usize) -> Vec<u32> {
 
 pub const TEST_VOCAB: usize = 512;
 
+/// Records what the engine says at each step, then shows the step to the tracer.
+struct RecordingObserver {
+    sink: Arc<Mutex<Vec<ExpectedStep>>>,
+    tracer: StepTracerObserver,
+    seed: u64,
+}
+
+impl StepObserver for RecordingObserver {
+    fn on_step(&mut self, view: &StepView<'_>) {
+        let expected = expected_step(view, self.seed);
+        self.sink.lock().expect("lock").push(expected);
+        self.tracer.on_step(view);
+    }
+
+    fn on_step_end(&mut self, step_id: u64, ts_end_ns: u64) {
+        self.tracer.on_step_end(step_id, ts_end_ns);
+    }
+}
+
 /// Runs a real `EngineCore` with the deterministic paged-KV runner until every request is
 /// done (or `max_steps`), showing each step to `tracer` after recording what the engine says.
 /// Returns the recorded steps and the number of finished requests.
@@ -476,11 +495,10 @@ pub fn run_engine(
     max_steps: usize,
 ) -> (Vec<ExpectedStep>, usize) {
     let recorded = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&recorded);
-    let mut tracer = tracer;
-    let observer = move |view: &StepView<'_>| {
-        sink.lock().expect("lock").push(expected_step(view, seed));
-        tracer.on_step(view);
+    let observer = RecordingObserver {
+        sink: Arc::clone(&recorded),
+        tracer,
+        seed,
     };
     let runner =
         DeterministicRunner::new(config.num_kv_blocks, config.block_size, TEST_VOCAB, 4096);

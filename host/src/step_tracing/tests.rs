@@ -87,7 +87,14 @@ fn check_span(span: &CollectedSpan, expected: &ExpectedStep, rich: bool) {
     let s = &expected.summary;
     assert_eq!(span.name, record::SPAN_NAME);
     assert_eq!(span.start_time_unix_nano, s.ts_start_ns);
-    assert_eq!(span.end_time_unix_nano, s.ts_end_ns);
+    // The span covers the whole step: it ends after the forward pass, not when the batch was
+    // decided (the events keep the decision time).
+    if s.scheduled_tokens > 0 {
+        assert!(span.end_time_unix_nano > s.ts_end_ns, "step {}", s.step_id);
+    } else {
+        assert!(span.end_time_unix_nano >= s.ts_end_ns, "step {}", s.step_id);
+    }
+    assert_eq!(span.attr("openinference.span.kind").str(), "CHAIN");
     assert_eq!(span.dropped_events_count, 0);
     assert_eq!(span.attr("sampling.batch_probability").float(), 1.0);
     assert_eq!(
@@ -106,6 +113,10 @@ fn check_span(span: &CollectedSpan, expected: &ExpectedStep, rich: bool) {
         "exactly the 16 batch attributes"
     );
     let int = |name: &str| batch.attributes[name].int() as u64;
+    // The 16 numbers are span attributes too, with the same values.
+    for name in record::BATCH_SUMMARY_ATTRIBUTES {
+        assert_eq!(span.attr(name), &batch.attributes[name], "{name}");
+    }
     assert_eq!(int("step.id"), s.step_id);
     assert_eq!(int("step.ts_start_ns"), s.ts_start_ns);
     assert_eq!(int("step.ts_end_ns"), s.ts_end_ns);
@@ -233,6 +244,10 @@ fn end_to_end(otlp: OtlpConfig, wait: impl Fn(usize) -> Vec<CollectedSpan>) -> V
     for span in &spans {
         check_span(span, expected[&span.step_id()], true);
         assert_eq!(span.attr("policy.name").str(), "builtin:default");
+        // ... and ends before the next step starts.
+        if let Some(next) = expected.get(&(span.step_id() + 1)) {
+            assert!(span.end_time_unix_nano <= next.summary.ts_start_ns);
+        }
     }
     // The workload exercised what it is meant to.
     let snapshot_attr = |name: &str| {
@@ -581,6 +596,14 @@ fn json_lines_file_reads_back_with_every_name_and_the_step_summaries() {
             batch.keys().map(String::as_str).collect::<BTreeSet<_>>(),
             record::BATCH_SUMMARY_ATTRIBUTES.into_iter().collect()
         );
+        // Span-level, as on the OTLP span: the batch numbers, the OpenInference kind, and an
+        // end after the batch was decided (the whole step).
+        for name in record::BATCH_SUMMARY_ATTRIBUTES {
+            assert_eq!(line[name], batch[name], "{name}");
+        }
+        assert_eq!(line["openinference.span.kind"], "CHAIN");
+        let end = line["end_time_unix_nano"].as_u64().expect("end time");
+        assert!(end > want.summary.ts_end_ns, "step {step_id}");
         assert_eq!(events.len(), 1 + want.running.len());
         for (event, req) in events[1..].iter().zip(&want.running) {
             assert_eq!(event["name"], "step.REQUEST_SNAPSHOT");

@@ -66,6 +66,8 @@ pub(crate) struct ActiveTracer {
     effective_prompt_len: Vec<Option<u32>>,
     /// Wall time of the policy's calls in the current step.
     policy_cost: std::time::Duration,
+    /// The current step's record (and its snapshot count), sent when the step ends.
+    pending: Option<(StepRecord, u64)>,
 }
 
 impl StepTracerObserver {
@@ -96,6 +98,7 @@ impl StepTracerObserver {
                 views: empty_views(),
                 effective_prompt_len: Vec::new(),
                 policy_cost: std::time::Duration::ZERO,
+                pending: None,
             })),
         }
     }
@@ -112,10 +115,21 @@ impl StepObserver for StepTracerObserver {
             active.on_step(step);
         }
     }
+
+    #[inline]
+    fn on_step_end(&mut self, step_id: u64, ts_end_ns: u64) {
+        if let Some(active) = self.active.as_deref_mut() {
+            active.on_step_end(step_id, ts_end_ns);
+        }
+    }
 }
 
 impl ActiveTracer {
     fn on_step(&mut self, step: &StepView<'_>) {
+        if let Some((record, snapshots)) = self.pending.take() {
+            // The previous step never reported its end: send it as it is.
+            self.send(record, snapshots);
+        }
         bump(&self.metrics.steps_seen);
         if let Some(pending) = self.switch.take_pending() {
             let old = std::mem::replace(&mut self.runtime, pending.runtime);
@@ -194,7 +208,24 @@ impl ActiveTracer {
             rich,
             degraded,
             rich_fault,
+            ts_step_end_ns: None,
         };
+        self.pending = Some((record, snapshots));
+    }
+
+    /// The step is over: its span ends now, and its record goes to the exporter thread.
+    fn on_step_end(&mut self, step_id: u64, ts_end_ns: u64) {
+        let Some((mut record, snapshots)) = self.pending.take() else {
+            return;
+        };
+        if record.summary.step_id == step_id {
+            record.ts_step_end_ns = Some(ts_end_ns);
+        }
+        self.send(record, snapshots);
+    }
+
+    /// Queues a record for the exporter thread; a full queue loses it (counted).
+    fn send(&mut self, record: StepRecord, snapshots: u64) {
         match self.queue.try_send(ExportMessage::Record(record)) {
             Ok(()) => {
                 bump(&self.metrics.records_queued);
@@ -215,6 +246,7 @@ impl ActiveTracer {
             rich: None,
             degraded: false,
             rich_fault: None,
+            ts_step_end_ns: None,
         };
         if self
             .queue
