@@ -53,7 +53,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize, add_before_step: usize) -> TestR
 
 /// A mixed workload: short prompts, a long chunked prefill, and two late requests that share
 /// a two-block prefix with an earlier one (a partial prefix-cache hit → effective_prompt_len).
-fn mixed_workload() -> (EngineConfig, Vec<TestRequest>) {
+pub(super) fn mixed_workload() -> (EngineConfig, Vec<TestRequest>) {
     let config = EngineConfig {
         block_size: 16,
         num_kv_blocks: 256,

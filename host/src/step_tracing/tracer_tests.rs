@@ -7,9 +7,10 @@ use std::path::PathBuf;
 
 use serde_json::Value as Json;
 
-use super::test_support::{TEST_VOCAB, TestRequest, distinct_prompt, run_engine};
+use super::test_support::{TEST_VOCAB, run_engine};
+use super::tests::mixed_workload;
 use super::*;
-use crate::engine::{EngineConfig, EngineCore, SamplingParams};
+use crate::engine::{EngineConfig, EngineCore};
 use crate::policy::{FaultKind, GUEST_COMPONENT_DIR, PolicyParams, PolicySource};
 use crate::testing::DeterministicRunner;
 
@@ -84,27 +85,15 @@ fn an_empty_step_is_traced_with_a_zero_batch_summary() {
             batch.keys().map(String::as_str).collect::<Vec<_>>().len(),
             record::BATCH_SUMMARY_ATTRIBUTES.len()
         );
-        for name in [
-            "queue.running_depth",
-            "queue.waiting_depth",
-            "batch.num_prefill_reqs",
-            "batch.num_decode_reqs",
-            "batch.scheduled_tokens",
-            "batch.prefill_tokens",
-            "batch.decode_tokens",
-            "batch.num_finished",
-            "batch.num_preempted",
-            "kv.blocks_total_gpu",
-        ] {
-            let value = batch.get(name).unwrap_or_else(|| panic!("{name} missing"));
-            if name == "kv.blocks_total_gpu" {
-                assert_eq!(value, 32, "{name}");
-            } else {
-                assert_eq!(value, 0, "{name}");
+        for name in record::BATCH_SUMMARY_ATTRIBUTES {
+            let value = &batch[name];
+            match name {
+                "step.id" | "step.ts_start_ns" | "step.ts_end_ns" | "step.duration_us" => {}
+                "kv.usage_gpu_ratio" => assert_eq!(value, 0.0),
+                "kv.blocks_total_gpu" | "kv.blocks_free_gpu" => assert_eq!(value, 32, "{name}"),
+                _ => assert_eq!(value, 0, "{name}"),
             }
         }
-        assert_eq!(batch["kv.usage_gpu_ratio"], 0.0);
-        assert_eq!(batch["kv.blocks_free_gpu"], 32);
     }
 }
 
@@ -128,44 +117,6 @@ fn a_rich_step_with_no_running_request_has_its_summary_and_no_snapshot() {
     }
 }
 
-fn greedy(max_tokens: usize) -> SamplingParams {
-    SamplingParams {
-        ignore_eos: true,
-        ..SamplingParams::greedy(max_tokens)
-    }
-}
-
-/// Distinct prompts (prefix-cache misses) and two that share a 32-token prefix with the first
-/// (partial hits once it has run).
-fn workload() -> (EngineConfig, Vec<TestRequest>) {
-    let config = EngineConfig {
-        block_size: 16,
-        num_kv_blocks: 128,
-        max_num_seqs: 8,
-        max_num_batched_tokens: 96,
-        ..EngineConfig::default()
-    };
-    let prefix = distinct_prompt(100, 32, TEST_VOCAB);
-    let with_tail = |tail: usize, seed: usize| {
-        let mut p = prefix.clone();
-        p.extend(distinct_prompt(seed, tail, TEST_VOCAB));
-        p
-    };
-    let request = |prompt, max_tokens, add_before_step| TestRequest {
-        prompt,
-        params: greedy(max_tokens),
-        add_before_step,
-    };
-    let requests = vec![
-        request(with_tail(8, 1), 10, 0),
-        request(distinct_prompt(2, 20, TEST_VOCAB), 6, 0),
-        request(distinct_prompt(3, 50, TEST_VOCAB), 4, 0),
-        request(with_tail(10, 4), 6, 3),
-        request(with_tail(5, 5), 5, 4),
-    ];
-    (config, requests)
-}
-
 #[test]
 fn a_plan_rich_fault_keeps_the_batch_summary_marks_the_span_and_is_counted() {
     let path = temp_path("rich-fault.jsonl");
@@ -180,7 +131,7 @@ fn a_plan_rich_fault_keeps_the_batch_summary_marks_the_span_and_is_counted() {
         ..StepTracingConfig::enabled_with_rates(1.0, 1.0, SEED)
     };
     let (observer, mut handle) = StepTracer::start(config).expect("tracer");
-    let (engine_config, requests) = workload();
+    let (engine_config, requests) = mixed_workload();
     let (steps, finished) = run_engine(engine_config, &requests, observer, SEED, 1000);
     assert_eq!(finished, requests.len(), "the engine is unharmed");
     let m = handle.shutdown();
@@ -241,11 +192,11 @@ fn effective_prompt_len_is_prompt_minus_cached_on_a_miss_and_on_a_partial_hit() 
         ..StepTracingConfig::enabled_with_rates(1.0, 1.0, SEED)
     };
     let (observer, mut handle) = StepTracer::start(config).expect("tracer");
-    let (engine_config, requests) = workload();
+    let (engine_config, requests) = mixed_workload();
     let (_, finished) = run_engine(engine_config, &requests, observer, SEED, 1000);
     assert_eq!(finished, requests.len());
     handle.shutdown();
-    // Request ids count from 1 in the order of `workload()`. Ids 1–3 miss the cache (nothing
+    // Request ids count from 1 in the order of `mixed_workload()`. Ids 1–3 miss the cache (nothing
     // was cached when they were admitted); ids 4 and 5 find the 32-token prefix of id 1.
     let expected = |id: u64, prompt: u64| match id {
         1..=3 => prompt,
