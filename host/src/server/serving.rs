@@ -123,15 +123,19 @@ pub async fn serve<E: Endpoint>(
     let arrival = Instant::now();
     let prefix = E::KIND.id_prefix();
     let (ids, result) = match client_request_id(headers) {
-        Ok(client_id) => {
-            let ids = RequestIds::new(prefix, client_id);
-            let span = tracing::info_span!("request", request_id = %ids.base);
-            let result = run::<E>(state, body, arrival, &ids).instrument(span).await;
-            (ids, result)
-        }
-        Err(error) => (RequestIds::new(prefix, None), Err(error)),
+        Ok(client_id) => (RequestIds::new(prefix, client_id), None),
+        Err(error) => (RequestIds::new(prefix, None), Some(error)),
     };
-    let mut response = respond(state, result);
+    let span = tracing::info_span!("request", request_id = %ids.base);
+    let result = match result {
+        None => {
+            run::<E>(state, body, arrival, &ids)
+                .instrument(span.clone())
+                .await
+        }
+        Some(error) => Err(error),
+    };
+    let mut response = span.in_scope(|| respond(state, result));
     if let Ok(value) = HeaderValue::from_str(&ids.base) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }

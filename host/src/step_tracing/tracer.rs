@@ -3,8 +3,9 @@
 //! Per step, on the engine thread: build the policy's [`StepSummary`] from the [`StepView`],
 //! call `decide` once; for a batch-sampled step copy it into a [`StepRecord`]; for a rich step
 //! fill the reusable request-view columns (every running request, scheduled or not), call
-//! `plan-rich` once, and copy the chosen rows. The record goes to the exporter thread with
-//! `try_send` on a bounded queue: a full queue drops it (counted), the step never waits. A
+//! `plan-rich` once, and copy the chosen rows. The record waits for the step's end
+//! ([`StepObserver::on_step_end`], which gives the span its end time) and then goes to the
+//! exporter thread with `try_send` on a bounded queue: a full queue drops it (counted), the step never waits. A
 //! fault in `decide` (counted by the runtime) leaves the step untraced; a fault in `plan-rich`
 //! keeps the step's batch summary, without snapshots, its span marked `policy.rich_fault`
 //! (counted too), so heavy steps are not dropped from the batch stream. Before the policy call, a
@@ -120,6 +121,15 @@ impl StepObserver for StepTracerObserver {
     fn on_step_end(&mut self, step_id: u64, ts_end_ns: u64) {
         if let Some(active) = self.active.as_deref_mut() {
             active.on_step_end(step_id, ts_end_ns);
+        }
+    }
+}
+
+impl Drop for ActiveTracer {
+    fn drop(&mut self) {
+        // A step whose end never came (the engine stopped inside it) is still exported.
+        if let Some((record, snapshots)) = self.pending.take() {
+            self.send(record, snapshots);
         }
     }
 }
