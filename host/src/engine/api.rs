@@ -387,16 +387,10 @@ impl EngineLoop {
             } = command
             {
                 self.shared.pending_fresh.fetch_sub(1, Ordering::AcqRel);
-                let _ = outputs.send(RequestOutput {
+                let _ = outputs.send(RequestOutput::never_started(
                     request_id,
-                    new_token_ids: Vec::new(),
-                    finish_reason: Some(FinishReason::Abort),
-                    num_prompt_tokens: 0,
-                    num_cached_tokens: 0,
-                    num_output_tokens: 0,
-                    num_preemptions: 0,
-                    logprobs: Vec::new(),
-                });
+                    FinishReason::Abort,
+                ));
             }
         }
         self.publish();
@@ -430,16 +424,10 @@ impl EngineLoop {
                         // (a duplicate id, its queue bound) can land here.
                         tracing::error!(request_id, %error, "engine refused a request the handle accepted");
                         self.shared.pending_fresh.fetch_sub(1, Ordering::AcqRel);
-                        let _ = outputs.send(RequestOutput {
+                        let _ = outputs.send(RequestOutput::never_started(
                             request_id,
-                            new_token_ids: Vec::new(),
-                            finish_reason: Some(FinishReason::Error),
-                            num_prompt_tokens: 0,
-                            num_cached_tokens: 0,
-                            num_output_tokens: 0,
-                            num_preemptions: 0,
-                            logprobs: Vec::new(),
-                        });
+                            FinishReason::Error,
+                        ));
                     }
                 }
             }

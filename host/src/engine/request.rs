@@ -302,6 +302,20 @@ pub struct RequestOutput {
 }
 
 impl RequestOutput {
+    /// The one output of a request that ended (`reason`) before the engine ever ran it.
+    pub(super) fn never_started(request_id: RequestId, reason: FinishReason) -> Self {
+        Self {
+            request_id,
+            new_token_ids: Vec::new(),
+            finish_reason: Some(reason),
+            num_prompt_tokens: 0,
+            num_cached_tokens: 0,
+            num_output_tokens: 0,
+            num_preemptions: 0,
+            logprobs: Vec::new(),
+        }
+    }
+
     pub(super) fn from_request(request: &Request, new_token_ids: Vec<u32>) -> Self {
         Self {
             request_id: request.id,
