@@ -349,6 +349,15 @@ pub struct StepTracingArgs {
     /// start), in the `--step-tracing-file` format, for `stepscope policy replay`.
     #[arg(long, value_name = "PATH", requires = "step_tracing_enabled")]
     pub record_steps: Option<PathBuf>,
+    /// Trace request journeys: per traced request, a `llm_request` span (the API side) and a
+    /// `llm_core` span (the engine side) in one trace, the caller's when it sends a
+    /// `traceparent`. Exported like the step spans (collector and `--step-tracing-file`).
+    #[arg(long, default_value_t = false)]
+    pub enable_journey_tracing: bool,
+    /// Probability that a request's journey is traced; a request whose `traceparent` is
+    /// sampled always is, one whose `traceparent` is not sampled never is (ParentBased).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_rate, requires = "enable_journey_tracing")]
+    pub journey_tracing_sample_rate: f64,
 }
 
 impl StepTracingArgs {
@@ -367,6 +376,9 @@ impl StepTracingArgs {
             otlp_protocol: self.otlp_protocol,
             step_tracing_file: self.step_tracing_file.clone(),
             record_steps: self.record_steps.clone(),
+            journey_sample_rate: self
+                .enable_journey_tracing
+                .then_some(self.journey_tracing_sample_rate),
         }
     }
 

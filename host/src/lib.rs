@@ -17,3 +17,4 @@ pub mod splitmix;
 pub mod step_tracing;
 pub mod testing;
 pub mod textgen;
+pub mod trace_context;

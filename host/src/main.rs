@@ -192,7 +192,7 @@ fn run_generate(args: stepscope::cli::GenerateArgs) -> anyhow::Result<ExitCode> 
     use std::io::Write;
     use stepscope::engine::SamplingParams;
     use stepscope::model::{ChatMessage, DetokenizerOptions};
-    use stepscope::step_tracing::StepTracer;
+    use stepscope::step_tracing::{RequestOutcome, RequestSpanRecord, Stamp, StepTracer};
     use stepscope::textgen::TextStream;
 
     // The same step tracer as `serve`, from the same flags (off unless --step-tracing-enabled).
@@ -224,12 +224,27 @@ fn run_generate(args: stepscope::cli::GenerateArgs) -> anyhow::Result<ExitCode> 
         min_tokens: args.min_tokens,
         ..DetokenizerOptions::default()
     };
-    let mut stream = TextStream::start(&launched.engine, model, prompt_ids, params, detokenizer)?;
+    // With --enable-journey-tracing the prompt is one journey: `llm_request` (operation
+    // `generate`) from here to the last token, and its `llm_core`.
+    let journey = tracer.journey_sink().map(|sink| {
+        let ticket = stepscope::engine::journey::JourneyTicket::new(None, 1);
+        (sink, ticket, Stamp::now())
+    });
+    let mut request = launched.engine.validate(prompt_ids, params.clone())?;
+    let request_id = format!("generate-{}", std::process::id());
+    request = request.with_external_id(Arc::from(request_id.as_str()));
+    if let Some((_, ticket, _)) = &journey {
+        request = request.with_journey(Arc::clone(ticket));
+    }
+    let handoff = Stamp::now();
+    let mut stream = TextStream::submit(&launched.engine, model, request, detokenizer)?;
+    let mut first_response = None;
     let mut token_ids = Vec::new();
     let mut stdout = std::io::stdout().lock();
     let mut finish_reason = None;
     let mut logprobs = Vec::new();
     while let Some(delta) = stream.blocking_next() {
+        first_response.get_or_insert_with(Stamp::now);
         token_ids.extend_from_slice(&delta.token_ids);
         logprobs.extend(delta.logprobs);
         if !args.json {
@@ -239,6 +254,27 @@ fn run_generate(args: stepscope::cli::GenerateArgs) -> anyhow::Result<ExitCode> 
         finish_reason = delta.finish_reason.or(finish_reason);
     }
     let text = stream.text().to_string();
+    if let Some((sink, ticket, arrived)) = journey {
+        let record = RequestSpanRecord {
+            operation: "generate",
+            request_id: request_id.clone(),
+            response_id: request_id,
+            model: model.name.clone(),
+            max_tokens: Some(params.max_tokens as u64),
+            temperature: f64::from(params.temperature),
+            top_p: f64::from(params.top_p),
+            n: 1,
+            input_tokens: stream.num_prompt_tokens() as u64,
+            output_tokens: stream.num_output_tokens() as u64,
+            queue_time_s: stream.queue_time().map(|d| d.as_secs_f64()),
+            arrived,
+            handoff: Some(handoff),
+            first_response,
+            end: Stamp::now(),
+            outcome: RequestOutcome::Departed,
+        };
+        ticket.when_traced(move |decision| sink.send(decision, record));
+    }
     drop(stream);
     if args.json {
         let finish_reason = finish_reason.map(|r| r.as_str());

@@ -34,6 +34,8 @@ pub struct TextStream {
     detokenizer: IncrementalDetokenizer,
     num_prompt_tokens: usize,
     num_cached_tokens: usize,
+    /// How long the request waited in the engine before it was first scheduled.
+    queue_time: Option<std::time::Duration>,
     finished: bool,
 }
 
@@ -97,6 +99,7 @@ impl TextStream {
             detokenizer,
             num_prompt_tokens,
             num_cached_tokens: 0,
+            queue_time: None,
             finished: false,
         }
     }
@@ -108,6 +111,11 @@ impl TextStream {
     /// Prompt tokens that came from the prefix cache (known after the first output).
     pub fn num_cached_tokens(&self) -> usize {
         self.num_cached_tokens
+    }
+
+    /// How long the request waited in the engine's queue (known after its first output).
+    pub fn queue_time(&self) -> Option<std::time::Duration> {
+        self.queue_time
     }
 
     /// Output tokens so far.
@@ -154,6 +162,7 @@ impl TextStream {
             };
         };
         self.num_cached_tokens = output.num_cached_tokens;
+        self.queue_time = output.queue_time.or(self.queue_time);
         let mut delta = TextDelta {
             finish_reason: output.finish_reason,
             ..TextDelta::default()

@@ -24,6 +24,7 @@ use super::config::{EngineConfig, EngineError, RequestLimits};
 use super::core::{EngineCore, EngineStats};
 use super::hashing::IdHashMap;
 use super::heartbeat::{Heartbeat, Liveness};
+use super::journey::JourneyTicket;
 use super::model_runner::ModelRunner;
 use super::observer::StepObserver;
 use super::request::{FinishReason, RequestId, RequestOutput};
@@ -80,12 +81,28 @@ pub struct EngineHandle {
 /// A prompt and sampling parameters that passed [`EngineHandle::validate`], ready for
 /// [`EngineHandle::submit`]. Only what the checks do not look at can change afterwards: the seed
 /// and the default EOS ids.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct ValidRequest {
     prompt_token_ids: Vec<u32>,
     params: SamplingParams,
     /// The id the client knows the request by; `None`: the engine's decimal id.
     external_id: Option<Arc<str>>,
+    /// The client request's journey ticket, when journey tracing is on.
+    journey: Option<Arc<JourneyTicket>>,
+}
+
+impl PartialEq for ValidRequest {
+    fn eq(&self, other: &Self) -> bool {
+        let same_journey = match (&self.journey, &other.journey) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        self.prompt_token_ids == other.prompt_token_ids
+            && self.params == other.params
+            && self.external_id == other.external_id
+            && same_journey
+    }
 }
 
 impl ValidRequest {
@@ -100,6 +117,12 @@ impl ValidRequest {
     /// The same request known to the client (and on step snapshots, `request.id`) as `id`.
     pub fn with_external_id(mut self, id: Arc<str>) -> Self {
         self.external_id = Some(id);
+        self
+    }
+
+    /// The same request, part of the client request whose journey `ticket` decides.
+    pub fn with_journey(mut self, ticket: Arc<JourneyTicket>) -> Self {
+        self.journey = Some(ticket);
         self
     }
 
@@ -148,6 +171,7 @@ enum Command {
         prompt_token_ids: Vec<u32>,
         /// Boxed: the command channel moves the small variants too.
         params: Box<SamplingParams>,
+        journey: Option<Arc<JourneyTicket>>,
         outputs: UnboundedSender<RequestOutput>,
     },
     Abort(RequestId),
@@ -183,6 +207,7 @@ impl EngineHandle {
             prompt_token_ids,
             params,
             external_id: None,
+            journey: None,
         })
     }
 
@@ -195,6 +220,7 @@ impl EngineHandle {
             prompt_token_ids,
             params,
             external_id,
+            journey,
         } = request;
         let inner = &*self.inner;
         if inner.shared.shutting_down.load(Ordering::Acquire) {
@@ -220,6 +246,7 @@ impl EngineHandle {
             external_id,
             prompt_token_ids,
             params: Box::new(params),
+            journey,
             outputs,
         };
         if inner.commands.send(command).is_err() {
@@ -404,10 +431,11 @@ impl EngineLoop {
                 external_id,
                 prompt_token_ids,
                 params,
+                journey,
                 outputs,
             } => {
                 match self.core.queue_validated(
-                    (request_id, external_id),
+                    (request_id, external_id, journey.as_deref()),
                     prompt_token_ids,
                     *params,
                 ) {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::config::{EngineConfig, EngineError, RequestLimits};
+use super::journey::{JourneyArrival, JourneyLog, JourneyTicket};
 use super::model_runner::{ModelRunner, ModelRunnerError};
 use super::observer::{NoopStepObserver, StepObserver, StepView};
 use super::request::{Request, RequestId, RequestOutput, request_rng, unix_time_ns};
@@ -121,15 +122,16 @@ impl EngineCore {
         self.scheduler
             .limits()
             .validate_request(&prompt_token_ids, &params)?;
-        self.queue_validated((request_id, None), prompt_token_ids, params)
+        self.queue_validated((request_id, None, None), prompt_token_ids, params)
     }
 
     /// Queues a request that [`EngineHandle::validate`](super::EngineHandle::validate) checked
     /// against these same limits already (the engine thread's path: no second check).
-    /// `ids`: the engine's id and, when the client knows the request by another, that one.
+    /// `ids`: the engine's id, the id the client knows the request by when it has another, and
+    /// the client request's journey ticket when journey tracing is on.
     pub(super) fn queue_validated(
         &mut self,
-        (request_id, external_id): (RequestId, Option<Arc<str>>),
+        (request_id, external_id, journey): (RequestId, Option<Arc<str>>, Option<&JourneyTicket>),
         prompt_token_ids: Vec<u32>,
         params: SamplingParams,
     ) -> Result<(), EngineError> {
@@ -138,12 +140,78 @@ impl EngineCore {
         if let Some(external_id) = external_id {
             request = request.with_external_id(external_id);
         }
+        if let Some(ticket) = journey {
+            let log = self.decide_journey(ticket, &request);
+            request = request.with_journey(log);
+        }
         self.scheduler.add_request(request)
+    }
+
+    /// The journey of a request of `ticket`: decided by the observer for the client request's
+    /// first choice, reused for the others.
+    fn decide_journey(
+        &mut self,
+        ticket: &JourneyTicket,
+        request: &Request,
+    ) -> Option<Box<JourneyLog>> {
+        let observer = &mut self.observer;
+        let observer_failed = &mut self.observer_failed;
+        let scheduler = &self.scheduler;
+        let decision = ticket.decide_once(|| {
+            if *observer_failed {
+                return None;
+            }
+            let kv = scheduler.kv_cache();
+            let arrival = JourneyArrival {
+                request_id: request.id(),
+                external_id: request.external_id(),
+                num_prompt_tokens: request.num_prompt_tokens(),
+                max_tokens: request.params.max_tokens,
+                temperature: request.params.temperature,
+                num_choices: ticket.num_choices(),
+                parent: ticket.parent(),
+                running_depth: scheduler.num_running(),
+                waiting_depth: scheduler.num_waiting(),
+                kv_usage_ratio: kv.usage_ratio(),
+            };
+            match catch_unwind(AssertUnwindSafe(|| observer.decide_journey(&arrival))) {
+                Ok(decision) => decision,
+                Err(_) => {
+                    *observer_failed = true;
+                    tracing::error!("step observer panicked; it is disabled from now on");
+                    None
+                }
+            }
+        })?;
+        Some(Box::new(JourneyLog::new(decision, request)))
+    }
+
+    /// Hands the journeys of freed traced requests to the observer.
+    fn end_journeys(&mut self) {
+        if !self.scheduler.has_finished_journeys() {
+            return;
+        }
+        let journeys = self.scheduler.take_finished_journeys();
+        if self.observer_failed {
+            return;
+        }
+        let observer = &mut self.observer;
+        let delivered = catch_unwind(AssertUnwindSafe(|| {
+            for journey in journeys {
+                observer.on_journey_end(journey);
+            }
+        }));
+        if delivered.is_err() {
+            self.observer_failed = true;
+            tracing::error!("step observer panicked; it is disabled from now on");
+        }
     }
 
     /// Aborts a request and frees its blocks; its final output, or `None` if unknown.
     pub fn abort_request(&mut self, request_id: RequestId) -> Option<RequestOutput> {
-        self.scheduler.abort_request(request_id)
+        let output = self.scheduler.abort_request(request_id);
+        self.end_journeys();
+        output
     }
 
     pub fn has_unfinished_requests(&self) -> bool {
@@ -205,6 +273,7 @@ impl EngineCore {
         };
         let step_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.last_step_duration_us = step_ns / 1_000;
+        self.end_journeys();
         if !self.observer_failed {
             let observer = &mut self.observer;
             let ts_end_ns = ts_start_ns.saturating_add(step_ns);

@@ -18,6 +18,7 @@ pub mod config;
 pub mod core;
 pub mod hashing;
 pub mod heartbeat;
+pub mod journey;
 pub mod kv_cache_manager;
 pub mod model_runner;
 pub mod observer;

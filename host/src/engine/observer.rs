@@ -7,9 +7,11 @@
 //! waiting queues are iterated in place, each [`RequestView`] reading its request's fields (and its
 //! KV metrics) only when asked. Observers only read; nothing they do changes the engine.
 
+use super::journey::{JourneyArrival, JourneyDecision, JourneyLog};
 use super::kv_cache_manager::KvCacheManager;
 use super::request::{Request, RequestId, RequestPhase};
 use super::scheduler::{BatchSummary, ScheduledRequest, Scheduler, SchedulerOutput};
+use crate::trace_context::{SpanId, TraceId};
 
 /// Called once per engine step with a read-only view of it.
 pub trait StepObserver: Send {
@@ -19,6 +21,15 @@ pub trait StepObserver: Send {
     /// When step `step_id` is over (forward pass, sampling and update done), at wall clock
     /// `ts_end_ns` (Unix ns). Called after every `on_step` that returned normally.
     fn on_step_end(&mut self, _step_id: u64, _ts_end_ns: u64) {}
+
+    /// A client request with journey tracing on arrived (its first choice): whether its journey
+    /// is traced, and with which ids. Called once per client request; the default traces none.
+    fn decide_journey(&mut self, _arrival: &JourneyArrival<'_>) -> Option<JourneyDecision> {
+        None
+    }
+
+    /// A traced request was freed: its `llm_core` journey is complete.
+    fn on_journey_end(&mut self, _journey: JourneyLog) {}
 }
 
 /// The default observer: does nothing.
@@ -218,5 +229,12 @@ impl<'a> RequestView<'a> {
     /// `request.effective_prompt_len`: prompt − cached, whenever not all of the prompt was cached.
     pub fn effective_prompt_len(&self) -> Option<usize> {
         self.request.effective_prompt_len()
+    }
+
+    /// The trace and `llm_core` span of the request's journey, when it is traced.
+    pub fn journey_span(&self) -> Option<(TraceId, SpanId)> {
+        self.request
+            .journey()
+            .map(|log| (log.decision.trace_id, log.core_span_id))
     }
 }

@@ -8,9 +8,10 @@
 //! [`RequestOutput`] is what one engine step produces for one request.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::block_pool::BlockHash;
+use super::journey::JourneyLog;
 use super::sampling_params::SamplingParams;
 use crate::splitmix::{SplitMix64, finalize};
 
@@ -145,6 +146,12 @@ pub struct Request {
     pub(super) rng: RequestRng,
     /// The log-probabilities of the token sampled this step, until the step's output takes them.
     pub(super) sampled_logprobs: Option<TokenLogprobs>,
+    /// When the engine took the request in.
+    pub(super) arrived: Instant,
+    /// How long it waited before its first admission to the running queue.
+    pub(super) queue_time: Option<Duration>,
+    /// The `llm_core` journey, when the request's journey is traced.
+    pub(super) journey: Option<Box<JourneyLog>>,
 }
 
 impl Request {
@@ -169,6 +176,9 @@ impl Request {
             block_hashes: Vec::new(),
             rng,
             sampled_logprobs: None,
+            arrived: Instant::now(),
+            queue_time: None,
+            journey: None,
         }
     }
 
@@ -185,6 +195,17 @@ impl Request {
     /// The id the client knows the request by.
     pub fn external_id(&self) -> &Arc<str> {
         &self.external_id
+    }
+
+    /// The request's `llm_core` journey, when it is traced.
+    pub fn journey(&self) -> Option<&JourneyLog> {
+        self.journey.as_deref()
+    }
+
+    /// Traces the request's journey in `log` (from its arrival on).
+    pub(super) fn with_journey(mut self, log: Option<Box<JourneyLog>>) -> Self {
+        self.journey = log;
+        self
     }
 
     pub fn output_token_ids(&self) -> &[u32] {
@@ -297,6 +318,9 @@ pub struct RequestOutput {
     /// Output tokens so far, these included.
     pub num_output_tokens: usize,
     pub num_preemptions: u32,
+    /// How long the request waited in the engine before it was first scheduled (`None` until
+    /// then).
+    pub queue_time: Option<Duration>,
     /// One entry per new token when the request asked for log-probabilities, else empty.
     pub logprobs: Vec<TokenLogprobs>,
 }
@@ -312,6 +336,7 @@ impl RequestOutput {
             num_cached_tokens: 0,
             num_output_tokens: 0,
             num_preemptions: 0,
+            queue_time: None,
             logprobs: Vec::new(),
         }
     }
@@ -325,6 +350,7 @@ impl RequestOutput {
             num_cached_tokens: request.num_cached_tokens(),
             num_output_tokens: request.num_output_tokens(),
             num_preemptions: request.num_preemptions,
+            queue_time: request.queue_time,
             logprobs: Vec::new(),
         }
     }

@@ -24,6 +24,7 @@ use std::collections::VecDeque;
 use super::block_pool::BlockId;
 use super::config::{EngineConfig, EngineError, RequestLimits};
 use super::hashing::IdHashMap;
+use super::journey::{JourneyEventKind, JourneyLog};
 use super::kv_cache_manager::KvCacheManager;
 use super::model_runner::{BatchEntry, ModelBatch};
 use super::request::{
@@ -121,6 +122,8 @@ pub struct Scheduler {
     num_fresh_resolved_total: u64,
     counters: SchedulerCounters,
     computed_blocks_scratch: Vec<BlockId>,
+    /// Journeys of traced requests freed since the engine last took them.
+    finished_journeys: Vec<JourneyLog>,
 }
 
 impl Scheduler {
@@ -144,11 +147,12 @@ impl Scheduler {
             num_fresh_resolved_total: 0,
             counters: SchedulerCounters::default(),
             computed_blocks_scratch: Vec::new(),
+            finished_journeys: Vec::new(),
         }
     }
 
     /// Queues a request (already checked against [`RequestLimits::validate_request`]).
-    pub fn add_request(&mut self, request: Request) -> Result<(), EngineError> {
+    pub fn add_request(&mut self, mut request: Request) -> Result<(), EngineError> {
         if self.live_ids.contains_key(&request.id) {
             return Err(EngineError::DuplicateRequestId(request.id));
         }
@@ -159,6 +163,8 @@ impl Scheduler {
         }
         self.live_ids.insert(request.id, ());
         self.num_fresh_waiting += 1;
+        // The next step is the first to see it waiting.
+        request.journey_event(JourneyEventKind::Queued, self.scheduler_step + 1);
         self.waiting.push_back(request);
         Ok(())
     }
@@ -206,6 +212,16 @@ impl Scheduler {
 
     pub fn counters(&self) -> SchedulerCounters {
         self.counters
+    }
+
+    /// The journeys of traced requests freed since the last call.
+    pub fn take_finished_journeys(&mut self) -> Vec<JourneyLog> {
+        std::mem::take(&mut self.finished_journeys)
+    }
+
+    /// Whether a traced request was freed since the last [`take_finished_journeys`](Self::take_finished_journeys).
+    pub fn has_finished_journeys(&self) -> bool {
+        !self.finished_journeys.is_empty()
     }
 
     /// The running queue, for the sampler to draw each scheduled request's token.
@@ -272,6 +288,7 @@ impl Scheduler {
                 };
                 if !request.was_admitted() {
                     request.num_cached_tokens = Some(num_hit_tokens);
+                    request.queue_time = Some(request.arrived.elapsed());
                     self.num_fresh_waiting -= 1;
                     self.num_fresh_resolved_total += 1;
                 }
@@ -279,6 +296,8 @@ impl Scheduler {
                     .record_prefix_cache_query(request.num_tokens(), num_hit_tokens);
                 request.status = RequestStatus::Running;
                 request.num_computed_tokens = num_hit_tokens;
+                let resume = request.num_preemptions > 0;
+                request.journey_event(JourneyEventKind::Scheduled { resume }, self.scheduler_step);
                 self.running.push(request);
                 self.record_scheduled(&mut out, self.running.len() - 1, num_new_tokens);
                 budget -= num_new_tokens;
@@ -326,6 +345,7 @@ impl Scheduler {
             return;
         };
         self.kv.free(victim.id);
+        victim.journey_event(JourneyEventKind::Preempted, self.scheduler_step);
         victim.status = RequestStatus::Preempted;
         victim.num_computed_tokens = 0;
         victim.num_preemptions += 1;
@@ -403,6 +423,7 @@ impl Scheduler {
             self.counters.generation_tokens_total += 1;
             if request.num_output_tokens() == 1 {
                 self.counters.prompt_tokens_total += request.num_prompt_tokens as u64;
+                request.journey_event(JourneyEventKind::FirstToken, out.step_id);
             }
             if let Some(reason) = request.check_stop(max_len) {
                 request.finish(reason);
@@ -413,7 +434,12 @@ impl Scheduler {
             outputs.push(output);
         }
         if any_finished {
-            for request in self.running.extract_if(.., |r| r.is_finished()) {
+            for mut request in self.running.extract_if(.., |r| r.is_finished()) {
+                if let Some(reason) = request.status.finish_reason() {
+                    request.journey_event(JourneyEventKind::Finished(reason), out.step_id);
+                }
+                self.finished_journeys
+                    .extend(request.journey.take().map(|log| *log));
                 self.kv.free(request.id);
                 self.live_ids.remove(&request.id);
                 self.finished_since_last_step.push(request.id);
@@ -439,6 +465,11 @@ impl Scheduler {
             }
             request
         };
+        // Between steps: the next step is the first to count it finished.
+        let step = self.scheduler_step + 1;
+        request.journey_event(JourneyEventKind::Finished(FinishReason::Abort), step);
+        self.finished_journeys
+            .extend(request.journey.take().map(|log| *log));
         request.finish(FinishReason::Abort);
         self.live_ids.remove(&request_id);
         self.finished_since_last_step.push(request_id);

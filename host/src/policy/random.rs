@@ -8,6 +8,7 @@ use crate::splitmix::{mix64, unit_f64};
 
 const BATCH_STREAM: u64 = 0x6261_7463_685f_7374; // "batch_st"
 const RICH_STREAM: u64 = 0x7269_6368_5f73_7472; // "rich_str"
+const JOURNEY_STREAM: u64 = 0x6a6f_7572_6e65_7973; // "journeys"
 
 /// The two independent uniform draws of step `step_id`: `(batch, rich)`.
 pub fn step_draws(seed: u64, step_id: u64) -> (f64, f64) {
@@ -18,9 +19,26 @@ pub fn step_draws(seed: u64, step_id: u64) -> (f64, f64) {
     )
 }
 
+/// The uniform draw that decides whether the journey of engine request `request_id` is traced
+/// (a stream of its own, independent of the step draws).
+pub fn journey_draw(seed: u64, request_id: u64) -> f64 {
+    unit_f64(mix64(mix64(seed ^ JOURNEY_STREAM) ^ mix64(request_id)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn journey_draws_are_reproducible_and_uniform() {
+        let n = 100_000u64;
+        let below = (1..=n).filter(|&id| journey_draw(3, id) < 0.25).count() as f64;
+        assert_eq!(journey_draw(3, 9), journey_draw(3, 9));
+        assert_ne!(journey_draw(3, 9), journey_draw(4, 9));
+        // Binomial(n, 0.25): within 5 standard deviations.
+        let sd = (n as f64 * 0.25 * 0.75).sqrt();
+        assert!((below - n as f64 * 0.25).abs() < 5.0 * sd, "{below}");
+    }
 
     #[test]
     fn draws_are_reproducible_and_in_range() {

@@ -16,6 +16,7 @@ use crate::engine::{FinishReason, TokenLogprobs};
 use crate::textgen::{TextDelta, TextStream};
 
 use super::errors::ApiError;
+use super::journey::ServerJourney;
 use super::metrics::RequestTracker;
 use super::openai_types::Usage;
 use super::params::RequestOptions;
@@ -26,6 +27,9 @@ pub struct Generation {
     stream: TextStream,
     tracker: RequestTracker,
     prompt_token_ids: Option<Vec<u32>>,
+    /// The client request's journey, when traced, and whether this choice counts its prompt.
+    journey: Option<(ServerJourney, bool)>,
+    received_any: bool,
 }
 
 /// A request run to its end.
@@ -63,7 +67,15 @@ impl Generation {
             stream,
             tracker: RequestTracker::new(state.metrics.clone(), arrival),
             prompt_token_ids,
+            journey: None,
+            received_any: false,
         })
+    }
+
+    /// The same choice, part of `journey` (`counts_prompt`: its prompt counts in the usage).
+    pub fn in_journey(mut self, journey: Option<&ServerJourney>, counts_prompt: bool) -> Self {
+        self.journey = journey.map(|j| (j.clone(), counts_prompt));
+        self
     }
 
     /// The next text delta; `None` after the last one (which carries the finish reason).
@@ -71,6 +83,16 @@ impl Generation {
         let delta = self.stream.next().await?;
         self.tracker
             .on_output(delta.token_ids.len(), delta.finish_reason);
+        if let Some((journey, counts_prompt)) = &self.journey {
+            if !self.received_any {
+                journey.first_response();
+            }
+            if delta.finish_reason.is_some() {
+                let queue = self.stream.queue_time().map(|d| d.as_secs_f64());
+                journey.choice_ended(*counts_prompt, &self.usage(), queue);
+            }
+        }
+        self.received_any = true;
         Some(delta)
     }
 

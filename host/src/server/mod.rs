@@ -17,6 +17,7 @@ pub mod collector;
 pub mod errors;
 pub mod generation;
 pub mod http;
+pub mod journey;
 pub mod logprobs;
 pub mod metrics;
 pub mod openai_types;
@@ -133,6 +134,7 @@ pub fn run(args: ServeConfig) -> anyhow::Result<ExitCode> {
         metrics,
     );
     state.health_stall_timeout = http_config.health_stall_timeout;
+    state.journeys = tracer.journey_sink();
     let limits = launched.engine.limits();
     tracing::info!(
         model = %launched.model.name,

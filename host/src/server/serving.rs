@@ -36,6 +36,7 @@ use crate::model::ModelInfo;
 
 use super::errors::{ApiError, ApiJson, from_value};
 use super::generation::Generation;
+use super::journey::{RequestDescription, ServerJourney};
 use super::logprobs::LogprobsRenderer;
 use super::openai_types::{SamplingFields, Usage};
 use super::params::{MaxTokensDefault, RequestOptions, resolve_max_tokens};
@@ -121,6 +122,7 @@ pub async fn serve<E: Endpoint>(
     body: Result<ApiJson<Value>, ApiError>,
 ) -> Response {
     let arrival = Instant::now();
+    let journey = JourneyGuard(ServerJourney::begin(state.journeys.as_ref(), headers));
     let prefix = E::KIND.id_prefix();
     let (ids, result) = match client_request_id(headers) {
         Ok(client_id) => (RequestIds::new(prefix, client_id), None),
@@ -129,7 +131,7 @@ pub async fn serve<E: Endpoint>(
     let span = tracing::info_span!("request", request_id = %ids.base);
     let result = match result {
         None => {
-            run::<E>(state, body, arrival, &ids)
+            run::<E>(state, body, arrival, &ids, journey.0.as_ref())
                 .instrument(span.clone())
                 .await
         }
@@ -139,7 +141,30 @@ pub async fn serve<E: Endpoint>(
     if let Ok(value) = HeaderValue::from_str(&ids.base) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
-    response
+    match journey.take() {
+        Some(journey) => journey.wrap(response),
+        None => response,
+    }
+}
+
+/// Ends a journey as aborted if the handler is dropped before the answer (a client that went
+/// away while a plain JSON answer was being collected).
+struct JourneyGuard(Option<ServerJourney>);
+
+impl JourneyGuard {
+    fn take(mut self) -> Option<ServerJourney> {
+        self.0.take()
+    }
+}
+
+impl Drop for JourneyGuard {
+    fn drop(&mut self) {
+        if let Some(journey) = self.0.take() {
+            journey.end(crate::step_tracing::RequestOutcome::Aborted(
+                "client disconnected".into(),
+            ));
+        }
+    }
 }
 
 /// A request's ids (see the module doc).
@@ -210,6 +235,7 @@ async fn run<E: Endpoint>(
     body: Result<ApiJson<Value>, ApiError>,
     arrival: Instant,
     ids: &RequestIds,
+    journey: Option<&ServerJourney>,
 ) -> Result<Response, ApiError> {
     let body = object_body(body)?;
     let common: SamplingFields = from_value(&body)?;
@@ -218,6 +244,18 @@ async fn run<E: Endpoint>(
     let logprobs = fields.logprobs()?;
     let mut options = RequestOptions::from_fields(&common, state.engine.vocab_size())?;
     options.sampling.logprobs = logprobs;
+    if let Some(journey) = journey {
+        journey.describe(RequestDescription {
+            operation: E::KIND.operation_name(),
+            request_id: ids.base.clone(),
+            response_id: ids.response.clone(),
+            model: model.clone(),
+            max_tokens: common.max_tokens.and_then(|m| u64::try_from(m).ok()),
+            temperature: f64::from(options.sampling.temperature),
+            top_p: f64::from(options.sampling.top_p),
+            n: u32::try_from(options.n).unwrap_or(u32::MAX),
+        });
+    }
     let renderer = logprobs.map(|_| {
         LogprobsRenderer::new(
             state.model.clone(),
@@ -227,7 +265,7 @@ async fn run<E: Endpoint>(
     });
     let mut prompts = Prompts::new(state, &options, common.max_tokens);
     fields.prompts(&mut prompts)?;
-    let choices = prompts.start(arrival, ids)?;
+    let choices = prompts.start(arrival, ids, journey)?;
     tracing::debug!(choices = choices.len(), "request admitted");
     let writer = ChunkWriter::new(E::KIND, ids.response.clone(), model, &options, renderer);
     if options.stream {
@@ -340,21 +378,34 @@ impl<'a> Prompts<'a> {
     /// Submits every choice of every prompt (`index` = prompt number × `n` + choice number;
     /// with a fixed seed, choice j uses seed + j). An error drops the choices started so far,
     /// which aborts them.
-    fn start(mut self, arrival: Instant, ids: &RequestIds) -> Result<Vec<Choice>, ApiError> {
+    fn start(
+        mut self,
+        arrival: Instant,
+        ids: &RequestIds,
+        journey: Option<&ServerJourney>,
+    ) -> Result<Vec<Choice>, ApiError> {
         if !self.counted {
             self.check_choice_count(self.sized.len())?;
         }
         let n = self.options.n;
         let total = self.valid.len() * n;
+        let ticket = journey.map(|j| j.ticket(total));
         let mut choices = Vec::with_capacity(total);
         for (p, (param, request)) in self.valid.iter().enumerate() {
             for choice in 0..n {
                 let index = p * n + choice;
-                let request = request
+                let mut request = request
                     .with_seed_offset(choice as u64)
                     .with_external_id(ids.choice(index, total));
+                if let Some(ticket) = &ticket {
+                    request = request.with_journey(Arc::clone(ticket));
+                }
+                if let Some(journey) = journey {
+                    journey.handed_off();
+                }
                 let generation =
-                    Generation::start(self.state, request, self.options, param, arrival)?;
+                    Generation::start(self.state, request, self.options, param, arrival)?
+                        .in_journey(journey, choice == 0);
                 choices.push(Choice {
                     index: index as u32,
                     counts_prompt: choice == 0,

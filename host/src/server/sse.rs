@@ -53,6 +53,14 @@ impl ChunkKind {
         }
     }
 
+    /// `gen_ai.operation.name` of a request to this endpoint.
+    pub fn operation_name(self) -> &'static str {
+        match self {
+            Self::Completion => "text_completion",
+            Self::Chat => "chat",
+        }
+    }
+
     /// The endpoint's log-probabilities shape.
     pub fn logprobs_shape(self) -> LogprobsShape {
         match self {

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::engine::EngineHandle;
 use crate::model::ModelInfo;
+use crate::step_tracing::JourneySink;
 
 use super::errors::ApiError;
 use super::http::DEFAULT_HEALTH_STALL_TIMEOUT;
@@ -31,6 +32,8 @@ pub struct AppState {
     /// `/health` is a 503 when requests are pending and no step completed for this long
     /// (`--health-stall-timeout`).
     pub health_stall_timeout: Duration,
+    /// Where traced requests' `llm_request` spans go (`None` unless `--enable-journey-tracing`).
+    pub journeys: Option<JourneySink>,
 }
 
 impl AppState {
@@ -54,6 +57,7 @@ impl AppState {
             metrics,
             started: unix_seconds(),
             health_stall_timeout: DEFAULT_HEALTH_STALL_TIMEOUT,
+            journeys: None,
         }
     }
 

@@ -117,6 +117,8 @@ pub struct StepTracingSettings {
     pub step_tracing_file: Option<PathBuf>,
     /// `--record-steps`.
     pub record_steps: Option<PathBuf>,
+    /// `--journey-tracing-sample-rate` with `--enable-journey-tracing`; `None`: journeys off.
+    pub journey_sample_rate: Option<f64>,
 }
 
 /// Everything the step tracer runs with.
@@ -144,6 +146,8 @@ pub struct StepTracingConfig {
     pub step_tracing_file: Option<PathBuf>,
     /// `--record-steps`: write every step's summary as one JSON line (for `policy replay`).
     pub record_steps: Option<PathBuf>,
+    /// `--enable-journey-tracing` at `--journey-tracing-sample-rate`; `None`: journeys off.
+    pub journey_sample_rate: Option<f64>,
     /// Bound of the step-loop → exporter queue, in records (sampled steps).
     pub queue_capacity: usize,
     /// Span limit on events (see [`DEFAULT_MAX_EVENTS_PER_SPAN`]).
@@ -173,6 +177,7 @@ impl Default for StepTracingConfig {
             service_name: DEFAULT_SERVICE_NAME.to_string(),
             step_tracing_file: None,
             record_steps: None,
+            journey_sample_rate: None,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             max_events_per_span: DEFAULT_MAX_EVENTS_PER_SPAN,
             export_batch_size: 512,
@@ -223,6 +228,13 @@ impl StepTracingConfig {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, StepTracingError> {
         let env = |name: &str| env(name).filter(|value| !value.trim().is_empty());
+        if let Some(rate) = args.journey_sample_rate
+            && !(0.0..=1.0).contains(&rate)
+        {
+            return Err(StepTracingError::Config(format!(
+                "--journey-tracing-sample-rate {rate} is not a probability in [0, 1]"
+            )));
+        }
         let protocol = match args.otlp_protocol {
             Some(protocol) => protocol,
             None => match env(ENV_OTLP_TRACES_PROTOCOL) {
@@ -314,6 +326,7 @@ impl StepTracingConfig {
                 .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_string()),
             step_tracing_file: args.step_tracing_file,
             record_steps: args.record_steps,
+            journey_sample_rate: args.journey_sample_rate,
             export_timeout,
             ..Self::default()
         })

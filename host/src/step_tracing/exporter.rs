@@ -16,10 +16,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::config::StepTracingConfig;
+use super::journey::{JourneySpan, RequestSpanRecord, core_span, request_span};
 use super::jsonl::JsonlSink;
 use super::metrics::TracerMetrics;
 use super::otlp::OtlpSink;
 use super::record::StepRecord;
+use crate::engine::journey::{JourneyDecision, JourneyLog};
+use crate::trace_context::{SpanId, SpanIdSource, TraceId};
 
 /// How often the exporter thread looks at the queue when it is idle.
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(10);
@@ -29,6 +32,10 @@ pub(crate) enum ExportMessage {
     Record(StepRecord),
     /// A step for the `--record-steps` file (every step, sampled or not).
     Recorded(StepRecord),
+    /// A traced request's finished `llm_core` journey.
+    CoreSpan(Box<JourneyLog>),
+    /// A traced request's `llm_request` (the server's half).
+    RequestSpan(Box<(Arc<JourneyDecision>, RequestSpanRecord)>),
     /// Export and flush everything queued before this message, then acknowledge.
     Flush(Sender<()>),
     /// Like `Flush`, then close the sinks and end the thread.
@@ -61,6 +68,8 @@ pub(crate) struct ExporterThread {
     pub(crate) interval: Duration,
     /// Most records processed after the shutdown message (the queue's capacity).
     pub(crate) drain_limit: usize,
+    /// The trace and span ids of step spans (each step span is a trace of its own).
+    pub(crate) ids: SpanIdSource,
 }
 
 impl ExporterThread {
@@ -81,6 +90,7 @@ impl ExporterThread {
             batch_size: config.export_batch_size.max(1),
             interval: config.export_interval,
             drain_limit: config.queue_capacity.max(1),
+            ids: SpanIdSource::default(),
         }
     }
 
@@ -104,6 +114,17 @@ impl ExporterThread {
                     Ok(ExportMessage::Recorded(record)) => {
                         self.record(&record);
                         oldest.get_or_insert_with(Instant::now);
+                    }
+                    Ok(message @ (ExportMessage::CoreSpan(_) | ExportMessage::RequestSpan(_))) => {
+                        self.journey(message);
+                        oldest.get_or_insert_with(Instant::now);
+                        if self
+                            .otlp
+                            .as_ref()
+                            .is_some_and(|o| o.pending() >= self.batch_size)
+                        {
+                            self.export();
+                        }
                     }
                     Ok(ExportMessage::Flush(ack)) => {
                         self.flush();
@@ -133,26 +154,54 @@ impl ExporterThread {
         }
     }
 
+    /// A step span's ids: a trace of its own.
+    fn step_ids(&mut self) -> (TraceId, SpanId) {
+        (self.ids.trace_id(), self.ids.span_id())
+    }
+
     fn process(&mut self, record: &StepRecord) {
+        let ids = self.step_ids();
         if let Some(jsonl) = &mut self.jsonl {
             jsonl.write(
                 record,
+                ids,
                 &self.metrics.jsonl_lines_written,
                 &self.metrics.jsonl_write_failures,
             );
         }
         if let Some(otlp) = &mut self.otlp {
-            otlp.add(record);
+            otlp.add(record, ids);
         }
     }
 
     fn record(&mut self, record: &StepRecord) {
+        let ids = self.step_ids();
         if let Some(recorder) = &mut self.recorder {
             recorder.write(
                 record,
+                ids,
                 &self.metrics.steps_recorded,
                 &self.metrics.record_write_failures,
             );
+        }
+    }
+
+    /// A journey span, to the same sinks as the step spans.
+    fn journey(&mut self, message: ExportMessage) {
+        let span: JourneySpan = match message {
+            ExportMessage::CoreSpan(log) => core_span(&log),
+            ExportMessage::RequestSpan(half) => request_span(&half.0, &half.1),
+            _ => return,
+        };
+        if let Some(jsonl) = &mut self.jsonl {
+            jsonl.write_journey(
+                &span,
+                &self.metrics.jsonl_lines_written,
+                &self.metrics.jsonl_write_failures,
+            );
+        }
+        if let Some(otlp) = &mut self.otlp {
+            otlp.add_journey(&span);
         }
     }
 
@@ -182,7 +231,12 @@ impl ExporterThread {
             if let ExportMessage::Recorded(record) = &message {
                 self.record(record);
             }
-            if let ExportMessage::Record(record) = message {
+            if matches!(
+                message,
+                ExportMessage::CoreSpan(_) | ExportMessage::RequestSpan(_)
+            ) {
+                self.journey(message);
+            } else if let ExportMessage::Record(record) = message {
                 self.process(&record);
                 if self
                     .otlp

@@ -27,6 +27,7 @@ use serde_json::Value as Json;
 use thiserror::Error;
 
 use super::config::StepTracingError;
+use super::journey::JourneySpan;
 use super::metrics::bump;
 use super::otlp::extra_key;
 use super::record::{
@@ -40,9 +41,10 @@ use super::record::{
     SPAN_POLICY_DIGEST, SPAN_POLICY_NAME, SPAN_POLICY_RICH_FAULT, SPAN_RICH_PROBABILITY,
     SPAN_STEP_ID, StepRecord, batch_summary_attributes, sat_i64, snapshot_attributes,
 };
-use super::record::{OPENINFERENCE_KIND_CHAIN, SPAN_OPENINFERENCE_KIND};
+use super::record::{OPENINFERENCE_KIND_CHAIN, SPAN_OPENINFERENCE_KIND, step_links};
 use crate::policy::random::step_draws;
 use crate::policy::{RecordedStep, RequestViews, StepSummary};
+use crate::trace_context::{SpanId, TraceId};
 use std::sync::atomic::AtomicU64;
 
 pub(crate) struct JsonlSink {
@@ -65,10 +67,33 @@ impl JsonlSink {
         })
     }
 
-    /// Writes one line, counting it in `written` or `failures`.
-    pub(crate) fn write(&mut self, record: &StepRecord, written: &AtomicU64, failures: &AtomicU64) {
+    /// Writes one step span (ids `ids`) as a line, counting it in `written` or `failures`.
+    pub(crate) fn write(
+        &mut self,
+        record: &StepRecord,
+        ids: (TraceId, SpanId),
+        written: &AtomicU64,
+        failures: &AtomicU64,
+    ) {
         self.line.clear();
-        render_line(&mut self.line, record);
+        render_line(&mut self.line, record, ids);
+        self.write_buffered(written, failures);
+    }
+
+    /// Writes one journey span as a line.
+    pub(crate) fn write_journey(
+        &mut self,
+        span: &JourneySpan,
+        written: &AtomicU64,
+        failures: &AtomicU64,
+    ) {
+        self.line.clear();
+        self.line
+            .extend_from_slice(super::journey::render_json(span).as_bytes());
+        self.write_buffered(written, failures);
+    }
+
+    fn write_buffered(&mut self, written: &AtomicU64, failures: &AtomicU64) {
         self.line.push(b'\n');
         match self.writer.write_all(&self.line) {
             Ok(()) => bump(written),
@@ -91,14 +116,30 @@ impl JsonlSink {
     }
 }
 
-/// Renders one record as a JSON object (no trailing newline).
-pub(crate) fn render_line(out: &mut Vec<u8>, record: &StepRecord) {
+/// Renders one record, whose span has ids `(trace_id, span_id)`, as a JSON object (no trailing
+/// newline).
+pub(crate) fn render_line(out: &mut Vec<u8>, record: &StepRecord, ids: (TraceId, SpanId)) {
     let policy = &record.policy;
     let s = &record.summary;
     out.extend_from_slice(b"{\"name\":");
     push_str(out, SPAN_NAME);
     out.extend_from_slice(b",\"scope\":");
     push_str(out, SCOPE_NAME);
+    out.extend_from_slice(b",\"kind\":\"INTERNAL\"");
+    push_field(out, "trace_id", AttrValue::TraceId(ids.0));
+    out.extend_from_slice(b",\"span_id\":\"");
+    let _ = write!(out, "{}", ids.1);
+    out.extend_from_slice(b"\",\"parent_span_id\":null,\"links\":[");
+    for (i, (trace_id, span_id)) in step_links(record).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let _ = write!(
+            out,
+            "{{\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\"}}"
+        );
+    }
+    out.push(b']');
     push_field(
         out,
         "start_time_unix_nano",
@@ -236,6 +277,9 @@ fn push_attr(out: &mut Vec<u8>, name: &'static str, value: AttrValue) {
         AttrValue::Text(v) => {
             let _ = serde_json::to_writer(&mut *out, v);
         }
+        AttrValue::TraceId(id) => {
+            let _ = write!(out, "\"{id}\"");
+        }
     }
 }
 
@@ -293,6 +337,14 @@ pub fn read_recorded_steps(
             line: line_no,
             source,
         })?;
+        // Journey spans share the file; only step spans hold steps.
+        if json
+            .get("name")
+            .and_then(Json::as_str)
+            .is_some_and(|name| name != SPAN_NAME)
+        {
+            continue;
+        }
         let summary = summary_from_line(&json, seed).map_err(|what| JsonlReadError::Malformed {
             line: line_no,
             what,

@@ -4,7 +4,8 @@
 //! Accounting identities (after [`TracerHandle::shutdown`](super::TracerHandle::shutdown)):
 //! `steps_batch_sampled = records_queued + records_dropped_queue_full + records_dropped_closed`;
 //! with a collector, `records_queued = spans_exported + spans_export_failed`; with a file,
-//! `records_queued = jsonl_lines_written + jsonl_write_failures`.
+//! `records_queued = jsonl_lines_written + jsonl_write_failures`. Journey spans add to both
+//! sides: `records_queued + journey_spans_queued = spans_exported + spans_export_failed`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,6 +48,13 @@ pub struct TracerMetrics {
     pub(crate) steps_recorded: AtomicU64,
     /// Steps not recorded: queue full or closed, or the write failed.
     pub(crate) record_write_failures: AtomicU64,
+    /// Client requests whose journey was traced / not traced (one decision each).
+    pub(crate) journeys_traced: AtomicU64,
+    pub(crate) journeys_untraced: AtomicU64,
+    /// `llm_request` and `llm_core` spans handed to the exporter thread.
+    pub(crate) journey_spans_queued: AtomicU64,
+    /// Journey spans lost because the queue was full or closed.
+    pub(crate) journey_spans_dropped: AtomicU64,
     policy: Arc<PolicyCounters>,
 }
 
@@ -69,6 +77,10 @@ pub struct TracerMetricsSnapshot {
     pub jsonl_write_failures: u64,
     pub steps_recorded: u64,
     pub record_write_failures: u64,
+    pub journeys_traced: u64,
+    pub journeys_untraced: u64,
+    pub journey_spans_queued: u64,
+    pub journey_spans_dropped: u64,
     /// The policy runtime's counters (calls, faults by kind, back-off skips).
     pub policy: PolicyCountersSnapshot,
 }
@@ -117,6 +129,10 @@ impl TracerMetrics {
             jsonl_write_failures: get(&self.jsonl_write_failures),
             steps_recorded: get(&self.steps_recorded),
             record_write_failures: get(&self.record_write_failures),
+            journeys_traced: get(&self.journeys_traced),
+            journeys_untraced: get(&self.journeys_untraced),
+            journey_spans_queued: get(&self.journey_spans_queued),
+            journey_spans_dropped: get(&self.journey_spans_dropped),
             policy: self.policy.snapshot(),
         }
     }

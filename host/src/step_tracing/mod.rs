@@ -20,6 +20,7 @@
 mod config;
 mod exporter;
 mod http_client;
+pub mod journey;
 pub mod jsonl;
 mod metrics;
 mod otlp;
@@ -30,6 +31,8 @@ mod tracer;
 
 #[cfg(test)]
 mod budget_tests;
+#[cfg(test)]
+mod journey_tests;
 #[cfg(test)]
 mod test_support;
 #[cfg(test)]
@@ -47,6 +50,7 @@ pub use config::{
     ENV_OTLP_TRACES_HEADERS, ENV_SERVICE_NAME, OtlpProtocol, StepTracingConfig, StepTracingError,
     StepTracingSettings,
 };
+pub use journey::{JourneySink, RequestOutcome, RequestSpanRecord, Stamp};
 pub use metrics::{TracerMetrics, TracerMetricsSnapshot};
 pub use record::PolicyIdentity;
 pub use swap::{ActivePolicy, PolicyOrigin, PolicySwitch};
@@ -66,8 +70,9 @@ pub const EXPORTER_THREAD_NAME: &str = "stepscope-trace-export";
 pub struct StepTracer;
 
 impl StepTracer {
-    /// Loads the policy, opens the sinks and starts the exporter thread. Disabled tracing
-    /// (`step_tracing_enabled == false`) loads nothing and returns a no-op observer.
+    /// Loads the policy, opens the sinks and starts the exporter thread. With neither steps
+    /// (`step_tracing_enabled`) nor journeys (`journey_sample_rate`) traced, it loads nothing
+    /// and returns a no-op observer.
     ///
     /// Errors: a policy file that is unreadable, not a policy component, or refuses its
     /// parameters; an OTLP exporter that cannot be built; a trace file that cannot be created.
@@ -76,7 +81,7 @@ impl StepTracer {
     ) -> Result<(StepTracerObserver, TracerHandle), StepTracingError> {
         let counters = Arc::new(PolicyCounters::default());
         let metrics = Arc::new(TracerMetrics::new(Arc::clone(&counters)));
-        if !config.step_tracing_enabled {
+        if !config.step_tracing_enabled && config.journey_sample_rate.is_none() {
             return Ok((
                 StepTracerObserver::disabled(),
                 TracerHandle {
@@ -143,6 +148,8 @@ impl StepTracer {
             sample_rate = config.policy_params.sample_rate,
             rich_subsample_rate = config.policy_params.rich_subsample_rate,
             otlp = config.otlp.as_ref().map(|o| o.endpoint.as_str()).unwrap_or("-"),
+            journeys = ?config.journey_sample_rate,
+            steps = config.step_tracing_enabled,
             "step tracing on"
         );
         // The built-in default, with the server's rates, stands in for a policy over its budget.
@@ -164,7 +171,12 @@ impl StepTracer {
                 fallback_identity,
                 StepBudget::new(config.policy_budget),
             ),
-            (config.seed, config.record_steps.is_some()),
+            (
+                config.seed,
+                config.record_steps.is_some(),
+                config.step_tracing_enabled,
+            ),
+            config.journey_sample_rate,
             queue.clone(),
             Arc::clone(&metrics),
         );
@@ -233,6 +245,15 @@ impl TracerHandle {
     /// Hot swap of the running policy (`None` when tracing is disabled).
     pub fn policy_switch(&self) -> Option<Arc<PolicySwitch>> {
         self.switch.clone()
+    }
+
+    /// Where the server sends `llm_request` spans (`None` unless journey tracing is on).
+    pub fn journey_sink(&self) -> Option<JourneySink> {
+        self.config.journey_sample_rate?;
+        Some(JourneySink {
+            queue: self.control.clone()?,
+            metrics: Arc::clone(&self.metrics),
+        })
     }
 
     /// The live counters (for `/metrics`).

@@ -1,8 +1,10 @@
 //! The OTLP sink, on the exporter thread: records become OpenTelemetry spans, exported in
 //! batches over gRPC (tonic) or HTTP/protobuf (hyper), over TLS for `https://` endpoints.
 //!
-//! Spans are built with the SDK's tracer (so the SDK's span limits, ids and scope apply): one
-//! root span `scheduler.step` per record, in scope `stepscope.scheduler.step`, with explicit
+//! Spans are built as the SDK's `SpanData` directly, so their ids are ours (the JSON-lines file
+//! carries the same ones) and each kind has its scope: one root span `scheduler.step` per
+//! record, in scope `stepscope.scheduler.step` (linked to the `llm_core` spans of the traced
+//! requests it snapshots), with explicit
 //! start and end times (the step's `ts_start_ns` and the end of the whole step: forward pass,
 //! sampling and update), span attributes (`step.id`, the sampling probabilities, `policy.name`,
 //! `policy.digest`, the policy's `policy.*` extras, `openinference.span.kind = CHAIN`, and the
@@ -12,25 +14,26 @@
 //! [`StepTracingConfig::max_events_per_span`] (default 65 537, a large constant rather than
 //! `max_num_seqs + 1`, which the tracer does not know), so a rich step never loses snapshots to
 //! the SDK's default of 128. Ended spans are collected by a small span processor and handed to
-//! the OTLP exporter by this thread itself, on a current-thread tokio runtime it owns, so every
+//! the OTLP exporter by this thread itself (journey spans, [`JourneySpan`], go the same way), on a current-thread tokio runtime it owns, so every
 //! export is bounded in time and its outcome is counted (exported or failed, per span).
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use opentelemetry::trace::{Event, Span as _, SpanKind, Tracer as _, TracerProvider as _};
-use opentelemetry::{Context, InstrumentationScope, KeyValue, Value};
+use opentelemetry::trace::{
+    Event, Link, SpanContext, SpanId as OtelSpanId, SpanKind, Status, TraceFlags,
+    TraceId as OtelTraceId, TraceState,
+};
+use opentelemetry::{InstrumentationScope, KeyValue, Value};
 use opentelemetry_otlp::{
     Protocol, SpanExporter as OtlpSpanExporter, WithExportConfig, WithHttpConfig, WithTonicConfig,
 };
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::trace::{
-    SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter as _, SpanProcessor,
-};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
 
 use super::config::{OtlpConfig, OtlpProtocol, StepTracingConfig, StepTracingError};
 use super::http_client::LastTransportError;
+use super::journey::{JourneySpan, SpanValue};
 use super::metrics::{TracerMetrics, add, bump};
 use super::record::{
     AttrValue, EVENT_BATCH_SUMMARY, EVENT_REQUEST_SNAPSHOT, SCOPE_NAME, SPAN_BATCH_PROBABILITY,
@@ -38,43 +41,22 @@ use super::record::{
     SPAN_POLICY_NAME, SPAN_POLICY_RICH_FAULT, SPAN_RICH_PROBABILITY, SPAN_STEP_ID, StepRecord,
     batch_summary_attributes, sat_i64, snapshot_attributes,
 };
-use super::record::{OPENINFERENCE_KIND_CHAIN, SPAN_OPENINFERENCE_KIND};
+use super::record::{OPENINFERENCE_KIND_CHAIN, SPAN_OPENINFERENCE_KIND, step_links};
+use crate::trace_context::{SpanId, TraceId};
 
 /// The attribute key of a policy extra (see [`crate::policy::extra_attribute_key`]).
 pub(crate) use crate::policy::extra_attribute_key as extra_key;
-
-/// Collects ended spans for the exporter thread.
-#[derive(Debug, Default)]
-struct CollectingProcessor {
-    ended: Arc<Mutex<Vec<SpanData>>>,
-}
-
-impl SpanProcessor for CollectingProcessor {
-    fn on_start(&self, _span: &mut Span, _cx: &Context) {}
-
-    fn on_end(&self, span: SpanData) {
-        self.ended
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(span);
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        Ok(())
-    }
-
-    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
-        Ok(())
-    }
-}
 
 pub(crate) struct OtlpSink {
     /// Always `Some` until drop (an `Option` so `Drop` can shut it down without blocking).
     runtime: Option<tokio::runtime::Runtime>,
     exporter: OtlpSpanExporter,
-    provider: SdkTracerProvider,
-    tracer: SdkTracer,
-    ended: Arc<Mutex<Vec<SpanData>>>,
+    /// Built spans waiting for the next export.
+    ended: Mutex<Vec<SpanData>>,
+    /// Scopes of the three kinds of spans.
+    scopes: Scopes,
+    /// The per-span limit on events (beyond it, events are dropped and counted).
+    max_events_per_span: usize,
     export_timeout: Duration,
     /// Why the last HTTP/protobuf request failed (the exporter's own error says only "network
     /// error"); `None` for gRPC, whose errors carry their cause.
@@ -109,31 +91,28 @@ impl OtlpSink {
             .with_service_name(config.service_name.clone())
             .build();
         exporter.set_resource(&resource);
-        let ended = Arc::new(Mutex::new(Vec::new()));
-        let provider = SdkTracerProvider::builder()
-            .with_span_processor(CollectingProcessor {
-                ended: Arc::clone(&ended),
-            })
-            .with_max_events_per_span(config.max_events_per_span)
-            .with_resource(resource)
-            .build();
-        let scope = InstrumentationScope::builder(SCOPE_NAME)
-            .with_version(env!("CARGO_PKG_VERSION"))
-            .build();
-        let tracer = provider.tracer_with_scope(scope);
+        let scope = |name: &'static str| {
+            InstrumentationScope::builder(name)
+                .with_version(env!("CARGO_PKG_VERSION"))
+                .build()
+        };
         Ok(Self {
             runtime: Some(runtime),
             exporter,
-            provider,
-            tracer,
-            ended,
+            ended: Mutex::new(Vec::new()),
+            scopes: Scopes {
+                step: scope(SCOPE_NAME),
+                api: scope(super::journey::SCOPE_API),
+                scheduler: scope(super::journey::SCOPE_SCHEDULER),
+            },
+            max_events_per_span: config.max_events_per_span as usize,
             export_timeout: config.export_timeout,
             transport_error,
         })
     }
 
-    /// Builds and ends the span of one record (it waits in the processor until `export`).
-    pub(crate) fn add(&mut self, record: &StepRecord) {
+    /// Builds the span of one record, with ids `(trace_id, span_id)` (it waits until `export`).
+    pub(crate) fn add(&mut self, record: &StepRecord, (trace_id, span_id): (TraceId, SpanId)) {
         let policy = &record.policy;
         let s = &record.summary;
         let start = unix_time(s.ts_start_ns);
@@ -202,15 +181,100 @@ impl OtlpSink {
                 events.push(Event::new(EVENT_REQUEST_SNAPSHOT, emitted, attrs, 0));
             }
         }
-        let mut span = self
-            .tracer
-            .span_builder(SPAN_NAME)
-            .with_kind(SpanKind::Internal)
-            .with_start_time(start)
-            .with_attributes(attributes)
-            .with_events(events)
-            .start_with_context(&self.tracer, &Context::new());
-        span.end_with_timestamp(end);
+        let links = step_links(record)
+            .map(|(trace, span)| Link::with_context(span_context(trace, span, None, true)))
+            .collect();
+        let span = SpanData {
+            span_context: span_context(trace_id, span_id, None, false),
+            parent_span_id: OtelSpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Internal,
+            name: SPAN_NAME.into(),
+            start_time: start,
+            end_time: end,
+            attributes,
+            dropped_attributes_count: 0,
+            events: self.limit_events(events),
+            links: {
+                let mut span_links = SpanLinks::default();
+                span_links.links = links;
+                span_links
+            },
+            status: Status::Unset,
+            instrumentation_scope: self.scopes.step.clone(),
+        };
+        self.push(span);
+    }
+
+    /// Builds a journey span (`llm_request` or `llm_core`).
+    pub(crate) fn add_journey(&mut self, span: &JourneySpan) {
+        let events = span
+            .events
+            .iter()
+            .map(|event| {
+                let attributes = event
+                    .attributes
+                    .iter()
+                    .map(|(k, v)| KeyValue::new(*k, span_value(v)))
+                    .collect();
+                Event::new(event.name, unix_time(event.time_unix_ns), attributes, 0)
+            })
+            .collect();
+        let data = SpanData {
+            span_context: span_context(
+                span.trace_id,
+                span.span_id,
+                span.tracestate.as_deref(),
+                false,
+            ),
+            parent_span_id: span
+                .parent_span_id
+                .map_or(OtelSpanId::INVALID, |id| OtelSpanId::from_bytes(id.0)),
+            parent_span_is_remote: span.parent_is_remote,
+            span_kind: if span.server {
+                SpanKind::Server
+            } else {
+                SpanKind::Internal
+            },
+            name: span.name.into(),
+            start_time: unix_time(span.start_unix_ns),
+            end_time: unix_time(span.end_unix_ns),
+            attributes: span
+                .attributes
+                .iter()
+                .map(|(k, v)| KeyValue::new(k.clone(), span_value(v)))
+                .collect(),
+            dropped_attributes_count: 0,
+            events: self.limit_events(events),
+            links: SpanLinks::default(),
+            status: match &span.error {
+                Some(message) => Status::error(message.clone()),
+                None => Status::Unset,
+            },
+            instrumentation_scope: if span.server {
+                self.scopes.api.clone()
+            } else {
+                self.scopes.scheduler.clone()
+            },
+        };
+        self.push(data);
+    }
+
+    /// A span's events, cut at the per-span limit (the rest counted as dropped at export).
+    fn limit_events(&self, mut events: Vec<Event>) -> SpanEvents {
+        let dropped = events.len().saturating_sub(self.max_events_per_span);
+        events.truncate(self.max_events_per_span);
+        let mut span_events = SpanEvents::default();
+        span_events.events = events;
+        span_events.dropped_count = u32::try_from(dropped).unwrap_or(u32::MAX);
+        span_events
+    }
+
+    fn push(&self, span: SpanData) {
+        self.ended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(span);
     }
 
     /// Spans built and not yet exported.
@@ -272,7 +336,6 @@ impl OtlpSink {
     }
 
     pub(crate) fn shutdown(self) {
-        let _ = self.provider.shutdown();
         if let Some(runtime) = &self.runtime {
             let _guard = runtime.enter();
             let _ = self
@@ -360,5 +423,41 @@ fn key_value(name: &'static str, value: AttrValue) -> KeyValue {
         AttrValue::Float(v) => KeyValue::new(name, v),
         AttrValue::Str(v) => KeyValue::new(name, v),
         AttrValue::Text(v) => KeyValue::new(name, v.to_owned()),
+        AttrValue::TraceId(id) => KeyValue::new(name, id.to_string()),
     }
+}
+
+fn span_value(value: &SpanValue) -> Value {
+    match value {
+        SpanValue::Int(v) => Value::I64(*v),
+        SpanValue::Float(v) => Value::F64(*v),
+        SpanValue::Bool(v) => Value::Bool(*v),
+        SpanValue::Str(v) => Value::String(v.clone().into()),
+    }
+}
+
+/// A sampled span context with our ids (and the caller's `tracestate`, when it is valid).
+fn span_context(
+    trace_id: TraceId,
+    span_id: SpanId,
+    tracestate: Option<&str>,
+    remote: bool,
+) -> SpanContext {
+    let state = tracestate
+        .and_then(|s| s.parse::<TraceState>().ok())
+        .unwrap_or_default();
+    SpanContext::new(
+        OtelTraceId::from_bytes(trace_id.0),
+        OtelSpanId::from_bytes(span_id.0),
+        TraceFlags::SAMPLED,
+        remote,
+        state,
+    )
+}
+
+/// The span scopes: steps, `llm_request`, `llm_core`.
+struct Scopes {
+    step: InstrumentationScope,
+    api: InstrumentationScope,
+    scheduler: InstrumentationScope,
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use crate::engine::StepView;
 use crate::policy::random::step_draws;
 use crate::policy::{FaultKind, SnapshotAttributes, StepSummary};
+use crate::trace_context::{SpanId, TraceId};
 
 /// Instrumentation scope of every step span.
 pub const SCOPE_NAME: &str = "stepscope.scheduler.step";
@@ -54,6 +55,8 @@ pub const ATTR_SCHEDULED_TOKENS: &str = "request.scheduled_tokens_this_step";
 pub const ATTR_KV_BLOCKS_ALLOCATED: &str = "kv.blocks_allocated_gpu";
 pub const ATTR_KV_BLOCKS_CACHED: &str = "kv.blocks_cached_gpu";
 pub const ATTR_EFFECTIVE_PROMPT_LEN: &str = "request.effective_prompt_len";
+/// On the snapshot of a request whose journey is traced: its trace id (hex).
+pub const ATTR_TRACE_ID: &str = "request.trace_id";
 
 /// Span attributes (on every step span).
 pub const SPAN_STEP_ID: &str = "step.id";
@@ -94,6 +97,9 @@ pub struct SnapshotRow {
     /// `Some(prompt - cached)` whenever not all of the prompt came from the prefix cache (a
     /// miss included).
     pub effective_prompt_len: Option<u32>,
+    /// The request's traced journey: its trace (`request.trace_id`) and `llm_core` span, which
+    /// the step span links to.
+    pub journey: Option<(TraceId, SpanId)>,
 }
 
 /// The snapshots of a rich step.
@@ -144,6 +150,15 @@ impl StepRecord {
     }
 }
 
+/// The span links of a step: the `llm_core` span of every snapshotted request whose journey is
+/// traced.
+pub fn step_links(record: &StepRecord) -> impl Iterator<Item = (TraceId, SpanId)> + '_ {
+    record
+        .rich
+        .iter()
+        .flat_map(|rich| rich.rows.iter().filter_map(|row| row.journey))
+}
+
 /// Saturating `usize` → `u32` (queue depths and token counts fit; never wrap if they don't).
 #[inline]
 pub(crate) fn sat_u32(value: usize) -> u32 {
@@ -191,6 +206,8 @@ pub enum AttrValue<'a> {
     Str(&'static str),
     /// Text that lives as long as the record (a request id).
     Text(&'a str),
+    /// A trace id, written as 32 hex digits.
+    TraceId(TraceId),
 }
 
 /// The 16 `step.BATCH_SUMMARY` attributes of a summary, in [`BATCH_SUMMARY_ATTRIBUTES`] order.
@@ -268,6 +285,9 @@ pub fn snapshot_attributes<'a>(
     {
         push(ATTR_EFFECTIVE_PROMPT_LEN, n(len));
     }
+    if let Some((trace_id, _)) = row.journey {
+        push(ATTR_TRACE_ID, AttrValue::TraceId(trace_id));
+    }
 }
 
 #[cfg(test)]
@@ -297,6 +317,7 @@ mod tests {
             kv_blocks_allocated: 3,
             kv_blocks_cached: 2,
             effective_prompt_len: Some(68),
+            journey: None,
         };
         let mut names = Vec::new();
         snapshot_attributes(5, &row, SnapshotAttributes::all(), |n, _| names.push(n));

@@ -20,6 +20,7 @@
 use std::sync::Arc;
 use std::sync::mpsc::{SyncSender, TrySendError};
 
+use crate::engine::journey::{JourneyArrival, JourneyDecision, JourneyLog};
 use crate::engine::{RequestPhase, StepObserver, StepView};
 use crate::policy::budget::{Route, StepBudget, Transition, thread_cpu_time};
 use crate::policy::{
@@ -27,6 +28,7 @@ use crate::policy::{
 };
 
 use super::exporter::ExportMessage;
+use super::journey::{JourneySampler, queue_journey_span};
 use super::metrics::{TracerMetrics, add, bump};
 use super::record::{PolicyIdentity, RichRecord, SnapshotRow, StepRecord, sat_u32, step_summary};
 use super::swap::PolicySwitch;
@@ -69,6 +71,10 @@ pub(crate) struct ActiveTracer {
     policy_cost: std::time::Duration,
     /// The current step's record (and its snapshot count), sent when the step ends.
     pending: Option<(StepRecord, u64)>,
+    /// `--step-tracing-enabled`: steps are traced (the tracer may run for journeys alone).
+    trace_steps: bool,
+    /// `--enable-journey-tracing`: decides which request journeys are traced.
+    journeys: Option<JourneySampler>,
 }
 
 impl StepTracerObserver {
@@ -80,7 +86,8 @@ impl StepTracerObserver {
     pub(crate) fn active(
         (runtime, identity, switch): (PolicyRuntime, Arc<PolicyIdentity>, Arc<PolicySwitch>),
         (fallback, fallback_identity, budget): (PolicyRuntime, Arc<PolicyIdentity>, StepBudget),
-        (seed, record_steps): (u64, bool),
+        (seed, record_steps, trace_steps): (u64, bool, bool),
+        journey_rate: Option<f64>,
         queue: SyncSender<ExportMessage>,
         metrics: Arc<TracerMetrics>,
     ) -> Self {
@@ -100,6 +107,8 @@ impl StepTracerObserver {
                 effective_prompt_len: Vec::new(),
                 policy_cost: std::time::Duration::ZERO,
                 pending: None,
+                trace_steps,
+                journeys: journey_rate.map(|rate| JourneySampler::new(rate, seed)),
             })),
         }
     }
@@ -123,6 +132,27 @@ impl StepObserver for StepTracerObserver {
             active.on_step_end(step_id, ts_end_ns);
         }
     }
+
+    fn decide_journey(&mut self, arrival: &JourneyArrival<'_>) -> Option<JourneyDecision> {
+        let active = self.active.as_deref_mut()?;
+        let decision = active.journeys.as_mut()?.decide(arrival);
+        bump(if decision.is_some() {
+            &active.metrics.journeys_traced
+        } else {
+            &active.metrics.journeys_untraced
+        });
+        decision
+    }
+
+    fn on_journey_end(&mut self, journey: JourneyLog) {
+        if let Some(active) = self.active.as_deref() {
+            queue_journey_span(
+                &active.queue,
+                &active.metrics,
+                ExportMessage::CoreSpan(Box::new(journey)),
+            );
+        }
+    }
 }
 
 impl Drop for ActiveTracer {
@@ -139,6 +169,9 @@ impl ActiveTracer {
         if let Some((record, snapshots)) = self.pending.take() {
             // The previous step never reported its end: send it as it is.
             self.send(record, snapshots);
+        }
+        if !self.trace_steps {
+            return;
         }
         bump(&self.metrics.steps_seen);
         if let Some(pending) = self.switch.take_pending() {
@@ -339,7 +372,7 @@ impl ActiveTracer {
         // `request.id` per view row, borrowed from the step; only chosen rows are copied.
         let mut external_ids = Vec::with_capacity(step.running_requests().len());
         for request in step.running_requests() {
-            external_ids.push(request.external_id());
+            external_ids.push((request.external_id(), request.journey_span()));
             let (allocated, cached) = request.kv_blocks();
             views.request_id.push(request.id());
             views
@@ -385,8 +418,10 @@ impl ActiveTracer {
             .iter()
             .filter_map(|&index| {
                 let i = index as usize;
+                let (external_id, journey) = external_ids.get(i)?;
                 Some(SnapshotRow {
-                    request_id: Arc::clone(external_ids.get(i)?),
+                    request_id: Arc::clone(external_id),
+                    journey: *journey,
                     is_prefill: *views.is_prefill.get(i)? != 0,
                     num_prompt_tokens: *views.num_prompt_tokens.get(i)?,
                     num_computed_tokens: *views.num_computed_tokens.get(i)?,
