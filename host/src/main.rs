@@ -109,10 +109,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output_tokens,
             rounds,
         }) => {
-            let rows = stepscope::bench::step_tracing::run(requests, output_tokens, rounds)?;
+            use stepscope::bench::step_tracing;
+            let rows = step_tracing::run(requests, output_tokens, rounds)?;
+            let untraced_request_ns = step_tracing::unsampled_journey_decision_ns(200_000)?;
             print!(
                 "{}",
-                stepscope::bench::step_tracing::render(&rows, requests, output_tokens, rounds)
+                step_tracing::render(
+                    &rows,
+                    (requests, output_tokens, rounds),
+                    Some(untraced_request_ns)
+                )
             );
             Ok(ExitCode::SUCCESS)
         }

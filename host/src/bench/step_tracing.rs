@@ -11,12 +11,16 @@
 //! `on_step_end` on every step
 //! and classifying the step (unsampled, batch-only, rich with N snapshots) from the tracer's
 //! counters; the per-snapshot cost is (rich step − batch-only step) / snapshots per rich step.
+//! The journey row traces every request's journey (rate 1.0) on top of the default step rates;
+//! beside it, [`unsampled_journey_decision_ns`] times what an untraced request costs (its
+//! ticket and the one decision), to set against the engine's own time per request.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use crate::bench::{LatencyStats, format_ns};
+use crate::engine::journey::{JourneyArrival, JourneyDecision, JourneyLog, JourneyTicket};
 use crate::engine::{EngineConfig, EngineCore, SamplingParams, StepObserver, StepView};
 use crate::testing::deterministic_runner::DeterministicRunner;
 
@@ -36,34 +40,47 @@ pub struct TracingVariant {
     /// Write JSON lines to `/dev/null`; otherwise the exporter thread discards the records
     /// (the step-loop cost alone, without the exporter's CPU competing for the cores).
     pub jsonl: bool,
+    /// `--journey-tracing-sample-rate` (`None`: journeys off).
+    pub journey_rate: Option<f64>,
 }
 
 /// The configurations, in report order.
-pub const VARIANTS: [TracingVariant; 5] = [
+pub const VARIANTS: [TracingVariant; 6] = [
     TracingVariant {
         label: "off",
         rates: None,
         jsonl: false,
+        journey_rate: None,
     },
     TracingVariant {
         label: "default 0.01/0.001",
         rates: Some((0.01, 0.001)),
         jsonl: true,
+        journey_rate: None,
     },
     TracingVariant {
         label: "1.0/0",
         rates: Some((1.0, 0.0)),
         jsonl: true,
+        journey_rate: None,
     },
     TracingVariant {
         label: "1.0/1.0",
         rates: Some((1.0, 1.0)),
         jsonl: true,
+        journey_rate: None,
     },
     TracingVariant {
         label: "1.0/1.0 no sink",
         rates: Some((1.0, 1.0)),
         jsonl: false,
+        journey_rate: None,
+    },
+    TracingVariant {
+        label: "journeys 1.0+default",
+        rates: Some((0.01, 0.001)),
+        jsonl: true,
+        journey_rate: Some(1.0),
     },
 ];
 
@@ -102,6 +119,8 @@ pub struct TracingBenchRow {
     pub batch_sampled: u64,
     pub rich_sampled: u64,
     pub records_dropped: u64,
+    /// Request journeys traced, over all rounds.
+    pub journeys_traced: u64,
 }
 
 /// Times the wrapped observer's `on_step` plus `on_step_end` (where a sampled step's record is
@@ -152,6 +171,14 @@ impl StepObserver for TimedObserver {
         };
         self.samples.push((ns + end_ns, kind));
     }
+
+    fn decide_journey(&mut self, arrival: &JourneyArrival<'_>) -> Option<JourneyDecision> {
+        self.inner.decide_journey(arrival)
+    }
+
+    fn on_journey_end(&mut self, journey: JourneyLog) {
+        self.inner.on_journey_end(journey);
+    }
 }
 
 impl Drop for TimedObserver {
@@ -172,6 +199,7 @@ struct RoundResult {
     batch_sampled: u64,
     rich_sampled: u64,
     records_dropped: u64,
+    journeys_traced: u64,
 }
 
 fn workload(requests: usize, output_tokens: usize) -> (EngineConfig, Vec<Vec<u32>>) {
@@ -207,6 +235,7 @@ fn run_round(
         None => StepTracingConfig::default(),
         Some((rate, rich)) => StepTracingConfig {
             step_tracing_file: variant.jsonl.then(|| "/dev/null".into()),
+            journey_sample_rate: variant.journey_rate,
             ..StepTracingConfig::enabled_with_rates(rate, rich, 0)
         },
     };
@@ -231,8 +260,14 @@ fn run_round(
         ..SamplingParams::greedy(output_tokens)
     };
     for (i, prompt) in prompts.into_iter().enumerate() {
-        core.add_request(i as u64 + 1, prompt, params.clone())
-            .map_err(|e| StepTracingError::Config(format!("bench request: {e}")))?;
+        let id = i as u64 + 1;
+        let added = if variant.journey_rate.is_some() {
+            let ticket = JourneyTicket::new(None, 1);
+            core.add_request_in_journey(id, prompt, params.clone(), &ticket)
+        } else {
+            core.add_request(id, prompt, params.clone())
+        };
+        added.map_err(|e| StepTracingError::Config(format!("bench request: {e}")))?;
     }
     let cpu_before = thread_cpu_ns();
     let started = Instant::now();
@@ -262,7 +297,40 @@ fn run_round(
         batch_sampled: metrics.steps_batch_sampled,
         rich_sampled: metrics.steps_rich_sampled,
         records_dropped: metrics.records_dropped(),
+        journeys_traced: metrics.journeys_traced,
     })
+}
+
+/// What an untraced request costs, in ns: its ticket and the observer's one decision (journeys
+/// on at rate 0, so every request is decided and none traced), the mean over `n` requests.
+pub fn unsampled_journey_decision_ns(n: u64) -> Result<f64, StepTracingError> {
+    let config = StepTracingConfig {
+        journey_sample_rate: Some(0.0),
+        ..StepTracingConfig::enabled_with_rates(0.01, 0.001, 0)
+    };
+    let (mut observer, mut handle) = StepTracer::start(config)?;
+    let n = n.max(1);
+    let started = Instant::now();
+    for id in 0..n {
+        let ticket = JourneyTicket::new(None, 1);
+        let arrival = JourneyArrival {
+            request_id: id,
+            external_id: "bench",
+            num_prompt_tokens: PROMPT_TOKENS,
+            max_tokens: 64,
+            temperature: 1.0,
+            num_choices: 1,
+            parent: ticket.parent(),
+            running_depth: 8,
+            waiting_depth: 0,
+            kv_usage_ratio: 0.5,
+        };
+        let decision = ticket.decide_once(|| observer.decide_journey(&arrival));
+        std::hint::black_box(decision);
+    }
+    let ns = started.elapsed().as_nanos() as f64 / n as f64;
+    handle.shutdown();
+    Ok(ns)
 }
 
 /// CPU time this thread has spent running, in ns (Linux `/proc/thread-self/schedstat`): unlike
@@ -354,6 +422,7 @@ pub fn run(
                 batch_sampled: rounds.iter().map(|r| r.batch_sampled).sum(),
                 rich_sampled: rounds.iter().map(|r| r.rich_sampled).sum(),
                 records_dropped: rounds.iter().map(|r| r.records_dropped).sum(),
+                journeys_traced: rounds.iter().map(|r| r.journeys_traced).sum(),
             }
         })
         .collect())
@@ -362,9 +431,8 @@ pub fn run(
 /// The report `stepscope bench tracing` prints.
 pub fn render(
     rows: &[TracingBenchRow],
-    requests: usize,
-    output_tokens: usize,
-    rounds: usize,
+    (requests, output_tokens, rounds): (usize, usize, usize),
+    untraced_request_ns: Option<f64>,
 ) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -385,7 +453,7 @@ pub fn render(
     };
     let _ = writeln!(
         out,
-        "{:<18} {:>9} {:>8} {:>9} {:>8} {:>9} {:>9} {:>8} {:>5} {:>8} {:>7} {:>7}",
+        "{:<20} {:>9} {:>8} {:>9} {:>8} {:>9} {:>9} {:>8} {:>5} {:>8} {:>7} {:>7}",
         "config",
         "tokens/s",
         "vs off",
@@ -407,7 +475,7 @@ pub fn render(
         };
         let _ = writeln!(
             out,
-            "{:<18} {:>9.0} {:>8} {:>9.0} {:>8} {:>9} {:>9} {:>8} {:>5} {:>8} {:>7} {:>7}",
+            "{:<20} {:>9.0} {:>8} {:>9.0} {:>8} {:>9} {:>9} {:>8} {:>5} {:>8} {:>7} {:>7}",
             row.variant.label,
             row.tokens_per_s,
             pct(row.tokens_per_s, off.map_or(0.0, |o| o.tokens_per_s)),
@@ -431,6 +499,32 @@ pub fn render(
          \"vs off\" is the implied throughput change. Wall-time rows move by several % from \
          round to round on a shared machine.)"
     );
+    let journeys = rows.iter().find(|r| r.variant.journey_rate.is_some());
+    if let (Some(journeys), Some(off)) = (journeys, off) {
+        let cpu = match (journeys.cpu_per_step_us, off.cpu_per_step_us) {
+            (Some(cpu), Some(base)) => pct(base, cpu),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "request journeys at rate 1.0 ({} traced per round, on top of the default step rates) \
+             vs all tracing off: tokens/s {} (median), {} (best), CPU/step {}",
+            journeys.journeys_traced / rounds.max(1) as u64,
+            pct(journeys.tokens_per_s, off.tokens_per_s),
+            pct(journeys.tokens_per_s_best, off.tokens_per_s_best),
+            cpu
+        );
+    }
+    if let (Some(ns), Some(off)) = (untraced_request_ns, off) {
+        let per_request_us = off.step_mean_us * off.steps_per_round as f64 / requests as f64;
+        let _ = writeln!(
+            out,
+            "an untraced request's journey cost (its ticket and the one decision, rate 0): {}, \
+             next to {} of engine time per request (tracing off: step time x steps / requests)",
+            format_ns(ns),
+            format_ns(per_request_us * 1e3)
+        );
+    }
     let _ = writeln!(out, "step-loop cost (observer on_step, all rounds):");
     let show = |stats: &Option<LatencyStats>| {
         stats
@@ -488,4 +582,30 @@ pub fn render(
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_row_runs_and_the_journey_row_traces_every_request() {
+        let rows = run(8, 4, 1).expect("bench");
+        assert_eq!(rows.len(), VARIANTS.len());
+        let journeys = rows
+            .iter()
+            .find(|r| r.variant.journey_rate == Some(1.0))
+            .expect("journey row");
+        assert_eq!(journeys.journeys_traced, 8);
+        assert!(rows.iter().all(|r| r.tokens_per_s > 0.0));
+        assert!(
+            rows.iter()
+                .filter(|r| r.variant.journey_rate.is_none())
+                .all(|r| r.journeys_traced == 0)
+        );
+        let untraced = unsampled_journey_decision_ns(1000).expect("decision cost");
+        let report = render(&rows, (8, 4, 1), Some(untraced));
+        assert!(report.contains("request journeys at rate 1.0 (8 traced per round"));
+        assert!(report.contains("an untraced request's journey cost"));
+    }
 }

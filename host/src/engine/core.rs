@@ -125,6 +125,21 @@ impl EngineCore {
         self.queue_validated((request_id, None, None), prompt_token_ids, params)
     }
 
+    /// Like [`add_request`](Self::add_request), for a request of the client request whose
+    /// journey `ticket` decides (benchmarks and tests drive journeys without the server).
+    pub fn add_request_in_journey(
+        &mut self,
+        request_id: RequestId,
+        prompt_token_ids: Vec<u32>,
+        params: SamplingParams,
+        ticket: &JourneyTicket,
+    ) -> Result<(), EngineError> {
+        self.scheduler
+            .limits()
+            .validate_request(&prompt_token_ids, &params)?;
+        self.queue_validated((request_id, None, Some(ticket)), prompt_token_ids, params)
+    }
+
     /// Queues a request that [`EngineHandle::validate`](super::EngineHandle::validate) checked
     /// against these same limits already (the engine thread's path: no second check).
     /// `ids`: the engine's id, the id the client knows the request by when it has another, and

@@ -260,6 +260,26 @@ impl StatsCollector {
                     t.record_write_failures,
                 ),
                 (
+                    "stepscope_step_tracing_journeys_traced",
+                    "Client requests whose journey was traced (llm_request and llm_core spans)",
+                    t.journeys_traced,
+                ),
+                (
+                    "stepscope_step_tracing_journeys_untraced",
+                    "Client requests whose journey was decided not to be traced",
+                    t.journeys_untraced,
+                ),
+                (
+                    "stepscope_step_tracing_journey_spans_queued",
+                    "Journey spans handed to the exporter thread",
+                    t.journey_spans_queued,
+                ),
+                (
+                    "stepscope_step_tracing_journey_spans_dropped",
+                    "Journey spans lost because the exporter queue was full or closed",
+                    t.journey_spans_dropped,
+                ),
+                (
                     "stepscope_policy_calls",
                     "Policy guest calls (decide and plan-rich)",
                     p.calls,
