@@ -19,6 +19,7 @@ const GUESTS: &[(&str, &str)] = &[
     ("stepscope-policy-wrong-world", "wrong-world"),
     ("stepscope-policy-host-import", "host-import"),
     ("stepscope-policy-stall", "stall"),
+    ("stepscope-policy-default-v01", "default-v01"),
 ];
 
 /// Guest crates built for `wasm32-wasip2` (package name, component file name).

@@ -395,6 +395,7 @@ impl StepTracingArgs {
         crate::policy::PolicyParams {
             sample_rate: self.step_tracing_sample_rate,
             rich_subsample_rate: self.step_tracing_rich_subsample_rate,
+            journey_sample_rate: self.journey_tracing_sample_rate,
             args: self.step_tracing_policy_args.clone(),
         }
     }
@@ -475,6 +476,7 @@ impl PolicyParamArgs {
             rich_subsample_rate: self
                 .rich_subsample_rate
                 .unwrap_or(defaults.rich_subsample_rate),
+            journey_sample_rate: defaults.journey_sample_rate,
             args: self.args.clone(),
         }
     }
@@ -710,6 +712,7 @@ mod tests {
             vec![
                 ("sample_rate".into(), "0.25".into()),
                 ("rich_subsample_rate".into(), "0.5".into()),
+                ("journey_sample_rate".into(), "1".into()),
                 ("threshold".into(), "0.9".into()),
                 ("mode".into(), "x=y".into()),
             ]

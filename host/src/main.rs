@@ -393,5 +393,41 @@ fn run_replay(args: stepscope::cli::PolicyReplayArgs) -> anyhow::Result<ExitCode
         "faults: {}, steps skipped in back-off: {}",
         report.faults, report.backing_off
     );
+    // Request arrivals (a --record-steps file written with journey tracing on).
+    let file = std::fs::File::open(&args.steps)
+        .with_context(|| format!("cannot open {}", args.steps.display()))?;
+    let arrivals =
+        stepscope::step_tracing::jsonl::read_recorded_arrivals(std::io::BufReader::new(file))
+            .with_context(|| format!("reading request arrivals from {}", args.steps.display()))?;
+    if !arrivals.is_empty() {
+        let journeys = stepscope::policy::devkit::replay::replay_arrivals(&mut runtime, &arrivals);
+        if journeys.no_decide_request {
+            println!(
+                "journeys: {} recorded arrivals; the policy is built against contract 0.1 (no \
+                 decide-request): the host decides its journeys by --journey-tracing-sample-rate",
+                journeys.arrivals
+            );
+        } else {
+            let reasons: Vec<String> = journeys
+                .reasons
+                .iter()
+                .map(|(reason, n)| format!("{reason}={n}"))
+                .collect();
+            println!(
+                "journeys: {} of {} recorded arrivals traced (rate {:.4}); by reason: {}; \
+                 faults: {}, skipped in back-off: {}",
+                journeys.traced,
+                journeys.arrivals,
+                journeys.traced as f64 / journeys.arrivals.max(1) as f64,
+                if reasons.is_empty() {
+                    "-".to_string()
+                } else {
+                    reasons.join(" ")
+                },
+                journeys.faults,
+                journeys.backing_off
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -90,8 +90,8 @@ fn rich_plan_names_every_running_request_with_every_attribute() {
     let mut runtime = default_runtime(1.0, 1.0);
     let summary = synthetic::step_summary(0, 1);
     for n in [0, 1, 64, 256] {
-        let views = synthetic::request_views(n, 1);
-        let plan = runtime.plan_rich(&summary, &views).answer().unwrap();
+        let mut views = synthetic::request_views(n, 1);
+        let plan = runtime.plan_rich(&summary, &mut views).answer().unwrap();
         assert_eq!(plan.requests, (0..n as u32).collect::<Vec<_>>());
         assert_eq!(
             plan.attributes,

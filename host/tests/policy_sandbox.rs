@@ -45,8 +45,8 @@ fn drive(runtime: &mut PolicyRuntime, steps: u64) -> Vec<FaultKind> {
             PolicyOutcome::BackingOff => {}
             PolicyOutcome::Answer(decision) => {
                 if decision.emit_rich {
-                    let views = synthetic::request_views(8, step);
-                    if let PolicyOutcome::Fault(kind) = runtime.plan_rich(&summary, &views) {
+                    let mut views = synthetic::request_views(8, step);
+                    if let PolicyOutcome::Fault(kind) = runtime.plan_rich(&summary, &mut views) {
                         faults.push(kind);
                     }
                 }
@@ -213,7 +213,8 @@ fn a_component_exporting_the_wrong_world_is_refused() {
     let bytes = std::fs::read(guest("wrong-world")).unwrap();
     let message = load_error("wrong-world.wasm", &bytes);
     assert!(
-        message.contains("does not export `stepscope:policy/policy@0.1.0`")
+        message.contains("does not export `stepscope:policy/policy@0.2.0`")
+            && message.contains("or `stepscope:policy/policy@0.1.0`")
             && message.contains("example:other/greeter@1.0.0"),
         "{message}"
     );

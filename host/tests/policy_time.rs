@@ -85,8 +85,9 @@ fn drive(name: &'static str, params: &[(&str, &str)], limits: PolicyLimits, step
                         .find(|(k, _)| k == "probe")
                         .map(|(_, v)| v.clone());
                     if decision.emit_rich {
-                        let views = synthetic::request_views(8, step);
-                        if let PolicyOutcome::Fault(kind) = runtime.plan_rich(&summary, &views) {
+                        let mut views = synthetic::request_views(8, step);
+                        if let PolicyOutcome::Fault(kind) = runtime.plan_rich(&summary, &mut views)
+                        {
                             drive.faults.push(kind);
                         }
                     }

@@ -62,7 +62,7 @@ fn check_refuses_non_wasm_and_wrong_world_with_one_line() {
         (
             "other.wasm",
             guest("wrong-world"),
-            "does not export `stepscope:policy/policy@0.1.0`",
+            "does not export `stepscope:policy/policy@0.2.0` or `stepscope:policy/policy@0.1.0`",
         ),
     ] {
         let file = write(&dir, name, &bytes);

@@ -151,9 +151,27 @@ fn templates_in_four_languages_build_pass_the_check_and_agree() {
         })
         .collect();
     let mut reference: Option<Vec<String>> = None;
+    let mut journeys_reference: Option<String> = None;
     for (lang, file) in &built {
-        let report = check(&dir, file, &[]);
+        let report = check(&dir, file, &["--arg", "journey_sample_rate=0.3"]);
         assert!(report.contains("decide latency"), "{lang}: {report}");
+        // Contract 0.2: decide-request answers, the same in every language.
+        assert!(
+            report.contains("stepscope:policy/policy@0.2.0"),
+            "{lang}: {report}"
+        );
+        let journeys = report
+            .lines()
+            .find(|l| l.contains("decide-request"))
+            .expect("a decide-request line")
+            .to_string();
+        assert!(journeys.contains("0 faults"), "{lang}: {journeys}");
+        match &journeys_reference {
+            None => journeys_reference = Some(journeys),
+            Some(expected) => {
+                assert_eq!(&journeys, expected, "{lang} decides journeys differently")
+            }
+        }
         let counts = sampled_counts(&dir, file);
         assert_eq!(counts.len(), 3, "{lang}: {counts:?}");
         assert!(counts[2].starts_with("faults: 0,"), "{lang}: {counts:?}");

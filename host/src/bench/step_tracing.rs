@@ -324,6 +324,7 @@ pub fn unsampled_journey_decision_ns(n: u64) -> Result<f64, StepTracingError> {
             running_depth: 8,
             waiting_depth: 0,
             kv_usage_ratio: 0.5,
+            step_id: 0,
         };
         let decision = ticket.decide_once(|| observer.decide_journey(&arrival));
         std::hint::black_box(decision);

@@ -188,6 +188,7 @@ impl EngineCore {
                 running_depth: scheduler.num_running(),
                 waiting_depth: scheduler.num_waiting(),
                 kv_usage_ratio: kv.usage_ratio(),
+                step_id: scheduler.scheduler_step(),
             };
             match catch_unwind(AssertUnwindSafe(|| observer.decide_journey(&arrival))) {
                 Ok(decision) => decision,

@@ -65,6 +65,8 @@ pub struct JourneyArrival<'a> {
     pub running_depth: usize,
     pub waiting_depth: usize,
     pub kv_usage_ratio: f64,
+    /// The engine's last step id (0 before the first step).
+    pub step_id: u64,
 }
 
 type Emit = Box<dyn FnOnce(Arc<JourneyDecision>) + Send>;

@@ -231,6 +231,16 @@ impl<'a> RequestView<'a> {
         self.request.effective_prompt_len()
     }
 
+    /// The request's `max_tokens`.
+    pub fn max_tokens(&self) -> usize {
+        self.request.params.max_tokens
+    }
+
+    /// How long ago the engine took the request in, as of `now`.
+    pub fn time_since_arrival(&self, now: std::time::Instant) -> std::time::Duration {
+        now.saturating_duration_since(self.request.arrived)
+    }
+
     /// The trace and `llm_core` span of the request's journey, when it is traced.
     pub fn journey_span(&self) -> Option<(TraceId, SpanId)> {
         self.request

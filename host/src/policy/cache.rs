@@ -183,7 +183,8 @@ mod tests {
             component
                 .component_type()
                 .exports(&engine)
-                .any(|(name, _)| name == crate::policy::POLICY_INTERFACE)
+                .any(|(name, _)| name == crate::policy::POLICY_INTERFACE
+                    || name == crate::policy::POLICY_INTERFACE_V01)
         );
 
         // A corrupt artifact is ignored, recompiled and replaced.

@@ -31,16 +31,16 @@ mod runtime;
 mod validate;
 mod wasi;
 
-pub use bindings::{RequestViews, SnapshotAttributes, StepSummary};
+pub use bindings::{RequestArrival, RequestViews, SnapshotAttributes, StepSummary};
 pub use devkit::RecordedStep;
 pub use faults::{FaultKind, PolicyCounters, PolicyCountersSnapshot};
 pub use limits::{
     DEFAULT_CALL_DEADLINE_MS, DEFAULT_CONFIGURE_DEADLINE_MS, DEFAULT_FUEL_PER_CALL, PolicyLimits,
 };
-pub use module::{PolicyError, PolicyModule, PolicySource};
+pub use module::{ContractVersion, PolicyError, PolicyModule, PolicySource};
 pub use params::PolicyParams;
 pub use runtime::{PolicyOutcome, PolicyRuntime};
-pub use validate::{Decision, extra_attribute_key};
+pub use validate::{Decision, JourneyAnswer, extra_attribute_key};
 
 /// The default policy component, built from `policies/default` by `build.rs`.
 pub const DEFAULT_POLICY_WASM: &[u8] =
@@ -51,8 +51,10 @@ pub fn digest_of(bytes: &[u8]) -> String {
     module::sha256_hex(bytes)
 }
 
-/// The interface name every policy must export.
-pub const POLICY_INTERFACE: &str = "stepscope:policy/policy@0.1.0";
+/// The interface a policy exports (contract 0.2.0, `wit/policy.wit`).
+pub const POLICY_INTERFACE: &str = "stepscope:policy/policy@0.2.0";
+/// The interface of contract 0.1.0 (`wit/v0.1/policy.wit`), still accepted.
+pub const POLICY_INTERFACE_V01: &str = "stepscope:policy/policy@0.1.0";
 
 /// Where `build.rs` put the guest components (the default, and test-only ones such as
 /// `hostile.wasm` and `wrong-world.wasm`). For tests in this workspace only.

@@ -1,11 +1,11 @@
 //! Loading a policy: compile the component once, check it against the contract, and keep a
 //! pre-linked instance template (`InstancePre`) so re-instantiation after a fault is cheap.
 
-use super::bindings::StepPolicyPre;
+use super::bindings::{v01, v02};
 use super::cache;
 use super::limits::PolicyLimits;
 use super::wasi::{self, ImportPlan};
-use super::{DEFAULT_POLICY_WASM, POLICY_INTERFACE};
+use super::{DEFAULT_POLICY_WASM, POLICY_INTERFACE, POLICY_INTERFACE_V01};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,7 +30,7 @@ pub enum PolicyError {
     #[error("{name}: invalid WebAssembly component: {reason}")]
     Invalid { name: String, reason: String },
     #[error(
-        "{name}: does not export `{POLICY_INTERFACE}` (it exports: {exports}); build it against wit/policy.wit"
+        "{name}: does not export `{POLICY_INTERFACE}` or `{POLICY_INTERFACE_V01}` (it exports: {exports}); build it against wit/policy.wit"
     )]
     WrongWorld { name: String, exports: String },
     #[error(
@@ -73,9 +73,33 @@ pub struct PolicyModule {
     inner: Arc<ModuleInner>,
 }
 
+/// Which version of the contract a component was built against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContractVersion {
+    /// `stepscope:policy@0.1.0`: no `decide-request`; the host decides journeys by rate.
+    V01,
+    /// `stepscope:policy@0.2.0`.
+    V02,
+}
+
+impl ContractVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::V01 => "0.1.0",
+            Self::V02 => "0.2.0",
+        }
+    }
+}
+
+/// The pre-linked instance template, per contract version.
+pub(crate) enum PolicyPre {
+    V01(v01::StepPolicyPre<super::runtime::StoreState>),
+    V02(v02::StepPolicyPre<super::runtime::StoreState>),
+}
+
 struct ModuleInner {
     engine: Engine,
-    pre: StepPolicyPre<super::runtime::StoreState>,
+    pre: PolicyPre,
     name: String,
     digest: String,
     size_bytes: usize,
@@ -133,14 +157,18 @@ impl PolicyModule {
             });
         }
         let exports: Vec<String> = ty.exports(&engine).map(|(n, _)| n.to_string()).collect();
-        if !exports.iter().any(|e| e == POLICY_INTERFACE) {
+        let version = if exports.iter().any(|e| e == POLICY_INTERFACE) {
+            ContractVersion::V02
+        } else if exports.iter().any(|e| e == POLICY_INTERFACE_V01) {
+            ContractVersion::V01
+        } else {
             let exports = if exports.is_empty() {
                 "nothing".to_string()
             } else {
                 exports.join(", ")
             };
             return Err(PolicyError::WrongWorld { name, exports });
-        }
+        };
         let mut linker = Linker::new(&engine);
         if import_plan.needs_wasi() {
             wasi::add_to_linker(&mut linker).map_err(|e| PolicyError::Engine(one_line(&e)))?;
@@ -152,10 +180,18 @@ impl PolicyModule {
                     name: name.clone(),
                     reason: one_line(&e),
                 })?;
-        let pre = StepPolicyPre::new(instance_pre).map_err(|e| PolicyError::Mismatch {
+        let mismatch = |e: wasmtime::Error| PolicyError::Mismatch {
             name: name.clone(),
             reason: one_line(&e),
-        })?;
+        };
+        let pre = match version {
+            ContractVersion::V02 => {
+                PolicyPre::V02(v02::StepPolicyPre::new(instance_pre).map_err(mismatch)?)
+            }
+            ContractVersion::V01 => {
+                PolicyPre::V01(v01::StepPolicyPre::new(instance_pre).map_err(mismatch)?)
+            }
+        };
         Ok(Self {
             inner: Arc::new(ModuleInner {
                 engine,
@@ -196,8 +232,16 @@ impl PolicyModule {
         &self.inner.engine
     }
 
-    pub(crate) fn pre(&self) -> &StepPolicyPre<super::runtime::StoreState> {
+    pub(crate) fn pre(&self) -> &PolicyPre {
         &self.inner.pre
+    }
+
+    /// The contract version the component was built against.
+    pub fn contract_version(&self) -> ContractVersion {
+        match self.inner.pre {
+            PolicyPre::V01(_) => ContractVersion::V01,
+            PolicyPre::V02(_) => ContractVersion::V02,
+        }
     }
 }
 

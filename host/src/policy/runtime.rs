@@ -20,14 +20,20 @@
 //! call instantiates a fresh one, with no fault, no back-off and no untraced step (counted as a
 //! recycle).
 
-use super::bindings::{RequestViews, StepPolicy, StepSummary};
+use super::bindings::{
+    RequestArrival, RequestViews, StepSummary, decision_from_v01, plan_from_v01, restore_views_v01,
+    summary_v01, take_views_v01, v01, v02,
+};
 use super::budget::thread_cpu_time;
 use super::epoch::deadline_ticks;
 use super::faults::{FaultKind, PolicyCounters};
 use super::guest_text::sanitize;
 use super::limits::{MAX_INSTANCES, MAX_MEMORIES, MAX_TABLE_ELEMENTS, MAX_TABLES};
-use super::module::{PolicyError, PolicyModule, one_line};
-use super::validate::{Decision, RichSelection, check_decision, check_rich_plan};
+use super::module::{PolicyError, PolicyModule, PolicyPre, one_line};
+use super::params::for_contract_v01;
+use super::validate::{
+    Decision, JourneyAnswer, RichSelection, check_decision, check_journey_decision, check_rich_plan,
+};
 use super::wasi::{HasSandbox, HostCallLimit, SandboxBlocked, SandboxWasi};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -209,7 +215,13 @@ impl<T> PolicyOutcome<T> {
 
 struct LiveInstance {
     store: Store<StoreState>,
-    bindings: StepPolicy,
+    bindings: Bindings,
+}
+
+/// A live instance's exports, per contract version.
+enum Bindings {
+    V01(v01::StepPolicy),
+    V02(v02::StepPolicy),
 }
 
 /// Runs one policy module for the step loop.
@@ -275,28 +287,66 @@ impl PolicyRuntime {
     /// Asks the policy about one step.
     pub fn decide(&mut self, summary: &StepSummary) -> PolicyOutcome<Decision> {
         let step_id = summary.step_id;
-        self.call(step_id, |live| {
-            live.bindings
+        self.call(step_id, |live| match &live.bindings {
+            Bindings::V02(b) => b
                 .stepscope_policy_policy()
                 .call_decide(&mut live.store, *summary)
-                .map(check_decision)
+                .map(check_decision),
+            Bindings::V01(b) => b
+                .stepscope_policy_policy()
+                .call_decide(&mut live.store, summary_v01(summary))
+                .map(|answer| check_decision(decision_from_v01(answer))),
         })
     }
 
-    /// Asks the policy which running requests of a rich step to snapshot.
+    /// Asks the policy which running requests of a rich step to snapshot. (`requests` is
+    /// borrowed mutably so a 0.1 instance can be handed the columns it knows without a copy;
+    /// they are back in place when this returns.)
     pub fn plan_rich(
         &mut self,
         summary: &StepSummary,
-        requests: &RequestViews,
+        requests: &mut RequestViews,
     ) -> PolicyOutcome<RichSelection> {
         let step_id = summary.step_id;
         let num_requests = requests.request_id.len();
-        self.call(step_id, |live| {
-            live.bindings
+        self.call(step_id, |live| match &live.bindings {
+            Bindings::V02(b) => b
                 .stepscope_policy_policy()
                 .call_plan_rich(&mut live.store, *summary, requests)
-                .map(|answer| check_rich_plan(answer, num_requests))
+                .map(|answer| check_rich_plan(answer, num_requests)),
+            Bindings::V01(b) => {
+                let old = take_views_v01(requests);
+                let answer = b.stepscope_policy_policy().call_plan_rich(
+                    &mut live.store,
+                    summary_v01(summary),
+                    &old,
+                );
+                restore_views_v01(requests, old);
+                answer.map(|answer| check_rich_plan(plan_from_v01(answer), num_requests))
+            }
         })
+    }
+
+    /// Asks the policy whether a client request's journey is traced (`decide-request`).
+    /// `None` for a 0.1 component, which has no such call: the host decides by rate then.
+    /// `step_id` (the engine's current step) paces the back-off after a fault.
+    pub fn decide_request(
+        &mut self,
+        arrival: &RequestArrival,
+        step_id: u64,
+    ) -> Option<PolicyOutcome<JourneyAnswer>> {
+        if self.module.contract_version() == super::module::ContractVersion::V01 {
+            return None;
+        }
+        Some(self.call(step_id, |live| {
+            match &live.bindings {
+                Bindings::V02(b) => b
+                    .stepscope_policy_policy()
+                    .call_decide_request(&mut live.store, *arrival)
+                    .map(check_journey_decision),
+                Bindings::V01(_) => Ok(Err("a 0.1 policy has no decide-request".into())),
+            }
+        }))
     }
 
     fn call<T>(
@@ -435,11 +485,20 @@ fn instantiate(
             .map_err(|e| InstantiateError::Instantiate(one_line(&e))),
     };
     fuel(&mut store)?;
-    let bindings = module.pre().instantiate(&mut store).map_err(failed)?;
+    let bindings = match module.pre() {
+        PolicyPre::V02(pre) => Bindings::V02(pre.instantiate(&mut store).map_err(failed)?),
+        PolicyPre::V01(pre) => Bindings::V01(pre.instantiate(&mut store).map_err(failed)?),
+    };
     fuel(&mut store)?;
-    bindings
-        .stepscope_policy_policy()
-        .call_configure(&mut store, params)
+    let configured = match &bindings {
+        Bindings::V02(b) => b
+            .stepscope_policy_policy()
+            .call_configure(&mut store, params),
+        Bindings::V01(b) => b
+            .stepscope_policy_policy()
+            .call_configure(&mut store, &for_contract_v01(params)),
+    };
+    configured
         .map_err(failed)?
         .map_err(|reason| InstantiateError::Configure(sanitize(&reason)))?;
     Ok(LiveInstance { store, bindings })

@@ -4,7 +4,9 @@
 //! is checked here and either becomes a [`Decision`] / [`RichSelection`] or is rejected as
 //! malformed (the step then goes untraced and the fault is counted).
 
-use super::bindings::{ExtraAttribute, RichPlan, SnapshotAttributes, StepDecision};
+use super::bindings::{
+    ExtraAttribute, GuestJourneyDecision, RichPlan, SnapshotAttributes, StepDecision,
+};
 use super::guest_text::sanitize;
 use super::limits::{MAX_EXTRA_ATTRIBUTES, MAX_EXTRA_KEY_BYTES, MAX_EXTRA_VALUE_BYTES};
 
@@ -34,6 +36,30 @@ pub struct Decision {
 }
 
 impl Decision {}
+
+/// A validated answer of `decide-request`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JourneyAnswer {
+    pub trace: bool,
+    /// `sampling.journey_probability`.
+    pub probability: f64,
+    /// Extra attributes, keys as the policy gave them.
+    pub extra: Vec<(String, String)>,
+}
+
+pub(crate) fn check_journey_decision(
+    answer: GuestJourneyDecision,
+) -> Result<JourneyAnswer, String> {
+    check_probability("probability", answer.probability)?;
+    if answer.trace && answer.probability == 0.0 {
+        return Err("trace with probability 0".to_string());
+    }
+    Ok(JourneyAnswer {
+        trace: answer.trace,
+        probability: answer.probability,
+        extra: check_extra(answer.extra)?,
+    })
+}
 
 /// A validated answer of `plan-rich`.
 #[derive(Debug, Clone, PartialEq)]

@@ -32,6 +32,8 @@ pub(crate) enum ExportMessage {
     Record(StepRecord),
     /// A step for the `--record-steps` file (every step, sampled or not).
     Recorded(StepRecord),
+    /// A request arrival for the `--record-steps` file (what `decide-request` was given).
+    RecordedArrival(Box<crate::policy::RequestArrival>),
     /// A traced request's finished `llm_core` journey.
     CoreSpan(Box<JourneyLog>),
     /// A traced request's `llm_request` (the server's half).
@@ -113,6 +115,12 @@ impl ExporterThread {
                     }
                     Ok(ExportMessage::Recorded(record)) => {
                         self.record(&record);
+                        oldest.get_or_insert_with(Instant::now);
+                    }
+                    Ok(ExportMessage::RecordedArrival(arrival)) => {
+                        if let Some(recorder) = &mut self.recorder {
+                            recorder.write_arrival(&arrival, &self.metrics.record_write_failures);
+                        }
                         oldest.get_or_insert_with(Instant::now);
                     }
                     Ok(message @ (ExportMessage::CoreSpan(_) | ExportMessage::RequestSpan(_))) => {
@@ -230,6 +238,11 @@ impl ExporterThread {
             };
             if let ExportMessage::Recorded(record) = &message {
                 self.record(record);
+            }
+            if let (ExportMessage::RecordedArrival(arrival), Some(recorder)) =
+                (&message, &mut self.recorder)
+            {
+                recorder.write_arrival(arrival, &self.metrics.record_write_failures);
             }
             if matches!(
                 message,

@@ -1,12 +1,15 @@
 //! Request journeys, the tracer's half: which journeys are traced, and the `llm_request` and
 //! `llm_core` spans.
 //!
-//! With `--enable-journey-tracing`, the engine asks the tracer once per client request
-//! ([`JourneySampler::decide`], on the engine thread) whether its journey is traced. The rule is
-//! OpenTelemetry's ParentBased sampler over a rate: a request whose incoming `traceparent` is
-//! sampled is always traced, one whose `traceparent` is not sampled never is, and any other is
-//! traced when its reproducible draw ([`journey_draw`] of `--seed` and the engine's request id)
-//! falls below `--journey-tracing-sample-rate`. An untraced request costs that one decision.
+//! With `--enable-journey-tracing`, the engine asks the tracer once per client request, on the
+//! engine thread, whether its journey is traced. A policy built against contract 0.2 answers
+//! through `decide-request` (given [`JourneySampler::arrival`], whose `random` is the
+//! reproducible [`journey_draw`] of `--seed` and the engine's request id); the built-in default
+//! applies OpenTelemetry's ParentBased sampler over a rate: a request whose incoming
+//! `traceparent` is sampled is always traced, one whose `traceparent` is not sampled never is,
+//! and any other when its draw falls below `--journey-tracing-sample-rate`. For a 0.1 policy,
+//! which has no `decide-request`, the host applies that same rule itself
+//! ([`JourneySampler::by_rate`]). An untraced request costs that one decision.
 //! A traced request yields two spans in one trace, in the caller's trace when it sent one:
 //! `llm_request` (scope `stepscope.api`, kind SERVER, from the server's [`RequestSpanRecord`],
 //! sent through a [`JourneySink`]) and its child `llm_core` (scope `stepscope.scheduler`, one per
@@ -24,8 +27,8 @@ use crate::engine::FinishReason;
 use crate::engine::journey::{
     JourneyArrival, JourneyDecision, JourneyEvent, JourneyEventKind, JourneyLog,
 };
-use crate::policy::extra_attribute_key;
 use crate::policy::random::journey_draw;
+use crate::policy::{RequestArrival, extra_attribute_key};
 use crate::trace_context::{SpanId, SpanIdSource, TraceId};
 
 use super::exporter::ExportMessage;
@@ -101,23 +104,52 @@ impl JourneySampler {
         }
     }
 
-    pub(crate) fn decide(&mut self, arrival: &JourneyArrival<'_>) -> Option<JourneyDecision> {
+    /// The ParentBased rule over the rate, decided by the host (for a 0.1 policy).
+    pub(crate) fn by_rate(&mut self, arrival: &JourneyArrival<'_>) -> Option<JourneyDecision> {
         let probability = match arrival.parent {
             Some(parent) if parent.sampled => 1.0,
             Some(_) => return None,
             None if journey_draw(self.seed, arrival.request_id) < self.rate => self.rate,
             None => return None,
         };
+        Some(self.traced(arrival, probability, Vec::new()))
+    }
+
+    /// What `decide-request` is given for `arrival`.
+    pub(crate) fn arrival(&self, arrival: &JourneyArrival<'_>) -> RequestArrival {
+        let sat = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        RequestArrival {
+            request_id: arrival.request_id,
+            prompt_tokens: sat(arrival.num_prompt_tokens),
+            max_tokens: sat(arrival.max_tokens),
+            temperature: f64::from(arrival.temperature),
+            num_choices: arrival.num_choices,
+            parent_sampled: arrival.parent.map(|p| p.sampled),
+            running_depth: sat(arrival.running_depth),
+            waiting_depth: sat(arrival.waiting_depth),
+            kv_usage_ratio: arrival.kv_usage_ratio,
+            random: journey_draw(self.seed, arrival.request_id),
+        }
+    }
+
+    /// The ids of a journey decided traced with `probability` (in the caller's trace when it
+    /// sent a `traceparent`).
+    pub(crate) fn traced(
+        &mut self,
+        arrival: &JourneyArrival<'_>,
+        probability: f64,
+        extra: Vec<(String, String)>,
+    ) -> JourneyDecision {
         let parent = arrival.parent.cloned();
-        Some(JourneyDecision {
+        JourneyDecision {
             trace_id: parent
                 .as_ref()
                 .map_or_else(|| self.ids.trace_id(), |p| p.trace_id),
             request_span_id: self.ids.span_id(),
             parent,
             probability,
-            extra: Vec::new(),
-        })
+            extra,
+        }
     }
 }
 
@@ -513,6 +545,7 @@ mod tests {
             running_depth: 0,
             waiting_depth: 0,
             kv_usage_ratio: 0.0,
+            step_id: 0,
         }
     }
 
@@ -520,10 +553,10 @@ mod tests {
     fn the_sampler_follows_its_rate_and_the_parent() {
         let mut sampler = JourneySampler::new(0.3, 11);
         let traced = (1..=20_000)
-            .filter(|&id| sampler.decide(&arrival(id, None)).is_some())
+            .filter(|&id| sampler.by_rate(&arrival(id, None)).is_some())
             .count();
         assert!((5_400..6_600).contains(&traced), "{traced}");
-        let d = sampler.decide(&arrival(
+        let d = sampler.by_rate(&arrival(
             (1..).find(|&id| journey_draw(11, id) < 0.3).unwrap(),
             None,
         ));
@@ -534,14 +567,14 @@ mod tests {
         )
         .unwrap();
         let mut never = JourneySampler::new(0.0, 11);
-        let d = never.decide(&arrival(1, Some(&sampled))).unwrap();
+        let d = never.by_rate(&arrival(1, Some(&sampled))).unwrap();
         assert_eq!((d.trace_id, d.probability), (sampled.trace_id, 1.0));
         let unsampled = TraceParent {
             sampled: false,
             ..sampled
         };
         let mut always = JourneySampler::new(1.0, 11);
-        assert!(always.decide(&arrival(1, Some(&unsampled))).is_none());
-        assert!(always.decide(&arrival(1, None)).is_some());
+        assert!(always.by_rate(&arrival(1, Some(&unsampled))).is_none());
+        assert!(always.by_rate(&arrival(1, None)).is_some());
     }
 }

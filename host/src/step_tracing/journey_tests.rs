@@ -17,6 +17,9 @@ use super::*;
 use crate::engine::journey::JourneyTicket;
 use crate::engine::{Engine, EngineConfig, FinishReason, SamplingParams};
 use crate::policy::random::journey_draw;
+use crate::policy::{
+    GUEST_COMPONENT_DIR, PolicyCounters, PolicyModule, PolicyRuntime, PolicySource,
+};
 use crate::testing::DeterministicRunner;
 use crate::trace_context::TraceParent;
 
@@ -67,9 +70,25 @@ struct Run {
 /// Runs `n` requests (every third with a sampled `traceparent`, the last aborted after its
 /// first token) through an engine traced at journey rate `rate`.
 fn run(rate: f64, n: usize, kv_blocks: usize, max_tokens: usize) -> Run {
-    let file = temp_path(&format!("journeys-{rate}.jsonl"));
-    let record = temp_path(&format!("journeys-{rate}-all.jsonl"));
+    run_with(
+        PolicySource::BuiltinDefault,
+        rate,
+        n,
+        (kv_blocks, max_tokens),
+    )
+}
+
+fn run_with(
+    policy: PolicySource,
+    rate: f64,
+    n: usize,
+    (kv_blocks, max_tokens): (usize, usize),
+) -> Run {
+    let tag = format!("{rate}-{}", matches!(policy, PolicySource::File(_)));
+    let file = temp_path(&format!("journeys-{tag}.jsonl"));
+    let record = temp_path(&format!("journeys-{tag}-all.jsonl"));
     let config = StepTracingConfig {
+        policy,
         step_tracing_file: Some(file.clone()),
         record_steps: Some(record.clone()),
         journey_sample_rate: Some(rate),
@@ -167,8 +186,7 @@ fn every_traced_request_is_a_tree_joined_to_its_steps() {
     assert_eq!(run.metrics.journeys_traced, 12);
     assert_eq!(run.metrics.journey_spans_queued, 24);
     assert_eq!(run.metrics.journey_spans_dropped, 0);
-    let real_steps: BTreeSet<u64> = run
-        .recorded
+    let real_steps: BTreeSet<u64> = named(&run.recorded, "scheduler.step")
         .iter()
         .map(|l| l["step.id"].as_u64().expect("step.id"))
         .collect();
@@ -368,4 +386,45 @@ fn the_rate_decides_from_the_seed_and_untraced_requests_leave_nothing() {
         let p = request["sampling.journey_probability"].as_f64().unwrap();
         assert!(p == 0.5 || p == 1.0);
     }
+}
+
+fn traced_ids(run: &Run) -> BTreeSet<String> {
+    named(&run.lines, "llm_core")
+        .iter()
+        .map(|c| c["request.id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_0_1_policy_gets_the_hosts_rule_and_replay_covers_decide_request() {
+    let v01 = std::path::Path::new(GUEST_COMPONENT_DIR).join("default-v01.wasm");
+    let new = run(0.5, 40, 512, 2);
+    let old = run_with(PolicySource::File(v01.clone()), 0.5, 40, (512, 2));
+    // The 0.2 default's decide-request and the host's rule for a 0.1 policy agree.
+    assert_eq!(traced_ids(&new), traced_ids(&old));
+    assert_eq!(old.metrics.policy.total_faults(), 0);
+
+    // Every arrival was recorded with what decide-request was given; replaying them through
+    // the default gives the same decisions, and a 0.1 policy says the host decides.
+    let recorded: String = new.recorded.iter().map(|l| format!("{l}\n")).collect();
+    let arrivals = jsonl::read_recorded_arrivals(std::io::Cursor::new(recorded)).unwrap();
+    assert_eq!(arrivals.len(), 40);
+    let replay_with = |source: &PolicySource| {
+        let module = PolicyModule::load(source, Default::default()).unwrap();
+        let params = crate::policy::PolicyParams {
+            journey_sample_rate: 0.5,
+            ..Default::default()
+        };
+        let mut runtime = PolicyRuntime::new(
+            module,
+            params.to_configure(),
+            Arc::new(PolicyCounters::default()),
+        )
+        .unwrap();
+        crate::policy::devkit::replay::replay_arrivals(&mut runtime, &arrivals)
+    };
+    let replayed = replay_with(&PolicySource::BuiltinDefault);
+    assert_eq!(replayed.traced, traced_ids(&new).len() as u64);
+    assert_eq!(replayed.faults, 0);
+    assert!(replay_with(&PolicySource::File(v01)).no_decide_request);
 }

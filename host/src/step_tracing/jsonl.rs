@@ -33,7 +33,7 @@ use super::otlp::extra_key;
 use super::record::{
     ATTR_EFFECTIVE_PROMPT_LEN, ATTR_KV_BLOCKS_ALLOCATED, ATTR_KV_BLOCKS_CACHED,
     ATTR_NUM_COMPUTED_TOKENS, ATTR_NUM_OUTPUT_TOKENS, ATTR_NUM_PREEMPTIONS, ATTR_NUM_PROMPT_TOKENS,
-    ATTR_PHASE, ATTR_SCHEDULED_TOKENS,
+    ATTR_PHASE, ATTR_SCHEDULED_TOKENS, ATTR_TRACE_ID,
 };
 use super::record::{
     AttrValue, BATCH_SUMMARY_ATTRIBUTES, EVENT_BATCH_SUMMARY, EVENT_REQUEST_SNAPSHOT, SCOPE_NAME,
@@ -43,7 +43,7 @@ use super::record::{
 };
 use super::record::{OPENINFERENCE_KIND_CHAIN, SPAN_OPENINFERENCE_KIND, step_links};
 use crate::policy::random::step_draws;
-use crate::policy::{RecordedStep, RequestViews, StepSummary};
+use crate::policy::{RecordedStep, RequestArrival, RequestViews, StepSummary};
 use crate::trace_context::{SpanId, TraceId};
 use std::sync::atomic::AtomicU64;
 
@@ -91,6 +91,27 @@ impl JsonlSink {
         self.line
             .extend_from_slice(super::journey::render_json(span).as_bytes());
         self.write_buffered(written, failures);
+    }
+
+    /// Writes a request arrival (`--record-steps` with journeys on) as a line named
+    /// [`ARRIVAL_LINE`]: the fields `decide-request` was given.
+    pub(crate) fn write_arrival(&mut self, arrival: &RequestArrival, failures: &AtomicU64) {
+        self.line.clear();
+        let line = serde_json::json!({
+            "name": ARRIVAL_LINE,
+            "request_id": arrival.request_id,
+            "prompt_tokens": arrival.prompt_tokens,
+            "max_tokens": arrival.max_tokens,
+            "temperature": arrival.temperature,
+            "num_choices": arrival.num_choices,
+            "parent_sampled": arrival.parent_sampled,
+            "running_depth": arrival.running_depth,
+            "waiting_depth": arrival.waiting_depth,
+            "kv_usage_ratio": arrival.kv_usage_ratio,
+            "random": arrival.random,
+        });
+        self.line.extend_from_slice(line.to_string().as_bytes());
+        self.write_buffered(&AtomicU64::new(0), failures);
     }
 
     fn write_buffered(&mut self, written: &AtomicU64, failures: &AtomicU64) {
@@ -288,6 +309,60 @@ fn push_str(out: &mut Vec<u8>, text: &str) {
     let _ = serde_json::to_writer(&mut *out, text);
 }
 
+/// The `name` of a recorded request arrival's line.
+pub const ARRIVAL_LINE: &str = "journey.ARRIVAL";
+
+/// Reads back the request arrivals of a `--record-steps` file (recorded with journey tracing
+/// on), in file order; other lines are skipped.
+pub fn read_recorded_arrivals(reader: impl BufRead) -> Result<Vec<RequestArrival>, JsonlReadError> {
+    let mut out = Vec::new();
+    for (index, line) in reader.lines().enumerate() {
+        let line_no = index + 1;
+        let line = line.map_err(|source| JsonlReadError::Io {
+            line: line_no,
+            source,
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let json: Json = serde_json::from_str(&line).map_err(|source| JsonlReadError::Json {
+            line: line_no,
+            source,
+        })?;
+        if json.get("name").and_then(Json::as_str) != Some(ARRIVAL_LINE) {
+            continue;
+        }
+        let malformed = |what: &str| JsonlReadError::Malformed {
+            line: line_no,
+            what: format!("{ARRIVAL_LINE}: {what}"),
+        };
+        let int = |key: &str| {
+            json.get(key)
+                .and_then(Json::as_u64)
+                .ok_or_else(|| malformed(key))
+        };
+        let small = |key: &str| int(key).map(|v| u32::try_from(v).unwrap_or(u32::MAX));
+        let float = |key: &str| {
+            json.get(key)
+                .and_then(Json::as_f64)
+                .ok_or_else(|| malformed(key))
+        };
+        out.push(RequestArrival {
+            request_id: int("request_id")?,
+            prompt_tokens: small("prompt_tokens")?,
+            max_tokens: small("max_tokens")?,
+            temperature: float("temperature")?,
+            num_choices: small("num_choices")?,
+            parent_sampled: json.get("parent_sampled").and_then(Json::as_bool),
+            running_depth: small("running_depth")?,
+            waiting_depth: small("waiting_depth")?,
+            kv_usage_ratio: float("kv_usage_ratio")?,
+            random: float("random")?,
+        });
+    }
+    Ok(out)
+}
+
 /// Why a trace file could not be read back.
 #[derive(Debug, Error)]
 pub enum JsonlReadError {
@@ -424,6 +499,14 @@ fn views_from_line(json: &Json, request_ids: &mut RequestIdMap) -> Option<Reques
                     _ => 0,
                 }
             })
+            .collect(),
+        // Not recorded on snapshots: 0 (the time in the system and max_tokens are unknown to
+        // a replay); a snapshot with `request.trace_id` belonged to a traced journey.
+        time_since_arrival_us: vec![0; snapshots.len()],
+        max_tokens: vec![0; snapshots.len()],
+        journey_traced: snapshots
+            .iter()
+            .map(|a| u8::from(a.get(ATTR_TRACE_ID).is_some()))
             .collect(),
     })
 }

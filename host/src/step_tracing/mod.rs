@@ -97,7 +97,11 @@ impl StepTracer {
         }
         let loading = Instant::now();
         let module = PolicyModule::load(&config.policy, config.policy_limits)?;
-        let params = config.policy_params.clone();
+        let mut params = config.policy_params.clone();
+        // One source for the journey rate: the policy's `journey_sample_rate` is the flag's.
+        if let Some(rate) = config.journey_sample_rate {
+            params.journey_sample_rate = rate;
+        }
         let runtime =
             PolicyRuntime::new(module.clone(), params.to_configure(), Arc::clone(&counters))?;
         let policy = Arc::new(PolicyIdentity {
@@ -161,7 +165,7 @@ impl StepTracer {
         });
         let fallback = PolicyRuntime::new(
             fallback_module,
-            config.policy_params.rates_only().to_configure(),
+            params.rates_only().to_configure(),
             Arc::default(),
         )?;
         let observer = StepTracerObserver::active(

@@ -681,6 +681,9 @@ fn every_flag_travels_from_the_command_line_into_the_running_tracer() {
         file.to_str().expect("utf-8 path"),
         "--record-steps",
         recorded.to_str().expect("utf-8 path"),
+        "--enable-journey-tracing",
+        "--journey-tracing-sample-rate",
+        "0.75",
     ])
     .expect("parse");
     let Command::Serve(serve) = cli.command else {
@@ -704,6 +707,7 @@ fn every_flag_travels_from_the_command_line_into_the_running_tracer() {
         policy_params: PolicyParams {
             sample_rate: 0.25,
             rich_subsample_rate: 0.5,
+            journey_sample_rate: 0.75,
             args: vec![
                 ("kv_usage_threshold".into(), "0.99".into()),
                 ("rich_top_k".into(), "2".into()),
@@ -731,6 +735,7 @@ fn every_flag_travels_from_the_command_line_into_the_running_tracer() {
         service_name: "svc-under-test".into(),
         step_tracing_file: Some(file.clone()),
         record_steps: Some(recorded.clone()),
+        journey_sample_rate: Some(0.75),
         ..StepTracingConfig::default()
     };
     assert_eq!(config, expected);
@@ -753,6 +758,7 @@ fn every_flag_travels_from_the_command_line_into_the_running_tracer() {
         vec![
             ("sample_rate".to_string(), "0.25".to_string()),
             ("rich_subsample_rate".to_string(), "0.5".to_string()),
+            ("journey_sample_rate".to_string(), "0.75".to_string()),
             ("kv_usage_threshold".to_string(), "0.99".to_string()),
             ("rich_top_k".to_string(), "2".to_string()),
         ]

@@ -135,7 +135,28 @@ impl StepObserver for StepTracerObserver {
 
     fn decide_journey(&mut self, arrival: &JourneyArrival<'_>) -> Option<JourneyDecision> {
         let active = self.active.as_deref_mut()?;
-        let decision = active.journeys.as_mut()?.decide(arrival);
+        let journeys = active.journeys.as_mut()?;
+        // A 0.2 policy decides (`decide-request`); a 0.1 one has no say: the host's rule.
+        let policy_arrival = journeys.arrival(arrival);
+        if active.record_steps
+            && active
+                .queue
+                .try_send(ExportMessage::RecordedArrival(Box::new(policy_arrival)))
+                .is_err()
+        {
+            bump(&active.metrics.record_write_failures);
+        }
+        let asked = active
+            .runtime
+            .decide_request(&policy_arrival, arrival.step_id);
+        let decision = match asked {
+            None => journeys.by_rate(arrival),
+            Some(PolicyOutcome::Answer(answer)) if answer.trace => {
+                Some(journeys.traced(arrival, answer.probability, answer.extra))
+            }
+            // Not traced, or a fault (counted by the runtime), or backing off after one.
+            Some(_) => None,
+        };
         bump(if decision.is_some() {
             &active.metrics.journeys_traced
         } else {
@@ -371,6 +392,7 @@ impl ActiveTracer {
         self.effective_prompt_len.clear();
         // `request.id` per view row, borrowed from the step; only chosen rows are copied.
         let mut external_ids = Vec::with_capacity(step.running_requests().len());
+        let now = std::time::Instant::now();
         for request in step.running_requests() {
             external_ids.push((request.external_id(), request.journey_span()));
             let (allocated, cached) = request.kv_blocks();
@@ -396,6 +418,14 @@ impl ActiveTracer {
             views
                 .num_cached_tokens
                 .push(sat_u32(request.num_cached_tokens()));
+            let waited = request.time_since_arrival(now).as_micros();
+            views
+                .time_since_arrival_us
+                .push(u64::try_from(waited).unwrap_or(u64::MAX));
+            views.max_tokens.push(sat_u32(request.max_tokens()));
+            views
+                .journey_traced
+                .push(u8::from(request.journey_span().is_some()));
             self.effective_prompt_len
                 .push(request.effective_prompt_len().map(sat_u32));
         }
@@ -404,7 +434,7 @@ impl ActiveTracer {
         } else {
             &mut self.runtime
         };
-        let outcome = runtime.plan_rich(summary, &self.views);
+        let outcome = runtime.plan_rich(summary, &mut self.views);
         self.policy_cost += runtime.last_call();
         let selection = match outcome {
             PolicyOutcome::Answer(selection) => selection,
@@ -471,6 +501,9 @@ fn empty_views() -> RequestViews {
         kv_blocks_allocated: Vec::new(),
         kv_blocks_cached: Vec::new(),
         num_cached_tokens: Vec::new(),
+        time_since_arrival_us: Vec::new(),
+        max_tokens: Vec::new(),
+        journey_traced: Vec::new(),
     }
 }
 
@@ -485,4 +518,7 @@ fn clear_views(views: &mut RequestViews) {
     views.kv_blocks_allocated.clear();
     views.kv_blocks_cached.clear();
     views.num_cached_tokens.clear();
+    views.time_since_arrival_us.clear();
+    views.max_tokens.clear();
+    views.journey_traced.clear();
 }

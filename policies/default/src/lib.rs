@@ -5,6 +5,11 @@
 //! draw is below `rich_subsample_rate`. So P(rich) = sample_rate × rich_subsample_rate. Both
 //! draws come from the host (derived from the seed and the step id), so the policy is a pure
 //! function of its inputs. A rich step snapshots every running request with every attribute.
+//!
+//! Journeys (`decide-request`, with `--enable-journey-tracing`): OpenTelemetry's ParentBased
+//! rule over `journey_sample_rate`. A request whose caller's `traceparent` is sampled is traced
+//! (probability 1), one whose `traceparent` is not sampled is not, and any other is traced when
+//! the host's draw for it is below the rate.
 
 wit_bindgen::generate!({
     path: "../../wit",
@@ -12,7 +17,8 @@ wit_bindgen::generate!({
 });
 
 use exports::stepscope::policy::policy::{
-    ExtraAttribute, Guest, RequestViews, RichPlan, SnapshotAttributes, StepDecision, StepSummary,
+    ExtraAttribute, Guest, JourneyDecision, RequestArrival, RequestViews, RichPlan,
+    SnapshotAttributes, StepDecision, StepSummary,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -20,6 +26,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 static SAMPLE_RATE: AtomicU64 = AtomicU64::new(0x3F84_7AE1_47AE_147B); // 0.01
 /// `rich_subsample_rate`, stored as f64 bits.
 static RICH_SUBSAMPLE_RATE: AtomicU64 = AtomicU64::new(0x3F50_624D_D2F1_A9FC); // 0.001
+/// `journey_sample_rate`, stored as f64 bits.
+static JOURNEY_SAMPLE_RATE: AtomicU64 = AtomicU64::new(0x3FF0_0000_0000_0000); // 1.0
 
 fn rate(cell: &AtomicU64) -> f64 {
     f64::from_bits(cell.load(Ordering::Relaxed))
@@ -46,9 +54,13 @@ impl Guest for DefaultPolicy {
                 "rich_subsample_rate" => {
                     RICH_SUBSAMPLE_RATE.store(parse_rate(key, value)?.to_bits(), Ordering::Relaxed)
                 }
+                "journey_sample_rate" => {
+                    JOURNEY_SAMPLE_RATE.store(parse_rate(key, value)?.to_bits(), Ordering::Relaxed)
+                }
                 other => {
                     return Err(format!(
-                        "unknown parameter `{other}` (the default policy takes sample_rate and rich_subsample_rate)"
+                        "unknown parameter `{other}` (the default policy takes sample_rate, \
+                         rich_subsample_rate and journey_sample_rate)"
                     ));
                 }
             }
@@ -74,6 +86,19 @@ impl Guest for DefaultPolicy {
         RichPlan {
             requests: (0..requests.request_id.len() as u32).collect(),
             attributes: SnapshotAttributes::all(),
+            extra: Vec::new(),
+        }
+    }
+
+    fn decide_request(arrival: RequestArrival) -> JourneyDecision {
+        let rate = rate(&JOURNEY_SAMPLE_RATE);
+        let (trace, probability) = match arrival.parent_sampled {
+            Some(sampled) => (sampled, 1.0),
+            None => (arrival.random < rate, rate),
+        };
+        JourneyDecision {
+            trace,
+            probability,
             extra: Vec::new(),
         }
     }

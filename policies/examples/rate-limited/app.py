@@ -23,6 +23,12 @@ Parameters (`--step-tracing-policy-arg key=value`; unknown keys are refused):
                         `--step-tracing-sample-rate`, 0.01 unless set)
   rich_subsample_rate   rich probability among admitted steps, [0, 1] (default 0.001; the host
                         always passes `--step-tracing-rich-subsample-rate`)
+  journey_sample_rate   journey probability, [0, 1] (the host always passes
+                        `--journey-tracing-sample-rate`, 1.0 unless set)
+
+Journeys (`decide_request`, with --enable-journey-tracing): the default's ParentBased rule over
+`journey_sample_rate` (the caller's sampled flag when it sent a `traceparent`, else the host's
+draw against the rate); steps, not requests, are what this policy rate-limits.
 
 Extra span attributes of an admitted step: `reason` = `rate_limited`, `tokens_left` (the bucket
 after this step took its token, 3 decimals).
@@ -38,6 +44,8 @@ from componentize_py_types import Err
 from wit_world import exports
 from wit_world.exports.policy import (
     ExtraAttribute,
+    JourneyDecision,
+    RequestArrival,
     RequestViews,
     RichPlan,
     SnapshotAttributes,
@@ -63,6 +71,7 @@ ALL_ATTRIBUTES = (
 # ---- configuration ------------------------------------------------------------------------------
 sample_rate = 1.0
 rich_subsample_rate = 0.001
+journey_sample_rate = 1.0
 max_steps_per_second = 10.0
 burst = 10.0
 
@@ -108,14 +117,18 @@ def record(admitted: bool) -> float:
 class Policy(exports.Policy):
     def configure(self, params: List[Tuple[str, str]]) -> None:
         global sample_rate, rich_subsample_rate, max_steps_per_second, burst, tokens, last_ts_ns
+        global journey_sample_rate
         global outcomes, outcome_head, outcome_count, admitted_in_window
         # Parse everything first, so a refused configuration changes nothing.
         sr, rr, rate, cap = sample_rate, rich_subsample_rate, max_steps_per_second, None
+        jr = journey_sample_rate
         for key, value in params:
             if key == "sample_rate":
                 sr = parse_unit(key, value)
             elif key == "rich_subsample_rate":
                 rr = parse_unit(key, value)
+            elif key == "journey_sample_rate":
+                jr = parse_unit(key, value)
             elif key == "max_steps_per_second":
                 rate = parse_number(key, value)
                 if not 0.0 < rate <= 1e9:
@@ -127,9 +140,11 @@ class Policy(exports.Policy):
             else:
                 raise Err(
                     f"unknown parameter `{key}` (the rate-limited policy takes "
-                    "max_steps_per_second, burst, sample_rate, rich_subsample_rate)"
+                    "max_steps_per_second, burst, sample_rate, rich_subsample_rate, "
+                    "journey_sample_rate)"
                 )
         sample_rate, rich_subsample_rate, max_steps_per_second = sr, rr, rate
+        journey_sample_rate = jr
         burst = cap if cap is not None else max(1.0, rate)
         tokens, last_ts_ns = burst, None
         outcomes, outcome_head, outcome_count, admitted_in_window = [False] * WINDOW, 0, 0, 0
@@ -161,3 +176,8 @@ class Policy(exports.Policy):
 
     def plan_rich(self, summary: StepSummary, requests: RequestViews) -> RichPlan:
         return RichPlan(list(range(len(requests.request_id))), ALL_ATTRIBUTES, [])
+
+    def decide_request(self, arrival: RequestArrival) -> JourneyDecision:
+        if arrival.parent_sampled is not None:
+            return JourneyDecision(arrival.parent_sampled, 1.0, [])
+        return JourneyDecision(arrival.random < journey_sample_rate, journey_sample_rate, [])

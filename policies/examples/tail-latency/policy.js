@@ -22,9 +22,13 @@
 // the step's own duration is compared first, then recorded. Everything derives from the inputs
 // (no clock, no Math.random()), so two instances fed the same steps decide the same.
 //
+// Journeys (`decideRequest`, with --enable-journey-tracing): the default's ParentBased rule over
+// `journey_sample_rate`.
+//
 // Parameters (`--step-tracing-policy-arg key=value`; unknown keys are refused):
 //   sample_rate          base batch probability for non-triggered steps, [0, 1] (default 0.01)
 //   rich_subsample_rate  base rich probability among batch-sampled steps, [0, 1] (default 0.001)
+//   journey_sample_rate  journey probability, [0, 1] (default 1.0; the host always passes it)
 //   percentile           the tail threshold, in (0, 1) (default 0.99)
 //   window               recent durations kept, integer in [1, 1048576] (default 1024)
 //   min_samples          warm-up before triggering, integer in [1, window] (default 64)
@@ -54,6 +58,7 @@ const ALL_ATTRIBUTES = {
 // ---- configuration ------------------------------------------------------------------------------
 let sampleRate = 0.01;
 let richSubsampleRate = 0.001;
+let journeySampleRate = 1.0;
 let percentile = 0.99;
 let minSamples = 64;
 let useLastStep = true;
@@ -109,11 +114,12 @@ export const policy = {
   configure(params) {
     // Parse everything first, so a refused configuration changes nothing.
     let sr = sampleRate, rr = richSubsampleRate, pc = percentile, win = ring.length;
-    let ms = minSamples, last = useLastStep, msGiven = false;
+    let ms = minSamples, last = useLastStep, msGiven = false, jr = journeySampleRate;
     for (const [key, value] of params) {
       switch (key) {
         case 'sample_rate': sr = parseUnit(key, value); break;
         case 'rich_subsample_rate': rr = parseUnit(key, value); break;
+        case 'journey_sample_rate': jr = parseUnit(key, value); break;
         case 'percentile':
           pc = parseNumber(key, value);
           if (!(pc > 0 && pc < 1)) throw `parameter \`${key}\`: ${pc} is outside (0, 1)`;
@@ -129,7 +135,7 @@ export const policy = {
         }
         default:
           throw `unknown parameter \`${key}\` (the tail-latency policy takes sample_rate, ` +
-            'rich_subsample_rate, percentile, window, min_samples, metric)';
+            'rich_subsample_rate, journey_sample_rate, percentile, window, min_samples, metric)';
       }
     }
     if (ms > win) {
@@ -137,6 +143,7 @@ export const policy = {
       ms = win; // only the default was too large for a small window
     }
     sampleRate = sr; richSubsampleRate = rr; percentile = pc; minSamples = ms; useLastStep = last;
+    journeySampleRate = jr;
     ring = new Float64Array(win);
     head = 0; count = 0; sinceRecompute = 0; threshold = Infinity;
   },
@@ -177,5 +184,13 @@ export const policy = {
     const indices = new Array(n);
     for (let i = 0; i < n; i++) indices[i] = i;
     return { requests: indices, attributes: ALL_ATTRIBUTES, extra: [] };
+  },
+
+  decideRequest(arrival) {
+    const parent = arrival.parentSampled;
+    if (parent !== undefined && parent !== null) {
+      return { trace: Boolean(parent), probability: 1.0, extra: [] };
+    }
+    return { trace: arrival.random < journeySampleRate, probability: journeySampleRate, extra: [] };
   },
 };

@@ -2,14 +2,16 @@
  * stepscope step-tracing policy template (C).
  *
  * Built into a WebAssembly component by ./build.sh → build/policy.wasm: wit-bindgen generates the
- * bindings for the WIT world `stepscope:policy/step-policy@0.1.0` (wit/policy.wit) into
+ * bindings for the WIT world `stepscope:policy/step-policy@0.2.0` (wit/policy.wit) into
  * build/gen/, clang compiles this file with them for wasm32-wasi (no main, no crt start files),
  * and `wasm-tools component new` wraps the core module into a component.
  *
  * As written it is exactly the built-in default policy: two-stage sampling. A step is
  * batch-sampled when the host's batch draw is below `sample_rate`; a batch-sampled step is
  * rich-sampled when the independent rich draw is below `rich_subsample_rate`. A rich step
- * snapshots every running request with every attribute.
+ * snapshots every running request with every attribute. A request's journey (with
+ * --enable-journey-tracing) is traced by OpenTelemetry's ParentBased rule over
+ * `journey_sample_rate`.
  *
  * Memory rules of wit-bindgen's C bindings (the host calls `decide` millions of times, so a leak
  * per call matters):
@@ -43,12 +45,15 @@ typedef exports_stepscope_policy_policy_step_summary_t step_summary_t;
 typedef exports_stepscope_policy_policy_step_decision_t step_decision_t;
 typedef exports_stepscope_policy_policy_request_views_t request_views_t;
 typedef exports_stepscope_policy_policy_rich_plan_t rich_plan_t;
+typedef exports_stepscope_policy_policy_request_arrival_t request_arrival_t;
+typedef exports_stepscope_policy_policy_journey_decision_t journey_decision_t;
 
 /* ---- Parameters -------------------------------------------------------------------------------
- * The host always passes `sample_rate` and `rich_subsample_rate` (from the step-tracing flags),
- * plus every `--step-tracing-policy-arg key=value`. The guest is single-threaded. */
+ * The host always passes `sample_rate`, `rich_subsample_rate` and `journey_sample_rate` (from the
+ * flags), plus every `--step-tracing-policy-arg key=value`. The guest is single-threaded. */
 static double sample_rate = 0.01;
 static double rich_subsample_rate = 0.001;
+static double journey_sample_rate = 1.0;
 
 /* Every snapshot attribute flag. */
 #define ALL_SNAPSHOT_ATTRIBUTES                                                                  \
@@ -134,10 +139,13 @@ bool exports_stepscope_policy_policy_configure(step_policy_list_tuple2_string_st
       ok = parse_unit(kv, &sample_rate, err);
     } else if (key_is(&kv->f0, "rich_subsample_rate")) {
       ok = parse_unit(kv, &rich_subsample_rate, err);
+    } else if (key_is(&kv->f0, "journey_sample_rate")) {
+      ok = parse_unit(kv, &journey_sample_rate, err);
     /* ---- add your own parameters here ---- */
     } else {
       piece_t m[] = {LIT("unknown parameter `"), STR(kv->f0),
-                     LIT("` (this policy takes sample_rate and rich_subsample_rate)")};
+                     LIT("` (this policy takes sample_rate, rich_subsample_rate and "
+                         "journey_sample_rate)")};
       ok = fail(err, m, sizeof m / sizeof m[0]);
     }
   }
@@ -161,7 +169,9 @@ void exports_stepscope_policy_policy_decide(step_summary_t *summary, step_decisi
 }
 
 /* plan_rich(summary, requests) -> rich-plan, after a decide that returned emit_rich.
- * `requests` holds columns, entry i of each describing running request i. */
+ * `requests` holds columns, entry i of each describing running request i.
+ * ---- e.g. only requests queued longer than X (requests->time_since_arrival_us), or always
+ * those whose journey is traced (requests->journey_traced) ---- */
 void exports_stepscope_policy_policy_plan_rich(step_summary_t *summary, request_views_t *requests,
                                                rich_plan_t *ret) {
   (void)summary;
@@ -174,4 +184,21 @@ void exports_stepscope_policy_policy_plan_rich(step_summary_t *summary, request_
   ret->extra.ptr = NULL;
   ret->extra.len = 0;
   exports_stepscope_policy_policy_request_views_free(requests); /* the inputs are ours to free */
+}
+
+/* decide_request(arrival) -> journey-decision, once per client request with journey tracing on.
+ * The arrival is plain data. ParentBased: follow the caller's sampled flag when it sent a
+ * `traceparent`, else the host's draw against journey_sample_rate.
+ * ---- e.g. trace every request that arrives while arrival->kv_usage_ratio is high ---- */
+void exports_stepscope_policy_policy_decide_request(request_arrival_t *arrival,
+                                                    journey_decision_t *ret) {
+  if (arrival->parent_sampled.is_some) {
+    ret->trace = arrival->parent_sampled.val;
+    ret->probability = 1.0;
+  } else {
+    ret->trace = arrival->random < journey_sample_rate;
+    ret->probability = journey_sample_rate;
+  }
+  ret->extra.ptr = NULL;
+  ret->extra.len = 0;
 }

@@ -2,24 +2,26 @@
 
 `./build.sh` turns this module into a WebAssembly component (build/policy.wasm) with
 componentize-py, which embeds CPython. The class `Policy` implements the `policy` interface of
-the WIT world `stepscope:policy/step-policy@0.1.0` (wit/policy.wit); componentize-py generates
+the WIT world `stepscope:policy/step-policy@0.2.0` (wit/policy.wit); componentize-py generates
 the `wit_world` bindings package it subclasses (see them with `./build.sh --bindings`).
 
 As written it is exactly the built-in default policy: two-stage sampling. A step is batch-sampled
 when the host's batch draw is below `sample_rate`; a batch-sampled step is rich-sampled when the
 independent rich draw is below `rich_subsample_rate`. A rich step snapshots every running request
-with every attribute.
+with every attribute. A request's journey (with --enable-journey-tracing) is traced by
+OpenTelemetry's ParentBased rule over `journey_sample_rate`.
 
 How WIT maps to Python here (componentize-py 0.25):
   * names are snake_case (`plan_rich`, `random_batch`, `last_step_duration_us`); records are
     dataclasses in `wit_world.exports.policy`; flags are `enum.Flag` classes.
-  * u64 values (step_id, ts_*_ns, *_duration_us, request ids) are plain Python ints.
+  * u64 values (step_id, ts_*_ns, *_duration_us, request ids) are plain Python ints;
+    `option<bool>` is `Optional[bool]`.
   * `result<_, string>`: return None for `ok`; RAISE `Err("message")` (from
     `componentize_py_types`) for `err(message)`.
 
 The host calls `configure` once per instance, then `decide` once per scheduler step (keep it
-cheap: it runs on the scheduler's hot path), and `plan_rich` after each `decide` that returned
-`emit_rich`. Module-level state persists across calls, but decisions must come from the inputs
+cheap: it runs on the scheduler's hot path), `plan_rich` after each `decide` that returned
+`emit_rich`, and `decide_request` once per client request when journey tracing is on. Module-level state persists across calls, but decisions must come from the inputs
 only (no clock, no random module): the host links WASI to an empty, frozen context anyway.
 """
 
@@ -29,6 +31,8 @@ from componentize_py_types import Err
 from wit_world import exports
 from wit_world.exports.policy import (
     ExtraAttribute,
+    JourneyDecision,
+    RequestArrival,
     RequestViews,
     RichPlan,
     SnapshotAttributes,
@@ -37,10 +41,11 @@ from wit_world.exports.policy import (
 )
 
 # ---- Parameters --------------------------------------------------------------------------------
-# The host always passes `sample_rate` and `rich_subsample_rate` (from the step-tracing flags),
-# plus every `--step-tracing-policy-arg key=value`.
+# The host always passes `sample_rate`, `rich_subsample_rate` and `journey_sample_rate` (from the
+# flags), plus every `--step-tracing-policy-arg key=value`.
 sample_rate = 0.01
 rich_subsample_rate = 0.001
+journey_sample_rate = 1.0
 
 # Every snapshot attribute flag.
 ALL_ATTRIBUTES = (
@@ -70,16 +75,19 @@ def parse_unit(key: str, value: str) -> float:
 class Policy(exports.Policy):
     def configure(self, params: List[Tuple[str, str]]) -> None:
         """configure(params) -> result<_, string>: raise Err(...) to refuse the policy."""
-        global sample_rate, rich_subsample_rate
+        global sample_rate, rich_subsample_rate, journey_sample_rate
         for key, value in params:
             if key == "sample_rate":
                 sample_rate = parse_unit(key, value)
             elif key == "rich_subsample_rate":
                 rich_subsample_rate = parse_unit(key, value)
+            elif key == "journey_sample_rate":
+                journey_sample_rate = parse_unit(key, value)
             # ---- add your own parameters here ----
             else:
                 raise Err(
-                    f"unknown parameter `{key}` (this policy takes sample_rate and rich_subsample_rate)"
+                    f"unknown parameter `{key}` (this policy takes sample_rate, "
+                    "rich_subsample_rate and journey_sample_rate)"
                 )
 
     def decide(self, summary: StepSummary) -> StepDecision:
@@ -99,9 +107,28 @@ class Policy(exports.Policy):
 
     def plan_rich(self, summary: StepSummary, requests: RequestViews) -> RichPlan:
         """One call per rich step: which running requests to snapshot (columns, entry i of each
-        list describes request i), with which attributes."""
+        list describes request i), with which attributes.
+
+        ---- e.g. only requests queued longer than X (requests.time_since_arrival_us), or always
+        those whose journey is traced (requests.journey_traced) ----
+        """
         return RichPlan(
             requests=list(range(len(requests.request_id))),
             attributes=ALL_ATTRIBUTES,
+            extra=[],
+        )
+
+    def decide_request(self, arrival: RequestArrival) -> JourneyDecision:
+        """One call per client request (journey tracing on): trace its journey or not.
+
+        ParentBased: follow the caller's sampled flag when it sent a `traceparent`, else the
+        host's draw against journey_sample_rate.
+        ---- e.g. trace every request that arrives while arrival.kv_usage_ratio is high ----
+        """
+        if arrival.parent_sampled is not None:
+            return JourneyDecision(trace=arrival.parent_sampled, probability=1.0, extra=[])
+        return JourneyDecision(
+            trace=arrival.random < journey_sample_rate,
+            probability=journey_sample_rate,
             extra=[],
         )

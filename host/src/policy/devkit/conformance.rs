@@ -92,6 +92,50 @@ pub struct SuiteParams {
     pub time_limit: Duration,
 }
 
+/// Synthetic arrivals `decide-request` is checked on.
+const ARRIVALS_CHECKED: u64 = 2_000;
+
+/// `decide-request` on synthetic arrivals: valid answers, identical across two instances, and
+/// the traced share; for a 0.1 component, that the host decides its journeys.
+fn decide_request_line(
+    first: &mut PolicyRuntime,
+    second: &mut PolicyRuntime,
+    suite: &SuiteParams,
+    step: u64,
+) -> CheckLine {
+    let (mut traced, mut mismatches, mut faults) = (0u64, 0u64, 0u64);
+    for id in 1..=ARRIVALS_CHECKED {
+        let arrival = synthetic::request_arrival(suite.seed, id);
+        let (Some(a), Some(b)) = (
+            first.decide_request(&arrival, step),
+            second.decide_request(&arrival, step),
+        ) else {
+            return CheckLine::new(
+                "decide-request",
+                true,
+                "contract 0.1: no decide-request; the host decides journeys by \
+                 --journey-tracing-sample-rate (ParentBased)"
+                    .to_string(),
+            );
+        };
+        match (a, b) {
+            (PolicyOutcome::Answer(a), PolicyOutcome::Answer(b)) => {
+                traced += u64::from(a.trace);
+                mismatches += u64::from(a != b);
+            }
+            _ => faults += 1,
+        }
+    }
+    CheckLine::new(
+        "decide-request",
+        faults == 0 && mismatches == 0,
+        format!(
+            "{ARRIVALS_CHECKED} synthetic arrivals: {traced} traced, {faults} faults, \
+             {mismatches} answers differing between two instances"
+        ),
+    )
+}
+
 /// Runs the conformance suite. Load errors are returned as `Err` (the component is refused).
 pub fn check(module: &PolicyModule, suite: &SuiteParams) -> Result<CheckReport, PolicyError> {
     let counters = Arc::new(PolicyCounters::default());
@@ -102,8 +146,12 @@ pub fn check(module: &PolicyModule, suite: &SuiteParams) -> Result<CheckReport, 
         "contract",
         true,
         format!(
-            "exports {} and configure accepted the parameters",
-            crate::policy::POLICY_INTERFACE
+            "exports {} (contract {}) and configure accepted the parameters",
+            match module.contract_version() {
+                crate::policy::ContractVersion::V02 => crate::policy::POLICY_INTERFACE,
+                crate::policy::ContractVersion::V01 => crate::policy::POLICY_INTERFACE_V01,
+            },
+            module.contract_version().as_str()
         ),
     )];
     lines.push(CheckLine::new(
@@ -149,9 +197,9 @@ pub fn check(module: &PolicyModule, suite: &SuiteParams) -> Result<CheckReport, 
                 if x.emit_rich {
                     rich += 1;
                     // Plan over a varying number of requests; both instances must agree.
-                    let views = synthetic::request_views((step % 64) as usize, step);
-                    let p = first.plan_rich(&summary, &views);
-                    let q = second.plan_rich(&summary, &views);
+                    let mut views = synthetic::request_views((step % 64) as usize, step);
+                    let p = first.plan_rich(&summary, &mut views);
+                    let q = second.plan_rich(&summary, &mut views);
                     plans += 1;
                     match (&p, &q) {
                         (PolicyOutcome::Answer(p), PolicyOutcome::Answer(q)) => {
@@ -229,6 +277,12 @@ pub fn check(module: &PolicyModule, suite: &SuiteParams) -> Result<CheckReport, 
         ),
     ));
     lines.push(budget_line(decide_nanos));
+    lines.push(decide_request_line(
+        &mut first,
+        &mut second,
+        suite,
+        steps_run,
+    ));
 
     let (decide_latency, rich_latency) = if suite.measure_latency && !timed_out {
         (
@@ -354,11 +408,11 @@ pub fn measure_rich(
     n: u64,
 ) -> Option<LatencyStats> {
     let summary = synthetic::step_summary(seed, 1);
-    let views = synthetic::request_views(requests, 1);
+    let mut views = synthetic::request_views(requests, 1);
     let mut samples = Vec::with_capacity(n as usize);
     for _ in 0..n {
         let started = Instant::now();
-        let outcome: PolicyOutcome<RichSelection> = runtime.plan_rich(&summary, &views);
+        let outcome: PolicyOutcome<RichSelection> = runtime.plan_rich(&summary, &mut views);
         samples.push(started.elapsed().as_nanos() as u64);
         outcome.answer()?;
     }

@@ -21,3 +21,19 @@ pub fn default_decide(
         extra: Vec::new(),
     }
 }
+
+/// The default's `decide-request`: ParentBased over `journey_sample_rate`.
+pub fn default_decide_request(
+    journey_sample_rate: f64,
+    arrival: &crate::policy::RequestArrival,
+) -> crate::policy::JourneyAnswer {
+    let (trace, probability) = match arrival.parent_sampled {
+        Some(sampled) => (sampled, 1.0),
+        None => (arrival.random < journey_sample_rate, journey_sample_rate),
+    };
+    crate::policy::JourneyAnswer {
+        trace,
+        probability,
+        extra: Vec::new(),
+    }
+}

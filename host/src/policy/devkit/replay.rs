@@ -6,7 +6,8 @@
 //! for a rich decision, `plan-rich` gets the request views rebuilt from that line's snapshots when
 //! it has any. The report says which steps the policy would have sampled, why (its `reason`
 //! extra attribute, if it gives one), and the rates, so a policy can be tried offline on real
-//! traffic before it is swapped in.
+//! traffic before it is swapped in. [`replay_arrivals`] does the same for `decide-request` over
+//! the request arrivals a `--record-steps` file holds when journey tracing was on.
 
 use crate::policy::runtime::{PolicyOutcome, PolicyRuntime};
 use crate::policy::{RequestViews, StepSummary};
@@ -96,7 +97,8 @@ pub fn replay(runtime: &mut PolicyRuntime, steps: &[RecordedStep]) -> ReplayRepo
         if decision.emit_rich {
             report.rich += 1;
             if let Some(views) = &step.requests {
-                match runtime.plan_rich(&step.summary, views) {
+                let mut views = views.clone();
+                match runtime.plan_rich(&step.summary, &mut views) {
                     PolicyOutcome::Answer(selection) => {
                         rich_requests = Some(selection.requests.len());
                         extra.retain(|(k, _)| !selection.extra.iter().any(|(key, _)| key == k));
@@ -119,6 +121,54 @@ pub fn replay(runtime: &mut PolicyRuntime, steps: &[RecordedStep]) -> ReplayRepo
             rich_requests,
             extra,
         });
+    }
+    report
+}
+
+/// What `decide-request` made of recorded arrivals.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JourneyReplay {
+    pub arrivals: u64,
+    pub traced: u64,
+    /// Traced journeys by their `reason` extra attribute (`-` when none).
+    pub reasons: BTreeMap<String, u64>,
+    pub faults: u64,
+    pub backing_off: u64,
+    /// The policy was built against contract 0.1: it has no `decide-request` (the host would
+    /// decide its journeys by rate), so nothing was replayed.
+    pub no_decide_request: bool,
+}
+
+/// Runs `decide-request` over recorded arrivals (`--record-steps` with journey tracing on), in
+/// order. Each arrival is passed as recorded, its `random` draw included.
+pub fn replay_arrivals(
+    runtime: &mut PolicyRuntime,
+    arrivals: &[crate::policy::RequestArrival],
+) -> JourneyReplay {
+    let mut report = JourneyReplay {
+        arrivals: arrivals.len() as u64,
+        ..JourneyReplay::default()
+    };
+    for (i, arrival) in arrivals.iter().enumerate() {
+        match runtime.decide_request(arrival, i as u64 + 1) {
+            None => {
+                report.no_decide_request = true;
+                return report;
+            }
+            Some(PolicyOutcome::Answer(answer)) => {
+                if answer.trace {
+                    report.traced += 1;
+                    let reason = answer
+                        .extra
+                        .iter()
+                        .find(|(k, _)| k == "reason")
+                        .map_or("-", |(_, v)| v.as_str());
+                    *report.reasons.entry(reason.to_string()).or_default() += 1;
+                }
+            }
+            Some(PolicyOutcome::Fault(_)) => report.faults += 1,
+            Some(PolicyOutcome::BackingOff) => report.backing_off += 1,
+        }
     }
     report
 }

@@ -57,6 +57,9 @@ pub fn request_views(n: usize, step_id: u64) -> RequestViews {
         kv_blocks_allocated: Vec::with_capacity(n),
         kv_blocks_cached: Vec::with_capacity(n),
         num_cached_tokens: Vec::with_capacity(n),
+        time_since_arrival_us: Vec::with_capacity(n),
+        max_tokens: Vec::with_capacity(n),
+        journey_traced: Vec::with_capacity(n),
     };
     for i in 0..n as u64 {
         let noise = mix64(step_id.wrapping_mul(1_000_003) ^ i);
@@ -81,6 +84,34 @@ pub fn request_views(n: usize, step_id: u64) -> RequestViews {
         views
             .num_cached_tokens
             .push(((noise >> 32) % 4) as u32 * 16);
+        views.time_since_arrival_us.push((noise >> 40) % 30_000_000);
+        views
+            .max_tokens
+            .push(output + 1 + ((noise >> 48) % 512) as u32);
+        views.journey_traced.push(u8::from((noise >> 60) & 1 == 1));
     }
     views
+}
+
+/// A reproducible synthetic `decide-request` input for request `request_id` (`random` is the
+/// host's draw for it under `seed`).
+pub fn request_arrival(seed: u64, request_id: u64) -> crate::policy::RequestArrival {
+    let noise = mix64(request_id.wrapping_mul(0x9E37) ^ 0x5EED);
+    let parent_sampled = match noise % 4 {
+        0 => Some(true),
+        1 => Some(false),
+        _ => None,
+    };
+    crate::policy::RequestArrival {
+        request_id,
+        prompt_tokens: 1 + ((noise >> 8) % 4000) as u32,
+        max_tokens: 1 + ((noise >> 20) % 1024) as u32,
+        temperature: ((noise >> 32) % 200) as f64 / 100.0,
+        num_choices: 1 + ((noise >> 40) % 4) as u32,
+        parent_sampled,
+        running_depth: ((noise >> 44) % 256) as u32,
+        waiting_depth: ((noise >> 52) % 64) as u32,
+        kv_usage_ratio: ((noise >> 56) % 101) as f64 / 100.0,
+        random: crate::policy::random::journey_draw(seed, request_id),
+    }
 }

@@ -9,8 +9,17 @@
 //! attribute. Any other step falls back to the default two-stage sampling at `sample_rate` and
 //! `rich_subsample_rate` (reason `base_rate`); pass `sample_rate=0` to trace triggers only.
 //!
-//! Parameters: `sample_rate`, `rich_subsample_rate`, `kv_usage_threshold` (all in [0, 1]),
-//! `waiting_threshold` (a count, optional), `rich_top_k` (a count). Unknown keys are refused.
+//! The rich plan puts requests whose journey is traced first (so a traced request's step
+//! snapshots link to it), then the heaviest.
+//!
+//! Journeys (`decide-request`): a request that arrives under pressure (KV usage above the
+//! threshold, or at least `waiting_threshold` waiting) is traced (probability 1, reason
+//! `kv_usage` or `waiting`); any other follows the default's ParentBased rule over
+//! `journey_sample_rate` (reason `base_rate` when traced).
+//!
+//! Parameters: `sample_rate`, `rich_subsample_rate`, `journey_sample_rate`,
+//! `kv_usage_threshold` (all in [0, 1]), `waiting_threshold` (a count, optional), `rich_top_k`
+//! (a count). Unknown keys are refused.
 
 wit_bindgen::generate!({
     path: "../../../wit",
@@ -18,13 +27,15 @@ wit_bindgen::generate!({
 });
 
 use exports::stepscope::policy::policy::{
-    ExtraAttribute, Guest, RequestViews, RichPlan, SnapshotAttributes, StepDecision, StepSummary,
+    ExtraAttribute, Guest, JourneyDecision, RequestArrival, RequestViews, RichPlan,
+    SnapshotAttributes, StepDecision, StepSummary,
 };
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// f64 parameters, stored as bits (the guest is single-threaded; atomics keep it safe Rust).
 static SAMPLE_RATE: AtomicU64 = AtomicU64::new(0x3F84_7AE1_47AE_147B); // 0.01
 static RICH_SUBSAMPLE_RATE: AtomicU64 = AtomicU64::new(0x3F50_624D_D2F1_A9FC); // 0.001
+static JOURNEY_SAMPLE_RATE: AtomicU64 = AtomicU64::new(0x3FF0_0000_0000_0000); // 1.0
 static KV_USAGE_THRESHOLD: AtomicU64 = AtomicU64::new(0x3FEC_CCCC_CCCC_CCCD); // 0.9
 /// `u32::MAX` means "no waiting threshold".
 static WAITING_THRESHOLD: AtomicU32 = AtomicU32::new(u32::MAX);
@@ -83,6 +94,9 @@ impl Guest for PressurePolicy {
                 "rich_subsample_rate" => {
                     RICH_SUBSAMPLE_RATE.store(parse_unit(key, value)?.to_bits(), Ordering::Relaxed)
                 }
+                "journey_sample_rate" => {
+                    JOURNEY_SAMPLE_RATE.store(parse_unit(key, value)?.to_bits(), Ordering::Relaxed)
+                }
                 "kv_usage_threshold" => {
                     KV_USAGE_THRESHOLD.store(parse_unit(key, value)?.to_bits(), Ordering::Relaxed)
                 }
@@ -97,7 +111,8 @@ impl Guest for PressurePolicy {
                 other => {
                     return Err(format!(
                         "unknown parameter `{other}` (the pressure policy takes sample_rate, \
-                         rich_subsample_rate, kv_usage_threshold, waiting_threshold, rich_top_k)"
+                         rich_subsample_rate, journey_sample_rate, kv_usage_threshold, \
+                         waiting_threshold, rich_top_k)"
                     ));
                 }
             }
@@ -135,14 +150,48 @@ impl Guest for PressurePolicy {
     fn plan_rich(_summary: StepSummary, requests: RequestViews) -> RichPlan {
         let k = RICH_TOP_K.load(Ordering::Relaxed) as usize;
         let blocks = &requests.kv_blocks_allocated;
+        let traced = &requests.journey_traced;
         let mut order: Vec<u32> = (0..blocks.len() as u32).collect();
-        // Most blocks first; ties keep admission order.
-        order.sort_by_key(|&i| (std::cmp::Reverse(blocks[i as usize]), i));
+        // Traced journeys first, then most blocks; ties keep admission order.
+        order.sort_by_key(|&i| {
+            let i = i as usize;
+            (std::cmp::Reverse((traced[i], blocks[i])), i)
+        });
         order.truncate(k);
         RichPlan {
             requests: order,
             attributes: SnapshotAttributes::all(),
             extra: vec![attr("rich_top_k", &k.to_string())],
+        }
+    }
+
+    fn decide_request(arrival: RequestArrival) -> JourneyDecision {
+        let waiting = WAITING_THRESHOLD.load(Ordering::Relaxed);
+        let pressure = if arrival.kv_usage_ratio > get(&KV_USAGE_THRESHOLD) {
+            Some("kv_usage")
+        } else {
+            (waiting != u32::MAX && arrival.waiting_depth >= waiting).then_some("waiting")
+        };
+        if let Some(reason) = pressure {
+            return JourneyDecision {
+                trace: true,
+                probability: 1.0,
+                extra: vec![attr("reason", reason)],
+            };
+        }
+        let rate = get(&JOURNEY_SAMPLE_RATE);
+        let (trace, probability) = match arrival.parent_sampled {
+            Some(sampled) => (sampled, 1.0),
+            None => (arrival.random < rate, rate),
+        };
+        JourneyDecision {
+            trace,
+            probability,
+            extra: if trace {
+                vec![attr("reason", "base_rate")]
+            } else {
+                Vec::new()
+            },
         }
     }
 }

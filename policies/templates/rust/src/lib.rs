@@ -2,15 +2,18 @@
 //!
 //! `./build.sh` compiles this crate for `wasm32-wasip2` into a WebAssembly component
 //! (build/policy.wasm) exporting the `policy` interface of the WIT world
-//! `stepscope:policy/step-policy@0.1.0` (wit/policy.wit).
+//! `stepscope:policy/step-policy@0.2.0` (wit/policy.wit).
 //!
 //! As written it is exactly the built-in default policy: two-stage sampling. A step is
 //! batch-sampled when the host's batch draw is below `sample_rate`; a batch-sampled step is
 //! rich-sampled when the independent rich draw is below `rich_subsample_rate`. A rich step
-//! snapshots every running request with every attribute.
+//! snapshots every running request with every attribute. A request's journey (with
+//! `--enable-journey-tracing`) is traced by OpenTelemetry's ParentBased rule over
+//! `journey_sample_rate`.
 //!
 //! The host calls `configure` once per instance, `decide` once per scheduler step (keep it
-//! cheap) and `plan_rich` after each `decide` that returned `emit_rich`. State kept in statics
+//! cheap), `plan_rich` after each `decide` that returned `emit_rich`, and `decide_request` once
+//! per client request when journey tracing is on. State kept in statics
 //! persists across calls, but decisions must depend on the inputs only (no clock, no OS
 //! randomness) so that every run can be reproduced.
 
@@ -20,17 +23,19 @@ wit_bindgen::generate!({
 });
 
 use exports::stepscope::policy::policy::{
-    ExtraAttribute, Guest, RequestViews, RichPlan, SnapshotAttributes, StepDecision, StepSummary,
+    ExtraAttribute, Guest, JourneyDecision, RequestArrival, RequestViews, RichPlan,
+    SnapshotAttributes, StepDecision, StepSummary,
 };
 use std::cell::Cell;
 
 // ---- Parameters --------------------------------------------------------------------------------
-// The host always passes `sample_rate` and `rich_subsample_rate` (from the step-tracing flags),
-// plus every `--step-tracing-policy-arg key=value`. The guest is single-threaded, so
-// thread-local cells are enough.
+// The host always passes `sample_rate`, `rich_subsample_rate` and `journey_sample_rate` (from
+// the flags), plus every `--step-tracing-policy-arg key=value`. The guest is single-threaded,
+// so thread-local cells are enough.
 thread_local! {
     static SAMPLE_RATE: Cell<f64> = const { Cell::new(0.01) };
     static RICH_SUBSAMPLE_RATE: Cell<f64> = const { Cell::new(0.001) };
+    static JOURNEY_SAMPLE_RATE: Cell<f64> = const { Cell::new(1.0) };
 }
 
 /// Parse a number in [0, 1]; the error names the key.
@@ -54,10 +59,12 @@ impl Guest for Policy {
             match key.as_str() {
                 "sample_rate" => SAMPLE_RATE.set(parse_unit(key, value)?),
                 "rich_subsample_rate" => RICH_SUBSAMPLE_RATE.set(parse_unit(key, value)?),
+                "journey_sample_rate" => JOURNEY_SAMPLE_RATE.set(parse_unit(key, value)?),
                 // ---- add your own parameters here ----
                 other => {
                     return Err(format!(
-                        "unknown parameter `{other}` (this policy takes sample_rate and rich_subsample_rate)"
+                        "unknown parameter `{other}` (this policy takes sample_rate, \
+                         rich_subsample_rate and journey_sample_rate)"
                     ));
                 }
             }
@@ -83,10 +90,28 @@ impl Guest for Policy {
     }
 
     /// One call per rich step: which running requests to snapshot, with which attributes.
+    // ---- e.g. only requests queued longer than X (`requests.time_since_arrival_us`), or
+    // always those whose journey is traced (`requests.journey_traced`) ----
     fn plan_rich(_summary: StepSummary, requests: RequestViews) -> RichPlan {
         RichPlan {
             requests: (0..requests.request_id.len() as u32).collect(),
             attributes: SnapshotAttributes::all(),
+            extra: Vec::new(),
+        }
+    }
+
+    /// One call per client request (journey tracing on): trace its journey or not.
+    // ---- e.g. trace every request that arrives while `arrival.kv_usage_ratio` is high ----
+    fn decide_request(arrival: RequestArrival) -> JourneyDecision {
+        let rate = JOURNEY_SAMPLE_RATE.get();
+        // ParentBased: follow the caller's sampled flag when it sent a `traceparent`.
+        let (trace, probability) = match arrival.parent_sampled {
+            Some(sampled) => (sampled, 1.0),
+            None => (arrival.random < rate, rate),
+        };
+        JourneyDecision {
+            trace,
+            probability,
             extra: Vec::new(),
         }
     }

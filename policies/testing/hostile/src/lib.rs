@@ -8,6 +8,8 @@
 //! unsampled step, `long-extra` returns an oversized extra attribute, and `ok` behaves (samples
 //! everything). The misbehaviour happens in `decide` for `loop`, `memory`, `leak`, `trap`,
 //! `bad-probability`, `rich-without-batch` and `long-extra`, and in `plan-rich` otherwise.
+//! `request-loop`, `request-trap` and `request-bad-probability` misbehave in `decide-request`
+//! only (steps are sampled normally); every other mode traces every journey.
 
 wit_bindgen::generate!({
     path: "../../../wit",
@@ -15,7 +17,8 @@ wit_bindgen::generate!({
 });
 
 use exports::stepscope::policy::policy::{
-    ExtraAttribute, Guest, RequestViews, RichPlan, SnapshotAttributes, StepDecision, StepSummary,
+    ExtraAttribute, Guest, JourneyDecision, RequestArrival, RequestViews, RichPlan,
+    SnapshotAttributes, StepDecision, StepSummary,
 };
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -33,12 +36,15 @@ enum Mode {
     RichWithoutBatch,
     LongExtra,
     Leak,
+    RequestLoop,
+    RequestTrap,
+    RequestBadProbability,
 }
 
 static MODE: AtomicU32 = AtomicU32::new(Mode::Ok as u32);
 
 fn mode() -> Mode {
-    const ALL: [Mode; 11] = [
+    const ALL: [Mode; 14] = [
         Mode::Ok,
         Mode::Loop,
         Mode::Memory,
@@ -50,6 +56,9 @@ fn mode() -> Mode {
         Mode::RichWithoutBatch,
         Mode::LongExtra,
         Mode::Leak,
+        Mode::RequestLoop,
+        Mode::RequestTrap,
+        Mode::RequestBadProbability,
     ];
     ALL[MODE.load(Ordering::Relaxed) as usize]
 }
@@ -74,6 +83,9 @@ impl Guest for Hostile {
                 "rich-without-batch" => Mode::RichWithoutBatch,
                 "long-extra" => Mode::LongExtra,
                 "leak" => Mode::Leak,
+                "request-loop" => Mode::RequestLoop,
+                "request-trap" => Mode::RequestTrap,
+                "request-bad-probability" => Mode::RequestBadProbability,
                 "fail-configure" => return Err("configure refused on purpose".to_string()),
                 other => return Err(format!("unknown mode `{other}`")),
             };
@@ -132,6 +144,26 @@ impl Guest for Hostile {
             attributes: SnapshotAttributes::all(),
             extra: Vec::new(),
         }
+    }
+
+    fn decide_request(arrival: RequestArrival) -> JourneyDecision {
+        let mut decision = JourneyDecision {
+            trace: true,
+            probability: 1.0,
+            extra: Vec::new(),
+        };
+        match mode() {
+            Mode::RequestLoop => {
+                let mut x = arrival.request_id;
+                loop {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            }
+            Mode::RequestTrap => core::arch::wasm32::unreachable(),
+            Mode::RequestBadProbability => decision.probability = 2.0,
+            _ => {}
+        }
+        decision
     }
 }
 

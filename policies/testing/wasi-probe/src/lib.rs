@@ -10,7 +10,7 @@
 //! It also writes to stdout and stderr, which the host discards. Samples every step.
 
 wit_bindgen::generate!({
-    path: "../../../wit",
+    path: "../../../wit/v0.1",
     world: "step-policy",
 });
 
