@@ -19,6 +19,10 @@ echo "== NVRTC for the kernel-compilation tests (no GPU needed)"
 echo "== end-to-end test environment (tests/python: openai SDK, pytest, promtool)"
 ./scripts/setup-test-env.sh
 
+echo "== Arize Phoenix, the OTLP backend of tests/python/test_phoenix.py (its own venv)"
+./scripts/setup-phoenix.sh
+export STEPSCOPE_REQUIRE_PHOENIX=1
+
 echo "== policy toolchains (C: clang, wasi-libc, wit-bindgen, wasm-tools; Python: componentize-py; JS: componentize-js)"
 ./scripts/setup-policy-toolchains.sh
 export STEPSCOPE_REQUIRE_POLICY_TOOLCHAINS=1

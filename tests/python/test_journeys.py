@@ -107,7 +107,12 @@ def test_traced_requests_are_trees_in_the_callers_trace_joined_to_steps():
         finally:
             server.stop()
         with open(record.name) as f:
-            real_steps = {json.loads(line)["step.id"] for line in f if line.strip()}
+            lines = [json.loads(line) for line in f if line.strip()]
+        real_steps = {line["step.id"] for line in lines if line["name"] == "scheduler.step"}
+        # With journeys on, the file also records what decide-request was given, per request.
+        arrivals = [line for line in lines if line["name"] == "journey.ARRIVAL"]
+        assert len(arrivals) == N + 1, len(arrivals)
+        assert sum(a["parent_sampled"] is False for a in arrivals) == 4
     finally:
         sink.stop()
         os.unlink(record.name)

@@ -151,7 +151,8 @@ def test_swap_default_pressure_broken_default_under_load():
             assert swapped.json()["digest"] == pressure_digest
             assert swapped.json()["generation"] == 1
             assert swapped.json()["params"] == [
-                ["sample_rate", str(SAMPLE_RATE)], ["rich_subsample_rate", "0"], ["rich_top_k", "4"]
+                ["sample_rate", str(SAMPLE_RATE)], ["rich_subsample_rate", "0"],
+                ["journey_sample_rate", "1"], ["rich_top_k", "4"],
             ]
             assert info_digest(server) == pressure_digest
             run_phase(server, load, steps=300)
