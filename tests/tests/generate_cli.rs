@@ -125,6 +125,58 @@ fn tiny_generation_with_a_small_kv_pool_matches_a_large_one() {
     assert_eq!(ids(&small), ids(&large));
 }
 
+#[test]
+fn generate_traces_its_journey_with_the_same_flags_as_serve() {
+    let dir = stepscope_tests::TempDir::new("generate-journey");
+    let file = dir.path("trace.jsonl");
+    let out = generate_json(&[
+        "builtin:tiny",
+        "--prompt",
+        "journeys from the command line",
+        "--max-tokens",
+        "5",
+        "--ignore-eos",
+        "--enable-journey-tracing",
+        "--step-tracing-file",
+        file.to_str().expect("utf-8 path"),
+    ]);
+    assert_eq!(ids(&out).len(), 5);
+    let lines: Vec<Value> = std::fs::read_to_string(&file)
+        .expect("trace file")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    // Journeys on, steps off: exactly the two spans of the one request, in one trace.
+    let names: Vec<&str> = lines.iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names.iter().filter(|n| **n == "llm_request").count(),
+        1,
+        "{names:?}"
+    );
+    assert_eq!(names.iter().filter(|n| **n == "llm_core").count(), 1);
+    assert!(!names.contains(&"scheduler.step"), "{names:?}");
+    let request = lines.iter().find(|l| l["name"] == "llm_request").unwrap();
+    let core = lines.iter().find(|l| l["name"] == "llm_core").unwrap();
+    assert_eq!(core["trace_id"], request["trace_id"]);
+    assert_eq!(core["parent_span_id"], request["span_id"]);
+    assert_eq!(request["gen_ai.operation.name"], "generate");
+    assert_eq!(request["gen_ai.usage.output_tokens"], 5);
+    let finished = core["events"].as_array().unwrap().last().unwrap();
+    assert_eq!(finished["name"], "journey.FINISHED");
+    assert_eq!(finished["attributes"]["finish.status"], "length");
+    // A rate without the switch is refused by name, not ignored.
+    let refused = stepscope(&[
+        "generate",
+        "builtin:tiny",
+        "--prompt",
+        "x",
+        "--journey-tracing-sample-rate",
+        "0.5",
+    ]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--enable-journey-tracing"));
+}
+
 fn smollm2_dir() -> Option<PathBuf> {
     let dir =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/SmolLM2-135M-Instruct");
