@@ -89,20 +89,9 @@ command -v "$PY" >/dev/null 2>&1 || die "$PY not found (install CPython 3.9+ wit
 
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
   say "creating venv $VENV"
-  rm -rf "$VENV"
-  if ! "$PY" -m venv "$VENV" >/dev/null 2>"$CACHE/venv-error.log"; then
-    # Debian's python3 without python3-venv has no ensurepip: bootstrap with virtualenv from PyPI,
-    # which bundles its own pip. PIP_BREAK_SYSTEM_PACKAGES only matters for --target on PEP 668
-    # systems and is ignored by pips that predate it.
-    say "python -m venv failed ($(tail -n1 "$CACHE/venv-error.log")); bootstrapping with virtualenv"
-    rm -rf "$VENV" "$CACHE/virtualenv-bootstrap"
-    PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --quiet --disable-pip-version-check \
-      --target "$CACHE/virtualenv-bootstrap" "virtualenv==20.*" \
-      || die "could not install virtualenv either; install python3-venv (Debian: apt-get install python3-venv)"
-    PYTHONPATH="$CACHE/virtualenv-bootstrap" "$PY" -m virtualenv --quiet "$VENV" \
-      || die "virtualenv could not create $VENV"
-  fi
-  rm -f "$CACHE/venv-error.log"
+  # shellcheck source=lib/venv.sh
+  . "$ROOT/scripts/lib/venv.sh"
+  make_venv "$VENV"
 fi
 VPY="$VENV/bin/python"
 

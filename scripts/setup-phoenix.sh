@@ -34,18 +34,10 @@ if [ -x "$VENV/bin/phoenix" ] && [ "$(cat "$STAMP" 2>/dev/null || true)" = "$REQ
   say "phoenix ready ($VENV)"
   exit 0
 fi
-command -v "$PY" >/dev/null 2>&1 || die "$PY not found (install CPython 3.10+ with pip, or set PYTHON)"
-rm -rf "$VENV"
 say "creating venv $VENV"
-if ! "$PY" -m venv "$VENV" >/dev/null 2>&1; then
-  # Debian without python3-venv: bootstrap with virtualenv from PyPI, as setup-test-env.sh does.
-  rm -rf "$VENV" "$CACHE/virtualenv-bootstrap"
-  PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --quiet --disable-pip-version-check \
-    --target "$CACHE/virtualenv-bootstrap" "virtualenv==20.*" \
-    || die "could not install virtualenv; install python3-venv (Debian: apt-get install python3-venv)"
-  PYTHONPATH="$CACHE/virtualenv-bootstrap" "$PY" -m virtualenv --quiet "$VENV" \
-    || die "virtualenv could not create $VENV"
-fi
+# shellcheck source=lib/venv.sh
+. "$ROOT/scripts/lib/venv.sh"
+make_venv "$VENV"
 say "installing $REQUIREMENTS (a few minutes the first time)"
 # shellcheck disable=SC2086
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $REQUIREMENTS \

@@ -78,13 +78,9 @@ if [ -x "$PYVENV/bin/componentize-py" ] && "$PYVENV/bin/pip" show componentize-p
   say "componentize-py $COMPONENTIZE_PY_VERSION ready"
 else
   say "installing componentize-py $COMPONENTIZE_PY_VERSION into $PYVENV"
-  rm -rf "$PYVENV"
-  if ! "$PY" -m venv "$PYVENV" >/dev/null 2>&1; then
-    PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --quiet --disable-pip-version-check \
-      --target "$CACHE/virtualenv-bootstrap" "virtualenv==20.*" || die "could not install virtualenv"
-    PYTHONPATH="$CACHE/virtualenv-bootstrap" "$PY" -m virtualenv --quiet "$PYVENV" \
-      || die "virtualenv could not create $PYVENV"
-  fi
+  # shellcheck source=lib/venv.sh
+  . "$ROOT/scripts/lib/venv.sh"
+  make_venv "$PYVENV"
   "$PYVENV/bin/python" -m pip install --quiet --disable-pip-version-check \
     "componentize-py==$COMPONENTIZE_PY_VERSION" || die "pip install componentize-py failed"
 fi

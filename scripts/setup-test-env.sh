@@ -43,17 +43,9 @@ else
   command -v "$PY" >/dev/null 2>&1 || die "$PY not found (install CPython 3.9+ with pip, or set PYTHON)"
   if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
     say "creating venv $VENV"
-    rm -rf "$VENV"
-    if ! "$PY" -m venv "$VENV" >/dev/null 2>"$CACHE/test-venv-error.log"; then
-      say "python -m venv failed ($(tail -n1 "$CACHE/test-venv-error.log")); bootstrapping with virtualenv"
-      rm -rf "$VENV" "$CACHE/virtualenv-bootstrap"
-      PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --quiet --disable-pip-version-check \
-        --target "$CACHE/virtualenv-bootstrap" "virtualenv==20.*" \
-        || die "could not install virtualenv either; install python3-venv (Debian: apt-get install python3-venv)"
-      PYTHONPATH="$CACHE/virtualenv-bootstrap" "$PY" -m virtualenv --quiet "$VENV" \
-        || die "virtualenv could not create $VENV"
-    fi
-    rm -f "$CACHE/test-venv-error.log"
+    # shellcheck source=lib/venv.sh
+    . "$ROOT/scripts/lib/venv.sh"
+    make_venv "$VENV"
   fi
   say "installing into the venv: $REQUIREMENTS"
   # shellcheck disable=SC2086

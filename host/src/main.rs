@@ -198,7 +198,9 @@ fn run_generate(args: stepscope::cli::GenerateArgs) -> anyhow::Result<ExitCode> 
     use std::io::Write;
     use stepscope::engine::SamplingParams;
     use stepscope::model::{ChatMessage, DetokenizerOptions};
-    use stepscope::step_tracing::{RequestOutcome, RequestSpanRecord, Stamp, StepTracer};
+    use stepscope::step_tracing::{
+        RequestInfo, RequestOutcome, RequestSpanRecord, Stamp, StepTracer,
+    };
     use stepscope::textgen::TextStream;
 
     // The same step tracer as `serve`, from the same flags (off unless --step-tracing-enabled).
@@ -262,14 +264,16 @@ fn run_generate(args: stepscope::cli::GenerateArgs) -> anyhow::Result<ExitCode> 
     let text = stream.text().to_string();
     if let Some((sink, ticket, arrived)) = journey {
         let record = RequestSpanRecord {
-            operation: "generate",
-            request_id: request_id.clone(),
-            response_id: request_id,
-            model: model.name.clone(),
-            max_tokens: Some(params.max_tokens as u64),
-            temperature: f64::from(params.temperature),
-            top_p: f64::from(params.top_p),
-            n: 1,
+            info: RequestInfo {
+                operation: "generate",
+                request_id: request_id.clone(),
+                response_id: request_id,
+                model: model.name.clone(),
+                max_tokens: Some(params.max_tokens as u64),
+                temperature: f64::from(params.temperature),
+                top_p: f64::from(params.top_p),
+                n: 1,
+            },
             input_tokens: stream.num_prompt_tokens() as u64,
             output_tokens: stream.num_output_tokens() as u64,
             queue_time_s: stream.queue_time().map(|d| d.as_secs_f64()),

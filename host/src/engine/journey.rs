@@ -125,13 +125,13 @@ impl JourneyTicket {
         &self,
         decide: impl FnOnce() -> Option<JourneyDecision>,
     ) -> Option<Arc<JourneyDecision>> {
-        let mut state = self.lock();
-        if let TicketState::Decided(decision) = &*state {
+        if let TicketState::Decided(decision) = &*self.lock() {
             return decision.clone();
         }
+        // Only the engine thread decides, so nobody decides in between; deciding outside the
+        // lock keeps a server thread that finishes meanwhile from waiting on the policy call.
         let decision = decide().map(Arc::new);
-        let previous = std::mem::replace(&mut *state, TicketState::Decided(decision.clone()));
-        drop(state);
+        let previous = std::mem::replace(&mut *self.lock(), TicketState::Decided(decision.clone()));
         if let (TicketState::Parked(emit), Some(decision)) = (previous, &decision) {
             emit(Arc::clone(decision));
         }

@@ -22,28 +22,14 @@ use axum::response::Response;
 use http_body::{Frame, SizeHint};
 
 use crate::engine::journey::JourneyTicket;
-use crate::step_tracing::{JourneySink, RequestOutcome, RequestSpanRecord, Stamp};
+use crate::step_tracing::{JourneySink, RequestInfo, RequestOutcome, RequestSpanRecord, Stamp};
 use crate::trace_context::TraceParent;
 
 use super::openai_types::Usage;
 
-/// What `llm_request` says of the request, known once its body is parsed.
-#[derive(Debug, Clone, Default)]
-pub struct RequestDescription {
-    /// `chat` or `text_completion`.
-    pub operation: &'static str,
-    pub request_id: String,
-    pub response_id: String,
-    pub model: String,
-    pub max_tokens: Option<u64>,
-    pub temperature: f64,
-    pub top_p: f64,
-    pub n: u32,
-}
-
 #[derive(Default)]
 struct Moments {
-    description: Option<RequestDescription>,
+    info: Option<RequestInfo>,
     ticket: Option<Arc<JourneyTicket>>,
     handoff: Option<Stamp>,
     first_response: Option<Stamp>,
@@ -92,8 +78,8 @@ impl ServerJourney {
     }
 
     /// Sets what `llm_request` says of the request.
-    pub fn describe(&self, description: RequestDescription) {
-        self.moments().description = Some(description);
+    pub fn describe(&self, info: RequestInfo) {
+        self.moments().info = Some(info);
     }
 
     /// The ticket the request's `num_choices` choices take to the engine (made once).
@@ -143,16 +129,8 @@ impl ServerJourney {
             // Refused before any choice reached the engine: no journey.
             return;
         };
-        let description = moments.description.take().unwrap_or_default();
         let record = RequestSpanRecord {
-            operation: description.operation,
-            request_id: description.request_id,
-            response_id: description.response_id,
-            model: description.model,
-            max_tokens: description.max_tokens,
-            temperature: description.temperature,
-            top_p: description.top_p,
-            n: description.n,
+            info: moments.info.take().unwrap_or_default(),
             input_tokens: moments.input_tokens,
             output_tokens: moments.output_tokens,
             queue_time_s: moments.queue_time_s,

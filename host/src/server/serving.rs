@@ -36,13 +36,14 @@ use crate::model::ModelInfo;
 
 use super::errors::{ApiError, ApiJson, from_value};
 use super::generation::Generation;
-use super::journey::{RequestDescription, ServerJourney};
+use super::journey::ServerJourney;
 use super::logprobs::LogprobsRenderer;
 use super::openai_types::{SamplingFields, Usage};
 use super::params::{MaxTokensDefault, RequestOptions, resolve_max_tokens};
 use super::routes::{object_body, respond};
 use super::sse::{self, Choice, ChunkKind, ChunkWriter, total_usage};
 use super::state::{AppState, new_id};
+use crate::step_tracing::RequestInfo;
 
 /// The request-id header a client may send (and the server echoes).
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -245,7 +246,7 @@ async fn run<E: Endpoint>(
     let mut options = RequestOptions::from_fields(&common, state.engine.vocab_size())?;
     options.sampling.logprobs = logprobs;
     if let Some(journey) = journey {
-        journey.describe(RequestDescription {
+        journey.describe(RequestInfo {
             operation: E::KIND.operation_name(),
             request_id: ids.base.clone(),
             response_id: ids.response.clone(),

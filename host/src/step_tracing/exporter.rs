@@ -105,13 +105,7 @@ impl ExporterThread {
                     Ok(ExportMessage::Record(record)) => {
                         self.process(&record);
                         oldest.get_or_insert_with(Instant::now);
-                        if self
-                            .otlp
-                            .as_ref()
-                            .is_some_and(|o| o.pending() >= self.batch_size)
-                        {
-                            self.export();
-                        }
+                        self.export_if_full();
                     }
                     Ok(ExportMessage::Recorded(record)) => {
                         self.record(&record);
@@ -126,13 +120,7 @@ impl ExporterThread {
                     Ok(message @ (ExportMessage::CoreSpan(_) | ExportMessage::RequestSpan(_))) => {
                         self.journey(message);
                         oldest.get_or_insert_with(Instant::now);
-                        if self
-                            .otlp
-                            .as_ref()
-                            .is_some_and(|o| o.pending() >= self.batch_size)
-                        {
-                            self.export();
-                        }
+                        self.export_if_full();
                     }
                     Ok(ExportMessage::Flush(ack)) => {
                         self.flush();
@@ -213,6 +201,17 @@ impl ExporterThread {
         }
     }
 
+    /// Exports once a batch's worth of spans is pending.
+    fn export_if_full(&mut self) {
+        if self
+            .otlp
+            .as_ref()
+            .is_some_and(|o| o.pending() >= self.batch_size)
+        {
+            self.export();
+        }
+    }
+
     fn export(&mut self) {
         if let Some(otlp) = &mut self.otlp {
             otlp.export(&self.metrics, self.deadline.get());
@@ -251,13 +250,7 @@ impl ExporterThread {
                 self.journey(message);
             } else if let ExportMessage::Record(record) = message {
                 self.process(&record);
-                if self
-                    .otlp
-                    .as_ref()
-                    .is_some_and(|o| o.pending() >= self.batch_size)
-                {
-                    self.export();
-                }
+                self.export_if_full();
             }
         }
         self.flush();

@@ -183,10 +183,10 @@ pub enum RequestOutcome {
     Aborted(String),
 }
 
-/// The server's half of a traced journey: what `llm_request` is built from.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RequestSpanRecord {
-    /// `gen_ai.operation.name`: `chat` or `text_completion`.
+/// What `llm_request` says of the request itself, known once its body is parsed.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RequestInfo {
+    /// `gen_ai.operation.name`: `chat`, `text_completion` or `generate`.
     pub operation: &'static str,
     /// `gen_ai.request.id`: the client's `X-Request-Id`, or else the response id.
     pub request_id: String,
@@ -197,6 +197,12 @@ pub struct RequestSpanRecord {
     pub temperature: f64,
     pub top_p: f64,
     pub n: u32,
+}
+
+/// The server's half of a traced journey: what `llm_request` is built from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestSpanRecord {
+    pub info: RequestInfo,
     pub input_tokens: u64,
     pub output_tokens: u64,
     /// Longest wait in the engine's queue among the request's choices.
@@ -417,16 +423,17 @@ pub(crate) fn request_span(decision: &JourneyDecision, record: &RequestSpanRecor
         }
     };
     let total = record.input_tokens + record.output_tokens;
+    let info = &record.info;
     let b = Cow::Borrowed;
     let mut attributes = vec![
         (b("openinference.span.kind"), Str(b(OPENINFERENCE_KIND_LLM))),
-        (b(GEN_AI_OPERATION_NAME), Str(b(record.operation))),
-        (b(GEN_AI_REQUEST_MODEL), SpanValue::text(&record.model)),
-        (b(GEN_AI_REQUEST_TEMPERATURE), Float(record.temperature)),
-        (b(GEN_AI_REQUEST_TOP_P), Float(record.top_p)),
-        (b(GEN_AI_REQUEST_N), Int(i64::from(record.n))),
-        (b(GEN_AI_REQUEST_ID), SpanValue::text(&record.request_id)),
-        (b(GEN_AI_RESPONSE_ID), SpanValue::text(&record.response_id)),
+        (b(GEN_AI_OPERATION_NAME), Str(b(info.operation))),
+        (b(GEN_AI_REQUEST_MODEL), SpanValue::text(&info.model)),
+        (b(GEN_AI_REQUEST_TEMPERATURE), Float(info.temperature)),
+        (b(GEN_AI_REQUEST_TOP_P), Float(info.top_p)),
+        (b(GEN_AI_REQUEST_N), Int(i64::from(info.n))),
+        (b(GEN_AI_REQUEST_ID), SpanValue::text(&info.request_id)),
+        (b(GEN_AI_RESPONSE_ID), SpanValue::text(&info.response_id)),
         (
             b(GEN_AI_USAGE_INPUT_TOKENS),
             Int(sat_i64(record.input_tokens)),
@@ -435,7 +442,7 @@ pub(crate) fn request_span(decision: &JourneyDecision, record: &RequestSpanRecor
             b(GEN_AI_USAGE_OUTPUT_TOKENS),
             Int(sat_i64(record.output_tokens)),
         ),
-        (b(LLM_MODEL_NAME), SpanValue::text(&record.model)),
+        (b(LLM_MODEL_NAME), SpanValue::text(&info.model)),
         (b(LLM_TOKEN_COUNT_PROMPT), Int(sat_i64(record.input_tokens))),
         (
             b(LLM_TOKEN_COUNT_COMPLETION),
@@ -448,7 +455,7 @@ pub(crate) fn request_span(decision: &JourneyDecision, record: &RequestSpanRecor
             Float(record.end.seconds_since(record.arrived)),
         ),
     ];
-    if let Some(max_tokens) = record.max_tokens {
+    if let Some(max_tokens) = info.max_tokens {
         attributes.push((b(GEN_AI_REQUEST_MAX_TOKENS), Int(sat_i64(max_tokens))));
     }
     if let Some(queue) = record.queue_time_s {

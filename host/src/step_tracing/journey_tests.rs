@@ -40,14 +40,16 @@ fn lines(path: &PathBuf) -> Vec<Json> {
 
 fn server_half(external: &str, arrived: Stamp, outcome: RequestOutcome) -> RequestSpanRecord {
     RequestSpanRecord {
-        operation: "text_completion",
-        request_id: external.to_string(),
-        response_id: format!("cmpl-{external}"),
-        model: "deterministic".into(),
-        max_tokens: Some(24),
-        temperature: 0.0,
-        top_p: 1.0,
-        n: 1,
+        info: RequestInfo {
+            operation: "text_completion",
+            request_id: external.to_string(),
+            response_id: format!("cmpl-{external}"),
+            model: "deterministic".into(),
+            max_tokens: Some(24),
+            temperature: 0.0,
+            top_p: 1.0,
+            n: 1,
+        },
         input_tokens: 40,
         output_tokens: 24,
         queue_time_s: None,

@@ -309,6 +309,31 @@ fn push_str(out: &mut Vec<u8>, text: &str) {
     let _ = serde_json::to_writer(&mut *out, text);
 }
 
+/// The non-blank lines of a JSON-lines file, parsed, with their 1-based line numbers.
+fn json_lines(reader: impl BufRead) -> impl Iterator<Item = Result<(usize, Json), JsonlReadError>> {
+    reader.lines().enumerate().filter_map(|(index, line)| {
+        let line_no = index + 1;
+        let line = match line {
+            Ok(line) if line.trim().is_empty() => return None,
+            Ok(line) => line,
+            Err(source) => {
+                return Some(Err(JsonlReadError::Io {
+                    line: line_no,
+                    source,
+                }));
+            }
+        };
+        Some(
+            serde_json::from_str(&line)
+                .map(|json| (line_no, json))
+                .map_err(|source| JsonlReadError::Json {
+                    line: line_no,
+                    source,
+                }),
+        )
+    })
+}
+
 /// The `name` of a recorded request arrival's line.
 pub const ARRIVAL_LINE: &str = "journey.ARRIVAL";
 
@@ -316,19 +341,8 @@ pub const ARRIVAL_LINE: &str = "journey.ARRIVAL";
 /// on), in file order; other lines are skipped.
 pub fn read_recorded_arrivals(reader: impl BufRead) -> Result<Vec<RequestArrival>, JsonlReadError> {
     let mut out = Vec::new();
-    for (index, line) in reader.lines().enumerate() {
-        let line_no = index + 1;
-        let line = line.map_err(|source| JsonlReadError::Io {
-            line: line_no,
-            source,
-        })?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let json: Json = serde_json::from_str(&line).map_err(|source| JsonlReadError::Json {
-            line: line_no,
-            source,
-        })?;
+    for line in json_lines(reader) {
+        let (line_no, json) = line?;
         if json.get("name").and_then(Json::as_str) != Some(ARRIVAL_LINE) {
             continue;
         }
@@ -399,19 +413,8 @@ pub fn read_recorded_steps(
 ) -> Result<Vec<RecordedStep>, JsonlReadError> {
     let mut out = Vec::new();
     let mut request_ids = RequestIdMap::default();
-    for (index, line) in reader.lines().enumerate() {
-        let line_no = index + 1;
-        let line = line.map_err(|source| JsonlReadError::Io {
-            line: line_no,
-            source,
-        })?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let json: Json = serde_json::from_str(&line).map_err(|source| JsonlReadError::Json {
-            line: line_no,
-            source,
-        })?;
+    for line in json_lines(reader) {
+        let (line_no, json) = line?;
         // Journey spans share the file; only step spans hold steps.
         if json
             .get("name")

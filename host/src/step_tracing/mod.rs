@@ -50,7 +50,7 @@ pub use config::{
     ENV_OTLP_TRACES_HEADERS, ENV_SERVICE_NAME, OtlpProtocol, StepTracingConfig, StepTracingError,
     StepTracingSettings,
 };
-pub use journey::{JourneySink, RequestOutcome, RequestSpanRecord, Stamp};
+pub use journey::{JourneySink, RequestInfo, RequestOutcome, RequestSpanRecord, Stamp};
 pub use metrics::{TracerMetrics, TracerMetricsSnapshot};
 pub use record::PolicyIdentity;
 pub use swap::{ActivePolicy, PolicyOrigin, PolicySwitch};
