@@ -111,14 +111,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }) => {
             use stepscope::bench::step_tracing;
             let rows = step_tracing::run(requests, output_tokens, rounds)?;
-            let untraced_request_ns = step_tracing::unsampled_journey_decision_ns(200_000)?;
+            let costs = step_tracing::JourneyCosts {
+                untraced_decision_ns: step_tracing::unsampled_journey_decision_ns(200_000)?,
+                server_path_ns: stepscope::bench::server_path::request_path_ns(500)?,
+            };
             print!(
                 "{}",
-                step_tracing::render(
-                    &rows,
-                    (requests, output_tokens, rounds),
-                    Some(untraced_request_ns)
-                )
+                step_tracing::render(&rows, (requests, output_tokens, rounds), Some(costs))
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -9,6 +9,7 @@ mod cuda;
 pub mod model;
 pub mod policy;
 pub mod scheduler;
+pub mod server_path;
 pub mod step_tracing;
 
 pub use crate::latency::{LatencyStats, format_ns};

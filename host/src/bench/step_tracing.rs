@@ -429,11 +429,20 @@ pub fn run(
         .collect())
 }
 
+/// What an untraced request's journey costs, next to what a request costs.
+#[derive(Debug, Clone, Copy)]
+pub struct JourneyCosts {
+    /// [`unsampled_journey_decision_ns`].
+    pub untraced_decision_ns: f64,
+    /// [`crate::bench::server_path::request_path_ns`].
+    pub server_path_ns: f64,
+}
+
 /// The report `stepscope bench tracing` prints.
 pub fn render(
     rows: &[TracingBenchRow],
     (requests, output_tokens, rounds): (usize, usize, usize),
-    untraced_request_ns: Option<f64>,
+    journey_costs: Option<JourneyCosts>,
 ) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -516,14 +525,15 @@ pub fn render(
             cpu
         );
     }
-    if let (Some(ns), Some(off)) = (untraced_request_ns, off) {
-        let per_request_us = off.step_mean_us * off.steps_per_round as f64 / requests as f64;
+    if let Some(costs) = journey_costs {
         let _ = writeln!(
             out,
             "an untraced request's journey cost (its ticket and the one decision, rate 0): {}, \
-             next to {} of engine time per request (tracing off: step time x steps / requests)",
-            format_ns(ns),
-            format_ns(per_request_us * 1e3)
+             next to {} for a request's whole path through the server (builtin:tiny, \
+             max_tokens 1, sequential, HTTP included): {:.3}%",
+            format_ns(costs.untraced_decision_ns),
+            format_ns(costs.server_path_ns),
+            costs.untraced_decision_ns / costs.server_path_ns.max(1.0) * 100.0
         );
     }
     let _ = writeln!(out, "step-loop cost (observer on_step, all rounds):");
@@ -604,8 +614,11 @@ mod tests {
                 .filter(|r| r.variant.journey_rate.is_none())
                 .all(|r| r.journeys_traced == 0)
         );
-        let untraced = unsampled_journey_decision_ns(1000).expect("decision cost");
-        let report = render(&rows, (8, 4, 1), Some(untraced));
+        let costs = JourneyCosts {
+            untraced_decision_ns: unsampled_journey_decision_ns(1000).expect("decision cost"),
+            server_path_ns: 100_000.0,
+        };
+        let report = render(&rows, (8, 4, 1), Some(costs));
         assert!(report.contains("request journeys at rate 1.0 (8 traced per round"));
         assert!(report.contains("an untraced request's journey cost"));
     }
