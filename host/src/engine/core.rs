@@ -292,7 +292,9 @@ impl EngineCore {
         self.end_journeys();
         if !self.observer_failed {
             let observer = &mut self.observer;
-            let ts_end_ns = ts_start_ns.saturating_add(step_ns);
+            // The wall clock itself, not start + monotonic duration: the two clocks drift apart
+            // (NTP slews the wall clock), and a span must never end after the next step began.
+            let ts_end_ns = unix_time_ns().max(ts_start_ns);
             let step_id = scheduled.step_id;
             if catch_unwind(AssertUnwindSafe(|| {
                 observer.on_step_end(step_id, ts_end_ns)
