@@ -46,16 +46,24 @@ pub enum Command {
 pub struct ServeArgs {
     /// Model to serve: a Hugging Face directory or `builtin:tiny`. Default: SmolLM2-135M-Instruct.
     pub model: Option<String>,
-    /// Address to listen on.
+    /// Address to listen on. The default is loopback (reachable from this machine only), which
+    /// is safer for a server without TLS; `0.0.0.0` or `::` listen on every interface, as
+    /// `vllm serve` does by default (add `--api-key`).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     /// Port to listen on (0: any free port, printed at start-up).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// Model name(s) the API answers to and `/v1/models` lists (repeatable; default: the model's
-    /// name, e.g. `SmolLM2-135M-Instruct` or `builtin:tiny`).
-    #[arg(long, value_name = "NAME")]
+    /// Model name(s) the API answers to and `/v1/models` lists, the first reported by default:
+    /// several after one flag (`--served-model-name a b`, as vLLM) or the flag repeated.
+    /// Default: the model's name, e.g. `SmolLM2-135M-Instruct` or `builtin:tiny`.
+    #[arg(long, value_name = "NAME", num_args = 1..)]
     pub served_model_name: Vec<String>,
+    /// API key(s): every `/v1` request must send `Authorization: Bearer <key>` (else 401
+    /// `invalid_api_key`); `/health`, `/metrics` and `/tokenize` stay open. Several after one
+    /// flag are all accepted. Default: the `VLLM_API_KEY` environment variable; unset, no key.
+    #[arg(long, value_name = "KEY", num_args = 1.., env = "VLLM_API_KEY", hide_env_values = true)]
+    pub api_key: Vec<String>,
     /// Serve the admin API (`GET`/`POST /admin/policy`: hot swap of the step-tracing policy)
     /// on this port (0: any free port, printed at start-up). Off unless given.
     #[arg(long, value_name = "PORT")]
@@ -106,6 +114,7 @@ impl ServeArgs {
             host: self.host.clone(),
             port: self.port,
             served_model_name: self.served_model_name.clone(),
+            api_keys: self.api_key.clone(),
             admin_listen: self.admin_port.map(|port| (self.admin_host.clone(), port)),
             policy_path: self.step_tracing.step_tracing_policy.clone(),
             shutdown_timeout: self.shutdown_timeout,

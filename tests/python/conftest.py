@@ -75,7 +75,8 @@ class Server:
             time.sleep(0.1)
 
     def client(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url + "/v1", api_key="unused", **kwargs)
+        kwargs.setdefault("api_key", "unused")
+        return openai.OpenAI(base_url=self.base_url + "/v1", **kwargs)
 
     def metrics_text(self) -> str:
         response = requests.get(self.base_url + "/metrics", timeout=10)

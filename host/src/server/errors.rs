@@ -107,6 +107,17 @@ impl ApiError {
         .with_code("model_not_found")
     }
 
+    /// A 401: a `/v1` request without the API key (`presented`: it sent a wrong one).
+    pub fn unauthorized(presented: bool) -> Self {
+        let message = if presented {
+            "incorrect API key provided in the Authorization header"
+        } else {
+            "this server requires an API key: send `Authorization: Bearer <key>`"
+        };
+        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message)
+            .with_code("invalid_api_key")
+    }
+
     /// A 404 for an unknown path.
     pub fn route_not_found(method: &str, path: &str) -> Self {
         Self::new(

@@ -12,6 +12,7 @@
 //! the trace exporter flushes, and the process exits 0.
 
 pub mod admin;
+pub mod auth;
 pub mod body_limit;
 pub mod collector;
 pub mod errors;
@@ -87,6 +88,8 @@ pub struct ServeConfig {
     pub port: u16,
     /// `--served-model-name` (empty: the model's own name).
     pub served_model_name: Vec<String>,
+    /// `--api-key` / `VLLM_API_KEY` (empty: no authentication).
+    pub api_keys: Vec<String>,
     /// `--admin-host`, `--admin-port` (none: no admin API).
     pub admin_listen: Option<(String, u16)>,
     /// `--step-tracing-policy`, re-read on SIGHUP.
@@ -135,6 +138,7 @@ pub fn run(args: ServeConfig) -> anyhow::Result<ExitCode> {
     );
     state.health_stall_timeout = http_config.health_stall_timeout;
     state.journeys = tracer.journey_sink();
+    state.api_keys = auth::ApiKeys::new(&args.api_keys);
     let limits = launched.engine.limits();
     tracing::info!(
         model = %launched.model.name,

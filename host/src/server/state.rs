@@ -34,6 +34,8 @@ pub struct AppState {
     pub health_stall_timeout: Duration,
     /// Where traced requests' `llm_request` spans go (`None` unless `--enable-journey-tracing`).
     pub journeys: Option<JourneySink>,
+    /// `--api-key` / `VLLM_API_KEY`: the keys `/v1` requests must present (`None`: open).
+    pub api_keys: Option<super::auth::ApiKeys>,
 }
 
 impl AppState {
@@ -58,6 +60,7 @@ impl AppState {
             started: unix_seconds(),
             health_stall_timeout: DEFAULT_HEALTH_STALL_TIMEOUT,
             journeys: None,
+            api_keys: None,
         }
     }
 

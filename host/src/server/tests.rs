@@ -321,6 +321,9 @@ fn serve_flags_parse() {
         "a",
         "--served-model-name",
         "b",
+        "c",
+        "--api-key",
+        "k",
         "--max-waiting-requests",
         "3",
         "--step-tracing-enabled",
@@ -334,8 +337,10 @@ fn serve_flags_parse() {
     assert_eq!((args.host.as_str(), args.port), ("0.0.0.0", 9000));
     assert_eq!(
         args.served_model_name,
-        vec!["a".to_string(), "b".to_string()]
+        ["a", "b", "c"],
+        "repeated, and several after one flag"
     );
+    assert_eq!(args.to_config().unwrap().api_keys, ["k"]);
     assert_eq!(args.engine.max_waiting_requests, 3);
     assert!(args.step_tracing.step_tracing_enabled);
     let defaults = Cli::try_parse_from(["stepscope", "serve"]).unwrap();

@@ -36,10 +36,18 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(tokenize::detokenize))
         .routes(routes!(info::health))
         .routes(routes!(info::metrics));
-    openapi::publish(api)
+    let keys = state.api_keys.clone();
+    let router = openapi::publish(api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+        .with_state(state);
+    match keys {
+        Some(keys) => router.layer(axum::middleware::from_fn_with_state(
+            keys,
+            super::auth::require_key,
+        )),
+        None => router,
+    }
 }
 
 async fn not_found(method: Method, uri: Uri) -> Response {

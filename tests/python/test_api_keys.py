@@ -1,0 +1,66 @@
+"""`vllm serve` command-line compatibility, part of issue 15: `--api-key` / `VLLM_API_KEY`,
+several `--served-model-name`s after one flag, and `--host 0.0.0.0`.
+
+With a key, every `/v1` request needs `Authorization: Bearer <key>`: the official openai SDK gets
+an `AuthenticationError` (401, OpenAI's error shape, code `invalid_api_key`) with a wrong key or
+none, and answers with the right one; `/health`, `/metrics` and `/tokenize` stay open, as in vLLM.
+"""
+
+from __future__ import annotations
+
+import openai
+import pytest
+import requests
+
+from conftest import Server
+
+
+@pytest.fixture(scope="module")
+def keyed():
+    server = Server("builtin:tiny", "--served-model-name", "tiny", "alias", "--api-key", "k1", "k2",
+                    "--host", "0.0.0.0")
+    yield server
+    server.stop()
+
+
+def test_v1_needs_the_key_in_openai_error_shape(keyed):
+    for key in ["wrong", "k1x"]:
+        with pytest.raises(openai.AuthenticationError) as raised:
+            keyed.client(api_key=key, max_retries=0).completions.create(model="tiny", prompt="hi", max_tokens=2)
+        assert raised.value.status_code == 401
+        assert raised.value.body["code"] == "invalid_api_key", raised.value.body
+    bare = requests.post(keyed.base_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+    assert bare.status_code == 401
+    assert bare.headers["www-authenticate"] == "Bearer"
+    error = bare.json()["error"]
+    assert error["code"] == "invalid_api_key" and "Authorization: Bearer" in error["message"], error
+    assert error["type"] == "invalid_request_error" and error["param"] is None
+    # Unknown /v1 paths too: nothing under /v1 answers without the key.
+    assert requests.get(keyed.base_url + "/v1/nothing-here", timeout=30).status_code == 401
+
+
+def test_the_right_keys_and_every_served_name_work(keyed):
+    for key in ["k1", "k2"]:
+        client = keyed.client(api_key=key, max_retries=0)
+        assert sorted(m.id for m in client.models.list()) == ["alias", "tiny"]
+        for name in ["tiny", "alias"]:
+            completion = client.completions.create(model=name, prompt="hi", max_tokens=2)
+            assert completion.model == name and completion.usage.completion_tokens == 2
+
+
+def test_probes_and_scrapers_need_no_key(keyed):
+    assert requests.get(keyed.base_url + "/health", timeout=30).status_code == 200
+    assert requests.get(keyed.base_url + "/metrics", timeout=30).status_code == 200
+    tokenized = requests.post(keyed.base_url + "/tokenize", json={"prompt": "hi"}, timeout=30)
+    assert tokenized.status_code == 200, tokenized.text
+
+
+def test_the_key_can_come_from_vllm_api_key():
+    server = Server("builtin:tiny", "--served-model-name", "tiny", env={"VLLM_API_KEY": "from-env"})
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            server.client(api_key="k1", max_retries=0).models.list()
+        assert [m.id for m in server.client(api_key="from-env").models.list()] == ["tiny"]
+        assert "from-env" not in server.log_text()
+    finally:
+        server.stop()
