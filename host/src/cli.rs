@@ -258,8 +258,12 @@ pub struct EngineArgs {
     /// Requests allowed to wait for admission before new ones are refused.
     #[arg(long, default_value_t = 1024)]
     pub max_waiting_requests: usize,
+    /// Reuse the KV blocks of identical prompt prefixes (on by default; as vLLM's flag pair,
+    /// the last of `--enable-prefix-caching` / `--no-enable-prefix-caching` wins).
+    #[arg(long, overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
     /// Turn prefix caching off.
-    #[arg(long)]
+    #[arg(long, overrides_with = "enable_prefix_caching")]
     pub no_enable_prefix_caching: bool,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
@@ -303,8 +307,12 @@ impl TryFrom<&EngineArgs> for LaunchConfig {
 #[derive(Debug, Clone, Args)]
 pub struct StepTracingArgs {
     /// Trace scheduler steps (off by default).
-    #[arg(long, default_value_t = false)]
+    #[arg(long, default_value_t = false, overrides_with = "no_step_tracing_enabled")]
     pub step_tracing_enabled: bool,
+    /// Do not trace scheduler steps (the default; the last of the pair wins, so a copied
+    /// command line can turn tracing back off).
+    #[arg(long, overrides_with = "step_tracing_enabled")]
+    pub no_step_tracing_enabled: bool,
     /// Probability that a step's batch summary is traced.
     #[arg(long, default_value_t = 0.01, value_parser = parse_rate)]
     pub step_tracing_sample_rate: f64,
@@ -671,6 +679,33 @@ fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let cli = Cli::try_parse_from([&["stepscope", "serve"], args].concat()).unwrap();
+        let Command::Serve(serve) = cli.command else {
+            panic!("not serve")
+        };
+        serve
+    }
+
+    #[test]
+    fn vllm_flag_pairs_turn_features_on_and_off_the_last_one_winning() {
+        let caching = |args: &[&str]| serve(args).engine.engine_config().enable_prefix_caching;
+        assert!(caching(&[]));
+        assert!(caching(&["--enable-prefix-caching"]));
+        assert!(!caching(&["--no-enable-prefix-caching"]));
+        assert!(caching(&["--no-enable-prefix-caching", "--enable-prefix-caching"]));
+        assert!(!caching(&["--enable-prefix-caching", "--no-enable-prefix-caching"]));
+        let tracing = |args: &[&str]| serve(args).step_tracing.settings().enabled;
+        assert!(!tracing(&[]));
+        assert!(tracing(&["--step-tracing-enabled"]));
+        assert!(!tracing(&["--no-step-tracing-enabled"]));
+        assert!(!tracing(&["--step-tracing-enabled", "--no-step-tracing-enabled"]));
+        assert!(tracing(&["--no-step-tracing-enabled", "--step-tracing-enabled"]));
+        // A flag that only tunes vLLM's internals is refused, not ignored.
+        let refused = Cli::try_parse_from(["stepscope", "serve", "--enforce-eager"]);
+        assert!(refused.unwrap_err().to_string().contains("--enforce-eager"));
+    }
 
     #[test]
     fn an_unknown_otlp_protocol_is_refused() {
