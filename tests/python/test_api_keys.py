@@ -51,6 +51,8 @@ def test_the_right_keys_and_every_served_name_work(keyed):
 def test_probes_and_scrapers_need_no_key(keyed):
     assert requests.get(keyed.base_url + "/health", timeout=30).status_code == 200
     assert requests.get(keyed.base_url + "/metrics", timeout=30).status_code == 200
+    version = requests.get(keyed.base_url + "/version", timeout=30)
+    assert version.status_code == 200 and version.json()["version"].count(".") == 2, version.text
     tokenized = requests.post(keyed.base_url + "/tokenize", json={"prompt": "hi"}, timeout=30)
     assert tokenized.status_code == 200, tokenized.text
 

@@ -1,7 +1,8 @@
 //! The read-only endpoints: `GET /v1/models` (the served names, with the model's context length),
 //! `GET /health` (200 with an empty body while the engine serves; 503 with an error body once it
 //! is shutting down, or when requests are pending and the engine's step loop has not completed a
-//! step within `--health-stall-timeout`) and `GET /metrics` (Prometheus text).
+//! step within `--health-stall-timeout`), `GET /metrics` (Prometheus text) and `GET /version`
+//! (`{"version": …}`, as vLLM's).
 
 use std::time::Instant;
 
@@ -9,6 +10,8 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::engine::Liveness;
 
@@ -88,4 +91,24 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
         Err(_) => ApiError::internal("cannot encode the metrics").into_response(),
     }
+}
+
+/// `GET /version`'s answer, as vLLM's.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Version {
+    /// The server's version (this crate's).
+    pub version: &'static str,
+}
+
+#[utoipa::path(
+    get,
+    path = "/version",
+    tag = "meta",
+    operation_id = "version",
+    responses((status = 200, description = "The server's version", body = Version))
+)]
+pub async fn version() -> Json<Version> {
+    Json(Version {
+        version: env!("CARGO_PKG_VERSION"),
+    })
 }

@@ -35,7 +35,8 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(tokenize::tokenize))
         .routes(routes!(tokenize::detokenize))
         .routes(routes!(info::health))
-        .routes(routes!(info::metrics));
+        .routes(routes!(info::metrics))
+        .routes(routes!(info::version));
     let keys = state.api_keys.clone();
     let router = openapi::publish(api)
         .fallback(not_found)
