@@ -307,7 +307,11 @@ impl TryFrom<&EngineArgs> for LaunchConfig {
 #[derive(Debug, Clone, Args)]
 pub struct StepTracingArgs {
     /// Trace scheduler steps (off by default).
-    #[arg(long, default_value_t = false, overrides_with = "no_step_tracing_enabled")]
+    #[arg(
+        long,
+        default_value_t = false,
+        overrides_with = "no_step_tracing_enabled"
+    )]
     pub step_tracing_enabled: bool,
     /// Do not trace scheduler steps (the default; the last of the pair wins, so a copied
     /// command line can turn tracing back off).
@@ -694,14 +698,26 @@ mod tests {
         assert!(caching(&[]));
         assert!(caching(&["--enable-prefix-caching"]));
         assert!(!caching(&["--no-enable-prefix-caching"]));
-        assert!(caching(&["--no-enable-prefix-caching", "--enable-prefix-caching"]));
-        assert!(!caching(&["--enable-prefix-caching", "--no-enable-prefix-caching"]));
+        assert!(caching(&[
+            "--no-enable-prefix-caching",
+            "--enable-prefix-caching"
+        ]));
+        assert!(!caching(&[
+            "--enable-prefix-caching",
+            "--no-enable-prefix-caching"
+        ]));
         let tracing = |args: &[&str]| serve(args).step_tracing.settings().enabled;
         assert!(!tracing(&[]));
         assert!(tracing(&["--step-tracing-enabled"]));
         assert!(!tracing(&["--no-step-tracing-enabled"]));
-        assert!(!tracing(&["--step-tracing-enabled", "--no-step-tracing-enabled"]));
-        assert!(tracing(&["--no-step-tracing-enabled", "--step-tracing-enabled"]));
+        assert!(!tracing(&[
+            "--step-tracing-enabled",
+            "--no-step-tracing-enabled"
+        ]));
+        assert!(tracing(&[
+            "--no-step-tracing-enabled",
+            "--step-tracing-enabled"
+        ]));
         // A flag that only tunes vLLM's internals is refused, not ignored.
         let refused = Cli::try_parse_from(["stepscope", "serve", "--enforce-eager"]);
         assert!(refused.unwrap_err().to_string().contains("--enforce-eager"));
