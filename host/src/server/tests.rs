@@ -519,6 +519,7 @@ async fn openapi_describes_every_route() {
         ("GET", "/metrics"),
         ("GET", "/openapi.json"),
         ("GET", "/v1/models"),
+        ("GET", "/version"),
         ("POST", "/detokenize"),
         ("POST", "/tokenize"),
         ("POST", "/v1/chat/completions"),
