@@ -204,6 +204,7 @@ MAIN_PATHS = {
     "/detokenize": "post",
     "/health": "get",
     "/metrics": "get",
+    "/version": "get",
     "/openapi.json": "get",
 }
 
