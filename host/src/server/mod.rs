@@ -30,6 +30,7 @@ pub mod serving;
 pub mod shutdown;
 pub mod sse;
 pub mod state;
+pub mod unsupported;
 
 #[cfg(test)]
 mod tests;

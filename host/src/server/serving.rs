@@ -239,6 +239,7 @@ async fn run<E: Endpoint>(
     journey: Option<&ServerJourney>,
 ) -> Result<Response, ApiError> {
     let body = object_body(body)?;
+    super::unsupported::refuse_unimplemented(&body, E::KIND)?;
     let common: SamplingFields = from_value(&body)?;
     let fields: E = from_value(&body)?;
     let model = state.resolve_model(common.model.as_deref())?;
