@@ -10,9 +10,6 @@ import openai
 import pytest
 
 REFUSED = {
-    "min_p": 0.2,
-    "logit_bias": {"42": 100},
-    "allowed_token_ids": [1, 2, 3],
     "bad_words": ["never"],
     "truncate_prompt_tokens": 8,
     "prompt_logprobs": 1,
@@ -77,3 +74,38 @@ def test_defaults_and_irrelevant_openai_fields_are_accepted(tiny, endpoint):
     }
     answer = create(client, endpoint, defaults)
     assert answer.usage.completion_tokens == 2
+
+
+def token_ids(client, **extra) -> list[int]:
+    completion = client.completions.create(
+        model="tiny", prompt="the same prompt", max_tokens=8, temperature=extra.pop("temperature", 0),
+        seed=extra.pop("seed", None), logit_bias=extra.pop("logit_bias", None),
+        extra_body={"return_token_ids": True, "ignore_eos": True, **extra},
+    )
+    return completion.choices[0].model_extra["token_ids"]
+
+
+def test_logit_bias_min_p_and_allowed_token_ids_take_effect(tiny):
+    client = tiny.client(max_retries=0)
+    greedy = token_ids(client)
+    # +100 forces a token at every step; -100 bans the greedy first token.
+    assert token_ids(client, logit_bias={"7": 100}) == [7] * 8
+    assert token_ids(client, logit_bias={str(greedy[0]): -100})[0] != greedy[0]
+    # min_p 1 keeps only the most likely token: sampling at temperature 1 becomes greedy.
+    assert token_ids(client, temperature=1.0, seed=3, min_p=1.0) == greedy
+    assert token_ids(client, temperature=1.0, seed=3) != greedy  # without it, it samples
+    # Only the allowed tokens come out, sampled or greedy.
+    for temperature in (0, 1.0):
+        out = token_ids(client, temperature=temperature, seed=5, allowed_token_ids=[11, 12, 13])
+        assert set(out) <= {11, 12, 13}, out
+    # Bad values are a 400 naming the field.
+    for extra, param in [
+        ({"logit_bias": {"not-a-token": 1}}, "logit_bias"),
+        ({"logit_bias": {"7": 101}}, "logit_bias"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [10**9]}, "allowed_token_ids"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as raised:
+            token_ids(client, **extra)
+        assert raised.value.body["param"] == param, (extra, raised.value.body)

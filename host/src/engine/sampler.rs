@@ -41,6 +41,8 @@ pub struct Sampler {
     counts: Vec<u32>,
     /// Token ids, for picking the top log-probabilities.
     order: Vec<u32>,
+    /// Which tokens `allowed_token_ids` keeps, per vocabulary entry.
+    allowed: Vec<bool>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -114,9 +116,31 @@ impl Sampler {
         }
     }
 
-    /// Applies `min_tokens` and the penalties to `logits` in place.
+    /// Applies `allowed_token_ids`, `logit_bias`, `min_tokens` and the penalties to `logits` in
+    /// place.
     fn process(&mut self, logits: &mut [f32], params: &SamplingParams, history: TokenHistory<'_>) {
         let vocab = logits.len();
+        if !params.allowed_token_ids.is_empty() {
+            let mut allowed = std::mem::take(&mut self.allowed);
+            allowed.clear();
+            allowed.resize(vocab, false);
+            for &token in &params.allowed_token_ids {
+                if let Some(slot) = allowed.get_mut(token as usize) {
+                    *slot = true;
+                }
+            }
+            for (x, &keep) in logits.iter_mut().zip(&allowed) {
+                if !keep {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+            self.allowed = allowed;
+        }
+        for &(token, bias) in &params.logit_bias {
+            if let Some(x) = logits.get_mut(token as usize) {
+                *x += bias;
+            }
+        }
         if history.output.len() < params.min_tokens {
             let eos = params.eos_token_ids.iter().filter(|_| !params.ignore_eos);
             for &token in eos.chain(&params.stop_token_ids) {
@@ -200,6 +224,15 @@ fn sample_row(
     );
     if candidates.is_empty() {
         return argmax(logits);
+    }
+    if params.min_p > 0.0 {
+        // p_i / p_max = exp(w_i - w_max): keep the tokens at least min_p as likely as the best.
+        let best = candidates
+            .iter()
+            .map(|c| c.weight)
+            .fold(f32::NEG_INFINITY, f32::max);
+        let floor = best + params.min_p.ln();
+        candidates.retain(|c| c.weight >= floor);
     }
     if let Some(k) = params.top_k
         && k < candidates.len()
@@ -647,5 +680,61 @@ mod tests {
         assert_eq!(all.rank, 4);
         assert_eq!(all.top[4].1, f32::NEG_INFINITY);
         assert!(token_logprobs(&logits, 1, 0).top.is_empty());
+    }
+
+    #[test]
+    fn logit_bias_allowed_tokens_and_min_p_shape_the_choice() {
+        let logits = [1.0f32, 3.0, 2.0, 0.5, 2.9];
+        let greedy = SamplingParams::greedy(4);
+        let mut sampler = Sampler::new();
+        let mut rng = RequestRng::new(1);
+        let none = history(&[], &[]);
+        // +100 all but forces a token; -100 all but bans the best one.
+        let forced = SamplingParams {
+            logit_bias: vec![(3, 100.0)],
+            ..greedy.clone()
+        };
+        assert_eq!(sampler.sample(&logits, &forced, none, &mut rng), 3);
+        let banned = SamplingParams {
+            logit_bias: vec![(1, -100.0)],
+            ..greedy.clone()
+        };
+        assert_eq!(sampler.sample(&logits, &banned, none, &mut rng), 4);
+        // Only the allowed tokens are ever drawn, whatever the temperature.
+        let allowed = SamplingParams {
+            allowed_token_ids: vec![0, 3],
+            ..params(1.0, None, 1.0)
+        };
+        for _ in 0..200 {
+            let token = sampler.sample(&logits, &allowed, none, &mut rng);
+            assert!(token == 0 || token == 3, "{token}");
+        }
+        // min_p 0.5 keeps tokens at least half as likely as the best: e^(x - 3) >= 0.5 keeps
+        // tokens 1 (3.0) and 4 (2.9) only; min_p 1 is greedy.
+        let shrunk = SamplingParams {
+            min_p: 0.5,
+            ..params(1.0, None, 1.0)
+        };
+        let counts = histogram(&logits, &shrunk, 4_000, 9);
+        assert_eq!((counts[0], counts[2], counts[3]), (0, 0, 0), "{counts:?}");
+        assert!(counts[1] > 1_000 && counts[4] > 1_000, "{counts:?}");
+        let strict = SamplingParams {
+            min_p: 1.0,
+            ..params(1.0, None, 1.0)
+        };
+        assert_eq!(histogram(&logits, &strict, 500, 3)[1], 500);
+        // Out of range values are refused at admission.
+        for bad in [
+            SamplingParams {
+                min_p: 1.5,
+                ..greedy.clone()
+            },
+            SamplingParams {
+                logit_bias: vec![(0, 101.0)],
+                ..greedy.clone()
+            },
+        ] {
+            assert!(bad.validate().is_err());
+        }
     }
 }

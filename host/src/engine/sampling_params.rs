@@ -40,6 +40,14 @@ pub struct SamplingParams {
     /// (vLLM's `cache_salt`), so one tenant cannot probe another's prompts by timing. `None`:
     /// the shared namespace.
     pub cache_salt: Option<String>,
+    /// vLLM's `min_p`, in [0, 1]: after temperature, tokens less likely than `min_p` × the most
+    /// likely one's probability are dropped (0: off). Applied before top-k and top-p, as vLLM.
+    pub min_p: f32,
+    /// OpenAI's `logit_bias`: added to these tokens' logits (each in [-100, 100]) before the
+    /// penalties; +100 all but forces a token, -100 all but bans it.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// vLLM's `allowed_token_ids`: only these tokens can be sampled (empty: every token).
+    pub allowed_token_ids: Vec<u32>,
 }
 
 /// The longest `cache_salt` accepted, in bytes.
@@ -65,6 +73,9 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             logprobs: None,
             cache_salt: None,
+            min_p: 0.0,
+            logit_bias: Vec::new(),
+            allowed_token_ids: Vec::new(),
         }
     }
 }
@@ -131,6 +142,22 @@ impl SamplingParams {
                 reason: format!("at most {MAX_LOGPROBS} top log-probabilities, got {n}"),
             });
         }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(InvalidSamplingParams {
+                name: "min_p",
+                reason: format!("must be in [0, 1], got {}", self.min_p),
+            });
+        }
+        if let Some((token, bias)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return Err(InvalidSamplingParams {
+                name: "logit_bias",
+                reason: format!("the bias of token {token} must be in [-100, 100], got {bias}"),
+            });
+        }
         if let Some(salt) = &self.cache_salt
             && (salt.is_empty() || salt.len() > MAX_CACHE_SALT_LEN)
         {
@@ -161,6 +188,8 @@ impl SamplingParams {
             || self.frequency_penalty != 0.0
             || self.repetition_penalty != 1.0
             || num_output_tokens < self.min_tokens
+            || !self.logit_bias.is_empty()
+            || !self.allowed_token_ids.is_empty()
     }
 
     /// Whether sampling is greedy (argmax).

@@ -62,6 +62,15 @@ pub struct SamplingFields {
     pub return_tokens_as_token_ids: Option<bool>,
     /// vLLM extension: the request's prefix-cache namespace.
     pub cache_salt: Option<String>,
+    /// vLLM extension: drop tokens less likely than `min_p` × the most likely one (0: off).
+    #[schema(minimum = 0, maximum = 1)]
+    pub min_p: Option<f64>,
+    /// Token id (as a string) → bias in [-100, 100], added to the token's logit.
+    #[schema(value_type = Option<std::collections::BTreeMap<String, f64>>)]
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    /// vLLM extension: only these tokens can be generated.
+    #[schema(value_type = Option<Vec<u32>>)]
+    pub allowed_token_ids: Option<Vec<i64>>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
 }

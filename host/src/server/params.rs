@@ -122,6 +122,24 @@ impl RequestOptions {
             vocab_size,
             "stop_token_ids",
         )?;
+        let min_p = fields.min_p.unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&min_p) {
+            return Err(ApiError::invalid_param(
+                "min_p",
+                format!("min_p must be in [0, 1], got {min_p}"),
+            ));
+        }
+        let logit_bias = parse_logit_bias(fields.logit_bias.as_ref(), vocab_size)?;
+        let allowed_token_ids = match fields.allowed_token_ids.as_deref() {
+            None => Vec::new(),
+            Some([]) => {
+                return Err(ApiError::invalid_param(
+                    "allowed_token_ids",
+                    "allowed_token_ids may not be empty (leave it out to allow every token)",
+                ));
+            }
+            Some(ids) => token_ids_in_vocabulary(ids, vocab_size, "allowed_token_ids")?,
+        };
         let stream = fields.stream.unwrap_or(false);
         if fields.stream_options.is_some() && !stream {
             return Err(ApiError::invalid_param(
@@ -151,6 +169,9 @@ impl RequestOptions {
                 repetition_penalty: repetition_penalty as f32,
                 logprobs: None,
                 cache_salt: fields.cache_salt.clone(),
+                min_p: min_p as f32,
+                logit_bias,
+                allowed_token_ids,
             },
             detokenizer: DetokenizerOptions {
                 skip_special_tokens: fields.skip_special_tokens.unwrap_or(true),
@@ -187,6 +208,30 @@ pub fn token_ids_in_vocabulary(
                 })
         })
         .collect()
+}
+
+/// `logit_bias`: token ids (as strings, in the vocabulary) to biases in [-100, 100].
+fn parse_logit_bias(
+    bias: Option<&std::collections::BTreeMap<String, f64>>,
+    vocab_size: usize,
+) -> Result<Vec<(u32, f32)>, ApiError> {
+    let refuse = |message: String| Err(ApiError::invalid_param("logit_bias", message));
+    let mut out = Vec::new();
+    for (key, &value) in bias.into_iter().flatten() {
+        let Ok(id) = key.trim().parse::<i64>() else {
+            return refuse(format!("logit_bias keys are token ids, got `{key}`"));
+        };
+        let [token] = token_ids_in_vocabulary(&[id], vocab_size, "logit_bias")?[..] else {
+            return refuse(format!("token id {id} is outside the vocabulary"));
+        };
+        if !(-100.0..=100.0).contains(&value) {
+            return refuse(format!(
+                "the bias of token {id} must be in [-100, 100], got {value}"
+            ));
+        }
+        out.push((token, value as f32));
+    }
+    Ok(out)
 }
 
 /// `stop`: a string or a list of strings (empty strings are dropped).

@@ -1,7 +1,7 @@
 //! Request fields `vllm serve` accepts that stepscope does not implement: refused by name, never
 //! ignored. A client that sends one of them with anything but its default (or `null`) gets a 400
 //! `unsupported_parameter` naming the field, so it never receives a 200 whose output ignores a
-//! constraint it asked for (a `guided_json` schema, a `logit_bias`, a beam search). The default
+//! constraint it asked for (a `guided_json` schema, `bad_words`, a beam search). The default
 //! values are accepted because that is what stepscope does anyway (clients that always send
 //! `"priority": 0` or `"use_beam_search": false` keep working). Fields OpenAI defines that do not
 //! change the output (`user`, `metadata`, `store`, …) stay accepted, and the fields stepscope
@@ -17,9 +17,6 @@ use super::sse::ChunkKind;
 fn unimplemented_fields(kind: ChunkKind) -> Vec<(&'static str, Value)> {
     let mut fields = vec![
         // vLLM's sampling extensions.
-        ("min_p", json!(0.0)),
-        ("logit_bias", json!({})),
-        ("allowed_token_ids", json!([])),
         ("bad_words", json!([])),
         ("truncate_prompt_tokens", Value::Null),
         ("prompt_logprobs", Value::Null),
@@ -108,8 +105,6 @@ mod tests {
     fn set_fields_are_refused_by_name_and_defaults_pass() {
         let chat = ChunkKind::Chat;
         for (field, value) in [
-            ("min_p", json!(0.1)),
-            ("logit_bias", json!({"42": 100})),
             ("guided_json", json!({"type": "object"})),
             ("use_beam_search", json!(true)),
             ("priority", json!(-1)),
@@ -121,7 +116,7 @@ mod tests {
             assert_eq!(error.code, Some("unsupported_parameter"));
         }
         for body in [
-            json!({"min_p": 0, "logit_bias": {}, "priority": 0, "use_beam_search": false}),
+            json!({"priority": 0, "use_beam_search": false}),
             json!({"guided_json": null, "bad_words": [], "length_penalty": 1}),
             json!({"user": "u", "metadata": {"a": "b"}, "tool_choice": "none"}),
         ] {
