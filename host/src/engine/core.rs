@@ -64,6 +64,8 @@ pub struct EngineCore {
     sampler: Sampler,
     seed: u64,
     last_step_duration_us: u64,
+    /// When the previous step's span ended (Unix ns): the next step never starts before it.
+    last_step_end_ns: u64,
     model_errors_total: u64,
 }
 
@@ -92,6 +94,7 @@ impl EngineCore {
             sampler: Sampler::new(),
             seed: config.seed,
             last_step_duration_us: 0,
+            last_step_end_ns: 0,
             model_errors_total: 0,
         })
     }
@@ -236,8 +239,11 @@ impl EngineCore {
 
     /// Runs one step.
     pub fn step(&mut self) -> StepOutput {
+        // Step times are one wall-clock read at the start plus monotonic durations, and steps
+        // never overlap: the wall clock can be coarse, slewed or stepped back by NTP, and a
+        // span must neither end before its batch was decided nor after the next step began.
+        let ts_start_ns = unix_time_ns().max(self.last_step_end_ns);
         let started = Instant::now();
-        let ts_start_ns = unix_time_ns();
         let scheduled = self.scheduler.schedule();
         let schedule_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
 
@@ -290,11 +296,10 @@ impl EngineCore {
         let step_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.last_step_duration_us = step_ns / 1_000;
         self.end_journeys();
+        let ts_end_ns = unix_time_ns().max(ts_start_ns.saturating_add(step_ns));
+        self.last_step_end_ns = ts_end_ns;
         if !self.observer_failed {
             let observer = &mut self.observer;
-            // The wall clock itself, not start + monotonic duration: the two clocks drift apart
-            // (NTP slews the wall clock), and a span must never end after the next step began.
-            let ts_end_ns = unix_time_ns().max(ts_start_ns);
             let step_id = scheduled.step_id;
             if catch_unwind(AssertUnwindSafe(|| {
                 observer.on_step_end(step_id, ts_end_ns)
