@@ -5,6 +5,7 @@
 #                              trustme (certificates for the OTLP-over-TLS test), schemathesis
 #                              (fuzzes the API from its /openapi.json)
 #   /usr/bin/promtool          from Debian's `prometheus` package (for `promtool check metrics`)
+#   /usr/bin/prometheus        the same package's server (scrapes `serve` in the dashboard test)
 #
 # A second run only checks both and exits (well under a second). The venv is made with
 # `python3 -m venv`, or, where that is unavailable (Debian without python3-venv), with virtualenv
@@ -54,21 +55,22 @@ else
   echo "$REQUIREMENTS" >"$STAMP"
 fi
 
-# ---- 2. promtool -----------------------------------------------------------------------------
-if command -v promtool >/dev/null 2>&1; then
-  say "promtool ready ($(command -v promtool))"
+# ---- 2. prometheus and promtool --------------------------------------------------------------
+if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
+  say "prometheus and promtool ready ($(command -v prometheus), $(command -v promtool))"
 elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  say "installing Debian's prometheus package for promtool"
+  say "installing Debian's prometheus package (prometheus and promtool)"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null || die "apt-get update failed"
-  # --no-install-recommends: only promtool is needed; the package's service is not started in
-  # containers (policy-rc.d) and nothing here starts it.
+  # --no-install-recommends: only the two binaries are needed; the package's service is not
+  # started in containers (policy-rc.d); the tests start their own server on a free port.
   apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
     || die "apt-get install prometheus failed"
   command -v promtool >/dev/null 2>&1 || die "the prometheus package did not provide promtool"
-  say "promtool ready ($(command -v promtool))"
+  command -v prometheus >/dev/null 2>&1 || die "the prometheus package did not provide prometheus"
+  say "prometheus and promtool ready"
 else
-  say "promtool is missing and cannot be installed here (not root, or no apt-get):"
+  say "prometheus/promtool are missing and cannot be installed here (not root, or no apt-get):"
   say "  install it with: sudo apt-get update && sudo apt-get install -y prometheus"
-  say "  (the promtool test is skipped without it)"
+  say "  (the prometheus and promtool tests are skipped without it)"
 fi

@@ -16,8 +16,10 @@ export STEPSCOPE_REQUIRE_DEFAULT_MODEL=1 STEPSCOPE_REQUIRE_FIXTURES=1
 echo "== NVRTC for the kernel-compilation tests (no GPU needed)"
 ./scripts/install-nvrtc.sh
 
-echo "== end-to-end test environment (tests/python: openai SDK, pytest, promtool)"
+echo "== end-to-end test environment (tests/python: openai SDK, pytest, Debian's prometheus and promtool)"
 ./scripts/setup-test-env.sh
+# As root, setup-test-env.sh installs Debian's prometheus (or fails): its tests must then run.
+if [ "$(id -u)" = 0 ]; then export STEPSCOPE_REQUIRE_PROMETHEUS=1; fi
 
 echo "== Arize Phoenix, the OTLP backend of tests/python/test_phoenix.py (its own venv)"
 ./scripts/setup-phoenix.sh

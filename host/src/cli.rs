@@ -12,10 +12,10 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::backend::Device;
 use crate::backend::cuda::CudaError;
+use crate::backend::{Device, ModelDtype};
 use crate::engine::EngineConfig;
-use crate::launch::LaunchConfig;
+use crate::launch::{KvPoolSize, LaunchConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -120,6 +120,7 @@ impl ServeArgs {
             shutdown_timeout: self.shutdown_timeout,
             http: self.http.config(),
             launch: LaunchConfig::try_from(&self.engine)?,
+            gpu_memory_utilization: self.engine.gpu_memory_utilization,
             tracing: self.step_tracing.to_config(self.engine.seed)?,
         })
     }
@@ -240,18 +241,29 @@ impl fmt::Display for DeviceArg {
 /// Engine and KV-cache sizing (vLLM's flag names).
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
-    /// Most requests in one batch.
-    #[arg(long, default_value_t = 64)]
-    pub max_num_seqs: usize,
-    /// Most tokens computed in one step.
-    #[arg(long, default_value_t = 2048)]
-    pub max_num_batched_tokens: usize,
+    /// Most requests in one batch [default, as vLLM's `serve`: 128 on the CPU; on CUDA 1024 with
+    /// 70 GiB or more of device memory (not an A100), else 256].
+    #[arg(long)]
+    pub max_num_seqs: Option<usize>,
+    /// Most tokens computed in one step [default, as vLLM's `serve`: 8192 on CUDA with 70 GiB
+    /// or more (not an A100), else 2048].
+    #[arg(long)]
+    pub max_num_batched_tokens: Option<usize>,
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
-    /// KV blocks in the pool.
-    #[arg(long, default_value_t = 2048)]
-    pub num_kv_blocks: usize,
+    /// KV blocks in the pool [default: 2048 on the CPU; on CUDA as many as fit in
+    /// --gpu-memory-utilization of the device's memory].
+    #[arg(long)]
+    pub num_kv_blocks: Option<usize>,
+    /// Share of the GPU's memory for the weights and the KV cache; sizes the KV pool with
+    /// `--device cuda` (unless --num-kv-blocks is given). On the CPU the pool is --num-kv-blocks.
+    #[arg(long, default_value_t = 0.9, value_parser = parse_memory_share)]
+    pub gpu_memory_utilization: f64,
+    /// What the model computes in: auto (float32 on the CPU; bfloat16 on CUDA with compute
+    /// capability 8.0+, else float16), float32 (CPU), bfloat16 or float16 (CUDA).
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    pub dtype: DtypeArg,
     /// Longest prompt + output (default: the model's).
     #[arg(long)]
     pub max_model_len: Option<usize>,
@@ -272,14 +284,57 @@ pub struct EngineArgs {
     pub seed: u64,
 }
 
+/// `--dtype`, vLLM's spellings (`half` and `float` as its aliases).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DtypeArg {
+    Auto,
+    #[value(alias = "float")]
+    Float32,
+    Bfloat16,
+    #[value(alias = "half")]
+    Float16,
+}
+
+impl From<DtypeArg> for ModelDtype {
+    fn from(arg: DtypeArg) -> Self {
+        match arg {
+            DtypeArg::Auto => ModelDtype::Auto,
+            DtypeArg::Float32 => ModelDtype::Float32,
+            DtypeArg::Bfloat16 => ModelDtype::BFloat16,
+            DtypeArg::Float16 => ModelDtype::Float16,
+        }
+    }
+}
+
+/// vLLM `serve`'s batch defaults for a device: `(max_num_seqs, max_num_batched_tokens)`.
+pub fn vllm_batch_defaults(device: &Device) -> (usize, usize) {
+    match device {
+        Device::Cpu => (128, 2048),
+        Device::Cuda(d)
+            if d.total_memory_bytes >= 70 << 30 && !d.name.to_lowercase().contains("a100") =>
+        {
+            (1024, 8192)
+        }
+        Device::Cuda(_) => (256, 2048),
+    }
+}
+
+/// The CPU's KV pool when `--num-kv-blocks` is not given.
+pub const DEFAULT_CPU_KV_BLOCKS: usize = 2048;
+
 impl EngineArgs {
-    /// The engine configuration the flags ask for.
-    pub fn engine_config(&self) -> EngineConfig {
+    /// The engine configuration the flags ask for on `device`.
+    pub fn engine_config(&self, device: &Device) -> EngineConfig {
+        let (seqs, tokens) = vllm_batch_defaults(device);
+        let max_num_batched_tokens = self.max_num_batched_tokens.unwrap_or(tokens);
         EngineConfig {
             block_size: self.block_size,
-            num_kv_blocks: self.num_kv_blocks,
-            max_num_seqs: self.max_num_seqs,
-            max_num_batched_tokens: self.max_num_batched_tokens,
+            num_kv_blocks: self.num_kv_blocks.unwrap_or(DEFAULT_CPU_KV_BLOCKS),
+            // As vLLM: the default never exceeds the step's token budget.
+            max_num_seqs: self
+                .max_num_seqs
+                .unwrap_or(seqs.min(max_num_batched_tokens)),
+            max_num_batched_tokens,
             max_model_len: self.max_model_len,
             max_waiting_requests: self.max_waiting_requests,
             enable_prefix_caching: !self.no_enable_prefix_caching,
@@ -296,9 +351,14 @@ impl TryFrom<&EngineArgs> for LaunchConfig {
     fn try_from(args: &EngineArgs) -> anyhow::Result<LaunchConfig> {
         let (device, device_note) = args.device.resolve().context("--device")?;
         Ok(LaunchConfig {
-            engine: args.engine_config(),
+            engine: args.engine_config(&device),
             device,
             device_note,
+            dtype: args.dtype.into(),
+            kv_pool: match args.num_kv_blocks {
+                Some(_) => KvPoolSize::AsConfigured,
+                None => KvPoolSize::DeviceMemoryShare(args.gpu_memory_utilization),
+            },
         })
     }
 }
@@ -653,6 +713,16 @@ pub fn parse_rate(text: &str) -> Result<f64, String> {
     }
 }
 
+/// Parses `--gpu-memory-utilization`: a number in (0, 1].
+fn parse_memory_share(text: &str) -> Result<f64, String> {
+    let share = parse_rate(text)?;
+    if share > 0.0 {
+        Ok(share)
+    } else {
+        Err("0 leaves no memory for the model; give a share in (0, 1]".to_string())
+    }
+}
+
 /// Parses a share of the step: a finite number in [0, 1].
 pub fn parse_share(text: &str) -> Result<f64, String> {
     parse_rate(text)
@@ -694,7 +764,12 @@ mod tests {
 
     #[test]
     fn vllm_flag_pairs_turn_features_on_and_off_the_last_one_winning() {
-        let caching = |args: &[&str]| serve(args).engine.engine_config().enable_prefix_caching;
+        let caching = |args: &[&str]| {
+            serve(args)
+                .engine
+                .engine_config(&Device::Cpu)
+                .enable_prefix_caching
+        };
         assert!(caching(&[]));
         assert!(caching(&["--enable-prefix-caching"]));
         assert!(!caching(&["--no-enable-prefix-caching"]));
@@ -721,6 +796,76 @@ mod tests {
         // A flag that only tunes vLLM's internals is refused, not ignored.
         let refused = Cli::try_parse_from(["stepscope", "serve", "--enforce-eager"]);
         assert!(refused.unwrap_err().to_string().contains("--enforce-eager"));
+    }
+
+    #[test]
+    fn batch_defaults_follow_vllms_serve_per_device_and_flags_override_them() {
+        let gpu = |name: &str, gib: usize| {
+            Device::Cuda(crate::backend::cuda::DeviceSummary {
+                num_devices: 1,
+                name: name.to_string(),
+                compute_capability: (9, 0),
+                total_memory_bytes: gib << 30,
+                driver_version: 13000,
+                nvrtc_version: (13, 0),
+            })
+        };
+        let config = |args: &[&str], device: &Device| {
+            let c = serve(args).engine.engine_config(device);
+            (c.max_num_seqs, c.max_num_batched_tokens, c.num_kv_blocks)
+        };
+        assert_eq!(
+            config(&[], &Device::Cpu),
+            (128, 2048, DEFAULT_CPU_KV_BLOCKS)
+        );
+        assert_eq!(config(&[], &gpu("NVIDIA H100 80GB HBM3", 80)).0, 1024);
+        assert_eq!(config(&[], &gpu("NVIDIA H100 80GB HBM3", 80)).1, 8192);
+        assert_eq!(config(&[], &gpu("NVIDIA A100-SXM4-80GB", 80)).0, 256);
+        assert_eq!(config(&[], &gpu("NVIDIA L4", 24)).0, 256);
+        // As vLLM, the default number of sequences never exceeds the step's token budget.
+        assert_eq!(
+            config(&["--max-num-batched-tokens", "64"], &Device::Cpu).0,
+            64
+        );
+        assert_eq!(
+            config(
+                &[
+                    "--max-num-seqs",
+                    "7",
+                    "--max-num-batched-tokens",
+                    "300",
+                    "--num-kv-blocks",
+                    "9"
+                ],
+                &Device::Cpu
+            ),
+            (7, 300, 9)
+        );
+        // --num-kv-blocks is an override; without it the pool is sized from GPU memory.
+        let kv_pool = |args: &[&str]| {
+            LaunchConfig::try_from(&serve(&[args, &["--device", "cpu"]].concat().to_vec()).engine)
+                .map(|l| l.kv_pool)
+                .unwrap()
+        };
+        assert_eq!(kv_pool(&[]), KvPoolSize::DeviceMemoryShare(0.9));
+        assert_eq!(
+            kv_pool(&["--gpu-memory-utilization", "0.5"]),
+            KvPoolSize::DeviceMemoryShare(0.5)
+        );
+        assert_eq!(
+            kv_pool(&["--num-kv-blocks", "10"]),
+            KvPoolSize::AsConfigured
+        );
+        for bad in ["0", "1.5", "-1", "x"] {
+            let refused =
+                Cli::try_parse_from(["stepscope", "serve", "--gpu-memory-utilization", bad]);
+            assert!(refused.is_err(), "{bad} accepted");
+        }
+        let dtype = |value: &str| ModelDtype::from(serve(&["--dtype", value]).engine.dtype);
+        assert_eq!(dtype("half"), ModelDtype::Float16);
+        assert_eq!(dtype("bfloat16"), ModelDtype::BFloat16);
+        assert_eq!(dtype("float"), ModelDtype::Float32);
+        assert!(Cli::try_parse_from(["stepscope", "serve", "--dtype", "fp8"]).is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! CLI converts its flags into one (`TryFrom<&EngineArgs>` in `cli.rs`), so this module does not
 //! know the flags.
 
-use crate::backend::{self, Device};
+use crate::backend::{self, Device, ModelDtype};
 use crate::engine::{Engine, EngineConfig, EngineHandle, StepObserver};
 use crate::model::{KvCacheShape, ModelInfo};
 use anyhow::Context;
@@ -16,10 +16,37 @@ use std::sync::Arc;
 /// What [`launch`] starts: the engine configuration and the device, `auto` already resolved.
 #[derive(Debug, Clone)]
 pub struct LaunchConfig {
+    /// `num_kv_blocks` is used as given unless `kv_pool` says to size it from device memory.
     pub engine: EngineConfig,
     pub device: Device,
     /// Why `--device auto` chose the CPU, for a log line.
     pub device_note: Option<String>,
+    /// `--dtype`.
+    pub dtype: ModelDtype,
+    pub kv_pool: KvPoolSize,
+}
+
+impl LaunchConfig {
+    /// `engine` on the CPU, as configured, computing in float32.
+    pub fn cpu(engine: EngineConfig) -> Self {
+        Self {
+            engine,
+            device: Device::Cpu,
+            device_note: None,
+            dtype: ModelDtype::Auto,
+            kv_pool: KvPoolSize::AsConfigured,
+        }
+    }
+}
+
+/// How many KV blocks the pool has.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvPoolSize {
+    /// `engine.num_kv_blocks`, on any device (`--num-kv-blocks`, or the CPU's default).
+    AsConfigured,
+    /// On CUDA, as many as fit in this share of the device's memory (`--gpu-memory-utilization`);
+    /// on the CPU, `engine.num_kv_blocks`.
+    DeviceMemoryShare(f64),
 }
 
 /// A started engine and the model description the text side needs.
@@ -42,20 +69,35 @@ where
     C::Error: Into<anyhow::Error>,
 {
     let LaunchConfig {
-        engine: engine_config,
+        engine: mut engine_config,
         device,
         device_note,
+        dtype,
+        kv_pool,
     } = config.try_into().map_err(Into::into)?;
     if let Some(why) = device_note {
         tracing::info!("--device auto: {why}");
+    }
+    let model = crate::model::load_model_files(model_spec)
+        .with_context(|| format!("loading model `{model_spec}`"))?;
+    if let (KvPoolSize::DeviceMemoryShare(share), Device::Cuda(_)) = (kv_pool, &device) {
+        engine_config.num_kv_blocks = backend::cuda::runner::kv_blocks_for_memory_share(
+            &model.info.config,
+            model.weights.num_params(),
+            engine_config.block_size,
+            share,
+        )?;
+        tracing::info!(
+            num_kv_blocks = engine_config.num_kv_blocks,
+            gpu_memory_utilization = share,
+            "KV pool sized from device memory"
+        );
     }
     let kv = KvCacheShape {
         num_blocks: engine_config.num_kv_blocks,
         block_size: engine_config.block_size,
     };
-    let model = crate::model::load_model_files(model_spec)
-        .with_context(|| format!("loading model `{model_spec}`"))?;
-    let runner = backend::build_runner(&model, kv, &device)
+    let runner = backend::build_runner(&model, kv, &device, dtype)
         .with_context(|| format!("preparing model `{model_spec}` on {device}"))?;
     let info = model.info;
     let engine = Engine::start(engine_config, runner, observer).context("starting the engine")?;

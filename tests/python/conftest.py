@@ -36,15 +36,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+VLLM_CONSTANT_LABELS = re.compile(r'(?:model_name|engine)="[^"]*",?')
+
+
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text to {'name{labels}': value} (labels as written)."""
+    """Prometheus text to {'name{labels}': value}, labels as written; a `vllm:*` sample is also
+    under its key without the `model_name` and `engine` labels every one of them carries
+    (`vllm:num_requests_running`, `vllm:request_success_total{finished_reason="stop"}`)."""
     samples = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
         key, _, value = line.rpartition(" ")
         samples[key] = float(value)
+        if key.startswith("vllm:") and "{" in key:
+            short = VLLM_CONSTANT_LABELS.sub("", key).replace(",}", "}").replace("{}", "")
+            samples.setdefault(short, float(value))
     return samples
+
+
+# Lints vLLM's series names draw from `promtool check metrics` (vLLM's own /metrics draws the
+# same): colons are meant for recording rules, and vLLM named a histogram `…_total`.
+VLLM_NAME_LINTS = [
+    re.compile(r"^vllm:\w+ metric names should not contain ':'$"),
+    re.compile(r'^vllm:iteration_tokens_total non-counter metrics should not have "_total" suffix$'),
+]
+
+
+def promtool_problems(promtool: str, text: str) -> tuple[list[str], list[str]]:
+    """`promtool check metrics` on `text`: (every problem it reports, those not in
+    VLLM_NAME_LINTS). Exit status 3 is its "lint problems" status; anything else must be 0."""
+    out = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    problems = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    assert out.returncode in (0, 3), f"promtool failed ({out.returncode}):\n{out.stdout}{out.stderr}"
+    unexpected = [p for p in problems if not any(lint.match(p) for lint in VLLM_NAME_LINTS)]
+    return problems, unexpected
 
 
 class Server:

@@ -1,5 +1,6 @@
 """`vllm serve` command-line compatibility, part of issue 15: `--api-key` / `VLLM_API_KEY`,
-several `--served-model-name`s after one flag, and `--host 0.0.0.0`.
+several `--served-model-name`s after one flag, `--host 0.0.0.0`, `--dtype`, and a typical vLLM
+command line copied whole.
 
 With a key, every `/v1` request needs `Authorization: Bearer <key>`: the official openai SDK gets
 an `AuthenticationError` (401, OpenAI's error shape, code `invalid_api_key`) with a wrong key or
@@ -8,11 +9,24 @@ none, and answers with the right one; `/health`, `/metrics` and `/tokenize` stay
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import openai
 import pytest
 import requests
 
-from conftest import Server
+from conftest import BINARY, ROOT, SMOLLM_DIR, Server, free_port
+
+
+@pytest.fixture(scope="module")
+def smollm_dir():
+    if not (SMOLLM_DIR / "config.json").is_file():
+        message = f"{SMOLLM_DIR} is not set up (./scripts/setup-default-model.sh)"
+        if os.environ.get("STEPSCOPE_REQUIRE_DEFAULT_MODEL") is not None:
+            pytest.fail(message)
+        pytest.skip(message)
+    return SMOLLM_DIR
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +80,37 @@ def test_the_key_can_come_from_vllm_api_key():
         assert "from-env" not in server.log_text()
     finally:
         server.stop()
+
+
+def test_a_typical_vllm_serve_command_line_starts_on_the_cpu(smollm_dir):
+    """The command line from vLLM's docs, copied, with `--device cpu`: every flag takes effect."""
+    server = Server(str(smollm_dir), "--enable-prefix-caching", "--served-model-name", "x", "--api-key", "k",
+                    "--max-model-len", "2048", "--gpu-memory-utilization", "0.9", "--host", "0.0.0.0",
+                    "--device", "cpu")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            server.client(api_key="wrong", max_retries=0).models.list()
+        client = server.client(api_key="k")
+        [model] = client.models.list().data
+        assert (model.id, model.model_extra["max_model_len"]) == ("x", 2048)
+        prompt = "The capital of France is Paris, and the capital of Italy is Rome. " * 3  # > one 16-token block
+        for _ in range(2):
+            done = client.completions.create(model="x", prompt=prompt, max_tokens=3, temperature=0)
+        assert done.usage.completion_tokens == 3
+        samples = server.metrics()
+        assert samples["vllm:prefix_cache_hits_total"] > 0  # the second prompt reused the first's blocks
+        info = [k for k in samples if k.startswith("vllm:cache_config_info{") and "engine=" in k]
+        assert len(info) == 1 and 'enable_prefix_caching="True"' in info[0] and 'gpu_memory_utilization="0.9"' in info[0]
+        assert 'vllm:num_requests_running{model_name="x",engine="0"}' in samples
+    finally:
+        server.stop()
+
+
+def test_dtype_is_honoured_or_refused_by_name(smollm_dir):
+    server = Server(str(smollm_dir), "--dtype", "float32", "--max-model-len", "256")
+    server.stop()
+    port = free_port()
+    out = subprocess.run([str(BINARY), "serve", str(smollm_dir), "--dtype", "bfloat16", "--port", str(port)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode != 0
+    assert "--dtype bfloat16: the CPU backend computes in float32" in out.stderr, out.stderr

@@ -41,12 +41,12 @@ def test_64_concurrent_streams_with_preemption_match_solo_runs():
                     "--max-num-seqs", "64", "--max-num-batched-tokens", "512")
     try:
         client = server.client(max_retries=0, timeout=300)
-        before = server.metrics()["stepscope_num_preemptions_total"]
+        before = server.metrics()["vllm:num_preemptions_total"]
         start = threading.Barrier(N)
         with concurrent.futures.ThreadPoolExecutor(max_workers=N) as pool:
             results = list(pool.map(lambda i: stream_one(client, i, start), range(N)))
         after = server.metrics()
-        assert after["stepscope_num_preemptions_total"] > before, "no preemption happened"
+        assert after["vllm:num_preemptions_total"] > before, "no preemption happened"
         for i, (ids, text, finish) in enumerate(results):
             assert finish == "length", i
             assert len(ids) == MAX_TOKENS, i
@@ -56,8 +56,8 @@ def test_64_concurrent_streams_with_preemption_match_solo_runs():
                                               extra_body={"ignore_eos": True, "return_token_ids": True})
             assert alone.choices[0].model_extra["token_ids"] == ids, i
             assert alone.choices[0].text == text, i
-        final = server.wait_metrics(lambda s: s["stepscope_num_requests_running"] == 0)
+        final = server.wait_metrics(lambda s: s["vllm:num_requests_running"] == 0)
         assert final["stepscope_kv_cache_blocks_free"] == final["stepscope_num_kv_blocks"]
-        assert final['stepscope_request_success_total{finished_reason="length"}'] == 2 * N
+        assert final['vllm:request_success_total{finished_reason="length"}'] == 2 * N
     finally:
         server.stop()

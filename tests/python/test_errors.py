@@ -183,7 +183,7 @@ def test_queue_full_returns_503_and_the_rest_complete():
             assert r.json()["choices"][0]["finish_reason"] == "length"
         samples = server.metrics()
         assert samples['stepscope_requests_rejected_total{reason="queue_full"}'] == len(refused)
-        assert samples['stepscope_request_success_total{finished_reason="length"}'] == len(done)
+        assert samples['vllm:request_success_total{finished_reason="length"}'] == len(done)
     finally:
         server.stop()
 
@@ -209,9 +209,9 @@ def test_a_bad_prompt_in_a_batch_starts_nothing(short):
     r = short.post("/v1/completions", {"prompt": ["fine", [1, 10**6]], "max_tokens": 2})
     assert_openai_error(r, 400, param="prompt[1]")
     after = short.metrics()
-    aborted = 'stepscope_request_success_total{finished_reason="abort"}'
+    aborted = 'vllm:request_success_total{finished_reason="abort"}'
     assert after.get(aborted, 0) == before.get(aborted, 0)
-    assert after["stepscope_generation_tokens_total"] == before["stepscope_generation_tokens_total"]
+    assert after["vllm:generation_tokens_total"] == before["vllm:generation_tokens_total"]
 
 
 def test_more_choices_than_the_queue_holds_is_a_400():

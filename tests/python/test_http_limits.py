@@ -68,7 +68,7 @@ def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
 
 def engine_load(server: Server) -> float:
     samples = server.metrics()
-    return samples["stepscope_num_requests_running"] + samples["stepscope_num_requests_waiting"]
+    return samples["vllm:num_requests_running"] + samples["vllm:num_requests_waiting"]
 
 
 def test_trickled_headers_are_cut_off(strict):
@@ -119,7 +119,7 @@ def test_an_unfinished_body_gets_a_408_and_holds_nothing(strict):
     assert error["code"] == "request_timeout" and error["type"] == "invalid_request_error", error
     assert engine_load(strict) == 0
     # Nothing was generated for it.
-    assert strict.metrics()["stepscope_prompt_tokens_total"] == 0
+    assert strict.metrics()["vllm:prompt_tokens_total"] == 0
 
 
 def test_bodies_over_the_limit_get_a_413(strict):

@@ -102,7 +102,7 @@ def test_traced_requests_are_trees_in_the_callers_trace_joined_to_steps():
                 dropped = pool.submit(drop_after_two_chunks, client, start)
                 ids = list(pool.map(lambda i: stream_one(client, i, start), range(N)))
                 dropped_id = dropped.result()
-            metrics = server.wait_metrics(lambda s: s["stepscope_num_requests_running"] == 0, timeout=60)
+            metrics = server.wait_metrics(lambda s: s["vllm:num_requests_running"] == 0, timeout=60)
             assert server.terminate() == 0
         finally:
             server.stop()

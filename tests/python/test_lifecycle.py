@@ -30,18 +30,18 @@ def test_disconnect_mid_stream_frees_the_blocks(tiny):
             if received == 3:
                 break
     during = tiny.metrics()
-    assert during["stepscope_num_requests_running"] == 1
+    assert during["vllm:num_requests_running"] == 1
     assert during["stepscope_kv_cache_blocks_free"] < during["stepscope_num_kv_blocks"]
     response.close()  # drops the connection with the stream unfinished
 
-    after = tiny.wait_metrics(lambda s: s["stepscope_num_requests_running"] == 0
+    after = tiny.wait_metrics(lambda s: s["vllm:num_requests_running"] == 0
                               and s["stepscope_kv_cache_blocks_free"] == s["stepscope_num_kv_blocks"])
-    assert after["stepscope_kv_cache_usage_ratio"] == 0
-    aborted = 'stepscope_request_success_total{finished_reason="abort"}'
+    assert after["vllm:kv_cache_usage_perc"] == 0
+    aborted = 'vllm:request_success_total{finished_reason="abort"}'
     assert after[aborted] == before[aborted] + 1
-    length = 'stepscope_request_success_total{finished_reason="length"}'
+    length = 'vllm:request_success_total{finished_reason="length"}'
     assert after[length] == before[length], "the request ran to its end instead of being aborted"
-    assert after["stepscope_generation_tokens_total"] - before["stepscope_generation_tokens_total"] < 2000
+    assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] < 2000
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -82,11 +82,11 @@ def test_disconnect_during_a_non_streaming_request_aborts_it(smollm):
     body = {"prompt": "Tell me a long story.", "max_tokens": 400, "ignore_eos": True}
     with pytest.raises(requests.Timeout):
         requests.post(smollm.base_url + "/v1/completions", json=body, timeout=1.5)
-    after = smollm.wait_metrics(lambda s: s["stepscope_num_requests_running"] == 0
+    after = smollm.wait_metrics(lambda s: s["vllm:num_requests_running"] == 0
                                 and s["stepscope_kv_cache_blocks_free"] == s["stepscope_num_kv_blocks"])
-    aborted = 'stepscope_request_success_total{finished_reason="abort"}'
+    aborted = 'vllm:request_success_total{finished_reason="abort"}'
     assert after[aborted] == before[aborted] + 1
-    assert after["stepscope_generation_tokens_total"] - before["stepscope_generation_tokens_total"] < 400
+    assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] < 400
 
 
 def test_drain_past_shutdown_timeout_aborts_requests_with_an_error(tmp_path):
@@ -114,7 +114,7 @@ def test_drain_past_shutdown_timeout_aborts_requests_with_an_error(tmp_path):
             chunks = iter(stream)
             first = next(chunks)
             assert first.choices[0].text is not None
-            server.wait_metrics(lambda s: s["stepscope_num_requests_running"] == 2)
+            server.wait_metrics(lambda s: s["vllm:num_requests_running"] == 2)
             server.proc.send_signal(signal.SIGTERM)
             received = 1
             with pytest.raises(openai.APIError) as raised:

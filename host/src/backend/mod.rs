@@ -51,6 +51,30 @@ impl fmt::Display for Device {
     }
 }
 
+/// What the model computes in (`--dtype`, vLLM's spellings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ModelDtype {
+    /// The backend's own: float32 on the CPU; on CUDA bfloat16 (compute capability 8.0+) or
+    /// float16.
+    #[default]
+    Auto,
+    Float32,
+    BFloat16,
+    Float16,
+}
+
+impl ModelDtype {
+    /// vLLM's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelDtype::Auto => "auto",
+            ModelDtype::Float32 => "float32",
+            ModelDtype::BFloat16 => "bfloat16",
+            ModelDtype::Float16 => "float16",
+        }
+    }
+}
+
 /// Why [`build_runner`] failed.
 #[derive(Debug, Error)]
 pub enum BuildRunnerError {
@@ -58,24 +82,83 @@ pub enum BuildRunnerError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Cuda(#[from] CudaError),
+    #[error("--dtype {asked}: {why}")]
+    Dtype { asked: &'static str, why: String },
 }
 
-/// Builds the model runner for a resolved device: the CPU runner or a [`CudaModelRunner`].
+/// Builds the model runner for a resolved device: the CPU runner or a [`CudaModelRunner`],
+/// computing in `dtype` where the backend supports it (a clear error where it does not).
 pub fn build_runner(
     model: &LoadedModel,
     kv: KvCacheShape,
     device: &Device,
+    dtype: ModelDtype,
 ) -> Result<Box<dyn ModelRunner>, BuildRunnerError> {
+    let refuse = |why: &str| BuildRunnerError::Dtype {
+        asked: dtype.name(),
+        why: why.to_string(),
+    };
     Ok(match device {
-        Device::Cpu => Box::new(cpu::CpuModelRunner::new(
-            model.info.config.clone(),
-            model.weights.clone(),
-            kv,
-        )?),
-        Device::Cuda(_) => Box::new(CudaModelRunner::new(
-            model.info.config.clone(),
-            model.weights.clone(),
-            kv,
-        )?),
+        Device::Cpu => {
+            if !matches!(dtype, ModelDtype::Auto | ModelDtype::Float32) {
+                return Err(refuse(
+                    "the CPU backend computes in float32 (use --dtype auto or float32)",
+                ));
+            }
+            Box::new(cpu::CpuModelRunner::new(
+                model.info.config.clone(),
+                model.weights.clone(),
+                kv,
+            )?)
+        }
+        Device::Cuda(_) => {
+            let act = match dtype {
+                ModelDtype::Auto => None,
+                ModelDtype::BFloat16 => Some(cuda::nvrtc::ActDtype::Bf16),
+                ModelDtype::Float16 => Some(cuda::nvrtc::ActDtype::F16),
+                ModelDtype::Float32 => {
+                    return Err(refuse(
+                        "the CUDA backend computes in 16 bits (use auto, bfloat16 or float16)",
+                    ));
+                }
+            };
+            let options = cuda::runner::CudaOptions {
+                dtype: act,
+                ..cuda::runner::CudaOptions::default()
+            };
+            Box::new(CudaModelRunner::with_options(
+                model.info.config.clone(),
+                model.weights.clone(),
+                kv,
+                &options,
+            )?)
+        }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_refuses_16_bit_dtypes_by_name_and_takes_float32() {
+        let model = crate::model::load_model_files("builtin:tiny").expect("tiny");
+        let kv = KvCacheShape {
+            num_blocks: 8,
+            block_size: 4,
+        };
+        for dtype in [ModelDtype::BFloat16, ModelDtype::Float16] {
+            let error = build_runner(&model, kv, &Device::Cpu, dtype)
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(
+                error.starts_with(&format!("--dtype {}: ", dtype.name())),
+                "{error}"
+            );
+        }
+        for dtype in [ModelDtype::Auto, ModelDtype::Float32] {
+            assert!(build_runner(&model, kv, &Device::Cpu, dtype).is_ok());
+        }
+    }
 }

@@ -130,7 +130,12 @@ pub fn run(params: &BudgetBenchParams) -> anyhow::Result<Vec<BudgetBenchRow>> {
         // Rotate the order every round, so no tracer always runs first or last.
         for k in 0..n {
             let (observer, _, samples) = &mut tracers[(round + k) % n];
-            let runner = crate::backend::build_runner(&model, kv, &crate::backend::Device::Cpu)?;
+            let runner = crate::backend::build_runner(
+                &model,
+                kv,
+                &crate::backend::Device::Cpu,
+                crate::backend::ModelDtype::Auto,
+            )?;
             let mut core = EngineCore::new(
                 engine_config.clone(),
                 runner,

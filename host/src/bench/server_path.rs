@@ -15,10 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::backend::Device;
 use crate::engine::{EngineConfig, NoopStepObserver};
 use crate::launch::{LaunchConfig, launch};
-use crate::server::metrics::{ServerMetrics, TracingInfo};
+use crate::server::metrics::{MetricsIdentity, ServerMetrics, TracingInfo};
 use crate::server::state::AppState;
 use crate::server::{http, routes};
 use crate::step_tracing::{StepTracer, StepTracingConfig};
@@ -28,17 +27,14 @@ const WARM_UP: usize = 20;
 
 /// The mean wall time of one request through the server, in ns (see the module doc).
 pub fn request_path_ns(requests: usize) -> anyhow::Result<f64> {
-    let config = LaunchConfig {
-        engine: EngineConfig::default(),
-        device: Device::Cpu,
-        device_note: None,
-    };
+    let config = LaunchConfig::cpu(EngineConfig::default());
     let launched = launch("builtin:tiny", config, Box::new(NoopStepObserver))?;
     let (_, tracer) = StepTracer::start(StepTracingConfig::default())?;
     let metrics = Arc::new(ServerMetrics::new(
         launched.engine.clone(),
         tracer.metrics_handle(),
         TracingInfo { switch: None },
+        MetricsIdentity::for_model(&launched.model.name, &launched.engine),
     ));
     let state = AppState::new(
         launched.engine.clone(),

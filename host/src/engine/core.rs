@@ -29,6 +29,10 @@ pub struct EngineStats {
     pub kv_usage_ratio: f64,
     pub kv_blocks_total: usize,
     pub kv_blocks_free: usize,
+    /// Tokens per KV block (`--block-size`).
+    pub block_size: usize,
+    /// Whether prompts are looked up in the prefix cache (`--enable-prefix-caching`).
+    pub prefix_caching_enabled: bool,
     /// Prefix-cache lookups at admission, in tokens.
     pub prefix_cache_queries: u64,
     /// Prefix-cache hits at admission, in tokens.
@@ -42,6 +46,8 @@ pub struct EngineStats {
     pub num_requests_finished_total: u64,
     /// `scheduler_step`: steps run so far.
     pub num_steps: u64,
+    /// Tokens scheduled per non-empty step.
+    pub step_tokens: super::StepTokenHistogram,
     pub model_errors_total: u64,
 }
 
@@ -329,6 +335,8 @@ impl EngineCore {
             kv_usage_ratio: kv.usage_ratio(),
             kv_blocks_total: kv.num_total_blocks(),
             kv_blocks_free: kv.num_free_blocks(),
+            block_size: kv.block_size(),
+            prefix_caching_enabled: kv.prefix_caching_enabled(),
             prefix_cache_queries: kv.prefix_cache_queries(),
             prefix_cache_hits: kv.prefix_cache_hits(),
             num_preemptions_total: counters.num_preemptions_total,
@@ -337,6 +345,7 @@ impl EngineCore {
             computed_tokens_total: counters.computed_tokens_total,
             num_requests_finished_total: counters.num_requests_finished_total,
             num_steps: self.scheduler.scheduler_step(),
+            step_tokens: counters.step_tokens,
             model_errors_total: self.model_errors_total,
         }
     }

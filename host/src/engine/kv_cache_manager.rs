@@ -41,6 +41,10 @@ impl KvCacheManager {
         self.block_size
     }
 
+    pub fn prefix_caching_enabled(&self) -> bool {
+        self.enable_prefix_caching
+    }
+
     pub fn num_total_blocks(&self) -> usize {
         self.pool.num_blocks()
     }

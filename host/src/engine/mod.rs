@@ -26,6 +26,7 @@ pub mod request;
 pub mod sampler;
 pub mod sampling_params;
 pub mod scheduler;
+pub mod step_tokens;
 
 #[cfg(test)]
 mod engine_tests;
@@ -37,3 +38,4 @@ pub use heartbeat::Liveness;
 pub use observer::{NoopStepObserver, StepObserver, StepView};
 pub use request::{FinishReason, RequestOutput, RequestPhase, TokenLogprobs};
 pub use sampling_params::{MAX_LOGPROBS, SamplingParams};
+pub use step_tokens::StepTokenHistogram;

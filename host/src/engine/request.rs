@@ -45,6 +45,9 @@ pub enum FinishReason {
 }
 
 impl FinishReason {
+    /// Every reason, in declaration order.
+    pub const ALL: [Self; 4] = [Self::Stop, Self::Length, Self::Abort, Self::Error];
+
     /// The OpenAI/vLLM spelling: `stop`, `length`, `abort`, `error`.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -99,6 +99,8 @@ pub struct SchedulerCounters {
     /// Tokens computed by forward passes (prefill chunks, recomputation and decode).
     pub computed_tokens_total: u64,
     pub num_requests_finished_total: u64,
+    /// Tokens scheduled per non-empty step (`vllm:iteration_tokens_total`).
+    pub step_tokens: super::step_tokens::StepTokenHistogram,
 }
 
 /// Request queues, the KV cache manager, and the scheduling policy.
@@ -362,11 +364,16 @@ impl Scheduler {
 
     /// The post-schedule update: the scheduled tokens count as computed from here on.
     pub fn update_after_schedule(&mut self, out: &SchedulerOutput) {
+        let mut step_tokens = 0;
         for s in &out.scheduled {
             let request = &mut self.running[s.running_index];
             debug_assert_eq!(request.id, s.request_id);
             request.num_computed_tokens += s.num_tokens;
-            self.counters.computed_tokens_total += s.num_tokens as u64;
+            step_tokens += s.num_tokens;
+        }
+        self.counters.computed_tokens_total += step_tokens as u64;
+        if step_tokens > 0 {
+            self.counters.step_tokens.observe(step_tokens);
         }
     }
 

@@ -1,20 +1,24 @@
-//! The scrape-time half of `/metrics`: a `prometheus-client` [`Collector`] that reads the
+//! The scrape-time half of `/metrics`: `prometheus-client` [`Collector`]s that read the
 //! engine's numbers (`EngineHandle::stats`: queue depths, KV blocks, prefix-cache queries and
-//! hits, preemptions, token totals) and the step tracer's and policy runtime's counters
-//! (`TracerMetrics::snapshot`: steps seen, batch- and rich-sampled, snapshots, records dropped by
-//! reason, export failures, policy calls and faults by kind) each time `/metrics` is scraped.
-//! Gauges are sampled values, counters are the components' own monotonic totals; nothing here
-//! keeps state of its own.
+//! hits, preemptions, token totals, tokens per step) and the step tracer's and policy runtime's
+//! counters (`TracerMetrics::snapshot`) each time `/metrics` is scraped.
+//!
+//! [`EngineSeries`] writes the engine's numbers under vLLM's names (`vllm:num_requests_running`,
+//! `vllm:kv_cache_usage_perc`, `vllm:iteration_tokens_total`, …); it is registered where the
+//! registry adds the `model_name` and `engine` labels. [`StatsCollector`] writes what vLLM has
+//! no series for under `stepscope_*` names, and `vllm:cache_config_info` (labelled `engine` and
+//! the cache settings only, as vLLM's). Gauges are sampled values, counters are the components'
+//! own monotonic totals; nothing here keeps state of its own.
 
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
-use crate::engine::EngineHandle;
+use crate::engine::{EngineHandle, StepTokenHistogram};
 use crate::policy::FaultKind;
 use crate::step_tracing::TracerMetrics;
 
@@ -26,19 +30,125 @@ pub struct StatsCollector {
     engine: EngineHandle,
     tracer: Arc<TracerMetrics>,
     tracing: TracingInfo,
+    cache: CacheSettings,
+}
+
+/// Cache settings `vllm:cache_config_info` reports that the engine's stats do not carry.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CacheSettings {
+    /// `--gpu-memory-utilization` (reported as given; it sizes the pool on CUDA only).
+    pub gpu_memory_utilization: f64,
 }
 
 impl StatsCollector {
-    pub fn new(engine: EngineHandle, tracer: Arc<TracerMetrics>, tracing: TracingInfo) -> Self {
+    pub fn new(
+        engine: EngineHandle,
+        tracer: Arc<TracerMetrics>,
+        tracing: TracingInfo,
+        cache: CacheSettings,
+    ) -> Self {
         Self {
             engine,
             tracer,
             tracing,
+            cache,
         }
     }
 }
 
 type FmtResult = Result<(), std::fmt::Error>;
+
+/// The engine's numbers under vLLM's names (registered with the `model_name` and `engine`
+/// labels).
+#[derive(Debug)]
+pub struct EngineSeries {
+    engine: EngineHandle,
+}
+
+impl EngineSeries {
+    pub fn new(engine: EngineHandle) -> Self {
+        Self { engine }
+    }
+}
+
+impl Collector for EngineSeries {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> FmtResult {
+        let s = self.engine.stats();
+        let e = &mut encoder;
+        encode_all(
+            e,
+            [
+                (
+                    "vllm:num_requests_running",
+                    "Number of requests in model execution batches",
+                    s.num_running as f64,
+                ),
+                (
+                    "vllm:num_requests_waiting",
+                    "Number of requests waiting to be processed (preempted ones included)",
+                    s.num_waiting as f64,
+                ),
+                (
+                    "vllm:kv_cache_usage_perc",
+                    "KV-cache usage. 1 means 100 percent usage (1 - free / total blocks)",
+                    s.kv_usage_ratio,
+                ),
+            ]
+            .map(|(name, help, value)| (name, help, ConstGauge::new(value))),
+        )?;
+        encode_all(
+            e,
+            [
+                (
+                    "vllm:prefix_cache_queries",
+                    "Prefix cache queries, in terms of number of queried tokens",
+                    s.prefix_cache_queries,
+                ),
+                (
+                    "vllm:prefix_cache_hits",
+                    "Prefix cache hits, in terms of number of cached tokens",
+                    s.prefix_cache_hits,
+                ),
+                (
+                    "vllm:num_preemptions",
+                    "Cumulative number of preemption from the engine",
+                    s.num_preemptions_total,
+                ),
+                (
+                    "vllm:prompt_tokens",
+                    "Number of prefill tokens processed (prompts of requests that produced their first token)",
+                    s.prompt_tokens_total,
+                ),
+                (
+                    "vllm:generation_tokens",
+                    "Number of generation tokens processed",
+                    s.generation_tokens_total,
+                ),
+            ]
+            .map(|(name, help, value)| (name, help, ConstCounter::new(value))),
+        )?;
+        StepTokens(s.step_tokens).encode(e.encode_descriptor(
+            "vllm:iteration_tokens_total",
+            "Histogram of number of tokens per engine_step",
+            None,
+            MetricType::Histogram,
+        )?)
+    }
+}
+
+/// A histogram read from the engine at scrape time.
+struct StepTokens(StepTokenHistogram);
+
+impl EncodeMetric for StepTokens {
+    fn encode(&self, mut encoder: MetricEncoder) -> FmtResult {
+        let buckets: Vec<(f64, u64)> = self.0.bucket_counts().collect();
+        encoder.encode_histogram::<NoLabelSet>(self.0.sum as f64, self.0.count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
 
 /// Encodes one unlabelled series per `(name, help, value)`.
 fn encode_all<M: EncodeMetric>(
@@ -72,21 +182,6 @@ impl Collector for StatsCollector {
             e,
             [
                 (
-                    "stepscope_num_requests_running",
-                    "Requests in the running queue (holding KV blocks)",
-                    ConstGauge::new(s.num_running as f64),
-                ),
-                (
-                    "stepscope_num_requests_waiting",
-                    "Requests waiting for admission (preempted ones included)",
-                    ConstGauge::new(s.num_waiting as f64),
-                ),
-                (
-                    "stepscope_kv_cache_usage_ratio",
-                    "Fraction of KV blocks in use (1 - free / total)",
-                    ConstGauge::new(s.kv_usage_ratio),
-                ),
-                (
                     "stepscope_kv_cache_blocks_free",
                     "KV blocks free (cached-but-unreferenced blocks included)",
                     ConstGauge::new(s.kv_blocks_free as f64),
@@ -98,34 +193,36 @@ impl Collector for StatsCollector {
                 ),
             ],
         )?;
+        let cache_labels = [
+            ("block_size", s.block_size.to_string()),
+            ("cache_dtype", "auto".to_string()),
+            (
+                "enable_prefix_caching",
+                if s.prefix_caching_enabled {
+                    "True"
+                } else {
+                    "False"
+                }
+                .to_string(),
+            ),
+            ("engine", "0".to_string()),
+            (
+                "gpu_memory_utilization",
+                self.cache.gpu_memory_utilization.to_string(),
+            ),
+            ("num_cpu_blocks", "None".to_string()),
+            ("num_gpu_blocks", s.kv_blocks_total.to_string()),
+        ];
+        let mut info = e.encode_descriptor(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig (value is always 1)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(1i64).encode(info.encode_family(&cache_labels)?)?;
         encode_all(
             e,
             [
-                (
-                    "stepscope_prefix_cache_queries",
-                    "Prompt tokens looked up in the prefix cache at admission",
-                    s.prefix_cache_queries,
-                ),
-                (
-                    "stepscope_prefix_cache_hits",
-                    "Prompt tokens found in the prefix cache at admission",
-                    s.prefix_cache_hits,
-                ),
-                (
-                    "stepscope_num_preemptions",
-                    "Requests preempted (blocks freed, recomputed later)",
-                    s.num_preemptions_total,
-                ),
-                (
-                    "stepscope_prompt_tokens",
-                    "Prompt tokens of requests that produced their first token",
-                    s.prompt_tokens_total,
-                ),
-                (
-                    "stepscope_generation_tokens",
-                    "Tokens generated",
-                    s.generation_tokens_total,
-                ),
                 (
                     "stepscope_computed_tokens",
                     "Tokens computed by forward passes (prefill, recomputation, decode)",

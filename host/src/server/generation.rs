@@ -9,6 +9,7 @@
 //! that ends in `abort` while its handler still listens was stopped by the server (a drain that
 //! ran past `--shutdown-timeout`): the client gets a 503 `server_shutdown` error, not a result.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::engine::api::ValidRequest;
@@ -17,9 +18,9 @@ use crate::textgen::{TextDelta, TextStream};
 
 use super::errors::ApiError;
 use super::journey::ServerJourney;
-use super::metrics::RequestTracker;
 use super::openai_types::Usage;
 use super::params::RequestOptions;
+use super::request_stats::{ChoiceProgress, ParentRequest, RequestTracker};
 use super::state::AppState;
 
 /// A running request.
@@ -45,12 +46,13 @@ pub struct Finished {
 
 impl Generation {
     /// Submits one choice of a prompt the engine handle validated (its seed already offset for
-    /// the choice); `prompt_param` names the prompt's field for errors.
+    /// the choice); `prompt_param` names the prompt's field for errors, `parent` is the prompt
+    /// the choice belongs to (for the per-request metrics).
     pub fn start(
         state: &AppState,
         request: ValidRequest,
         options: &RequestOptions,
-        prompt_param: &str,
+        (prompt_param, parent): (&str, &Arc<ParentRequest>),
         arrival: Instant,
     ) -> Result<Self, ApiError> {
         let prompt_token_ids = options
@@ -65,7 +67,7 @@ impl Generation {
         .map_err(|error| ApiError::from_engine(&error, prompt_param))?;
         Ok(Self {
             stream,
-            tracker: RequestTracker::new(state.metrics.clone(), arrival),
+            tracker: RequestTracker::new(Arc::clone(parent), arrival),
             prompt_token_ids,
             journey: None,
             received_any: false,
@@ -81,8 +83,13 @@ impl Generation {
     /// The next text delta; `None` after the last one (which carries the finish reason).
     pub async fn next(&mut self) -> Option<TextDelta> {
         let delta = self.stream.next().await?;
+        let progress = ChoiceProgress {
+            num_prompt_tokens: self.stream.num_prompt_tokens(),
+            num_output_tokens: self.stream.num_output_tokens(),
+            queue_time: self.stream.queue_time(),
+        };
         self.tracker
-            .on_output(delta.token_ids.len(), delta.finish_reason);
+            .on_output(delta.token_ids.len(), delta.finish_reason, progress);
         if let Some((journey, counts_prompt)) = &self.journey {
             if !self.received_any {
                 journey.first_response();

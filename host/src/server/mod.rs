@@ -25,6 +25,7 @@ pub mod openai_types;
 pub mod openapi;
 pub mod params;
 pub mod prompts;
+pub mod request_stats;
 pub mod routes;
 pub mod serving;
 pub mod shutdown;
@@ -46,8 +47,9 @@ use crate::launch::LaunchConfig;
 use crate::step_tracing::StepTracer;
 use crate::step_tracing::StepTracingConfig;
 
+use self::collector::CacheSettings;
 use self::http::HttpConfig;
-use self::metrics::{ServerMetrics, TracingInfo};
+use self::metrics::{MetricsIdentity, ServerMetrics, TracingInfo};
 use self::state::AppState;
 
 /// Where the default model lives, relative to the current directory.
@@ -101,6 +103,8 @@ pub struct ServeConfig {
     pub http: http::HttpConfig,
     /// The engine flags with the device resolved.
     pub launch: LaunchConfig,
+    /// `--gpu-memory-utilization`, as `vllm:cache_config_info` reports it.
+    pub gpu_memory_utilization: f64,
     /// The step-tracing flags with the `OTEL_*` environment.
     pub tracing: StepTracingConfig,
 }
@@ -125,10 +129,22 @@ pub fn run(args: ServeConfig) -> anyhow::Result<ExitCode> {
         listen: args.admin_listen,
         policy_path: args.policy_path,
     };
+    let identity = MetricsIdentity {
+        model_name: args
+            .served_model_name
+            .first()
+            .cloned()
+            .unwrap_or_else(|| launched.model.name.clone()),
+        max_model_len: launched.engine.max_model_len(),
+        cache: CacheSettings {
+            gpu_memory_utilization: args.gpu_memory_utilization,
+        },
+    };
     let metrics = Arc::new(ServerMetrics::new(
         launched.engine.clone(),
         tracer.metrics_handle(),
         tracing_info,
+        identity,
     ));
     let mut state = AppState::new(
         launched.engine.clone(),

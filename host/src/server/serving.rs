@@ -284,6 +284,8 @@ pub struct Prompts<'a> {
     options: &'a RequestOptions,
     /// The shared `max_tokens` field.
     max_tokens: Option<i64>,
+    /// The `max_tokens` (or `max_completion_tokens`) value the client set, for the metrics.
+    requested_max_tokens: Option<u64>,
     /// Whether [`check_choice_count`](Self::check_choice_count) passed: until then a prompt
     /// waits in `sized` for its validation, so errors come in the order the fields are read.
     counted: bool,
@@ -297,6 +299,7 @@ impl<'a> Prompts<'a> {
             state,
             options,
             max_tokens,
+            requested_max_tokens: None,
             counted: false,
             sized: Vec::new(),
             valid: Vec::new(),
@@ -345,6 +348,7 @@ impl<'a> Prompts<'a> {
         (requested, max_tokens_param): (Option<i64>, &str),
         default: MaxTokensDefault,
     ) -> Result<(), ApiError> {
+        self.requested_max_tokens = requested.and_then(|m| u64::try_from(m).ok());
         let mut options = self.options.clone();
         options.sampling.max_tokens = resolve_max_tokens(
             requested,
@@ -393,7 +397,9 @@ impl<'a> Prompts<'a> {
         let total = self.valid.len() * n;
         let ticket = journey.map(|j| j.ticket(total));
         let mut choices = Vec::with_capacity(total);
+        let max_tokens_param = self.requested_max_tokens;
         for (p, (param, request)) in self.valid.iter().enumerate() {
+            let parent = self.state.metrics.parent_request(n, max_tokens_param);
             for choice in 0..n {
                 let index = p * n + choice;
                 let mut request = request
@@ -405,9 +411,14 @@ impl<'a> Prompts<'a> {
                 if let Some(journey) = journey {
                     journey.handed_off();
                 }
-                let generation =
-                    Generation::start(self.state, request, self.options, param, arrival)?
-                        .in_journey(journey, choice == 0);
+                let generation = Generation::start(
+                    self.state,
+                    request,
+                    self.options,
+                    (param, &parent),
+                    arrival,
+                )?
+                .in_journey(journey, choice == 0);
                 choices.push(Choice {
                     index: index as u32,
                     counts_prompt: choice == 0,

@@ -12,7 +12,7 @@ use clap::Parser;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use super::metrics::{ServerMetrics, TracingInfo};
+use super::metrics::{MetricsIdentity, ServerMetrics, TracingInfo};
 use super::state::AppState;
 use crate::cli::{Cli, Command};
 use crate::engine::EngineHandle;
@@ -49,6 +49,7 @@ fn start_with(
         launched.engine.clone(),
         tracer,
         TracingInfo::default(),
+        MetricsIdentity::for_model(&launched.model.name, &launched.engine),
     ));
     let mut state = AppState::new(
         launched.engine.clone(),
@@ -145,10 +146,18 @@ async fn completions_chat_models_and_health() {
     let (status, metrics) = call(&app, "GET", "/metrics", None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(
-        metrics.contains("stepscope_request_success_total{finished_reason=\"length\"} 4"),
+        metrics.contains(
+            "vllm:request_success_total{model_name=\"builtin:tiny\",engine=\"0\",finished_reason=\"length\"} 4"
+        ),
         "{metrics}"
     );
-    assert!(metrics.contains("# TYPE stepscope_time_to_first_token_seconds histogram"));
+    assert!(metrics.contains("# TYPE vllm:time_to_first_token_seconds histogram"));
+    assert!(
+        metrics.contains(
+            "vllm:iteration_tokens_total_count{model_name=\"builtin:tiny\",engine=\"0\"}"
+        )
+    );
+    assert!(metrics.contains("vllm:cache_config_info{block_size=\"16\","));
     assert!(metrics.contains("stepscope_policy_faults_total{kind=\"timeout\"} 0"));
     engine.shutdown().unwrap();
 }

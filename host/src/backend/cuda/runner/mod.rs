@@ -93,6 +93,74 @@ impl Default for CudaOptions {
 /// cuBLAS workspace (NVIDIA recommends 32 MiB on Hopper).
 const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
+/// Device memory besides the weights and the KV cache: the cuBLAS workspace and the start-up
+/// GEMM check's buffers (freed after it).
+fn working_bytes(cfg: &ModelConfig) -> usize {
+    let max_n = [
+        cfg.q_dim() + 2 * cfg.kv_dim(),
+        cfg.hidden_size,
+        2 * cfg.intermediate_size,
+        cfg.vocab_size,
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0);
+    let max_k = cfg.hidden_size.max(cfg.q_dim()).max(cfg.intermediate_size);
+    CUBLAS_WORKSPACE_BYTES + super::gemm::tuning_bytes(max_n, max_k)
+}
+
+/// `--gpu-memory-utilization` on device 0: the KV blocks of `block_size` tokens (16-bit K and
+/// V) that fit in `share` of the device's memory next to the weights and working buffers, and
+/// in what is free now. An error when none fit.
+pub fn kv_blocks_for_memory_share(
+    cfg: &ModelConfig,
+    num_params: usize,
+    block_size: usize,
+    share: f64,
+) -> Result<usize, CudaError> {
+    let summary = probe()?;
+    let ctx = CudaContext::new(0).map_err(|e| CudaError::driver("cuDevicePrimaryCtxRetain", e))?;
+    let (free, total) = ctx
+        .mem_get_info()
+        .map_err(|e| CudaError::driver("cuMemGetInfo", e))?;
+    let layout = MemoryLayout {
+        total,
+        free,
+        weight_bytes: 2 * num_params,
+        working_bytes: working_bytes(cfg),
+        block_bytes: 2 * cfg.num_layers * cfg.kv_dim() * 2 * block_size.max(1),
+    };
+    layout.kv_blocks(share).ok_or_else(|| {
+        CudaError::OutOfMemory(format!(
+            "--gpu-memory-utilization {share}: {:.2} GiB of {} ({:.2} GiB free) leave no room for a KV block next to {:.2} GiB of weights",
+            total as f64 * share / GIB,
+            summary.name,
+            free as f64 / GIB,
+            layout.weight_bytes as f64 / GIB
+        ))
+    })
+}
+
+/// Device memory, in bytes, as the KV pool is sized.
+#[derive(Debug, Clone, Copy)]
+struct MemoryLayout {
+    total: usize,
+    free: usize,
+    weight_bytes: usize,
+    working_bytes: usize,
+    block_bytes: usize,
+}
+
+impl MemoryLayout {
+    /// As vLLM: `share × total` holds the weights, the working buffers and the KV cache; never
+    /// more than is free. `None` when not one block fits.
+    fn kv_blocks(&self, share: f64) -> Option<usize> {
+        let budget = ((self.total as f64 * share.clamp(0.0, 1.0)) as usize).min(self.free);
+        let kv_bytes = budget.checked_sub(self.weight_bytes + self.working_bytes)?;
+        Some(kv_bytes / self.block_bytes.max(1)).filter(|&blocks| blocks > 0)
+    }
+}
+
 /// A Llama-family model on an NVIDIA GPU with its paged KV cache.
 pub struct CudaModelRunner {
     cfg: ModelConfig,
@@ -210,18 +278,7 @@ impl CudaModelRunner {
         let (free, _total) = ctx
             .mem_get_info()
             .map_err(|e| CudaError::driver("cuMemGetInfo", e))?;
-        // Also the cuBLAS workspace and the start-up GEMM check's buffers (freed after it).
-        let max_n = [
-            cfg.q_dim() + 2 * cfg.kv_dim(),
-            cfg.hidden_size,
-            2 * cfg.intermediate_size,
-            cfg.vocab_size,
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(0);
-        let max_k = cfg.hidden_size.max(cfg.q_dim()).max(cfg.intermediate_size);
-        let working_bytes = CUBLAS_WORKSPACE_BYTES + super::gemm::tuning_bytes(max_n, max_k);
+        let working_bytes = working_bytes(&cfg);
         if kv_elems * 2 + weight_bytes + working_bytes > free {
             return Err(CudaError::OutOfMemory(format!(
                 "the weights ({:.2} GiB in {}) and a KV cache of {} blocks of {} ({:.2} GiB), with {:.2} GiB of working buffers, do not fit in the {:.2} GiB free on {}",

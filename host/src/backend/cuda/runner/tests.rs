@@ -84,3 +84,23 @@ fn attention_is_split_only_where_blocks_are_few_and_contexts_long() {
     assert_eq!(attention_splits(1, 32, 2, 132, 4096), 32);
     assert_eq!(attention_splits(33, 32, 2, 132, 4096), 4);
 }
+
+/// `--gpu-memory-utilization`'s arithmetic (the device query itself needs a GPU): the share
+/// of total memory holds weights, working buffers and KV blocks, capped by what is free.
+#[test]
+fn the_kv_pool_fills_the_memory_share_left_by_the_weights() {
+    let gib = 1usize << 30;
+    let layout = super::MemoryLayout {
+        total: 80 * gib,
+        free: 79 * gib,
+        weight_bytes: 16 * gib,
+        working_bytes: gib,
+        block_bytes: 2 << 20,
+    };
+    // 0.9 × 80 GiB = 72 GiB; minus 17 GiB = 55 GiB of 2 MiB blocks.
+    assert_eq!(layout.kv_blocks(0.9), Some(55 * 512));
+    // Capped by free memory: 79 − 17 = 62 GiB at a share of 1.
+    assert_eq!(layout.kv_blocks(1.0), Some(62 * 512));
+    // A share that does not even hold the weights fits no block.
+    assert_eq!(layout.kv_blocks(0.2), None);
+}
