@@ -16,6 +16,7 @@ use crate::backend::cuda::CudaError;
 use crate::backend::{Device, ModelDtype};
 use crate::engine::EngineConfig;
 use crate::launch::{KvPoolSize, LaunchConfig};
+use crate::model::hub::HubSettings;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,7 +45,8 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Model to serve: a Hugging Face directory or `builtin:tiny`. Default: SmolLM2-135M-Instruct.
+    /// Model to serve: a Hugging Face id (`org/name`, see --revision), a Hugging Face model
+    /// directory, or `builtin:tiny`. Default: SmolLM2-135M-Instruct.
     pub model: Option<String>,
     /// Address to listen on. The default is loopback (reachable from this machine only), which
     /// is safer for a server without TLS; `0.0.0.0` or `::` listen on every interface, as
@@ -139,7 +141,8 @@ impl HttpArgs {
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Model: a Hugging Face directory or `builtin:tiny`.
+    /// Model: a Hugging Face id (`org/name`, see --revision), a Hugging Face model directory, or
+    /// `builtin:tiny`.
     pub model: String,
     /// The prompt text.
     #[arg(long)]
@@ -282,6 +285,12 @@ pub struct EngineArgs {
     /// Engine seed: request sampling streams and step-tracing draws derive from it.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// For a MODEL given as a Hugging Face id (`org/name`): the branch, tag or commit to use
+    /// [default: main]. The model is looked up in the Hugging Face cache (HF_HUB_CACHE, else
+    /// $HF_HOME/hub, else ~/.cache/huggingface/hub) and downloaded into it when missing, unless
+    /// HF_HUB_OFFLINE=1.
+    #[arg(long)]
+    pub revision: Option<String>,
 }
 
 /// `--dtype`, vLLM's spellings (`half` and `float` as its aliases).
@@ -359,6 +368,7 @@ impl TryFrom<&EngineArgs> for LaunchConfig {
                 Some(_) => KvPoolSize::AsConfigured,
                 None => KvPoolSize::DeviceMemoryShare(args.gpu_memory_utilization),
             },
+            hub: HubSettings::from_env(|name| std::env::var(name).ok(), args.revision.clone()),
         })
     }
 }

@@ -9,7 +9,8 @@
 
 use crate::backend::{self, Device, ModelDtype};
 use crate::engine::{Engine, EngineConfig, EngineHandle, StepObserver};
-use crate::model::{KvCacheShape, ModelInfo};
+use crate::model::hub::{self, HubSettings};
+use crate::model::{KvCacheShape, LoadedModel, ModelInfo};
 use anyhow::Context;
 use std::sync::Arc;
 
@@ -24,6 +25,8 @@ pub struct LaunchConfig {
     /// `--dtype`.
     pub dtype: ModelDtype,
     pub kv_pool: KvPoolSize,
+    /// Where a model given by Hugging Face id is found (`--revision`, `HF_*`).
+    pub hub: HubSettings,
 }
 
 impl LaunchConfig {
@@ -35,6 +38,7 @@ impl LaunchConfig {
             device_note: None,
             dtype: ModelDtype::Auto,
             kv_pool: KvPoolSize::AsConfigured,
+            hub: HubSettings::from_env(|name| std::env::var(name).ok(), None),
         }
     }
 }
@@ -47,6 +51,21 @@ pub enum KvPoolSize {
     /// On CUDA, as many as fit in this share of the device's memory (`--gpu-memory-utilization`);
     /// on the CPU, `engine.num_kv_blocks`.
     DeviceMemoryShare(f64),
+}
+
+/// Loads `builtin:tiny`, a model directory, or a Hugging Face id (`org/name`, resolved in the
+/// hub cache and downloaded when allowed; the model is then named by its id, as in vLLM).
+fn load_model(model_spec: &str, hub_settings: &HubSettings) -> anyhow::Result<LoadedModel> {
+    if !hub::is_hub_id(model_spec) {
+        return crate::model::load_model_files(model_spec)
+            .with_context(|| format!("loading model `{model_spec}`"));
+    }
+    let dir = hub::resolve(model_spec, hub_settings)?;
+    let path = dir.to_str().context("the hub cache path is not UTF-8")?;
+    let mut model = crate::model::load_model_files(path)
+        .with_context(|| format!("loading model `{model_spec}` from {}", dir.display()))?;
+    model.info.name = model_spec.to_string();
+    Ok(model)
 }
 
 /// A started engine and the model description the text side needs.
@@ -74,12 +93,12 @@ where
         device_note,
         dtype,
         kv_pool,
+        hub: hub_settings,
     } = config.try_into().map_err(Into::into)?;
     if let Some(why) = device_note {
         tracing::info!("--device auto: {why}");
     }
-    let model = crate::model::load_model_files(model_spec)
-        .with_context(|| format!("loading model `{model_spec}`"))?;
+    let model = load_model(model_spec, &hub_settings)?;
     if let (KvPoolSize::DeviceMemoryShare(share), Device::Cuda(_)) = (kv_pool, &device) {
         engine_config.num_kv_blocks = backend::cuda::runner::kv_blocks_for_memory_share(
             &model.info.config,

@@ -35,7 +35,9 @@ pub enum ModelError {
     Tokenizer(String),
     #[error("chat template: {0}")]
     ChatTemplate(String),
-    #[error("unknown model `{0}` (expected `builtin:tiny` or a Hugging Face model directory)")]
+    #[error(
+        "unknown model `{0}` (expected `builtin:tiny`, a Hugging Face model directory, or a Hugging Face id `org/name`)"
+    )]
     UnknownSpec(String),
     #[error("invalid KV cache shape: {0}")]
     InvalidKvShape(String),

@@ -10,6 +10,7 @@ pub mod chat_template;
 pub mod config;
 pub mod detokenizer;
 pub mod error;
+pub mod hub;
 pub mod tiny;
 pub mod tokenizer;
 pub mod weights;
