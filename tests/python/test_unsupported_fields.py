@@ -2,6 +2,8 @@
 (issue 15, section 4): for each one, set to a value that would change the output, the official
 openai SDK gets a 400 `unsupported_parameter` naming the field on both endpoints; the same fields
 at their defaults (or null), and OpenAI's fields that change nothing (`user`, `metadata`), pass.
+The vLLM fields stepscope implements (`logit_bias`, `min_p`, `allowed_token_ids`,
+`truncate_prompt_tokens`, `bad_words`) take effect, checked against computed expectations.
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ import openai
 import pytest
 
 REFUSED = {
-    "bad_words": ["never"],
-    "truncate_prompt_tokens": 8,
     "prompt_logprobs": 1,
     "use_beam_search": True,
     "length_penalty": 0.5,
@@ -109,3 +109,51 @@ def test_logit_bias_min_p_and_allowed_token_ids_take_effect(tiny):
         with pytest.raises(openai.BadRequestError) as raised:
             token_ids(client, **extra)
         assert raised.value.body["param"] == param, (extra, raised.value.body)
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(tiny):
+    client = tiny.client(max_retries=0)
+    prompt = "one two three four five six seven eight nine ten"
+    whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
+                                      extra_body={"return_token_ids": True, "ignore_eos": True})
+    ids = whole.choices[0].model_extra["prompt_token_ids"]
+    assert len(ids) > 4
+    for endpoint in ("completions", "chat"):
+        kwargs = {"return_token_ids": True, "ignore_eos": True, "truncate_prompt_tokens": 4}
+        if endpoint == "chat":
+            cut = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                                 max_tokens=6, temperature=0, extra_body=kwargs)
+            assert cut.usage.prompt_tokens == 4
+            continue
+        cut = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, extra_body=kwargs)
+        assert cut.usage.prompt_tokens == 4
+        assert cut.choices[0].model_extra["prompt_token_ids"] == ids[-4:]
+        # The same as sending those four tokens as the prompt.
+        same = client.completions.create(model="tiny", prompt=ids[-4:], max_tokens=6, temperature=0,
+                                         extra_body={"return_token_ids": True, "ignore_eos": True})
+        assert cut.choices[0].model_extra["token_ids"] == same.choices[0].model_extra["token_ids"]
+    for bad in (0, -2, 10**6):
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.completions.create(model="tiny", prompt=prompt, max_tokens=2,
+                                      extra_body={"truncate_prompt_tokens": bad})
+        assert raised.value.body["param"] == "truncate_prompt_tokens", (bad, raised.value.body)
+
+
+def test_bad_words_are_never_generated(smollm):
+    client = smollm.client(max_retries=0)
+    model = client.models.list().data[0].id
+    ask = dict(model=model, prompt="The capital of France is", max_tokens=8, temperature=0)
+    free = client.completions.create(**ask).choices[0].text
+    assert "Paris" in free, free
+    banned = client.completions.create(**ask, extra_body={"bad_words": ["Paris"]}).choices[0].text
+    assert "Paris" not in banned, banned
+    # A word that is several tokens: its last token is banned only after the others.
+    chat = client.chat.completions.create(model=model, max_tokens=24, temperature=0,
+                                          messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in chat.choices[0].message.content
+    chat = client.chat.completions.create(model=model, max_tokens=24, temperature=0, extra_body={"bad_words": ["Paris"]},
+                                          messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" not in chat.choices[0].message.content, chat.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(**ask, extra_body={"bad_words": ["  "]})
+    assert raised.value.body["param"] == "bad_words"

@@ -116,8 +116,8 @@ impl Sampler {
         }
     }
 
-    /// Applies `allowed_token_ids`, `logit_bias`, `min_tokens` and the penalties to `logits` in
-    /// place.
+    /// Applies `allowed_token_ids`, `logit_bias`, `bad_words`, `min_tokens` and the penalties to
+    /// `logits` in place.
     fn process(&mut self, logits: &mut [f32], params: &SamplingParams, history: TokenHistory<'_>) {
         let vocab = logits.len();
         if !params.allowed_token_ids.is_empty() {
@@ -139,6 +139,14 @@ impl Sampler {
         for &(token, bias) in &params.logit_bias {
             if let Some(x) = logits.get_mut(token as usize) {
                 *x += bias;
+            }
+        }
+        for word in &params.bad_words_token_ids {
+            if let Some((&last, rest)) = word.split_last()
+                && history.output.ends_with(rest)
+                && let Some(x) = logits.get_mut(last as usize)
+            {
+                *x = f32::NEG_INFINITY;
             }
         }
         if history.output.len() < params.min_tokens {
@@ -736,5 +744,34 @@ mod tests {
         ] {
             assert!(bad.validate().is_err());
         }
+    }
+
+    #[test]
+    fn bad_words_ban_a_single_token_always_and_a_word_s_last_token_after_its_prefix() {
+        let logits = [1.0f32, 3.0, 2.0, 0.5, 2.9];
+        let mut sampler = Sampler::new();
+        let mut rng = RequestRng::new(1);
+        let words = SamplingParams {
+            // Token 1 alone; the word [2, 4]: token 4 only right after a 2.
+            bad_words_token_ids: vec![vec![1], vec![2, 4]],
+            ..SamplingParams::greedy(4)
+        };
+        assert_eq!(
+            sampler.sample(&logits, &words, history(&[], &[]), &mut rng),
+            4
+        );
+        assert_eq!(
+            sampler.sample(&logits, &words, history(&[], &[0, 2]), &mut rng),
+            2
+        );
+        assert_eq!(
+            sampler.sample(&logits, &words, history(&[2], &[3]), &mut rng),
+            4
+        );
+        let empty = SamplingParams {
+            bad_words_token_ids: vec![vec![]],
+            ..SamplingParams::greedy(4)
+        };
+        assert!(empty.validate().is_err());
     }
 }

@@ -48,6 +48,9 @@ pub struct SamplingParams {
     pub logit_bias: Vec<(u32, f32)>,
     /// vLLM's `allowed_token_ids`: only these tokens can be sampled (empty: every token).
     pub allowed_token_ids: Vec<u32>,
+    /// vLLM's `bad_words`, tokenized: a sequence's last token is banned whenever the output ends
+    /// with the rest of it (a one-token sequence is always banned). Every sequence is non-empty.
+    pub bad_words_token_ids: Vec<Vec<u32>>,
 }
 
 /// The longest `cache_salt` accepted, in bytes.
@@ -76,6 +79,7 @@ impl Default for SamplingParams {
             min_p: 0.0,
             logit_bias: Vec::new(),
             allowed_token_ids: Vec::new(),
+            bad_words_token_ids: Vec::new(),
         }
     }
 }
@@ -158,6 +162,12 @@ impl SamplingParams {
                 reason: format!("the bias of token {token} must be in [-100, 100], got {bias}"),
             });
         }
+        if self.bad_words_token_ids.iter().any(Vec::is_empty) {
+            return Err(InvalidSamplingParams {
+                name: "bad_words",
+                reason: "a bad word must have at least one token".into(),
+            });
+        }
         if let Some(salt) = &self.cache_salt
             && (salt.is_empty() || salt.len() > MAX_CACHE_SALT_LEN)
         {
@@ -190,6 +200,7 @@ impl SamplingParams {
             || num_output_tokens < self.min_tokens
             || !self.logit_bias.is_empty()
             || !self.allowed_token_ids.is_empty()
+            || !self.bad_words_token_ids.is_empty()
     }
 
     /// Whether sampling is greedy (argmax).

@@ -71,6 +71,12 @@ pub struct SamplingFields {
     /// vLLM extension: only these tokens can be generated.
     #[schema(value_type = Option<Vec<u32>>)]
     pub allowed_token_ids: Option<Vec<i64>>,
+    /// vLLM extension: words that are never generated (each as tokenized alone and after a
+    /// space; the last token of a word is banned once the output ends with the rest of it).
+    pub bad_words: Option<Vec<String>>,
+    /// vLLM extension: keep only the prompt's last N tokens (`-1`: the last `max_model_len`).
+    #[schema(minimum = -1)]
+    pub truncate_prompt_tokens: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
 }

@@ -29,6 +29,77 @@ pub struct RequestOptions {
     pub tokens_as_ids: bool,
     /// Choices per prompt (`n`).
     pub n: usize,
+    /// `truncate_prompt_tokens`: keep only the prompt's last N tokens (`-1` resolved to
+    /// `max_model_len` by [`truncate_prompt`]).
+    pub truncate_prompt_tokens: Option<TruncatePrompt>,
+}
+
+/// `truncate_prompt_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TruncatePrompt {
+    /// The last N tokens.
+    Last(usize),
+    /// `-1`: the last `max_model_len` tokens.
+    MaxModelLen,
+}
+
+/// Keeps the last tokens of `prompt_ids` as `truncate` asks (vLLM's left truncation); `None`
+/// leaves the prompt whole. A count above `max_model_len` is refused, as by vLLM.
+pub fn truncate_prompt(
+    prompt_ids: &mut Vec<u32>,
+    truncate: Option<TruncatePrompt>,
+    max_model_len: usize,
+) -> Result<(), ApiError> {
+    let keep = match truncate {
+        None => return Ok(()),
+        Some(TruncatePrompt::MaxModelLen) => max_model_len,
+        Some(TruncatePrompt::Last(n)) if n > max_model_len => {
+            return Err(ApiError::invalid_param(
+                "truncate_prompt_tokens",
+                format!(
+                    "truncate_prompt_tokens ({n}) is greater than max_model_len ({max_model_len})"
+                ),
+            ));
+        }
+        Some(TruncatePrompt::Last(n)) => n,
+    };
+    if prompt_ids.len() > keep {
+        prompt_ids.drain(..prompt_ids.len() - keep);
+    }
+    Ok(())
+}
+
+/// `bad_words` as token sequences, as vLLM tokenizes them: each word (leading spaces removed)
+/// alone and after a space, the second kept only when it is a different sequence of the same
+/// length (the word is not split differently after a space). `encode` tokenizes without
+/// special tokens.
+pub fn bad_words_token_ids(
+    words: &[String],
+    encode: impl Fn(&str) -> Result<Vec<u32>, String>,
+) -> Result<Vec<Vec<u32>>, ApiError> {
+    let mut out: Vec<Vec<u32>> = Vec::new();
+    for word in words {
+        let word = word.trim_start();
+        if word.is_empty() {
+            return Err(ApiError::invalid_param(
+                "bad_words",
+                "bad_words may not contain empty words",
+            ));
+        }
+        let alone = encode(word).map_err(|e| ApiError::invalid_param("bad_words", e))?;
+        let spaced =
+            encode(&format!(" {word}")).map_err(|e| ApiError::invalid_param("bad_words", e))?;
+        if alone.is_empty() {
+            continue;
+        }
+        if spaced.len() == alone.len() && spaced.first() != alone.first() {
+            out.push(alone);
+            out.push(spaced);
+        } else {
+            out.push(alone);
+        }
+    }
+    Ok(out)
 }
 
 /// The most choices (`n`) per prompt.
@@ -140,6 +211,21 @@ impl RequestOptions {
             }
             Some(ids) => token_ids_in_vocabulary(ids, vocab_size, "allowed_token_ids")?,
         };
+        let truncate_prompt_tokens = match fields.truncate_prompt_tokens {
+            None => None,
+            Some(-1) => Some(TruncatePrompt::MaxModelLen),
+            Some(n) if n >= 1 => Some(TruncatePrompt::Last(
+                usize::try_from(n).unwrap_or(usize::MAX),
+            )),
+            Some(n) => {
+                return Err(ApiError::invalid_param(
+                    "truncate_prompt_tokens",
+                    format!(
+                        "truncate_prompt_tokens must be -1 (max_model_len) or at least 1, got {n}"
+                    ),
+                ));
+            }
+        };
         let stream = fields.stream.unwrap_or(false);
         if fields.stream_options.is_some() && !stream {
             return Err(ApiError::invalid_param(
@@ -172,6 +258,8 @@ impl RequestOptions {
                 min_p: min_p as f32,
                 logit_bias,
                 allowed_token_ids,
+                // Tokenized by the endpoint (it holds the tokenizer).
+                bad_words_token_ids: Vec::new(),
             },
             detokenizer: DetokenizerOptions {
                 skip_special_tokens: fields.skip_special_tokens.unwrap_or(true),
@@ -184,6 +272,7 @@ impl RequestOptions {
             return_token_ids: fields.return_token_ids.unwrap_or(false),
             tokens_as_ids: fields.return_tokens_as_token_ids.unwrap_or(false),
             n,
+            truncate_prompt_tokens,
         })
     }
 }
@@ -427,5 +516,63 @@ mod tests {
         let full = full.unwrap_err();
         assert_eq!(full.param.as_deref(), Some("messages"));
         assert_eq!(full.code, Some("context_length_exceeded"));
+    }
+
+    #[test]
+    fn truncation_keeps_the_last_tokens_and_refuses_more_than_the_context() {
+        let mut ids: Vec<u32> = (0..10).collect();
+        truncate_prompt(&mut ids, Some(TruncatePrompt::Last(3)), 100).unwrap();
+        assert_eq!(ids, [7, 8, 9]);
+        truncate_prompt(&mut ids, Some(TruncatePrompt::Last(5)), 100).unwrap();
+        assert_eq!(ids, [7, 8, 9]);
+        let mut long: Vec<u32> = (0..10).collect();
+        truncate_prompt(&mut long, Some(TruncatePrompt::MaxModelLen), 4).unwrap();
+        assert_eq!(long, [6, 7, 8, 9]);
+        let error = truncate_prompt(&mut long, Some(TruncatePrompt::Last(5)), 4).unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("truncate_prompt_tokens"));
+        for bad in [0, -2] {
+            let body = serde_json::json!({"truncate_prompt_tokens": bad});
+            let error = RequestOptions::from_fields(&fields(body), 100).unwrap_err();
+            assert_eq!(
+                error.param.as_deref(),
+                Some("truncate_prompt_tokens"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_words_are_tokenized_alone_and_after_a_space_as_vllm_does() {
+        // A toy tokenizer: one token per character, a leading space merged into the next one.
+        let encode = |text: &str| -> Result<Vec<u32>, String> {
+            let mut out = Vec::new();
+            let mut space = false;
+            for c in text.chars() {
+                if c == ' ' {
+                    space = true;
+                    continue;
+                }
+                out.push(u32::from(c) + if space { 1000 } else { 0 });
+                space = false;
+            }
+            Ok(out)
+        };
+        let words = ["ab".to_string(), "  c".to_string()];
+        let ids = bad_words_token_ids(&words, encode).unwrap();
+        assert_eq!(ids, [vec![97, 98], vec![1097, 98], vec![99], vec![1099]]);
+        // After a space the word splits differently (another length): only the bare form.
+        let merged = |text: &str| -> Result<Vec<u32>, String> {
+            Ok(if text.starts_with(' ') {
+                vec![1, 2, 3]
+            } else {
+                vec![9]
+            })
+        };
+        assert_eq!(
+            bad_words_token_ids(&["x".into()], merged).unwrap(),
+            [vec![9]]
+        );
+        let error = bad_words_token_ids(&[" ".into()], encode).unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("bad_words"));
     }
 }

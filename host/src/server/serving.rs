@@ -39,7 +39,9 @@ use super::generation::Generation;
 use super::journey::ServerJourney;
 use super::logprobs::LogprobsRenderer;
 use super::openai_types::{SamplingFields, Usage};
-use super::params::{MaxTokensDefault, RequestOptions, resolve_max_tokens};
+use super::params::{
+    MaxTokensDefault, RequestOptions, bad_words_token_ids, resolve_max_tokens, truncate_prompt,
+};
 use super::routes::{object_body, respond};
 use super::sse::{self, Choice, ChunkKind, ChunkWriter, total_usage};
 use super::state::{AppState, new_id};
@@ -246,6 +248,15 @@ async fn run<E: Endpoint>(
     let logprobs = fields.logprobs()?;
     let mut options = RequestOptions::from_fields(&common, state.engine.vocab_size())?;
     options.sampling.logprobs = logprobs;
+    if let Some(words) = &common.bad_words {
+        options.sampling.bad_words_token_ids = bad_words_token_ids(words, |text| {
+            state
+                .model
+                .tokenizer
+                .encode(text, false)
+                .map_err(|e| e.to_string())
+        })?;
+    }
     if let Some(journey) = journey {
         journey.describe(RequestInfo {
             operation: E::KIND.operation_name(),
@@ -348,6 +359,12 @@ impl<'a> Prompts<'a> {
         (requested, max_tokens_param): (Option<i64>, &str),
         default: MaxTokensDefault,
     ) -> Result<(), ApiError> {
+        let mut prompt_ids = prompt_ids;
+        truncate_prompt(
+            &mut prompt_ids,
+            self.options.truncate_prompt_tokens,
+            self.state.engine.max_model_len(),
+        )?;
         self.requested_max_tokens = requested.and_then(|m| u64::try_from(m).ok());
         let mut options = self.options.clone();
         options.sampling.max_tokens = resolve_max_tokens(

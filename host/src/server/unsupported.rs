@@ -1,7 +1,7 @@
 //! Request fields `vllm serve` accepts that stepscope does not implement: refused by name, never
 //! ignored. A client that sends one of them with anything but its default (or `null`) gets a 400
 //! `unsupported_parameter` naming the field, so it never receives a 200 whose output ignores a
-//! constraint it asked for (a `guided_json` schema, `bad_words`, a beam search). The default
+//! constraint it asked for (a `guided_json` schema, a beam search). The default
 //! values are accepted because that is what stepscope does anyway (clients that always send
 //! `"priority": 0` or `"use_beam_search": false` keep working). Fields OpenAI defines that do not
 //! change the output (`user`, `metadata`, `store`, …) stay accepted, and the fields stepscope
@@ -17,8 +17,6 @@ use super::sse::ChunkKind;
 fn unimplemented_fields(kind: ChunkKind) -> Vec<(&'static str, Value)> {
     let mut fields = vec![
         // vLLM's sampling extensions.
-        ("bad_words", json!([])),
-        ("truncate_prompt_tokens", Value::Null),
         ("prompt_logprobs", Value::Null),
         ("use_beam_search", json!(false)),
         ("length_penalty", json!(1.0)),
@@ -108,7 +106,7 @@ mod tests {
             ("guided_json", json!({"type": "object"})),
             ("use_beam_search", json!(true)),
             ("priority", json!(-1)),
-            ("bad_words", json!(["no"])),
+            ("structured_outputs", json!({"regex": "a+"})),
             ("tool_choice", json!("required")),
         ] {
             let error = refuse_unimplemented(&json!({ field: value }), chat).unwrap_err();
@@ -117,7 +115,7 @@ mod tests {
         }
         for body in [
             json!({"priority": 0, "use_beam_search": false}),
-            json!({"guided_json": null, "bad_words": [], "length_penalty": 1}),
+            json!({"guided_json": null, "prompt_logprobs": null, "length_penalty": 1}),
             json!({"user": "u", "metadata": {"a": "b"}, "tool_choice": "none"}),
         ] {
             assert!(refuse_unimplemented(&body, chat).is_ok(), "{body}");
