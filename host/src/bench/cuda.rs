@@ -78,6 +78,7 @@ fn measure(
                     start_position: pos,
                     block_table: &tables[i],
                     needs_logits: true,
+                    all_logits: false,
                 })
                 .collect(),
         };
@@ -120,6 +121,7 @@ fn measure(
                     start_position: pos,
                     block_table: &tables[i],
                     needs_logits: true,
+                    all_logits: false,
                 })
                 .collect(),
         };

@@ -85,6 +85,7 @@ pub fn cpu_throughput_bench(
                 start_position: 0,
                 block_table: t,
                 needs_logits: true,
+                all_logits: false,
             })
             .collect();
         let logits = runner.forward(&ModelBatch { entries })?;
@@ -106,6 +107,7 @@ pub fn cpu_throughput_bench(
                     start_position: s.len() - 1,
                     block_table: t,
                     needs_logits: true,
+                    all_logits: false,
                 })
                 .collect();
             let logits = runner.forward(&ModelBatch { entries })?;

@@ -13,10 +13,11 @@ use super::config::{EngineConfig, EngineError};
 use super::core::{EngineCore, StepOutput};
 use super::model_runner::{BatchLimits, Logits, ModelBatch, ModelRunner, ModelRunnerError};
 use super::observer::StepView;
-use super::request::{FinishReason, RequestId, RequestOutput, RequestPhase};
+use super::request::{FinishReason, RequestId, RequestOutput, RequestPhase, TokenLogprobs};
+use super::sampler::token_logprobs;
 use super::sampling_params::SamplingParams;
 use crate::testing::deterministic_runner::{
-    DeterministicRunner, RunnerCounters, reference_greedy_output,
+    DeterministicRunner, RunnerCounters, reference_greedy_output, reference_logits,
 };
 
 const VOCAB: usize = 61;
@@ -152,6 +153,8 @@ struct Harness {
     log: Arc<Mutex<StepLog>>,
     /// Tokens and final output of every request.
     streams: HashMap<RequestId, (Vec<u32>, Option<RequestOutput>)>,
+    /// `prompt_logprobs` of every request that got some (from exactly one output).
+    prompt_logprobs: HashMap<RequestId, Vec<TokenLogprobs>>,
 }
 
 impl Harness {
@@ -178,6 +181,7 @@ impl Harness {
             counters: None,
             log,
             streams: HashMap::new(),
+            prompt_logprobs: HashMap::new(),
         }
     }
 
@@ -204,6 +208,12 @@ impl Harness {
                 output.request_id
             );
             stream.0.extend(&output.new_token_ids);
+            if !output.prompt_logprobs.is_empty() {
+                let earlier = self
+                    .prompt_logprobs
+                    .insert(output.request_id, output.prompt_logprobs.clone());
+                assert!(earlier.is_none(), "prompt_logprobs sent twice");
+            }
             if output.is_finished() {
                 stream.1 = Some(output);
             }
@@ -879,3 +889,74 @@ fn config_is_checked_against_the_runner() {
         "{err}"
     );
 }
+
+#[test]
+fn prompt_logprobs_cover_every_prompt_token_once_chunked_preempted_and_uncached() {
+    // Chunks of at most 8 tokens, and a pool of 20 blocks of 4 for 8 requests: prompts are
+    // computed in pieces and some requests are preempted and recomputed.
+    let with_prompt_logprobs = |id: RequestId| SamplingParams {
+        prompt_logprobs: (id % 2 == 0).then_some(3),
+        ..greedy(20 + id as usize)
+    };
+    let (tokens, preemptions, h) = run_workload(20, with_prompt_logprobs);
+    assert!(preemptions > 0, "the pool must force preemption");
+    for id in 0..8u64 {
+        let len = 10 + (id as usize * 7) % 21;
+        let prompt_ids = prompt(id, len);
+        assert_eq!(
+            tokens[&id],
+            h.expected(&prompt_ids, &with_prompt_logprobs(id))
+        );
+        if id % 2 == 1 {
+            assert!(!h.prompt_logprobs.contains_key(&id), "request {id}");
+            continue;
+        }
+        // One entry per prompt token after the first: its log-probability given the tokens
+        // before it, with the 3 most likely, exactly as the runner's logits give them.
+        let got = &h.prompt_logprobs[&id];
+        assert_eq!(got.len(), len - 1, "request {id}");
+        for (i, entry) in got.iter().enumerate() {
+            let position = i + 1;
+            let logits = reference_logits(RUNNER_SEED, VOCAB, &prompt_ids[..position]);
+            assert_eq!(
+                *entry,
+                token_logprobs(&logits, prompt_ids[position], 3),
+                "request {id} position {position}"
+            );
+        }
+    }
+}
+
+#[test]
+fn prompt_logprobs_bypass_the_prefix_cache_reads() {
+    let config = EngineConfig {
+        block_size: 4,
+        num_kv_blocks: 64,
+        ..EngineConfig::default()
+    };
+    let mut h = Harness::new(config);
+    let prompt_ids = prompt(5, 13);
+    h.add(1, prompt_ids.clone(), greedy(2)).unwrap();
+    h.run_to_completion(100);
+    let queries = h.core.stats().prefix_cache_queries;
+    let asking = SamplingParams {
+        prompt_logprobs: Some(0),
+        ..greedy(2)
+    };
+    h.add(2, prompt_ids.clone(), asking).unwrap();
+    h.run_to_completion(100);
+    assert_eq!(h.final_output(2).num_cached_tokens, 0);
+    assert_eq!(h.prompt_logprobs[&2].len(), 12);
+    assert_eq!(h.core.stats().prefix_cache_queries, queries, "not a cache query");
+    // Its blocks are still cached for others.
+    h.add(3, prompt_ids.clone(), greedy(2)).unwrap();
+    h.run_to_completion(100);
+    assert_eq!(h.final_output(3).num_cached_tokens, 12);
+    assert_eq!(h.tokens(2), h.tokens(3));
+    let too_many = SamplingParams {
+        prompt_logprobs: Some(21),
+        ..greedy(2)
+    };
+    assert!(h.add(4, prompt_ids, too_many).is_err());
+}
+

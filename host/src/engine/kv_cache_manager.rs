@@ -97,7 +97,7 @@ impl KvCacheManager {
     /// reserved: pass the blocks to [`allocate_slots`](Self::allocate_slots) right away.
     pub fn get_computed_blocks(&self, request: &mut Request, blocks: &mut Vec<BlockId>) -> usize {
         blocks.clear();
-        if !self.enable_prefix_caching {
+        if !self.enable_prefix_caching || !request.reads_prefix_cache() {
             return 0;
         }
         let max_hit_blocks = request.num_tokens().saturating_sub(1) / self.block_size;

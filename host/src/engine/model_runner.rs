@@ -7,7 +7,8 @@
 //! `block_size` token slots per layer, indexed by the block ids the engine passes, so token at
 //! position `p` of a request lives in block `block_table[p / block_size]`, slot `p % block_size`.
 //! Blocks that came from the prefix cache already hold the right K/V and must not be rewritten.
-//! The runner returns one row of logits per request whose `needs_logits` is set, in batch order.
+//! The runner returns one row of logits per request whose `needs_logits` is set (a row per token
+//! for one whose `all_logits` is set), in batch order.
 
 use thiserror::Error;
 
@@ -24,6 +25,21 @@ pub struct BatchEntry<'a> {
     pub block_table: &'a [u32],
     /// Whether this chunk ends at the last known token, so the engine samples from its logits.
     pub needs_logits: bool,
+    /// Whether the runner returns a logits row for every token of this chunk (in order; the
+    /// last one is then also the sampling row when `needs_logits`), for `prompt_logprobs`.
+    pub all_logits: bool,
+}
+
+impl BatchEntry<'_> {
+    /// Logits rows this entry gets: every token's with `all_logits`, else the last token's
+    /// when `needs_logits`, else none.
+    pub fn num_logits_rows(&self) -> usize {
+        if self.all_logits {
+            self.token_ids.len()
+        } else {
+            usize::from(self.needs_logits)
+        }
+    }
 }
 
 /// The flattened batch of one step.
@@ -35,7 +51,7 @@ pub struct ModelBatch<'a> {
 impl ModelBatch<'_> {
     /// Number of logits rows the runner must return.
     pub fn num_logits_rows(&self) -> usize {
-        self.entries.iter().filter(|e| e.needs_logits).count()
+        self.entries.iter().map(BatchEntry::num_logits_rows).sum()
     }
 
     /// Checks every entry against what a runner holds (the check the CPU and CUDA runners

@@ -149,6 +149,12 @@ pub struct Request {
     pub(super) rng: RequestRng,
     /// The log-probabilities of the token sampled this step, until the step's output takes them.
     pub(super) sampled_logprobs: Option<TokenLogprobs>,
+    /// `prompt_logprobs`: one entry per prompt token after the first, until its first output
+    /// takes them.
+    pub(super) prompt_logprobs: Vec<TokenLogprobs>,
+    /// Whether every prompt position's log-probabilities were computed (they are never computed
+    /// twice, even when a preempted request recomputes its prompt).
+    pub(super) prompt_logprobs_complete: bool,
     /// When the engine took the request in.
     pub(super) arrived: Instant,
     /// How long it waited before its first admission to the running queue.
@@ -179,6 +185,8 @@ impl Request {
             block_hashes: Vec::new(),
             rng,
             sampled_logprobs: None,
+            prompt_logprobs: Vec::new(),
+            prompt_logprobs_complete: false,
             arrived: Instant::now(),
             queue_time: None,
             journey: None,
@@ -226,6 +234,32 @@ impl Request {
     /// Prompt plus output tokens.
     pub fn num_tokens(&self) -> usize {
         self.token_ids.len()
+    }
+
+    /// Whether the forward pass must return logits for every position this request computes
+    /// from `start_position` on: it asked for `prompt_logprobs`, some are still missing, and a
+    /// position before the prompt's last one is computed.
+    pub fn needs_prompt_logits(&self, start_position: usize) -> bool {
+        self.params.prompt_logprobs.is_some()
+            && !self.prompt_logprobs_complete
+            && start_position + 1 < self.num_prompt_tokens
+    }
+
+    /// Whether the prefix cache may serve this request's prompt (not with `prompt_logprobs`).
+    pub fn reads_prefix_cache(&self) -> bool {
+        self.params.prompt_logprobs.is_none()
+    }
+
+    /// Records the log-probabilities of the prompt token at `position` (computed from the
+    /// logits of the position before it), in order and once.
+    pub(super) fn record_prompt_logprobs(&mut self, position: usize, logprobs: TokenLogprobs) {
+        if self.prompt_logprobs_complete || position != self.prompt_logprobs.len() + 1 {
+            return;
+        }
+        self.prompt_logprobs.push(logprobs);
+        if position + 1 >= self.num_prompt_tokens {
+            self.prompt_logprobs_complete = true;
+        }
     }
 
     pub fn num_computed_tokens(&self) -> usize {
@@ -326,6 +360,9 @@ pub struct RequestOutput {
     pub queue_time: Option<Duration>,
     /// One entry per new token when the request asked for log-probabilities, else empty.
     pub logprobs: Vec<TokenLogprobs>,
+    /// With `prompt_logprobs`, on the request's first output: one entry per prompt token after
+    /// the first (each given the tokens before it). Empty otherwise.
+    pub prompt_logprobs: Vec<TokenLogprobs>,
 }
 
 impl RequestOutput {
@@ -341,6 +378,7 @@ impl RequestOutput {
             num_preemptions: 0,
             queue_time: None,
             logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
         }
     }
 
@@ -355,6 +393,7 @@ impl RequestOutput {
             num_preemptions: request.num_preemptions,
             queue_time: request.queue_time,
             logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
         }
     }
 

@@ -63,22 +63,40 @@ impl Sampler {
     }
 
     /// Samples the step's tokens: one per scheduled request that computes its last known token
-    /// (`None` for a prefill chunk that stops short of it), in `scheduled` order, row `i` of
-    /// `logits` for the `i`-th of those; records the log-probabilities of requests that ask for
-    /// them. `running` is the running queue `scheduled` indexes into.
+    /// (`None` for a prefill chunk that stops short of it), in `scheduled` order, from that
+    /// request's last logits row; records the log-probabilities of requests that ask for them.
+    /// A request with `prompt_logits` has a row per computed position: each one before the
+    /// prompt's last gives the next prompt token's log-probabilities (`prompt_logprobs`).
+    /// `running` is the running queue `scheduled` indexes into.
     pub fn sample_step(
         &mut self,
         logits: &Logits,
         scheduled: &[ScheduledRequest],
         running: &mut [Request],
     ) -> Vec<Option<u32>> {
-        let mut row = 0;
+        let mut next_row = 0;
         let mut sampled = Vec::with_capacity(scheduled.len());
         for s in scheduled {
+            if s.prompt_logits {
+                let request = &mut running[s.running_index];
+                let top = request.params.prompt_logprobs.unwrap_or(0);
+                for offset in 0..s.num_tokens {
+                    let next = s.start_position + offset + 1;
+                    if next < request.num_prompt_tokens {
+                        let token = request.token_ids[next];
+                        let computed = self.logprobs(logits.row(next_row + offset), token, top);
+                        request.record_prompt_logprobs(next, computed);
+                    }
+                }
+                next_row += s.num_tokens - 1;
+            }
             if !s.needs_logits {
+                next_row += usize::from(s.prompt_logits);
                 sampled.push(None);
                 continue;
             }
+            let row = next_row;
+            next_row += 1;
             let request = &mut running[s.running_index];
             let history = TokenHistory {
                 prompt: &request.token_ids[..request.num_prompt_tokens],
@@ -88,7 +106,6 @@ impl Sampler {
             if let Some(top) = request.params.logprobs {
                 request.sampled_logprobs = Some(self.logprobs(logits.row(row), token, top));
             }
-            row += 1;
             sampled.push(Some(token));
         }
         sampled

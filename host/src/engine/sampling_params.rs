@@ -36,6 +36,10 @@ pub struct SamplingParams {
     /// Report each generated token's log-probability and this many top alternatives (at most
     /// [`MAX_LOGPROBS`]), from the model's raw logits; `None`: no log-probabilities.
     pub logprobs: Option<usize>,
+    /// vLLM's `prompt_logprobs`: report every prompt token's log-probability (given the tokens
+    /// before it) and this many top alternatives (at most [`MAX_LOGPROBS`]). Such a request reads
+    /// nothing from the prefix cache, since every prompt position must be computed.
+    pub prompt_logprobs: Option<usize>,
     /// Prefix-cache namespace: requests share cached blocks only with requests of the same salt
     /// (vLLM's `cache_salt`), so one tenant cannot probe another's prompts by timing. `None`:
     /// the shared namespace.
@@ -80,6 +84,7 @@ impl Default for SamplingParams {
             logit_bias: Vec::new(),
             allowed_token_ids: Vec::new(),
             bad_words_token_ids: Vec::new(),
+            prompt_logprobs: None,
         }
     }
 }
@@ -138,13 +143,18 @@ impl SamplingParams {
                 reason: format!("must be finite and > 0, got {}", self.repetition_penalty),
             });
         }
-        if let Some(n) = self.logprobs
-            && n > MAX_LOGPROBS
-        {
-            return Err(InvalidSamplingParams {
-                name: "logprobs",
-                reason: format!("at most {MAX_LOGPROBS} top log-probabilities, got {n}"),
-            });
+        for (name, asked) in [
+            ("logprobs", self.logprobs),
+            ("prompt_logprobs", self.prompt_logprobs),
+        ] {
+            if let Some(n) = asked
+                && n > MAX_LOGPROBS
+            {
+                return Err(InvalidSamplingParams {
+                    name,
+                    reason: format!("at most {MAX_LOGPROBS} top log-probabilities, got {n}"),
+                });
+            }
         }
         if !(0.0..=1.0).contains(&self.min_p) {
             return Err(InvalidSamplingParams {

@@ -43,6 +43,9 @@ pub struct ScheduledRequest {
     pub num_tokens: usize,
     /// Whether this step computes the request's last known token, so a token is sampled.
     pub needs_logits: bool,
+    /// Whether the forward pass returns logits for every position computed this step (the
+    /// request's `prompt_logprobs`), not only the last one.
+    pub prompt_logits: bool,
     /// The request's phase when scheduled (PREFILL while it has no output token).
     pub phase: RequestPhase,
 }
@@ -82,9 +85,19 @@ impl SchedulerOutput {
         self.scheduled.is_empty()
     }
 
-    /// Number of logits rows the model must return (requests with `needs_logits`).
+    /// Number of logits rows the model must return: one per request with `needs_logits`, or
+    /// one per computed position for a request with `prompt_logits`.
     pub fn num_logits_rows(&self) -> usize {
-        self.scheduled.iter().filter(|s| s.needs_logits).count()
+        self.scheduled
+            .iter()
+            .map(|s| {
+                if s.prompt_logits {
+                    s.num_tokens
+                } else {
+                    usize::from(s.needs_logits)
+                }
+            })
+            .sum()
     }
 }
 
@@ -294,8 +307,10 @@ impl Scheduler {
                     self.num_fresh_waiting -= 1;
                     self.num_fresh_resolved_total += 1;
                 }
-                self.kv
-                    .record_prefix_cache_query(request.num_tokens(), num_hit_tokens);
+                if request.reads_prefix_cache() {
+                    self.kv
+                        .record_prefix_cache_query(request.num_tokens(), num_hit_tokens);
+                }
                 request.status = RequestStatus::Running;
                 request.num_computed_tokens = num_hit_tokens;
                 let resume = request.num_preemptions > 0;
@@ -326,6 +341,7 @@ impl Scheduler {
             start_position,
             num_tokens,
             needs_logits: start_position + num_tokens == request.num_tokens(),
+            prompt_logits: request.needs_prompt_logits(start_position),
             phase,
         });
         let summary = &mut out.summary;
@@ -391,6 +407,7 @@ impl Scheduler {
                     start_position: s.start_position,
                     block_table: self.kv.block_table(s.request_id),
                     needs_logits: s.needs_logits,
+                    all_logits: s.prompt_logits,
                 }
             })
             .collect();
@@ -438,6 +455,7 @@ impl Scheduler {
             }
             let mut output = RequestOutput::from_request(request, vec![token]);
             output.logprobs.extend(request.sampled_logprobs.take());
+            output.prompt_logprobs = std::mem::take(&mut request.prompt_logprobs);
             outputs.push(output);
         }
         if any_finished {

@@ -260,6 +260,8 @@ impl RequestOptions {
                 allowed_token_ids,
                 // Tokenized by the endpoint (it holds the tokenizer).
                 bad_words_token_ids: Vec::new(),
+                // Set by the endpoint, with `logprobs`.
+                prompt_logprobs: None,
             },
             detokenizer: DetokenizerOptions {
                 skip_special_tokens: fields.skip_special_tokens.unwrap_or(true),

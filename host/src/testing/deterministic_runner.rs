@@ -150,9 +150,12 @@ impl ModelRunner for DeterministicRunner {
             self.counters
                 .tokens_computed
                 .fetch_add(entry.token_ids.len() as u64, Ordering::Relaxed);
-            if !entry.needs_logits {
+            let rows = entry.num_logits_rows();
+            if rows == 0 {
                 continue;
             }
+            // One row per context ending at each of the entry's last `rows` positions.
+            let first_row_position = end - rows;
             let mut hasher = ContextHasher::new(self.seed);
             for position in 0..end {
                 let slot = self
@@ -172,9 +175,11 @@ impl ModelRunner for DeterministicRunner {
                         )));
                     }
                 }
+                if position >= first_row_position {
+                    push_logits_row(&mut logits.data, hasher.finish(), self.vocab_size);
+                    self.counters.logits_rows.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            push_logits_row(&mut logits.data, hasher.finish(), self.vocab_size);
-            self.counters.logits_rows.fetch_add(1, Ordering::Relaxed);
         }
         Ok(logits)
     }
@@ -279,6 +284,7 @@ mod tests {
                 start_position: 0,
                 block_table: &[2, 0],
                 needs_logits: true,
+                all_logits: false,
             }],
         };
         let logits = runner.forward(&batch).unwrap();
@@ -296,6 +302,7 @@ mod tests {
                 start_position: 3,
                 block_table: &[2, 0],
                 needs_logits: true,
+                all_logits: false,
             }],
         };
         let logits = runner.forward(&batch).unwrap();
@@ -317,6 +324,7 @@ mod tests {
                 start_position: 0,
                 block_table: &[0, 1],
                 needs_logits: false,
+                all_logits: false,
             }],
         };
         runner.forward(&write).unwrap();
@@ -328,6 +336,7 @@ mod tests {
                 start_position: 4,
                 block_table: &[2, 3, 1],
                 needs_logits: true,
+                all_logits: false,
             }],
         };
         assert!(runner.forward(&bad).is_err());
@@ -339,6 +348,7 @@ mod tests {
                 start_position: 4,
                 block_table: &[1, 0, 2],
                 needs_logits: true,
+                all_logits: false,
             }],
         };
         assert!(runner.forward(&swapped).is_err());
@@ -349,6 +359,7 @@ mod tests {
                 start_position: 0,
                 block_table: &[0],
                 needs_logits: true,
+                all_logits: false,
             }],
         };
         assert!(runner.forward(&short).is_err());

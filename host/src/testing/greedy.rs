@@ -132,6 +132,7 @@ fn run(
                     start_position: s.computed,
                     block_table: &s.blocks,
                     needs_logits,
+                    all_logits: false,
                 }
             })
             .collect();

@@ -124,9 +124,9 @@ impl CpuModelRunner {
                 s.positions.push(p);
                 s.slots.push((e.block_table[p / bs] as usize, p % bs));
             }
-            if e.needs_logits {
-                s.logit_rows.push(row + e.token_ids.len() - 1);
-            }
+            let rows = e.num_logits_rows();
+            s.logit_rows
+                .extend(row + e.token_ids.len() - rows..row + e.token_ids.len());
             spans.push(SeqSpan {
                 row,
                 len: e.token_ids.len(),

@@ -247,6 +247,7 @@ fn entry<'a>(
         start_position: start,
         block_table: table,
         needs_logits: logits,
+        all_logits: false,
     }
 }
 
@@ -316,6 +317,44 @@ fn logits_rows_follow_needs_logits_in_batch_order() {
     assert!(max_diff(out.row(1), &single(&p3)) < 1e-5);
     // An empty batch is fine and yields no rows.
     assert_eq!(r.forward(&ModelBatch::default()).unwrap().rows(), 0);
+}
+
+#[test]
+fn all_logits_gives_a_row_per_token_equal_to_each_prefix_alone() {
+    let cfg = tiny_config();
+    let kv = KvCacheShape {
+        num_blocks: 32,
+        block_size: 4,
+    };
+    let (p1, p2): (Vec<u32>, Vec<u32>) = ((0..5).collect(), (100..109).collect());
+    let mut r = runner(&cfg, kv);
+    // A chunk of p2 (positions 3..9) with every row, between two ordinary entries.
+    r.forward(&ModelBatch {
+        entries: vec![entry(2, &p2[..3], 0, &[1, 2, 4], false)],
+    })
+    .unwrap();
+    let all = BatchEntry {
+        all_logits: true,
+        ..entry(2, &p2[3..], 3, &[1, 2, 4], true)
+    };
+    let out = r
+        .forward(&ModelBatch {
+            entries: vec![entry(1, &p1, 0, &[0, 3], true), all],
+        })
+        .unwrap();
+    assert_eq!(out.rows(), 1 + 6);
+    let single = |p: &[u32]| {
+        let mut r = runner(&cfg, kv);
+        r.forward(&ModelBatch {
+            entries: vec![entry(9, p, 0, &[5, 6, 7], true)],
+        })
+        .unwrap()
+        .data
+    };
+    assert!(max_diff(out.row(0), &single(&p1)) < 1e-5);
+    for (i, end) in (4..=9).enumerate() {
+        assert!(max_diff(out.row(1 + i), &single(&p2[..end])) < 1e-5, "{end}");
+    }
 }
 
 #[test]

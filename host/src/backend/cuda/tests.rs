@@ -432,6 +432,7 @@ pub(super) fn lockstep(
                     start_position: s.computed,
                     block_table: &s.blocks,
                     needs_logits,
+                    all_logits: false,
                 }
             })
             .collect();
@@ -716,6 +717,7 @@ fn cuda_matches_cpu_on_tiny_models() {
                     start_position: 0,
                     block_table: &blocks,
                     needs_logits: true,
+                    all_logits: false,
                 }],
             };
             let logits = gpu.forward(&batch).expect("forward");
@@ -753,6 +755,7 @@ fn cuda_rejects_invalid_batches_like_the_cpu() {
                 start_position: start,
                 block_table: &table,
                 needs_logits: true,
+                all_logits: false,
             }],
         };
         let err = gpu.forward(&batch).expect_err("invalid batch");
@@ -767,6 +770,7 @@ fn cuda_rejects_invalid_batches_like_the_cpu() {
             start_position: 0,
             block_table: &blocks,
             needs_logits: true,
+            all_logits: false,
         }],
     };
     assert_eq!(gpu.forward(&batch).expect("valid batch").rows(), 1);

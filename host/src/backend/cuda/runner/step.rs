@@ -217,9 +217,8 @@ impl CudaModelRunner {
                 h.ctx_lens.push(p as i32 + 1);
                 h.bt_offsets.push(table_offset);
             }
-            if e.needs_logits {
-                h.logit_rows.push(h.ids.len() as i32 - 1);
-            }
+            let (end, rows) = (h.ids.len() as i32, e.num_logits_rows() as i32);
+            h.logit_rows.extend(end - rows..end);
         }
         Ok(())
     }
