@@ -22,6 +22,8 @@ pub struct TextDelta {
     pub token_ids: Vec<u32>,
     /// One entry per token of `token_ids` when the request asked for log-probabilities.
     pub logprobs: Vec<TokenLogprobs>,
+    /// With `prompt_logprobs`, on the first delta: one entry per prompt token after the first.
+    pub prompt_logprobs: Vec<TokenLogprobs>,
     /// Set on the last delta.
     pub finish_reason: Option<FinishReason>,
 }
@@ -165,6 +167,7 @@ impl TextStream {
         self.queue_time = output.queue_time.or(self.queue_time);
         let mut delta = TextDelta {
             finish_reason: output.finish_reason,
+            prompt_logprobs: output.prompt_logprobs,
             ..TextDelta::default()
         };
         let mut logprobs = output.logprobs.into_iter();

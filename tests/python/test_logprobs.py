@@ -5,7 +5,9 @@ The fixture `tiny-llama-gqa` comes with transformers' last-position logits for f
 greedy token must carry `logprobs` equal to transformers' log-softmax, for the chosen token and
 the five most likely ones (`return_tokens_as_token_ids` names them exactly). Then the shapes:
 completions' legacy object (streamed too, with `text_offset` continuing across chunks) and
-chat's `logprobs.content` with `top_logprobs`, as the SDK's typed objects read them.
+chat's `logprobs.content` with `top_logprobs`, as the SDK's typed objects read them. Then
+vLLM's `prompt_logprobs` against the same transformers logits, and `echo` with `logprobs` as
+lm-eval's loglikelihood tasks send it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 
+import openai
 import pytest
 
 from conftest import ROOT, Server
@@ -115,3 +118,80 @@ def test_chat_logprobs_with_top_alternatives(tiny):
     # Without logprobs: none.
     reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
     assert reply.choices[0].logprobs is None
+
+
+def test_prompt_logprobs_match_transformers(gqa):
+    """vLLM's `prompt_logprobs`: each prompt token's log-probability given the tokens before it.
+    A causal model's logits at position i of a prompt are its last logits for the prompt cut
+    after i, so transformers' `last_logits` of each reference prompt P give the entry of token t
+    in the prompt P + [t] (for the most likely t, and for an unlikely one); the first reference
+    prompt is the second's first token, which checks that position inside a longer prompt."""
+    reference = json.loads((FIXTURE / "reference.json").read_text())
+    client = gqa.client()
+    for prompt, logits in zip(reference["prompts"], reference["last_logits"]):
+        expected = log_softmax(logits)
+        ranked = sorted(range(len(logits)), key=lambda t: (-logits[t], t))
+        for token in (ranked[0], ranked[-1]):
+            c = client.completions.create(model="gqa", prompt=prompt + [token], max_tokens=1, temperature=0,
+                                          extra_body={"prompt_logprobs": 5})
+            got = c.choices[0].model_extra["prompt_logprobs"]
+            assert len(got) == len(prompt) + 1 and got[0] is None
+            last = got[-1]
+            assert abs(last[str(token)]["logprob"] - expected[token]) < 1e-4
+            assert last[str(token)]["rank"] == ranked.index(token) + 1
+            for rank, t in enumerate(ranked[:5], start=1):
+                assert abs(last[str(t)]["logprob"] - expected[t]) < 1e-4, t
+                assert last[str(t)]["rank"] == rank
+    first, second = reference["prompts"][0], reference["prompts"][1]
+    assert second[:1] == first
+    expected = log_softmax(reference["last_logits"][0])
+    c = client.completions.create(model="gqa", prompt=second, max_tokens=1, extra_body={"prompt_logprobs": 0})
+    entry = c.choices[0].model_extra["prompt_logprobs"][1]
+    assert list(entry) == [str(second[1])]
+    assert abs(entry[str(second[1])]["logprob"] - expected[second[1]]) < 1e-4
+
+
+def test_echo_with_logprobs_as_lm_eval_asks_for_loglikelihoods(gqa):
+    """lm-eval's loglikelihood request (`echo`, `logprobs: 1`, `max_tokens: 1`, temperature 0):
+    the text starts with the prompt, and the log-probabilities start with the prompt's tokens,
+    the first `null`, each later one equal to its `prompt_logprobs` entry (which bypasses the
+    prefix cache, so a cached prompt gives the same numbers)."""
+    client = gqa.client()
+    prompt = "the cat sat on the mat"
+    for _ in range(2):  # the second time the prompt's blocks are in the prefix cache
+        c = client.completions.create(model="gqa", prompt=prompt, max_tokens=1, temperature=0, logprobs=1, echo=True,
+                                      extra_body={"prompt_logprobs": 1, "return_token_ids": True,
+                                                  "return_tokens_as_token_ids": True})
+        choice = c.choices[0]
+        ids = choice.model_extra["prompt_token_ids"]
+        assert choice.text.startswith(prompt)
+        lp = choice.logprobs
+        assert lp.tokens[:len(ids)] == [f"token_id:{t}" for t in ids]
+        assert len(lp.tokens) == len(ids) + 1
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        reference = choice.model_extra["prompt_logprobs"]
+        for i in range(1, len(ids)):
+            assert abs(lp.token_logprobs[i] - reference[i][str(ids[i])]["logprob"]) < 1e-6, i
+            assert f"token_id:{ids[i]}" in lp.top_logprobs[i]
+        assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+        assert c.usage.prompt_tokens == len(ids) and c.usage.prompt_tokens_details.cached_tokens == 0
+    # Not with stream (as vLLM); chat has no completions-style echo.
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="gqa", prompt=prompt, max_tokens=1, echo=True, stream=True)
+    assert raised.value.body["param"] == "echo"
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="gqa", prompt=prompt, max_tokens=1, stream=True,
+                                  extra_body={"prompt_logprobs": 1})
+    assert raised.value.body["param"] == "prompt_logprobs"
+    for bad in (-1, 21):
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.completions.create(model="gqa", prompt=prompt, max_tokens=1, extra_body={"prompt_logprobs": bad})
+        assert raised.value.body["param"] == "prompt_logprobs"
+    chat = client.chat.completions.create(model="gqa", messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                                          extra_body={"prompt_logprobs": 2})
+    got = chat.model_extra["prompt_logprobs"]
+    assert got[0] is None and len(got) == chat.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="gqa", messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                                       extra_body={"echo": True})
+    assert raised.value.body["param"] == "echo"

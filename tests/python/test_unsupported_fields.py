@@ -3,7 +3,7 @@
 openai SDK gets a 400 `unsupported_parameter` naming the field on both endpoints; the same fields
 at their defaults (or null), and OpenAI's fields that change nothing (`user`, `metadata`), pass.
 The vLLM fields stepscope implements (`logit_bias`, `min_p`, `allowed_token_ids`,
-`truncate_prompt_tokens`, `bad_words`) take effect, checked against computed expectations.
+`truncate_prompt_tokens`, `bad_words`; `prompt_logprobs` and `echo` in test_logprobs.py) take effect, checked against computed expectations.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import openai
 import pytest
 
 REFUSED = {
-    "prompt_logprobs": 1,
     "use_beam_search": True,
     "length_penalty": 0.5,
     "spaces_between_special_tokens": False,
@@ -35,6 +34,7 @@ REFUSED = {
     "function_call": "auto",
 }
 CHAT_ONLY = {
+    "echo": True,
     "chat_template": "{{ messages }}",
     "chat_template_kwargs": {"enable_thinking": True},
     "documents": [{"title": "t", "text": "x"}],

@@ -947,7 +947,11 @@ fn prompt_logprobs_bypass_the_prefix_cache_reads() {
     h.run_to_completion(100);
     assert_eq!(h.final_output(2).num_cached_tokens, 0);
     assert_eq!(h.prompt_logprobs[&2].len(), 12);
-    assert_eq!(h.core.stats().prefix_cache_queries, queries, "not a cache query");
+    assert_eq!(
+        h.core.stats().prefix_cache_queries,
+        queries,
+        "not a cache query"
+    );
     // Its blocks are still cached for others.
     h.add(3, prompt_ids.clone(), greedy(2)).unwrap();
     h.run_to_completion(100);
@@ -959,4 +963,3 @@ fn prompt_logprobs_bypass_the_prefix_cache_reads() {
     };
     assert!(h.add(4, prompt_ids, too_many).is_err());
 }
-

@@ -27,10 +27,16 @@ use super::state::AppState;
 pub struct Generation {
     stream: TextStream,
     tracker: RequestTracker,
-    prompt_token_ids: Option<Vec<u32>>,
+    /// The prompt's token ids, kept when the answer shows them (`return_token_ids`), echoes
+    /// them or carries their log-probabilities.
+    prompt_ids: Option<Vec<u32>>,
+    return_prompt_ids: bool,
     /// The client request's journey, when traced, and whether this choice counts its prompt.
     journey: Option<(ServerJourney, bool)>,
     received_any: bool,
+    prompt_logprobs: Vec<TokenLogprobs>,
+    /// The prompt's text, when the answer starts with it (`echo`).
+    echo_text: Option<String>,
 }
 
 /// A request run to its end.
@@ -42,6 +48,9 @@ pub struct Finished {
     pub logprobs: Vec<TokenLogprobs>,
     pub finish_reason: FinishReason,
     pub usage: Usage,
+    /// With `prompt_logprobs` (or `echo` with `logprobs`): one entry per prompt token after
+    /// the first.
+    pub prompt_logprobs: Vec<TokenLogprobs>,
 }
 
 impl Generation {
@@ -55,9 +64,9 @@ impl Generation {
         (prompt_param, parent): (&str, &Arc<ParentRequest>),
         arrival: Instant,
     ) -> Result<Self, ApiError> {
-        let prompt_token_ids = options
-            .return_token_ids
-            .then(|| request.prompt_token_ids().to_vec());
+        let keep_prompt =
+            options.return_token_ids || options.echo || request.params().prompt_logprobs.is_some();
+        let prompt_ids = keep_prompt.then(|| request.prompt_token_ids().to_vec());
         let stream = TextStream::submit(
             &state.engine,
             &state.model,
@@ -68,9 +77,12 @@ impl Generation {
         Ok(Self {
             stream,
             tracker: RequestTracker::new(Arc::clone(parent), arrival),
-            prompt_token_ids,
+            prompt_ids,
+            return_prompt_ids: options.return_token_ids,
             journey: None,
             received_any: false,
+            prompt_logprobs: Vec::new(),
+            echo_text: None,
         })
     }
 
@@ -82,7 +94,10 @@ impl Generation {
 
     /// The next text delta; `None` after the last one (which carries the finish reason).
     pub async fn next(&mut self) -> Option<TextDelta> {
-        let delta = self.stream.next().await?;
+        let mut delta = self.stream.next().await?;
+        if !delta.prompt_logprobs.is_empty() {
+            self.prompt_logprobs = std::mem::take(&mut delta.prompt_logprobs);
+        }
         let progress = ChoiceProgress {
             num_prompt_tokens: self.stream.num_prompt_tokens(),
             num_output_tokens: self.stream.num_output_tokens(),
@@ -114,7 +129,23 @@ impl Generation {
 
     /// The prompt's token ids, when the request asked for them (`return_token_ids`).
     pub fn prompt_token_ids(&self) -> Option<&Vec<u32>> {
-        self.prompt_token_ids.as_ref()
+        self.prompt_ids.as_ref().filter(|_| self.return_prompt_ids)
+    }
+
+    /// The same choice, its answer starting with `text` (`echo`).
+    pub fn with_echo_text(mut self, text: Option<String>) -> Self {
+        self.echo_text = text;
+        self
+    }
+
+    /// The prompt's text, when the answer starts with it.
+    pub fn echo_text(&self) -> Option<&str> {
+        self.echo_text.as_deref()
+    }
+
+    /// The prompt's token ids, when kept (for `echo` and `prompt_logprobs` too).
+    pub fn prompt_ids(&self) -> &[u32] {
+        self.prompt_ids.as_deref().unwrap_or_default()
     }
 
     /// Runs the request to its end. A model failure becomes a 500, a request the server stopped
@@ -141,6 +172,7 @@ impl Generation {
             logprobs,
             finish_reason,
             usage: self.usage(),
+            prompt_logprobs: std::mem::take(&mut self.prompt_logprobs),
         })
     }
 }

@@ -140,6 +140,74 @@ impl LogprobsRenderer {
             .collect();
         json!({ "content": content })
     }
+
+    /// vLLM's `prompt_logprobs` for a prompt: `null` for its first token, then, per token, a map
+    /// from token id to `{logprob, rank, decoded_token}` holding the most likely tokens (ranks 1,
+    /// 2, …; the first `top` of each entry) and the prompt's own token with its rank.
+    /// `entries[i]` is token `i + 1`'s.
+    pub fn prompt_logprobs(&self, entries: &[TokenLogprobs], top: usize) -> Value {
+        let item = |token: u32, logprob: f32, rank: usize| {
+            json!({
+                "logprob": number(logprob),
+                "rank": rank,
+                "decoded_token": self.model.tokenizer.decode(&[token], false).unwrap_or_default(),
+            })
+        };
+        let mut out = vec![Value::Null];
+        for entry in entries {
+            let mut map = serde_json::Map::new();
+            map.insert(
+                entry.token_id.to_string(),
+                item(entry.token_id, entry.logprob, entry.rank),
+            );
+            for (i, &(token, logprob)) in entry.top.iter().take(top).enumerate() {
+                map.entry(token.to_string())
+                    .or_insert_with(|| item(token, logprob, i + 1));
+            }
+            out.push(Value::Object(map));
+        }
+        Value::Array(out)
+    }
+
+    /// Completions' legacy object for `echo`: the prompt's tokens first (`prompt_ids`; the first
+    /// one's log-probabilities `null`, the others' from `prompt_entries`, each with its `top`
+    /// most likely), then the generated ones; offsets run through the echoed text.
+    pub fn completion_echo(
+        &self,
+        prompt_ids: &[u32],
+        prompt_entries: &[TokenLogprobs],
+        top: usize,
+        generated: &[TokenLogprobs],
+    ) -> Value {
+        let mut offset = 0;
+        let Some(&first) = prompt_ids.first() else {
+            return self.completion(generated, &mut offset);
+        };
+        let first_text = self.token_text(first);
+        offset += first_text.chars().count();
+        let prompt: Vec<TokenLogprobs> = prompt_entries
+            .iter()
+            .map(|e| TokenLogprobs {
+                top: e.top.iter().copied().take(top).collect(),
+                ..e.clone()
+            })
+            .collect();
+        let prompt_part = self.completion(&prompt, &mut offset);
+        let generated_part = self.completion(generated, &mut offset);
+        let join = |key: &str, head: Value| {
+            let mut all = vec![head];
+            for part in [&prompt_part, &generated_part] {
+                all.extend(part[key].as_array().cloned().unwrap_or_default());
+            }
+            Value::Array(all)
+        };
+        json!({
+            "tokens": join("tokens", Value::String(first_text)),
+            "token_logprobs": join("token_logprobs", Value::Null),
+            "top_logprobs": join("top_logprobs", Value::Null),
+            "text_offset": join("text_offset", json!(0)),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -215,5 +283,31 @@ mod tests {
         assert_eq!(first["logprob"], json!(-0.5));
         assert_eq!(first["top_logprobs"].as_array().map(Vec::len), Some(2));
         assert_eq!(v["content"][1]["logprob"], json!(-9999.0));
+    }
+
+    #[test]
+    fn prompt_logprobs_in_vllms_shape_and_echo_with_the_prompt_first() {
+        let r = renderer(LogprobsShape::Completion, true);
+        let out = r.prompt_logprobs(&entries(), 2);
+        assert_eq!(out[0], Value::Null);
+        assert_eq!(out[1]["72"]["rank"], 2);
+        assert_eq!(out[1]["72"]["logprob"], -0.5);
+        assert_eq!(out[1]["105"]["rank"], 1);
+        assert_eq!(out[2]["105"]["logprob"], NEG_INF_LOGPROB);
+        assert_eq!(out[2]["33"]["rank"], 1);
+        assert!(out[1]["72"]["decoded_token"].is_string());
+        let echo = r.completion_echo(&[7, 72, 105], &entries(), 1, &entries()[..1]);
+        assert_eq!(
+            echo["tokens"],
+            json!(["token_id:7", "token_id:72", "token_id:105", "token_id:72"])
+        );
+        assert_eq!(echo["token_logprobs"], json!([null, -0.5, -9999.0, -0.5]));
+        assert_eq!(echo["top_logprobs"][0], Value::Null);
+        // The prompt's tops cut to `top` (1), plus the token itself when it is not among them.
+        assert_eq!(
+            echo["top_logprobs"][1],
+            json!({"token_id:105": -0.25, "token_id:72": -0.5})
+        );
+        assert_eq!(echo["text_offset"], json!([0, 10, 21, 33]));
     }
 }

@@ -77,6 +77,10 @@ pub struct SamplingFields {
     /// vLLM extension: keep only the prompt's last N tokens (`-1`: the last `max_model_len`).
     #[schema(minimum = -1)]
     pub truncate_prompt_tokens: Option<i64>,
+    /// vLLM extension: each prompt token's log-probability (given the tokens before it) with
+    /// this many most likely alternatives, as `prompt_logprobs` (not with `stream`).
+    #[schema(minimum = 0, maximum = 20)]
+    pub prompt_logprobs: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
 }
@@ -93,7 +97,8 @@ pub struct CompletionFields {
     /// A string or a list of token ids, or a batch: a list of either.
     #[schema(schema_with = super::openapi::prompt_schema, required = true)]
     pub prompt: Option<Value>,
-    /// Not supported: only `false`.
+    /// Prepend the prompt to the text (and, with `logprobs`, its tokens' log-probabilities to
+    /// the log-probabilities, the first one `null`). Not with `stream`.
     pub echo: Option<bool>,
     /// How many most likely alternatives to report with each token.
     #[schema(value_type = Option<u32>, minimum = 0, maximum = 20)]
@@ -179,6 +184,11 @@ pub struct CompletionChoice {
     pub token_ids: Option<Vec<u32>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_token_ids: Option<Vec<u32>>,
+    /// vLLM's `prompt_logprobs`: `null` for the first prompt token, then per token a map from
+    /// token id to `{logprob, rank, decoded_token}` (the token itself and the most likely ones).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub prompt_logprobs: Option<Value>,
 }
 
 /// A `/v1/chat/completions` answer.
@@ -190,6 +200,10 @@ pub struct ChatResponse {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    /// vLLM's `prompt_logprobs` of the rendered conversation (see the completions choice's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub prompt_logprobs: Option<Value>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

@@ -9,7 +9,7 @@
 //! must fit in `max_model_len` (as vLLM checks), and an absent `max_tokens` takes the endpoint's
 //! default, capped at what is left of the context.
 
-use crate::engine::SamplingParams;
+use crate::engine::{MAX_LOGPROBS, SamplingParams};
 use crate::model::DetokenizerOptions;
 
 use super::errors::ApiError;
@@ -32,6 +32,34 @@ pub struct RequestOptions {
     /// `truncate_prompt_tokens`: keep only the prompt's last N tokens (`-1` resolved to
     /// `max_model_len` by [`truncate_prompt`]).
     pub truncate_prompt_tokens: Option<TruncatePrompt>,
+    /// The client's `prompt_logprobs` (rendered in the answer). `sampling.prompt_logprobs` is
+    /// what the engine computes: this, or what `echo` with `logprobs` needs.
+    pub prompt_logprobs: Option<usize>,
+    /// Completions' `echo` (set by the endpoint).
+    pub echo: bool,
+}
+
+impl RequestOptions {
+    /// Completions' `echo`: the prompt is prepended to the text and, with `logprobs` (N), its
+    /// tokens' log-probabilities (N most likely each) to the log-probabilities. Refused with
+    /// `stream`.
+    pub fn with_echo(mut self, echo: bool) -> Result<Self, ApiError> {
+        if !echo {
+            return Ok(self);
+        }
+        if self.stream {
+            return Err(ApiError::unsupported(
+                "echo",
+                "echo is not supported with stream: true",
+            ));
+        }
+        self.echo = true;
+        if let Some(n) = self.sampling.logprobs {
+            let wanted = self.sampling.prompt_logprobs.map_or(n, |p| p.max(n));
+            self.sampling.prompt_logprobs = Some(wanted);
+        }
+        Ok(self)
+    }
 }
 
 /// `truncate_prompt_tokens`.
@@ -227,6 +255,30 @@ impl RequestOptions {
             }
         };
         let stream = fields.stream.unwrap_or(false);
+        let prompt_logprobs = match fields.prompt_logprobs {
+            None => None,
+            Some(-1) => {
+                return Err(ApiError::unsupported(
+                    "prompt_logprobs",
+                    format!(
+                        "prompt_logprobs -1 (the whole vocabulary) is not supported; ask for 0 to {MAX_LOGPROBS}"
+                    ),
+                ));
+            }
+            Some(n) if (0..=MAX_LOGPROBS as i64).contains(&n) => Some(n as usize),
+            Some(n) => {
+                return Err(ApiError::invalid_param(
+                    "prompt_logprobs",
+                    format!("prompt_logprobs must be from 0 to {MAX_LOGPROBS}, got {n}"),
+                ));
+            }
+        };
+        if prompt_logprobs.is_some() && stream {
+            return Err(ApiError::invalid_param(
+                "prompt_logprobs",
+                "prompt_logprobs are not available when stream is true",
+            ));
+        }
         if fields.stream_options.is_some() && !stream {
             return Err(ApiError::invalid_param(
                 "stream_options",
@@ -260,8 +312,8 @@ impl RequestOptions {
                 allowed_token_ids,
                 // Tokenized by the endpoint (it holds the tokenizer).
                 bad_words_token_ids: Vec::new(),
-                // Set by the endpoint, with `logprobs`.
-                prompt_logprobs: None,
+                // Widened by `echo` with `logprobs` (see `RequestOptions::with_echo`).
+                prompt_logprobs,
             },
             detokenizer: DetokenizerOptions {
                 skip_special_tokens: fields.skip_special_tokens.unwrap_or(true),
@@ -275,6 +327,8 @@ impl RequestOptions {
             tokens_as_ids: fields.return_tokens_as_token_ids.unwrap_or(false),
             n,
             truncate_prompt_tokens,
+            prompt_logprobs,
+            echo: false,
         })
     }
 }

@@ -96,6 +96,11 @@ pub trait Endpoint: DeserializeOwned {
     /// log-probabilities the request asks for (`None`: no log-probabilities).
     fn logprobs(&self) -> Result<Option<usize>, ApiError>;
 
+    /// Whether the answer starts with the prompt (completions' `echo`).
+    fn echo(&self) -> bool {
+        false
+    }
+
     /// Tokenizes the request's prompts into `prompts`. The choice count is checked once they are
     /// all in, unless the endpoint checks it earlier ([`Prompts::check_choice_count`]).
     fn prompts(self, prompts: &mut Prompts<'_>) -> Result<(), ApiError>;
@@ -116,6 +121,8 @@ pub struct Collected {
     pub token_ids: Option<Vec<u32>>,
     /// The prompt's token ids, when the request asked for them.
     pub prompt_token_ids: Option<Vec<u32>>,
+    /// vLLM's `prompt_logprobs`, rendered, when the request asked for them.
+    pub prompt_logprobs: Option<Value>,
 }
 
 /// Answers one request to `E`: the handler's whole body.
@@ -248,6 +255,7 @@ async fn run<E: Endpoint>(
     let logprobs = fields.logprobs()?;
     let mut options = RequestOptions::from_fields(&common, state.engine.vocab_size())?;
     options.sampling.logprobs = logprobs;
+    options = options.with_echo(fields.echo())?;
     if let Some(words) = &common.bad_words {
         options.sampling.bad_words_token_ids = bad_words_token_ids(words, |text| {
             state
@@ -284,7 +292,16 @@ async fn run<E: Endpoint>(
     if options.stream {
         return Ok(sse::response(choices, writer));
     }
-    let (collected, usage) = collect_all(choices, &writer).await?;
+    let from_prompt = PromptAnswer {
+        renderer: LogprobsRenderer::new(
+            state.model.clone(),
+            E::KIND.logprobs_shape(),
+            options.tokens_as_ids,
+        ),
+        echo_top: options.echo.then_some(logprobs).flatten(),
+        prompt_logprobs: options.prompt_logprobs,
+    };
+    let (collected, usage) = collect_all(choices, &writer, &from_prompt).await?;
     Ok(Json(E::response(&writer, collected, usage)).into_response())
 }
 
@@ -297,6 +314,8 @@ pub struct Prompts<'a> {
     max_tokens: Option<i64>,
     /// The `max_tokens` (or `max_completion_tokens`) value the client set, for the metrics.
     requested_max_tokens: Option<u64>,
+    /// Per prompt, in order, its text when the answer echoes it.
+    echo_texts: Vec<Option<String>>,
     /// Whether [`check_choice_count`](Self::check_choice_count) passed: until then a prompt
     /// waits in `sized` for its validation, so errors come in the order the fields are read.
     counted: bool,
@@ -311,6 +330,7 @@ impl<'a> Prompts<'a> {
             options,
             max_tokens,
             requested_max_tokens: None,
+            echo_texts: Vec::new(),
             counted: false,
             sized: Vec::new(),
             valid: Vec::new(),
@@ -350,21 +370,39 @@ impl<'a> Prompts<'a> {
         Ok(())
     }
 
-    /// Adds a tokenized prompt (its field named `param` in errors), with `max_tokens` resolved
-    /// from the `requested` value of field `max_tokens_param` or the endpoint's `default`.
+    /// Adds a tokenized prompt (its field named `param` in errors; `text`: the prompt as the
+    /// client wrote it, if it was text, for `echo`), with `max_tokens` resolved from the
+    /// `requested` value of field `max_tokens_param` or the endpoint's `default`.
     pub fn push(
         &mut self,
-        param: String,
+        (param, text): (String, Option<String>),
         prompt_ids: Vec<u32>,
         (requested, max_tokens_param): (Option<i64>, &str),
         default: MaxTokensDefault,
     ) -> Result<(), ApiError> {
         let mut prompt_ids = prompt_ids;
+        let whole = prompt_ids.len();
         truncate_prompt(
             &mut prompt_ids,
             self.options.truncate_prompt_tokens,
             self.state.engine.max_model_len(),
         )?;
+        if self.options.echo {
+            // The text as written, unless it came as token ids or was truncated.
+            let text = text.filter(|_| prompt_ids.len() == whole).map_or_else(
+                || {
+                    self.state
+                        .model
+                        .tokenizer
+                        .decode(&prompt_ids, false)
+                        .map_err(|e| ApiError::invalid_param(&param, format!("cannot decode: {e}")))
+                },
+                Ok,
+            )?;
+            self.echo_texts.push(Some(text));
+        } else {
+            self.echo_texts.push(None);
+        }
         self.requested_max_tokens = requested.and_then(|m| u64::try_from(m).ok());
         let mut options = self.options.clone();
         options.sampling.max_tokens = resolve_max_tokens(
@@ -435,7 +473,8 @@ impl<'a> Prompts<'a> {
                     (param, &parent),
                     arrival,
                 )?
-                .in_journey(journey, choice == 0);
+                .in_journey(journey, choice == 0)
+                .with_echo_text(self.echo_texts.get(p).cloned().flatten());
                 choices.push(Choice {
                     index: index as u32,
                     counts_prompt: choice == 0,
@@ -447,25 +486,52 @@ impl<'a> Prompts<'a> {
     }
 }
 
+/// What a plain JSON answer shows of the prompt.
+struct PromptAnswer {
+    renderer: LogprobsRenderer,
+    /// `echo` with `logprobs: N`: the prompt's tokens lead the log-probabilities, N top each.
+    echo_top: Option<usize>,
+    /// The client's `prompt_logprobs`.
+    prompt_logprobs: Option<usize>,
+}
+
 /// Runs every choice to its end, concurrently, in `index` order, with the request's usage. The
 /// first failure is the answer; the other choices are dropped, which aborts them.
 async fn collect_all(
     choices: Vec<Choice>,
     writer: &ChunkWriter,
+    from_prompt: &PromptAnswer,
 ) -> Result<(Vec<Collected>, Usage), ApiError> {
     let runs = choices.into_iter().map(|choice| async move {
         let prompt_token_ids = choice.generation.prompt_token_ids().cloned();
+        let prompt_ids = choice.generation.prompt_ids().to_vec();
+        let echo_text = choice.generation.echo_text().map(str::to_string);
         let done = choice.generation.collect().await?;
+        let logprobs = writer
+            .logprobs
+            .as_ref()
+            .map(|renderer| match from_prompt.echo_top {
+                Some(top) => renderer.completion_echo(
+                    &prompt_ids,
+                    &done.prompt_logprobs,
+                    top,
+                    &done.logprobs,
+                ),
+                None => renderer.render(&done.logprobs, &mut 0),
+            });
+        let prompt_logprobs = from_prompt.prompt_logprobs.map(|top| {
+            from_prompt
+                .renderer
+                .prompt_logprobs(&done.prompt_logprobs, top)
+        });
         let collected = Collected {
             index: choice.index,
-            text: done.text,
-            logprobs: writer
-                .logprobs
-                .as_ref()
-                .map(|renderer| renderer.render(&done.logprobs, &mut 0)),
+            text: echo_text.unwrap_or_default() + &done.text,
+            logprobs,
             finish_reason: done.finish_reason.as_str(),
             token_ids: writer.return_token_ids.then_some(done.token_ids),
             prompt_token_ids,
+            prompt_logprobs,
         };
         Ok::<_, ApiError>(((choice.counts_prompt, done.usage), collected))
     });

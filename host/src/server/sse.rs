@@ -197,6 +197,7 @@ impl ChunkWriter {
                     finish_reason: finish.map(FinishReason::as_str),
                     token_ids,
                     prompt_token_ids,
+                    prompt_logprobs: None,
                 }],
                 usage: self.usage_field(),
             }),
@@ -293,6 +294,8 @@ impl StreamState {
             token_ids,
             logprobs,
             finish_reason: finish,
+            // Refused with `stream` (as by vLLM), so never here.
+            prompt_logprobs: _,
         } = delta;
         let choice = &mut self.choices[slot];
         choice.usage = usage;

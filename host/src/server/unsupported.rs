@@ -17,7 +17,6 @@ use super::sse::ChunkKind;
 fn unimplemented_fields(kind: ChunkKind) -> Vec<(&'static str, Value)> {
     let mut fields = vec![
         // vLLM's sampling extensions.
-        ("prompt_logprobs", Value::Null),
         ("use_beam_search", json!(false)),
         ("length_penalty", json!(1.0)),
         ("spaces_between_special_tokens", json!(true)),
@@ -46,6 +45,8 @@ fn unimplemented_fields(kind: ChunkKind) -> Vec<(&'static str, Value)> {
     ];
     match kind {
         ChunkKind::Chat => fields.extend([
+            // vLLM's chat `echo` (prepend the last message of the same role).
+            ("echo", json!(false)),
             ("documents", Value::Null),
             ("chat_template", Value::Null),
             ("chat_template_kwargs", Value::Null),
@@ -115,7 +116,7 @@ mod tests {
         }
         for body in [
             json!({"priority": 0, "use_beam_search": false}),
-            json!({"guided_json": null, "prompt_logprobs": null, "length_penalty": 1}),
+            json!({"guided_json": null, "echo": false, "length_penalty": 1}),
             json!({"user": "u", "metadata": {"a": "b"}, "tool_choice": "none"}),
         ] {
             assert!(refuse_unimplemented(&body, chat).is_ok(), "{body}");

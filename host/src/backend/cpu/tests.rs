@@ -353,7 +353,10 @@ fn all_logits_gives_a_row_per_token_equal_to_each_prefix_alone() {
     };
     assert!(max_diff(out.row(0), &single(&p1)) < 1e-5);
     for (i, end) in (4..=9).enumerate() {
-        assert!(max_diff(out.row(1 + i), &single(&p2[..end])) < 1e-5, "{end}");
+        assert!(
+            max_diff(out.row(1 + i), &single(&p2[..end])) < 1e-5,
+            "{end}"
+        );
     }
 }
 

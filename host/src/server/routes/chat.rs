@@ -41,10 +41,12 @@ impl Endpoint for ChatFields {
             None => (prompts.max_tokens(), "max_tokens"),
         };
         let default = MaxTokensDefault::RestOfContext;
-        prompts.push("messages".into(), prompt_ids, max_tokens, default)
+        prompts.push(("messages".into(), None), prompt_ids, max_tokens, default)
     }
 
     fn response(head: &ChunkWriter, choices: Vec<Collected>, usage: Usage) -> ChatResponse {
+        // One conversation: every choice has the same prompt.
+        let prompt_logprobs = choices.first().and_then(|c| c.prompt_logprobs.clone());
         let choices = choices.into_iter().map(|choice| ChatChoice {
             index: choice.index,
             message: ChatMessageOut {
@@ -63,6 +65,7 @@ impl Endpoint for ChatFields {
             model: head.model.clone(),
             choices: choices.collect(),
             usage,
+            prompt_logprobs,
         }
     }
 }

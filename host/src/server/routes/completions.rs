@@ -2,8 +2,9 @@
 //! model `n` times each, as one JSON answer or as SSE chunks (choice `index` = prompt number ×
 //! `n` + choice number). `max_tokens` defaults to 16 (OpenAI's default), capped at what the
 //! context leaves. `logprobs: N` (0–20) adds the legacy log-probabilities object (the chosen
-//! token's and the N most likely); `echo` and `suffix` are refused with a 400. Everything else
-//! is the shared [`serving`](super::super::serving) pipeline.
+//! token's and the N most likely); `echo` prepends the prompt (and its tokens'
+//! log-probabilities); `suffix` is refused with a 400. Everything else is the shared
+//! [`serving`](super::super::serving) pipeline.
 
 use serde_json::Value;
 
@@ -13,7 +14,7 @@ use super::super::errors::{ApiError, ApiJson};
 use super::super::openai_types::{CompletionChoice, CompletionFields, CompletionResponse, Usage};
 use super::super::openapi::{CompletionRequest, GenerationErrors, ServerSentEvent};
 use super::super::params::MaxTokensDefault;
-use super::super::prompts::{encode_prompt, parse_prompts};
+use super::super::prompts::{PromptInput, encode_prompt, parse_prompts};
 use super::super::serving::{Collected, Endpoint, Prompts, openai_handler, serve};
 use super::super::sse::{ChunkKind, ChunkWriter};
 use super::super::state::AppState;
@@ -26,10 +27,11 @@ impl Endpoint for CompletionFields {
     const KIND: ChunkKind = ChunkKind::Completion;
     type Response = CompletionResponse;
 
+    fn echo(&self) -> bool {
+        self.echo == Some(true)
+    }
+
     fn logprobs(&self) -> Result<Option<usize>, ApiError> {
-        if self.echo == Some(true) {
-            return Err(ApiError::unsupported("echo", "echo is not supported"));
-        }
         let logprobs = match &self.logprobs {
             None | Some(Value::Null) => None,
             Some(value) => match value.as_u64() {
@@ -65,10 +67,14 @@ impl Endpoint for CompletionFields {
             } else {
                 "prompt".to_string()
             };
+            let text = match &input {
+                PromptInput::Text(text) => Some(text.clone()),
+                PromptInput::TokenIds(_) => None,
+            };
             let prompt_ids = encode_prompt(prompts.model(), input, &param)?;
             let max_tokens = (prompts.max_tokens(), "max_tokens");
             let default = MaxTokensDefault::Fixed(DEFAULT_MAX_TOKENS);
-            prompts.push(param, prompt_ids, max_tokens, default)?;
+            prompts.push((param, text), prompt_ids, max_tokens, default)?;
         }
         Ok(())
     }
@@ -81,6 +87,7 @@ impl Endpoint for CompletionFields {
             finish_reason: Some(choice.finish_reason),
             token_ids: choice.token_ids,
             prompt_token_ids: choice.prompt_token_ids,
+            prompt_logprobs: choice.prompt_logprobs,
         });
         CompletionResponse {
             id: head.id.clone(),
