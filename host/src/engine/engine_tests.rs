@@ -895,7 +895,7 @@ fn prompt_logprobs_cover_every_prompt_token_once_chunked_preempted_and_uncached(
     // Chunks of at most 8 tokens, and a pool of 20 blocks of 4 for 8 requests: prompts are
     // computed in pieces and some requests are preempted and recomputed.
     let with_prompt_logprobs = |id: RequestId| SamplingParams {
-        prompt_logprobs: (id % 2 == 0).then_some(3),
+        prompt_logprobs: id.is_multiple_of(2).then_some(3),
         ..greedy(20 + id as usize)
     };
     let (tokens, preemptions, h) = run_workload(20, with_prompt_logprobs);
