@@ -187,7 +187,7 @@ pub struct CompletionChoice {
     /// vLLM's `prompt_logprobs`: `null` for the first prompt token, then per token a map from
     /// token id to `{logprob, rank, decoded_token}` (the token itself and the most likely ones).
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Vec<Object>>)]
+    #[schema(value_type = Option<Vec<Option<Object>>>)]
     pub prompt_logprobs: Option<Value>,
 }
 
@@ -202,7 +202,7 @@ pub struct ChatResponse {
     pub usage: Usage,
     /// vLLM's `prompt_logprobs` of the rendered conversation (see the completions choice's).
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Vec<Object>>)]
+    #[schema(value_type = Option<Vec<Option<Object>>>)]
     pub prompt_logprobs: Option<Value>,
 }
 
