@@ -6,6 +6,8 @@
 #                              (fuzzes the API from its /openapi.json)
 #   /usr/bin/promtool          from Debian's `prometheus` package (for `promtool check metrics`)
 #   /usr/bin/prometheus        the same package's server (scrapes `serve` in the dashboard test)
+#   /usr/bin/chromium          Debian's `chromium` (opens `stepscope trace report`'s HTML headless,
+#                              driven over the DevTools protocol with websocket-client)
 #
 # A second run only checks both and exits (well under a second). The venv is made with
 # `python3 -m venv`, or, where that is unavailable (Debian without python3-venv), with virtualenv
@@ -19,7 +21,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="$ROOT/.cache"
 VENV="$CACHE/test-venv"
 # Bump together; the stamp file makes the next run reinstall.
-REQUIREMENTS="openai==3.57.0 pytest==9.2.0 requests==2.34.2 oteltest==0.49.0 trustme==1.2.1 schemathesis==4.32.5"
+REQUIREMENTS="openai==3.57.0 pytest==9.2.0 requests==2.34.2 oteltest==0.49.0 trustme==1.2.1 schemathesis==4.32.5 websocket-client==1.9.2"
 
 QUIET=0
 for arg in "$@"; do
@@ -74,3 +76,21 @@ else
   say "  install it with: sudo apt-get update && sudo apt-get install -y prometheus"
   say "  (the prometheus and promtool tests are skipped without it)"
 fi
+
+# ---- 3. chromium ------------------------------------------------------------------------------
+if command -v chromium >/dev/null 2>&1; then
+  say "chromium ready ($(command -v chromium))"
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  say "installing Debian's chromium (for the trace report's browser test)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null || die "apt-get update failed"
+  apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null \
+    || die "apt-get install chromium failed"
+  command -v chromium >/dev/null 2>&1 || die "the chromium package did not provide chromium"
+  say "chromium ready"
+else
+  say "chromium is missing and cannot be installed here (not root, or no apt-get):"
+  say "  install it with: sudo apt-get update && sudo apt-get install -y chromium"
+  say "  (the trace report's browser test is skipped without it)"
+fi
+

@@ -18,8 +18,9 @@ echo "== NVRTC for the kernel-compilation tests (no GPU needed)"
 
 echo "== end-to-end test environment (tests/python: openai SDK, pytest, Debian's prometheus and promtool)"
 ./scripts/setup-test-env.sh
-# As root, setup-test-env.sh installs Debian's prometheus (or fails): its tests must then run.
-if [ "$(id -u)" = 0 ]; then export STEPSCOPE_REQUIRE_PROMETHEUS=1; fi
+# As root, setup-test-env.sh installs Debian's prometheus and chromium (or fails): their tests
+# must then run.
+if [ "$(id -u)" = 0 ]; then export STEPSCOPE_REQUIRE_PROMETHEUS=1 STEPSCOPE_REQUIRE_CHROMIUM=1; fi
 
 echo "== Arize Phoenix, the OTLP backend of tests/python/test_phoenix.py (its own venv)"
 ./scripts/setup-phoenix.sh

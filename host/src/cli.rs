@@ -41,6 +41,10 @@ pub enum Command {
     /// Benchmarks that print side-by-side measurements.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Look at step traces (`--step-tracing-file`, `--record-steps`): population estimates,
+    /// an HTML report, a Perfetto timeline.
+    #[command(subcommand)]
+    Trace(TraceCommand),
 }
 
 #[derive(Debug, Args)]
@@ -637,6 +641,32 @@ pub struct PolicyRunArgs {
     pub seed: u64,
     #[command(flatten)]
     pub limits: PolicyLimitArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TraceCommand {
+    /// What the sampled steps say about every step: estimates re-weighted by each step's
+    /// recorded sampling probability, with 95% intervals, percentiles, slow and preempting steps.
+    Summary {
+        /// A step-trace JSON-lines file.
+        file: PathBuf,
+        /// Print the same numbers as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One self-contained HTML file (no network fetch) with charts, request swimlanes and the
+    /// summary table.
+    Report {
+        file: PathBuf,
+        #[arg(short = 'o', long = "output", value_name = "report.html")]
+        output: PathBuf,
+    },
+    /// Chrome trace event JSON, for the Perfetto UI (ui.perfetto.dev) or chrome://tracing.
+    Perfetto {
+        file: PathBuf,
+        #[arg(short = 'o', long = "output", value_name = "trace.json")]
+        output: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

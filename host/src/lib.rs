@@ -18,3 +18,4 @@ pub mod step_tracing;
 pub mod testing;
 pub mod textgen;
 pub mod trace_context;
+pub mod trace_tools;

@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use std::process::ExitCode;
 use std::sync::Arc;
-use stepscope::cli::{BenchCommand, Cli, Command, PolicyCommand};
+use stepscope::cli::{BenchCommand, Cli, Command, PolicyCommand, TraceCommand};
 use stepscope::policy::{
     PolicyCounters, PolicyModule, PolicyParams, PolicyRuntime, PolicySource, devkit::conformance,
 };
@@ -33,6 +33,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => stepscope::server::run(args.to_config()?),
+        Command::Trace(command) => run_trace(command),
         Command::Policy(PolicyCommand::Check(args)) => {
             let source = PolicySource::File(args.file.clone());
             let module = PolicyModule::load(&source, args.limits.limits())?;
@@ -429,6 +430,43 @@ fn run_replay(args: stepscope::cli::PolicyReplayArgs) -> anyhow::Result<ExitCode
                 },
                 journeys.faults,
                 journeys.backing_off
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `stepscope trace …`: reads a step-trace file and prints or writes what was asked.
+fn run_trace(command: TraceCommand) -> anyhow::Result<ExitCode> {
+    use stepscope::trace_tools::{Summary, TraceFile, perfetto, report};
+    let read = |file: &std::path::Path| -> anyhow::Result<(TraceFile, Summary)> {
+        let trace = TraceFile::read(file)?;
+        let summary = Summary::of(&trace, &file.display().to_string());
+        Ok((trace, summary))
+    };
+    let write = |output: &std::path::Path, text: &str| {
+        std::fs::write(output, text).with_context(|| format!("writing {}", output.display()))
+    };
+    match command {
+        TraceCommand::Summary { file, json } => {
+            let (_, summary) = read(&file)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                print!("{}", summary.render());
+            }
+        }
+        TraceCommand::Report { file, output } => {
+            let (trace, summary) = read(&file)?;
+            write(&output, &report::render(&trace, &summary)?)?;
+            eprintln!("wrote {} ({} traced steps)", output.display(), trace.steps.len());
+        }
+        TraceCommand::Perfetto { file, output } => {
+            let (trace, _) = read(&file)?;
+            write(&output, &serde_json::to_string(&perfetto::export(&trace))?)?;
+            eprintln!(
+                "wrote {}: open it in https://ui.perfetto.dev or chrome://tracing",
+                output.display()
             );
         }
     }
