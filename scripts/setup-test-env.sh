@@ -9,11 +9,11 @@
 #   /usr/bin/chromium          Debian's `chromium` (opens `stepscope trace report`'s HTML headless,
 #                              driven over the DevTools protocol with websocket-client)
 #
-# A second run only checks both and exits (well under a second). The venv is made with
+# A second run only checks them and exits (well under a second). The venv is made with
 # `python3 -m venv`, or, where that is unavailable (Debian without python3-venv), with virtualenv
-# installed from PyPI, as scripts/setup-default-model.sh does. promtool is installed with apt-get
-# when missing and we are root (it needs `apt-get update` first); otherwise the script says which
-# command would install it, and the promtool test is skipped.
+# installed from PyPI, as scripts/setup-default-model.sh does. The Debian packages are installed
+# with apt-get when missing and we are root; otherwise the script says which command would
+# install them, and their tests are skipped (scripts/test.sh, run as root, requires them).
 # Options: --quiet (print only errors). Environment: PYTHON (default python3).
 set -euo pipefail
 
@@ -27,7 +27,7 @@ QUIET=0
 for arg in "$@"; do
   case "$arg" in
     --quiet|-q) QUIET=1 ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "setup-test-env: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -57,40 +57,38 @@ else
   echo "$REQUIREMENTS" >"$STAMP"
 fi
 
-# ---- 2. prometheus and promtool --------------------------------------------------------------
-if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
-  say "prometheus and promtool ready ($(command -v prometheus), $(command -v promtool))"
-elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  say "installing Debian's prometheus package (prometheus and promtool)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null || die "apt-get update failed"
-  # --no-install-recommends: only the two binaries are needed; the package's service is not
-  # started in containers (policy-rc.d); the tests start their own server on a free port.
-  apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
-    || die "apt-get install prometheus failed"
-  command -v promtool >/dev/null 2>&1 || die "the prometheus package did not provide promtool"
-  command -v prometheus >/dev/null 2>&1 || die "the prometheus package did not provide prometheus"
-  say "prometheus and promtool ready"
-else
-  say "prometheus/promtool are missing and cannot be installed here (not root, or no apt-get):"
-  say "  install it with: sudo apt-get update && sudo apt-get install -y prometheus"
-  say "  (the prometheus and promtool tests are skipped without it)"
-fi
+# ---- 2. Debian packages: prometheus (and promtool), chromium ---------------------------------
+# apt_tool NAME "PACKAGES" COMMANDS...: installs PACKAGES with apt-get (as root) unless every
+# command is already there; otherwise says how, and that NAME's tests are skipped.
+APT_UPDATED=0
+apt_tool() {
+  local name="$1" packages="$2" missing=0 cmd
+  shift 2
+  for cmd in "$@"; do command -v "$cmd" >/dev/null 2>&1 || missing=1; done
+  if [ "$missing" = 0 ]; then
+    say "$name ready"
+  elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing Debian's $packages (for the $name tests)"
+    export DEBIAN_FRONTEND=noninteractive
+    if [ "$APT_UPDATED" = 0 ]; then
+      apt-get update -qq >/dev/null || die "apt-get update failed"
+      APT_UPDATED=1
+    fi
+    # --no-install-recommends: only the programs are needed; no package service is started in
+    # containers (policy-rc.d), and the tests start their own on free ports.
+    # shellcheck disable=SC2086
+    apt-get install -y -qq --no-install-recommends $packages >/dev/null \
+      || die "apt-get install $packages failed"
+    for cmd in "$@"; do
+      command -v "$cmd" >/dev/null 2>&1 || die "$packages did not provide $cmd"
+    done
+    say "$name ready"
+  else
+    say "$name is missing and cannot be installed here (not root, or no apt-get):"
+    say "  install it with: sudo apt-get update && sudo apt-get install -y $packages"
+    say "  (the $name tests are skipped without it)"
+  fi
+}
 
-# ---- 3. chromium ------------------------------------------------------------------------------
-if command -v chromium >/dev/null 2>&1; then
-  say "chromium ready ($(command -v chromium))"
-elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  say "installing Debian's chromium (for the trace report's browser test)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null || die "apt-get update failed"
-  apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null \
-    || die "apt-get install chromium failed"
-  command -v chromium >/dev/null 2>&1 || die "the chromium package did not provide chromium"
-  say "chromium ready"
-else
-  say "chromium is missing and cannot be installed here (not root, or no apt-get):"
-  say "  install it with: sudo apt-get update && sudo apt-get install -y chromium"
-  say "  (the trace report's browser test is skipped without it)"
-fi
-
+apt_tool "prometheus" "prometheus" prometheus promtool
+apt_tool "chromium" "chromium fonts-dejavu-core" chromium

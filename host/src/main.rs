@@ -459,7 +459,11 @@ fn run_trace(command: TraceCommand) -> anyhow::Result<ExitCode> {
         TraceCommand::Report { file, output } => {
             let (trace, summary) = read(&file)?;
             write(&output, &report::render(&trace, &summary)?)?;
-            eprintln!("wrote {} ({} traced steps)", output.display(), trace.steps.len());
+            eprintln!(
+                "wrote {} ({} traced steps)",
+                output.display(),
+                trace.steps.len()
+            );
         }
         TraceCommand::Perfetto { file, output } => {
             let (trace, _) = read(&file)?;

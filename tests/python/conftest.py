@@ -172,13 +172,19 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def smollm():
+def smollm_dir() -> Path:
+    """SmolLM2-135M-Instruct's directory (skipped when not set up, failed under scripts/test.sh)."""
     if not (SMOLLM_DIR / "config.json").is_file():
         message = f"{SMOLLM_DIR} is not set up (./scripts/setup-default-model.sh)"
         if os.environ.get("STEPSCOPE_REQUIRE_DEFAULT_MODEL") is not None:
             pytest.fail(message)  # scripts/test.sh: these tests must run
         pytest.skip(message)
-    server = Server(str(SMOLLM_DIR))
+    return SMOLLM_DIR
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm_dir):
+    server = Server(str(smollm_dir))
     yield server
     server.stop()
 

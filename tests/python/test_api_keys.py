@@ -9,24 +9,13 @@ none, and answers with the right one; `/health`, `/metrics` and `/tokenize` stay
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 import openai
 import pytest
 import requests
 
-from conftest import BINARY, ROOT, SMOLLM_DIR, Server, free_port
-
-
-@pytest.fixture(scope="module")
-def smollm_dir():
-    if not (SMOLLM_DIR / "config.json").is_file():
-        message = f"{SMOLLM_DIR} is not set up (./scripts/setup-default-model.sh)"
-        if os.environ.get("STEPSCOPE_REQUIRE_DEFAULT_MODEL") is not None:
-            pytest.fail(message)
-        pytest.skip(message)
-    return SMOLLM_DIR
+from conftest import BINARY, ROOT, Server, free_port
 
 
 @pytest.fixture(scope="module")

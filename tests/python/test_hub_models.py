@@ -26,21 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BINARY, ROOT, SMOLLM_DIR, Server, free_port
+from conftest import BINARY, ROOT, Server, free_port
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 COMMIT = "12fd25f77366fa6b3b4b768ec3050bf629380bac"
 FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors"]
-
-
-@pytest.fixture(scope="module")
-def model_dir() -> Path:
-    if not (SMOLLM_DIR / "config.json").is_file():
-        message = f"{SMOLLM_DIR} is not set up (./scripts/setup-default-model.sh)"
-        if os.environ.get("STEPSCOPE_REQUIRE_DEFAULT_MODEL") is not None:
-            pytest.fail(message)
-        pytest.skip(message)
-    return SMOLLM_DIR
 
 
 @pytest.fixture()
@@ -86,8 +76,8 @@ def serve_and_ask(model: str, env: dict, *args: str) -> str:
         server.stop()
 
 
-def test_a_hub_id_is_served_from_the_cache_offline_by_ref_and_by_commit(model_dir, scratch):
-    repo = hub_cache(model_dir, scratch)
+def test_a_hub_id_is_served_from_the_cache_offline_by_ref_and_by_commit(smollm_dir, scratch):
+    repo = hub_cache(smollm_dir, scratch)
     assert (repo / "snapshots" / COMMIT / "model.safetensors").is_symlink()
     env = {"HF_HOME": str(scratch), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": ""}
     assert serve_and_ask(HUB_ID, env) == HUB_ID
@@ -165,8 +155,8 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(chunk)
 
 
-def test_a_missing_model_is_downloaded_into_the_cache_then_served_offline(model_dir, scratch):
-    hub = LocalHub(model_dir)
+def test_a_missing_model_is_downloaded_into_the_cache_then_served_offline(smollm_dir, scratch):
+    hub = LocalHub(smollm_dir)
     try:
         env = {"HF_HOME": str(scratch), "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": "", "HF_HUB_OFFLINE": "0"}
         assert serve_and_ask(HUB_ID, env) == HUB_ID
@@ -175,7 +165,7 @@ def test_a_missing_model_is_downloaded_into_the_cache_then_served_offline(model_
         snapshot = scratch / "hub" / ("models--" + HUB_ID.replace("/", "--")) / "snapshots" / COMMIT
         for name in FILES:
             assert (snapshot / name).is_symlink(), name
-            assert (snapshot / name).read_bytes() == (model_dir / name).read_bytes(), name
+            assert (snapshot / name).read_bytes() == (smollm_dir / name).read_bytes(), name
         # Now in the cache: served with the network off, without a request to the hub.
         before = len(hub.requests)
         assert serve_and_ask(HUB_ID, {**env, "HF_HUB_OFFLINE": "1"}) == HUB_ID

@@ -33,8 +33,8 @@ import pytest
 from conftest import BINARY, ROOT, Server
 
 SEEDS = range(20)
-REQUESTS = 24
-OUTPUT_TOKENS = 96
+REQUESTS = 128
+OUTPUT_TOKENS = 200
 
 
 def pressure_component() -> Path:
@@ -60,7 +60,7 @@ def traced_run(workdir: Path, seed: int, *policy: str) -> tuple[Path, Path]:
             client.completions.create(model="tiny", prompt=f"request {i} " + "lorem ipsum " * (i % 6),
                                       max_tokens=OUTPUT_TOKENS, temperature=0, extra_body={"ignore_eos": True})
 
-        with concurrent.futures.ThreadPoolExecutor(max_workers=REQUESTS) as pool:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
             list(pool.map(one, range(REQUESTS)))
     finally:
         server.stop()
@@ -102,7 +102,7 @@ def coverage(policy: tuple[str, ...]) -> dict:
         for seed in SEEDS:
             sampled, everything = traced_run(workdir, seed, *policy)
             true = truth(everything)
-            assert true["steps"] >= 400 and true["preemptions"] > 0, true
+            assert true["steps"] >= 1500 and true["preemptions"] >= 60, true
             census = summary(everything)
             # The census is exact: the same numbers, zero-width intervals.
             assert census["census"] and census["steps_traced"] == true["steps"]
@@ -119,6 +119,7 @@ def coverage(policy: tuple[str, ...]) -> dict:
 
 def test_sampled_estimates_cover_the_recorded_truth_over_20_seeds():
     covered = coverage(())
+    print("default policy, intervals covering the truth in 20 runs:", covered)
     assert all(c >= 16 for c in covered.values()), covered
 
 
@@ -127,6 +128,7 @@ def test_pressure_policy_probabilities_are_reweighted_too():
               "--step-tracing-policy-arg", "sample_rate=0.05", "--step-tracing-policy-arg", "rich_subsample_rate=0.2",
               "--step-tracing-policy-arg", "kv_usage_threshold=0.97")
     covered = coverage(policy)
+    print("pressure policy, intervals covering the truth in 20 runs:", covered)
     assert all(c >= 16 for c in covered.values()), covered
 
 

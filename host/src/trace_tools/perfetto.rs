@@ -74,13 +74,17 @@ pub fn export(trace: &TraceFile) -> Value {
                 "degraded": step.degraded,
             },
         }));
-        timed.push(json!({"name": "kv_usage", "ph": "C", "ts": start, "pid": PID,
-                          "args": {"kv_usage": step.kv_usage}}));
+        timed.push(
+            json!({"name": "kv_usage", "ph": "C", "ts": start, "pid": PID,
+                          "args": {"kv_usage": step.kv_usage}}),
+        );
         timed.push(json!({"name": "queue", "ph": "C", "ts": start, "pid": PID,
                           "args": {"running": step.running_depth, "waiting": step.waiting_depth}}));
         for snapshot in &step.snapshots {
             let next = FIRST_REQUEST_TID + request_tids.len() as u64;
-            let tid = *request_tids.entry(snapshot.request_id.as_str()).or_insert(next);
+            let tid = *request_tids
+                .entry(snapshot.request_id.as_str())
+                .or_insert(next);
             timed.push(json!({
                 "name": snapshot.phase.as_deref().unwrap_or("snapshot"),
                 "cat": "request",
@@ -99,8 +103,10 @@ pub fn export(trace: &TraceFile) -> Value {
         }
     }
     for (request, tid) in &request_tids {
-        events.push(json!({"name": "thread_name", "ph": "M", "pid": PID, "tid": tid,
-                           "args": {"name": format!("request {request}")}}));
+        events.push(
+            json!({"name": "thread_name", "ph": "M", "pid": PID, "tid": tid,
+                           "args": {"name": format!("request {request}")}}),
+        );
     }
     // Steps are in file order, which is step order; a stable sort keeps each track monotonic
     // even if a clock was stepped back between two traced steps.
@@ -175,7 +181,10 @@ mod tests {
             .collect();
         assert_eq!(names, ["steps", "request a", "request b"]);
         let step7 = events.iter().find(|e| e["name"] == "step 7").unwrap();
-        assert_eq!((step7["ts"].as_f64(), step7["dur"].as_f64()), (Some(20.0), Some(2.0)));
+        assert_eq!(
+            (step7["ts"].as_f64(), step7["dur"].as_f64()),
+            (Some(20.0), Some(2.0))
+        );
         assert_eq!(step7["args"]["sampling.batch_probability"], 0.5);
     }
 }

@@ -11,6 +11,7 @@
 
 use std::fmt::Write as _;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use super::load::TraceFile;
@@ -28,13 +29,6 @@ const HEIGHT: u32 = 260;
 pub struct ReportError {
     chart: &'static str,
     message: String,
-}
-
-fn failed<E: std::fmt::Debug>(chart: &'static str) -> impl Fn(E) -> ReportError {
-    move |e| ReportError {
-        chart,
-        message: format!("{e:?}"),
-    }
 }
 
 /// The report for `trace` with its `summary`, as one HTML document.
@@ -58,7 +52,11 @@ pub fn render(trace: &TraceFile, summary: &Summary) -> Result<String, ReportErro
          <h1>stepscope trace report</h1><p class=\"file\">{}</p>",
         escape(&summary.file)
     );
-    let _ = write!(html, "<section><h2>Summary</h2>{}</section>", table(summary));
+    let _ = write!(
+        html,
+        "<section><h2>Summary</h2>{}</section>",
+        table(summary)
+    );
     for (title, svg) in charts {
         let _ = write!(
             html,
@@ -66,9 +64,9 @@ pub fn render(trace: &TraceFile, summary: &Summary) -> Result<String, ReportErro
             escape(title)
         );
     }
-    let _ = write!(
+    let _ = writeln!(
         html,
-        "<p class=\"note\">{}</p></body></html>\n",
+        "<p class=\"note\">{}</p></body></html>",
         escape(summary.note)
     );
     Ok(html)
@@ -95,7 +93,12 @@ fn table(summary: &Summary) -> String {
     let num = |v: f64| format!("{v:.3}");
     for q in &summary.quantities {
         let total = q.total.map_or_else(String::new, |t| {
-            format!("{} [{}, {}]", num(t.value), num(t.ci95_low), num(t.ci95_high))
+            format!(
+                "{} [{}, {}]",
+                num(t.value),
+                num(t.ci95_low),
+                num(t.ci95_high)
+            )
         });
         let [p50, p90, p99, max] = q.percentiles;
         let _ = write!(
@@ -139,38 +142,75 @@ fn y_top(values: impl Iterator<Item = f64>) -> f64 {
     values.fold(0.0, f64::max).max(1.0) * 1.05
 }
 
-/// Draws one line chart of `series` (name, colour, points).
-fn lines(
+/// One line of a chart: its name, colour and points.
+type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+
+/// A chart being drawn: x is the step id, y a number.
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A drawing error as text.
+fn text<E: std::fmt::Debug>(error: E) -> String {
+    format!("{error:?}")
+}
+
+/// One chart over the traced steps, as SVG: the axes (x the step id, y from 0 to `y_max`,
+/// labelled `y_desc`), the series `draw` adds, and their legend.
+fn chart_svg(
     chart_name: &'static str,
     trace: &TraceFile,
-    y_desc: &str,
-    y_max: f64,
-    series: &[(&str, RGBColor, Vec<(f64, f64)>)],
-    markers: &[(f64, f64)],
+    (y_desc, y_max): (&str, f64),
+    draw: impl FnOnce(&mut Chart<'_, '_>) -> Result<(), String>,
 ) -> Result<String, ReportError> {
-    let err = failed(chart_name);
     let mut svg = String::new();
-    {
+    let drawn = (|| {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
-        root.fill(&WHITE).map_err(&err)?;
+        root.fill(&WHITE).map_err(text)?;
         let mut chart = ChartBuilder::on(&root)
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(56)
             .build_cartesian_2d(x_range(trace), 0.0..y_max)
-            .map_err(&err)?;
+            .map_err(text)?;
         chart
             .configure_mesh()
             .x_desc("step")
             .y_desc(y_desc)
             .light_line_style(WHITE.mix(0.0))
             .draw()
-            .map_err(&err)?;
+            .map_err(text)?;
+        draw(&mut chart)?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(text)?;
+        root.present().map_err(text)
+    })();
+    drawn.map_err(|message| ReportError {
+        chart: chart_name,
+        message,
+    })?;
+    Ok(svg)
+}
+
+/// Draws one line chart of `series`, with `markers` as red dots.
+fn lines(
+    chart_name: &'static str,
+    trace: &TraceFile,
+    y_axis: (&str, f64),
+    series: &[Series<'_>],
+    markers: &[(f64, f64)],
+) -> Result<String, ReportError> {
+    chart_svg(chart_name, trace, y_axis, |chart| {
         for (name, color, points) in series {
             let color = *color;
             chart
-                .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
-                .map_err(&err)?
+                .draw_series(LineSeries::new(
+                    points.iter().copied(),
+                    color.stroke_width(2),
+                ))
+                .map_err(text)?
                 .label(*name)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
         }
@@ -181,27 +221,24 @@ fn lines(
                         .iter()
                         .map(|&(x, y)| Circle::new((x, y), 4, RED.filled())),
                 )
-                .map_err(&err)?
+                .map_err(text)?
                 .label("preempted")
                 .legend(|(x, y)| Circle::new((x + 9, y), 4, RED.filled()));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(&err)?;
-        root.present().map_err(&err)?;
-    }
-    Ok(svg)
+        Ok(())
+    })
 }
 
 fn batch_chart(trace: &TraceFile) -> Result<String, ReportError> {
-    let err = failed("batch composition");
     let total: Vec<(f64, f64)> = trace
         .steps
         .iter()
-        .map(|s| (s.step_id as f64, (s.prefill_tokens + s.decode_tokens) as f64))
+        .map(|s| {
+            (
+                s.step_id as f64,
+                (s.prefill_tokens + s.decode_tokens) as f64,
+            )
+        })
         .collect();
     let decode: Vec<(f64, f64)> = trace
         .steps
@@ -209,45 +246,22 @@ fn batch_chart(trace: &TraceFile) -> Result<String, ReportError> {
         .map(|s| (s.step_id as f64, s.decode_tokens as f64))
         .collect();
     let y_max = y_top(total.iter().map(|p| p.1));
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
-        root.fill(&WHITE).map_err(&err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .margin(10)
-            .x_label_area_size(30)
-            .y_label_area_size(56)
-            .build_cartesian_2d(x_range(trace), 0.0..y_max)
-            .map_err(&err)?;
-        chart
-            .configure_mesh()
-            .x_desc("step")
-            .y_desc("tokens")
-            .light_line_style(WHITE.mix(0.0))
-            .draw()
-            .map_err(&err)?;
+    chart_svg("batch composition", trace, ("tokens", y_max), |chart| {
         // Stacked: decode at the bottom, prefill on top of it (the area up to the total).
-        let prefill = RGBColor(230, 140, 40);
-        let decoded = RGBColor(50, 110, 190);
-        chart
-            .draw_series(AreaSeries::new(total, 0.0, prefill.mix(0.6)).border_style(prefill))
-            .map_err(&err)?
-            .label("prefill")
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 16, y + 5)], prefill.filled()));
-        chart
-            .draw_series(AreaSeries::new(decode, 0.0, decoded.mix(0.7)).border_style(decoded))
-            .map_err(&err)?
-            .label("decode")
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 16, y + 5)], decoded.filled()));
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(&err)?;
-        root.present().map_err(&err)?;
-    }
-    Ok(svg)
+        for (name, color, points) in [
+            ("prefill", RGBColor(230, 140, 40), total),
+            ("decode", RGBColor(50, 110, 190), decode),
+        ] {
+            chart
+                .draw_series(AreaSeries::new(points, 0.0, color.mix(0.65)).border_style(color))
+                .map_err(text)?
+                .label(name)
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 16, y + 5)], color.filled())
+                });
+        }
+        Ok(())
+    })
 }
 
 fn queue_chart(trace: &TraceFile) -> Result<String, ReportError> {
@@ -264,8 +278,7 @@ fn queue_chart(trace: &TraceFile) -> Result<String, ReportError> {
     lines(
         "queue",
         trace,
-        "requests",
-        y_max,
+        ("requests", y_max),
         &[
             ("running", RGBColor(50, 110, 190), running),
             ("waiting", RGBColor(230, 140, 40), waiting),
@@ -283,8 +296,7 @@ fn kv_chart(trace: &TraceFile) -> Result<String, ReportError> {
     lines(
         "KV usage",
         trace,
-        "share of blocks",
-        1.0,
+        ("share of blocks", 1.0),
         &[("KV usage", RGBColor(40, 150, 90), usage)],
         &[],
     )
@@ -296,7 +308,12 @@ fn duration_chart(trace: &TraceFile) -> Result<String, ReportError> {
         .steps
         .iter()
         .filter(|s| s.step_id > 1)
-        .map(|s| ((s.step_id - 1) as f64, s.last_step_duration_us as f64 / 1000.0))
+        .map(|s| {
+            (
+                (s.step_id - 1) as f64,
+                s.last_step_duration_us as f64 / 1000.0,
+            )
+        })
         .collect();
     let y_max = y_top(durations.iter().map(|p| p.1));
     let markers: Vec<(f64, f64)> = trace
@@ -308,15 +325,17 @@ fn duration_chart(trace: &TraceFile) -> Result<String, ReportError> {
     lines(
         "step duration",
         trace,
-        "ms",
-        y_max,
+        ("ms", y_max),
         &[("step duration", RGBColor(120, 80, 170), durations)],
         &markers,
     )
 }
 
 fn swimlanes(trace: &TraceFile) -> Result<String, ReportError> {
-    let err = failed("swimlanes");
+    let err = |e: DrawingAreaErrorKind<std::io::Error>| ReportError {
+        chart: "swimlanes",
+        message: text(e),
+    };
     let mut lanes: Vec<&str> = Vec::new();
     let mut cells = Vec::new();
     let mut max_blocks = 1u64;
@@ -346,16 +365,19 @@ fn swimlanes(trace: &TraceFile) -> Result<String, ReportError> {
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(90)
-            .build_cartesian_2d(x_range(trace), 0.0..lanes_f)
+            .build_cartesian_2d(x_range(trace), -0.5..lanes_f - 0.5)
             .map_err(&err)?;
         let names: Vec<String> = lanes.iter().map(|l| l.to_string()).collect();
+        // A step is a cell at least 1/300 of the axis wide, so sparse snapshots stay visible.
+        let range = x_range(trace);
+        let half = ((range.end - range.start) / 600.0).max(0.5);
         chart
             .configure_mesh()
             .x_desc("step")
             .y_labels(lanes.len().max(1))
             .y_label_formatter(&|y| {
                 names
-                    .get(y.floor() as usize)
+                    .get(y.round().max(0.0) as usize)
                     .map_or_else(String::new, |n| n.chars().take(14).collect())
             })
             .light_line_style(WHITE.mix(0.0))
@@ -370,7 +392,10 @@ fn swimlanes(trace: &TraceFile) -> Result<String, ReportError> {
                     RGBColor(50, 110, 190)
                 };
                 let y = lane as f64;
-                Rectangle::new([(x - 0.5, y + 0.1), (x + 0.5, y + 0.9)], color.mix(shade).filled())
+                Rectangle::new(
+                    [(x - half, y - 0.35), (x + half, y + 0.35)],
+                    color.mix(shade).filled(),
+                )
             }))
             .map_err(&err)?;
         root.present().map_err(&err)?;

@@ -249,7 +249,7 @@ impl Summary {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "  {:<22} {:>26}  {:>30}  {:>9} {:>9} {:>9} {:>9}",
+            "  {:<34} {:>28}  {:>34}  {:>9} {:>9} {:>9} {:>9}",
             "per step", "mean [95% CI]", "total [95% CI]", "p50", "p90", "p99", "max"
         );
         for q in &self.quantities {
@@ -258,7 +258,7 @@ impl Summary {
             let [p50, p90, p99, max] = q.percentiles;
             let _ = writeln!(
                 out,
-                "  {:<22} {:>26}  {:>30}  {:>9} {:>9} {:>9} {:>9}",
+                "  {:<34} {:>28}  {:>34}  {:>9} {:>9} {:>9} {:>9}",
                 format!("{} ({})", q.name, q.unit),
                 mean,
                 total,
@@ -316,5 +316,10 @@ fn short(v: f64) -> String {
 }
 
 fn interval(e: &Estimate) -> String {
-    format!("{} [{}, {}]", short(e.value), short(e.ci95_low), short(e.ci95_high))
+    format!(
+        "{} [{}, {}]",
+        short(e.value),
+        short(e.ci95_low),
+        short(e.ci95_high)
+    )
 }
