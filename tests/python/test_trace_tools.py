@@ -278,6 +278,9 @@ def test_report_opens_offline_in_chromium_with_charts(one_trace, tmp_path):
               texts: svg.querySelectorAll('text').length,
               width: svg.getBoundingClientRect().width}))""")["result"]["value"]
         assert len(counts) == 5, counts
+        rows = browser.call("Runtime.evaluate", returnByValue=True,
+                            expression="document.querySelectorAll('section.chart table tr').length")
+        assert rows["result"]["value"] > 1, "no per-request table under the swimlanes"
         for chart in counts:
             assert chart["shapes"] >= 10 and chart["texts"] >= 4 and chart["width"] > 300, counts
         shot = browser.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)

@@ -41,7 +41,10 @@ pub fn render(trace: &TraceFile, summary: &Summary) -> Result<String, ReportErro
             "Step duration (red: steps that preempted)",
             duration_chart(trace)?,
         ),
-        ("Requests (snapshots)", swimlanes(trace)?),
+        (
+            "Requests (snapshots: orange prefill, blue decode, darker for more KV blocks)",
+            swimlanes(trace)? + &request_table(trace),
+        ),
     ];
     let mut html = String::new();
     let _ = write!(
@@ -329,6 +332,49 @@ fn duration_chart(trace: &TraceFile) -> Result<String, ReportError> {
         &[("step duration", RGBColor(120, 80, 170), durations)],
         &markers,
     )
+}
+
+/// Per snapshotted request (the swimlanes' first [`MAX_LANES`]): the steps that snapshotted it,
+/// the most KV blocks it held, and the tokens computed at its last snapshot.
+fn request_table(trace: &TraceFile) -> String {
+    let mut rows: Vec<(&str, u64, u64, usize, u64, u64)> = Vec::new();
+    for step in &trace.steps {
+        for s in &step.snapshots {
+            let blocks = s.kv_blocks_allocated.unwrap_or(0);
+            let computed = s.num_computed_tokens.unwrap_or(0);
+            if let Some(row) = rows.iter_mut().find(|r| r.0 == s.request_id) {
+                row.2 = step.step_id;
+                row.3 += 1;
+                row.4 = row.4.max(blocks);
+                row.5 = computed;
+            } else if rows.len() < MAX_LANES {
+                rows.push((
+                    &s.request_id,
+                    step.step_id,
+                    step.step_id,
+                    1,
+                    blocks,
+                    computed,
+                ));
+            }
+        }
+    }
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "<table><tr><th>request</th><th>first step</th><th>last step</th><th>snapshots</th>\
+         <th>most KV blocks</th><th>tokens computed (last)</th></tr>",
+    );
+    for (id, first, last, count, blocks, computed) in rows {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{first}</td><td>{last}</td><td>{count}</td><td>{blocks}</td><td>{computed}</td></tr>",
+            escape(id)
+        );
+    }
+    out.push_str("</table>");
+    out
 }
 
 fn swimlanes(trace: &TraceFile) -> Result<String, ReportError> {
