@@ -20,7 +20,8 @@
 //!
 //! [`EngineHandle::validate`]: crate::engine::EngineHandle::validate
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::Json;
@@ -30,6 +31,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tracing::Instrument;
+use utoipa::PartialSchema;
+use utoipa::openapi::{RefOr, schema::Schema};
 
 use crate::engine::api::ValidRequest;
 use crate::model::ModelInfo;
@@ -86,7 +89,7 @@ pub(super) use openai_handler;
 
 /// What one OpenAI endpoint adds to the pipeline: its own body fields (the implementor, parsed
 /// beside the shared [`SamplingFields`]) and its response shape.
-pub trait Endpoint: DeserializeOwned {
+pub trait Endpoint: DeserializeOwned + utoipa::PartialSchema {
     /// The endpoint's chunk shape (and so its id prefix and log-probabilities shape).
     const KIND: ChunkKind;
     /// The JSON answer.
@@ -249,6 +252,7 @@ async fn run<E: Endpoint>(
 ) -> Result<Response, ApiError> {
     let body = object_body(body)?;
     super::unsupported::refuse_unimplemented(&body, E::KIND)?;
+    super::unsupported::refuse_unknown(&body, E::KIND, known_fields::<E>())?;
     let common: SamplingFields = from_value(&body)?;
     let fields: E = from_value(&body)?;
     let model = state.resolve_model(common.model.as_deref())?;
@@ -538,4 +542,28 @@ async fn collect_all(
     let finished = futures_util::future::try_join_all(runs).await?;
     let usage = total_usage(finished.iter().map(|((counts, usage), _)| (*counts, usage)));
     Ok((finished.into_iter().map(|(_, c)| c).collect(), usage))
+}
+
+/// The body fields `E`'s handler parses: the properties of [`SamplingFields`] and of `E` as
+/// their OpenAPI schemas (serde's names) list them, computed once per endpoint.
+fn known_fields<E: Endpoint>() -> &'static BTreeSet<String> {
+    static COMPLETION: OnceLock<BTreeSet<String>> = OnceLock::new();
+    static CHAT: OnceLock<BTreeSet<String>> = OnceLock::new();
+    let cell = match E::KIND {
+        ChunkKind::Completion => &COMPLETION,
+        ChunkKind::Chat => &CHAT,
+    };
+    cell.get_or_init(|| {
+        let mut fields = schema_properties(SamplingFields::schema());
+        fields.extend(schema_properties(E::schema()));
+        fields
+    })
+}
+
+/// The property names of an object schema.
+fn schema_properties(schema: RefOr<Schema>) -> BTreeSet<String> {
+    match schema {
+        RefOr::T(Schema::Object(object)) => object.properties.into_keys().collect(),
+        _ => BTreeSet::new(),
+    }
 }

@@ -235,6 +235,19 @@ async fn bad_requests_get_openai_errors() {
             400,
             Some("max_tokens"),
         ),
+        // A misspelt field is refused by name, on both endpoints, never ignored.
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_token": 3}),
+            400,
+            Some("max_token"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "temprature": 0}),
+            400,
+            Some("temprature"),
+        ),
         (
             "/v1/completions",
             json!({"prompt": "x", "max_tokens": -1}),
