@@ -3,9 +3,10 @@
 Debian's `prometheus` runs on a free port and scrapes `stepscope serve` every second while the
 openai SDK drives traffic that preempts (a KV pool far too small for the concurrent requests),
 streams, asks for `n` > 1 and stops on `stop` strings and on `length`. Then every panel query of
-the three dashboards in ../shared/vllm-dashboards/ (and each dashboard's `label_values`
-variable) is evaluated through Prometheus's HTTP API, with the Grafana variables replaced by
-concrete values: each must return a non-empty result with a finite value.
+vLLM's three dashboards (tests/fixtures/vllm-dashboards/, copied from ../shared) and each
+dashboard's `label_values` variable are evaluated through Prometheus's HTTP API, with the
+Grafana variables replaced by concrete values: each must return a non-empty result with a
+finite value.
 
 `promtool check metrics` on the same exposition reports only the two lints vLLM's own names
 draw (a colon in `vllm:*` names, `_total` on the `vllm:iteration_tokens_total` histogram); the
@@ -31,7 +32,7 @@ import requests
 
 from conftest import ROOT, Server, free_port, promtool_problems
 
-DASHBOARDS = (ROOT / ".." / "shared" / "vllm-dashboards").resolve()
+DASHBOARDS = ROOT / "tests" / "fixtures" / "vllm-dashboards"
 MODEL_NAME = "dash-model"
 # Grafana's variables, made concrete. Scrapes are 1 s apart, so every window holds many samples.
 VARIABLES = {
