@@ -57,6 +57,11 @@ pub enum KvPoolSize {
 /// hub cache and downloaded when allowed; the model is then named by its id, as in vLLM).
 fn load_model(model_spec: &str, hub_settings: &HubSettings) -> anyhow::Result<LoadedModel> {
     if !hub::is_hub_id(model_spec) {
+        if let Some(revision) = &hub_settings.revision {
+            anyhow::bail!(
+                "--revision {revision}: a revision applies to a Hugging Face id (org/name), not to `{model_spec}`"
+            );
+        }
         return crate::model::load_model_files(model_spec)
             .with_context(|| format!("loading model `{model_spec}`"));
     }

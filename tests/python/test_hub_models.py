@@ -104,6 +104,9 @@ def test_a_missing_model_offline_is_one_line_naming_the_cache_path(scratch):
     stderr = fails_to_start("org/absent", {"HF_HOME": str(scratch), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": ""},
                             "--revision", "v9")
     assert "revision v9" in stderr and str(tried) in stderr, stderr
+    # --revision means nothing for a model that is not a hub id: refused, not ignored.
+    stderr = fails_to_start("builtin:tiny", {}, "--revision", "main")
+    assert "--revision main: a revision applies to a Hugging Face id" in stderr, stderr
 
 
 class LocalHub(http.server.ThreadingHTTPServer):

@@ -33,6 +33,26 @@ pub struct Quantity {
     pub percentiles: [f64; 4],
 }
 
+impl Quantity {
+    /// The estimates of `ys` over steps traced with probabilities `pis` (a total too when
+    /// `with_total`).
+    fn of(
+        name: &'static str,
+        unit: &'static str,
+        ys: &[f64],
+        pis: &[f64],
+        with_total: bool,
+    ) -> Self {
+        Quantity {
+            name,
+            unit,
+            mean: estimate::mean(ys, pis),
+            total: with_total.then(|| estimate::total(ys, pis)),
+            percentiles: to_array(estimate::percentiles(ys, pis, &PERCENTILES)),
+        }
+    }
+}
+
 /// A slow step: `step_id` took `duration_us` (reported by the next step, which was traced).
 #[derive(Debug, Clone, Serialize)]
 pub struct SlowStep {
@@ -90,13 +110,8 @@ impl Summary {
         let steps = &trace.steps;
         let pis: Vec<f64> = steps.iter().map(|s| s.batch_probability).collect();
         let column = |f: &dyn Fn(&TracedStep) -> f64| steps.iter().map(f).collect::<Vec<f64>>();
-        let quantity = |name, unit, ys: Vec<f64>, with_total: bool| Quantity {
-            name,
-            unit,
-            mean: estimate::mean(&ys, &pis),
-            total: with_total.then(|| estimate::total(&ys, &pis)),
-            percentiles: to_array(estimate::percentiles(&ys, &pis, &PERCENTILES)),
-        };
+        let quantity =
+            |name, unit, ys: Vec<f64>, with_total| Quantity::of(name, unit, &ys, &pis, with_total);
         let tokens = column(&|s| s.scheduled_tokens as f64);
         let prefill = column(&|s| s.prefill_tokens as f64);
         let shares: Vec<f64> = steps
@@ -154,17 +169,13 @@ impl Summary {
             .map(|s| (s.last_step_duration_us as f64, s.batch_probability))
             .unzip();
         if !durations.is_empty() {
-            quantities.push(Quantity {
-                name: "step_duration",
-                unit: "us",
-                mean: estimate::mean(&durations, &duration_pis),
-                total: Some(estimate::total(&durations, &duration_pis)),
-                percentiles: to_array(estimate::percentiles(
-                    &durations,
-                    &duration_pis,
-                    &PERCENTILES,
-                )),
-            });
+            quantities.push(Quantity::of(
+                "step_duration",
+                "us",
+                &durations,
+                &duration_pis,
+                true,
+            ));
         }
         let mut slow: Vec<&TracedStep> = steps.iter().filter(|s| s.step_id > 1).collect();
         slow.sort_by(|a, b| {
