@@ -2,7 +2,7 @@
 //! (`weights`), tokenizer and special tokens (`tokenizer`), chat templates (`chat_template`),
 //! streaming detokenization with stop strings (`detokenizer`) and the built-in `builtin:tiny`
 //! model (`tiny`). [`load_model_files`] is the entry point: it turns a model spec
-//! (`builtin:tiny` or a Hugging Face directory) into a [`LoadedModel`], the weights a backend
+//! (`builtin:tiny`, a Hugging Face directory or a GGUF file, `gguf_model`) into a [`LoadedModel`], the weights a backend
 //! runs ([`crate::backend::build_runner`]) plus the [`ModelInfo`] the text side needs. This
 //! module knows no backend; test tools (greedy generation, export) are in [`crate::testing`].
 
@@ -10,13 +10,19 @@ pub mod chat_template;
 pub mod config;
 pub mod detokenizer;
 pub mod error;
+pub mod gguf;
+pub mod gguf_model;
 pub mod hub;
+pub mod quant;
 pub mod tiny;
 pub mod tokenizer;
+pub mod weight_matrix;
 pub mod weights;
 
 #[cfg(test)]
 mod fixture_tests;
+#[cfg(test)]
+mod gguf_tests;
 #[cfg(test)]
 mod loader_tests;
 
@@ -142,7 +148,11 @@ pub fn load_model_files(spec: &str) -> Result<LoadedModel, ModelError> {
     if let Some(rest) = spec.strip_prefix("builtin:") {
         return Err(ModelError::UnknownSpec(format!("builtin:{rest}")));
     }
-    load_dir(Path::new(spec))
+    let path = Path::new(spec);
+    if gguf_model::is_gguf_path(path) && !path.is_dir() {
+        return gguf_model::load_gguf(path);
+    }
+    load_dir(path)
 }
 
 fn load_dir(dir: &Path) -> Result<LoadedModel, ModelError> {

@@ -100,9 +100,36 @@ impl SpecialTokens {
         config_eos: &[u32],
         config_bos: Option<u32>,
     ) -> Result<Self, ModelError> {
+        let tok_cfg = read_optional_json(&dir.join("tokenizer_config.json"))?;
+        let jinja = dir.join("chat_template.jinja");
+        let template_file = if jinja.is_file() {
+            Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?)
+        } else {
+            None
+        };
+        let gen_cfg = read_optional_json(&dir.join("generation_config.json"))?;
+        Ok(Self::from_values(
+            tok_cfg.as_ref(),
+            template_file,
+            gen_cfg.as_ref(),
+            tokenizer,
+            config_eos,
+            config_bos,
+        ))
+    }
+
+    /// Gathers the special tokens from a parsed `tokenizer_config.json`, a
+    /// `chat_template.jinja` and a `generation_config.json` (each optional).
+    pub fn from_values(
+        tok_cfg: Option<&Value>,
+        template_file: Option<String>,
+        gen_cfg: Option<&Value>,
+        tokenizer: &TextTokenizer,
+        config_eos: &[u32],
+        config_bos: Option<u32>,
+    ) -> Self {
         let mut out = SpecialTokens::default();
-        let tok_cfg_path = dir.join("tokenizer_config.json");
-        if let Some(v) = read_optional_json(&tok_cfg_path)? {
+        if let Some(v) = tok_cfg {
             out.bos_token = v.get("bos_token").and_then(token_content);
             out.eos_token = v.get("eos_token").and_then(token_content);
             out.chat_template = match v.get("chat_template") {
@@ -111,15 +138,12 @@ impl SpecialTokens {
                 _ => None,
             };
         }
-        let jinja = dir.join("chat_template.jinja");
-        if out.chat_template.is_none() && jinja.is_file() {
-            out.chat_template =
-                Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?);
+        if out.chat_template.is_none() {
+            out.chat_template = template_file;
         }
-        let gen_path = dir.join("generation_config.json");
         let mut eos = Vec::new();
         let mut bos = config_bos;
-        if let Some(v) = read_optional_json(&gen_path)? {
+        if let Some(v) = gen_cfg {
             eos.extend(token_id_list(v.get("eos_token_id")));
             if let Some(b) = v.get("bos_token_id").and_then(Value::as_u64) {
                 bos = Some(b as u32);
@@ -150,7 +174,7 @@ impl SpecialTokens {
                 .first()
                 .and_then(|&id| tokenizer.id_to_token(id));
         }
-        Ok(out)
+        out
     }
 }
 

@@ -16,6 +16,7 @@ use safetensors::tensor::{Dtype, Metadata};
 
 use super::config::ModelConfig;
 use super::error::ModelError;
+use super::weight_matrix::WeightMatrix;
 
 /// A row-major f32 matrix; projection weights keep the Hugging Face `[out, in]` layout.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,32 +54,33 @@ impl Matrix {
 pub struct LayerWeights {
     pub input_norm: Vec<f32>,
     /// `[q_dim + 2 * kv_dim, hidden]`: q, k and v projections stacked.
-    pub qkv: Matrix,
+    pub qkv: WeightMatrix,
     pub qkv_bias: Option<Vec<f32>>,
     /// `[hidden, q_dim]`.
-    pub o: Matrix,
+    pub o: WeightMatrix,
     pub o_bias: Option<Vec<f32>>,
     pub post_norm: Vec<f32>,
     /// `[2 * intermediate, hidden]`: gate rows then up rows.
-    pub gate_up: Matrix,
+    pub gate_up: WeightMatrix,
     /// `[hidden, intermediate]`.
-    pub down: Matrix,
+    pub down: WeightMatrix,
 }
 
-/// All weights of a Llama-family model, in f32.
+/// All weights of a Llama-family model: norms and biases in f32, matrices in f32 or a block
+/// format.
 #[derive(Debug, Clone)]
 pub struct LlamaWeights {
     /// `[vocab, hidden]`.
-    pub embed: Matrix,
+    pub embed: WeightMatrix,
     pub layers: Vec<LayerWeights>,
     pub final_norm: Vec<f32>,
     /// `[vocab, hidden]`; `None` when the embeddings are tied.
-    pub lm_head: Option<Matrix>,
+    pub lm_head: Option<WeightMatrix>,
 }
 
 impl LlamaWeights {
     /// The output projection (the embedding matrix when tied).
-    pub fn lm_head(&self) -> &Matrix {
+    pub fn lm_head(&self) -> &WeightMatrix {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
@@ -86,18 +88,60 @@ impl LlamaWeights {
     pub fn num_params(&self) -> usize {
         let layer = |l: &LayerWeights| {
             l.input_norm.len()
-                + l.qkv.data.len()
+                + l.qkv.len()
                 + l.qkv_bias.as_ref().map_or(0, Vec::len)
-                + l.o.data.len()
+                + l.o.len()
                 + l.o_bias.as_ref().map_or(0, Vec::len)
                 + l.post_norm.len()
-                + l.gate_up.data.len()
-                + l.down.data.len()
+                + l.gate_up.len()
+                + l.down.len()
         };
-        self.embed.data.len()
+        self.embed.len()
             + self.layers.iter().map(layer).sum::<usize>()
             + self.final_norm.len()
-            + self.lm_head.as_ref().map_or(0, |m| m.data.len())
+            + self.lm_head.as_ref().map_or(0, WeightMatrix::len)
+    }
+
+    /// Bytes the matrices, norms and biases occupy in memory.
+    pub fn byte_len(&self) -> usize {
+        let vec = |v: &Option<Vec<f32>>| v.as_ref().map_or(0, |v| 4 * v.len());
+        let layer = |l: &LayerWeights| {
+            4 * (l.input_norm.len() + l.post_norm.len())
+                + l.qkv.byte_len()
+                + vec(&l.qkv_bias)
+                + l.o.byte_len()
+                + vec(&l.o_bias)
+                + l.gate_up.byte_len()
+                + l.down.byte_len()
+        };
+        self.embed.byte_len()
+            + self.layers.iter().map(layer).sum::<usize>()
+            + 4 * self.final_norm.len()
+            + self.lm_head.as_ref().map_or(0, WeightMatrix::byte_len)
+    }
+
+    /// A copy with every matrix in f32 (what a backend that only computes in f32 uploads).
+    pub fn to_f32(&self) -> LlamaWeights {
+        let f = |m: &WeightMatrix| WeightMatrix::F32(m.to_f32().into_owned());
+        LlamaWeights {
+            embed: f(&self.embed),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerWeights {
+                    input_norm: l.input_norm.clone(),
+                    qkv: f(&l.qkv),
+                    qkv_bias: l.qkv_bias.clone(),
+                    o: f(&l.o),
+                    o_bias: l.o_bias.clone(),
+                    post_norm: l.post_norm.clone(),
+                    gate_up: f(&l.gate_up),
+                    down: f(&l.down),
+                })
+                .collect(),
+            final_norm: self.final_norm.clone(),
+            lm_head: self.lm_head.as_ref().map(f),
+        }
     }
 
     /// Loads and checks every tensor the config requires from the directory's safetensors files.
@@ -122,16 +166,17 @@ impl LlamaWeights {
         let mat = |name: &str, rows: usize, cols: usize| -> Result<Matrix, ModelError> {
             Ok(Matrix::new(rows, cols, get(name, &[rows, cols])?))
         };
+        let weight = |m: Matrix| WeightMatrix::F32(m);
 
-        let embed = mat("model.embed_tokens.weight", v, h)?;
+        let embed = weight(mat("model.embed_tokens.weight", v, h)?);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
-            let qkv = Matrix::vstack(&[
+            let qkv = weight(Matrix::vstack(&[
                 mat(&format!("{p}.self_attn.q_proj.weight"), q, h)?,
                 mat(&format!("{p}.self_attn.k_proj.weight"), kv, h)?,
                 mat(&format!("{p}.self_attn.v_proj.weight"), kv, h)?,
-            ]);
+            ]));
             let qkv_bias = if cfg.qkv_bias {
                 let mut b = get(&format!("{p}.self_attn.q_proj.bias"), &[q])?;
                 b.extend(get(&format!("{p}.self_attn.k_proj.bias"), &[kv])?);
@@ -149,21 +194,21 @@ impl LlamaWeights {
                 input_norm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 qkv,
                 qkv_bias,
-                o: mat(&format!("{p}.self_attn.o_proj.weight"), h, q)?,
+                o: weight(mat(&format!("{p}.self_attn.o_proj.weight"), h, q)?),
                 o_bias,
                 post_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate_up: Matrix::vstack(&[
+                gate_up: weight(Matrix::vstack(&[
                     mat(&format!("{p}.mlp.gate_proj.weight"), inter, h)?,
                     mat(&format!("{p}.mlp.up_proj.weight"), inter, h)?,
-                ]),
-                down: mat(&format!("{p}.mlp.down_proj.weight"), h, inter)?,
+                ])),
+                down: weight(mat(&format!("{p}.mlp.down_proj.weight"), h, inter)?),
             });
         }
         let final_norm = get("model.norm.weight", &[h])?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(mat("lm_head.weight", v, h)?)
+            Some(weight(mat("lm_head.weight", v, h)?))
         };
         bar.finish_and_clear();
         Ok(LlamaWeights {

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::model::config::RopeScaling;
 use crate::model::error::ModelError;
-use crate::model::weights::Matrix;
+use crate::model::weight_matrix::WeightMatrix;
 use crate::model::{LoadedModel, ModelConfig};
 
 /// Writes `model` into `dir` (created if needed); weights in bf16 when `bf16`, else f32.
@@ -87,7 +87,8 @@ fn safetensors_bytes(model: &LoadedModel, bf16: bool) -> Result<Vec<u8>, ModelEr
     let (q, kv, inter) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
     // (name, shape, data)
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    let add_mat = |name: String, m: &Matrix, row0: usize, rows: usize| {
+    let add_mat = |name: String, m: &WeightMatrix, row0: usize, rows: usize| {
+        let m = m.to_f32();
         let data = m.data[row0 * m.cols..(row0 + rows) * m.cols].to_vec();
         (name, vec![rows, m.cols], data)
     };
@@ -95,7 +96,7 @@ fn safetensors_bytes(model: &LoadedModel, bf16: bool) -> Result<Vec<u8>, ModelEr
         "model.embed_tokens.weight".into(),
         &w.embed,
         0,
-        w.embed.rows,
+        w.embed.rows(),
     ));
     for (i, l) in w.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
@@ -121,7 +122,7 @@ fn safetensors_bytes(model: &LoadedModel, bf16: bool) -> Result<Vec<u8>, ModelEr
             format!("{p}.self_attn.o_proj.weight"),
             &l.o,
             0,
-            l.o.rows,
+            l.o.rows(),
         ));
         tensors.push(add_mat(
             format!("{p}.mlp.gate_proj.weight"),
@@ -139,7 +140,7 @@ fn safetensors_bytes(model: &LoadedModel, bf16: bool) -> Result<Vec<u8>, ModelEr
             format!("{p}.mlp.down_proj.weight"),
             &l.down,
             0,
-            l.down.rows,
+            l.down.rows(),
         ));
         let vec = |name: String, v: &[f32]| (name, vec![v.len()], v.to_vec());
         tensors.push(vec(format!("{p}.input_layernorm.weight"), &l.input_norm));
@@ -162,7 +163,7 @@ fn safetensors_bytes(model: &LoadedModel, bf16: bool) -> Result<Vec<u8>, ModelEr
         w.final_norm.clone(),
     ));
     if let Some(head) = &w.lm_head {
-        tensors.push(add_mat("lm_head.weight".into(), head, 0, head.rows));
+        tensors.push(add_mat("lm_head.weight".into(), head, 0, head.rows()));
     }
     let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()

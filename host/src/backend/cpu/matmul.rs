@@ -7,6 +7,8 @@
 use rayon::prelude::*;
 
 use super::kernels::{dot_lanes, has_avx2_fma};
+use super::qmatmul::{QuantizedActs, matmul_blocks};
+use crate::model::weight_matrix::WeightMatrix;
 use crate::model::weights::Matrix;
 
 /// Up to this many rows, `matmul` uses the row-tiled kernel instead of `gemm`.
@@ -14,10 +16,39 @@ pub const SMALL_M: usize = 16;
 /// Output columns per rayon task in the row-tiled kernel.
 const COLS_PER_TASK: usize = 32;
 
+/// Buffers the matmul kernels reuse across calls (they only grow).
+#[derive(Debug, Default)]
+pub struct MatmulScratch {
+    /// The few-row f32 kernel's `[n, m]` results.
+    pub(super) f32_rows: Vec<f32>,
+    /// The block kernels' `[n, m]` results.
+    pub(super) cols: Vec<f32>,
+    /// Activations quantized for the int8 kernels.
+    pub(super) acts: QuantizedActs,
+    /// Half-precision weight rows widened to f32, and their product.
+    pub(super) widened: Vec<f32>,
+    pub(super) part_out: Vec<f32>,
+}
+
 /// Computes `out = x · wᵀ` (or `out += x · wᵀ` with `accumulate`), with `x` `[m, k]`, `w`
-/// `[n, k]` (the Hugging Face `[out, in]` layout) and `out` `[m, n]`, all row-major.
-/// `scratch` is reused across calls by the small-`m` kernel.
+/// `[n, k]` (the Hugging Face `[out, in]` layout) and `out` `[m, n]`, all row-major, for
+/// weights in f32 or a block format.
 pub fn matmul(
+    x: &[f32],
+    m: usize,
+    w: &WeightMatrix,
+    out: &mut [f32],
+    accumulate: bool,
+    scratch: &mut MatmulScratch,
+) {
+    match w {
+        WeightMatrix::F32(w) => matmul_f32(x, m, w, out, accumulate, &mut scratch.f32_rows),
+        WeightMatrix::Blocks(w) => matmul_blocks(x, m, w, out, accumulate, scratch),
+    }
+}
+
+/// [`matmul`] for f32 weights. `scratch` is reused across calls by the small-`m` kernel.
+pub fn matmul_f32(
     x: &[f32],
     m: usize,
     w: &Matrix,
@@ -339,11 +370,11 @@ mod tests {
             let x: Vec<f32> = (0..m * k).map(|_| rng.uniform()).collect();
             let expect = naive(&x, m, &w);
             let mut out = vec![0.0; m * n];
-            matmul(&x, m, &w, &mut out, false, &mut scratch);
+            matmul_f32(&x, m, &w, &mut out, false, &mut scratch);
             for (a, b) in out.iter().zip(&expect) {
                 assert!((a - b).abs() < 1e-4, "m={m}: {a} vs {b}");
             }
-            matmul(&x, m, &w, &mut out, true, &mut scratch);
+            matmul_f32(&x, m, &w, &mut out, true, &mut scratch);
             for (a, b) in out.iter().zip(&expect) {
                 assert!((a - 2.0 * b).abs() < 2e-4, "accumulate m={m}");
             }

@@ -10,6 +10,7 @@ pub mod attention;
 pub mod kernels;
 pub mod kv_cache;
 pub mod matmul;
+pub mod qmatmul;
 
 #[cfg(test)]
 mod tests;
@@ -24,7 +25,7 @@ use crate::model::{
 use attention::{AttnShape, SeqSpan, paged_attention};
 use kernels::{RopeTable, add_bias, rms_norm, silu_mul};
 use kv_cache::PagedKvCache;
-use matmul::matmul;
+use matmul::{MatmulScratch, matmul};
 
 /// Activation buffers reused across forward calls (they only grow).
 #[derive(Default)]
@@ -36,7 +37,7 @@ struct Scratch {
     attn_tmp: Vec<f32>,
     mlp: Vec<f32>,
     act: Vec<f32>,
-    mm: Vec<f32>,
+    mm: MatmulScratch,
     positions: Vec<usize>,
     /// (block id, slot) of each new token.
     slots: Vec<(usize, usize)>,
@@ -158,11 +159,10 @@ impl ModelRunner for CpuModelRunner {
         let qkv_dim = q_dim + 2 * kv_dim;
         let eps = cfg.rms_norm_eps;
 
-        s.x.clear();
-        for e in &batch.entries {
-            for &tok in e.token_ids {
-                s.x.extend_from_slice(w.embed.row(tok as usize));
-            }
+        s.x.resize(t * hid, 0.0);
+        let tokens = batch.entries.iter().flat_map(|e| e.token_ids.iter());
+        for (row, &tok) in s.x.chunks_exact_mut(hid).zip(tokens) {
+            w.embed.row_into(tok as usize, row);
         }
         s.h.resize(t * hid, 0.0);
         s.qkv.resize(t * qkv_dim, 0.0);

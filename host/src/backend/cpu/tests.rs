@@ -69,17 +69,19 @@ fn reference_logits(cfg: &ModelConfig, w: &LlamaWeights, tokens: &[u32]) -> Vec<
             .map(|(v, g)| v * r * f64::from(*g))
             .collect()
     };
-    let proj = |x: &[f64], m: &crate::model::weights::Matrix, row0: usize, rows: usize| {
-        (row0..row0 + rows)
-            .map(|j| {
-                m.row(j)
-                    .iter()
-                    .zip(x)
-                    .map(|(a, b)| f64::from(*a) * b)
-                    .sum::<f64>()
-            })
-            .collect::<Vec<f64>>()
-    };
+    let proj =
+        |x: &[f64], m: &crate::model::weight_matrix::WeightMatrix, row0: usize, rows: usize| {
+            let m = m.to_f32();
+            (row0..row0 + rows)
+                .map(|j| {
+                    m.row(j)
+                        .iter()
+                        .zip(x)
+                        .map(|(a, b)| f64::from(*a) * b)
+                        .sum::<f64>()
+                })
+                .collect::<Vec<f64>>()
+        };
     let rope = |v: &mut [f64], pos: usize| {
         for head in v.chunks_exact_mut(d) {
             for i in 0..d / 2 {
@@ -94,6 +96,7 @@ fn reference_logits(cfg: &ModelConfig, w: &LlamaWeights, tokens: &[u32]) -> Vec<
         .iter()
         .map(|&t| {
             w.embed
+                .to_f32()
                 .row(t as usize)
                 .iter()
                 .map(|&v| f64::from(v))

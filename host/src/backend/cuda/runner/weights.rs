@@ -10,7 +10,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream};
 use rayon::prelude::*;
 
-use crate::model::weights::Matrix;
+use crate::model::weight_matrix::WeightMatrix;
 use crate::model::{KvCacheShape, LlamaWeights, ModelConfig};
 
 use super::super::CudaError;
@@ -75,8 +75,12 @@ pub fn round_to_dtype(data: &mut [f32], dtype: ActDtype) {
 /// A copy of `w` with every matrix rounded to `dtype` (norms and biases kept in f32): the
 /// weights a CPU reference must use to see only the GPU's arithmetic differences.
 pub fn weights_rounded_to(w: &LlamaWeights, dtype: ActDtype) -> LlamaWeights {
-    let mut w = w.clone();
-    let round = |m: &mut Matrix| round_to_dtype(&mut m.data, dtype);
+    let mut w = w.to_f32();
+    let round = |m: &mut WeightMatrix| {
+        if let WeightMatrix::F32(m) = m {
+            round_to_dtype(&mut m.data, dtype);
+        }
+    };
     round(&mut w.embed);
     if let Some(m) = w.lm_head.as_mut() {
         round(m);
@@ -100,16 +104,15 @@ impl DeviceWeights {
         // Bytes a forward reads: every projection, and the LM head (the embedding gather reads a
         // few rows only, so a tied embedding counts once, as the LM head).
         let matrix_bytes = 2
-            * (w.lm_head().data.len()
+            * (w.lm_head().len()
                 + w.layers
                     .iter()
-                    .map(|l| {
-                        l.qkv.data.len() + l.o.data.len() + l.gate_up.data.len() + l.down.data.len()
-                    })
+                    .map(|l| l.qkv.len() + l.o.len() + l.gate_up.len() + l.down.len())
                     .sum::<usize>());
-        let mat = |m: &Matrix| -> Result<CudaSlice<u16>, CudaError> {
+        // Matrices in a block format (GGUF) are dequantized first: the device computes in 16 bits.
+        let mat = |m: &WeightMatrix| -> Result<CudaSlice<u16>, CudaError> {
             stream
-                .clone_htod(&to_half_bits(&m.data, dtype))
+                .clone_htod(&to_half_bits(&m.to_f32().data, dtype))
                 .map_err(|e| CudaError::driver("cuMemcpyHtoD (weights)", e))
         };
         let vec32 = |v: &[f32]| -> Result<CudaSlice<f32>, CudaError> {

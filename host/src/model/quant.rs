@@ -1,0 +1,319 @@
+//! Block formats of weights kept in llama.cpp's layouts (GGUF's Q8_0, Q4_0, Q4_1) or in half
+//! precision (f16, bf16): the byte layout of one block, scalar reference dequantization
+//! ([`BlockFormat::dequantize_row`]), and reference quantizers that follow llama.cpp's
+//! `quantize_row_*_ref` (used to build test matrices and by nothing on the serving path). The
+//! fast kernels that multiply these blocks live in the CPU backend (`backend::cpu::qmatmul`).
+
+use half::{bf16, f16};
+
+/// Elements per block of the 32-element llama.cpp formats.
+pub const QK: usize = 32;
+
+/// How a weight matrix's rows are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlockFormat {
+    /// `{ d: f16, qs: [i8; 32] }`: x = d·q.
+    Q8_0,
+    /// `{ d: f16, qs: [u8; 16] }`: element j is the low nibble of byte j, element j + 16 its
+    /// high nibble; x = d·(q − 8).
+    Q4_0,
+    /// `{ d: f16, m: f16, qs: [u8; 16] }`: nibbles as Q4_0; x = d·q + m.
+    Q4_1,
+    /// IEEE half precision, one element per "block".
+    F16,
+    /// bfloat16, one element per "block".
+    Bf16,
+}
+
+impl BlockFormat {
+    /// Elements per block.
+    pub const fn block_len(self) -> usize {
+        match self {
+            BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q4_1 => QK,
+            BlockFormat::F16 | BlockFormat::Bf16 => 1,
+        }
+    }
+
+    /// Bytes per block.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            BlockFormat::Q8_0 => 2 + QK,
+            BlockFormat::Q4_0 => 2 + QK / 2,
+            BlockFormat::Q4_1 => 4 + QK / 2,
+            BlockFormat::F16 | BlockFormat::Bf16 => 2,
+        }
+    }
+
+    /// Whether rows are quantized to 8 or 4 bits (as opposed to half precision).
+    pub const fn is_quantized(self) -> bool {
+        matches!(
+            self,
+            BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q4_1
+        )
+    }
+
+    /// Bytes of one row of `cols` elements (`cols` must be a multiple of the block length).
+    pub fn row_bytes(self, cols: usize) -> usize {
+        cols / self.block_len() * self.block_bytes()
+    }
+
+    /// The name GGUF and llama.cpp use.
+    pub const fn name(self) -> &'static str {
+        match self {
+            BlockFormat::Q8_0 => "Q8_0",
+            BlockFormat::Q4_0 => "Q4_0",
+            BlockFormat::Q4_1 => "Q4_1",
+            BlockFormat::F16 => "F16",
+            BlockFormat::Bf16 => "BF16",
+        }
+    }
+
+    /// Dequantizes one row (`out.len()` elements, `bytes` = [`Self::row_bytes`]) to f32.
+    pub fn dequantize_row(self, bytes: &[u8], out: &mut [f32]) {
+        assert_eq!(bytes.len(), self.row_bytes(out.len()), "row byte length");
+        match self {
+            BlockFormat::F16 => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+            BlockFormat::Bf16 => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+            BlockFormat::Q8_0 => {
+                for (o, b) in out.chunks_exact_mut(QK).zip(bytes.chunks_exact(34)) {
+                    let d = half_at(b, 0);
+                    for (x, &q) in o.iter_mut().zip(&b[2..]) {
+                        *x = d * f32::from(q as i8);
+                    }
+                }
+            }
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                let bb = self.block_bytes();
+                for (o, b) in out.chunks_exact_mut(QK).zip(bytes.chunks_exact(bb)) {
+                    let d = half_at(b, 0);
+                    let (m, qs) = if self == BlockFormat::Q4_1 {
+                        (half_at(b, 2), &b[4..])
+                    } else {
+                        (-8.0 * d, &b[2..])
+                    };
+                    for (j, &q) in qs.iter().enumerate() {
+                        o[j] = d * f32::from(q & 0xF) + m;
+                        o[j + QK / 2] = d * f32::from(q >> 4) + m;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Quantizes one row of f32 values (a multiple of the block length) into this format, the
+    /// way llama.cpp's reference quantizers do.
+    pub fn quantize_row(self, x: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.row_bytes(x.len()));
+        match self {
+            BlockFormat::F16 => x
+                .iter()
+                .for_each(|v| out.extend(f16::from_f32(*v).to_le_bytes())),
+            BlockFormat::Bf16 => x
+                .iter()
+                .for_each(|v| out.extend(bf16::from_f32(*v).to_le_bytes())),
+            BlockFormat::Q8_0 => {
+                for blk in x.chunks_exact(QK) {
+                    let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let d = amax / 127.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    out.extend(f16::from_f32(d).to_le_bytes());
+                    out.extend(blk.iter().map(|v| (v * id).round() as i8 as u8));
+                }
+            }
+            BlockFormat::Q4_0 => {
+                for blk in x.chunks_exact(QK) {
+                    // The value of largest magnitude, sign kept, maps to -8.
+                    let max = blk
+                        .iter()
+                        .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+                    let d = max / -8.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    out.extend(f16::from_f32(d).to_le_bytes());
+                    let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
+                    for j in 0..QK / 2 {
+                        out.push(q(blk[j]) | (q(blk[j + QK / 2]) << 4));
+                    }
+                }
+            }
+            BlockFormat::Q4_1 => {
+                for blk in x.chunks_exact(QK) {
+                    let min = blk.iter().copied().fold(f32::INFINITY, f32::min);
+                    let max = blk.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let d = (max - min) / 15.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    out.extend(f16::from_f32(d).to_le_bytes());
+                    out.extend(f16::from_f32(min).to_le_bytes());
+                    let q = |v: f32| (((v - min) * id + 0.5) as i32).clamp(0, 15) as u8;
+                    for j in 0..QK / 2 {
+                        out.push(q(blk[j]) | (q(blk[j + QK / 2]) << 4));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The little-endian f16 at `at` in `b`, as f32.
+#[inline(always)]
+pub fn half_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::splitmix::SplitMix64;
+
+    #[test]
+    fn quantize_then_dequantize_stays_within_half_a_step() {
+        let mut rng = SplitMix64::new(3);
+        let x: Vec<f32> = (0..4 * QK).map(|_| rng.uniform()).collect();
+        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (fmt, step) in [
+            (BlockFormat::Q8_0, 1.0 / 127.0),
+            // The side opposite the largest magnitude may clamp by up to one step.
+            (BlockFormat::Q4_0, 2.0 / 8.0),
+            (BlockFormat::Q4_1, 2.0 / 15.0),
+            (BlockFormat::F16, 1e-3),
+            (BlockFormat::Bf16, 1e-2),
+        ] {
+            let bytes = fmt.quantize_row(&x);
+            assert_eq!(bytes.len(), fmt.row_bytes(x.len()), "{fmt:?}");
+            let mut y = vec![0f32; x.len()];
+            fmt.dequantize_row(&bytes, &mut y);
+            for (a, b) in x.iter().zip(&y) {
+                assert!(
+                    (a - b).abs() <= step * amax * 0.51 + 1e-3,
+                    "{fmt:?}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn nibble_order_is_llama_cpps() {
+        // Q4_1 block: d = 1, m = 0, byte j = (j) | (15 - j) << 4.
+        let mut b = Vec::new();
+        b.extend(f16::from_f32(1.0).to_le_bytes());
+        b.extend(f16::from_f32(0.0).to_le_bytes());
+        b.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+        let mut y = [0f32; QK];
+        BlockFormat::Q4_1.dequantize_row(&b, &mut y);
+        for j in 0..16 {
+            assert_eq!(y[j], j as f32);
+            assert_eq!(y[j + 16], (15 - j) as f32);
+        }
+    }
+}
+
+/// Rows per interleaved group of the packed layout.
+pub const PACK_ROWS: usize = 8;
+
+/// Bytes of one 8-row group's header (8 f16 scales, and 8 f16 minima for Q4_1).
+pub const fn packed_header_bytes(format: BlockFormat) -> usize {
+    match format {
+        BlockFormat::Q4_1 => 32,
+        _ => 16,
+    }
+}
+
+/// Repacks whole groups of [`PACK_ROWS`] rows (row-major `bytes`, `cols` wide) into the
+/// interleaved layout the int8 kernels read: for each group and each 32-element block, the 8
+/// rows' scales (then Q4_1's 8 minima), then the quant bytes four at a time, row after row
+/// (`t`-th 4 bytes of rows 0..8, then the `t+1`-th ...). A 32-bit lane of a vector load is then
+/// four weights of one row, so one `vpdpbusd` advances 8 rows at once. The byte count is
+/// unchanged; rows past the last whole group stay row-major after the groups.
+pub fn pack_rows(format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) -> Vec<u8> {
+    assert!(format.is_quantized(), "only quantized formats are packed");
+    let (bb, nb) = (format.block_bytes(), cols / QK);
+    let row_bytes = nb * bb;
+    assert_eq!(bytes.len(), rows * row_bytes, "packed byte length");
+    let header = packed_header_bytes(format);
+    let qs_at = header / PACK_ROWS; // where the quant bytes start inside a block
+    let groups = rows / PACK_ROWS;
+    let mut out = Vec::with_capacity(bytes.len());
+    for g in 0..groups {
+        for b in 0..nb {
+            let block = |l: usize| {
+                let at = (g * PACK_ROWS + l) * row_bytes + b * bb;
+                &bytes[at..at + bb]
+            };
+            for l in 0..PACK_ROWS {
+                out.extend_from_slice(&block(l)[..2]);
+            }
+            if format == BlockFormat::Q4_1 {
+                for l in 0..PACK_ROWS {
+                    out.extend_from_slice(&block(l)[2..4]);
+                }
+            }
+            for t in 0..(bb - qs_at) / 4 {
+                for l in 0..PACK_ROWS {
+                    out.extend_from_slice(&block(l)[qs_at + 4 * t..qs_at + 4 * t + 4]);
+                }
+            }
+        }
+    }
+    out.extend_from_slice(&bytes[groups * PACK_ROWS * row_bytes..]);
+    out
+}
+
+/// Row `i` of a [`pack_rows`] buffer, back in row-major block layout.
+pub fn packed_row(format: BlockFormat, cols: usize, packed: &[u8], i: usize) -> Vec<u8> {
+    let (bb, nb) = (format.block_bytes(), cols / QK);
+    let row_bytes = nb * bb;
+    let groups = packed.len() / row_bytes / PACK_ROWS;
+    if i >= groups * PACK_ROWS {
+        let at = i * row_bytes;
+        return packed[at..at + row_bytes].to_vec();
+    }
+    let header = packed_header_bytes(format);
+    let qs_at = header / PACK_ROWS;
+    let (g, l) = (i / PACK_ROWS, i % PACK_ROWS);
+    let mut out = Vec::with_capacity(row_bytes);
+    for b in 0..nb {
+        let gb = &packed[(g * nb + b) * PACK_ROWS * bb..(g * nb + b + 1) * PACK_ROWS * bb];
+        out.extend_from_slice(&gb[2 * l..2 * l + 2]);
+        if format == BlockFormat::Q4_1 {
+            out.extend_from_slice(&gb[16 + 2 * l..16 + 2 * l + 2]);
+        }
+        for t in 0..(bb - qs_at) / 4 {
+            let at = header + t * 4 * PACK_ROWS + 4 * l;
+            out.extend_from_slice(&gb[at..at + 4]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod pack_tests {
+    use super::*;
+
+    #[test]
+    fn packing_round_trips_every_row() {
+        for format in [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4_1] {
+            for rows in [1, 8, 13, 24] {
+                let cols = 64;
+                let rb = format.row_bytes(cols);
+                let bytes: Vec<u8> = (0..rows * rb).map(|i| (i * 7 + i / 3) as u8).collect();
+                let packed = pack_rows(format, rows, cols, &bytes);
+                assert_eq!(packed.len(), bytes.len());
+                for i in 0..rows {
+                    assert_eq!(
+                        packed_row(format, cols, &packed, i),
+                        &bytes[i * rb..(i + 1) * rb],
+                        "{format:?} rows={rows} i={i}"
+                    );
+                }
+            }
+        }
+    }
+}
