@@ -267,8 +267,9 @@ pub struct EngineArgs {
     /// `--device cuda` (unless --num-kv-blocks is given). On the CPU the pool is --num-kv-blocks.
     #[arg(long, default_value_t = 0.9, value_parser = parse_memory_share)]
     pub gpu_memory_utilization: f64,
-    /// What the model computes in: auto (float32 on the CPU; bfloat16 on CUDA with compute
-    /// capability 8.0+, else float16), float32 (CPU), bfloat16 or float16 (CUDA).
+    /// What the weights are held in: auto (float32 on the CPU; bfloat16 on CUDA with compute
+    /// capability 8.0+, else float16), float32 (CPU), bfloat16 or float16 (CUDA; on the CPU
+    /// the matrices stay in half precision, f32 accumulation). A GGUF file keeps its formats.
     #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     pub dtype: DtypeArg,
     /// Longest prompt + output (default: the model's).
@@ -673,12 +674,19 @@ pub enum TraceCommand {
 pub enum BenchCommand {
     /// CPU model throughput: prefill and decode tokens/s at several batch sizes.
     Model {
-        /// Model directory or `builtin:tiny` (default: SmolLM2 when set up, else builtin:tiny).
+        /// Model directory, GGUF file or `builtin:tiny` (default: SmolLM2 when set up, else
+        /// builtin:tiny).
         #[arg(long)]
         model: Option<String>,
         /// Batch sizes to measure.
         #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16])]
         batch: Vec<usize>,
+        /// What a checkpoint's matrices are held in (as `serve --dtype` on the CPU).
+        #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+        dtype: DtypeArg,
+        /// One JSON object per batch size (scripts/bench-vs-llamacpp.sh reads them).
+        #[arg(long)]
+        json: bool,
     },
     /// Scheduler CPU time per step (median, p99) at several running-queue sizes.
     Scheduler {

@@ -10,7 +10,7 @@
 use crate::backend::{self, Device, ModelDtype};
 use crate::engine::{Engine, EngineConfig, EngineHandle, StepObserver};
 use crate::model::hub::{self, HubSettings};
-use crate::model::{KvCacheShape, LoadedModel, ModelInfo};
+use crate::model::{KvCacheShape, LoadedModel, MatrixStorage, ModelInfo};
 use anyhow::Context;
 use std::sync::Arc;
 
@@ -55,19 +55,23 @@ pub enum KvPoolSize {
 
 /// Loads `builtin:tiny`, a model directory, or a Hugging Face id (`org/name`, resolved in the
 /// hub cache and downloaded when allowed; the model is then named by its id, as in vLLM).
-fn load_model(model_spec: &str, hub_settings: &HubSettings) -> anyhow::Result<LoadedModel> {
+fn load_model(
+    model_spec: &str,
+    hub_settings: &HubSettings,
+    storage: MatrixStorage,
+) -> anyhow::Result<LoadedModel> {
     if !hub::is_hub_id(model_spec) {
         if let Some(revision) = &hub_settings.revision {
             anyhow::bail!(
                 "--revision {revision}: a revision applies to a Hugging Face id (org/name), not to `{model_spec}`"
             );
         }
-        return crate::model::load_model_files(model_spec)
+        return crate::model::load_model_files_as(model_spec, storage)
             .with_context(|| format!("loading model `{model_spec}`"));
     }
     let dir = hub::resolve(model_spec, hub_settings)?;
     let path = dir.to_str().context("the hub cache path is not UTF-8")?;
-    let mut model = crate::model::load_model_files(path)
+    let mut model = crate::model::load_model_files_as(path, storage)
         .with_context(|| format!("loading model `{model_spec}` from {}", dir.display()))?;
     model.info.name = model_spec.to_string();
     Ok(model)
@@ -103,7 +107,11 @@ where
     if let Some(why) = device_note {
         tracing::info!("--device auto: {why}");
     }
-    let model = load_model(model_spec, &hub_settings)?;
+    let model = load_model(
+        model_spec,
+        &hub_settings,
+        backend::cpu_matrix_storage(&device, dtype),
+    )?;
     if let (KvPoolSize::DeviceMemoryShare(share), Device::Cuda(_)) = (kv_pool, &device) {
         engine_config.num_kv_blocks = backend::cuda::runner::kv_blocks_for_memory_share(
             &model.info.config,

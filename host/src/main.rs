@@ -92,11 +92,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(BenchCommand::Model { model, batch }) => {
+        Command::Bench(BenchCommand::Model {
+            model,
+            batch,
+            dtype,
+            json,
+        }) => {
             let model = model.unwrap_or_else(|| {
                 stepscope::bench::model::default_bench_model(std::path::Path::new("."))
             });
-            stepscope::bench::model::cpu_throughput_bench(&model, &batch)?;
+            let storage = stepscope::backend::cpu_matrix_storage(
+                &stepscope::backend::Device::Cpu,
+                dtype.into(),
+            );
+            stepscope::bench::model::cpu_throughput_bench(&model, &batch, storage, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Scheduler { running }) => {

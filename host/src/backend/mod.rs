@@ -15,7 +15,8 @@ use std::fmt;
 use thiserror::Error;
 
 use crate::engine::model_runner::ModelRunner;
-use crate::model::{KvCacheShape, LoadedModel, ModelError};
+use crate::model::quant::BlockFormat;
+use crate::model::{KvCacheShape, LoadedModel, MatrixStorage, ModelError};
 
 use cuda::{CudaError, CudaModelRunner, DeviceSummary};
 
@@ -75,6 +76,17 @@ impl ModelDtype {
     }
 }
 
+/// How to hold a checkpoint's matrices for `device` and `--dtype`: the CPU keeps bfloat16 and
+/// float16 weights in half precision (f32 accumulation); everything else loads f32 matrices
+/// (CUDA converts them itself).
+pub fn cpu_matrix_storage(device: &Device, dtype: ModelDtype) -> MatrixStorage {
+    match (device, dtype) {
+        (Device::Cpu, ModelDtype::BFloat16) => MatrixStorage::Half(BlockFormat::Bf16),
+        (Device::Cpu, ModelDtype::Float16) => MatrixStorage::Half(BlockFormat::F16),
+        _ => MatrixStorage::F32,
+    }
+}
+
 /// Why [`build_runner`] failed.
 #[derive(Debug, Error)]
 pub enum BuildRunnerError {
@@ -100,10 +112,16 @@ pub fn build_runner(
     };
     Ok(match device {
         Device::Cpu => {
-            if !matches!(dtype, ModelDtype::Auto | ModelDtype::Float32) {
-                return Err(refuse(
-                    "the CPU backend computes in float32 (use --dtype auto or float32)",
-                ));
+            let held = model.weights.matrix_format();
+            let wanted = match dtype {
+                ModelDtype::BFloat16 => Some("BF16"),
+                ModelDtype::Float16 => Some("F16"),
+                ModelDtype::Auto | ModelDtype::Float32 => None,
+            };
+            if wanted.is_some_and(|w| w != held) {
+                return Err(refuse(&format!(
+                    "the weights were loaded as {held} (load them with cpu_matrix_storage)"
+                )));
             }
             Box::new(cpu::CpuModelRunner::new(
                 model.info.config.clone(),
@@ -141,7 +159,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cpu_refuses_16_bit_dtypes_by_name_and_takes_float32() {
+    fn the_cpu_runs_16_bit_dtypes_on_half_precision_weights() {
+        use crate::engine::model_runner::{BatchEntry, ModelBatch};
+        let kv = KvCacheShape {
+            num_blocks: 8,
+            block_size: 4,
+        };
+        let tokens = [3u32, 14, 15, 92, 65];
+        let run = |model: &LoadedModel, dtype| {
+            let mut runner = build_runner(model, kv, &Device::Cpu, dtype).expect("builds");
+            runner
+                .forward(&ModelBatch {
+                    entries: vec![BatchEntry {
+                        request_id: 1,
+                        token_ids: &tokens,
+                        start_position: 0,
+                        block_table: &[0, 1],
+                        needs_logits: true,
+                        all_logits: false,
+                    }],
+                })
+                .expect("forward")
+                .data
+        };
+        let f32_model = crate::model::load_model_files("builtin:tiny").expect("tiny");
+        let reference = run(&f32_model, ModelDtype::Float32);
+        for (dtype, name, tol) in [
+            (ModelDtype::BFloat16, "BF16", 0.1),
+            (ModelDtype::Float16, "F16", 0.02),
+        ] {
+            let storage = cpu_matrix_storage(&Device::Cpu, dtype);
+            let model = crate::model::load_model_files_as("builtin:tiny", storage).expect("tiny");
+            assert_eq!(model.weights.matrix_format(), name);
+            let logits = run(&model, dtype);
+            let diff = logits
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(diff > 0.0 && diff < tol, "{name}: {diff}");
+        }
+    }
+
+    #[test]
+    fn the_cpu_refuses_16_bit_dtypes_by_name_on_f32_weights_and_takes_float32() {
         let model = crate::model::load_model_files("builtin:tiny").expect("tiny");
         let kv = KvCacheShape {
             num_blocks: 8,

@@ -36,7 +36,7 @@ pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use detokenizer::{DetokenizerOptions, IncrementalDetokenizer};
 pub use error::ModelError;
 pub use tokenizer::{SpecialTokens, TextTokenizer};
-pub use weights::LlamaWeights;
+pub use weights::{LlamaWeights, MatrixStorage};
 
 /// The spec of the built-in tiny random model.
 pub const BUILTIN_TINY: &str = "builtin:tiny";
@@ -140,22 +140,43 @@ pub struct LoadedModel {
     pub weights: Arc<LlamaWeights>,
 }
 
-/// Loads the config, tokenizer, templates and weights of `spec` without building a runner.
+/// Loads the config, tokenizer, templates and weights of `spec` without building a runner,
+/// with the matrices in f32 (GGUF: in the file's formats).
 pub fn load_model_files(spec: &str) -> Result<LoadedModel, ModelError> {
+    load_model_files_as(spec, MatrixStorage::F32)
+}
+
+/// As [`load_model_files`], with a checkpoint's matrices held in `storage`. A GGUF file's
+/// weights stay in the file's formats: a half-precision storage is refused for it by name.
+pub fn load_model_files_as(spec: &str, storage: MatrixStorage) -> Result<LoadedModel, ModelError> {
     if spec == BUILTIN_TINY {
-        return Ok(tiny::tiny_model());
+        let mut model = tiny::tiny_model();
+        if storage != MatrixStorage::F32 {
+            let weights = LlamaWeights::clone(&model.weights).into_storage(storage);
+            model.weights = Arc::new(weights);
+        }
+        return Ok(model);
     }
     if let Some(rest) = spec.strip_prefix("builtin:") {
         return Err(ModelError::UnknownSpec(format!("builtin:{rest}")));
     }
     let path = Path::new(spec);
     if gguf_model::is_gguf_path(path) && !path.is_dir() {
+        if let MatrixStorage::Half(format) = storage {
+            return Err(ModelError::Unsupported {
+                path: path.to_path_buf(),
+                message: format!(
+                    "a GGUF file's weights are used in the formats it stores; {} storage applies to safetensors checkpoints",
+                    format.name()
+                ),
+            });
+        }
         return gguf_model::load_gguf(path);
     }
-    load_dir(path)
+    load_dir(path, storage)
 }
 
-fn load_dir(dir: &Path) -> Result<LoadedModel, ModelError> {
+fn load_dir(dir: &Path, storage: MatrixStorage) -> Result<LoadedModel, ModelError> {
     if !dir.is_dir() {
         return Err(ModelError::NotADirectory(dir.to_path_buf()));
     }
@@ -173,7 +194,7 @@ fn load_dir(dir: &Path) -> Result<LoadedModel, ModelError> {
             )
         })
         .transpose()?;
-    let weights = LlamaWeights::load(dir, &config)?;
+    let weights = LlamaWeights::load(dir, &config, storage)?;
     let name = dir
         .canonicalize()
         .unwrap_or_else(|_| PathBuf::from(dir))

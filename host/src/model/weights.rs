@@ -16,7 +16,8 @@ use safetensors::tensor::{Dtype, Metadata};
 
 use super::config::ModelConfig;
 use super::error::ModelError;
-use super::weight_matrix::WeightMatrix;
+use super::quant::BlockFormat;
+use super::weight_matrix::{BlockMatrix, WeightMatrix};
 
 /// A row-major f32 matrix; projection weights keep the Hugging Face `[out, in]` layout.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,6 +65,30 @@ pub struct LayerWeights {
     pub gate_up: WeightMatrix,
     /// `[hidden, intermediate]`.
     pub down: WeightMatrix,
+}
+
+/// How the matrices of a Hugging Face checkpoint are held in memory (`--dtype` on the CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MatrixStorage {
+    /// f32, whatever the file's dtype.
+    #[default]
+    F32,
+    /// f16 or bf16 ([`BlockFormat::F16`], [`BlockFormat::Bf16`]), multiplied with f32 accumulation.
+    Half(BlockFormat),
+}
+
+impl MatrixStorage {
+    /// `m` in this storage.
+    pub fn store(self, m: Matrix) -> WeightMatrix {
+        match self {
+            MatrixStorage::F32 => WeightMatrix::F32(m),
+            MatrixStorage::Half(format) => match BlockMatrix::quantize(&m, format) {
+                Ok(b) => WeightMatrix::Blocks(b),
+                // Half formats have one element per block: every shape converts.
+                Err(_) => WeightMatrix::F32(m),
+            },
+        }
+    }
 }
 
 /// All weights of a Llama-family model: norms and biases in f32, matrices in f32 or a block
@@ -120,6 +145,38 @@ impl LlamaWeights {
             + self.lm_head.as_ref().map_or(0, WeightMatrix::byte_len)
     }
 
+    /// The same weights with every f32 matrix moved into `storage`.
+    pub fn into_storage(self, storage: MatrixStorage) -> LlamaWeights {
+        let f = |m: WeightMatrix| match m {
+            WeightMatrix::F32(m) => storage.store(m),
+            blocks => blocks,
+        };
+        LlamaWeights {
+            embed: f(self.embed),
+            layers: self
+                .layers
+                .into_iter()
+                .map(|l| LayerWeights {
+                    qkv: f(l.qkv),
+                    o: f(l.o),
+                    gate_up: f(l.gate_up),
+                    down: f(l.down),
+                    ..l
+                })
+                .collect(),
+            lm_head: self.lm_head.map(f),
+            ..self
+        }
+    }
+
+    /// The storage format of the matrices (`F32`, `BF16`, `Q4_1`, ... of the first layer's
+    /// q/k/v projection).
+    pub fn matrix_format(&self) -> &'static str {
+        self.layers
+            .first()
+            .map_or(self.embed.format_name(), |l| l.qkv.format_name())
+    }
+
     /// A copy with every matrix in f32 (what a backend that only computes in f32 uploads).
     pub fn to_f32(&self) -> LlamaWeights {
         let f = |m: &WeightMatrix| WeightMatrix::F32(m.to_f32().into_owned());
@@ -144,8 +201,10 @@ impl LlamaWeights {
         }
     }
 
-    /// Loads and checks every tensor the config requires from the directory's safetensors files.
-    pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<Self, ModelError> {
+    /// Loads and checks every tensor the config requires from the directory's safetensors
+    /// files, keeping the matrices in `storage` (each tensor converted on its own, so the whole
+    /// model never exists in f32 when a half-precision storage is asked for).
+    pub fn load(dir: &Path, cfg: &ModelConfig, storage: MatrixStorage) -> Result<Self, ModelError> {
         let src = SafetensorsDir::open(dir)?;
         let (h, q, kv, inter, v) = (
             cfg.hidden_size,
@@ -166,7 +225,7 @@ impl LlamaWeights {
         let mat = |name: &str, rows: usize, cols: usize| -> Result<Matrix, ModelError> {
             Ok(Matrix::new(rows, cols, get(name, &[rows, cols])?))
         };
-        let weight = |m: Matrix| WeightMatrix::F32(m);
+        let weight = |m: Matrix| storage.store(m);
 
         let embed = weight(mat("model.embed_tokens.weight", v, h)?);
         let mut layers = Vec::with_capacity(cfg.num_layers);

@@ -7,6 +7,7 @@
 //! need logits only. Activation buffers live in the runner and are reused across steps.
 
 pub mod attention;
+pub mod half_matmul;
 pub mod kernels;
 pub mod kv_cache;
 pub mod matmul;

@@ -10,24 +10,21 @@
 //! builds too). Weights are unsigned codes: Q4 nibbles 0..15, Q8_0 bytes offset by 128 (VNNI);
 //! the offset (8 or 128) times the activation block's sum seeds the integer accumulator, and
 //! Q4_1's minimum times that sum is added in f32. Rows past the last whole group of 8 go
-//! through a scalar row kernel. Half-precision weights (f16, bf16) are widened to f32 a chunk
-//! at a time and multiplied by the f32 kernels. Work is split over groups of output columns
+//! through a scalar row kernel. Half-precision weights (f16, bf16) go to `half_matmul`. Work is
+//! split over groups of output columns
 //! with rayon; within a task, tiles of up to 4 activation rows share each decoded weight block.
 
 use rayon::prelude::*;
 
-use super::matmul::{MatmulScratch, matmul_f32};
+use super::matmul::MatmulScratch;
 use crate::model::quant::{BlockFormat, PACK_ROWS, QK, half_at, packed_header_bytes};
 use crate::model::weight_matrix::BlockMatrix;
-use crate::model::weights::Matrix;
 
 /// 8-row groups per rayon task.
 const GROUPS_PER_TASK: usize = 2;
 /// Activation rows per task: a block of rows whose int8 values stay in L1/L2 while every
 /// weight group of the task passes over them.
 const ROWS_PER_TASK: usize = 64;
-/// Weight rows widened to f32 at a time for half-precision weights.
-const HALF_ROWS_PER_CHUNK: usize = 64;
 /// Activation rows per tile.
 const MR: usize = 4;
 
@@ -94,7 +91,7 @@ pub fn matmul_blocks(
         return;
     }
     if !w.format.is_quantized() {
-        return matmul_half(x, m, w, out, accumulate, scratch);
+        return super::half_matmul::matmul_half(x, m, w, out, accumulate, scratch);
     }
     let acts = &mut scratch.acts;
     acts.quantize(x, m, k, w.format);
@@ -203,44 +200,6 @@ fn scatter(res: &[f32], m: usize, n: usize, out: &mut [f32], accumulate: bool) {
                 *v = res[j * m + i];
             }
         }
-    }
-}
-
-/// Half-precision weights: each chunk of rows is widened to f32 and multiplied by the f32
-/// kernels into its columns of `out`.
-fn matmul_half(
-    x: &[f32],
-    m: usize,
-    w: &BlockMatrix,
-    out: &mut [f32],
-    accumulate: bool,
-    scratch: &mut MatmulScratch,
-) {
-    let (n, k) = (w.rows, w.cols);
-    let mut j0 = 0;
-    while j0 < n {
-        let rows = HALF_ROWS_PER_CHUNK.min(n - j0);
-        let mut data = std::mem::take(&mut scratch.widened);
-        data.resize(rows * k, 0.0);
-        data.par_chunks_mut(k)
-            .enumerate()
-            .for_each(|(i, row)| w.dequantize_row(j0 + i, row));
-        let chunk = Matrix::new(rows, k, data);
-        let mut part_out = std::mem::take(&mut scratch.part_out);
-        part_out.resize(m * rows, 0.0);
-        matmul_f32(x, m, &chunk, &mut part_out, false, &mut scratch.f32_rows);
-        for i in 0..m {
-            let src = &part_out[i * rows..(i + 1) * rows];
-            let dst = &mut out[i * n + j0..i * n + j0 + rows];
-            if accumulate {
-                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-            } else {
-                dst.copy_from_slice(src);
-            }
-        }
-        scratch.widened = chunk.data;
-        scratch.part_out = part_out;
-        j0 += rows;
     }
 }
 
@@ -651,7 +610,8 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::weight_matrix::{BlockMatrix, WeightMatrix};
+    use crate::model::weight_matrix::BlockMatrix;
+    use crate::model::weights::Matrix;
     use crate::splitmix::SplitMix64;
 
     /// Dequantize-then-multiply in f64: the reference every kernel is held to.
@@ -725,32 +685,6 @@ mod tests {
                     for (o, b) in out.iter().zip(base) {
                         assert!((o - 1.0 - b).abs() <= 1e-4 * (1.0 + b.abs()));
                     }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn half_precision_weights_multiply_in_f32() {
-        let mut rng = SplitMix64::new(5);
-        for format in [BlockFormat::F16, BlockFormat::Bf16] {
-            let (n, k) = (150, 33);
-            let a = Matrix::new(n, k, random(&mut rng, n * k));
-            let w = BlockMatrix::quantize(&a, format).unwrap();
-            for m in [1, 3, 20] {
-                let x = random(&mut rng, m * k);
-                let want = reference(&x, m, &w);
-                let mut out = vec![0f32; m * n];
-                super::super::matmul::matmul(
-                    &x,
-                    m,
-                    &WeightMatrix::Blocks(w.clone()),
-                    &mut out,
-                    false,
-                    &mut MatmulScratch::default(),
-                );
-                for (g, r) in out.iter().zip(&want) {
-                    assert!((f64::from(*g) - r).abs() < 1e-4, "{format:?} m={m}");
                 }
             }
         }
