@@ -36,6 +36,10 @@ echo "== formatting and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release --locked -- -D warnings
 
+echo "== scripts that CI does not run (benchmarks, GPU): syntax only"
+for script in scripts/*.sh; do bash -n "$script"; done
+for script in scripts/llamacpp/*.mjs; do node --check "$script"; done
+
 echo "== tests"
 cargo test --workspace --release --locked
 

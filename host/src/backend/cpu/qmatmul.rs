@@ -27,6 +27,8 @@ const GROUPS_PER_TASK: usize = 2;
 const ROWS_PER_TASK: usize = 64;
 /// Activation rows per tile.
 const MR: usize = 4;
+/// Activation rows quantized per rayon task.
+const QUANTIZE_ROWS_PER_TASK: usize = 8;
 
 /// Activations quantized per block of 32: int8 values, f16-rounded scales, per block the
 /// integer seed of the accumulator (`−offset·Σq`) and `d·Σq` (for Q4_1).
@@ -39,6 +41,12 @@ pub struct QuantizedActs {
     m: usize,
     k: usize,
 }
+
+/// Some rows' quantized values, scales, sums and seeds (zipped mutable chunks).
+type ActRows<'a> = (
+    ((&'a mut [i8], &'a mut [f32]), &'a mut [f32]),
+    &'a mut [i32],
+);
 
 impl QuantizedActs {
     /// Quantizes the `m` rows of `x` (`k` wide, a multiple of 32) for weights in `format`.
@@ -55,22 +63,56 @@ impl QuantizedActs {
         self.d.resize(m * nb, 0.0);
         self.sum.resize(m * nb, 0.0);
         self.seed.resize(m * nb, 0);
-        for (b, blk) in x[..m * k].chunks_exact(QK).enumerate() {
-            let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut total = 0i32;
-            for (q, v) in self.qs[b * QK..(b + 1) * QK].iter_mut().zip(blk) {
-                // Round half away from zero, as roundf, without the libm call.
-                let r = v * id;
-                *q = (r + 0.5f32.copysign(r)) as i8;
-                total += i32::from(*q);
+        // Rows in parallel, a few at a time (prefill quantizes megabytes per matmul); a decode
+        // step's few rows stay on this thread.
+        let rows = QUANTIZE_ROWS_PER_TASK;
+        let work = |(((qs, d), sum), seed): ActRows<'_>, x: &[f32]| {
+            for (b, blk) in x.chunks_exact(QK).enumerate() {
+                let (block_d, block_sum, block_seed) =
+                    quantize_block(blk, &mut qs[b * QK..(b + 1) * QK], offset);
+                d[b] = block_d;
+                sum[b] = block_sum;
+                seed[b] = block_seed;
             }
-            self.d[b] = half::f16::from_f32(d).to_f32();
-            self.sum[b] = half::f16::from_f32(d * total as f32).to_f32();
-            self.seed[b] = -offset * total;
+        };
+        if m <= rows {
+            work(
+                (
+                    ((&mut self.qs[..], &mut self.d[..]), &mut self.sum[..]),
+                    &mut self.seed[..],
+                ),
+                &x[..m * k],
+            );
+        } else {
+            self.qs
+                .par_chunks_mut(rows * k)
+                .zip(self.d.par_chunks_mut(rows * nb))
+                .zip(self.sum.par_chunks_mut(rows * nb))
+                .zip(self.seed.par_chunks_mut(rows * nb))
+                .zip(x[..m * k].par_chunks(rows * k))
+                .for_each(|(dst, x)| work(dst, x));
         }
     }
+}
+
+/// One block of 32 activations quantized into `q` like llama.cpp's `quantize_row_q8_0`/`q8_1`:
+/// returns the f16-rounded scale, the f16-rounded `d·Σq` and the seed `−offset·Σq`.
+fn quantize_block(blk: &[f32], q: &mut [i8], offset: i32) -> (f32, f32, i32) {
+    let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut total = 0i32;
+    for (q, v) in q.iter_mut().zip(blk) {
+        // Round half away from zero, as roundf, without the libm call.
+        let r = v * id;
+        *q = (r + 0.5f32.copysign(r)) as i8;
+        total += i32::from(*q);
+    }
+    (
+        half::f16::from_f32(d).to_f32(),
+        half::f16::from_f32(d * total as f32).to_f32(),
+        -offset * total,
+    )
 }
 
 /// `out = x · wᵀ` (or `+=` with `accumulate`), `x` `[m, w.cols]`, `out` `[m, w.rows]`.
