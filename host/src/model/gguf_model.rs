@@ -17,7 +17,7 @@ use super::gguf::{GgufFile, GgufTensor, GgufValue, ggml_type_name};
 use super::quant::BlockFormat;
 use super::weight_matrix::{BlockMatrix, WeightBytes, WeightMatrix};
 use super::weights::{LayerWeights, LlamaWeights, Matrix};
-use super::{ChatTemplate, LoadedModel, ModelInfo, SpecialTokens, TextTokenizer};
+use super::{LoadedModel, ModelInfo, SpecialTokens, TextTokenizer};
 
 /// GGUF token types (llama.cpp): 3 control (special), 4 user defined.
 const TOKEN_CONTROL: u64 = 3;
@@ -83,32 +83,12 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel, ModelError> {
         &config.eos_token_ids,
         config.bos_token_id,
     );
-    let chat_template = special
-        .chat_template
-        .as_ref()
-        .map(|src| {
-            ChatTemplate::new(
-                src.clone(),
-                special.bos_token.clone(),
-                special.eos_token.clone(),
-            )
-        })
-        .transpose()?;
-    let weights = load_weights(&file, &config, permuted)?;
     let name = path.file_stem().map_or_else(
         || path.display().to_string(),
         |s| s.to_string_lossy().into_owned(),
     );
-    let info = ModelInfo {
-        name,
-        source: path.display().to_string(),
-        vocab_size: config.vocab_size,
-        bos_token_id: special.bos_token_id,
-        eos_token_ids: special.eos_token_ids,
-        chat_template,
-        tokenizer,
-        config,
-    };
+    let info = ModelInfo::new(name, path.display().to_string(), config, tokenizer, special)?;
+    let weights = load_weights(&file, &info.config, permuted)?;
     Ok(LoadedModel {
         info,
         weights: Arc::new(weights),

@@ -97,6 +97,30 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
+    /// Puts a loaded model's text side together (its chat template built from `special`).
+    pub fn new(
+        name: String,
+        source: String,
+        config: ModelConfig,
+        tokenizer: TextTokenizer,
+        special: SpecialTokens,
+    ) -> Result<Self, ModelError> {
+        let chat_template = special
+            .chat_template
+            .map(|src| ChatTemplate::new(src, special.bos_token, special.eos_token))
+            .transpose()?;
+        Ok(ModelInfo {
+            name,
+            source,
+            vocab_size: config.vocab_size,
+            bos_token_id: special.bos_token_id,
+            eos_token_ids: special.eos_token_ids,
+            chat_template,
+            tokenizer,
+            config,
+        })
+    }
+
     /// Renders a chat with the model's template (error if it has none).
     pub fn render_chat(
         &self,
@@ -183,18 +207,6 @@ fn load_dir(dir: &Path, storage: MatrixStorage) -> Result<LoadedModel, ModelErro
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
     let special = SpecialTokens::load(dir, &tokenizer, &config.eos_token_ids, config.bos_token_id)?;
-    let chat_template = special
-        .chat_template
-        .as_ref()
-        .map(|src| {
-            ChatTemplate::new(
-                src.clone(),
-                special.bos_token.clone(),
-                special.eos_token.clone(),
-            )
-        })
-        .transpose()?;
-    let weights = LlamaWeights::load(dir, &config, storage)?;
     let name = dir
         .canonicalize()
         .unwrap_or_else(|_| PathBuf::from(dir))
@@ -203,16 +215,9 @@ fn load_dir(dir: &Path, storage: MatrixStorage) -> Result<LoadedModel, ModelErro
             || dir.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
         );
-    let info = ModelInfo {
-        name,
-        source: dir.display().to_string(),
-        vocab_size: config.vocab_size,
-        bos_token_id: special.bos_token_id,
-        eos_token_ids: special.eos_token_ids,
-        chat_template,
-        tokenizer,
-        config,
-    };
+    // The text side first: a broken template fails before the weights are read.
+    let info = ModelInfo::new(name, dir.display().to_string(), config, tokenizer, special)?;
+    let weights = LlamaWeights::load(dir, &info.config, storage)?;
     Ok(LoadedModel {
         info,
         weights: Arc::new(weights),

@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 use super::kernels::dot_lanes;
-use super::matmul::{MatmulScratch, SMALL_M, matmul_f32};
+use super::matmul::{MatmulScratch, SMALL_M, matmul_f32, scatter_transposed};
 use crate::model::quant::BlockFormat;
 use crate::model::weight_matrix::BlockMatrix;
 use crate::model::weights::Matrix;
@@ -72,13 +72,7 @@ fn few_rows(
         let _ = fast;
         portable_task(x, m, k, rows, w.format, dst);
     });
-    for i in 0..m {
-        let o = &mut out[i * n..(i + 1) * n];
-        for (j, v) in o.iter_mut().enumerate() {
-            let r = res[j * m + i];
-            *v = if accumulate { *v + r } else { r };
-        }
-    }
+    scatter_transposed(res, m, n, out, accumulate);
 }
 
 fn has_f16c_fma() -> bool {

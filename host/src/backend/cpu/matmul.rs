@@ -147,15 +147,28 @@ fn matmul_rows(
             }
         });
     // `scratch` is `[n, m]`; transpose into `out` `[m, n]`.
+    scatter_transposed(scratch, m, n, out, accumulate);
+}
+
+/// Writes (or, with `accumulate`, adds) the transpose of `res` (`[n, m]`, what the few-row
+/// kernels produce: one weight row's results for every activation row together) into `out`
+/// (`[m, n]`).
+pub(super) fn scatter_transposed(
+    res: &[f32],
+    m: usize,
+    n: usize,
+    out: &mut [f32],
+    accumulate: bool,
+) {
     for i in 0..m {
         let o = &mut out[i * n..(i + 1) * n];
         if accumulate {
             for (j, v) in o.iter_mut().enumerate() {
-                *v += scratch[j * m + i];
+                *v += res[j * m + i];
             }
         } else {
             for (j, v) in o.iter_mut().enumerate() {
-                *v = scratch[j * m + i];
+                *v = res[j * m + i];
             }
         }
     }

@@ -16,7 +16,7 @@
 
 use rayon::prelude::*;
 
-use super::matmul::MatmulScratch;
+use super::matmul::{MatmulScratch, scatter_transposed};
 use crate::model::quant::{BlockFormat, PACK_ROWS, QK, half_at, packed_header_bytes};
 use crate::model::weight_matrix::BlockMatrix;
 
@@ -150,7 +150,7 @@ fn scatter_blocks(res: &[f32], m: usize, n: usize, out: &mut [f32], accumulate: 
     let mut i0 = 0;
     while i0 < m {
         let mb = ROWS_PER_TASK.min(m - i0);
-        scatter(
+        scatter_transposed(
             &res[i0 * n..(i0 + mb) * n],
             mb,
             n,
@@ -226,22 +226,6 @@ fn multiply_parts(
         tasks.into_par_iter().for_each(run);
     } else {
         tasks.into_iter().for_each(run);
-    }
-}
-
-/// `res` is `[n, m]`; writes (or adds) its transpose into `out` `[m, n]`.
-fn scatter(res: &[f32], m: usize, n: usize, out: &mut [f32], accumulate: bool) {
-    for i in 0..m {
-        let o = &mut out[i * n..(i + 1) * n];
-        if accumulate {
-            for (j, v) in o.iter_mut().enumerate() {
-                *v += res[j * m + i];
-            }
-        } else {
-            for (j, v) in o.iter_mut().enumerate() {
-                *v = res[j * m + i];
-            }
-        }
     }
 }
 
