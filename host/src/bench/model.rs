@@ -185,3 +185,45 @@ fn measure(
     let decode_s = started.elapsed().as_secs_f64();
     Ok((prefill_s, decode_s))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::quant::BlockFormat;
+
+    #[test]
+    fn rows_carry_the_storage_sizes_and_resident_memory() {
+        for (storage, name) in [
+            (MatrixStorage::F32, "F32"),
+            (MatrixStorage::Half(BlockFormat::Bf16), "BF16"),
+        ] {
+            let rows = cpu_throughput_bench(BUILTIN_TINY, &[1, 2], storage, true).unwrap();
+            assert_eq!(rows.len(), 2);
+            for row in &rows {
+                assert_eq!((row.engine, row.weights), ("stepscope", name));
+                assert!(row.prefill_tokens_per_s > 0.0 && row.decode_tokens_per_s > 0.0);
+                assert!(row.weight_bytes > 0);
+                if cfg!(target_os = "linux") {
+                    assert!(row.rss_after_load_bytes.is_some_and(|r| r > 0));
+                }
+                let json = serde_json::to_value(row).unwrap();
+                assert!(json.get("decode_tokens_per_s").is_some() && json.get("model").is_some());
+            }
+        }
+        let f32_bytes = cpu_throughput_bench(BUILTIN_TINY, &[1], MatrixStorage::F32, true).unwrap()
+            [0]
+        .weight_bytes;
+        let bf16_bytes = cpu_throughput_bench(
+            BUILTIN_TINY,
+            &[1],
+            MatrixStorage::Half(BlockFormat::Bf16),
+            true,
+        )
+        .unwrap()[0]
+            .weight_bytes;
+        assert!(
+            bf16_bytes < f32_bytes * 6 / 10,
+            "{bf16_bytes} vs {f32_bytes}"
+        );
+    }
+}
