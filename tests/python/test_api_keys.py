@@ -96,10 +96,14 @@ def test_a_typical_vllm_serve_command_line_starts_on_the_cpu(smollm_dir):
 
 
 def test_dtype_is_honoured_or_refused_by_name(smollm_dir):
-    server = Server(str(smollm_dir), "--dtype", "float32", "--max-model-len", "256")
-    server.stop()
+    # On the CPU float32 is the default; float16/bfloat16 keep the matrices in half precision.
+    for dtype in ("float32", "float16"):
+        server = Server(str(smollm_dir), "--dtype", dtype, "--max-model-len", "256")
+        server.stop()
+    # A GGUF file keeps the formats it stores: a 16-bit --dtype is refused, by name.
+    gguf = ROOT / ".cache" / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     port = free_port()
-    out = subprocess.run([str(BINARY), "serve", str(smollm_dir), "--dtype", "bfloat16", "--port", str(port)],
+    out = subprocess.run([str(BINARY), "serve", str(gguf), "--dtype", "float16", "--port", str(port)],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode != 0
-    assert "--dtype bfloat16: the CPU backend computes in float32" in out.stderr, out.stderr
+    assert "GGUF" in out.stderr and "F16 storage applies to safetensors checkpoints" in out.stderr, out.stderr
