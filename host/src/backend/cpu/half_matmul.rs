@@ -154,8 +154,8 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// Activation rows and weight rows per register tile.
-    const MR: usize = 4;
-    const NR: usize = 2;
+    const MR: usize = 2;
+    const NR: usize = 4;
 
     /// 8 halves at `p` widened to f32.
     #[target_feature(enable = "avx2,fma,f16c")]
