@@ -54,7 +54,10 @@ def test_serves_the_wheels_gguf_as_serve_sh_does(gguf, tmp_path, smollm_dir):
     try:
         client = server.client()
         assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
-        assert "Paris" in ask(server, "SmolLM2-135M-Instruct")
+        chat = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=QUESTION, max_tokens=24, temperature=0
+        )
+        assert "Paris" in chat.choices[0].message.content
         text = ""
         usage = None
         for chunk in client.completions.create(
@@ -71,8 +74,14 @@ def test_serves_the_wheels_gguf_as_serve_sh_does(gguf, tmp_path, smollm_dir):
         gguf_rss = resident_bytes(server.proc.pid)
     finally:
         server.stop()
-    lines = [json.loads(line) for line in traces.read_text().splitlines() if line.strip()]
-    assert any(r.get("name") == "step.BATCH_SUMMARY" or "step.BATCH_SUMMARY" in json.dumps(r) for r in lines)
+    # Step tracing on, every step sampled: each step span carries its batch summary.
+    steps = [json.loads(line) for line in traces.read_text().splitlines() if line.strip()]
+    steps = [s for s in steps if s.get("name") == "scheduler.step"]
+    assert steps and all(any(e["name"] == "step.BATCH_SUMMARY" for e in s["events"]) for s in steps)
+    # Each request's first token comes from its prefill step, every later one from a decode step.
+    decoded = sum(next(e for e in s["events"] if e["name"] == "step.BATCH_SUMMARY")["attributes"]
+                  ["batch.decode_tokens"] for s in steps)
+    assert decoded == (chat.usage.completion_tokens - 1) + (8 - 1), decoded
 
     # The f32 checkpoint of the same weights holds ~540 MB of matrices; the GGUF ~97 MB.
     f32_server = Server(str(smollm_dir))
