@@ -16,6 +16,6 @@ cat >&2 <<'HOW'
 HOW
 # Served as SmolLM2-135M-Instruct (the README's examples), unless the caller names it.
 name=(--served-model-name SmolLM2-135M-Instruct)
-for arg in "$@"; do [ "$arg" = --served-model-name ] && name=(); done
+for arg in "$@"; do case "$arg" in --served-model-name|--served-model-name=*) name=() ;; esac; done
 exec cargo run --release --locked --bin stepscope -- serve "$gguf" "${name[@]}" \
   --step-tracing-enabled --step-tracing-file .cache/traces/steps.jsonl "$@"
