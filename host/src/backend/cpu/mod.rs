@@ -12,6 +12,7 @@ pub mod kernels;
 pub mod kv_cache;
 pub mod matmul;
 pub mod qmatmul;
+pub mod row_tiles;
 
 #[cfg(test)]
 mod tests;
