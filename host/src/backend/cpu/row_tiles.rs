@@ -133,10 +133,12 @@ pub fn rows_task<const W: u8>(
 }
 
 /// Results of one tile: `res[a * 4 + b]` for activation row `a`, weight row `b`.
+#[cfg(target_arch = "x86_64")]
 type TileResult = [f32; 16];
 
 /// Walks the rows in tiles of `MR` activation rows × `NR` weight rows (single rows cover the
 /// edges); `tile(xs, mr, ws, nr, res)` computes one.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn tiled<const W: u8, const MR: usize, const NR: usize>(
     x: &[f32],
