@@ -214,7 +214,10 @@ impl DeviceArg {
         match self {
             DeviceArg::Cpu => Ok((Device::Cpu, None)),
             DeviceArg::Cuda => Device::cuda().map(|d| (d, None)),
-            DeviceArg::Auto => Ok(Device::cuda_or_cpu()),
+            DeviceArg::Auto => {
+                let (device, line) = Device::cuda_or_cpu();
+                Ok((device, Some(line)))
+            }
         }
     }
 }
@@ -285,8 +288,14 @@ pub struct EngineArgs {
     /// Turn prefix caching off.
     #[arg(long, overrides_with = "enable_prefix_caching")]
     pub no_enable_prefix_caching: bool,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    /// Where the model runs: auto (a usable CUDA device, else the CPU; the log says which and
+    /// why), cpu, or cuda.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
+    /// Never replay decode steps as CUDA graphs (vLLM's flag; graphs are on by default on
+    /// CUDA for decode batches of up to 512 tokens). The CPU backend always runs eagerly.
+    #[arg(long)]
+    pub enforce_eager: bool,
     /// Engine seed: request sampling streams and step-tracing draws derive from it.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -369,6 +378,7 @@ impl TryFrom<&EngineArgs> for LaunchConfig {
             device,
             device_note,
             dtype: args.dtype.into(),
+            enforce_eager: args.enforce_eager,
             kv_pool: match args.num_kv_blocks {
                 Some(_) => KvPoolSize::AsConfigured,
                 None => KvPoolSize::DeviceMemoryShare(args.gpu_memory_utilization),
@@ -842,8 +852,19 @@ mod tests {
             "--step-tracing-enabled"
         ]));
         // A flag that only tunes vLLM's internals is refused, not ignored.
-        let refused = Cli::try_parse_from(["stepscope", "serve", "--enforce-eager"]);
-        assert!(refused.unwrap_err().to_string().contains("--enforce-eager"));
+        let refused = Cli::try_parse_from(["stepscope", "serve", "--tensor-parallel-size", "2"]);
+        assert!(
+            refused
+                .unwrap_err()
+                .to_string()
+                .contains("--tensor-parallel-size")
+        );
+        // The device is chosen automatically unless asked; --enforce-eager turns CUDA graphs off.
+        assert_eq!(serve(&[]).engine.device, DeviceArg::Auto);
+        assert!(!serve(&[]).engine.enforce_eager);
+        let eager = LaunchConfig::try_from(&serve(&["--enforce-eager", "--device", "cpu"]).engine)
+            .expect("launch config");
+        assert!(eager.enforce_eager);
     }
 
     #[test]

@@ -20,10 +20,12 @@ pub struct LaunchConfig {
     /// `num_kv_blocks` is used as given unless `kv_pool` says to size it from device memory.
     pub engine: EngineConfig,
     pub device: Device,
-    /// Why `--device auto` chose the CPU, for a log line.
+    /// What `--device auto` chose and why, for a log line.
     pub device_note: Option<String>,
     /// `--dtype`.
     pub dtype: ModelDtype,
+    /// `--enforce-eager`: no CUDA graphs.
+    pub enforce_eager: bool,
     pub kv_pool: KvPoolSize,
     /// Where a model given by Hugging Face id is found (`--revision`, `HF_*`).
     pub hub: HubSettings,
@@ -37,6 +39,7 @@ impl LaunchConfig {
             device: Device::Cpu,
             device_note: None,
             dtype: ModelDtype::Auto,
+            enforce_eager: false,
             kv_pool: KvPoolSize::AsConfigured,
             hub: HubSettings::from_env(|name| std::env::var(name).ok(), None),
         }
@@ -101,11 +104,15 @@ where
         device,
         device_note,
         dtype,
+        enforce_eager,
         kv_pool,
         hub: hub_settings,
     } = config.try_into().map_err(Into::into)?;
-    if let Some(why) = device_note {
-        tracing::info!("--device auto: {why}");
+    if let Some(line) = device_note {
+        tracing::info!("--device auto: {line}");
+    }
+    if enforce_eager && device == Device::Cpu {
+        tracing::info!("--enforce-eager: the CPU backend always runs eagerly");
     }
     let model = load_model(
         model_spec,
@@ -113,23 +120,35 @@ where
         backend::cpu_matrix_storage(&device, dtype),
     )?;
     if let (KvPoolSize::DeviceMemoryShare(share), Device::Cuda(_)) = (kv_pool, &device) {
-        engine_config.num_kv_blocks = backend::cuda::runner::kv_blocks_for_memory_share(
+        let sizing = backend::cuda::runner::kv_blocks_for_memory_share(
             &model.info.config,
             model.weights.num_params(),
-            engine_config.block_size,
+            &backend::cuda::runner::StepSizes {
+                block_size: engine_config.block_size,
+                max_tokens: engine_config.max_num_batched_tokens,
+                max_seqs: engine_config.max_num_seqs,
+                max_model_len: engine_config
+                    .max_model_len
+                    .unwrap_or(model.info.config.max_model_len),
+            },
             share,
         )?;
+        engine_config.num_kv_blocks = sizing.blocks;
         tracing::info!(
-            num_kv_blocks = engine_config.num_kv_blocks,
+            num_kv_blocks = sizing.blocks,
             gpu_memory_utilization = share,
-            "KV pool sized from device memory"
+            "KV pool sized from device memory: {sizing}"
         );
     }
     let kv = KvCacheShape {
         num_blocks: engine_config.num_kv_blocks,
         block_size: engine_config.block_size,
     };
-    let runner = backend::build_runner(&model, kv, &device, dtype)
+    let settings = backend::RunnerSettings {
+        dtype,
+        enforce_eager,
+    };
+    let runner = backend::build_runner(&model, kv, &device, settings)
         .with_context(|| format!("preparing model `{model_spec}` on {device}"))?;
     let info = model.info;
     let engine = Engine::start(engine_config, runner, observer).context("starting the engine")?;

@@ -72,10 +72,11 @@ def test_the_key_can_come_from_vllm_api_key():
 
 
 def test_a_typical_vllm_serve_command_line_starts_on_the_cpu(smollm_dir):
-    """The command line from vLLM's docs, copied, with `--device cpu`: every flag takes effect."""
+    """The command line from vLLM's docs, copied as it is: `--device` defaults to `auto`, which
+    finds no GPU here and serves on the CPU; every flag takes effect."""
     server = Server(str(smollm_dir), "--enable-prefix-caching", "--served-model-name", "x", "--api-key", "k",
                     "--max-model-len", "2048", "--gpu-memory-utilization", "0.9", "--host", "0.0.0.0",
-                    "--device", "cpu")
+                    "--enforce-eager")
     try:
         with pytest.raises(openai.AuthenticationError):
             server.client(api_key="wrong", max_retries=0).models.list()

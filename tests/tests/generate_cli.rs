@@ -47,6 +47,32 @@ fn tiny_greedy_generation_is_deterministic_and_respects_max_tokens() {
 }
 
 #[test]
+fn the_default_device_is_chosen_automatically_and_the_log_says_which_and_why() {
+    // No CUDA device is usable on the machines the suite runs on (a GPU machine runs
+    // scripts/gpu-check.sh instead): `auto` falls back to the CPU and says why in one line.
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "builtin:tiny", "--prompt", "hi", "--max-tokens", "2"];
+        args.extend_from_slice(extra);
+        let out = stepscope(&args);
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = run(&[]);
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("--device auto: "))
+        .unwrap_or_else(|| panic!("no --device auto line in:\n{stderr}"));
+    let why = ["no NVIDIA driver", "no CUDA device", "compute capability", "not found"];
+    assert!(
+        line.contains("using the CPU: ") && why.iter().any(|w| line.contains(w)),
+        "{line}"
+    );
+    // An explicit device logs no choice.
+    let cpu = run(&["--device", "cpu"]);
+    assert!(!cpu.contains("--device auto"), "{cpu}");
+}
+
+#[test]
 fn tiny_generation_takes_penalties_and_reports_logprobs() {
     let base = [
         "builtin:tiny",

@@ -33,12 +33,15 @@ impl Device {
         cuda::probe().map(Device::Cuda)
     }
 
-    /// `auto`: CUDA when a usable device is present, else the CPU with the reason (for a log
-    /// line).
-    pub fn cuda_or_cpu() -> (Device, Option<String>) {
+    /// `auto`: CUDA when a usable device is present, else the CPU; with the one line the log
+    /// gives for the choice (which device, or why not CUDA).
+    pub fn cuda_or_cpu() -> (Device, String) {
         match cuda::probe() {
-            Ok(s) => (Device::Cuda(s), None),
-            Err(e) => (Device::Cpu, Some(format!("using the CPU: {e}"))),
+            Ok(s) => {
+                let line = format!("using CUDA device 0: {s}");
+                (Device::Cuda(s), line)
+            }
+            Err(e) => (Device::Cpu, format!("using the CPU: {e}")),
         }
     }
 }
@@ -98,14 +101,37 @@ pub enum BuildRunnerError {
     Dtype { asked: &'static str, why: String },
 }
 
+/// How [`build_runner`] builds a runner (`--dtype`, `--enforce-eager`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RunnerSettings {
+    pub dtype: ModelDtype,
+    /// Never replay steps as CUDA graphs (on CUDA they are on by default for decode steps,
+    /// unless `STEPSCOPE_CUDA_GRAPHS=0`); the CPU always runs eagerly.
+    pub enforce_eager: bool,
+}
+
+impl From<ModelDtype> for RunnerSettings {
+    fn from(dtype: ModelDtype) -> Self {
+        RunnerSettings {
+            dtype,
+            enforce_eager: false,
+        }
+    }
+}
+
 /// Builds the model runner for a resolved device: the CPU runner or a [`CudaModelRunner`],
-/// computing in `dtype` where the backend supports it (a clear error where it does not).
+/// computing in `settings.dtype` where the backend supports it (a clear error where it does
+/// not).
 pub fn build_runner(
     model: &LoadedModel,
     kv: KvCacheShape,
     device: &Device,
-    dtype: ModelDtype,
+    settings: impl Into<RunnerSettings>,
 ) -> Result<Box<dyn ModelRunner>, BuildRunnerError> {
+    let RunnerSettings {
+        dtype,
+        enforce_eager,
+    } = settings.into();
     let refuse = |why: &str| BuildRunnerError::Dtype {
         asked: dtype.name(),
         why: why.to_string(),
@@ -140,9 +166,11 @@ pub fn build_runner(
                     ));
                 }
             };
+            let defaults = cuda::runner::CudaOptions::default();
             let options = cuda::runner::CudaOptions {
                 dtype: act,
-                ..cuda::runner::CudaOptions::default()
+                cuda_graphs: defaults.cuda_graphs && !enforce_eager,
+                ..defaults
             };
             Box::new(CudaModelRunner::with_options(
                 model.info.config.clone(),

@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{MatmulScratch, matmul_f32, scatter_transposed};
-use super::row_tiles::{BF16, F16, Isa, rows_task};
+use super::row_tiles::{BF16, F16, Isa, rows_task, widen_row};
 use crate::model::quant::BlockFormat;
 use crate::model::weight_matrix::BlockMatrix;
 use crate::model::weights::Matrix;
@@ -94,20 +94,18 @@ fn many_rows(
         let rows = ROWS_PER_CHUNK.min(n - j0);
         let mut data = std::mem::take(&mut scratch.widened);
         data.resize(rows * k, 0.0);
-        let fast = Isa::Avx2.supported();
+        let isa = Isa::detect();
+        let bf16 = w.format == BlockFormat::Bf16;
         data.par_chunks_mut(k * 16)
             .enumerate()
             .for_each(|(c, block)| {
                 for (i, row) in block.chunks_exact_mut(k).enumerate() {
                     let bytes = w.row_bytes(j0 + c * 16 + i);
-                    #[cfg(target_arch = "x86_64")]
-                    if fast {
-                        // SAFETY: AVX2, FMA and F16C were detected; `bytes` holds `k` halves.
-                        unsafe { x86::widen_row(&bytes, w.format == BlockFormat::Bf16, row) };
-                        continue;
+                    if bf16 {
+                        widen_row::<BF16>(isa, &bytes, row);
+                    } else {
+                        widen_row::<F16>(isa, &bytes, row);
                     }
-                    let _ = fast;
-                    w.format.dequantize_row(&bytes, row);
                 }
             });
         let chunk = Matrix::new(rows, k, data);
@@ -126,57 +124,6 @@ fn many_rows(
         scratch.widened = chunk.data;
         scratch.part_out = part;
         j0 += rows;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use std::arch::x86_64::*;
-
-    /// 8 halves at `p` widened to f32.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn widen<const BF16: bool>(p: *const u8) -> __m256 {
-        // SAFETY: the caller passes 16 readable bytes.
-        unsafe {
-            let h = _mm_loadu_si128(p.cast());
-            if BF16 {
-                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-            } else {
-                _mm256_cvtph_ps(h)
-            }
-        }
-    }
-
-    /// One row of halves (`bytes`, `out.len()` of them) widened into `out`.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C must be available.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn widen_row(bytes: &[u8], bf16: bool, out: &mut [f32]) {
-        assert!(bytes.len() >= 2 * out.len());
-        let full = out.len() / 8 * 8;
-        let mut c = 0;
-        while c < full {
-            // SAFETY: `c + 8 <= out.len()`, so 16 bytes at `2c` and 8 floats at `c` exist.
-            unsafe {
-                let v = if bf16 {
-                    widen::<true>(bytes.as_ptr().add(2 * c))
-                } else {
-                    widen::<false>(bytes.as_ptr().add(2 * c))
-                };
-                _mm256_storeu_ps(out.as_mut_ptr().add(c), v);
-            }
-            c += 8;
-        }
-        for (i, o) in out.iter_mut().enumerate().skip(full) {
-            let bits = u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]);
-            *o = if bf16 {
-                half::bf16::from_bits(bits).to_f32()
-            } else {
-                half::f16::from_bits(bits).to_f32()
-            };
-        }
     }
 }
 

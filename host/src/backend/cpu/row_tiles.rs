@@ -132,6 +132,28 @@ pub fn rows_task<const W: u8>(
     }
 }
 
+/// One row of `out.len()` weights of kind `W` (`bytes`) widened to f32 into `out`, 8 at a
+/// time where `isa` has AVX2 (the long-prefill path widens weights for the f32 GEMM).
+pub fn widen_row<const W: u8>(isa: Isa, bytes: &[u8], out: &mut [f32]) {
+    assert!(bytes.len() >= elem_bytes(W) * out.len(), "widen_row sizes");
+    #[cfg(target_arch = "x86_64")]
+    let done = if isa != Isa::Portable && isa.supported() {
+        // SAFETY: AVX2, FMA and F16C were detected (every non-portable ISA has them); the
+        // lengths were asserted above.
+        unsafe { x86::widen_row::<W>(bytes, out) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = {
+        let _ = isa;
+        0
+    };
+    for (i, o) in out.iter_mut().enumerate().skip(done) {
+        *o = scalar::<W>(bytes, i);
+    }
+}
+
 /// Results of one tile: `res[a * 4 + b]` for activation row `a`, weight row `b`.
 #[cfg(target_arch = "x86_64")]
 type TileResult = [f32; 16];
@@ -234,105 +256,93 @@ mod x86 {
         }
     }
 
-    /// Adds the elements past the last whole vector to the lane sum `s` of `xs_a · ws_b`.
-    #[inline(always)]
-    fn tail<const W: u8>(
-        s: f32,
-        xs: &[f32],
-        ws: &[u8],
-        k: usize,
-        a: usize,
-        b: usize,
-        from: usize,
-    ) -> f32 {
-        (from..k).fold(s, |s, c| s + xs[a * k + c] * scalar::<W>(ws, b * k + c))
-    }
-
-    /// `res[a * 4 + b] = xs_a · ws_b` for `R` rows of `xs` and `C` rows of `ws`, `k` long.
+    /// Widens the whole 8-element groups of `bytes` into `out`; returns how many were done.
     ///
     /// # Safety
-    /// AVX2, FMA and F16C must be available.
+    /// AVX2, FMA and F16C must be available; `bytes` holds `out.len()` elements of kind `W`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn tile_avx2<const W: u8, const R: usize, const C: usize>(
-        xs: &[f32],
-        ws: &[u8],
-        k: usize,
-        res: &mut TileResult,
-    ) {
+    pub unsafe fn widen_row<const W: u8>(bytes: &[u8], out: &mut [f32]) -> usize {
+        let full = out.len() / 8 * 8;
         let eb = elem_bytes(W);
-        assert!(xs.len() >= R * k && ws.len() >= C * k * eb && R <= 4 && C <= 4);
-        let (xp, wp) = (xs.as_ptr(), ws.as_ptr());
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        let full = k / 8 * 8;
         let mut c = 0;
         while c < full {
-            // SAFETY: `c + 8 <= k`: every load is inside the asserted lengths.
-            unsafe {
-                let mut wv = [_mm256_setzero_ps(); C];
-                for (b, v) in wv.iter_mut().enumerate() {
-                    *v = load8::<W>(wp.add((b * k + c) * eb));
-                }
-                for (a, acc_a) in acc.iter_mut().enumerate() {
-                    let xv = _mm256_loadu_ps(xp.add(a * k + c));
-                    for (acc_ab, v) in acc_a.iter_mut().zip(&wv) {
-                        *acc_ab = _mm256_fmadd_ps(xv, *v, *acc_ab);
-                    }
-                }
-            }
+            // SAFETY: `c + 8 <= out.len()`: 8 elements at `c` exist in both.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c), load8::<W>(bytes.as_ptr().add(c * eb))) };
             c += 8;
         }
-        for (a, acc_a) in acc.iter().enumerate() {
-            for (b, v) in acc_a.iter().enumerate() {
-                let mut lanes = [0f32; 8];
-                // SAFETY: `lanes` holds 8 floats.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *v) };
-                let s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-                    + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-                res[a * 4 + b] = tail::<W>(s, xs, ws, k, a, b, full);
-            }
-        }
+        full
     }
 
-    /// As [`tile_avx2`], 16 lanes at a time.
-    ///
-    /// # Safety
-    /// AVX-512F must be available.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn tile_avx512<const W: u8, const R: usize, const C: usize>(
-        xs: &[f32],
-        ws: &[u8],
-        k: usize,
-        res: &mut TileResult,
-    ) {
-        let eb = elem_bytes(W);
-        assert!(xs.len() >= R * k && ws.len() >= C * k * eb && R <= 4 && C <= 4);
-        let (xp, wp) = (xs.as_ptr(), ws.as_ptr());
-        let mut acc = [[_mm512_setzero_ps(); C]; R];
-        let full = k / 16 * 16;
-        let mut c = 0;
-        while c < full {
-            // SAFETY: `c + 16 <= k`: every load is inside the asserted lengths.
-            unsafe {
-                let mut wv = [_mm512_setzero_ps(); C];
-                for (b, v) in wv.iter_mut().enumerate() {
-                    *v = load16::<W>(wp.add((b * k + c) * eb));
+    /// The lane sum of 8 floats, pairwise.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn hsum8(v: __m256) -> f32 {
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` holds 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+        ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+            + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+    }
+
+    /// One tile function per vector width: `res[a * 4 + b] = xs_a · ws_b` for `R` rows of `xs`
+    /// and `C` rows of `ws`, `k` long, `$lanes` at a time (`$wload` widens `$lanes` weights of
+    /// kind `W`), the elements past the last whole vector added in scalar code.
+    macro_rules! tile_fn {
+        ($(#[$doc:meta])* $name:ident, $features:literal, $lanes:literal,
+         $zero:ident, $xload:ident, $fma:ident, $wload:ident, $hsum:ident) => {
+            $(#[$doc])*
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<const W: u8, const R: usize, const C: usize>(
+                xs: &[f32],
+                ws: &[u8],
+                k: usize,
+                res: &mut TileResult,
+            ) {
+                let eb = elem_bytes(W);
+                assert!(xs.len() >= R * k && ws.len() >= C * k * eb && R <= 4 && C <= 4);
+                let (xp, wp) = (xs.as_ptr(), ws.as_ptr());
+                let mut acc = [[$zero(); C]; R];
+                let full = k / $lanes * $lanes;
+                let mut c = 0;
+                while c < full {
+                    // SAFETY: `c + $lanes <= k`: every load is inside the asserted lengths.
+                    unsafe {
+                        let mut wv = [$zero(); C];
+                        for (b, v) in wv.iter_mut().enumerate() {
+                            *v = $wload::<W>(wp.add((b * k + c) * eb));
+                        }
+                        for (a, acc_a) in acc.iter_mut().enumerate() {
+                            let xv = $xload(xp.add(a * k + c));
+                            for (acc_ab, v) in acc_a.iter_mut().zip(&wv) {
+                                *acc_ab = $fma(xv, *v, *acc_ab);
+                            }
+                        }
+                    }
+                    c += $lanes;
                 }
-                for (a, acc_a) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_loadu_ps(xp.add(a * k + c));
-                    for (acc_ab, v) in acc_a.iter_mut().zip(&wv) {
-                        *acc_ab = _mm512_fmadd_ps(xv, *v, *acc_ab);
+                for (a, acc_a) in acc.iter().enumerate() {
+                    for (b, v) in acc_a.iter().enumerate() {
+                        let lanes = (full..k)
+                            .fold(0.0, |s, c| s + xs[a * k + c] * scalar::<W>(ws, b * k + c));
+                        res[a * 4 + b] = $hsum(*v) + lanes;
                     }
                 }
             }
-            c += 16;
-        }
-        for (a, acc_a) in acc.iter().enumerate() {
-            for (b, v) in acc_a.iter().enumerate() {
-                let s = _mm512_reduce_add_ps(*v);
-                res[a * 4 + b] = tail::<W>(s, xs, ws, k, a, b, full);
-            }
-        }
+        };
     }
+
+    tile_fn!(
+        /// # Safety
+        /// AVX2, FMA and F16C must be available.
+        tile_avx2, "avx2,fma,f16c", 8,
+        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, load8, hsum8
+    );
+    tile_fn!(
+        /// # Safety
+        /// AVX-512F must be available.
+        tile_avx512, "avx512f", 16,
+        _mm512_setzero_ps, _mm512_loadu_ps, _mm512_fmadd_ps, load16, _mm512_reduce_add_ps
+    );
 }
 
 #[cfg(test)]
@@ -371,6 +381,11 @@ mod tests {
         // k below, at and past a vector and not a multiple of 8; n and m not multiples of tiles.
         for (k, n) in [(5, 3), (16, 9), (37, 13), (64, 4)] {
             let (bytes, values) = weights::<W>(&mut rng, n, k);
+            for isa in Isa::available() {
+                let mut wide = vec![f32::NAN; n * k];
+                widen_row::<W>(isa, &bytes, &mut wide);
+                assert_eq!(wide, values, "widen_row W={W} {isa:?} k={k}");
+            }
             for m in [1, 2, 3, 5, 16] {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.uniform()).collect();
                 for isa in Isa::available() {

@@ -143,16 +143,22 @@ pub fn probe() -> Result<DeviceSummary, CudaError> {
         .map_err(CudaError::NoDevice)
 }
 
+/// The oldest GPUs the backend runs on (compute capability 7.0, Volta), as vLLM.
+pub const MIN_COMPUTE_CAPABILITY: (i32, i32) = (7, 0);
+
+/// Probes device 0. The error says which of the reasons `--device auto` logs it is: no NVIDIA
+/// driver, no CUDA device, a compute capability below [`MIN_COMPUTE_CAPABILITY`], or a missing
+/// CUDA library.
 fn probe_uncached() -> Result<DeviceSummary, CudaError> {
     guard(|| {
-        libs::ensure_driver()?;
+        libs::ensure_driver().map_err(|e| CudaError::NoDevice(format!("no NVIDIA driver: {e}")))?;
         use cudarc::driver::{CudaContext, result as dr};
-        dr::init().map_err(|e| CudaError::driver("cuInit", e))?;
+        dr::init().map_err(|e| CudaError::NoDevice(format!("no CUDA device: cuInit: {e:?}")))?;
         let count =
             CudaContext::device_count().map_err(|e| CudaError::driver("cuDeviceGetCount", e))?;
         if count <= 0 {
             return Err(CudaError::NoDevice(
-                "the driver reports no CUDA device".into(),
+                "no CUDA device: the driver reports none".into(),
             ));
         }
         let dev = dr::device::get(0).map_err(|e| CudaError::driver("cuDeviceGet", e))?;
@@ -169,6 +175,12 @@ fn probe_uncached() -> Result<DeviceSummary, CudaError> {
             dr::device::get_attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
         }
         .map_err(|e| CudaError::driver("cuDeviceGetAttribute", e))?;
+        if (major, minor) < MIN_COMPUTE_CAPABILITY {
+            return Err(CudaError::NoDevice(format!(
+                "{name} has compute capability {major}.{minor}, below {}.{}, the oldest this backend supports",
+                MIN_COMPUTE_CAPABILITY.0, MIN_COMPUTE_CAPABILITY.1
+            )));
+        }
         let mut driver_version = 0;
         unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) }
             .result()

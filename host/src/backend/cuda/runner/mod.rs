@@ -15,8 +15,9 @@
 //! [`super::gemm::tune`] found faster for its shape and token count at start-up.
 //!
 //! Options ([`CudaOptions`]): the device, the 16-bit type, the GEMM mode, the attention split,
-//! and CUDA graphs (off by default; `STEPSCOPE_CUDA_GRAPHS=1`): a pure decode step of a shape
-//! seen before is replayed as a graph captured the first time (the GPU check found replays
+//! and CUDA graphs (on by default, as in vLLM; `--enforce-eager` or `STEPSCOPE_CUDA_GRAPHS=0`
+//! turn them off): a pure decode step of a shape seen before is replayed as a graph captured
+//! the first time (the GPU check found replays
 //! bit-identical to eager launches and 0.2-0.4 ms faster per step).
 //! [`CudaModelRunner::profile_step`] times every kernel and GEMM
 //! of one step with CUDA events, for the benchmark's breakdown.
@@ -68,7 +69,8 @@ pub struct CudaOptions {
     pub device: usize,
     /// 16-bit type of weights and KV cache (default: bf16 on compute capability 8.0+, else f16).
     pub dtype: Option<ActDtype>,
-    /// Replay pure decode steps as CUDA graphs (default: `STEPSCOPE_CUDA_GRAPHS=1`, else off).
+    /// Replay pure decode steps of up to 512 tokens as CUDA graphs (default: on, unless
+    /// `STEPSCOPE_CUDA_GRAPHS=0`; `serve --enforce-eager` turns them off).
     pub cuda_graphs: bool,
     /// How GEMM implementations are picked (default: `STEPSCOPE_CUDA_GEMM`, else auto).
     pub gemm: Option<GemmMode>,
@@ -82,7 +84,7 @@ impl Default for CudaOptions {
         CudaOptions {
             device: 0,
             dtype: None,
-            cuda_graphs: std::env::var("STEPSCOPE_CUDA_GRAPHS").is_ok_and(|v| v == "1"),
+            cuda_graphs: std::env::var("STEPSCOPE_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             gemm: None,
             split_attention: std::env::var("STEPSCOPE_CUDA_SPLIT_ATTENTION")
                 .map_or(true, |v| v != "0"),
@@ -109,34 +111,111 @@ fn working_bytes(cfg: &ModelConfig) -> usize {
     CUBLAS_WORKSPACE_BYTES + super::gemm::tuning_bytes(max_n, max_k)
 }
 
-/// `--gpu-memory-utilization` on device 0: the KV blocks of `block_size` tokens (16-bit K and
-/// V) that fit in `share` of the device's memory next to the weights and working buffers, and
-/// in what is free now. An error when none fit.
+/// The largest step the engine will run, which sizes the activation buffers counted in the
+/// KV pool's memory budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepSizes {
+    pub block_size: usize,
+    /// `--max-num-batched-tokens`.
+    pub max_tokens: usize,
+    /// `--max-num-seqs`: the most logits rows of a step (a `prompt_logprobs` request adds a
+    /// row per prompt token, and can grow the logits buffer past this budget).
+    pub max_seqs: usize,
+    /// The longest context (sizes the attention split and the block tables).
+    pub max_model_len: usize,
+}
+
+/// Device memory held by captured CUDA graphs (an estimate: up to 64 graphs of a few hundred
+/// kernel nodes each; not yet measured on a GPU).
+const GRAPH_RESERVE_BYTES: usize = 64 << 20;
+
+/// Bytes of the activation buffers at their largest for steps up to `sizes` on a GPU with
+/// `sm_count` SMs, as the runner grows them (each buffer independently, to 1.5× the length
+/// that made it grow), plus the step metadata.
+fn activation_bytes(cfg: &ModelConfig, sizes: &StepSizes, sm_count: usize) -> usize {
+    let t_max = sizes.max_tokens.max(1);
+    let r_max = sizes.max_seqs.clamp(1, t_max);
+    let mut lens = step::BufferLens::of(cfg, t_max, r_max, 1);
+    // The split attention's partials peak at small steps, split many ways.
+    for t in 1..=t_max {
+        let splits = step::attention_splits(
+            t,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            sm_count,
+            sizes.max_model_len,
+        );
+        if splits > 1 {
+            lens = lens.max(step::BufferLens::of(cfg, t, 0, splits));
+        }
+    }
+    let tables = r_max * sizes.max_model_len.div_ceil(sizes.block_size.max(1));
+    let meta_bytes = 4 * (5 * t_max + 2 * r_max + tables);
+    (lens.bytes() + meta_bytes) * 3 / 2
+}
+
+/// How `--gpu-memory-utilization` sized the KV pool, for the start-up log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvSizing {
+    pub blocks: usize,
+    pub budget_bytes: usize,
+    pub weight_bytes: usize,
+    /// cuBLAS workspace, the start-up GEMM check, activation buffers and CUDA graphs.
+    pub working_bytes: usize,
+    pub kv_bytes: usize,
+}
+
+impl std::fmt::Display for KvSizing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} blocks ({:.2} GiB) in a budget of {:.2} GiB: {:.2} GiB of weights, {:.2} GiB of working and activation buffers",
+            self.blocks,
+            self.kv_bytes as f64 / GIB,
+            self.budget_bytes as f64 / GIB,
+            self.weight_bytes as f64 / GIB,
+            self.working_bytes as f64 / GIB,
+        )
+    }
+}
+
+/// `--gpu-memory-utilization` on device 0, as vLLM's profile run: the KV blocks (16-bit K and
+/// V) that fit in `share` of the device's memory, and in what is free now, next to the
+/// weights, the working buffers, the activation buffers of the largest step in `sizes`, and
+/// the captured CUDA graphs. An error when none fit.
 pub fn kv_blocks_for_memory_share(
     cfg: &ModelConfig,
     num_params: usize,
-    block_size: usize,
+    sizes: &StepSizes,
     share: f64,
-) -> Result<usize, CudaError> {
+) -> Result<KvSizing, CudaError> {
     let summary = probe()?;
     let ctx = CudaContext::new(0).map_err(|e| CudaError::driver("cuDevicePrimaryCtxRetain", e))?;
     let (free, total) = ctx
         .mem_get_info()
         .map_err(|e| CudaError::driver("cuMemGetInfo", e))?;
+    let sm_count = ctx
+        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(|e| CudaError::driver("cuDeviceGetAttribute", e))?
+        .max(1) as usize;
     let layout = MemoryLayout {
         total,
         free,
         weight_bytes: 2 * num_params,
-        working_bytes: working_bytes(cfg),
-        block_bytes: 2 * cfg.num_layers * cfg.kv_dim() * 2 * block_size.max(1),
+        working_bytes: working_bytes(cfg)
+            + activation_bytes(cfg, sizes, sm_count)
+            + GRAPH_RESERVE_BYTES,
+        block_bytes: 2 * cfg.num_layers * cfg.kv_dim() * 2 * sizes.block_size.max(1),
     };
-    layout.kv_blocks(share).ok_or_else(|| {
+    layout.kv_sizing(share).ok_or_else(|| {
         CudaError::OutOfMemory(format!(
-            "--gpu-memory-utilization {share}: {:.2} GiB of {} ({:.2} GiB free) leave no room for a KV block next to {:.2} GiB of weights",
+            "--gpu-memory-utilization {share}: {:.2} GiB of {} ({:.2} GiB free) leave no room for a KV block next to {:.2} GiB of weights and {:.2} GiB of working and activation buffers (--max-num-batched-tokens {})",
             total as f64 * share / GIB,
             summary.name,
             free as f64 / GIB,
-            layout.weight_bytes as f64 / GIB
+            layout.weight_bytes as f64 / GIB,
+            layout.working_bytes as f64 / GIB,
+            sizes.max_tokens,
         ))
     })
 }
@@ -154,10 +233,17 @@ struct MemoryLayout {
 impl MemoryLayout {
     /// As vLLM: `share × total` holds the weights, the working buffers and the KV cache; never
     /// more than is free. `None` when not one block fits.
-    fn kv_blocks(&self, share: f64) -> Option<usize> {
+    fn kv_sizing(&self, share: f64) -> Option<KvSizing> {
         let budget = ((self.total as f64 * share.clamp(0.0, 1.0)) as usize).min(self.free);
         let kv_bytes = budget.checked_sub(self.weight_bytes + self.working_bytes)?;
-        Some(kv_bytes / self.block_bytes.max(1)).filter(|&blocks| blocks > 0)
+        let blocks = kv_bytes / self.block_bytes.max(1);
+        (blocks > 0).then_some(KvSizing {
+            blocks,
+            budget_bytes: budget,
+            weight_bytes: self.weight_bytes,
+            working_bytes: self.working_bytes,
+            kv_bytes: blocks * self.block_bytes,
+        })
     }
 }
 

@@ -227,7 +227,6 @@ impl CudaModelRunner {
     pub(super) fn upload_and_size(&mut self, t: usize, r: usize) -> Result<StepPtrs, CudaError> {
         let cfg = &self.cfg;
         let stream = &self.stream;
-        let w = Widths::of(cfg);
         let max_ctx = self.host.ctx_lens.iter().copied().max().unwrap_or(0).max(0) as usize;
         let attn_splits = self.attention_splits(t, max_ctx);
 
@@ -262,6 +261,7 @@ impl CudaModelRunner {
         }
         let at = |i: usize| meta_base + (offsets[i] * 4) as u64;
         let g = &mut b.generation;
+        let lens = BufferLens::of(cfg, t, r, attn_splits);
         Ok(StepPtrs {
             meta: MetaPtrs {
                 ids: at(0),
@@ -272,21 +272,72 @@ impl CudaModelRunner {
                 logit_rows: at(5),
                 tables: at(6),
             },
-            x: b.x.ensure(stream, t * w.hidden, g)?,
-            h: b.h.ensure(stream, t * w.hidden, g)?,
-            qkv: b.qkv.ensure(stream, t * w.qkv, g)?,
-            attn: b.attn.ensure(stream, t * w.q, g)?,
-            attn_part: b.attn_part.ensure(
-                stream,
-                t * cfg.num_heads * attn_splits * (cfg.head_dim + 2),
-                g,
-            )?,
+            x: b.x.ensure(stream, lens.x, g)?,
+            h: b.h.ensure(stream, lens.h, g)?,
+            qkv: b.qkv.ensure(stream, lens.qkv, g)?,
+            attn: b.attn.ensure(stream, lens.attn, g)?,
+            attn_part: b.attn_part.ensure(stream, lens.attn_part, g)?,
             attn_splits,
-            gate_up: b.gate_up.ensure(stream, t * 2 * w.inter, g)?,
-            act: b.act.ensure(stream, t * w.inter, g)?,
-            final_h: b.final_h.ensure(stream, r * w.hidden, g)?,
-            logits: b.logits.ensure(stream, r * w.vocab, g)?,
+            gate_up: b.gate_up.ensure(stream, lens.gate_up, g)?,
+            act: b.act.ensure(stream, lens.act, g)?,
+            final_h: b.final_h.ensure(stream, lens.final_h, g)?,
+            logits: b.logits.ensure(stream, lens.logits, g)?,
         })
+    }
+}
+
+/// Elements of each activation buffer for a step of `t` tokens, `r` logits rows and attention
+/// split `splits` ways (one place for the runner's sizing and the KV pool's memory budget).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct BufferLens {
+    /// f32 buffers.
+    pub(super) x: usize,
+    pub(super) qkv: usize,
+    pub(super) attn_part: usize,
+    pub(super) gate_up: usize,
+    pub(super) logits: usize,
+    /// 16-bit buffers.
+    pub(super) h: usize,
+    pub(super) attn: usize,
+    pub(super) act: usize,
+    pub(super) final_h: usize,
+}
+
+impl BufferLens {
+    pub(super) fn of(cfg: &ModelConfig, t: usize, r: usize, splits: usize) -> BufferLens {
+        let w = Widths::of(cfg);
+        BufferLens {
+            x: t * w.hidden,
+            qkv: t * w.qkv,
+            attn_part: t * cfg.num_heads * splits * (cfg.head_dim + 2),
+            gate_up: t * 2 * w.inter,
+            logits: r * w.vocab,
+            h: t * w.hidden,
+            attn: t * w.q,
+            act: t * w.inter,
+            final_h: r * w.hidden,
+        }
+    }
+
+    /// Bytes, given 4-byte f32 and 2-byte 16-bit elements.
+    pub(super) fn bytes(&self) -> usize {
+        4 * (self.x + self.qkv + self.attn_part + self.gate_up + self.logits)
+            + 2 * (self.h + self.attn + self.act + self.final_h)
+    }
+
+    /// Element-wise maximum (buffers grow independently).
+    pub(super) fn max(self, o: BufferLens) -> BufferLens {
+        BufferLens {
+            x: self.x.max(o.x),
+            qkv: self.qkv.max(o.qkv),
+            attn_part: self.attn_part.max(o.attn_part),
+            gate_up: self.gate_up.max(o.gate_up),
+            logits: self.logits.max(o.logits),
+            h: self.h.max(o.h),
+            attn: self.attn.max(o.attn),
+            act: self.act.max(o.act),
+            final_h: self.final_h.max(o.final_h),
+        }
     }
 }
 

@@ -98,9 +98,59 @@ fn the_kv_pool_fills_the_memory_share_left_by_the_weights() {
         block_bytes: 2 << 20,
     };
     // 0.9 × 80 GiB = 72 GiB; minus 17 GiB = 55 GiB of 2 MiB blocks.
-    assert_eq!(layout.kv_blocks(0.9), Some(55 * 512));
+    let blocks = |share| layout.kv_sizing(share).map(|s| s.blocks);
+    assert_eq!(blocks(0.9), Some(55 * 512));
     // Capped by free memory: 79 − 17 = 62 GiB at a share of 1.
-    assert_eq!(layout.kv_blocks(1.0), Some(62 * 512));
+    assert_eq!(blocks(1.0), Some(62 * 512));
     // A share that does not even hold the weights fits no block.
-    assert_eq!(layout.kv_blocks(0.2), None);
+    assert_eq!(blocks(0.2), None);
+}
+
+/// The KV budget counts the activation buffers of the largest step, as the runner grows them:
+/// for a Llama-3-8B shape at 2048 tokens the gate/up buffer alone is 235 MB.
+#[test]
+fn the_kv_budget_counts_the_largest_steps_activation_buffers() {
+    let cfg = crate::model::ModelConfig {
+        hidden_size: 4096,
+        intermediate_size: 14336,
+        num_layers: 32,
+        num_heads: 32,
+        num_kv_heads: 8,
+        head_dim: 128,
+        vocab_size: 128_256,
+        ..crate::testing::model_configs::variant_config()
+    };
+    let sizes = |max_tokens, max_seqs| super::StepSizes {
+        block_size: 16,
+        max_tokens,
+        max_seqs,
+        max_model_len: 8192,
+    };
+    // By hand, at 2048 tokens and 256 logits rows: f32 residual, QKV, attention partials (not
+    // split at this size), gate/up and logits; 16-bit normed input, attention output, SwiGLU
+    // output and final norm.
+    let f32s = 2048 * 4096 + 2048 * 6144 + 2048 * 32 * 130 + 2048 * 28672 + 256 * 128_256;
+    let halves = 2048 * 4096 + 2048 * 4096 + 2048 * 14336 + 256 * 4096;
+    let buffers = 4 * f32s + 2 * halves;
+    assert!(2048 * 28672 * 4 > 234_000_000);
+    let bytes = super::activation_bytes(&cfg, &sizes(2048, 256), 132);
+    let meta = 4 * (5 * 2048 + 2 * 256 + 256 * 512);
+    assert_eq!(bytes, (buffers + meta) * 3 / 2);
+    // Four times the tokens: about four times the bytes (the logits rows stay).
+    let big = super::activation_bytes(&cfg, &sizes(8192, 256), 132);
+    assert!(big > 3 * bytes && big < 4 * bytes, "{big} vs {bytes}");
+    // A small step budget on a model with few KV heads splits attention many ways: the
+    // partials of those small steps are counted where they exceed the largest step's.
+    let narrow = crate::model::ModelConfig {
+        num_kv_heads: 1,
+        ..cfg.clone()
+    };
+    let small = sizes(8, 8);
+    let unsplit = super::step::BufferLens::of(&narrow, 8, 8, 1);
+    let split = super::step::BufferLens::of(&narrow, 1, 0, 32);
+    assert!(split.attn_part > unsplit.attn_part);
+    assert!(
+        super::activation_bytes(&narrow, &small, 132) * 2 / 3
+            >= unsplit.max(split).bytes()
+    );
 }
