@@ -309,6 +309,8 @@ fn missing_device_is_an_error_not_a_panic() {
 // judges what it saw by the parity rule, stated at [`check_parity`] and applied by it (and, for
 // CUDA graphs, by [`check_graphs_match_eager`]) in every test alike.
 
+/// `‖gpu − cpu‖ / ‖cpu‖`; infinite where either has a NaN (so that no bound passes it:
+/// `f64::max` would skip a NaN).
 pub(super) fn rel_err(gpu: &[f32], cpu: &[f32]) -> f64 {
     assert_eq!(gpu.len(), cpu.len());
     let (mut num, mut den) = (0f64, 0f64);
@@ -316,7 +318,8 @@ pub(super) fn rel_err(gpu: &[f32], cpu: &[f32]) -> f64 {
         num += (f64::from(*g) - f64::from(*c)).powi(2);
         den += f64::from(*c).powi(2);
     }
-    (num / den.max(1e-30)).sqrt()
+    let e = (num / den.max(1e-30)).sqrt();
+    if e.is_nan() { f64::INFINITY } else { e }
 }
 
 fn top2_margin(row: &[f32]) -> f32 {
@@ -339,8 +342,8 @@ pub(super) const NEAR_TIE_RMS: f64 = 4.0;
 
 /// Rule 3 of [`check_parity`]: the largest relative difference, per logits row, between decode
 /// steps replayed as CUDA graphs and the same steps launched eagerly on the same runner (the
-/// GPU check has found them bit-identical).
-pub(super) const GRAPHS_REL_TOL: f64 = 1e-6;
+/// GPU check has found them bit-identical). The decode benchmark holds its graphs to it too.
+pub(crate) const GRAPHS_REL_TOL: f64 = 1e-6;
 
 /// A logits row whose greedy ids differ between the GPU and the CPU.
 #[derive(Debug, Clone, Copy)]
