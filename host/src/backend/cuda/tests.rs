@@ -953,7 +953,7 @@ fn cuda_matches_cpu_on_tiny_models() {
             let logits = gpu.forward(&batch).expect("forward");
             let ids = gpu.forward_greedy(&batch).expect("forward_greedy");
             let host = argmax(logits.row(0));
-            if ids != vec![host] {
+            if ids != [host] {
                 failures.push(format!(
                     "{label}: device argmax {ids:?}, host argmax of the same logits {host}"
                 ));
