@@ -964,6 +964,8 @@ fn cuda_matches_cpu_on_tiny_models() {
         "tiny models: {:.1} s in all",
         started.elapsed().as_secs_f64()
     );
+    // The parity rule ([`check_parity`]: row logit error, greedy ids outside near-ties, CUDA
+    // graphs equal to eager launches), every check above.
     assert!(
         failures.is_empty(),
         "{} parity failures:\n{}",
@@ -1081,6 +1083,8 @@ fn cuda_matches_cpu_on_long_contexts_and_head_dim_128() {
         "long contexts: {:.1} s in all",
         started.elapsed().as_secs_f64()
     );
+    // The parity rule ([`check_parity`]: row logit error, greedy ids outside near-ties, CUDA
+    // graphs equal to eager launches), every check above.
     assert!(
         failures.is_empty(),
         "{} parity failures:\n{}",
@@ -1276,6 +1280,8 @@ fn cuda_matches_cpu_on_a_realistic_random_llama() {
         "realistic random Llama: {:.1} s in all",
         t_all.elapsed().as_secs_f64()
     );
+    // The parity rule ([`check_parity`]: row logit error, greedy ids outside near-ties, CUDA
+    // graphs equal to eager launches), every check above.
     assert!(
         failures.is_empty(),
         "{} parity failures:\n{}",
