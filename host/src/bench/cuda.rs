@@ -2,27 +2,36 @@
 //!
 //! The random Llama of realistic size (see `tests::realistic_config`) decodes one token per
 //! request for batches of 1, 32 and 128 requests, each with `STEPSCOPE_BENCH_CONTEXT` (default
-//! 512) tokens already in its KV blocks (the blocks are zero: attention reads them all the same,
-//! and skipping the prefill saves device time). Each row reports the median wall time of a step
-//! as the engine sees it, both with the greedy argmax on the device (ids copied back) and with
-//! the full logits copied back, next to the HBM floor: the bytes a step must read (every weight
-//! matrix once, plus every request's K and V in all layers) divided by the device-to-device copy
-//! bandwidth measured in the same run (bytes read + written per second, as `cudaMemcpy` D2D
-//! benchmarks count it). It also prints the start-up GEMM choice ([`crate::backend::cuda::gemm`]) per
-//! projection, and, side by side, the CUDA-graph step time of the baseline (every GEMM on cuBLAS,
-//! attention not split over key ranges: the runner before those two changes).
+//! 512) tokens already in its KV blocks, written by a real prefill of random tokens before
+//! anything is timed (at most 4096 tokens per forward): attention reads non-zero keys and
+//! values, so its split over key ranges (9 ranges at batch 1 on an H100) computes something
+//! that can be wrong (over an all-zero cache every range averages zeros and outputs 0 whatever
+//! the kernel does). Before timing, the logits of one decode step at each batch size with CUDA
+//! graphs (captured, then replayed) must equal the same step's eager logits on the same runner
+//! within `tests::GRAPHS_REL_TOL` per row; the benchmark prints the tables first and fails
+//! after. Each row reports the median wall time of a step as the engine sees it, eager with the
+//! greedy argmax on the device (ids copied back) and with the full logits copied back, and with
+//! CUDA graphs on the same runner (same GEMM plan, toggled with `set_cuda_graphs`), side by
+//! side, next to the HBM floor: the bytes a step must read (every weight matrix once, plus
+//! every request's K and V in all layers) divided by the device-to-device copy bandwidth
+//! measured in the same run (bytes read + written per second, as `cudaMemcpy` D2D benchmarks
+//! count it). It also prints the start-up GEMM choice ([`crate::backend::cuda::gemm`]) per
+//! projection, and the CUDA-graph step time of the baseline (every GEMM on cuBLAS, attention
+//! not split over key ranges: the runner before those two changes), a runner of its own,
+//! prefilled the same way.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::engine::model_runner::{BatchEntry, ModelBatch, ModelRunner};
+use crate::engine::model_runner::{BatchEntry, Logits, ModelBatch, ModelRunner};
 use crate::model::KvCacheShape;
 use crate::model::tiny::tiny_weights;
+use crate::splitmix::SplitMix64;
 
 use crate::backend::cuda::CudaModelRunner;
 use crate::backend::cuda::gemm::GemmMode;
 use crate::backend::cuda::runner::CudaOptions;
-use crate::backend::cuda::tests::{device_or_skip, realistic_config};
+use crate::backend::cuda::tests::{GRAPHS_REL_TOL, device_or_skip, realistic_config};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -52,6 +61,139 @@ fn d2d_bandwidth(runner: &CudaModelRunner) -> f64 {
     best
 }
 
+/// The block table of each of `b` requests: `per_seq` consecutive blocks each.
+fn block_tables(b: usize, per_seq: usize) -> Vec<Vec<u32>> {
+    (0..b)
+        .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
+        .collect()
+}
+
+/// The token each of `b` requests decodes (the same every step).
+fn decode_tokens(b: usize, vocab: usize) -> Vec<[u32; 1]> {
+    (0..b).map(|i| [(i * 7919 % vocab) as u32]).collect()
+}
+
+/// One decode step: request `i` computes `tokens[i]` at position `pos`.
+fn decode_batch<'a>(tokens: &'a [[u32; 1]], tables: &'a [Vec<u32>], pos: usize) -> ModelBatch<'a> {
+    ModelBatch {
+        entries: tokens
+            .iter()
+            .zip(tables)
+            .enumerate()
+            .map(|(i, (token, table))| BatchEntry {
+                request_id: i as u64,
+                token_ids: token,
+                start_position: pos,
+                block_table: table,
+                needs_logits: true,
+                all_logits: false,
+            })
+            .collect(),
+    }
+}
+
+/// Most tokens per forward of [`prefill`].
+const PREFILL_TOKENS: usize = 4096;
+
+/// Writes K and V at positions `0..context` of the first `b` requests' blocks (as
+/// [`block_tables`] lays them out) with a real prefill of random tokens, at most
+/// [`PREFILL_TOKENS`] per forward, so that decode steps attend over non-zero keys and values;
+/// returns the seconds it took.
+fn prefill(runner: &mut CudaModelRunner, b: usize, context: usize, per_seq: usize) -> f64 {
+    let vocab = runner.vocab_size() as u64;
+    let mut rng = SplitMix64::new(0x5EED);
+    let prompts: Vec<Vec<u32>> = (0..b)
+        .map(|_| {
+            (0..context)
+                .map(|_| (rng.next_u64() % vocab) as u32)
+                .collect()
+        })
+        .collect();
+    let tables = block_tables(b, per_seq);
+    // (request, first position, tokens). Every piece of a request but its last fills a forward
+    // on its own, so two pieces of one request never share a forward.
+    let mut pieces: Vec<(usize, usize, usize)> = Vec::new();
+    for i in 0..b {
+        let mut start = 0;
+        while start < context {
+            let n = (context - start).min(PREFILL_TOKENS);
+            pieces.push((i, start, n));
+            start += n;
+        }
+    }
+    let t = Instant::now();
+    let mut next = 0;
+    while next < pieces.len() {
+        let mut entries = Vec::new();
+        let mut tokens = 0;
+        while let Some(&(i, start, n)) = pieces.get(next) {
+            if !entries.is_empty() && tokens + n > PREFILL_TOKENS {
+                break;
+            }
+            entries.push(BatchEntry {
+                request_id: i as u64,
+                token_ids: &prompts[i][start..start + n],
+                start_position: start,
+                block_table: &tables[i],
+                needs_logits: true,
+                all_logits: false,
+            });
+            tokens += n;
+            next += 1;
+        }
+        let logits = runner
+            .forward(&ModelBatch { entries })
+            .expect("prefill forward");
+        assert!(
+            logits.data.iter().all(|v| v.is_finite()),
+            "prefill: logits that are not finite"
+        );
+    }
+    t.elapsed().as_secs_f64()
+}
+
+/// The largest per-row relative difference `‖a − b‖ / ‖b‖` of two logits of the same shape
+/// (infinite where a row has a NaN).
+fn max_row_rel_diff(a: &Logits, b: &Logits) -> f64 {
+    assert_eq!(a.rows(), b.rows());
+    (0..a.rows())
+        .map(|r| {
+            let (mut num, mut den) = (0f64, 0f64);
+            for (x, y) in a.row(r).iter().zip(b.row(r)) {
+                num += (f64::from(*x) - f64::from(*y)).powi(2);
+                den += f64::from(*y).powi(2);
+            }
+            let e = (num / den.max(1e-30)).sqrt();
+            if e.is_nan() { f64::INFINITY } else { e }
+        })
+        .fold(0.0, f64::max)
+}
+
+/// The decode step at position `context` of `b` requests, eagerly and then twice with CUDA
+/// graphs (captured, then replayed) on the same runner: the largest per-row relative
+/// difference of the graph steps' logits from the eager one's, and whether both graph steps
+/// ran as graphs. Leaves graphs off.
+fn graphs_vs_eager(
+    runner: &mut CudaModelRunner,
+    b: usize,
+    context: usize,
+    per_seq: usize,
+) -> (f64, bool) {
+    let tables = block_tables(b, per_seq);
+    let tokens = decode_tokens(b, runner.vocab_size());
+    let batch = decode_batch(&tokens, &tables, context);
+    runner.set_cuda_graphs(false);
+    let eager = runner.forward(&batch).expect("eager forward");
+    runner.set_cuda_graphs(true);
+    let before = runner.cuda_graph_launches();
+    let captured = runner.forward(&batch).expect("forward, graph captured");
+    let replayed = runner.forward(&batch).expect("forward, graph replayed");
+    let ran_as_graphs = runner.cuda_graph_launches() - before == 2;
+    runner.set_cuda_graphs(false);
+    let worst = max_row_rel_diff(&captured, &eager).max(max_row_rel_diff(&replayed, &eager));
+    (worst, ran_as_graphs)
+}
+
 /// Median step times (device argmax, full logits) of `steps` decode steps of `b` requests whose
 /// contexts start at `context`; returns them with the mean context length and, when `profile`,
 /// the mean device time per op kind over 5 more steps.
@@ -64,24 +206,10 @@ fn measure(
     steps: usize,
     profile: bool,
 ) -> (f64, f64, usize, Vec<(&'static str, f64)>) {
-    let vocab = runner.vocab_size();
-    let tables: Vec<Vec<u32>> = (0..b)
-        .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
-        .collect();
-    let tokens: Vec<[u32; 1]> = (0..b).map(|i| [(i * 7919 % vocab) as u32]).collect();
+    let tables = block_tables(b, per_seq);
+    let tokens = decode_tokens(b, runner.vocab_size());
     let step = |runner: &mut CudaModelRunner, greedy: bool, pos: usize| -> f64 {
-        let batch = ModelBatch {
-            entries: (0..b)
-                .map(|i| BatchEntry {
-                    request_id: i as u64,
-                    token_ids: &tokens[i],
-                    start_position: pos,
-                    block_table: &tables[i],
-                    needs_logits: true,
-                    all_logits: false,
-                })
-                .collect(),
-        };
+        let batch = decode_batch(&tokens, &tables, pos);
         let t = Instant::now();
         if greedy {
             let ids = runner.forward_greedy(&batch).expect("forward_greedy");
@@ -113,18 +241,7 @@ fn measure(
     let mut prof: Vec<(&'static str, f64)> = Vec::new();
     let reps = if profile { PROFILED_STEPS } else { 0 };
     for _ in 0..reps {
-        let batch = ModelBatch {
-            entries: (0..b)
-                .map(|i| BatchEntry {
-                    request_id: i as u64,
-                    token_ids: &tokens[i],
-                    start_position: pos,
-                    block_table: &tables[i],
-                    needs_logits: true,
-                    all_logits: false,
-                })
-                .collect(),
-        };
+        let batch = decode_batch(&tokens, &tables, pos);
         pos += 1;
         for (label, ms) in runner.profile_step(&batch).expect("profile_step") {
             match prof.iter_mut().find(|(l, _)| *l == label) {
@@ -148,6 +265,7 @@ struct Row {
     context: usize,
     eager_argmax: f64,
     eager_logits: f64,
+    /// The same runner with CUDA graphs on (same GEMM plan); `None` if a capture failed.
     graphs_argmax: Option<f64>,
     /// CUDA graphs as before the skinny GEMM and split attention: every GEMM on cuBLAS, one
     /// thread block per (token, KV head); for comparison in the same run.
@@ -189,10 +307,17 @@ fn cuda_decode_benchmark() {
 
     let mut rows: Vec<Row> = Vec::new();
     let mut profiles: Vec<Profile> = Vec::new();
-    let (bw, dev, arch, dtype, weight_bytes, kv_tok) = {
-        let mut runner =
-            CudaModelRunner::new(cfg.clone(), weights.clone(), kv).expect("cuda runner");
+    // (batch, largest per-row relative difference of graph logits from eager, ran as graphs)
+    let mut graph_checks: Vec<(usize, f64, bool)> = Vec::new();
+    let (bw, dev, arch, dtype, weight_bytes, kv_tok, prefill_secs) = {
+        let opts = CudaOptions {
+            cuda_graphs: false,
+            ..CudaOptions::default()
+        };
+        let mut runner = CudaModelRunner::with_options(cfg.clone(), weights.clone(), kv, &opts)
+            .expect("cuda runner");
         let bw = d2d_bandwidth(&runner);
+        let prefill_secs = prefill(&mut runner, max_batch, context, per_seq);
         println!();
         println!(
             "GEMM choice per projection and token bucket ({} mode; start-up timings, microseconds per call, each layer's matrix in turn):",
@@ -200,6 +325,10 @@ fn cuda_decode_benchmark() {
         );
         for line in runner.gemm_plan().describe() {
             println!("  {line}");
+        }
+        for &b in &batches {
+            let (worst, ran) = graphs_vs_eager(&mut runner, b, context, per_seq);
+            graph_checks.push((b, worst, ran));
         }
         for &b in &batches {
             let (g, f, ctx, prof) = measure(&mut runner, b, context, per_seq, warmup, steps, true);
@@ -213,6 +342,27 @@ fn cuda_decode_benchmark() {
             });
             profiles.push((b, ctx, prof));
         }
+        // The same runner with CUDA graphs: only the graphs differ from the eager columns.
+        runner.set_cuda_graphs(true);
+        for row in rows.iter_mut() {
+            let (g, _, _, _) = measure(
+                &mut runner,
+                row.batch,
+                context,
+                per_seq,
+                warmup,
+                steps,
+                false,
+            );
+            if runner.cuda_graphs() {
+                row.graphs_argmax = Some(g);
+            } else {
+                eprintln!(
+                    "CUDA graphs turned off by a failed capture (batch {})",
+                    row.batch
+                );
+            }
+        }
         (
             bw,
             runner.device().clone(),
@@ -220,38 +370,55 @@ fn cuda_decode_benchmark() {
             runner.dtype(),
             runner.weight_matrix_bytes(),
             runner.kv_bytes_per_token(),
+            prefill_secs,
         )
     };
-    for baseline in [false, true] {
-        let opts = CudaOptions {
-            cuda_graphs: true,
-            gemm: baseline.then_some(GemmMode::Cublas),
-            split_attention: !baseline,
-            ..CudaOptions::default()
-        };
-        match CudaModelRunner::with_options(cfg.clone(), weights.clone(), kv, &opts) {
-            Ok(mut runner) => {
-                for row in rows.iter_mut() {
-                    let (g, _, _, _) = measure(
-                        &mut runner,
-                        row.batch,
-                        context,
-                        per_seq,
-                        warmup,
-                        steps,
-                        false,
-                    );
-                    if baseline {
-                        row.graphs_baseline_argmax = Some(g);
-                    } else {
-                        row.graphs_argmax = Some(g);
-                    }
+    // The baseline needs other options, so a runner of its own, prefilled the same way.
+    let opts = CudaOptions {
+        cuda_graphs: true,
+        gemm: Some(GemmMode::Cublas),
+        split_attention: false,
+        ..CudaOptions::default()
+    };
+    match CudaModelRunner::with_options(cfg.clone(), weights.clone(), kv, &opts) {
+        Ok(mut runner) => {
+            prefill(&mut runner, max_batch, context, per_seq);
+            for row in rows.iter_mut() {
+                let (g, _, _, _) = measure(
+                    &mut runner,
+                    row.batch,
+                    context,
+                    per_seq,
+                    warmup,
+                    steps,
+                    false,
+                );
+                if runner.cuda_graphs() {
+                    row.graphs_baseline_argmax = Some(g);
                 }
             }
-            Err(e) => eprintln!("CUDA graphs runner (baseline: {baseline}) failed: {e}"),
         }
+        Err(e) => eprintln!("baseline CUDA graphs runner failed: {e}"),
     }
 
+    println!();
+    println!(
+        "KV cache: positions 0..{context} of {max_batch} requests written by a prefill of random tokens ({prefill_secs:.1} s, {:.0} tokens/s, at most {PREFILL_TOKENS} per forward)",
+        (max_batch * context) as f64 / prefill_secs.max(1e-9)
+    );
+    println!(
+        "CUDA graphs vs eager launches, same runner, decode step at position {context} (captured, then replayed; bound {GRAPHS_REL_TOL:e} per row):"
+    );
+    for &(b, worst, ran) in &graph_checks {
+        println!(
+            "  batch {b}: logits max rel diff {worst:.2e}{}",
+            if ran {
+                ""
+            } else {
+                " (NOT run as graphs: a capture failed)"
+            }
+        );
+    }
     println!();
     println!(
         "decode step, random Llama hidden {} / intermediate {} ({} layers, {} heads / {} KV heads, head_dim {}, vocab {}), {} weights {:.2} GB, KV {:.0} KiB/token, block size {bs}",
@@ -274,7 +441,7 @@ fn cuda_decode_benchmark() {
         "step = wall time of one forward as the engine sees it (median of {steps}); floor = (weight bytes + KV bytes read) / D2D bandwidth"
     );
     println!(
-        "| batch | context | bytes read/step | HBM floor | step, device argmax | x floor | step, logits to host | x floor | with CUDA graphs: argmax | x floor | graphs, baseline (cuBLAS, unsplit attention) | x floor | tokens/s |"
+        "| batch | context | bytes read/step | HBM floor | step, device argmax | x floor | step, logits to host | x floor | same runner, CUDA graphs: argmax | x floor | graphs, baseline (cuBLAS, unsplit attention) | x floor | tokens/s |"
     );
     println!(
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
@@ -377,4 +544,17 @@ fn cuda_decode_benchmark() {
             ratio(r.graphs_baseline_argmax, floor)
         );
     }
+    // Graphs must compute what eager launches compute (checked before timing, failed here so
+    // that the tables print first).
+    let bad: Vec<String> = graph_checks
+        .iter()
+        .filter(|&&(_, worst, ran)| !ran || worst > GRAPHS_REL_TOL)
+        .map(|&(b, worst, ran)| {
+            format!("batch {b}: max rel diff {worst:.3e}, ran as graphs: {ran}")
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "CUDA graphs differ from eager launches on the same runner (bound {GRAPHS_REL_TOL:e} per row): {bad:?}"
+    );
 }

@@ -26,3 +26,18 @@ pub fn variant_config() -> ModelConfig {
     };
     c
 }
+
+/// A small model with the head_dim of most real models (128; the tiny ones have 16 or 32):
+/// hidden 512, 4 query heads over 2 KV heads, 3 layers, the tiny vocabulary. Cheap enough on
+/// the CPU reference for a prompt of several hundred tokens.
+pub fn head_dim_128_config() -> ModelConfig {
+    let mut c = tiny_config();
+    c.hidden_size = 512;
+    c.intermediate_size = 1024;
+    c.num_layers = 3;
+    c.num_heads = 4;
+    c.num_kv_heads = 2;
+    c.head_dim = 128;
+    c.rope_theta = 500_000.0;
+    c
+}

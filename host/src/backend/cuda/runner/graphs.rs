@@ -4,7 +4,9 @@
 //! seen before as a graph captured the first time (every launch parameter depends only on the
 //! key and the buffers' addresses; the per-step data is read from the metadata buffer), and
 //! enqueues every other step eagerly. A buffer reallocation drops every graph; a failed capture
-//! turns graphs off for the runner.
+//! turns graphs off for the runner. [`CudaModelRunner::set_cuda_graphs`] turns them on or off
+//! on a built runner, and [`CudaModelRunner::cuda_graph_launches`] counts the steps that ran as
+//! graphs (for the tests and the benchmark, which compare graphs with eager launches).
 
 use std::collections::HashMap;
 
@@ -36,6 +38,8 @@ pub(super) struct Graphs {
     generation: u64,
     /// Replay pure decode steps as graphs (off after a failed capture).
     pub(super) enabled: bool,
+    /// Steps run as a graph (captured or replayed) since the runner was built.
+    launches: u64,
 }
 
 impl Graphs {
@@ -44,11 +48,33 @@ impl Graphs {
             by_shape: HashMap::new(),
             generation: 0,
             enabled,
+            launches: 0,
         }
     }
 }
 
 impl CudaModelRunner {
+    /// Turns the replay of pure decode steps as CUDA graphs on or off (what
+    /// [`super::CudaOptions::cuda_graphs`] sets at construction), keeping everything else: the
+    /// GEMM plan, the kernels, the KV cache. Tests and benchmarks compare graphs with eager
+    /// launches on one runner, so that nothing but the graphs differs. Graphs already captured
+    /// stay (they are dropped when the buffers they were captured against are reallocated);
+    /// turning graphs on after a failed capture tries capturing again.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.graphs.enabled = on;
+    }
+
+    /// Whether pure decode steps are replayed as CUDA graphs (false after a failed capture).
+    pub fn cuda_graphs(&self) -> bool {
+        self.graphs.enabled
+    }
+
+    /// Steps run as CUDA graphs (captured or replayed) since the runner was built: a test can
+    /// check that the decode steps it meant to replay did not fall back to eager launches.
+    pub fn cuda_graph_launches(&self) -> u64 {
+        self.graphs.launches
+    }
+
     /// Uploads the prepared step and enqueues its forward, as a graph or eagerly; returns the
     /// number of logits rows.
     pub(super) fn enqueue_prepared(&mut self) -> Result<usize, CudaError> {
@@ -86,10 +112,10 @@ impl CudaModelRunner {
         }
         let key = (t, r, p.attn_splits);
         if let Some(g) = self.graphs.by_shape.get(&key) {
-            return g
-                .0
-                .launch()
-                .map_err(|e| CudaError::driver("cuGraphLaunch", e));
+            g.0.launch()
+                .map_err(|e| CudaError::driver("cuGraphLaunch", e))?;
+            self.graphs.launches += 1;
+            return Ok(());
         }
         self.stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
@@ -107,6 +133,7 @@ impl CudaModelRunner {
         graph
             .launch()
             .map_err(|e| CudaError::driver("cuGraphLaunch", e))?;
+        self.graphs.launches += 1;
         if self.graphs.by_shape.len() >= MAX_GRAPHS {
             self.graphs.by_shape.clear();
         }
