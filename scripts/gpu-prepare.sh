@@ -5,7 +5,7 @@
 #
 #   scripts/gpu-prepare.sh
 #   then, with the device tool:  run(command="scripts/gpu-check.sh",
-#                                    carry=[".cache/gpu-carry"], timeout_s=540)
+#                                    carry=[".cache/gpu-carry"], timeout_s=600)
 #
 # Environment: CARGO_BUILD_JOBS (default 1), STEPSCOPE_GPU_CARRY (output folder),
 # STEPSCOPE_PREPARE_BIN=1 to also carry the stripped `stepscope` binary (mind the 64 MiB limit).
@@ -38,4 +38,4 @@ total=$(du -sm "$CARRY" | cut -f1)
 if [ "$total" -ge 64 ]; then
   echo "[gpu-prepare] warning: $CARRY is ${total} MiB; the device tool carries at most 64 MiB" >&2
 fi
-echo "[gpu-prepare] ready: run(command=\"scripts/gpu-check.sh\", carry=[\".cache/gpu-carry\"], timeout_s=540)"
+echo "[gpu-prepare] ready: run(command=\"scripts/gpu-check.sh\", carry=[\".cache/gpu-carry\"], timeout_s=600)"
