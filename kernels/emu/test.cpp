@@ -24,7 +24,7 @@ static float bf2f(uint16_t b) { return __uint_as_float((uint32_t)b << 16); }
 static int fails = 0;
 #define CHECK(c, ...) do { if (!(c)) { printf("FAIL: " __VA_ARGS__); printf("\n"); fails++; } } while (0)
 
-typedef void (*AttnFn)(act_t*, const float*, const act_t*, const act_t*, const int*, const int*, const int*, int, int, int, int, float, float*, int);
+typedef void (*AttnFn)(act_t*, const float*, const act_t*, const act_t*, const int*, const int*, const int*, int, int, int, int, float, float*, int, const int*);
 
 void test_attention(int D, AttnFn fn, int nwarps, int nh, int nkv, int bs, std::vector<int> ctx, unsigned seed, int splits = 1) {
     std::mt19937 rng(seed); std::uniform_real_distribution<float> U(-1, 1);
@@ -48,9 +48,9 @@ void test_attention(int D, AttnFn fn, int nwarps, int nh, int nkv, int bs, std::
     memset(smem_f4, 0x7f, sizeof(smem_f4));  // garbage
     std::vector<float> part((size_t)T * nh * splits * (D + 2), 1e30f);  // garbage
     launch({(unsigned)T, (unsigned)nkv, (unsigned)((group + 7) / 8 * splits)}, nwarps * 32, [&] {
-        fn(out.data(), qkv.data(), kc.data(), vc.data(), ctx.data(), offs.data(), tables.data(), row_stride, nh, nkv, bs, scale, part.data(), splits);
+        fn(out.data(), qkv.data(), kc.data(), vc.data(), ctx.data(), offs.data(), tables.data(), row_stride, nh, nkv, bs, scale, part.data(), splits, nullptr);
     });
-    if (splits > 1) launch({(unsigned)T, (unsigned)nh, 1}, 64, [&] { attention_combine(out.data(), part.data(), nh, D, splits); });
+    if (splits > 1) launch({(unsigned)T, (unsigned)nh, 1}, 64, [&] { attention_combine(out.data(), part.data(), nh, D, splits, nullptr); });
     double maxerr = 0;
     for (int t = 0; t < T; ++t) for (int h = 0; h < nh; ++h) {
         int kvh = h / group; int L = ctx[t];

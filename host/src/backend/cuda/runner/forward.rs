@@ -298,6 +298,7 @@ impl CudaModelRunner {
                     &scale,
                     &p.attn_part,
                     &splits_i,
+                    &null, // every token (no token list)
                 ],
             )?;
             if splits > 1 {
@@ -307,7 +308,7 @@ impl CudaModelRunner {
                     (t_u, cfg.num_heads as u32, 1),
                     d.min(128) as u32,
                     0,
-                    &[&attn, &p.attn_part, &nh_i, &d_i, &splits_i],
+                    &[&attn, &p.attn_part, &nh_i, &d_i, &splits_i, &null],
                 )?;
             }
             self.gemm("gemm o", t, hid, q_dim, dptr(&lw.o, stream), attn, x, true)?;
