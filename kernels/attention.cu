@@ -223,7 +223,9 @@ __device__ __forceinline__ void paged_attention_impl(
                 p[D + 1] = den;
             }
         } else {
-            out[(size_t)t * num_heads * D + (size_t)(head0 + g) * D + d] = float_to_act(num / den);
+            // (The token is read again here rather than kept in a register through the loop.)
+            const int t_out = tokens ? tokens[blockIdx.x] : blockIdx.x;
+            out[(size_t)t_out * num_heads * D + (size_t)(head0 + g) * D + d] = float_to_act(num / den);
         }
     }
 }
