@@ -1,8 +1,9 @@
 //! Host-side checks of the runner: constants shared with the kernels, the attention split.
 
 use super::super::nvrtc::{
-    ATTENTION_HEAD_DIMS, KERNEL_SOURCES, SKINNY_GEMM_FUNCTIONS, SKINNY_GEMM_TOKEN_TILES,
-    SKINNY_GEMM_WARPS, attention_warps,
+    ATTENTION_HEAD_DIMS, KERNEL_SOURCES, PREFILL_ATTENTION_FUNCTIONS, PREFILL_ATTENTION_HEAD_DIMS,
+    PREFILL_ATTENTION_WARPS, SKINNY_GEMM_FUNCTIONS, SKINNY_GEMM_TOKEN_TILES, SKINNY_GEMM_WARPS,
+    attention_warps, prefill_attention_key_tile, prefill_attention_smem_bytes,
 };
 use super::step::{ATTENTION_MIN_SPLIT, ATTN_MAX_GROUP, attention_splits};
 
@@ -66,6 +67,43 @@ fn host_constants_match_the_kernels() {
         let tile = SKINNY_GEMM_TOKEN_TILES[i % SKINNY_GEMM_TOKEN_TILES.len()];
         assert!(name.ends_with(&format!("_m{tile}")), "{name} at {i}");
     }
+}
+
+#[test]
+fn prefill_attention_constants_match_the_kernel() {
+    let prefill = kernel_source("prefill_attention.cu");
+    assert_eq!(define(prefill, "PREFILL_NWARPS"), PREFILL_ATTENTION_WARPS);
+    let inst = instantiations(prefill, "STEPSCOPE_DEFINE_PREFILL_ATTENTION");
+    assert_eq!(
+        inst.iter().map(|a| a[0]).collect::<Vec<_>>(),
+        PREFILL_ATTENTION_HEAD_DIMS
+    );
+    for a in &inst {
+        assert_eq!(
+            prefill_attention_key_tile(a[0]),
+            a[1],
+            "key tile of head_dim {}",
+            a[0]
+        );
+        // Within the 48 KiB of shared memory a launch gets without opting in.
+        assert!(
+            prefill_attention_smem_bytes(a[0]) <= 48 * 1024,
+            "head_dim {}",
+            a[0]
+        );
+    }
+    let names: Vec<String> = PREFILL_ATTENTION_HEAD_DIMS
+        .iter()
+        .map(|d| format!("prefill_attention_d{d}"))
+        .collect();
+    assert_eq!(names, PREFILL_ATTENTION_FUNCTIONS);
+    // Every head size of the paged kernel that is a multiple of 16.
+    let sixteens: Vec<usize> = ATTENTION_HEAD_DIMS
+        .iter()
+        .copied()
+        .filter(|d| d % 16 == 0)
+        .collect();
+    assert_eq!(sixteens, PREFILL_ATTENTION_HEAD_DIMS);
 }
 
 #[test]
