@@ -61,6 +61,9 @@ status=0
 say "== kernels, parity (tiny models, realistic random Llama)"
 "$TEST_BIN" --test-threads=1 --nocapture --include-ignored backend::cuda::tests 2>&1 | tee -a "$LOG"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
+say "== runner checks, prefill attention against the CPU runner"
+"$TEST_BIN" --test-threads=1 --nocapture backend::cuda::runner::tests 2>&1 | tee -a "$LOG"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
 say "== decode benchmark"
 "$TEST_BIN" --test-threads=1 --nocapture --include-ignored bench::cuda 2>&1 | tee -a "$LOG"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1

@@ -75,6 +75,10 @@ pub struct CudaOptions {
     /// Split attention over key ranges when a step has few tokens (default: on, unless
     /// `STEPSCOPE_CUDA_SPLIT_ATTENTION=0`).
     pub split_attention: bool,
+    /// Run the attention of entries with many new tokens (prefill) on the tensor-core kernel of
+    /// `prefill_attention.cu` (default: on where the device has it, unless
+    /// `STEPSCOPE_CUDA_PREFILL_ATTENTION=0`).
+    pub prefill_attention: bool,
 }
 
 impl Default for CudaOptions {
@@ -85,6 +89,8 @@ impl Default for CudaOptions {
             cuda_graphs: std::env::var("STEPSCOPE_CUDA_GRAPHS").is_ok_and(|v| v == "1"),
             gemm: None,
             split_attention: std::env::var("STEPSCOPE_CUDA_SPLIT_ATTENTION")
+                .map_or(true, |v| v != "0"),
+            prefill_attention: std::env::var("STEPSCOPE_CUDA_PREFILL_ATTENTION")
                 .map_or(true, |v| v != "0"),
         }
     }
@@ -294,7 +300,14 @@ impl CudaModelRunner {
         }
 
         let arch = nvrtc::arch_for_device(major, minor)?;
-        let k = Kernels::load(&ctx, &arch, dtype, cfg.head_dim, major)?;
+        let k = Kernels::load(
+            &ctx,
+            &arch,
+            dtype,
+            cfg.head_dim,
+            major,
+            opts.prefill_attention,
+        )?;
         let gemm_mode = match opts.gemm {
             Some(m) => m,
             None => GemmMode::from_env()?,
