@@ -330,9 +330,12 @@ __device__ __forceinline__ void prefill_attention_impl(
 }
 
 // Grid: (number of tiles, num_kv_heads), block: PREFILL_NWARPS * 32 threads, shared memory:
-// 2 * BN * (D + 8) * sizeof(act_t) bytes.
+// 2 * BN * (D + 8) * sizeof(act_t) bytes. Launch bounds: ptxas (NVRTC 12.9) spilled a few bytes
+// for head_dim 16 on sm_90 (f16) without a minimum of blocks per SM, and for head_dim 256 with
+// any minimum; 0 leaves the minimum unset (no .minnctapersm), so both are spill-free on sm_80
+// and sm_90, bf16 and f16.
 #define STEPSCOPE_DEFINE_PREFILL_ATTENTION(D, BN)                                              \
-    extern "C" __global__ void __launch_bounds__(PREFILL_NWARPS * 32) prefill_attention_d##D( \
+    extern "C" __global__ void __launch_bounds__(PREFILL_NWARPS * 32, (D) > 128 ? 0 : 1) prefill_attention_d##D( \
         act_t* __restrict__ out, const float* __restrict__ qkv,                                \
         const act_t* __restrict__ k_cache, const act_t* __restrict__ v_cache,                  \
         const int* __restrict__ context_lens, const int* __restrict__ block_table_offsets,     \
