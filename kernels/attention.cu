@@ -16,6 +16,11 @@
 // unnormalised partial result with its running max and sum to `part`, and attention_combine
 // merges the ranges in a fixed order (deterministic).
 //
+// Token list: when the host gives the entries with many new tokens to the tensor-core kernel of
+// prefill_attention.cu, this kernel takes the others, listed in `tokens` (blockIdx.x indexes
+// the list, and the split's partial results); a null `tokens` means every token of the step
+// (grid.x = tokens; pure decode steps, the ones captured as CUDA graphs, always pass null).
+//
 // Cache layout per layer: [num_blocks][num_kv_heads][block_size][head_dim] act_t.
 #include "common.cuh"
 
@@ -55,8 +60,9 @@ __device__ __forceinline__ void paged_attention_impl(
     int num_kv_heads,
     int block_size,
     float scale,
-    float* __restrict__ part,                      // [num_tokens, num_heads, num_splits, D + 2]
-    int num_splits)
+    float* __restrict__ part,                      // [grid.x, num_heads, num_splits, D + 2]
+    int num_splits,
+    const int* __restrict__ tokens)                // [grid.x] tokens to attend, or null: all
 {
     static_assert(D % 8 == 0, "head_dim must be a multiple of 8");
     constexpr int DPL = (D + 31) / 32;   // output dimensions per lane
@@ -64,7 +70,7 @@ __device__ __forceinline__ void paged_attention_impl(
     extern __shared__ float4 smem_f4[];
     float* smem = reinterpret_cast<float*>(smem_f4);
 
-    const int t = blockIdx.x;
+    const int t = tokens ? tokens[blockIdx.x] : blockIdx.x;
     const int kvh = blockIdx.y;
     const int group = num_heads / num_kv_heads;
     const int gmax = min(group, ATTN_MAX_GROUP);
@@ -210,26 +216,31 @@ __device__ __forceinline__ void paged_attention_impl(
         }
         if (num_splits > 1) {
             // Unnormalised, relative to this range's max; an empty range has den = 0.
-            float* p = part + ((size_t)(t * num_heads + head0 + g) * num_splits + split) * (D + 2);
+            float* p = part + ((size_t)(blockIdx.x * num_heads + head0 + g) * num_splits + split) * (D + 2);
             p[d] = num;
             if (d == 0) {
                 p[D] = mx;
                 p[D + 1] = den;
             }
         } else {
-            out[(size_t)t * num_heads * D + (size_t)(head0 + g) * D + d] = float_to_act(num / den);
+            // (The token is read again here rather than kept in a register through the loop.)
+            const int t_out = tokens ? tokens[blockIdx.x] : blockIdx.x;
+            out[(size_t)t_out * num_heads * D + (size_t)(head0 + g) * D + d] = float_to_act(num / den);
         }
     }
 }
 
-// Merges the key ranges of a split attention. grid: (num_tokens, num_heads), block: any.
+// Merges the key ranges of a split attention. grid: (grid.x of paged_attention, num_heads),
+// block: any.
 extern "C" __global__ void attention_combine(
     act_t* __restrict__ out,          // [num_tokens, num_heads * head_dim]
-    const float* __restrict__ part,   // [num_tokens, num_heads, num_splits, head_dim + 2]
+    const float* __restrict__ part,   // [grid.x, num_heads, num_splits, head_dim + 2]
     int num_heads,
     int head_dim,
-    int num_splits)
+    int num_splits,
+    const int* __restrict__ tokens)   // as paged_attention's
 {
+    const int t = tokens ? tokens[blockIdx.x] : blockIdx.x;
     const size_t stride = head_dim + 2;
     const float* p = part + (size_t)(blockIdx.x * num_heads + blockIdx.y) * num_splits * stride;
     float mx = STEPSCOPE_NEG_INF;
@@ -243,7 +254,7 @@ extern "C" __global__ void attention_combine(
             num = fmaf(e, q[d], num);
             den = fmaf(e, q[head_dim + 1], den);
         }
-        out[(size_t)blockIdx.x * num_heads * head_dim + (size_t)blockIdx.y * head_dim + d] =
+        out[(size_t)t * num_heads * head_dim + (size_t)blockIdx.y * head_dim + d] =
             float_to_act(num / den);
     }
 }
@@ -254,11 +265,12 @@ extern "C" __global__ void attention_combine(
         const act_t* __restrict__ k_cache, const act_t* __restrict__ v_cache,                  \
         const int* __restrict__ context_lens, const int* __restrict__ block_table_offsets,     \
         const int* __restrict__ block_tables, int row_stride, int num_heads, int num_kv_heads, \
-        int block_size, float scale, float* __restrict__ part, int num_splits) {               \
+        int block_size, float scale, float* __restrict__ part, int num_splits,                 \
+        const int* __restrict__ tokens) {                                                      \
         paged_attention_impl<D, NWARPS>(out, qkv, k_cache, v_cache, context_lens,              \
                                         block_table_offsets, block_tables, row_stride,         \
                                         num_heads, num_kv_heads, block_size, scale, part,      \
-                                        num_splits);                                           \
+                                        num_splits, tokens);                                   \
     }
 
 // Head sizes served (the host refuses others at start-up with a clear error). The warp count

@@ -95,3 +95,32 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 __device__ __forceinline__ float silu_mul(float g, float u) {
     return g / (1.0f + expf(-g)) * u;
 }
+
+// Tensor cores (compute capability 8.0+; used by gemm.cu and prefill_attention.cu).
+#ifdef STEPSCOPE_ACT_F16
+#define STEPSCOPE_MMA_TYPE "f16"
+#else
+#define STEPSCOPE_MMA_TYPE "bf16"
+#endif
+
+// d += A (16x16, row) * B (16x8, col) in act_t with f32 accumulation (mma.sync m16n8k16): the
+// PTX fragment layout, with g = lane / 4, q = lane % 4:
+// a0 = A[g][2q..2q+1], a1 = A[g+8][2q..], a2 = A[g][2q+8..], a3 = A[g+8][2q+8..];
+// b0 = B[2q..2q+1][g], b1 = B[2q+8..][g]; d0, d1 = D[g][2q, 2q+1], d2, d3 = D[g+8][2q, 2q+1].
+// (kernels/emu/emu.h emulates it for the CPU checks.)
+__device__ __forceinline__ void mma_16816(float* d, unsigned a0, unsigned a1, unsigned a2,
+                                          unsigned a3, unsigned b0, unsigned b1) {
+#ifdef STEPSCOPE_EMU
+    emu_mma_16816(d, a0, a1, a2, a3, b0, b1);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32." STEPSCOPE_MMA_TYPE "." STEPSCOPE_MMA_TYPE ".f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    // Older GPUs have no m16n8k16 for these types; the host never launches the kernels that use
+    // it there.
+    __trap();
+#endif
+}

@@ -24,12 +24,6 @@
 
 #define GEMM_NWARPS 8
 
-#ifdef STEPSCOPE_ACT_F16
-#define GEMM_MMA_TYPE "f16"
-#else
-#define GEMM_MMA_TYPE "bf16"
-#endif
-
 // 16 bytes of weights: read once per step, so kept out of L1 (L2 still caches them).
 __device__ __forceinline__ uint4 load_stream(const act_t* p) {
 #if defined(STEPSCOPE_EMU) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 800
@@ -41,25 +35,6 @@ __device__ __forceinline__ uint4 load_stream(const act_t* p) {
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
                  : "l"(p));
     return r;
-#endif
-}
-
-// d += A (16x16, row) * B (16x8, col): the PTX fragment layout, with g = lane / 4, q = lane % 4:
-// a0 = A[g][2q..2q+1], a1 = A[g+8][2q..], a2 = A[g][2q+8..], a3 = A[g+8][2q+8..];
-// b0 = B[2q..2q+1][g], b1 = B[2q+8..][g]; d0, d1 = D[g][2q, 2q+1], d2, d3 = D[g+8][2q, 2q+1].
-__device__ __forceinline__ void mma_16816(float* d, unsigned a0, unsigned a1, unsigned a2,
-                                          unsigned a3, unsigned b0, unsigned b1) {
-#ifdef STEPSCOPE_EMU
-    emu_mma_16816(d, a0, a1, a2, a3, b0, b1);
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32." GEMM_MMA_TYPE "." GEMM_MMA_TYPE ".f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-    // Older GPUs have no m16n8k16 for these types; the host never launches this kernel there.
-    __trap();
 #endif
 }
 

@@ -13,6 +13,8 @@
 #   parity-long       a 700-token prompt next to short ones (decode splits attention over 11-12
 #                     key ranges) on the tiny model, the variant and a head_dim-128 model,
 #                     eagerly and with CUDA graphs on the same runner
+#   parity-prefill    the tensor-core prefill attention (prompts of 64+ new tokens) against the
+#                     CPU runner, and against the paged kernel alone, head_dim 16/32/128
 #   parity-realistic  the same on a random Llama of realistic size (bf16, f16, skinny GEMM
 #                     forced, with graphs); all parity steps apply the rule of check_parity in
 #                     backend/cuda/tests.rs: row logit error <= 1e-2 (3e-2 bf16 on the small
@@ -43,17 +45,18 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-STEPS=(device libs list smoke parity-tiny parity-long parity-realistic bench clocks)
+STEPS=(device libs list smoke parity-tiny parity-long parity-prefill parity-realistic bench clocks)
 # Default limits (seconds). Their sum exceeds the budget on purpose: most steps take far less
 # than their limit, and the budget caps the total whatever happens.
 declare -A LIMIT=(
   [device]=20 [libs]=30 [list]=20 [smoke]=45
-  [parity-tiny]=75 [parity-long]=60 [parity-realistic]=150 [bench]=150 [clocks]=15
+  [parity-tiny]=75 [parity-long]=60 [parity-prefill]=45 [parity-realistic]=150 [bench]=150 [clocks]=15
 )
 declare -A TESTS=(
   [smoke]="backend::cuda::tests::missing_device_is_an_error_not_a_panic backend::cuda::tests::cuda_rejects_invalid_batches_like_the_cpu"
   [parity-tiny]="backend::cuda::tests::cuda_matches_cpu_on_tiny_models"
   [parity-long]="backend::cuda::tests::cuda_matches_cpu_on_long_contexts_and_head_dim_128"
+  [parity-prefill]="backend::cuda::runner::tests::prefill_attention_matches_the_cpu_runner"
   [parity-realistic]="backend::cuda::tests::cuda_matches_cpu_on_a_realistic_random_llama"
   [bench]="bench::cuda::cuda_decode_benchmark"
 )

@@ -1,7 +1,9 @@
 // Checks the kernels' logic on the CPU (no GPU): kernels/emu/emu.h runs every CUDA thread as a
 // std::thread with real barriers for __syncthreads/__syncwarp and the warp shuffles, and this file
 // compares each kernel against a straightforward reference (attention in f64 over the paged
-// cache, for every head size and several GQA groupings, block sizes and context lengths).
+// cache, for every head size and several GQA groupings, block sizes and context lengths; the
+// tensor-core prefill attention on steps that mix it with the paged kernel, per element within a
+// derived rounding bound, and a mutated causal mask that the check must catch).
 // Tolerances: attention, RMSNorm and SiLU-and-multiply compute in f32 and round once, to the
 // 16-bit output, so each element must be within one bf16 rounding of the double-precision
 // reference (2^-8·|ref|) plus a small allowance for the f32 arithmetic: 2^-16 of |ref|, for
@@ -21,6 +23,7 @@
 #include "k/embedding.cu"
 #include "k/elementwise.cu"
 #include "k/gemm.cu"
+#include "k/prefill_attention.cu"
 #include <cstdio>
 #include <random>
 float4 smem_f4[8192];
@@ -30,7 +33,7 @@ static float bf2f(uint16_t b) { return __uint_as_float((uint32_t)b << 16); }
 static int fails = 0;
 #define CHECK(c, ...) do { if (!(c)) { printf("FAIL: " __VA_ARGS__); printf("\n"); fails++; } } while (0)
 
-typedef void (*AttnFn)(act_t*, const float*, const act_t*, const act_t*, const int*, const int*, const int*, int, int, int, int, float, float*, int);
+typedef void (*AttnFn)(act_t*, const float*, const act_t*, const act_t*, const int*, const int*, const int*, int, int, int, int, float, float*, int, const int*);
 
 void test_attention(int D, AttnFn fn, int nwarps, int nh, int nkv, int bs, std::vector<int> ctx, unsigned seed, int splits = 1) {
     std::mt19937 rng(seed); std::uniform_real_distribution<float> U(-1, 1);
@@ -54,9 +57,9 @@ void test_attention(int D, AttnFn fn, int nwarps, int nh, int nkv, int bs, std::
     memset(smem_f4, 0x7f, sizeof(smem_f4));  // garbage
     std::vector<float> part((size_t)T * nh * splits * (D + 2), 1e30f);  // garbage
     launch({(unsigned)T, (unsigned)nkv, (unsigned)((group + 7) / 8 * splits)}, nwarps * 32, [&] {
-        fn(out.data(), qkv.data(), kc.data(), vc.data(), ctx.data(), offs.data(), tables.data(), row_stride, nh, nkv, bs, scale, part.data(), splits);
+        fn(out.data(), qkv.data(), kc.data(), vc.data(), ctx.data(), offs.data(), tables.data(), row_stride, nh, nkv, bs, scale, part.data(), splits, nullptr);
     });
-    if (splits > 1) launch({(unsigned)T, (unsigned)nh, 1}, 64, [&] { attention_combine(out.data(), part.data(), nh, D, splits); });
+    if (splits > 1) launch({(unsigned)T, (unsigned)nh, 1}, 64, [&] { attention_combine(out.data(), part.data(), nh, D, splits, nullptr); });
     // Reference in double over the same 16-bit K and V (q is f32 in both). The kernel computes
     // in f32 and rounds once, to the 16-bit output, so every element must be within one bf16
     // rounding of the reference (half an ulp: at most 2^-8·|ref|) plus an allowance for the f32
@@ -106,6 +109,141 @@ void test_attention(int D, AttnFn fn, int nwarps, int nh, int nkv, int bs, std::
     printf("\n");
     CHECK(worst <= 1, "attention D=%d: error %.3f times the bound", D, worst);
     CHECK(!any_dropped || worst_drop > 1, "attention D=%d: the check passes a kernel that drops one key in 64", D);
+}
+
+typedef void (*PrefillFn)(act_t*, const float*, const act_t*, const act_t*, const int*, const int*, const int*, const int*, int, int, int, int, float);
+
+// One entry of a step: n new tokens at positions start .. start + n - 1.
+struct StepEntry { int start, n; };
+static const int kPrefillMinTokens = 64;  // PREFILL_ATTENTION_MIN_TOKENS in runner/step.rs
+static const int kPrefillRows = 64;       // PREFILL_ROWS in prefill_attention.cu
+
+// A step of several entries as the runner lays it out: entries with at least kPrefillMinTokens
+// new tokens go to the prefill kernel (tiles of 64 query rows, last tile first), the other tokens
+// to the paged kernel through its token list (split over `splits` key ranges); both write the same
+// output, checked element by element against attention in f64 over the paged cache (shuffled
+// block tables). Returns the number of elements past the bound; `ctx_shift` is added to the
+// context lengths the prefill kernel sees (a mutation: the check must catch it) and `extra_keys`
+// keys past each entry's last token are in the cache (so that a shifted context reads real keys).
+int test_prefill(const char* name, int D, PrefillFn fn, int bn, AttnFn paged, int paged_warps, int nh, int nkv,
+                 int bs, std::vector<StepEntry> entries, unsigned seed, float qmag = 1.0f, int splits = 1,
+                 int extra_keys = 0, int ctx_shift = 0) {
+    std::mt19937 rng(seed); std::uniform_real_distribution<float> U(-1, 1);
+    const int group = nh / nkv;
+    const int row_stride = (nh + 2 * nkv) * D + 2;
+    std::vector<int> tables, entry_off, ctx, offs, paged_tokens, tiles;
+    int nblocks = 0, T = 0;
+    for (auto& e : entries) {
+        entry_off.push_back(tables.size());
+        int nb = (e.start + e.n + extra_keys + bs - 1) / bs;
+        for (int i = 0; i < nb; ++i) tables.push_back(nblocks++);
+    }
+    std::vector<int> perm(nblocks); for (int i = 0; i < nblocks; ++i) perm[i] = i; std::shuffle(perm.begin(), perm.end(), rng);
+    for (auto& b : tables) b = perm[b];
+    for (size_t ei = 0; ei < entries.size(); ++ei) {
+        auto& e = entries[ei];
+        const int t0 = T;
+        for (int i = 0; i < e.n; ++i) { ctx.push_back(e.start + i + 1); offs.push_back(entry_off[ei]); T++; }
+        if (e.n >= kPrefillMinTokens) {
+            const int ntiles = (e.n * group + kPrefillRows - 1) / kPrefillRows;
+            for (int j = ntiles - 1; j >= 0; --j) { tiles.push_back(t0); tiles.push_back(e.n); tiles.push_back(j * kPrefillRows); }
+        } else {
+            for (int i = 0; i < e.n; ++i) paged_tokens.push_back(t0 + i);
+        }
+    }
+    const size_t cache_elems = (size_t)nblocks * nkv * bs * D;
+    std::vector<uint16_t> kc(cache_elems), vc(cache_elems);
+    for (auto& x : kc) x = f2bf(U(rng) * 2); for (auto& x : vc) x = f2bf(U(rng));
+    std::vector<float> qkv((size_t)T * row_stride); for (auto& x : qkv) x = U(rng) * qmag;
+    std::vector<uint16_t> out((size_t)T * nh * D, 0xffff);  // NaN: every element must be written
+    const float scale = 1.0f / sqrtf((float)D);
+    const int ntiles = tiles.size() / 3, npaged = paged_tokens.size();
+    if (npaged > 0) {
+        std::vector<float> part((size_t)npaged * nh * splits * (D + 2), 1e30f);
+        const int gmax = std::min(group, 8);
+        memset(smem_f4, 0x7f, sizeof(smem_f4));
+        launch({(unsigned)npaged, (unsigned)nkv, (unsigned)((group + 7) / 8 * splits)}, paged_warps * 32, [&] {
+            paged(out.data(), qkv.data(), kc.data(), vc.data(), ctx.data(), offs.data(), tables.data(), row_stride, nh, nkv, bs, scale, part.data(), splits, paged_tokens.data());
+        });
+        if (splits > 1) launch({(unsigned)npaged, (unsigned)nh, 1}, 64, [&] { attention_combine(out.data(), part.data(), nh, D, splits, paged_tokens.data()); });
+    }
+    if (ntiles > 0) {
+        const size_t smem = (size_t)2 * bn * (D + 8) * 2;
+        CHECK(smem <= sizeof(smem_f4) && smem <= 48 * 1024, "prefill smem %zu", smem);
+        memset(smem_f4, 0xff, sizeof(smem_f4));  // NaN garbage
+        std::vector<int> kctx = ctx; for (auto& c : kctx) c += ctx_shift;
+        launch({(unsigned)ntiles, (unsigned)nkv, 1}, PREFILL_NWARPS * 32, [&] {
+            fn(out.data(), qkv.data(), kc.data(), vc.data(), kctx.data(), offs.data(), tables.data(), tiles.data(), row_stride, nh, nkv, bs, scale);
+        });
+    }
+    // Two references in f64 per (token, head), over the token's keys in the paged cache:
+    // (A) with the query rounded to bf16 as the kernel does by design (q * scale * log2(e), then
+    //     exp2), so that only the kernel's own arithmetic differs: bound
+    //     u * |o| + u (1 + u) / (1 - u) * sum_j w_j |v_j - o| + 2^-20 * sum_j w_j |v_j|,
+    //     u = 2^-8 (bf16's unit roundoff): one rounding of the output plus one of the weights
+    //     (the kernel rounds P to bf16 and sums the rounded P: with p_j (1 + e_j), |e_j| <= u,
+    //     o moves by sum_j w_j (e_j - e) (v_j - o) / (1 + e), e = sum_j w_j e_j), and f32 slack;
+    // (B) test_attention's, exact queries: bound u * |o| + ((1 + u) / (1 - u) * e^(2 D) - 1) *
+    //     sum_j w_j |v_j - o| + the f32 slack, where D is the row's largest score change from
+    //     rounding the query (each weight then moves by at most that factor).
+    // The paged kernel's tokens (f32 queries and weights) are held to (A)'s bound against (B).
+    const double u = 1.0 / 256, ln2 = 0.6931471805599453;
+    const float qs = scale * 1.4426950408889634f;
+    double maxerr[3] = {0, 0, 0}, maxratio[3] = {0, 0, 0};
+    int bad = 0;
+    std::vector<char> is_paged(T, 0); for (int t : paged_tokens) is_paged[t] = 1;
+    std::vector<double> se, sr, we, wr, oe(D), orr(D), spe(D), spr(D), mag(D);
+    std::vector<size_t> koff;
+    auto note = [&](int k, double err, double bound) {
+        if (!(err <= bound)) bad++;  // NaN counts
+        maxerr[k] = std::max(maxerr[k], std::isnan(err) ? 1e300 : err);
+        maxratio[k] = std::max(maxratio[k], std::isnan(err) ? 1e300 : err / bound);
+    };
+    for (int t = 0; t < T; ++t) for (int h = 0; h < nh; ++h) {
+        const int kvh = h / group, L = ctx[t];
+        const float* qv = &qkv[(size_t)t * row_stride + h * D];
+        se.assign(L, 0.0); sr.assign(L, 0.0); koff.resize(L);
+        double mxe = -1e300, mxr = -1e300, dmax = 0;
+        for (int j = 0; j < L; ++j) {
+            koff[j] = (((size_t)tables[offs[t] + j / bs] * nkv + kvh) * bs + j % bs) * D;
+            double acc = 0, accr = 0;
+            for (int d = 0; d < D; ++d) {
+                const double k = bf2f(kc[koff[j] + d]);
+                acc += (double)qv[d] * scale * k;
+                accr += (double)bf2f(f2bf(qv[d] * qs)) * k;  // log2 units
+            }
+            se[j] = acc; sr[j] = accr * ln2;
+            dmax = std::max(dmax, fabs(se[j] - sr[j]));
+            mxe = std::max(mxe, se[j]); mxr = std::max(mxr, sr[j]);
+        }
+        double sume = 0, sumr = 0;
+        for (int j = 0; j < L; ++j) { se[j] = exp(se[j] - mxe); sume += se[j]; sr[j] = exp(sr[j] - mxr); sumr += sr[j]; }
+        std::fill(oe.begin(), oe.end(), 0.0); std::fill(orr.begin(), orr.end(), 0.0);
+        std::fill(spe.begin(), spe.end(), 0.0); std::fill(spr.begin(), spr.end(), 0.0); std::fill(mag.begin(), mag.end(), 0.0);
+        for (int j = 0; j < L; ++j) for (int d = 0; d < D; ++d) {
+            const double v = bf2f(vc[koff[j] + d]);
+            oe[d] += se[j] / sume * v; orr[d] += sr[j] / sumr * v; mag[d] += se[j] / sume * fabs(v);
+        }
+        for (int j = 0; j < L; ++j) for (int d = 0; d < D; ++d) {
+            const double v = bf2f(vc[koff[j] + d]);
+            spe[d] += se[j] / sume * fabs(v - oe[d]); spr[d] += sr[j] / sumr * fabs(v - orr[d]);
+        }
+        const double grow = (1 + u) / (1 - u) * exp(2 * dmax) - 1;
+        for (int d = 0; d < D; ++d) {
+            const double got = bf2f(out[(size_t)t * nh * D + h * D + d]);
+            const double slack = ldexp(mag[d], -20);
+            if (is_paged[t]) {
+                note(2, fabs(got - oe[d]), u * (fabs(oe[d]) + spe[d]) + slack);
+            } else {
+                note(0, fabs(got - orr[d]), u * fabs(orr[d]) + u * (1 + u) / (1 - u) * spr[d] + slack);
+                note(1, fabs(got - oe[d]), u * fabs(oe[d]) + grow * spe[d] + slack);
+            }
+        }
+    }
+    printf("%s D=%d nh=%d nkv=%d bs=%d T=%d (%d prefill tiles, %d paged tokens, splits %d%s): prefill max err/bound %.3f (err %.1e) vs rounded-q ref, %.3f (%.1e) vs exact; paged %.3f (%.1e); %d past\n",
+           name, D, nh, nkv, bs, T, ntiles, npaged, splits, ctx_shift ? ", MUTATED context" : "",
+           maxratio[0], maxerr[0], maxratio[1], maxerr[1], maxratio[2], maxerr[2], bad);
+    return bad;
 }
 
 typedef void (*GemmFn)(float*, const act_t*, const act_t*, int, int, int, int);
@@ -266,6 +404,28 @@ int main() {
     test_attention(96, paged_attention_d96, 4, 12, 1, 8, {5, 700}, 23, 8);  // 2 slices x 8 ranges
     test_attention(256, paged_attention_d256, 2, 8, 1, 16, {1000}, 24, 32);
     test_attention(256, paged_attention_d256, 2, 8, 1, 16, {1, 65, 140}, 8);
+    // Prefill attention on the tensor cores (prefill_attention.cu), next to paged tokens.
+    {
+        // A 700-token prompt in chunks of 250 (GQA 2, head_dim 128, the later chunks starting
+        // mid-block): each chunk a step.
+        for (int c = 0; c < 700; c += 250)
+            CHECK(test_prefill("prefill chunk", 128, prefill_attention_d128, 64, paged_attention_d128, 4, 2, 1, 16, {{c, std::min(250, 700 - c)}}, 40 + c) == 0, "prefill chunk at %d", c);
+        // A chunk starting mid-block with a ragged last tile, next to decode tokens and a short
+        // chunk (paged, split over 2 ranges); GQA 8 (8 rows of a tile per token).
+        CHECK(test_prefill("prefill mixed", 64, prefill_attention_d64, 64, paged_attention_d64, 4, 8, 1, 16, {{49, 1}, {37, 100}, {5, 10}, {299, 1}}, 41, 1.0f, 2) == 0, "prefill mixed");
+        // Two prefill entries, no GQA, larger scores (peaked softmax), block size 32.
+        CHECK(test_prefill("prefill two entries", 128, prefill_attention_d128, 64, paged_attention_d128, 4, 2, 2, 32, {{130, 77}, {0, 64}, {3, 1}}, 42, 4.0f) == 0, "prefill two entries");
+        // GQA 3: a token's rows straddle tiles.
+        CHECK(test_prefill("prefill gqa3", 96, prefill_attention_d96, 64, paged_attention_d96, 4, 6, 2, 8, {{0, 65}}, 43) == 0, "prefill gqa3");
+        CHECK(test_prefill("prefill", 80, prefill_attention_d80, 64, paged_attention_d80, 4, 2, 1, 16, {{20, 70}}, 44) == 0, "prefill d80");
+        CHECK(test_prefill("prefill", 256, prefill_attention_d256, 16, paged_attention_d256, 2, 2, 1, 16, {{5, 70}}, 45) == 0, "prefill d256");
+        CHECK(test_prefill("prefill", 32, prefill_attention_d32, 64, paged_attention_d32, 4, 4, 4, 4, {{3, 90}}, 46) == 0, "prefill d32");
+        CHECK(test_prefill("prefill", 16, prefill_attention_d16, 64, paged_attention_d16, 4, 2, 1, 4, {{0, 64}}, 47) == 0, "prefill d16");
+        // The check can fail: each row also attending to the key one past its position (an
+        // off-by-one causal mask) must be caught.
+        int caught = test_prefill("prefill mutation", 64, prefill_attention_d64, 64, paged_attention_d64, 4, 4, 2, 16, {{37, 100}}, 48, 1.0f, 1, 1, 1);
+        CHECK(caught > 0, "an off-by-one causal mask went unnoticed");
+    }
     printf("%s (%d failures)\n", fails ? "FAILED" : "ALL OK", fails);
     return fails != 0;
 }

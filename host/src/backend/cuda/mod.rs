@@ -11,7 +11,8 @@
 //! - The KV cache is one device allocation per run, `[layer][K|V][block][kv_head][slot][dim]`
 //!   in the 16-bit type, indexed by the engine's block ids.
 //! - Our own kernels (`kernels/*.cu`: embedding gather, RMSNorm, RoPE fused with the KV-cache write, paged
-//!   attention with its key-range split and combine, skinny GEMM, SiLU-and-multiply, bias and
+//!   attention with its key-range split and combine, tensor-core prefill attention for entries
+//!   with many new tokens, skinny GEMM, SiLU-and-multiply, bias and
 //!   residual adds, greedy argmax) are embedded with
 //!   `include_str!` and compiled at start-up by NVRTC for the device's compute capability
 //!   (`sm_XY` cubin; [`nvrtc`]).

@@ -61,6 +61,11 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         ],
     },
     KernelSource {
+        file: "prefill_attention.cu",
+        source: include_str!("../../../../kernels/prefill_attention.cu"),
+        functions: PREFILL_ATTENTION_FUNCTIONS,
+    },
+    KernelSource {
         file: "activation.cu",
         source: include_str!("../../../../kernels/activation.cu"),
         functions: &["silu_and_mul"],
@@ -112,6 +117,37 @@ pub const ATTENTION_HEAD_DIMS: &[usize] = &[16, 32, 64, 80, 96, 128, 256];
 /// Warps per block of `paged_attention_d{head_dim}` (must match `attention.cu`).
 pub fn attention_warps(head_dim: usize) -> usize {
     if head_dim > 128 { 2 } else { 4 }
+}
+
+/// The tensor-core prefill attention of `prefill_attention.cu`, one per head size of
+/// [`PREFILL_ATTENTION_HEAD_DIMS`] (compute capability 8.0+ only).
+pub const PREFILL_ATTENTION_FUNCTIONS: &[&str] = &[
+    "prefill_attention_d16",
+    "prefill_attention_d32",
+    "prefill_attention_d64",
+    "prefill_attention_d80",
+    "prefill_attention_d96",
+    "prefill_attention_d128",
+    "prefill_attention_d256",
+];
+
+/// Head sizes the prefill attention is instantiated for: every size of
+/// [`ATTENTION_HEAD_DIMS`] that is a multiple of 16.
+pub const PREFILL_ATTENTION_HEAD_DIMS: &[usize] = &[16, 32, 64, 80, 96, 128, 256];
+
+/// Warps per block of the prefill attention (`PREFILL_NWARPS`), 16 query rows each.
+pub const PREFILL_ATTENTION_WARPS: usize = 4;
+
+/// Keys per shared-memory tile of `prefill_attention_d{head_dim}` (must match
+/// `prefill_attention.cu`).
+pub fn prefill_attention_key_tile(head_dim: usize) -> usize {
+    if head_dim > 128 { 16 } else { 64 }
+}
+
+/// Dynamic shared memory of `prefill_attention_d{head_dim}`: a K and a V tile of
+/// [`prefill_attention_key_tile`] keys, rows padded by 8 elements, 16-bit.
+pub fn prefill_attention_smem_bytes(head_dim: usize) -> usize {
+    2 * prefill_attention_key_tile(head_dim) * (head_dim + 8) * 2
 }
 
 /// The 16-bit type of weights, KV cache and GEMM inputs.

@@ -135,6 +135,8 @@ fn hot_kernels_do_not_spill_registers() {
         ("gemm.cu", ActDtype::Bf16),
         ("gemm.cu", ActDtype::F16),
         ("attention.cu", ActDtype::Bf16),
+        ("prefill_attention.cu", ActDtype::Bf16),
+        ("prefill_attention.cu", ActDtype::F16),
     ] {
         let src = KERNEL_SOURCES
             .iter()
@@ -289,10 +291,11 @@ fn missing_device_is_an_error_not_a_panic() {
     let result = CudaModelRunner::new(cfg.clone(), Arc::new(tiny_weights(&cfg)), kv);
     if available {
         assert!(matches!(device, Device::Cuda(_)));
+        assert!(why.starts_with("using CUDA device 0: "), "{why}");
         result.expect("a usable device builds the tiny model");
     } else {
         assert_eq!(device, Device::Cpu);
-        let why = why.expect("auto says why it fell back");
+        assert!(why.starts_with("using the CPU: "), "auto says why: {why}");
         let err = result.expect_err("no device: an error");
         let cuda_err = Device::cuda().expect_err("--device cuda without a device");
         eprintln!(

@@ -1,7 +1,8 @@
 //! The forward pass: [`Kernels`] owns the NVRTC-compiled kernel functions (loaded once per
 //! runner), and this module enqueues one step's work with them on the runner's stream: the
-//! embedding gather, the per-layer norms, projections, RoPE with the KV-cache write, paged
-//! attention, SwiGLU and residual adds, then the final norm and LM head
+//! embedding gather, the per-layer norms, projections, RoPE with the KV-cache write, attention
+//! (the tensor-core prefill kernel for entries with many new tokens, the paged kernel for the
+//! other tokens), SwiGLU and residual adds, then the final norm and LM head
 //! ([`CudaModelRunner::enqueue_kernels`]), plus each GEMM's launch on cuBLAS or the skinny kernel
 //! ([`CudaModelRunner::launch_gemm`]) and the on-device argmax of
 //! [`CudaModelRunner::forward_greedy`]. It reads the weights, the KV cache and the step's device
@@ -17,7 +18,8 @@ use crate::engine::model_runner::{ModelBatch, ModelRunnerError};
 
 use super::super::gemm::{GemmImpl, token_tile};
 use super::super::nvrtc::{
-    self, ActDtype, SKINNY_GEMM_TOKEN_TILES, SKINNY_GEMM_WARPS, attention_warps,
+    self, ActDtype, PREFILL_ATTENTION_HEAD_DIMS, PREFILL_ATTENTION_WARPS, SKINNY_GEMM_TOKEN_TILES,
+    SKINNY_GEMM_WARPS, attention_warps, prefill_attention_smem_bytes,
 };
 use super::super::{CudaError, guard};
 use super::step::{ATTN_MAX_GROUP, StepPtrs, Widths, dptr};
@@ -29,6 +31,9 @@ pub(super) struct Kernels {
     pub(super) rotary_kv_cache_write: CudaFunction,
     pub(super) attention: CudaFunction,
     pub(super) attention_combine: CudaFunction,
+    /// `prefill_attention_d{head_dim}` (compute capability 8.0+, head sizes that are multiples
+    /// of 16, unless turned off): `None` keeps every token on the paged kernel.
+    pub(super) prefill_attention: Option<CudaFunction>,
     pub(super) silu_and_mul: CudaFunction,
     pub(super) bias_add: CudaFunction,
     pub(super) argmax_rows: CudaFunction,
@@ -38,13 +43,15 @@ pub(super) struct Kernels {
 
 impl Kernels {
     /// Compiles (or takes from the cache) every kernel file for `arch` and `dtype` with NVRTC,
-    /// loads the modules into `ctx` and looks up the functions the forward launches.
+    /// loads the modules into `ctx` and looks up the functions the forward launches; the prefill
+    /// attention only when `prefill_attention` and the device and head size allow it.
     pub(super) fn load(
         ctx: &Arc<CudaContext>,
         arch: &str,
         dtype: ActDtype,
         head_dim: usize,
         major: i32,
+        prefill_attention: bool,
     ) -> Result<Kernels, CudaError> {
         let compiled = nvrtc::compile_all_cached(arch, dtype)?;
         let mut modules = Vec::with_capacity(compiled.len());
@@ -69,6 +76,17 @@ impl Kernels {
             rotary_kv_cache_write: load("kv_cache.cu", "rotary_kv_cache_write")?,
             attention: load("attention.cu", &format!("paged_attention_d{head_dim}"))?,
             attention_combine: load("attention.cu", "attention_combine")?,
+            prefill_attention: if prefill_attention
+                && major >= 8
+                && PREFILL_ATTENTION_HEAD_DIMS.contains(&head_dim)
+            {
+                Some(load(
+                    "prefill_attention.cu",
+                    &format!("prefill_attention_d{head_dim}"),
+                )?)
+            } else {
+                None
+            },
             silu_and_mul: load("activation.cu", "silu_and_mul")?,
             bias_add: load("elementwise.cu", "bias_add")?,
             argmax_rows: load("sampling.cu", "argmax_rows")?,
@@ -207,11 +225,17 @@ impl CudaModelRunner {
             (gmax * d * 4 + (nwarps * 32 * (d + 8) * 2).max(nwarps * gmax * (d + 2) * 4)) as u32;
         let splits = p.attn_splits;
         let splits_i = splits as i32;
+        // The paged kernel takes p.paged_tokens tokens (all t, or the listed ones), the prefill
+        // kernel p.prefill_tiles tiles of whole entries; both write `attn`, disjoint rows.
+        let paged_u = p.paged_tokens as u32;
         let attn_grid = (
-            t_u,
+            paged_u,
             cfg.num_kv_heads as u32,
             (group.div_ceil(ATTN_MAX_GROUP) * splits) as u32,
         );
+        let prefill_grid = (p.prefill_tiles as u32, cfg.num_kv_heads as u32, 1);
+        let prefill_block = (PREFILL_ATTENTION_WARPS * 32) as u32;
+        let smem_prefill = prefill_attention_smem_bytes(d) as u32;
         let scale = 1.0f32 / (d as f32).sqrt();
         let (qkv_dim_i, nkv_i, d_i, bs_i, nh_i, t_i) = (
             qkv_dim as i32,
@@ -277,37 +301,67 @@ impl CudaModelRunner {
                     &qkv_dim_i,
                 ],
             )?;
-            launch(
-                &k.attention,
-                "paged_attention",
-                attn_grid,
-                (nwarps * 32) as u32,
-                smem_attn,
-                &[
-                    &attn,
-                    &qkv,
-                    &k_cache,
-                    &v_cache,
-                    &m.ctx_lens,
-                    &m.bt_offsets,
-                    &m.tables,
-                    &qkv_dim_i,
-                    &nh_i,
-                    &nkv_i,
-                    &bs_i,
-                    &scale,
-                    &p.attn_part,
-                    &splits_i,
-                ],
-            )?;
-            if splits > 1 {
+            if p.paged_tokens > 0 {
                 launch(
-                    &k.attention_combine,
-                    "attention_combine",
-                    (t_u, cfg.num_heads as u32, 1),
-                    d.min(128) as u32,
-                    0,
-                    &[&attn, &p.attn_part, &nh_i, &d_i, &splits_i],
+                    &k.attention,
+                    "paged_attention",
+                    attn_grid,
+                    (nwarps * 32) as u32,
+                    smem_attn,
+                    &[
+                        &attn,
+                        &qkv,
+                        &k_cache,
+                        &v_cache,
+                        &m.ctx_lens,
+                        &m.bt_offsets,
+                        &m.tables,
+                        &qkv_dim_i,
+                        &nh_i,
+                        &nkv_i,
+                        &bs_i,
+                        &scale,
+                        &p.attn_part,
+                        &splits_i,
+                        &m.paged_tokens,
+                    ],
+                )?;
+                if splits > 1 {
+                    launch(
+                        &k.attention_combine,
+                        "attention_combine",
+                        (paged_u, cfg.num_heads as u32, 1),
+                        d.min(128) as u32,
+                        0,
+                        &[&attn, &p.attn_part, &nh_i, &d_i, &splits_i, &m.paged_tokens],
+                    )?;
+                }
+            }
+            if p.prefill_tiles > 0 {
+                let f = k.prefill_attention.as_ref().ok_or_else(|| {
+                    CudaError::Unsupported("prefill attention tiles without the kernel".into())
+                })?;
+                launch(
+                    f,
+                    "prefill_attention",
+                    prefill_grid,
+                    prefill_block,
+                    smem_prefill,
+                    &[
+                        &attn,
+                        &qkv,
+                        &k_cache,
+                        &v_cache,
+                        &m.ctx_lens,
+                        &m.bt_offsets,
+                        &m.tables,
+                        &m.prefill_tiles,
+                        &qkv_dim_i,
+                        &nh_i,
+                        &nkv_i,
+                        &bs_i,
+                        &scale,
+                    ],
                 )?;
             }
             self.gemm("gemm o", t, hid, q_dim, dptr(&lw.o, stream), attn, x, true)?;

@@ -77,6 +77,10 @@ pub struct CudaOptions {
     /// Split attention over key ranges when a step has few tokens (default: on, unless
     /// `STEPSCOPE_CUDA_SPLIT_ATTENTION=0`).
     pub split_attention: bool,
+    /// Run the attention of entries with many new tokens (prefill) on the tensor-core kernel of
+    /// `prefill_attention.cu` (default: on where the device has it, unless
+    /// `STEPSCOPE_CUDA_PREFILL_ATTENTION=0`).
+    pub prefill_attention: bool,
 }
 
 impl Default for CudaOptions {
@@ -87,6 +91,8 @@ impl Default for CudaOptions {
             cuda_graphs: std::env::var("STEPSCOPE_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             gemm: None,
             split_attention: std::env::var("STEPSCOPE_CUDA_SPLIT_ATTENTION")
+                .map_or(true, |v| v != "0"),
+            prefill_attention: std::env::var("STEPSCOPE_CUDA_PREFILL_ATTENTION")
                 .map_or(true, |v| v != "0"),
         }
     }
@@ -149,8 +155,10 @@ fn activation_bytes(cfg: &ModelConfig, sizes: &StepSizes, sm_count: usize) -> us
             lens = lens.max(step::BufferLens::of(cfg, t, 0, splits));
         }
     }
+    // ids, positions, slots, context lengths, table offsets, the attention's token list and
+    // prefill tiles (under one int per token and three per entry), logits rows, block tables.
     let tables = r_max * sizes.max_model_len.div_ceil(sizes.block_size.max(1));
-    let meta_bytes = 4 * (5 * t_max + 2 * r_max + tables);
+    let meta_bytes = 4 * (7 * t_max + 5 * r_max + tables);
     (lens.bytes() + meta_bytes) * 3 / 2
 }
 
@@ -380,7 +388,14 @@ impl CudaModelRunner {
         }
 
         let arch = nvrtc::arch_for_device(major, minor)?;
-        let k = Kernels::load(&ctx, &arch, dtype, cfg.head_dim, major)?;
+        let k = Kernels::load(
+            &ctx,
+            &arch,
+            dtype,
+            cfg.head_dim,
+            major,
+            opts.prefill_attention,
+        )?;
         let gemm_mode = match opts.gemm {
             Some(m) => m,
             None => GemmMode::from_env()?,

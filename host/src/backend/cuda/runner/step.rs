@@ -4,7 +4,10 @@
 //! forward writes, which grow on demand and are reused across steps. [`CudaModelRunner::prepare`]
 //! validates a batch and fills the staging; [`CudaModelRunner::upload_and_size`] copies it to
 //! the device in one transfer and returns the step's device pointers ([`StepPtrs`]). The
-//! attention split count is decided here too, since it sizes a buffer.
+//! attention split count is decided here too, since it sizes a buffer, and so is which tokens
+//! the tensor-core prefill attention takes (whole entries of at least
+//! [`PREFILL_ATTENTION_MIN_TOKENS`] new tokens, as tiles of [`PREFILL_ATTENTION_ROWS`] query rows)
+//! and which the paged kernel takes (the others, as a token list).
 
 use std::sync::Arc;
 
@@ -25,6 +28,18 @@ pub(super) const MAX_ATTENTION_SPLITS: usize = 32;
 pub(super) const ATTENTION_BLOCKS_PER_SM: usize = 4;
 /// Fewest keys in one range (`ATTN_MIN_SPLIT` in attention.cu).
 pub(super) const ATTENTION_MIN_SPLIT: usize = 64;
+
+/// Fewest new tokens for which an entry's attention runs on the tensor-core prefill kernel
+/// (`prefill_attention.cu`); decode tokens and shorter chunks stay on the paged kernel. Above 1,
+/// so that pure decode steps (one token per entry, the ones captured as CUDA graphs) never use
+/// it and keep the paged kernel over every token without a list.
+pub(super) const PREFILL_ATTENTION_MIN_TOKENS: usize = 64;
+/// Query rows (tokens × query heads of a KV head) per block of the prefill attention
+/// (`PREFILL_ROWS` in prefill_attention.cu).
+pub(super) const PREFILL_ATTENTION_ROWS: usize = 64;
+/// Ints per prefill tile: the entry's first token in the step, its token count, the tile's
+/// first row.
+pub(super) const PREFILL_TILE_INTS: usize = 3;
 
 /// A growable device buffer.
 pub(super) struct Buf<T> {
@@ -92,7 +107,8 @@ pub(super) struct Buffers {
 /// Host-side staging for one step.
 #[derive(Default)]
 pub(super) struct HostMeta {
-    /// ids | positions | slots | context lengths | block-table offsets | logits rows | tables.
+    /// ids | positions | slots | context lengths | block-table offsets | logits rows | tables |
+    /// paged tokens | prefill tiles.
     pub(super) packed: Vec<i32>,
     pub(super) ids: Vec<i32>,
     pub(super) positions: Vec<i32>,
@@ -101,6 +117,11 @@ pub(super) struct HostMeta {
     pub(super) bt_offsets: Vec<i32>,
     pub(super) logit_rows: Vec<i32>,
     pub(super) tables: Vec<i32>,
+    /// The tokens the paged attention takes when the prefill attention takes others (empty when
+    /// it takes none: the paged kernel then covers every token without a list).
+    pub(super) paged_tokens: Vec<i32>,
+    /// The prefill attention's tiles, [`PREFILL_TILE_INTS`] ints each.
+    pub(super) prefill_tiles: Vec<i32>,
     pub(super) num_entries: usize,
 }
 
@@ -114,6 +135,10 @@ pub(super) struct StepPtrs {
     pub(super) attn_part: u64,
     /// Key ranges of the split attention (1: not split).
     pub(super) attn_splits: usize,
+    /// Tokens the paged attention takes (grid.x; all `t` unless the prefill attention runs).
+    pub(super) paged_tokens: usize,
+    /// Tiles of the prefill attention (0: not launched).
+    pub(super) prefill_tiles: usize,
     pub(super) gate_up: u64,
     pub(super) act: u64,
     pub(super) final_h: u64,
@@ -130,6 +155,9 @@ pub(super) struct MetaPtrs {
     pub(super) bt_offsets: u64,
     pub(super) logit_rows: u64,
     pub(super) tables: u64,
+    /// The paged attention's token list, or 0 (null: every token).
+    pub(super) paged_tokens: u64,
+    pub(super) prefill_tiles: u64,
 }
 
 /// Per-token widths of the activations, from the model's configuration.
@@ -194,6 +222,12 @@ impl CudaModelRunner {
     pub(super) fn prepare(&mut self, batch: &ModelBatch<'_>) -> Result<(), ModelRunnerError> {
         batch.validate(&self.kv_shape.batch_limits(&self.cfg))?;
         let bs = self.kv_shape.block_size;
+        let prefill_min = if self.k.prefill_attention.is_some() {
+            PREFILL_ATTENTION_MIN_TOKENS
+        } else {
+            usize::MAX
+        };
+        let group = self.cfg.num_heads / self.cfg.num_kv_heads;
         let h = &mut self.host;
         h.ids.clear();
         h.positions.clear();
@@ -202,12 +236,22 @@ impl CudaModelRunner {
         h.bt_offsets.clear();
         h.logit_rows.clear();
         h.tables.clear();
+        h.paged_tokens.clear();
+        h.prefill_tiles.clear();
         h.num_entries = batch.entries.len();
         for e in &batch.entries {
             let used = (e.start_position + e.token_ids.len()).div_ceil(bs);
             let table_offset = h.tables.len() as i32;
             h.tables
                 .extend(e.block_table[..used].iter().map(|&b| b as i32));
+            assign_attention(
+                h.ids.len(),
+                e.token_ids.len(),
+                group,
+                prefill_min,
+                &mut h.paged_tokens,
+                &mut h.prefill_tiles,
+            );
             for (i, &tok) in e.token_ids.iter().enumerate() {
                 let p = e.start_position + i;
                 h.ids.push(tok as i32);
@@ -220,6 +264,9 @@ impl CudaModelRunner {
             let (end, rows) = (h.ids.len() as i32, e.num_logits_rows() as i32);
             h.logit_rows.extend(end - rows..end);
         }
+        if h.prefill_tiles.is_empty() {
+            h.paged_tokens.clear(); // every token, no list
+        }
         Ok(())
     }
 
@@ -227,14 +274,24 @@ impl CudaModelRunner {
     pub(super) fn upload_and_size(&mut self, t: usize, r: usize) -> Result<StepPtrs, CudaError> {
         let cfg = &self.cfg;
         let stream = &self.stream;
-        let max_ctx = self.host.ctx_lens.iter().copied().max().unwrap_or(0).max(0) as usize;
-        let attn_splits = self.attention_splits(t, max_ctx);
+        // The paged attention's tokens (all, or the list) and their longest context.
+        let h = &self.host;
+        let (paged_tokens, max_ctx) = if h.prefill_tiles.is_empty() {
+            (t, h.ctx_lens.iter().copied().max().unwrap_or(0))
+        } else {
+            let longest = h.paged_tokens.iter().map(|&i| h.ctx_lens[i as usize]).max();
+            (h.paged_tokens.len(), longest.unwrap_or(0))
+        };
+        let prefill_tiles = h.prefill_tiles.len() / PREFILL_TILE_INTS;
+        let token_list = !h.paged_tokens.is_empty();
+        let attn_splits = self.attention_splits(paged_tokens, max_ctx.max(0) as usize);
 
         // Metadata: one host-to-device copy. Every part's offset depends on (t, r) only: the
-        // block tables, whose length varies, come last.
+        // block tables, whose length varies, come after them, and the attention's token list and
+        // tiles, which only steps with a prefill entry have (never captured as graphs), last.
         let h = &mut self.host;
         h.packed.clear();
-        let mut offsets = [0usize; 7];
+        let mut offsets = [0usize; 9];
         for (i, part) in [
             &h.ids,
             &h.positions,
@@ -243,6 +300,8 @@ impl CudaModelRunner {
             &h.bt_offsets,
             &h.logit_rows,
             &h.tables,
+            &h.paged_tokens,
+            &h.prefill_tiles,
         ]
         .into_iter()
         .enumerate()
@@ -261,7 +320,9 @@ impl CudaModelRunner {
         }
         let at = |i: usize| meta_base + (offsets[i] * 4) as u64;
         let g = &mut b.generation;
-        let lens = BufferLens::of(cfg, t, r, attn_splits);
+        let mut lens = BufferLens::of(cfg, t, r, attn_splits);
+        // The split partials are for the paged kernel's tokens only.
+        lens.attn_part = BufferLens::of(cfg, paged_tokens, 0, attn_splits).attn_part;
         Ok(StepPtrs {
             meta: MetaPtrs {
                 ids: at(0),
@@ -271,6 +332,8 @@ impl CudaModelRunner {
                 bt_offsets: at(4),
                 logit_rows: at(5),
                 tables: at(6),
+                paged_tokens: if token_list { at(7) } else { 0 },
+                prefill_tiles: at(8),
             },
             x: b.x.ensure(stream, lens.x, g)?,
             h: b.h.ensure(stream, lens.h, g)?,
@@ -278,6 +341,8 @@ impl CudaModelRunner {
             attn: b.attn.ensure(stream, lens.attn, g)?,
             attn_part: b.attn_part.ensure(stream, lens.attn_part, g)?,
             attn_splits,
+            paged_tokens,
+            prefill_tiles,
             gate_up: b.gate_up.ensure(stream, lens.gate_up, g)?,
             act: b.act.ensure(stream, lens.act, g)?,
             final_h: b.final_h.ensure(stream, lens.final_h, g)?,
@@ -338,6 +403,27 @@ impl BufferLens {
             act: self.act.max(o.act),
             final_h: self.final_h.max(o.final_h),
         }
+    }
+}
+
+/// Gives one entry's `n` tokens (the first at index `first` of the step) to an attention kernel:
+/// with at least `min_tokens`, the prefill kernel, as tiles of [`PREFILL_ATTENTION_ROWS`] of the
+/// entry's `n × group` query rows (the last tile, with the most keys, first); else the paged
+/// kernel, as entries of its token list.
+pub(super) fn assign_attention(
+    first: usize,
+    n: usize,
+    group: usize,
+    min_tokens: usize,
+    paged_tokens: &mut Vec<i32>,
+    prefill_tiles: &mut Vec<i32>,
+) {
+    if n >= min_tokens {
+        for j in (0..(n * group).div_ceil(PREFILL_ATTENTION_ROWS)).rev() {
+            prefill_tiles.extend([first as i32, n as i32, (j * PREFILL_ATTENTION_ROWS) as i32]);
+        }
+    } else {
+        paged_tokens.extend(first as i32..(first + n) as i32);
     }
 }
 

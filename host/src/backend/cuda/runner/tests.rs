@@ -1,10 +1,26 @@
-//! Host-side checks of the runner: constants shared with the kernels, the attention split.
+//! Host-side checks of the runner: constants shared with the kernels, the attention split, which
+//! entries the prefill attention takes; with a GPU, the prefill attention against the CPU runner.
+
+use std::sync::Arc;
+
+use crate::backend::cpu::CpuModelRunner;
+use crate::model::KvCacheShape;
+use crate::model::tiny::{tiny_config, tiny_weights};
+use crate::splitmix::SplitMix64;
+use crate::testing::model_configs::variant_config;
 
 use super::super::nvrtc::{
-    ATTENTION_HEAD_DIMS, KERNEL_SOURCES, SKINNY_GEMM_FUNCTIONS, SKINNY_GEMM_TOKEN_TILES,
-    SKINNY_GEMM_WARPS, attention_warps,
+    ATTENTION_HEAD_DIMS, ActDtype, KERNEL_SOURCES, PREFILL_ATTENTION_FUNCTIONS,
+    PREFILL_ATTENTION_HEAD_DIMS, PREFILL_ATTENTION_WARPS, SKINNY_GEMM_FUNCTIONS,
+    SKINNY_GEMM_TOKEN_TILES, SKINNY_GEMM_WARPS, attention_warps, prefill_attention_key_tile,
+    prefill_attention_smem_bytes,
 };
-use super::step::{ATTENTION_MIN_SPLIT, ATTN_MAX_GROUP, attention_splits};
+use super::super::tests::{REL_TOL, TINY_BF16_ROW_TOL, device_or_skip, lockstep};
+use super::step::{
+    ATTENTION_MIN_SPLIT, ATTN_MAX_GROUP, PREFILL_ATTENTION_MIN_TOKENS, PREFILL_ATTENTION_ROWS,
+    PREFILL_TILE_INTS, assign_attention, attention_splits,
+};
+use super::{CudaModelRunner, CudaOptions, weights_rounded_to};
 
 fn kernel_source(file: &str) -> &'static str {
     KERNEL_SOURCES
@@ -66,6 +82,72 @@ fn host_constants_match_the_kernels() {
         let tile = SKINNY_GEMM_TOKEN_TILES[i % SKINNY_GEMM_TOKEN_TILES.len()];
         assert!(name.ends_with(&format!("_m{tile}")), "{name} at {i}");
     }
+}
+
+#[test]
+fn prefill_attention_constants_match_the_kernel() {
+    let prefill = kernel_source("prefill_attention.cu");
+    assert_eq!(define(prefill, "PREFILL_NWARPS"), PREFILL_ATTENTION_WARPS);
+    assert_eq!(define(prefill, "PREFILL_ROWS"), PREFILL_ATTENTION_ROWS);
+    let inst = instantiations(prefill, "STEPSCOPE_DEFINE_PREFILL_ATTENTION");
+    assert_eq!(
+        inst.iter().map(|a| a[0]).collect::<Vec<_>>(),
+        PREFILL_ATTENTION_HEAD_DIMS
+    );
+    for a in &inst {
+        assert_eq!(
+            prefill_attention_key_tile(a[0]),
+            a[1],
+            "key tile of head_dim {}",
+            a[0]
+        );
+        // Within the 48 KiB of shared memory a launch gets without opting in.
+        assert!(
+            prefill_attention_smem_bytes(a[0]) <= 48 * 1024,
+            "head_dim {}",
+            a[0]
+        );
+    }
+    let names: Vec<String> = PREFILL_ATTENTION_HEAD_DIMS
+        .iter()
+        .map(|d| format!("prefill_attention_d{d}"))
+        .collect();
+    assert_eq!(names, PREFILL_ATTENTION_FUNCTIONS);
+    // Every head size of the paged kernel that is a multiple of 16.
+    let sixteens: Vec<usize> = ATTENTION_HEAD_DIMS
+        .iter()
+        .copied()
+        .filter(|d| d % 16 == 0)
+        .collect();
+    assert_eq!(sixteens, PREFILL_ATTENTION_HEAD_DIMS);
+}
+
+#[test]
+fn entries_with_many_new_tokens_take_the_prefill_attention() {
+    let (mut paged, mut tiles) = (Vec::new(), Vec::new());
+    // A decode token, a 100-token chunk (GQA 2: 200 query rows, 4 tiles of 64), a short chunk,
+    // then an entry of exactly the minimum (one query head per KV head: one tile).
+    let min = PREFILL_ATTENTION_MIN_TOKENS;
+    for (first, n, group) in [(0, 1, 2), (1, 100, 2), (101, 5, 2), (106, min, 1)] {
+        assign_attention(first, n, group, min, &mut paged, &mut tiles);
+    }
+    assert_eq!(paged, [0, 101, 102, 103, 104, 105]);
+    let tiles: Vec<&[i32]> = tiles.chunks(PREFILL_TILE_INTS).collect();
+    assert_eq!(
+        tiles,
+        [
+            [1, 100, 192],
+            [1, 100, 128],
+            [1, 100, 64],
+            [1, 100, 0],
+            [106, min as i32, 0]
+        ]
+    );
+    // Turned off (the runner passes usize::MAX): every token on the paged kernel.
+    let (mut paged, mut tiles) = (Vec::new(), Vec::new());
+    assign_attention(3, 500, 4, usize::MAX, &mut paged, &mut tiles);
+    assert_eq!(paged, (3..503).collect::<Vec<i32>>());
+    assert!(tiles.is_empty());
 }
 
 #[test]
@@ -134,7 +216,7 @@ fn the_kv_budget_counts_the_largest_steps_activation_buffers() {
     let buffers = 4 * f32s + 2 * halves;
     assert!(2048 * 28672 * 4 > 234_000_000);
     let bytes = super::activation_bytes(&cfg, &sizes(2048, 256), 132);
-    let meta = 4 * (5 * 2048 + 2 * 256 + 256 * 512);
+    let meta = 4 * (7 * 2048 + 5 * 256 + 256 * 512);
     assert_eq!(bytes, (buffers + meta) * 3 / 2);
     // Four times the tokens: about four times the bytes (the logits rows stay).
     let big = super::activation_bytes(&cfg, &sizes(8192, 256), 132);
@@ -153,4 +235,96 @@ fn the_kv_budget_counts_the_largest_steps_activation_buffers() {
         super::activation_bytes(&narrow, &small, 132) * 2 / 3
             >= unsplit.max(split).bytes()
     );
+}
+
+/// With a GPU: prompts long enough for the tensor-core prefill attention (chunks of 100 tokens,
+/// and whole prompts, next to requests that already decode and shorter chunks on the paged
+/// kernel) against the CPU runner on the same 16-bit weights, for head sizes 16 (GQA 2), 32 (MQA)
+/// and 128 (GQA 4), bf16 and f16; and against the GPU with the prefill attention turned off.
+#[test]
+fn prefill_attention_matches_the_cpu_runner() {
+    if !device_or_skip("prefill_attention_matches_the_cpu_runner") {
+        return;
+    }
+    let mut d128 = tiny_config();
+    d128.hidden_size = 1024;
+    d128.intermediate_size = 512;
+    d128.num_heads = 8;
+    d128.num_kv_heads = 2;
+    d128.head_dim = 128;
+    let new_tokens = 8;
+    let cases: [(&str, _, [usize; 4]); 3] = [
+        (
+            "builtin:tiny (head_dim 16)",
+            tiny_config(),
+            [300, 70, 1, 150],
+        ),
+        (
+            "variant (MQA, head_dim 32)",
+            variant_config(),
+            [200, 64, 3, 130],
+        ),
+        ("head_dim 128, GQA 4", d128, [260, 90, 2, 128]),
+    ];
+    for (name, cfg, lens) in cases {
+        let weights = Arc::new(tiny_weights(&cfg));
+        let mut rng = SplitMix64::new(7);
+        let prompts: Vec<Vec<u32>> = lens
+            .iter()
+            .map(|&n| {
+                (0..n)
+                    .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
+                    .collect()
+            })
+            .collect();
+        let bs = 16;
+        let need: usize = prompts
+            .iter()
+            .map(|p| (p.len() + new_tokens).div_ceil(bs))
+            .sum();
+        let kv = KvCacheShape {
+            num_blocks: need + 3,
+            block_size: bs,
+        };
+        for dtype in [ActDtype::Bf16, ActDtype::F16] {
+            let opts = |prefill_attention| CudaOptions {
+                dtype: Some(dtype),
+                cuda_graphs: false,
+                prefill_attention,
+                ..CudaOptions::default()
+            };
+            let mut gpu =
+                CudaModelRunner::with_options(cfg.clone(), weights.clone(), kv, &opts(true))
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let mut paged =
+                CudaModelRunner::with_options(cfg.clone(), weights.clone(), kv, &opts(false))
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let rounded = Arc::new(weights_rounded_to(&weights, dtype));
+            let mut cpu = CpuModelRunner::new(cfg.clone(), rounded, kv).expect("cpu runner");
+            let row_tol = match dtype {
+                ActDtype::Bf16 => TINY_BF16_ROW_TOL,
+                ActDtype::F16 => REL_TOL,
+            };
+            for chunk in [100, 512] {
+                let s = lockstep(&mut gpu, &mut cpu, kv, &prompts, chunk, new_tokens, 3);
+                eprintln!("{name} [{}] chunk {chunk}: {}", dtype.name(), s.summary());
+                assert!(
+                    s.max_rel_err <= row_tol
+                        && s.mean_rel_err <= REL_TOL
+                        && s.unexplained().is_empty(),
+                    "{name} [{}] chunk {chunk}: {}",
+                    dtype.name(),
+                    s.summary()
+                );
+                let sp = lockstep(&mut gpu, &mut paged, kv, &prompts, chunk, new_tokens, 3);
+                eprintln!("  against the paged kernel alone: {}", sp.summary());
+                assert!(
+                    sp.max_rel_err <= row_tol && sp.unexplained().is_empty(),
+                    "{name} [{}] chunk {chunk}, prefill vs paged attention: {}",
+                    dtype.name(),
+                    sp.summary()
+                );
+            }
+        }
+    }
 }
