@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 use std::path::PathBuf;
-use stepscope_tests::stepscope;
+use stepscope_tests::{stepscope, stepscope_bin};
 
 fn generate_json(args: &[&str]) -> Value {
     let mut full = vec!["generate"];
@@ -51,9 +51,20 @@ fn the_default_device_is_chosen_automatically_and_the_log_says_which_and_why() {
     // No CUDA device is usable on the machines the suite runs on (a GPU machine runs
     // scripts/gpu-check.sh instead): `auto` falls back to the CPU and says why in one line.
     let run = |extra: &[&str]| {
-        let mut args = vec!["generate", "builtin:tiny", "--prompt", "hi", "--max-tokens", "2"];
+        let mut args = vec![
+            "generate",
+            "builtin:tiny",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "2",
+        ];
         args.extend_from_slice(extra);
-        let out = stepscope(&args);
+        let out = std::process::Command::new(stepscope_bin())
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("run stepscope");
         assert!(out.status.success(), "{args:?}");
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
@@ -62,7 +73,12 @@ fn the_default_device_is_chosen_automatically_and_the_log_says_which_and_why() {
         .lines()
         .find(|l| l.contains("--device auto: "))
         .unwrap_or_else(|| panic!("no --device auto line in:\n{stderr}"));
-    let why = ["no NVIDIA driver", "no CUDA device", "compute capability", "not found"];
+    let why = [
+        "no NVIDIA driver",
+        "no CUDA device",
+        "compute capability",
+        "not found",
+    ];
     assert!(
         line.contains("using the CPU: ") && why.iter().any(|w| line.contains(w)),
         "{line}"

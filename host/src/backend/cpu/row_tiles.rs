@@ -267,7 +267,12 @@ mod x86 {
         let mut c = 0;
         while c < full {
             // SAFETY: `c + 8 <= out.len()`: 8 elements at `c` exist in both.
-            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c), load8::<W>(bytes.as_ptr().add(c * eb))) };
+            unsafe {
+                _mm256_storeu_ps(
+                    out.as_mut_ptr().add(c),
+                    load8::<W>(bytes.as_ptr().add(c * eb)),
+                )
+            };
             c += 8;
         }
         full

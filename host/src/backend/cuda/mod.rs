@@ -139,7 +139,12 @@ impl fmt::Display for DeviceSummary {
 pub fn probe() -> Result<DeviceSummary, CudaError> {
     static PROBE: OnceLock<Result<DeviceSummary, String>> = OnceLock::new();
     PROBE
-        .get_or_init(|| probe_uncached().map_err(|e| e.to_string()))
+        .get_or_init(|| {
+            probe_uncached().map_err(|e| match e {
+                CudaError::NoDevice(why) => why,
+                other => other.to_string(),
+            })
+        })
         .clone()
         .map_err(CudaError::NoDevice)
 }

@@ -203,7 +203,9 @@ pub fn kv_blocks_for_memory_share(
         .mem_get_info()
         .map_err(|e| CudaError::driver("cuMemGetInfo", e))?;
     let sm_count = ctx
-        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
         .map_err(|e| CudaError::driver("cuDeviceGetAttribute", e))?
         .max(1) as usize;
     let layout = MemoryLayout {
