@@ -25,6 +25,8 @@ mod fixture_tests;
 #[cfg(test)]
 mod gguf_tests;
 #[cfg(test)]
+mod kquant_gguf_tests;
+#[cfg(test)]
 mod kquant_tests;
 #[cfg(test)]
 mod loader_tests;
