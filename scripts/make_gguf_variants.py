@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Write F16 and Q8_0 variants of SmolLM2-135M-Instruct's Q4_1 GGUF, for the llama.cpp benchmark.
+"""Write F16, Q8_0 and Q4_K_M variants of SmolLM2-135M-Instruct's Q4_1 GGUF, for the llama.cpp
+benchmark and the K-quant tests.
 
     .cache/venv/bin/python scripts/make_gguf_variants.py [SOURCE.gguf] [--force]
 
@@ -8,18 +9,30 @@ there) and writes next to it:
 
     SmolLM2-135M-Instruct.F16.gguf    every 2-D weight dequantized, then stored as F16
     SmolLM2-135M-Instruct.Q8_0.gguf   every 2-D weight dequantized, then re-quantized to Q8_0
+    SmolLM2-135M-Instruct.Q4_K_M.gguf the F16 variant quantized by llama.cpp's own quantizer
+                                      (LLAMA_FTYPE_MOSTLY_Q4_K_M), only when
+                                      scripts/setup-llamacpp.sh has installed llama.cpp's prebuilt
 
-Both keep all metadata (every KV pair copied with its type; general.file_type set to
+The F16 and Q8_0 variants keep all metadata (every KV pair copied with its type; general.file_type set to
 MOSTLY_F16 = 1 / MOSTLY_Q8_0 = 7) and the tensors' names and order; 1-D tensors (the norms) stay
 F32. Dequantization and quantization use the PyPI `gguf` package's numpy code (gguf.quants), so
 the weights are the Q4_1 (and Q8_0 token_embd) values: no new information, only a different
 storage format. Needs `gguf==0.19.0` and numpy (the .cache/venv made by setup-default-model.sh
 has both). Idempotent: an output newer than the source is left alone (--force rewrites it).
 Not part of CI.
+
+Q4_K_M is made the way llama.cpp's `llama-quantize MODEL.F16.gguf OUT.gguf Q4_K_M` makes it:
+`llama_model_quantize` in the prebuilt libllama that node-llama-cpp ships (.cache/llamacpp, see
+scripts/setup-llamacpp.sh; nothing is built or downloaded here), called through ctypes with its
+default parameters but the file type (and the thread count). SmolLM2-135M's hidden size, 576, is
+not a multiple of 256, so llama.cpp stores the tensors 576 wide in its fallbacks (Q5_0 for Q4_K,
+Q8_0 for Q6_K) and only ffn_down (1536 wide) in Q4_K/Q6_K. The output is reproducible (two runs
+gave sha256 27e14967..., the file tests/fixtures/llamacpp_smollm2_q4_k_m_greedy.json records).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import sys
@@ -38,11 +51,12 @@ VARIANTS = {
     GGMLQuantizationType.F16: ("F16", LlamaFileType.MOSTLY_F16),
     GGMLQuantizationType.Q8_0: ("Q8_0", LlamaFileType.MOSTLY_Q8_0),
 }
+LLAMACPP_BINS = ROOT / ".cache" / "llamacpp" / "node_modules" / "@node-llama-cpp" / "linux-x64" / "bins" / "linux-x64"
 
 
 def output_path(source: Path, tag: str) -> Path:
     stem = source.name.removesuffix(".gguf")
-    for old in ("Q4_1", "Q4_0", "Q8_0", "F16", "F32", "BF16"):
+    for old in ("Q4_1", "Q4_0", "Q8_0", "F16", "F32", "BF16", "Q4_K_M"):
         if stem.endswith("." + old):
             stem = stem[: -len(old) - 1]
             break
@@ -103,7 +117,7 @@ def convert(source: Path, target_type: GGMLQuantizationType, dest: Path) -> None
     print(f"[make_gguf_variants] wrote {dest.name} ({dest.stat().st_size / 1e6:.1f} MB): {summary}")
 
 
-def check(source: Path, dest: Path, target_type: GGMLQuantizationType) -> None:
+def check(source: Path, dest: Path, target_type: GGMLQuantizationType | None) -> None:
     """Re-read the output: same KV keys (file_type changed), same tensor names/order/shapes,
     and values within the target format's rounding of the source."""
     a, b = GGUFReader(source), GGUFReader(dest)
@@ -113,24 +127,65 @@ def check(source: Path, dest: Path, target_type: GGMLQuantizationType) -> None:
     if missing:
         sys.exit(f"[make_gguf_variants] error: {dest.name} lacks keys {sorted(missing)}")
     for k in ka:
-        if k != "general.file_type" and a.fields[k].contents() != b.fields[k].contents():
+        if k not in ("general.file_type", "general.quantization_version") and a.fields[k].contents() != b.fields[k].contents():
             sys.exit(f"[make_gguf_variants] error: {dest.name}: key {k} differs")
-    if [t.name for t in a.tensors] != [t.name for t in b.tensors]:
+    # llama.cpp's quantizer writes the tensors in its own order: match them by name there.
+    names_a, names_b = [t.name for t in a.tensors], [t.name for t in b.tensors]
+    if (names_a != names_b) if target_type is not None else (sorted(names_a) != sorted(names_b)):
         sys.exit(f"[make_gguf_variants] error: {dest.name}: tensor names/order differ")
+    by_name = {t.name: t for t in b.tensors}
     worst = 0.0
-    for ta, tb in zip(a.tensors, b.tensors):
+    for ta in a.tensors:
+        tb = by_name[ta.name]
         if list(ta.shape) != list(tb.shape):
             sys.exit(f"[make_gguf_variants] error: {dest.name}: {ta.name} shape {ta.shape} vs {tb.shape}")
         va = dequantize(ta.data, ta.tensor_type).reshape(-1)
         vb = dequantize(tb.data, tb.tensor_type).reshape(-1)
         scale = float(np.abs(va).max()) or 1.0
         worst = max(worst, float(np.abs(va - vb).max()) / scale)
-    # F16 rounding is 2^-11 relative; Q8_0 is at most half a step of max|block|/127.
-    limit = 1e-3 if target_type == GGMLQuantizationType.F16 else 1.0 / 127
+    # F16 rounding is 2^-11 relative; Q8_0 is at most half a step of max|block|/127; Q4_K_M
+    # (target None) re-quantizes to 4-6 bits: a sanity bound only.
+    limit = {GGMLQuantizationType.F16: 1e-3, GGMLQuantizationType.Q8_0: 1.0 / 127, None: 0.1}[target_type]
     if worst > limit:
         sys.exit(f"[make_gguf_variants] error: {dest.name}: max error {worst:.2e} of max|w| > {limit:.1e}")
     print(f"[make_gguf_variants] checked {dest.name}: metadata, {len(b.tensors)} tensors, "
           f"max |diff| {worst:.2e} x max|w|")
+
+
+class QuantizeParams(ctypes.Structure):
+    """llama.h's llama_model_quantize_params: its first two fields (stable across llama.cpp
+    versions), then room for the rest, which keep llama_model_quantize_default_params' values."""
+
+    _fields_ = [("nthread", ctypes.c_int32), ("ftype", ctypes.c_int32), ("rest", ctypes.c_ubyte * 248)]
+
+
+LLAMA_FTYPE_MOSTLY_Q4_K_M = 15
+
+
+def quantize_with_llamacpp(f16: Path, dest: Path) -> None:
+    """llama-quantize F16 -> Q4_K_M with the prebuilt libllama's llama_model_quantize."""
+    libs = sorted(LLAMACPP_BINS.glob("libllama.*so")) + sorted(LLAMACPP_BINS.glob("libllama.so*"))
+    if not libs:
+        sys.exit(f"[make_gguf_variants] error: no libllama in {LLAMACPP_BINS}")
+    lib = ctypes.CDLL(str(libs[0]))
+    lib.llama_model_quantize_default_params.restype = QuantizeParams
+    lib.llama_model_quantize.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(QuantizeParams)]
+    lib.llama_model_quantize.restype = ctypes.c_uint32
+    params = lib.llama_model_quantize_default_params()
+    params.nthread = os.cpu_count() or 1
+    params.ftype = LLAMA_FTYPE_MOSTLY_Q4_K_M
+    tmp = dest.with_name(dest.name + f".tmp.{os.getpid()}")
+    rc = lib.llama_model_quantize(str(f16).encode(), str(tmp).encode(), ctypes.byref(params))
+    if rc != 0:
+        tmp.unlink(missing_ok=True)
+        sys.exit(f"[make_gguf_variants] error: llama_model_quantize returned {rc}")
+    os.replace(tmp, dest)
+    counts: dict[str, int] = {}
+    for t in GGUFReader(dest).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    summary = ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))
+    print(f"[make_gguf_variants] wrote {dest.name} ({dest.stat().st_size / 1e6:.1f} MB) with "
+          f"{libs[0].name}: {summary}")
 
 
 def main() -> int:
@@ -149,6 +204,17 @@ def main() -> int:
             continue
         start = time.time()
         convert(source, target_type, dest)
+        print(f"[make_gguf_variants]   ({time.time() - start:.1f} s)")
+    f16, dest = output_path(source, "F16"), output_path(source, "Q4_K_M")
+    if not LLAMACPP_BINS.is_dir():
+        print(f"[make_gguf_variants] skipping {dest.name}: llama.cpp's prebuilt is not installed "
+              "(run scripts/setup-llamacpp.sh)")
+    elif not args.force and dest.is_file() and dest.stat().st_mtime > f16.stat().st_mtime:
+        print(f"[make_gguf_variants] up to date: {dest}")
+    else:
+        start = time.time()
+        quantize_with_llamacpp(f16, dest)
+        check(source, dest, None)
         print(f"[make_gguf_variants]   ({time.time() - start:.1f} s)")
     return 0
 

@@ -1,11 +1,14 @@
 //! A Llama-family model (llama, qwen2) served straight from a GGUF file: the hyper-parameters,
 //! the byte-level BPE tokenizer (vocabulary, merges, token types, pre-tokenizer), the special
 //! tokens and chat template all come from the GGUF metadata, and the weights stay in their
-//! block formats (Q8_0, Q4_0, Q4_1, F16, BF16) inside the file's memory map. This mirrors
+//! block formats (Q8_0, Q4_0, Q4_1, F16, BF16) inside the file's memory map, or are converted
+//! at load (Q4_K, Q6_K, Q5_0: see `kquant`). This mirrors
 //! `scripts/gguf_to_hf.py`, which the tests use as the reference: the config and
 //! tokenizer built here are those the converter writes, and llama.cpp's interleaved Q/K rows
-//! are put back in Hugging Face order (the only rows copied out of the map).
+//! are put back in Hugging Face order (the only rows copied out of the map, besides the
+//! converted ones).
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -14,6 +17,7 @@ use serde_json::{Value, json};
 use super::config::ModelConfig;
 use super::error::ModelError;
 use super::gguf::{GgufFile, GgufTensor, GgufValue, ggml_type_name};
+use super::kquant::ConvertedFormat;
 use super::quant::BlockFormat;
 use super::weight_matrix::{BlockMatrix, WeightBytes, WeightMatrix};
 use super::weights::{LayerWeights, LlamaWeights, Matrix};
@@ -293,24 +297,56 @@ fn tokenizer_json(meta: &Meta<'_>) -> Result<Value, ModelError> {
     }))
 }
 
-/// The block format of a ggml type id, or `None` for F32.
-fn block_format(file: &GgufFile, t: &GgufTensor) -> Result<Option<BlockFormat>, ModelError> {
-    Ok(Some(match t.ggml_type {
-        0 => return Ok(None),
+/// How a GGUF tensor's rows are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TensorFormat {
+    F32,
+    /// Used in this block format as stored.
+    Blocks(BlockFormat),
+    /// Converted at load into a block format the kernels run.
+    Converted(ConvertedFormat),
+}
+
+impl TensorFormat {
+    fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            TensorFormat::F32 => 4 * cols,
+            TensorFormat::Blocks(f) => f.row_bytes(cols),
+            TensorFormat::Converted(c) => c.row_bytes(cols),
+        }
+    }
+
+    /// The block format the rows are used in on their own (`None` for F32).
+    fn loaded(self) -> Option<BlockFormat> {
+        match self {
+            TensorFormat::F32 => None,
+            TensorFormat::Blocks(f) => Some(f),
+            TensorFormat::Converted(c) => Some(c.target()),
+        }
+    }
+}
+
+/// The storage format of a tensor's ggml type.
+fn tensor_format(file: &GgufFile, t: &GgufTensor) -> Result<TensorFormat, ModelError> {
+    Ok(TensorFormat::Blocks(match t.ggml_type {
+        0 => return Ok(TensorFormat::F32),
         1 => BlockFormat::F16,
         30 => BlockFormat::Bf16,
         2 => BlockFormat::Q4_0,
         3 => BlockFormat::Q4_1,
         8 => BlockFormat::Q8_0,
         other => {
-            return Err(ModelError::Tensor {
-                path: file.path.clone(),
-                tensor: t.name.clone(),
-                message: format!(
-                    "{} is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
-                    ggml_type_name(other)
-                ),
-            });
+            return ConvertedFormat::from_ggml_type(other)
+                .map(TensorFormat::Converted)
+                .ok_or_else(|| ModelError::Tensor {
+                    path: file.path.clone(),
+                    tensor: t.name.clone(),
+                    message: format!(
+                        "{} is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1; \
+                         Q4_K, Q6_K and Q5_0 converted at load)",
+                        ggml_type_name(other)
+                    ),
+                });
         }
     }))
 }
@@ -347,30 +383,64 @@ impl Tensors<'_> {
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
         let t = self.get(name, &[len])?;
         let mut out = vec![0f32; len];
-        match block_format(self.file, t)? {
-            None => {
-                for (o, b) in out.iter_mut().zip(self.file.bytes(t).chunks_exact(4)) {
+        let bytes = self.file.bytes(t);
+        match tensor_format(self.file, t)? {
+            TensorFormat::F32 => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
                     *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 }
             }
-            Some(f) => f.dequantize_row(self.file.bytes(t), &mut out),
+            TensorFormat::Blocks(f) => f.dequantize_row(bytes, &mut out),
+            TensorFormat::Converted(c) => c.dequantize_row(bytes, &mut out),
         }
         Ok(out)
     }
 
-    /// A `[rows, cols]` matrix: blocks used in place, or f32 copied out. With `heads`, the rows
-    /// are un-interleaved from llama.cpp's rotary layout (and so copied).
-    fn matrix(
+    /// Matrices fused row-wise (q/k/v, gate/up), each `(name, rows, heads)` and `cols` wide.
+    /// The parts must end up in one format: Q4_K parts beside a part in any format but Q4_1
+    /// are converted to Q8_0 (instead of Q4_1), as the Q6_K and Q5_0 parts of K-quant files
+    /// are.
+    fn fused(
+        &self,
+        what: &str,
+        cols: usize,
+        parts: &[(String, usize, Option<usize>)],
+    ) -> Result<WeightMatrix, ModelError> {
+        let mut formats = Vec::with_capacity(parts.len());
+        for (name, rows, _) in parts {
+            formats.push(tensor_format(self.file, self.get(name, &[cols, *rows])?)?);
+        }
+        let q4_k = TensorFormat::Converted(ConvertedFormat::Q4K);
+        let q8 = formats.contains(&q4_k)
+            && formats
+                .iter()
+                .any(|f| f.loaded() != Some(BlockFormat::Q4_1));
+        let mats = parts
+            .iter()
+            .map(|(name, rows, heads)| self.matrix_as(name, *rows, cols, *heads, q8))
+            .collect::<Result<Vec<_>, _>>()?;
+        stack(self.file, what, mats)
+    }
+
+    /// A `[rows, cols]` matrix: blocks used in place, converted (K-quants), or f32 copied out.
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<WeightMatrix, ModelError> {
+        self.matrix_as(name, rows, cols, None, false)
+    }
+
+    /// [`Self::matrix`], with `heads` the rows un-interleaved from llama.cpp's rotary layout
+    /// (and so copied), and with `q8` Q4_K converted to Q8_0 instead of Q4_1.
+    fn matrix_as(
         &self,
         name: &str,
         rows: usize,
         cols: usize,
         heads: Option<usize>,
+        q8: bool,
     ) -> Result<WeightMatrix, ModelError> {
         let t = self.get(name, &[cols, rows])?;
         let bytes = self.file.bytes(t);
-        let format = block_format(self.file, t)?;
-        let row_bytes = format.map_or(4 * cols, |f| f.row_bytes(cols));
+        let format = tensor_format(self.file, t)?;
+        let row_bytes = format.row_bytes(cols);
         let order = match heads {
             Some(h) => unpermuted_rows(rows, h).map_err(|m| self.err(name, m))?,
             None => Vec::new(),
@@ -382,7 +452,7 @@ impl Tensors<'_> {
                 .collect()
         };
         match format {
-            None => {
+            TensorFormat::F32 => {
                 let owned = if heads.is_some() {
                     reordered(bytes)
                 } else {
@@ -394,7 +464,21 @@ impl Tensors<'_> {
                     .collect();
                 Ok(WeightMatrix::F32(Matrix::new(rows, cols, data)))
             }
-            Some(f) => {
+            TensorFormat::Converted(c) => {
+                let target = if q8 { BlockFormat::Q8_0 } else { c.target() };
+                let rows_in: Cow<'_, [u8]> = if heads.is_some() {
+                    Cow::Owned(reordered(bytes))
+                } else {
+                    Cow::Borrowed(bytes)
+                };
+                let converted = c.convert_rows(target, rows, cols, &rows_in).map_err(|m| {
+                    self.err(name, format!("{} to {}: {m}", c.name(), target.name()))
+                })?;
+                BlockMatrix::new(target, rows, cols, WeightBytes::Owned(converted.into()))
+                    .map(WeightMatrix::Blocks)
+                    .map_err(|m| self.err(name, m))
+            }
+            TensorFormat::Blocks(f) => {
                 let storage = if heads.is_some() {
                     WeightBytes::Owned(reordered(bytes).into())
                 } else {
@@ -476,22 +560,17 @@ fn load_weights(
         cfg.vocab_size,
     );
     let heads = |n: usize| permuted.then_some(n);
-    let embed = t.matrix("token_embd.weight", v, h, None)?;
+    let embed = t.matrix("token_embd.weight", v, h)?;
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("blk.{i}");
-        let qkv = stack(
-            file,
+        let qkv = t.fused(
             &format!("{p}.attn_q/k/v.weight"),
-            vec![
-                t.matrix(&format!("{p}.attn_q.weight"), q, h, heads(cfg.num_heads))?,
-                t.matrix(
-                    &format!("{p}.attn_k.weight"),
-                    kv,
-                    h,
-                    heads(cfg.num_kv_heads),
-                )?,
-                t.matrix(&format!("{p}.attn_v.weight"), kv, h, None)?,
+            h,
+            &[
+                (format!("{p}.attn_q.weight"), q, heads(cfg.num_heads)),
+                (format!("{p}.attn_k.weight"), kv, heads(cfg.num_kv_heads)),
+                (format!("{p}.attn_v.weight"), kv, None),
             ],
         )?;
         let qkv_bias = if cfg.qkv_bias {
@@ -522,24 +601,24 @@ fn load_weights(
             input_norm: t.vector(&format!("{p}.attn_norm.weight"), h)?,
             qkv,
             qkv_bias,
-            o: t.matrix(&format!("{p}.attn_output.weight"), h, q, None)?,
+            o: t.matrix(&format!("{p}.attn_output.weight"), h, q)?,
             o_bias,
             post_norm: t.vector(&format!("{p}.ffn_norm.weight"), h)?,
-            gate_up: stack(
-                file,
+            gate_up: t.fused(
                 &format!("{p}.ffn_gate/up.weight"),
-                vec![
-                    t.matrix(&format!("{p}.ffn_gate.weight"), inter, h, None)?,
-                    t.matrix(&format!("{p}.ffn_up.weight"), inter, h, None)?,
+                h,
+                &[
+                    (format!("{p}.ffn_gate.weight"), inter, None),
+                    (format!("{p}.ffn_up.weight"), inter, None),
                 ],
             )?,
-            down: t.matrix(&format!("{p}.ffn_down.weight"), h, inter, None)?,
+            down: t.matrix(&format!("{p}.ffn_down.weight"), h, inter)?,
         });
     }
     let lm_head = if cfg.tie_word_embeddings {
         None
     } else {
-        Some(t.matrix("output.weight", v, h, None)?)
+        Some(t.matrix("output.weight", v, h)?)
     };
     Ok(LlamaWeights {
         embed,

@@ -13,6 +13,7 @@ pub mod error;
 pub mod gguf;
 pub mod gguf_model;
 pub mod hub;
+pub mod kquant;
 pub mod quant;
 pub mod tiny;
 pub mod tokenizer;
@@ -23,6 +24,10 @@ pub mod weights;
 mod fixture_tests;
 #[cfg(test)]
 mod gguf_tests;
+#[cfg(test)]
+mod kquant_gguf_tests;
+#[cfg(test)]
+mod kquant_tests;
 #[cfg(test)]
 mod loader_tests;
 

@@ -174,7 +174,7 @@ pub fn tiny_tokenizer_json() -> Value {
 }
 
 /// GPT-2's reversible byte → printable char mapping, indexed by byte.
-fn bytes_to_unicode() -> Vec<char> {
+pub(crate) fn bytes_to_unicode() -> Vec<char> {
     let printable = |b: u32| {
         (u32::from(b'!')..=u32::from(b'~')).contains(&b)
             || (0xA1..=0xAC).contains(&b)
