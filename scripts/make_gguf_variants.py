@@ -19,7 +19,7 @@ F32. Dequantization and quantization use the PyPI `gguf` package's numpy code (g
 the weights are the Q4_1 (and Q8_0 token_embd) values: no new information, only a different
 storage format. Needs `gguf==0.19.0` and numpy (the .cache/venv made by setup-default-model.sh
 has both). Idempotent: an output newer than the source is left alone (--force rewrites it).
-Not part of CI.
+scripts/test.sh runs it (the K-quant test needs the Q4_K_M file).
 
 Q4_K_M is made the way llama.cpp's `llama-quantize MODEL.F16.gguf OUT.gguf Q4_K_M` makes it:
 `llama_model_quantize` in the prebuilt libllama that node-llama-cpp ships (.cache/llamacpp, see

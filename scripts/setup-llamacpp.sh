@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install llama.cpp's PREBUILT CPU build, as shipped on the npm registry by node-llama-cpp, for the
 # llama.cpp side of the CPU benchmark (scripts/bench-vs-llamacpp.sh) and the llama.cpp greedy
-# fixture (scripts/llamacpp/greedy.mjs). Not part of CI.
+# fixture (scripts/llamacpp/greedy.mjs), and for the quantizer that makes the Q4_K_M test file
+# (scripts/make_gguf_variants.py; scripts/test.sh runs both).
 #
 #   <repo>/.cache/llamacpp/
 #       package.json package-lock.json        (written here; exact pins)

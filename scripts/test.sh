@@ -13,6 +13,13 @@ echo "== default model (SmolLM2-135M-Instruct; its tests must run here)"
 ./scripts/setup-default-model.sh
 export STEPSCOPE_REQUIRE_DEFAULT_MODEL=1 STEPSCOPE_REQUIRE_FIXTURES=1
 
+echo "== llama.cpp's prebuilt CPU build (npm) and the GGUF variants it quantizes (K-quant tests)"
+./scripts/setup-llamacpp.sh --quiet >/dev/null
+variants_log="$(mktemp)"   # llama.cpp's quantizer prints every tensor; shown only on failure
+.cache/venv/bin/python scripts/make_gguf_variants.py >"$variants_log" 2>&1 || { cat "$variants_log"; exit 1; }
+rm -f "$variants_log"
+export STEPSCOPE_REQUIRE_GGUF_VARIANTS=1
+
 echo "== NVRTC for the kernel-compilation tests (no GPU needed)"
 ./scripts/install-nvrtc.sh
 

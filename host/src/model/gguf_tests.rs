@@ -171,12 +171,18 @@ fn q4_1_gguf_greedy_tokens_equal_llama_cpps_on_the_same_file() {
 
 /// The same against llama.cpp on a Q4_K_M file its own quantizer made (ffn_down in Q4_K and
 /// Q6_K, the 576-wide tensors in its Q5_0/Q8_0 fallbacks: every K-quant conversion at load).
-/// The file comes from `scripts/make_gguf_variants.py` after `scripts/setup-llamacpp.sh`; the
-/// test is skipped without it.
+/// The file comes from `scripts/make_gguf_variants.py` after `scripts/setup-llamacpp.sh`
+/// (`scripts/test.sh` runs both and sets `STEPSCOPE_REQUIRE_GGUF_VARIANTS=1`, so in CI it must
+/// run); elsewhere the test is skipped without it.
 #[test]
 fn q4_k_m_gguf_greedy_tokens_equal_llama_cpps_on_the_same_file() {
     let gguf = root().join(".cache/downloads/SmolLM2-135M-Instruct.Q4_K_M.gguf");
     if !gguf.is_file() {
+        assert!(
+            std::env::var("STEPSCOPE_REQUIRE_GGUF_VARIANTS").as_deref() != Ok("1"),
+            "{} is missing (scripts/make_gguf_variants.py makes it)",
+            gguf.display()
+        );
         eprintln!("skipping: {} not present", gguf.display());
         return;
     }

@@ -25,7 +25,8 @@ const GROUPS_PER_TASK: usize = 2;
 /// Activation rows per task: a block of rows whose int8 values stay in L1/L2 while every
 /// weight group of the task passes over them.
 const ROWS_PER_TASK: usize = 64;
-/// Activation rows per tile.
+/// Activation rows per tile (of the x86 kernels).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const MR: usize = 4;
 /// Activation rows quantized per rayon task.
 const QUANTIZE_ROWS_PER_TASK: usize = 8;
@@ -257,6 +258,7 @@ impl Isa {
 
     /// Every instruction set this CPU can run (tests compare them all).
     pub fn available() -> Vec<Isa> {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut all = vec![Isa::Portable];
         #[cfg(target_arch = "x86_64")]
         {

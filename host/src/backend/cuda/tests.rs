@@ -738,6 +738,36 @@ fn synthetic_prompts(n: usize, seed: u64, vocab: usize, max_len: usize) -> Vec<V
         .collect()
 }
 
+/// Prompts of random ids below `vocab`, one of each length in `lens`.
+pub(crate) fn random_prompts(seed: u64, vocab: usize, lens: &[usize]) -> Vec<Vec<u32>> {
+    let mut rng = SplitMix64::new(seed);
+    lens.iter()
+        .map(|&n| {
+            (0..n)
+                .map(|_| (rng.next_u64() % vocab as u64) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+/// A KV cache of `block_size`-token blocks that holds every prompt and `new_tokens` more for
+/// each, plus `spare` blocks.
+pub(crate) fn kv_for(
+    prompts: &[Vec<u32>],
+    new_tokens: usize,
+    block_size: usize,
+    spare: usize,
+) -> KvCacheShape {
+    let need: usize = prompts
+        .iter()
+        .map(|p| (p.len() + new_tokens).div_ceil(block_size))
+        .sum();
+    KvCacheShape {
+        num_blocks: need + spare,
+        block_size,
+    }
+}
+
 /// A test model: name, config, weights, prompts.
 type TestModel = (String, ModelConfig, Arc<LlamaWeights>, Vec<Vec<u32>>);
 
@@ -800,14 +830,7 @@ fn cuda_matches_cpu_on_tiny_models() {
         for (name, cfg, weights, prompts) in tiny_models() {
             let label = format!("{name} [{}]", dtype.name());
             let bs = 4;
-            let need: usize = prompts
-                .iter()
-                .map(|p| (p.len() + new_tokens).div_ceil(bs))
-                .sum();
-            let kv = KvCacheShape {
-                num_blocks: need + 5,
-                block_size: bs,
-            };
+            let kv = kv_for(&prompts, new_tokens, bs, 5);
             let rounded = Arc::new(weights_rounded_to(&weights, dtype));
             let opts = CudaOptions {
                 dtype: Some(dtype),
@@ -1010,24 +1033,9 @@ fn cuda_matches_cpu_on_long_contexts_and_head_dim_128() {
     let mut failures: Vec<String> = Vec::new();
     for (name, cfg) in models {
         let weights = Arc::new(tiny_weights(&cfg));
-        let mut rng = SplitMix64::new(21);
-        let prompts: Vec<Vec<u32>> = [LONG_PROMPT, 13, 200]
-            .iter()
-            .map(|&n| {
-                (0..n)
-                    .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
-                    .collect()
-            })
-            .collect();
+        let prompts = random_prompts(21, cfg.vocab_size, &[LONG_PROMPT, 13, 200]);
         let bs = 16;
-        let need: usize = prompts
-            .iter()
-            .map(|p| (p.len() + new_tokens).div_ceil(bs))
-            .sum();
-        let kv = KvCacheShape {
-            num_blocks: need + 3,
-            block_size: bs,
-        };
+        let kv = kv_for(&prompts, new_tokens, bs, 3);
         let drive = Drive {
             kv,
             prompts: &prompts,
@@ -1219,14 +1227,7 @@ fn cuda_matches_cpu_on_a_realistic_random_llama() {
     let new_tokens = 32;
     let prompts = synthetic_prompts(3, 77, cfg.vocab_size, 70);
     let bs = 16;
-    let need: usize = prompts
-        .iter()
-        .map(|p| (p.len() + new_tokens).div_ceil(bs))
-        .sum();
-    let kv = KvCacheShape {
-        num_blocks: need + 3,
-        block_size: bs,
-    };
+    let kv = kv_for(&prompts, new_tokens, bs, 3);
     let mut failures = Vec::new();
     // The default picks each GEMM's implementation by timing; the skinny kernel is also forced
     // everywhere it applies, so that both paths are checked whatever the timings say; that run

@@ -4,9 +4,7 @@
 use std::sync::Arc;
 
 use crate::backend::cpu::CpuModelRunner;
-use crate::model::KvCacheShape;
 use crate::model::tiny::{tiny_config, tiny_weights};
-use crate::splitmix::SplitMix64;
 use crate::testing::model_configs::variant_config;
 
 use super::super::nvrtc::{
@@ -264,24 +262,9 @@ fn prefill_attention_matches_the_cpu_runner() {
     ];
     for (name, cfg, lens) in cases {
         let weights = Arc::new(tiny_weights(&cfg));
-        let mut rng = SplitMix64::new(7);
-        let prompts: Vec<Vec<u32>> = lens
-            .iter()
-            .map(|&n| {
-                (0..n)
-                    .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
-                    .collect()
-            })
-            .collect();
+        let prompts = super::super::tests::random_prompts(7, cfg.vocab_size, &lens);
         let bs = 16;
-        let need: usize = prompts
-            .iter()
-            .map(|p| (p.len() + new_tokens).div_ceil(bs))
-            .sum();
-        let kv = KvCacheShape {
-            num_blocks: need + 3,
-            block_size: bs,
-        };
+        let kv = super::super::tests::kv_for(&prompts, new_tokens, bs, 3);
         for dtype in [ActDtype::Bf16, ActDtype::F16] {
             let opts = |prefill_attention| CudaOptions {
                 dtype: Some(dtype),
