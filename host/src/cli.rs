@@ -13,7 +13,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::backend::cuda::CudaError;
-use crate::backend::{Device, ModelDtype};
+use crate::backend::{DEFAULT_CPU_KV_BLOCKS, Device, ModelDtype};
 use crate::engine::EngineConfig;
 use crate::launch::{KvPoolSize, LaunchConfig};
 use crate::model::hub::HubSettings;
@@ -329,26 +329,10 @@ impl From<DtypeArg> for ModelDtype {
     }
 }
 
-/// vLLM `serve`'s batch defaults for a device: `(max_num_seqs, max_num_batched_tokens)`.
-pub fn vllm_batch_defaults(device: &Device) -> (usize, usize) {
-    match device {
-        Device::Cpu => (128, 2048),
-        Device::Cuda(d)
-            if d.total_memory_bytes >= 70 << 30 && !d.name.to_lowercase().contains("a100") =>
-        {
-            (1024, 8192)
-        }
-        Device::Cuda(_) => (256, 2048),
-    }
-}
-
-/// The CPU's KV pool when `--num-kv-blocks` is not given.
-pub const DEFAULT_CPU_KV_BLOCKS: usize = 2048;
-
 impl EngineArgs {
     /// The engine configuration the flags ask for on `device`.
     pub fn engine_config(&self, device: &Device) -> EngineConfig {
-        let (seqs, tokens) = vllm_batch_defaults(device);
+        let (seqs, tokens) = device.vllm_batch_defaults();
         let max_num_batched_tokens = self.max_num_batched_tokens.unwrap_or(tokens);
         EngineConfig {
             block_size: self.block_size,

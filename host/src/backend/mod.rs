@@ -46,6 +46,24 @@ impl Device {
     }
 }
 
+impl Device {
+    /// vLLM `serve`'s batch defaults on this device: `(max_num_seqs, max_num_batched_tokens)`.
+    pub fn vllm_batch_defaults(&self) -> (usize, usize) {
+        match self {
+            Device::Cpu => (128, 2048),
+            Device::Cuda(d)
+                if d.total_memory_bytes >= 70 << 30 && !d.name.to_lowercase().contains("a100") =>
+            {
+                (1024, 8192)
+            }
+            Device::Cuda(_) => (256, 2048),
+        }
+    }
+}
+
+/// The CPU's KV pool when `--num-kv-blocks` is not given.
+pub const DEFAULT_CPU_KV_BLOCKS: usize = 2048;
+
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
