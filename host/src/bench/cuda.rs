@@ -194,6 +194,25 @@ fn graphs_vs_eager(
     (worst, ran_as_graphs)
 }
 
+/// The decode step time ([`measure`], device argmax) of each batch size on a runner with CUDA
+/// graphs on; `None` from the first batch size whose capture failed (graphs then off).
+fn graph_step_times(
+    runner: &mut CudaModelRunner,
+    batches: &[usize],
+    context: usize,
+    per_seq: usize,
+    warmup: usize,
+    steps: usize,
+) -> Vec<Option<f64>> {
+    batches
+        .iter()
+        .map(|&b| {
+            let (g, _, _, _) = measure(runner, b, context, per_seq, warmup, steps, false);
+            runner.cuda_graphs().then_some(g)
+        })
+        .collect()
+}
+
 /// Median step times (device argmax, full logits) of `steps` decode steps of `b` requests whose
 /// contexts start at `context`; returns them with the mean context length and, when `profile`,
 /// the mean device time per op kind over 5 more steps.
@@ -344,19 +363,10 @@ fn cuda_decode_benchmark() {
         }
         // The same runner with CUDA graphs: only the graphs differ from the eager columns.
         runner.set_cuda_graphs(true);
-        for row in rows.iter_mut() {
-            let (g, _, _, _) = measure(
-                &mut runner,
-                row.batch,
-                context,
-                per_seq,
-                warmup,
-                steps,
-                false,
-            );
-            if runner.cuda_graphs() {
-                row.graphs_argmax = Some(g);
-            } else {
+        let timed = graph_step_times(&mut runner, &batches, context, per_seq, warmup, steps);
+        for (row, g) in rows.iter_mut().zip(timed) {
+            row.graphs_argmax = g;
+            if g.is_none() {
                 eprintln!(
                     "CUDA graphs turned off by a failed capture (batch {})",
                     row.batch
@@ -383,19 +393,9 @@ fn cuda_decode_benchmark() {
     match CudaModelRunner::with_options(cfg.clone(), weights.clone(), kv, &opts) {
         Ok(mut runner) => {
             prefill(&mut runner, max_batch, context, per_seq);
-            for row in rows.iter_mut() {
-                let (g, _, _, _) = measure(
-                    &mut runner,
-                    row.batch,
-                    context,
-                    per_seq,
-                    warmup,
-                    steps,
-                    false,
-                );
-                if runner.cuda_graphs() {
-                    row.graphs_baseline_argmax = Some(g);
-                }
+            let timed = graph_step_times(&mut runner, &batches, context, per_seq, warmup, steps);
+            for (row, g) in rows.iter_mut().zip(timed) {
+                row.graphs_baseline_argmax = g;
             }
         }
         Err(e) => eprintln!("baseline CUDA graphs runner failed: {e}"),

@@ -51,6 +51,14 @@ pub(super) const REL_TOL: f64 = 1e-2;
 /// same bounds as the tiny models (not yet measured on a GPU for the head_dim-128 one).
 pub(super) const TINY_BF16_ROW_TOL: f64 = 3e-2;
 
+/// The per-row bound of the small test models: [`TINY_BF16_ROW_TOL`] in bf16, [`REL_TOL`] in f16.
+pub(super) fn small_model_row_tol(dtype: ActDtype) -> f64 {
+    match dtype {
+        ActDtype::Bf16 => TINY_BF16_ROW_TOL,
+        ActDtype::F16 => REL_TOL,
+    }
+}
+
 pub(super) fn repo_root() -> PathBuf {
     libs::repo_root()
 }
@@ -537,6 +545,33 @@ impl Drive<'_> {
     }
 }
 
+/// The end of a parity test: its time, then the parity rule ([`check_parity`]: row logit error,
+/// greedy ids outside near-ties, CUDA graphs equal to eager launches) over every check it ran.
+fn assert_parity_held(what: &str, started: std::time::Instant, failures: &[String]) {
+    eprintln!("{what}: {:.1} s in all", started.elapsed().as_secs_f64());
+    assert!(
+        failures.is_empty(),
+        "{} parity failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Rules 1-2 on an eager lock-step run of `gpu` against `cpu`, then rule 3 on the same batches
+/// with CUDA graphs ([`check_graphs_match_eager`]).
+fn check_eager_then_graphs(
+    gpu: &mut CudaModelRunner,
+    cpu: &mut dyn ModelRunner,
+    drive: Drive<'_>,
+    label: &str,
+    row_tol: f64,
+    failures: &mut Vec<String>,
+) {
+    let s = drive.run(gpu, cpu);
+    check_parity(&s, label, row_tol, failures);
+    check_graphs_match_eager(gpu, cpu, drive, &s, label, row_tol, failures);
+}
+
 /// Rule 3 of the parity rule ([`check_parity`]): drives the batches that gave `eager` (an eager
 /// run of `gpu`) again through the same runner with CUDA graphs on, so that the GEMM plan, the
 /// kernels and the KV cache are the same and only the graphs differ (two runners could pick
@@ -848,10 +883,7 @@ fn cuda_matches_cpu_on_tiny_models() {
             let mut cpu = CpuModelRunner::new(cfg.clone(), rounded, kv).expect("cpu runner");
             let mut cpu32 =
                 CpuModelRunner::new(cfg.clone(), weights.clone(), kv).expect("cpu runner");
-            let row_tol = match dtype {
-                ActDtype::Bf16 => TINY_BF16_ROW_TOL,
-                ActDtype::F16 => REL_TOL,
-            };
+            let row_tol = small_model_row_tol(dtype);
 
             // Lock-step, mixed prefill chunks and decodes, shuffled blocks: parity rules 1-2.
             let drive = Drive {
@@ -861,20 +893,9 @@ fn cuda_matches_cpu_on_tiny_models() {
                 new_tokens,
                 shuffle_seed: 3,
             };
-            let s = drive.run(&mut gpu, &mut cpu);
-            check_parity(&s, &label, row_tol, &mut failures);
-
-            // The same batches through the same runner with decode steps replayed as CUDA
+            // Then the same batches through the same runner with decode steps replayed as CUDA
             // graphs: rule 3 (and rules 1-2 against the CPU).
-            check_graphs_match_eager(
-                &mut gpu,
-                &mut cpu,
-                drive,
-                &s,
-                &label,
-                row_tol,
-                &mut failures,
-            );
+            check_eager_then_graphs(&mut gpu, &mut cpu, drive, &label, row_tol, &mut failures);
 
             // Each GEMM implementation on its own (by default the faster is picked per shape),
             // and attention without the key-range split (on by default for small steps).
@@ -986,18 +1007,7 @@ fn cuda_matches_cpu_on_tiny_models() {
             }
         }
     }
-    eprintln!(
-        "tiny models: {:.1} s in all",
-        started.elapsed().as_secs_f64()
-    );
-    // The parity rule ([`check_parity`]: row logit error, greedy ids outside near-ties, CUDA
-    // graphs equal to eager launches), every check above.
-    assert!(
-        failures.is_empty(),
-        "{} parity failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_parity_held("tiny models", started, &failures);
 }
 
 /// Length of the long prompt of [`cuda_matches_cpu_on_long_contexts_and_head_dim_128`]: its
@@ -1072,36 +1082,12 @@ fn cuda_matches_cpu_on_long_contexts_and_head_dim_128() {
             let rounded = Arc::new(weights_rounded_to(&weights, dtype));
             let mut cpu = CpuModelRunner::new(cfg.clone(), rounded, kv).expect("cpu runner");
             // The small models' bounds (as for the tiny models).
-            let row_tol = match dtype {
-                ActDtype::Bf16 => TINY_BF16_ROW_TOL,
-                ActDtype::F16 => REL_TOL,
-            };
-            let s = drive.run(&mut gpu, &mut cpu);
-            check_parity(&s, &label, row_tol, &mut failures);
-            check_graphs_match_eager(
-                &mut gpu,
-                &mut cpu,
-                drive,
-                &s,
-                &label,
-                row_tol,
-                &mut failures,
-            );
+            let row_tol = small_model_row_tol(dtype);
+            check_eager_then_graphs(&mut gpu, &mut cpu, drive, &label, row_tol, &mut failures);
             eprintln!("  {label}: {:.1} s", t0.elapsed().as_secs_f64());
         }
     }
-    eprintln!(
-        "long contexts: {:.1} s in all",
-        started.elapsed().as_secs_f64()
-    );
-    // The parity rule ([`check_parity`]: row logit error, greedy ids outside near-ties, CUDA
-    // graphs equal to eager launches), every check above.
-    assert!(
-        failures.is_empty(),
-        "{} parity failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_parity_held("long contexts", started, &failures);
 }
 
 #[test]
@@ -1280,16 +1266,5 @@ fn cuda_matches_cpu_on_a_realistic_random_llama() {
             ));
         }
     }
-    eprintln!(
-        "realistic random Llama: {:.1} s in all",
-        t_all.elapsed().as_secs_f64()
-    );
-    // The parity rule ([`check_parity`]: row logit error, greedy ids outside near-ties, CUDA
-    // graphs equal to eager launches), every check above.
-    assert!(
-        failures.is_empty(),
-        "{} parity failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_parity_held("realistic random Llama", t_all, &failures);
 }

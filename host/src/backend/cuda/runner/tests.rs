@@ -13,7 +13,7 @@ use super::super::nvrtc::{
     SKINNY_GEMM_TOKEN_TILES, SKINNY_GEMM_WARPS, attention_warps, prefill_attention_key_tile,
     prefill_attention_smem_bytes,
 };
-use super::super::tests::{REL_TOL, TINY_BF16_ROW_TOL, device_or_skip, lockstep};
+use super::super::tests::{REL_TOL, device_or_skip, lockstep, small_model_row_tol};
 use super::step::{
     ATTENTION_MIN_SPLIT, ATTN_MAX_GROUP, PREFILL_ATTENTION_MIN_TOKENS, PREFILL_ATTENTION_ROWS,
     PREFILL_TILE_INTS, assign_attention, attention_splits,
@@ -280,10 +280,7 @@ fn prefill_attention_matches_the_cpu_runner() {
                     .unwrap_or_else(|e| panic!("{name}: {e}"));
             let rounded = Arc::new(weights_rounded_to(&weights, dtype));
             let mut cpu = CpuModelRunner::new(cfg.clone(), rounded, kv).expect("cpu runner");
-            let row_tol = match dtype {
-                ActDtype::Bf16 => TINY_BF16_ROW_TOL,
-                ActDtype::F16 => REL_TOL,
-            };
+            let row_tol = small_model_row_tol(dtype);
             for chunk in [100, 512] {
                 let s = lockstep(&mut gpu, &mut cpu, kv, &prompts, chunk, new_tokens, 3);
                 eprintln!("{name} [{}] chunk {chunk}: {}", dtype.name(), s.summary());
