@@ -131,11 +131,33 @@ fn gguf_weights_dequantize_to_the_converters_tensors() {
 struct LlamaCppCase {
     prompt_ids: Vec<u32>,
     output_ids: Vec<u32>,
+    /// Per output position, llama.cpp's `[id, log-probability]` for its most likely tokens
+    /// (greedy token first): differences of log-probabilities are differences of its logits.
+    top_logprobs: Vec<Vec<(u32, f32)>>,
+}
+
+impl LlamaCppCase {
+    /// llama.cpp's logit of `a` minus its logit of `b` at output position `n`, if both are
+    /// among the tokens the fixture kept there.
+    fn logit_gap(&self, n: usize, a: u32, b: u32) -> Option<f32> {
+        let lp = |t: u32| self.top_logprobs[n].iter().find(|e| e.0 == t).map(|e| e.1);
+        Some(lp(a)? - lp(b)?)
+    }
 }
 
 #[derive(serde::Deserialize)]
 struct LlamaCppFixture {
     cases: Vec<LlamaCppCase>,
+}
+
+fn llama_cpp_fixture(name: &str) -> LlamaCppFixture {
+    let text = std::fs::read_to_string(root().join("tests/fixtures").join(name))
+        .expect("the llama.cpp fixture is committed");
+    let fixture: LlamaCppFixture = serde_json::from_str(&text).expect("parse the fixture");
+    for case in &fixture.cases {
+        assert_eq!(case.top_logprobs.len(), case.output_ids.len(), "{name}");
+    }
+    fixture
 }
 
 /// How far below our largest logit llama.cpp's token may be and still count as a near-tie:
@@ -166,7 +188,12 @@ fn q4_1_gguf_greedy_tokens_equal_llama_cpps_on_the_same_file() {
         eprintln!("skipping: {} not present", gguf.display());
         return;
     }
-    greedy_tokens_equal_llama_cpps(&gguf, "llamacpp_smollm2_q4_1_greedy.json", NEAR_TIE_LOGITS);
+    greedy_tokens_equal_llama_cpps(
+        &gguf,
+        "llamacpp_smollm2_q4_1_greedy.json",
+        NEAR_TIE_LOGITS,
+        LOGIT_AGREEMENT,
+    );
 }
 
 /// The same against llama.cpp on a Q4_K_M file its own quantizer made (ffn_down in Q4_K and
@@ -199,6 +226,7 @@ fn q4_k_m_gguf_greedy_tokens_equal_llama_cpps_on_the_same_file() {
         &gguf,
         "llamacpp_smollm2_q4_k_m_greedy.json",
         NEAR_TIE_LOGITS_K_QUANTS,
+        LOGIT_AGREEMENT_K_QUANTS,
     );
 }
 
@@ -255,12 +283,30 @@ fn conversion_errors_on_the_files_k_quants(gguf: &std::path::Path) {
     eprintln!("conversion errors over the super-block's largest |weight|: {worst:?}");
 }
 
-fn greedy_tokens_equal_llama_cpps(gguf: &std::path::Path, fixture_name: &str, near_tie: f32) {
+/// How far, in logits, our differences between llama.cpp's four most likely tokens may be from
+/// llama.cpp's own at any position of its greedy path. Measured on the Q4_1 file: up to 0.76
+/// (the exactly dequantized weights run in f32 differ from llama.cpp by up to 1.34, and
+/// llama.cpp's own two attention paths, flash attention on and off, differ from each other by up
+/// to 0.62); a wrong RoPE, norm or weight layout moves them by several logits.
+const LOGIT_AGREEMENT: f32 = 1.0;
+
+/// The same on the Q4_K_M file, where llama.cpp's Q8_K activations and our conversions add
+/// their own roundings (measured: up to 1.24).
+const LOGIT_AGREEMENT_K_QUANTS: f32 = 1.5;
+
+/// Teacher-forced over llama.cpp's greedy tokens (one forward with a logits row per position):
+/// at every position our greedy choice is llama.cpp's token, or llama.cpp's token is a near-tie
+/// with ours; nearly all positions agree exactly; and our logit differences between llama.cpp's
+/// four most likely tokens are within `agreement` of llama.cpp's.
+fn greedy_tokens_equal_llama_cpps(
+    gguf: &std::path::Path,
+    fixture_name: &str,
+    near_tie: f32,
+    agreement: f32,
+) {
     use crate::engine::model_runner::{BatchEntry, ModelBatch, ModelRunner};
 
-    let text = std::fs::read_to_string(root().join("tests/fixtures").join(fixture_name))
-        .expect("the llama.cpp fixture is committed");
-    let fixture: LlamaCppFixture = serde_json::from_str(&text).expect("parse the fixture");
+    let fixture = llama_cpp_fixture(fixture_name);
     let kv = super::KvCacheShape {
         num_blocks: 16,
         block_size: 16,
@@ -269,6 +315,7 @@ fn greedy_tokens_equal_llama_cpps(gguf: &std::path::Path, fixture_name: &str, ne
         crate::backend::cpu::load_cpu_model(gguf.to_str().expect("utf-8"), kv).expect("load");
     let table: Vec<u32> = (0..kv.num_blocks as u32).collect();
     let (mut positions, mut exact, mut near_ties) = (0, 0, Vec::new());
+    let mut deviations = Vec::new();
     for (c, case) in fixture.cases.iter().enumerate() {
         let mut tokens = case.prompt_ids.clone();
         tokens.extend_from_slice(&case.output_ids);
@@ -286,6 +333,11 @@ fn greedy_tokens_equal_llama_cpps(gguf: &std::path::Path, fixture_name: &str, ne
             .expect("forward");
         for (n, &want) in case.output_ids.iter().enumerate() {
             let row = logits.row(case.prompt_ids.len() - 1 + n);
+            for &(other, lp) in &case.top_logprobs[n][1..4] {
+                let theirs = case.top_logprobs[n][0].1 - lp;
+                let ours = row[want as usize] - row[other as usize];
+                deviations.push(((ours - theirs).abs(), c, n));
+            }
             let ours = crate::engine::sampler::argmax(row);
             positions += 1;
             if ours == want {
@@ -300,8 +352,166 @@ fn greedy_tokens_equal_llama_cpps(gguf: &std::path::Path, fixture_name: &str, ne
             near_ties.push((c, n, gap));
         }
     }
+    deviations.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (median, worst) = (
+        deviations[deviations.len() / 2],
+        deviations[deviations.len() - 1],
+    );
     eprintln!(
-        "{fixture_name}: {exact}/{positions} positions equal llama.cpp's; near-ties: {near_ties:?}"
+        "{fixture_name}: {exact}/{positions} positions equal llama.cpp's; near-ties: {near_ties:?}; \
+         logit differences between its top-4 tokens: median {:.3}, worst {:.3} (case {} token {})",
+        median.0, worst.0, worst.1, worst.2
     );
     assert!(exact * 100 >= positions * 95, "{exact}/{positions}");
+    assert!(
+        worst.0 <= agreement,
+        "case {} token {}: our logit differences are {} from llama.cpp's (limit {agreement})",
+        worst.1,
+        worst.2,
+        worst.0
+    );
+}
+
+/// How much llama.cpp's own logits move between two of its configurations on the same file
+/// and machine: the largest change of its top-2 logit gap over the positions where the two
+/// greedy paths are still the same.
+fn llama_cpps_own_spread(a: &LlamaCppFixture, b: &LlamaCppFixture) -> f32 {
+    let mut spread = 0f32;
+    for (ca, cb) in a.cases.iter().zip(&b.cases) {
+        assert_eq!(ca.prompt_ids, cb.prompt_ids);
+        for (n, (&ta, &tb)) in ca.output_ids.iter().zip(&cb.output_ids).enumerate() {
+            if ta != tb {
+                break;
+            }
+            let second = ca.top_logprobs[n][1].0;
+            if let (Some(x), Some(y)) = (ca.logit_gap(n, ta, second), cb.logit_gap(n, ta, second)) {
+                spread = spread.max((x - y).abs());
+            }
+        }
+    }
+    spread
+}
+
+/// Free-running greedy decoding (prefill, then one token per step, as the engine runs it) on
+/// each fixture prompt: per case `None` when all of llama.cpp's tokens are reproduced, or the
+/// first differing position, our token there and how far llama.cpp's token is below ours in
+/// our logits.
+fn free_running_divergence(
+    gguf: &std::path::Path,
+    fixture: &LlamaCppFixture,
+) -> Vec<Option<(usize, u32, f32)>> {
+    use crate::engine::model_runner::{BatchEntry, ModelBatch, ModelRunner};
+
+    let kv = super::KvCacheShape {
+        num_blocks: 16,
+        block_size: 16,
+    };
+    let (mut runner, _) =
+        crate::backend::cpu::load_cpu_model(gguf.to_str().expect("utf-8"), kv).expect("load");
+    let table: Vec<u32> = (0..kv.num_blocks as u32).collect();
+    let mut out = Vec::new();
+    for (c, case) in fixture.cases.iter().enumerate() {
+        let mut tokens = case.prompt_ids.clone();
+        let mut start = 0;
+        let mut divergence = None;
+        for (n, &want) in case.output_ids.iter().enumerate() {
+            let logits = runner
+                .forward(&ModelBatch {
+                    entries: vec![BatchEntry {
+                        request_id: c as u64,
+                        token_ids: &tokens[start..],
+                        start_position: start,
+                        block_table: &table,
+                        needs_logits: true,
+                        all_logits: false,
+                    }],
+                })
+                .expect("forward");
+            let row = logits.row(0);
+            let ours = crate::engine::sampler::argmax(row);
+            if ours != want {
+                divergence = Some((n, ours, row[ours as usize] - row[want as usize]));
+                break;
+            }
+            start = tokens.len();
+            tokens.push(ours);
+        }
+        out.push(divergence);
+    }
+    out
+}
+
+/// The greedy text itself, generated freely from the Q4_1 file. Exact equality with llama.cpp
+/// is not a property llama.cpp has with itself: on the same file, machine and binary, turning
+/// its flash attention off changes its text on 3 of these 4 prompts (a committed second
+/// fixture), because its two attention paths move logits by up to ~0.6 and greedy decoding
+/// flips at any near-tie. The rule: our text equals llama.cpp's (default configuration) token
+/// for token until a position where llama.cpp's own margin for its token over ours is within
+/// that spread and ours for our token is a near-tie (`NEAR_TIE_LOGITS`, as teacher-forced);
+/// there the texts may part, and the test prints where. A numerical fault parts the texts at a
+/// clear winner and fails (a RoPE base 1.5× too large does, at a 0.29-logit pick).
+#[test]
+fn q4_1_gguf_greedy_text_equals_llama_cpps_up_to_its_own_near_ties() {
+    let gguf = root().join(".cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.is_file() {
+        assert!(
+            std::env::var_os("STEPSCOPE_REQUIRE_DEFAULT_MODEL").is_none(),
+            "{} is missing",
+            gguf.display()
+        );
+        eprintln!("skipping: {} not present", gguf.display());
+        return;
+    }
+    let default = llama_cpp_fixture("llamacpp_smollm2_q4_1_greedy.json");
+    let no_flash = llama_cpp_fixture("llamacpp_smollm2_q4_1_greedy_flash_attention_off.json");
+    let spread = llama_cpps_own_spread(&default, &no_flash);
+    let parted = |a: &[u32], b: &[u32]| a.iter().zip(b).position(|(x, y)| x != y);
+    let own: Vec<Option<usize>> = default
+        .cases
+        .iter()
+        .zip(&no_flash.cases)
+        .map(|(a, b)| parted(&a.output_ids, &b.output_ids))
+        .collect();
+    eprintln!(
+        "llama.cpp with flash attention off parts from its default text at {own:?}; \
+         its top-2 logit gaps move by up to {spread:.3} between the two"
+    );
+    assert!(spread > 0.0 && spread < 1.0, "{spread}");
+
+    let ours = free_running_divergence(&gguf, &default);
+    let mut equal_tokens = 0;
+    for (c, (case, parted)) in default.cases.iter().zip(&ours).enumerate() {
+        let Some((n, token, our_gap)) = *parted else {
+            equal_tokens += case.output_ids.len();
+            eprintln!(
+                "case {c}: all {} tokens equal llama.cpp's",
+                case.output_ids.len()
+            );
+            continue;
+        };
+        equal_tokens += n;
+        let want = case.output_ids[n];
+        let their_gap = case.logit_gap(n, want, token).unwrap_or_else(|| {
+            panic!("case {c} token {n}: our {token} is not among llama.cpp's top tokens")
+        });
+        eprintln!(
+            "case {c}: parts at token {n}: we pick {token} by {our_gap:.3} logits, \
+             llama.cpp {want} by {their_gap:.3}"
+        );
+        assert!(
+            their_gap <= spread && our_gap <= NEAR_TIE_LOGITS,
+            "case {c} token {n}: we pick {token} by {our_gap} (near-tie limit {NEAR_TIE_LOGITS}), \
+             llama.cpp {want} by {their_gap} (its own spread {spread})"
+        );
+    }
+    let total: usize = default.cases.iter().map(|c| c.output_ids.len()).sum();
+    let own_equal: usize = own
+        .iter()
+        .zip(&default.cases)
+        .map(|(p, c)| p.unwrap_or(c.output_ids.len()))
+        .sum();
+    eprintln!(
+        "tokens before the texts part: ours {equal_tokens}/{total}, \
+         llama.cpp without flash attention {own_equal}/{total}"
+    );
 }
