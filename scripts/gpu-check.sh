@@ -4,7 +4,7 @@
 #   device            nvidia-smi: name, driver, memory, clocks, power; CPU count
 #   libs              locate libcuda, libnvrtc and libcublas, say what was found, export the dirs
 #   list              the test binary lists its tests: every test named below must exist, and a
-#                     test of backend::cuda::tests or bench::cuda that is neither run here nor
+#                     test of backend::cuda::tests or bench::cuda* that is neither run here nor
 #                     known to be CPU-only is reported
 #   smoke             first device contact, seconds: `auto` picks the GPU and builds the tiny
 #                     model; invalid batches are refused like the CPU runner refuses them
@@ -22,6 +22,9 @@
 #                     RMS logit error (near-ties printed), graphs equal eager to 1e-6
 #   bench             decode benchmark at batch 1, 32, 128 over a KV cache filled by a real
 #                     prefill, next to the HBM floor; graph logits equal eager on one runner
+#   tracing           step tracing off / default rates / 1.0-1.0 on the engine loop over the
+#                     CUDA runner (the realistic random Llama, CUDA graphs on), interleaved
+#                     rounds: tokens/s and the ratio to off
 #   clocks            nvidia-smi again: clocks, temperature, power after the load
 # Tests are run by exact name (--exact), so the CPU-only tests of the same modules (NVRTC
 # compilation for fixed targets, ptxas spills, the CPU kernel emulator, ...) do not spend device
@@ -45,12 +48,12 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-STEPS=(device libs list smoke parity-tiny parity-long parity-prefill parity-realistic bench clocks)
+STEPS=(device libs list smoke parity-tiny parity-long parity-prefill parity-realistic bench tracing clocks)
 # Default limits (seconds). Their sum exceeds the budget on purpose: most steps take far less
 # than their limit, and the budget caps the total whatever happens.
 declare -A LIMIT=(
   [device]=20 [libs]=30 [list]=20 [smoke]=45
-  [parity-tiny]=75 [parity-long]=60 [parity-prefill]=45 [parity-realistic]=150 [bench]=150 [clocks]=15
+  [parity-tiny]=75 [parity-long]=60 [parity-prefill]=45 [parity-realistic]=150 [bench]=150 [tracing]=90 [clocks]=15
 )
 declare -A TESTS=(
   [smoke]="backend::cuda::tests::missing_device_is_an_error_not_a_panic backend::cuda::tests::cuda_rejects_invalid_batches_like_the_cpu"
@@ -59,6 +62,7 @@ declare -A TESTS=(
   [parity-prefill]="backend::cuda::runner::tests::prefill_attention_matches_the_cpu_runner"
   [parity-realistic]="backend::cuda::tests::cuda_matches_cpu_on_a_realistic_random_llama"
   [bench]="bench::cuda::cuda_decode_benchmark"
+  [tracing]="bench::cuda_tracing::cuda_tracing_overhead_benchmark"
 )
 # Tests of the same modules that need no GPU (CI runs them): not run here.
 CPU_ONLY=(
@@ -68,6 +72,7 @@ CPU_ONLY=(
   backend::cuda::tests::kernels_include_only_the_common_header
   backend::cuda::tests::kernels_behave_on_the_cpu_emulator
   backend::cuda::tests::cuda_refuses_unsupported_models_cleanly
+  bench::cuda_tracing::the_checks_hold_on_the_deterministic_runner
 )
 SUMMARY_RESERVE=15
 
@@ -235,7 +240,7 @@ step_list() {
   local known; known="$(printf '%s\n' "${TESTS[@]}" | tr ' ' '\n'; printf '%s\n' "${CPU_ONLY[@]}")"
   while IFS= read -r t; do
     grep -qxF "$t" <<<"$known" || unknown+=("$t")
-  done < <(grep -E '^(backend::cuda::tests|bench::cuda)::' "$have")
+  done < <(grep -E '^(backend::cuda::tests|bench::cuda|bench::cuda_tracing)::' "$have")
   say "$(wc -l <"$have") tests in the binary"
   for t in "${unknown[@]}"; do
     say "WARNING: $t is neither run here nor listed as CPU-only (add it to TESTS or CPU_ONLY in scripts/gpu-check.sh)"

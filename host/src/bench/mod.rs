@@ -6,6 +6,8 @@
 pub mod budget;
 #[cfg(test)]
 mod cuda;
+#[cfg(test)]
+mod cuda_tracing;
 pub mod model;
 pub mod policy;
 pub mod scheduler;

@@ -14,6 +14,8 @@
 //! The journey row traces every request's journey (rate 1.0) on top of the default step rates;
 //! beside it, [`unsampled_journey_decision_ns`] times what an untraced request costs (its
 //! ticket and the one decision), to set against the engine's own time per request.
+//! [`run_variants`] runs chosen configurations on another runner (the GPU benchmark in
+//! `bench/cuda_tracing.rs` runs off, default and 1.0 / 1.0 on the CUDA runner).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -21,6 +23,7 @@ use std::time::Instant;
 
 use crate::bench::{LatencyStats, format_ns};
 use crate::engine::journey::{JourneyArrival, JourneyDecision, JourneyLog, JourneyTicket};
+use crate::engine::model_runner::ModelRunner;
 use crate::engine::{EngineConfig, EngineCore, SamplingParams, StepObserver, StepView};
 use crate::testing::deterministic_runner::DeterministicRunner;
 
@@ -28,7 +31,8 @@ use crate::step_tracing::{
     StepTracer, StepTracerObserver, StepTracingConfig, StepTracingError, TracerMetrics,
 };
 
-const BENCH_VOCAB: usize = 1024;
+/// Prompt token ids are below this.
+pub const BENCH_VOCAB: usize = 1024;
 const PROMPT_TOKENS: usize = 64;
 
 /// A configuration measured by the benchmark.
@@ -202,12 +206,28 @@ struct RoundResult {
     journeys_traced: u64,
 }
 
-fn workload(requests: usize, output_tokens: usize) -> (EngineConfig, Vec<Vec<u32>>) {
+/// The KV cache the workload of `requests` × `output_tokens` needs: (block size, blocks). A
+/// runner built for [`run_variants`] must hold at least this many.
+pub fn kv_cache_needed(requests: usize, output_tokens: usize) -> (usize, usize) {
     let block_size = 16;
     let per_request_blocks = (PROMPT_TOKENS + output_tokens).div_ceil(block_size) + 1;
+    (block_size, requests * per_request_blocks + 16)
+}
+
+/// Tokens a request of the workload holds at most (prompt and output).
+pub fn max_sequence_len(output_tokens: usize) -> usize {
+    PROMPT_TOKENS + output_tokens
+}
+
+/// Builds the model runner of one round from the round's engine configuration (each round
+/// runs a fresh engine; the runner may be shared between rounds).
+pub type RunnerFactory<'a> = dyn FnMut(&EngineConfig) -> Box<dyn ModelRunner> + 'a;
+
+fn workload(requests: usize, output_tokens: usize) -> (EngineConfig, Vec<Vec<u32>>) {
+    let (block_size, num_kv_blocks) = kv_cache_needed(requests, output_tokens);
     let config = EngineConfig {
         block_size,
-        num_kv_blocks: requests * per_request_blocks + 16,
+        num_kv_blocks,
         max_num_seqs: requests,
         max_num_batched_tokens: 2048.max(requests),
         max_waiting_requests: requests.max(1),
@@ -229,6 +249,7 @@ fn run_round(
     requests: usize,
     output_tokens: usize,
     samples: &Arc<Mutex<Vec<(u64, StepKind)>>>,
+    make_runner: &mut RunnerFactory<'_>,
 ) -> Result<RoundResult, StepTracingError> {
     let (engine_config, prompts) = workload(requests, output_tokens);
     let config = match variant.rates {
@@ -247,13 +268,8 @@ fn run_round(
         out: Arc::clone(samples),
         current: None,
     };
-    let runner = DeterministicRunner::new(
-        engine_config.num_kv_blocks,
-        engine_config.block_size,
-        BENCH_VOCAB,
-        PROMPT_TOKENS + output_tokens + 16,
-    );
-    let mut core = EngineCore::new(engine_config, Box::new(runner), Box::new(observer))
+    let runner = make_runner(&engine_config);
+    let mut core = EngineCore::new(engine_config, runner, Box::new(observer))
         .map_err(|e| StepTracingError::Config(format!("bench engine: {e}")))?;
     let params = SamplingParams {
         ignore_eos: true,
@@ -350,7 +366,8 @@ fn median(mut values: Vec<f64>) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// Runs every configuration `rounds` times, interleaved; one row per configuration.
+/// Runs every configuration `rounds` times, interleaved, on the deterministic runner; one row
+/// per configuration.
 pub fn run(
     requests: usize,
     output_tokens: usize,
@@ -358,27 +375,57 @@ pub fn run(
 ) -> Result<Vec<TracingBenchRow>, StepTracingError> {
     let requests = requests.clamp(1, 4096);
     let output_tokens = output_tokens.clamp(1, 8192);
+    run_variants(
+        &VARIANTS,
+        (requests, output_tokens, rounds),
+        &mut |config: &EngineConfig| {
+            Box::new(DeterministicRunner::new(
+                config.num_kv_blocks,
+                config.block_size,
+                BENCH_VOCAB,
+                PROMPT_TOKENS + output_tokens + 16,
+            ))
+        },
+    )
+}
+
+/// Runs each of `variants` `rounds` times, interleaved, on the runners `make_runner` builds
+/// (which must accept token ids below [`BENCH_VOCAB`] and hold [`kv_cache_needed`]); one row
+/// per variant, in the order given.
+pub fn run_variants(
+    variants: &[TracingVariant],
+    (requests, output_tokens, rounds): (usize, usize, usize),
+    make_runner: &mut RunnerFactory<'_>,
+) -> Result<Vec<TracingBenchRow>, StepTracingError> {
     let rounds = rounds.max(1);
-    let samples: Vec<_> = VARIANTS.iter().map(|_| Arc::default()).collect();
-    let mut results: Vec<Vec<RoundResult>> = VARIANTS.iter().map(|_| Vec::new()).collect();
-    // One unmeasured warm-up (page faults, Wasm compilation caches, allocator).
-    run_round(VARIANTS[3], requests.min(64), 8, &Arc::default())?;
-    run_round(VARIANTS[4], requests.min(64), 8, &Arc::default())?;
+    let samples: Vec<_> = variants.iter().map(|_| Arc::default()).collect();
+    let mut results: Vec<Vec<RoundResult>> = variants.iter().map(|_| Vec::new()).collect();
+    // Unmeasured warm-ups (page faults, Wasm compilation caches, allocator, GPU clocks): every
+    // variant once on a short workload.
+    for &variant in variants {
+        run_round(variant, requests.min(64), 8, &Arc::default(), make_runner)?;
+    }
     for round in 0..rounds {
         // Rotate the order each round so no configuration always runs first or last.
-        for k in 0..VARIANTS.len() {
-            let i = (round + k) % VARIANTS.len();
-            let result = run_round(VARIANTS[i], requests, output_tokens, &samples[i])?;
+        for k in 0..variants.len() {
+            let i = (round + k) % variants.len();
+            let result = run_round(
+                variants[i],
+                requests,
+                output_tokens,
+                &samples[i],
+                make_runner,
+            )?;
             if std::env::var_os("STEPSCOPE_BENCH_VERBOSE").is_some() {
                 eprintln!(
                     "round {round} {:<20} {:>10.0} tokens/s {:>8.1} us/step",
-                    VARIANTS[i].label, result.tokens_per_s, result.step_mean_us
+                    variants[i].label, result.tokens_per_s, result.step_mean_us
                 );
             }
             results[i].push(result);
         }
     }
-    Ok(VARIANTS
+    Ok(variants
         .iter()
         .zip(results)
         .zip(samples)
