@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Write F16, Q8_0 and Q4_K_M variants of SmolLM2-135M-Instruct's Q4_1 GGUF, for the llama.cpp
-benchmark and the K-quant tests.
+"""Write F16, Q8_0, Q4_K_M and Q5_0 variants of SmolLM2-135M-Instruct's Q4_1 GGUF, for the
+llama.cpp benchmark and the K-quant and Q5_0 tests.
 
     .cache/venv/bin/python scripts/make_gguf_variants.py [SOURCE.gguf] [--force]
 
@@ -12,6 +12,7 @@ there) and writes next to it:
     SmolLM2-135M-Instruct.Q4_K_M.gguf the F16 variant quantized by llama.cpp's own quantizer
                                       (LLAMA_FTYPE_MOSTLY_Q4_K_M), only when
                                       scripts/setup-llamacpp.sh has installed llama.cpp's prebuilt
+    SmolLM2-135M-Instruct.Q5_0.gguf   the same with LLAMA_FTYPE_MOSTLY_Q5_0
 
 The F16 and Q8_0 variants keep all metadata (every KV pair copied with its type; general.file_type set to
 MOSTLY_F16 = 1 / MOSTLY_Q8_0 = 7) and the tensors' names and order; 1-D tensors (the norms) stay
@@ -56,7 +57,7 @@ LLAMACPP_BINS = ROOT / ".cache" / "llamacpp" / "node_modules" / "@node-llama-cpp
 
 def output_path(source: Path, tag: str) -> Path:
     stem = source.name.removesuffix(".gguf")
-    for old in ("Q4_1", "Q4_0", "Q8_0", "F16", "F32", "BF16", "Q4_K_M"):
+    for old in ("Q4_1", "Q4_0", "Q8_0", "F16", "F32", "BF16", "Q4_K_M", "Q5_0"):
         if stem.endswith("." + old):
             stem = stem[: -len(old) - 1]
             break
@@ -159,11 +160,12 @@ class QuantizeParams(ctypes.Structure):
     _fields_ = [("nthread", ctypes.c_int32), ("ftype", ctypes.c_int32), ("rest", ctypes.c_ubyte * 248)]
 
 
-LLAMA_FTYPE_MOSTLY_Q4_K_M = 15
+# file-name tag -> llama.h's llama_ftype
+LLAMACPP_VARIANTS = {"Q4_K_M": 15, "Q5_0": 8}
 
 
-def quantize_with_llamacpp(f16: Path, dest: Path) -> None:
-    """llama-quantize F16 -> Q4_K_M with the prebuilt libllama's llama_model_quantize."""
+def quantize_with_llamacpp(f16: Path, dest: Path, ftype: int) -> None:
+    """llama-quantize F16 -> `ftype` with the prebuilt libllama's llama_model_quantize."""
     libs = sorted(LLAMACPP_BINS.glob("libllama.*so")) + sorted(LLAMACPP_BINS.glob("libllama.so*"))
     if not libs:
         sys.exit(f"[make_gguf_variants] error: no libllama in {LLAMACPP_BINS}")
@@ -173,7 +175,7 @@ def quantize_with_llamacpp(f16: Path, dest: Path) -> None:
     lib.llama_model_quantize.restype = ctypes.c_uint32
     params = lib.llama_model_quantize_default_params()
     params.nthread = os.cpu_count() or 1
-    params.ftype = LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.ftype = ftype
     tmp = dest.with_name(dest.name + f".tmp.{os.getpid()}")
     rc = lib.llama_model_quantize(str(f16).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0:
@@ -205,17 +207,19 @@ def main() -> int:
         start = time.time()
         convert(source, target_type, dest)
         print(f"[make_gguf_variants]   ({time.time() - start:.1f} s)")
-    f16, dest = output_path(source, "F16"), output_path(source, "Q4_K_M")
-    if not LLAMACPP_BINS.is_dir():
-        print(f"[make_gguf_variants] skipping {dest.name}: llama.cpp's prebuilt is not installed "
-              "(run scripts/setup-llamacpp.sh)")
-    elif not args.force and dest.is_file() and dest.stat().st_mtime > f16.stat().st_mtime:
-        print(f"[make_gguf_variants] up to date: {dest}")
-    else:
-        start = time.time()
-        quantize_with_llamacpp(f16, dest)
-        check(source, dest, None)
-        print(f"[make_gguf_variants]   ({time.time() - start:.1f} s)")
+    f16 = output_path(source, "F16")
+    for tag, ftype in LLAMACPP_VARIANTS.items():
+        dest = output_path(source, tag)
+        if not LLAMACPP_BINS.is_dir():
+            print(f"[make_gguf_variants] skipping {dest.name}: llama.cpp's prebuilt is not installed "
+                  "(run scripts/setup-llamacpp.sh)")
+        elif not args.force and dest.is_file() and dest.stat().st_mtime > f16.stat().st_mtime:
+            print(f"[make_gguf_variants] up to date: {dest}")
+        else:
+            start = time.time()
+            quantize_with_llamacpp(f16, dest, ftype)
+            check(source, dest, None)
+            print(f"[make_gguf_variants]   ({time.time() - start:.1f} s)")
     return 0
 
 

@@ -84,7 +84,7 @@ pub fn cpu_throughput_bench(
         println!(
             "model {} | {} weights, {:.1} MB, resident {} | prompt {BENCH_PROMPT_LEN} tokens | {BENCH_DECODE_STEPS} decode steps | {threads} threads",
             info.name,
-            weights.matrix_format(),
+            weights.matrix_formats(),
             weights.byte_len() as f64 / 1e6,
             rss_after_load_bytes.map_or("?".into(), |r| format!("{:.1} MB", r as f64 / 1e6)),
         );

@@ -1,8 +1,9 @@
 //! A Llama-family model (llama, qwen2) served straight from a GGUF file: the hyper-parameters,
 //! the byte-level BPE tokenizer (vocabulary, merges, token types, pre-tokenizer), the special
 //! tokens and chat template all come from the GGUF metadata, and the weights stay in their
-//! block formats (Q8_0, Q4_0, Q4_1, F16, BF16) inside the file's memory map, or are converted
-//! at load (Q4_K, Q6_K, Q5_0: see `kquant`). This mirrors
+//! block formats (Q8_0, Q5_0, Q4_0, Q4_1, F16, BF16) inside the file's memory map, or are
+//! converted at load (Q4_K, Q6_K, and Q5_0 in a fused stack with other formats: see `kquant`).
+//! This mirrors
 //! `scripts/gguf_to_hf.py`, which the tests use as the reference: the config and
 //! tokenizer built here are those the converter writes, and llama.cpp's interleaved Q/K rows
 //! are put back in Hugging Face order (the only rows copied out of the map, besides the
@@ -335,6 +336,7 @@ fn tensor_format(file: &GgufFile, t: &GgufTensor) -> Result<TensorFormat, ModelE
         2 => BlockFormat::Q4_0,
         3 => BlockFormat::Q4_1,
         8 => BlockFormat::Q8_0,
+        6 => BlockFormat::Q5_0,
         other => {
             return ConvertedFormat::from_ggml_type(other)
                 .map(TensorFormat::Converted)
@@ -342,8 +344,8 @@ fn tensor_format(file: &GgufFile, t: &GgufTensor) -> Result<TensorFormat, ModelE
                     path: file.path.clone(),
                     tensor: t.name.clone(),
                     message: format!(
-                        "{} is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1; \
-                         Q4_K, Q6_K and Q5_0 converted at load)",
+                        "{} is not supported (supported: F32, F16, BF16, Q8_0, Q5_0, Q4_0, \
+                         Q4_1; Q4_K and Q6_K converted at load)",
                         ggml_type_name(other)
                     ),
                 });
@@ -397,9 +399,9 @@ impl Tensors<'_> {
     }
 
     /// Matrices fused row-wise (q/k/v, gate/up), each `(name, rows, heads)` and `cols` wide.
-    /// The parts must end up in one format: Q4_K parts beside a part in any format but Q4_1
-    /// are converted to Q8_0 (instead of Q4_1), as the Q6_K and Q5_0 parts of K-quant files
-    /// are.
+    /// The parts must end up in one format: where they would not (K-quant files mix Q5_0, Q8_0
+    /// and converted Q4_K/Q6_K parts), every Q5_0 part and every K-quant part is converted to
+    /// Q8_0 (Q4_K instead of to Q4_1).
     fn fused(
         &self,
         what: &str,
@@ -410,11 +412,7 @@ impl Tensors<'_> {
         for (name, rows, _) in parts {
             formats.push(tensor_format(self.file, self.get(name, &[cols, *rows])?)?);
         }
-        let q4_k = TensorFormat::Converted(ConvertedFormat::Q4K);
-        let q8 = formats.contains(&q4_k)
-            && formats
-                .iter()
-                .any(|f| f.loaded() != Some(BlockFormat::Q4_1));
+        let q8 = formats.iter().any(|f| f.loaded() != formats[0].loaded());
         let mats = parts
             .iter()
             .map(|(name, rows, heads)| self.matrix_as(name, *rows, cols, *heads, q8))
@@ -428,7 +426,8 @@ impl Tensors<'_> {
     }
 
     /// [`Self::matrix`], with `heads` the rows un-interleaved from llama.cpp's rotary layout
-    /// (and so copied), and with `q8` Q4_K converted to Q8_0 instead of Q4_1.
+    /// (and so copied), and with `q8` Q5_0 and K-quants converted to Q8_0 (Q4_K instead of to
+    /// Q4_1).
     fn matrix_as(
         &self,
         name: &str,
@@ -439,7 +438,12 @@ impl Tensors<'_> {
     ) -> Result<WeightMatrix, ModelError> {
         let t = self.get(name, &[cols, rows])?;
         let bytes = self.file.bytes(t);
-        let format = tensor_format(self.file, t)?;
+        let format = match tensor_format(self.file, t)? {
+            TensorFormat::Blocks(BlockFormat::Q5_0) if q8 => {
+                TensorFormat::Converted(ConvertedFormat::Q5_0)
+            }
+            other => other,
+        };
         let row_bytes = format.row_bytes(cols);
         let order = match heads {
             Some(h) => unpermuted_rows(rows, h).map_err(|m| self.err(name, m))?,

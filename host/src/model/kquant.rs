@@ -6,16 +6,17 @@
 //! weight. Q6_K (16 sub-blocks of 16 with int8 scales, 6-bit quants) becomes Q8_0 by
 //! re-quantizing each pair of sub-blocks to one f16 scale `d' ≈ max|x|/127`: at most half a
 //! Q8_0 step (`d'/2`) per element; 6.56 → 8.5 bits. Q5_0 (the fallback llama.cpp writes into
-//! K-quant files for rows that are not whole super-blocks) becomes Q8_0 exactly: the same scale,
-//! the 5-bit quants as int8; 5.5 → 8.5 bits. Where a fused q/k/v or gate/up stack mixes a Q4_K
-//! tensor with one converted to Q8_0, the Q4_K rows are re-quantized to Q8_0 as Q6_K's are, so
-//! the stack has one format. The scalar dequantizers here follow ggml's `dequantize_row_*` and
+//! K-quant files for rows that are not whole super-blocks) runs as stored (`BlockFormat::Q5_0`);
+//! only where a fused q/k/v or gate/up stack mixes it with another format does it become Q8_0,
+//! exactly: the same scale, the 5-bit quants as int8; 5.5 → 8.5 bits. Likewise a Q4_K tensor in
+//! a stack with a part in Q8_0 is re-quantized to Q8_0 as Q6_K's are, so the stack has one
+//! format. The scalar dequantizers here follow ggml's `dequantize_row_*` and
 //! are the reference the conversions are measured against (`kquant_tests`).
 
 use half::f16;
 use rayon::prelude::*;
 
-use super::quant::{BlockFormat, QK, half_at};
+use super::quant::{BlockFormat, QK, half_at, q5_0_codes};
 
 /// Elements per K-quant super-block.
 pub const QK_K: usize = 256;
@@ -92,7 +93,7 @@ impl ConvertedFormat {
             match self {
                 ConvertedFormat::Q4K => dequantize_q4_k(b, o),
                 ConvertedFormat::Q6K => dequantize_q6_k(b, o),
-                ConvertedFormat::Q5_0 => dequantize_q5_0(b, o),
+                ConvertedFormat::Q5_0 => BlockFormat::Q5_0.dequantize_row(b, o),
             }
         }
     }
@@ -224,27 +225,6 @@ fn dequantize_q6_k(b: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Q5_0's 5-bit quants (0..31) of one block.
-fn q5_0_quants(b: &[u8]) -> [u8; QK] {
-    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-    let qs = &b[6..22];
-    let mut q = [0u8; QK];
-    for j in 0..QK / 2 {
-        let hi = |bit: usize| (((qh >> bit) & 1) << 4) as u8;
-        q[j] = (qs[j] & 0xF) | hi(j);
-        q[j + QK / 2] = (qs[j] >> 4) | hi(j + QK / 2);
-    }
-    q
-}
-
-/// ggml's `dequantize_row_q5_0` for one block.
-fn dequantize_q5_0(b: &[u8], out: &mut [f32]) {
-    let d = half_at(b, 0);
-    for (x, q) in out.iter_mut().zip(q5_0_quants(b)) {
-        *x = d * f32::from(q as i8 - 16);
-    }
-}
-
 /// One Q4_K super-block as 8 Q4_1 blocks (`out` 8 × 20 bytes): scale `f16(d·sc)`, minimum
 /// `f16(−dmin·m)`, the same nibbles re-packed to Q4_1's order (element `i` low, `i + 16` high).
 fn q4_k_to_q4_1(b: &[u8], out: &mut [u8]) -> Result<(), String> {
@@ -271,7 +251,7 @@ fn q4_k_to_q4_1(b: &[u8], out: &mut [u8]) -> Result<(), String> {
 /// One Q5_0 block as a Q8_0 block, exactly: the same f16 scale, quants `q − 16` as int8.
 fn q5_0_to_q8_0(b: &[u8], out: &mut [u8]) {
     out[..2].copy_from_slice(&b[..2]);
-    for (o, q) in out[2..].iter_mut().zip(q5_0_quants(b)) {
+    for (o, q) in out[2..].iter_mut().zip(q5_0_codes(b)) {
         *o = (q as i8 - 16) as u8;
     }
 }

@@ -70,7 +70,7 @@ pub(crate) fn quantize_row(format: ConvertedFormat, x: &[f32]) -> Vec<u8> {
         match format {
             Q4K => quantize_q4_k(blk, &mut out),
             Q6K => quantize_q6_k(blk, &mut out),
-            Q5_0 => quantize_q5_0(blk, &mut out),
+            Q5_0 => out.extend(BlockFormat::Q5_0.quantize_row(blk)),
         }
     }
     out
@@ -157,23 +157,6 @@ fn quantize_q6_k(x: &[f32], out: &mut Vec<u8>) {
     out.extend(qh);
     out.extend(sc.iter().map(|s| *s as u8));
     out.extend(hd.to_le_bytes());
-}
-
-/// llama.cpp's `quantize_row_q5_0_ref`.
-fn quantize_q5_0(x: &[f32], out: &mut Vec<u8>) {
-    let max = x
-        .iter()
-        .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
-    let d = max / -16.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let q: Vec<u8> = x
-        .iter()
-        .map(|v| ((v * id + 16.5) as i32).clamp(0, 31) as u8)
-        .collect();
-    out.extend(f16::from_f32(d).to_le_bytes());
-    let qh = (0..QK).fold(0u32, |a, j| a | (u32::from(q[j] >> 4) << j));
-    out.extend(qh.to_le_bytes());
-    out.extend((0..QK / 2).map(|j| (q[j] & 0xF) | ((q[j + QK / 2] & 0xF) << 4)));
 }
 
 /// Random bytes for a row of `blocks` blocks, f16 fields finite (magnitudes 1e-6..1, either

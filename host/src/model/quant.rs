@@ -1,4 +1,4 @@
-//! Block formats of weights kept in llama.cpp's layouts (GGUF's Q8_0, Q4_0, Q4_1) or in half
+//! Block formats of weights kept in llama.cpp's layouts (GGUF's Q8_0, Q5_0, Q4_0, Q4_1) or in half
 //! precision (f16, bf16): the byte layout of one block, scalar reference dequantization
 //! ([`BlockFormat::dequantize_row`]), and reference quantizers that follow llama.cpp's
 //! `quantize_row_*_ref` (used to build test matrices and by nothing on the serving path). The
@@ -19,6 +19,9 @@ pub enum BlockFormat {
     Q4_0,
     /// `{ d: f16, m: f16, qs: [u8; 16] }`: nibbles as Q4_0; x = d·q + m.
     Q4_1,
+    /// `{ d: f16, qh: u32, qs: [u8; 16] }`: nibbles as Q4_0, bit j of `qh` (little-endian) the
+    /// fifth bit of element j; x = d·(q − 16).
+    Q5_0,
     /// IEEE half precision, one element per "block".
     F16,
     /// bfloat16, one element per "block".
@@ -29,7 +32,7 @@ impl BlockFormat {
     /// Elements per block.
     pub const fn block_len(self) -> usize {
         match self {
-            BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q4_1 => QK,
+            BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q5_0 => QK,
             BlockFormat::F16 | BlockFormat::Bf16 => 1,
         }
     }
@@ -40,15 +43,16 @@ impl BlockFormat {
             BlockFormat::Q8_0 => 2 + QK,
             BlockFormat::Q4_0 => 2 + QK / 2,
             BlockFormat::Q4_1 => 4 + QK / 2,
+            BlockFormat::Q5_0 => 6 + QK / 2,
             BlockFormat::F16 | BlockFormat::Bf16 => 2,
         }
     }
 
-    /// Whether rows are quantized to 8 or 4 bits (as opposed to half precision).
+    /// Whether rows are quantized to 8, 5 or 4 bits (as opposed to half precision).
     pub const fn is_quantized(self) -> bool {
         matches!(
             self,
-            BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q4_1
+            BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q5_0
         )
     }
 
@@ -63,6 +67,7 @@ impl BlockFormat {
             BlockFormat::Q8_0 => "Q8_0",
             BlockFormat::Q4_0 => "Q4_0",
             BlockFormat::Q4_1 => "Q4_1",
+            BlockFormat::Q5_0 => "Q5_0",
             BlockFormat::F16 => "F16",
             BlockFormat::Bf16 => "BF16",
         }
@@ -102,6 +107,14 @@ impl BlockFormat {
                     for (j, &q) in qs.iter().enumerate() {
                         o[j] = d * f32::from(q & 0xF) + m;
                         o[j + QK / 2] = d * f32::from(q >> 4) + m;
+                    }
+                }
+            }
+            BlockFormat::Q5_0 => {
+                for (o, b) in out.chunks_exact_mut(QK).zip(bytes.chunks_exact(22)) {
+                    let d = half_at(b, 0);
+                    for (x, q) in o.iter_mut().zip(q5_0_codes(b)) {
+                        *x = d * f32::from(q as i8 - 16);
                     }
                 }
             }
@@ -157,9 +170,44 @@ impl BlockFormat {
                     }
                 }
             }
+            BlockFormat::Q5_0 => {
+                for blk in x.chunks_exact(QK) {
+                    // As Q4_0: the value of largest magnitude, sign kept, maps to -16.
+                    let max = blk
+                        .iter()
+                        .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+                    let d = max / -16.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    out.extend(f16::from_f32(d).to_le_bytes());
+                    let q: Vec<u8> = blk
+                        .iter()
+                        .map(|&v| ((v * id + 16.5) as i32).clamp(0, 31) as u8)
+                        .collect();
+                    let qh = q
+                        .iter()
+                        .enumerate()
+                        .fold(0u32, |h, (j, &q)| h | (u32::from(q >> 4) << j));
+                    out.extend(qh.to_le_bytes());
+                    for j in 0..QK / 2 {
+                        out.push((q[j] & 0xF) | ((q[j + QK / 2] & 0xF) << 4));
+                    }
+                }
+            }
         }
         out
     }
+}
+
+/// Q5_0's 5-bit codes (0..31, the value is `d·(code − 16)`) of one row-major block.
+pub fn q5_0_codes(b: &[u8]) -> [u8; QK] {
+    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+    let mut q = [0u8; QK];
+    for (j, &byte) in b[6..6 + QK / 2].iter().enumerate() {
+        let high = |bit: usize| (((qh >> bit) & 1) << 4) as u8;
+        q[j] = (byte & 0xF) | high(j);
+        q[j + QK / 2] = (byte >> 4) | high(j + QK / 2);
+    }
+    q
 }
 
 /// The little-endian f16 at `at` in `b`, as f32.
@@ -183,6 +231,7 @@ mod tests {
             // The side opposite the largest magnitude may clamp by up to one step.
             (BlockFormat::Q4_0, 2.0 / 8.0),
             (BlockFormat::Q4_1, 2.0 / 15.0),
+            (BlockFormat::Q5_0, 2.0 / 16.0),
             (BlockFormat::F16, 1e-3),
             (BlockFormat::Bf16, 1e-2),
         ] {
@@ -218,10 +267,12 @@ mod tests {
 /// Rows per interleaved group of the packed layout.
 pub const PACK_ROWS: usize = 8;
 
-/// Bytes of one 8-row group's header (8 f16 scales, and 8 f16 minima for Q4_1).
+/// Bytes of one 8-row group's header (8 f16 scales; then Q4_1's 8 f16 minima, or Q5_0's fifth
+/// bits as 32 bytes, see [`pack_rows`]).
 pub const fn packed_header_bytes(format: BlockFormat) -> usize {
     match format {
         BlockFormat::Q4_1 => 32,
+        BlockFormat::Q5_0 => 48,
         _ => 16,
     }
 }
@@ -230,8 +281,13 @@ pub const fn packed_header_bytes(format: BlockFormat) -> usize {
 /// interleaved layout the int8 kernels read: for each group and each 32-element block, the 8
 /// rows' scales (then Q4_1's 8 minima), then the quant bytes four at a time, row after row
 /// (`t`-th 4 bytes of rows 0..8, then the `t+1`-th ...). A 32-bit lane of a vector load is then
-/// four weights of one row, so one `vpdpbusd` advances 8 rows at once. The byte count is
-/// unchanged; rows past the last whole group stay row-major after the groups.
+/// four weights of one row, so one `vpdpbusd` advances 8 rows at once. Q5_0's fifth bits come
+/// after the scales as 32 bytes `h` laid out like one such vector load: bit `t` of `h[4l + i]` is
+/// the fifth bit of row `l`'s element `4t + i`, the element whose low four bits the kernels
+/// unpack into byte `4l + i` of their `t`-th code vector (`t < 4`: low nibbles of quant bytes
+/// `4t..4t + 4`, `t ≥ 4`: high nibbles of bytes `4(t − 4)..`), so one shift and mask moves them
+/// into place. The byte count is unchanged; rows past the last whole group stay row-major after
+/// the groups.
 pub fn pack_rows(format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) -> Vec<u8> {
     assert!(format.is_quantized(), "only quantized formats are packed");
     let (bb, nb) = (format.block_bytes(), cols / QK);
@@ -250,10 +306,26 @@ pub fn pack_rows(format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) ->
             for l in 0..PACK_ROWS {
                 out.extend_from_slice(&block(l)[..2]);
             }
-            if format == BlockFormat::Q4_1 {
-                for l in 0..PACK_ROWS {
-                    out.extend_from_slice(&block(l)[2..4]);
+            match format {
+                BlockFormat::Q4_1 => {
+                    for l in 0..PACK_ROWS {
+                        out.extend_from_slice(&block(l)[2..4]);
+                    }
                 }
+                BlockFormat::Q5_0 => {
+                    for l in 0..PACK_ROWS {
+                        let qh = u32::from_le_bytes([
+                            block(l)[2],
+                            block(l)[3],
+                            block(l)[4],
+                            block(l)[5],
+                        ]);
+                        out.extend((0..4).map(|i| {
+                            (0..8).fold(0u8, |h, t| h | ((((qh >> (4 * t + i)) & 1) as u8) << t))
+                        }));
+                    }
+                }
+                _ => {}
             }
             for t in 0..(bb - qs_at) / 4 {
                 for l in 0..PACK_ROWS {
@@ -266,6 +338,32 @@ pub fn pack_rows(format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) ->
     out
 }
 
+/// Row `l`'s block, row-major, from one packed group block `gb` ([`PACK_ROWS`] blocks of
+/// `format` as [`pack_rows`] lays them out), written to `out` (one block long).
+pub fn unpack_block(format: BlockFormat, gb: &[u8], l: usize, out: &mut [u8]) {
+    let (bb, header) = (format.block_bytes(), packed_header_bytes(format));
+    let qs_at = header / PACK_ROWS;
+    out[..2].copy_from_slice(&gb[2 * l..2 * l + 2]);
+    match format {
+        BlockFormat::Q4_1 => out[2..4].copy_from_slice(&gb[16 + 2 * l..16 + 2 * l + 2]),
+        BlockFormat::Q5_0 => {
+            let h = &gb[16 + 4 * l..16 + 4 * l + 4];
+            let mut qh = 0u32;
+            for (i, &byte) in h.iter().enumerate() {
+                for t in 0..8 {
+                    qh |= u32::from((byte >> t) & 1) << (4 * t + i);
+                }
+            }
+            out[2..6].copy_from_slice(&qh.to_le_bytes());
+        }
+        _ => {}
+    }
+    for t in 0..(bb - qs_at) / 4 {
+        let at = header + t * 4 * PACK_ROWS + 4 * l;
+        out[qs_at + 4 * t..qs_at + 4 * t + 4].copy_from_slice(&gb[at..at + 4]);
+    }
+}
+
 /// Row `i` of a [`pack_rows`] buffer, back in row-major block layout.
 pub fn packed_row(format: BlockFormat, cols: usize, packed: &[u8], i: usize) -> Vec<u8> {
     let (bb, nb) = (format.block_bytes(), cols / QK);
@@ -275,20 +373,11 @@ pub fn packed_row(format: BlockFormat, cols: usize, packed: &[u8], i: usize) -> 
         let at = i * row_bytes;
         return packed[at..at + row_bytes].to_vec();
     }
-    let header = packed_header_bytes(format);
-    let qs_at = header / PACK_ROWS;
     let (g, l) = (i / PACK_ROWS, i % PACK_ROWS);
-    let mut out = Vec::with_capacity(row_bytes);
-    for b in 0..nb {
+    let mut out = vec![0u8; row_bytes];
+    for (b, blk) in out.chunks_exact_mut(bb).enumerate() {
         let gb = &packed[(g * nb + b) * PACK_ROWS * bb..(g * nb + b + 1) * PACK_ROWS * bb];
-        out.extend_from_slice(&gb[2 * l..2 * l + 2]);
-        if format == BlockFormat::Q4_1 {
-            out.extend_from_slice(&gb[16 + 2 * l..16 + 2 * l + 2]);
-        }
-        for t in 0..(bb - qs_at) / 4 {
-            let at = header + t * 4 * PACK_ROWS + 4 * l;
-            out.extend_from_slice(&gb[at..at + 4]);
-        }
+        unpack_block(format, gb, l, blk);
     }
     out
 }
@@ -296,10 +385,48 @@ pub fn packed_row(format: BlockFormat, cols: usize, packed: &[u8], i: usize) -> 
 #[cfg(test)]
 mod pack_tests {
     use super::*;
+    use crate::splitmix::SplitMix64;
+
+    /// Where the x86 kernels read a packed Q5_0 code: the low four bits from the nibble of
+    /// quant vector `t % 4` (low nibbles for `t < 4`), the fifth from bit `t` of the `h` byte at
+    /// the same position; every code of every row must come out as the row-major block has it.
+    #[test]
+    fn q5_0_fifth_bits_sit_where_the_kernels_read_them() {
+        let (rows, cols) = (16, 96);
+        let mut rng = SplitMix64::new(5);
+        let x: Vec<f32> = (0..rows * cols).map(|_| rng.uniform() - 0.5).collect();
+        let format = BlockFormat::Q5_0;
+        let bytes = format.quantize_row(&x);
+        let packed = pack_rows(format, rows, cols, &bytes);
+        let (bb, nb) = (format.block_bytes(), cols / QK);
+        let header = packed_header_bytes(format);
+        for g in 0..rows / PACK_ROWS {
+            for b in 0..nb {
+                let gb = &packed[(g * nb + b) * PACK_ROWS * bb..][..PACK_ROWS * bb];
+                for l in 0..PACK_ROWS {
+                    let at = ((g * PACK_ROWS + l) * nb + b) * bb;
+                    let want = q5_0_codes(&bytes[at..at + bb]);
+                    for t in 0..8 {
+                        for i in 0..4 {
+                            let byte = gb[header + (t % 4) * 32 + 4 * l + i];
+                            let nibble = if t < 4 { byte & 0xF } else { byte >> 4 };
+                            let fifth = (gb[16 + 4 * l + i] >> t) & 1;
+                            assert_eq!(nibble | (fifth << 4), want[4 * t + i], "row {l} t {t}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn packing_round_trips_every_row() {
-        for format in [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4_1] {
+        for format in [
+            BlockFormat::Q8_0,
+            BlockFormat::Q4_0,
+            BlockFormat::Q4_1,
+            BlockFormat::Q5_0,
+        ] {
             for rows in [1, 8, 13, 24] {
                 let cols = 64;
                 let rb = format.row_bytes(cols);

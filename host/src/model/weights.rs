@@ -177,6 +177,26 @@ impl LlamaWeights {
             .map_or(self.embed.format_name(), |l| l.qkv.format_name())
     }
 
+    /// Every storage format among the matrices, the one holding the most bytes first
+    /// (`Q5_0+Q8_0+Q4_1` for a Q4_K_M file of a small model), for reports.
+    pub fn matrix_formats(&self) -> String {
+        let mut bytes: Vec<(&'static str, usize)> = Vec::new();
+        let matrices = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+            .chain([&self.embed])
+            .chain(self.lm_head.as_ref());
+        for m in matrices {
+            match bytes.iter_mut().find(|(name, _)| *name == m.format_name()) {
+                Some((_, total)) => *total += m.byte_len(),
+                None => bytes.push((m.format_name(), m.byte_len())),
+            }
+        }
+        bytes.sort_by_key(|b| std::cmp::Reverse(b.1));
+        bytes.iter().map(|(name, _)| *name).collect::<Vec<_>>().join("+")
+    }
+
     /// A copy with every matrix in f32 (what a backend that only computes in f32 uploads).
     pub fn to_f32(&self) -> LlamaWeights {
         let f = |m: &WeightMatrix| WeightMatrix::F32(m.to_f32().into_owned());

@@ -17,7 +17,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{MatmulScratch, scatter_transposed};
-use crate::model::quant::{BlockFormat, PACK_ROWS, QK, half_at, packed_header_bytes};
+use crate::model::quant::{BlockFormat, PACK_ROWS, QK, half_at, q5_0_codes, unpack_block};
 use crate::model::weight_matrix::BlockMatrix;
 
 /// 8-row groups per rayon task.
@@ -56,6 +56,7 @@ impl QuantizedActs {
         let offset = match format {
             BlockFormat::Q8_0 => 128,
             BlockFormat::Q4_0 => 8,
+            BlockFormat::Q5_0 => 16,
             _ => 0,
         };
         self.m = m;
@@ -318,6 +319,10 @@ fn block_codes(format: BlockFormat, blk: &[u8], codes: &mut [u8; QK]) -> (f32, f
             }
             (dw, 0.0)
         }
+        BlockFormat::Q5_0 => {
+            *codes = q5_0_codes(blk);
+            (dw, 0.0)
+        }
         _ => {
             let (mw, qs) = if format == BlockFormat::Q4_1 {
                 (half_at(blk, 2), &blk[4..])
@@ -376,8 +381,6 @@ fn groups_portable(
     dst: &mut [f32],
 ) {
     let (m, nb, bb) = (span.len, acts.k / QK, format.block_bytes());
-    let header = packed_header_bytes(format);
-    let qs_at = header / PACK_ROWS;
     let gbb = PACK_ROWS * bb;
     let mut blk = vec![0u8; bb];
     let mut codes = [0u8; QK];
@@ -386,14 +389,7 @@ fn groups_portable(
         for b in 0..nb {
             let gb = &groups[(g * nb + b) * gbb..(g * nb + b + 1) * gbb];
             for l in 0..PACK_ROWS {
-                blk[..2].copy_from_slice(&gb[2 * l..2 * l + 2]);
-                if format == BlockFormat::Q4_1 {
-                    blk[2..4].copy_from_slice(&gb[16 + 2 * l..16 + 2 * l + 2]);
-                }
-                for t in 0..(bb - qs_at) / 4 {
-                    let at = header + t * 4 * PACK_ROWS + 4 * l;
-                    blk[qs_at + 4 * t..qs_at + 4 * t + 4].copy_from_slice(&gb[at..at + 4]);
-                }
+                unpack_block(format, gb, l, &mut blk);
                 let (dw, mw) = block_codes(format, &blk, &mut codes);
                 for i in 0..m {
                     gdst[l * m + i] += block_dot(acts, (span.start + i) * nb + b, &codes, dw, mw);
@@ -413,11 +409,13 @@ mod x86 {
     const Q8_0: u8 = 0;
     const Q4_0: u8 = 1;
     const Q4_1: u8 = 2;
+    const Q5_0: u8 = 3;
 
     const fn block_bytes(f: u8) -> usize {
         match f {
             Q8_0 => 34,
             Q4_0 => 18,
+            Q5_0 => 22,
             _ => 20,
         }
     }
@@ -426,7 +424,11 @@ mod x86 {
     const CHAINS: usize = 2;
 
     const fn header_bytes(f: u8) -> usize {
-        if f == Q4_1 { 32 } else { 16 }
+        match f {
+            Q4_1 => 32,
+            Q5_0 => 48,
+            _ => 16,
+        }
     }
 
     macro_rules! group_kernel {
@@ -449,6 +451,7 @@ mod x86 {
                         BlockFormat::Q8_0 => $groups_f::<Q8_0>(acts, span, groups, dst),
                         BlockFormat::Q4_0 => $groups_f::<Q4_0>(acts, span, groups, dst),
                         BlockFormat::Q4_1 => $groups_f::<Q4_1>(acts, span, groups, dst),
+                        BlockFormat::Q5_0 => $groups_f::<Q5_0>(acts, span, groups, dst),
                         _ => unreachable!("half formats take the f32 path"),
                     }
                 }
@@ -537,6 +540,26 @@ mod x86 {
                                 let raw = _mm256_loadu_si256(qs.add(32 * t).cast());
                                 codes[t] = _mm256_and_si256(raw, low);
                                 codes[t + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
+                            }
+                            if F == Q5_0 {
+                                // Bit t of each byte of `h` is the fifth bit of code vector
+                                // t's byte there (see `quant::pack_rows`): move it to bit 4.
+                                // The 16-bit shifts move no other byte's bit into bit 4.
+                                let h = _mm256_loadu_si256(blk.add(16).cast());
+                                let bit4 = _mm256_set1_epi8(0x10);
+                                let fifth = [
+                                    _mm256_slli_epi16::<4>(h),
+                                    _mm256_slli_epi16::<3>(h),
+                                    _mm256_slli_epi16::<2>(h),
+                                    _mm256_slli_epi16::<1>(h),
+                                    h,
+                                    _mm256_srli_epi16::<1>(h),
+                                    _mm256_srli_epi16::<2>(h),
+                                    _mm256_srli_epi16::<3>(h),
+                                ];
+                                for (c, f) in codes.iter_mut().zip(fifth) {
+                                    *c = _mm256_or_si256(*c, _mm256_and_si256(f, bit4));
+                                }
                             }
                         }
                         for (r, acc_r) in acc.iter_mut().enumerate() {
@@ -671,7 +694,12 @@ mod tests {
     fn every_quantized_format_and_isa_matches_dequantize_then_multiply() {
         let mut rng = SplitMix64::new(11);
         // Odd shapes: rows not a multiple of any tile, several parts, 1..=MR+1 activation rows.
-        for format in [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4_1] {
+        for format in [
+            BlockFormat::Q8_0,
+            BlockFormat::Q4_0,
+            BlockFormat::Q4_1,
+            BlockFormat::Q5_0,
+        ] {
             for (n, k) in [(1, 32), (7, 64), (37, 96), (70, 160)] {
                 let a = Matrix::new(n, k, random(&mut rng, n * k));
                 let b = Matrix::new(3, k, random(&mut rng, 3 * k));
