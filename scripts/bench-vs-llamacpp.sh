@@ -118,7 +118,7 @@ flags = set(flags.split())
 rows = [json.loads(l) for l in open(results) if l.startswith("{")]
 
 def fmt_of(model):
-    m = re.search(r"\.(Q4_1|Q8_0|F16|F32|BF16|Q4_0)(\.gguf)?$", str(model))
+    m = re.search(r"\.(Q4_1|Q8_0|F16|F32|BF16|Q4_0|Q5_0|Q4_K_M)(\.gguf)?$", str(model))
     return m.group(1) if m else str(model)
 
 def median_at(engine, fmt, batch, key, n_threads):
