@@ -144,8 +144,8 @@ def check(source: Path, dest: Path, target_type: GGMLQuantizationType | None) ->
         vb = dequantize(tb.data, tb.tensor_type).reshape(-1)
         scale = float(np.abs(va).max()) or 1.0
         worst = max(worst, float(np.abs(va - vb).max()) / scale)
-    # F16 rounding is 2^-11 relative; Q8_0 is at most half a step of max|block|/127; Q4_K_M
-    # (target None) re-quantizes to 4-6 bits: a sanity bound only.
+    # F16 rounding is 2^-11 relative; Q8_0 is at most half a step of max|block|/127; llama.cpp's
+    # Q4_K_M and Q5_0 (target None) re-quantize to 4-6 bits: a sanity bound only.
     limit = {GGMLQuantizationType.F16: 1e-3, GGMLQuantizationType.Q8_0: 1.0 / 127, None: 0.1}[target_type]
     if worst > limit:
         sys.exit(f"[make_gguf_variants] error: {dest.name}: max error {worst:.2e} of max|w| > {limit:.1e}")

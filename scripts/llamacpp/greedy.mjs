@@ -33,7 +33,7 @@ function parseArgs(argv) {
     } else if (a.startsWith("--")) throw new Error(`unknown option ${a}`);
     else positional.push(a);
   }
-  if (positional.length !== 3) throw new Error("usage: node greedy.mjs MODEL.gguf CASES.json OUT.json [--threads N] [--max-new N]");
+  if (positional.length !== 3) throw new Error("usage: node greedy.mjs MODEL.gguf CASES.json OUT.json [--threads N] [--max-new N] [--kv-cache-type F16|F32] [--flash-attention auto|on|off]");
   if (!(Number.isInteger(opts.threads) && opts.threads > 0)) throw new Error("--threads must be a positive integer");
   if (!(Number.isInteger(opts.maxNew) && opts.maxNew > 0)) throw new Error("--max-new must be a positive integer");
   if (!["F16", "F32"].includes(opts.kvCacheType)) throw new Error("--kv-cache-type must be F16 or F32");
@@ -92,7 +92,10 @@ for (const c of input.cases) {
   );
   for await (const { token, probabilities } of gen) {
     outputIds.push(token);
-    const top = [...probabilities.entries()].sort((a, b) => b[1] - a[1]).slice(0, TOP_LOGPROBS);
+    // Most probable first; at an exact tie the greedy token first (it is llama.cpp's pick).
+    const top = [...probabilities.entries()]
+      .sort((a, b) => b[1] - a[1] || (b[0] === token) - (a[0] === token))
+      .slice(0, TOP_LOGPROBS);
     if (top[0][0] !== token) throw new Error(`greedy token ${token} is not the most probable ${top[0][0]}`);
     topLogprobs.push(top.map(([id, p]) => [id, Number(Math.log(p).toFixed(5))]));
     if (eosIds.has(token)) { stoppedAtEos = true; break; }

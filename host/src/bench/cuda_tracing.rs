@@ -10,7 +10,7 @@
 //! serves every round (each round a fresh engine over it). It prints tokens/s and step time per
 //! variant and each one's ratio to off, against the targets (default within 1 %,
 //! 1.0 / 1.0 within 5 %). It asserts only that every round ran and traced what its rates ask
-//! (a benchmark, not a timed test); the ratios are for the README.
+//! (a benchmark, not a timed test); the ratios go into the README's GPU table once run.
 //!
 //! [`EngineCore`]: crate::engine::EngineCore
 
@@ -127,7 +127,8 @@ fn cuda_tracing_overhead_benchmark() {
 }
 
 /// Every variant ran its rounds and sampled what its rates ask: none with tracing off, every
-/// step at 1.0 / 1.0, some but not all at the default rates (over thousands of steps).
+/// step at 1.0 / 1.0, not every step at the default rates (whether it sampled any at all is
+/// left to chance: about one step in a hundred).
 fn check_rows(rows: &[TracingBenchRow], rounds: usize) {
     let [off, default, full] = rows else {
         panic!("{} rows", rows.len())

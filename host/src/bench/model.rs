@@ -24,8 +24,9 @@ const BLOCK_SIZE: usize = 16;
 pub struct BenchRow {
     pub engine: &'static str,
     pub model: String,
-    /// The matrices' storage format (`F32`, `BF16`, `Q4_1`, ...).
-    pub weights: &'static str,
+    /// The matrices' storage formats, most bytes first (`F32`, `BF16`, `Q4_1`,
+    /// `Q8_0+Q5_0+Q4_1`, ...).
+    pub weights: String,
     pub threads: usize,
     pub batch_size: usize,
     pub prompt_len: usize,
@@ -97,7 +98,7 @@ pub fn cpu_throughput_bench(
         let row = BenchRow {
             engine: "stepscope",
             model: info.name.clone(),
-            weights: weights.matrix_format(),
+            weights: weights.matrix_formats(),
             threads,
             batch_size: b,
             prompt_len: BENCH_PROMPT_LEN,
@@ -200,7 +201,7 @@ mod tests {
             let rows = cpu_throughput_bench(BUILTIN_TINY, &[1, 2], storage, true).unwrap();
             assert_eq!(rows.len(), 2);
             for row in &rows {
-                assert_eq!((row.engine, row.weights), ("stepscope", name));
+                assert_eq!((row.engine, row.weights.as_str()), ("stepscope", name));
                 assert!(row.prefill_tokens_per_s > 0.0 && row.decode_tokens_per_s > 0.0);
                 assert!(row.weight_bytes > 0);
                 if cfg!(target_os = "linux") {

@@ -373,8 +373,6 @@ pub fn run(
     output_tokens: usize,
     rounds: usize,
 ) -> Result<Vec<TracingBenchRow>, StepTracingError> {
-    let requests = requests.clamp(1, 4096);
-    let output_tokens = output_tokens.clamp(1, 8192);
     run_variants(
         &VARIANTS,
         (requests, output_tokens, rounds),
@@ -383,7 +381,7 @@ pub fn run(
                 config.num_kv_blocks,
                 config.block_size,
                 BENCH_VOCAB,
-                PROMPT_TOKENS + output_tokens + 16,
+                max_sequence_len(output_tokens.clamp(1, 8192)) + 16,
             ))
         },
     )
@@ -397,12 +395,27 @@ pub fn run_variants(
     (requests, output_tokens, rounds): (usize, usize, usize),
     make_runner: &mut RunnerFactory<'_>,
 ) -> Result<Vec<TracingBenchRow>, StepTracingError> {
+    if variants.is_empty() {
+        return Ok(Vec::new());
+    }
+    let requests = requests.clamp(1, 4096);
+    let output_tokens = output_tokens.clamp(1, 8192);
     let rounds = rounds.max(1);
     let samples: Vec<_> = variants.iter().map(|_| Arc::default()).collect();
     let mut results: Vec<Vec<RoundResult>> = variants.iter().map(|_| Vec::new()).collect();
-    // Unmeasured warm-ups (page faults, Wasm compilation caches, allocator, GPU clocks): every
-    // variant once on a short workload.
-    for &variant in variants {
+    // Unmeasured warm-ups (page faults, Wasm compilation caches, allocator, GPU clocks and
+    // CUDA graphs) on a short workload: the 1.0 / 1.0 variants, which touch the most (else the
+    // first variant).
+    let full: Vec<TracingVariant> = variants
+        .iter()
+        .copied()
+        .filter(|v| v.rates == Some((1.0, 1.0)))
+        .collect();
+    for &variant in if full.is_empty() {
+        &variants[..1]
+    } else {
+        &full[..]
+    } {
         run_round(variant, requests.min(64), 8, &Arc::default(), make_runner)?;
     }
     for round in 0..rounds {

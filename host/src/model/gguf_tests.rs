@@ -154,8 +154,28 @@ fn llama_cpp_fixture(name: &str) -> LlamaCppFixture {
     let text = std::fs::read_to_string(root().join("tests/fixtures").join(name))
         .expect("the llama.cpp fixture is committed");
     let fixture: LlamaCppFixture = serde_json::from_str(&text).expect("parse the fixture");
-    for case in &fixture.cases {
-        assert_eq!(case.top_logprobs.len(), case.output_ids.len(), "{name}");
+    assert!(!fixture.cases.is_empty(), "{name}: no cases");
+    for (c, case) in fixture.cases.iter().enumerate() {
+        assert!(!case.output_ids.is_empty(), "{name} case {c}: no output");
+        assert_eq!(
+            case.top_logprobs.len(),
+            case.output_ids.len(),
+            "{name} case {c}"
+        );
+        for (n, (top, &token)) in case.top_logprobs.iter().zip(&case.output_ids).enumerate() {
+            assert!(
+                top.len() >= 4,
+                "{name} case {c} token {n}: fewer than 4 top tokens"
+            );
+            assert_eq!(
+                top[0].0, token,
+                "{name} case {c} token {n}: greedy token not first"
+            );
+            assert!(
+                top.windows(2).all(|w| w[0].1 >= w[1].1) && top.iter().all(|e| e.1.is_finite()),
+                "{name} case {c} token {n}: log-probabilities not finite and descending"
+            );
+        }
     }
     fixture
 }
@@ -164,14 +184,20 @@ fn llama_cpp_fixture(name: &str) -> LlamaCppFixture {
 /// both engines round activations to int8 per block of 32, independently and in different
 /// orders, which moves logits by a few hundredths (llama.cpp itself picks different tokens at
 /// such points depending on its attention path); a wider gap passes the teacher-forced test
-/// only where the f32 run of the same weights ranks as we do (on the Q4_K_M file, where
-/// llama.cpp rounds activations per 256 for its K-quant kernels, three positions: our gaps
-/// 0.51, 0.29, 0.14; on the Q5_0 file one, 0.22).
+/// only up to [`WIDE_TIE_LOGITS`] and where the f32 run of the same weights ranks as we do (on
+/// the Q4_K_M file, where llama.cpp rounds activations per 256 for its K-quant kernels, three
+/// positions: our gaps 0.51, 0.29, 0.14; on the Q5_0 file one, 0.22).
 const NEAR_TIE_LOGITS: f32 = 0.1;
 
-/// Teacher-forced over llama.cpp's greedy tokens (one forward with a logits row per position):
-/// at every position our greedy choice is llama.cpp's token, or llama.cpp's token is a near-tie
-/// with ours; and nearly all positions agree exactly.
+/// The widest gap the teacher-forced test lets pass where the f32 run of the weights we hold
+/// ranks our token above llama.cpp's too. That run shares everything but the int8 kernels
+/// (RoPE, norms, attention, the held weights: for K-quant files the converted ones, within
+/// 2⁻¹¹ or half a Q8_0 step of the exact values), so this cap, the logit agreement and the 95 %
+/// floor are what hold those parts to llama.cpp.
+const WIDE_TIE_LOGITS: f32 = 0.6;
+
+/// Teacher-forced over llama.cpp's greedy tokens, under the rule of
+/// [`greedy_tokens_equal_llama_cpps`] (near-ties, the f32 check, logit agreement, 95 % exact).
 #[test]
 fn q4_1_gguf_greedy_tokens_equal_llama_cpps_on_the_same_file() {
     let gguf = root().join(".cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -336,12 +362,12 @@ const LOGIT_AGREEMENT: f32 = 1.0;
 const LOGIT_AGREEMENT_K_QUANTS: f32 = 1.5;
 
 /// Teacher-forced over llama.cpp's greedy tokens (one forward with a logits row per position):
-/// nearly all positions pick llama.cpp's token; at every other position llama.cpp's token is a
-/// near-tie with ours (within `near_tie` logits), or else the weights we hold, run in f32 with
-/// no activation rounding, rank our token above llama.cpp's too (so llama.cpp's arithmetic, not
-/// ours, strays from the weights' exact result there; a fault in our int8 kernels would not
-/// show in the f32 path); and our logit differences between llama.cpp's four most likely tokens
-/// are within `agreement` of llama.cpp's.
+/// nearly all positions (95 %) pick llama.cpp's token; at every other position llama.cpp's
+/// token is a near-tie with ours (within `near_tie` logits), or else within
+/// [`WIDE_TIE_LOGITS`] and the weights we hold, run in f32 with no activation rounding, rank our
+/// token above llama.cpp's too (so llama.cpp's arithmetic, not our int8 kernels, strays from
+/// the weights' result there); and our logit differences between llama.cpp's four most likely
+/// tokens are within `agreement` of llama.cpp's.
 fn greedy_tokens_equal_llama_cpps(
     gguf: &std::path::Path,
     fixture_name: &str,
@@ -409,6 +435,11 @@ fn greedy_tokens_equal_llama_cpps(
                 })
                 .row(at);
             let f32_gap = f32_row[ours as usize] - f32_row[want as usize];
+            assert!(
+                gap <= WIDE_TIE_LOGITS,
+                "case {c} token {n}: we pick {ours}, llama.cpp {want}, {gap} logits apart \
+                 (limit {WIDE_TIE_LOGITS})"
+            );
             assert!(
                 f32_gap > 0.0,
                 "case {c} token {n}: we pick {ours}, llama.cpp {want}, {gap} logits apart, and \
@@ -580,5 +611,11 @@ fn q4_1_gguf_greedy_text_equals_llama_cpps_up_to_its_own_near_ties() {
     eprintln!(
         "tokens before the texts part: ours {equal_tokens}/{total}, \
          llama.cpp without flash attention {own_equal}/{total}"
+    );
+    // However the near-ties fall, the texts must not part early as a rule: at least half as
+    // many tokens agree as between llama.cpp's own two configurations.
+    assert!(
+        2 * equal_tokens >= own_equal,
+        "only {equal_tokens}/{total} tokens before the texts part (llama.cpp with itself: {own_equal})"
     );
 }

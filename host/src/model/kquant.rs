@@ -9,8 +9,8 @@
 //! K-quant files for rows that are not whole super-blocks) runs as stored (`BlockFormat::Q5_0`);
 //! only where a fused q/k/v or gate/up stack mixes it with another format does it become Q8_0,
 //! exactly: the same scale, the 5-bit quants as int8; 5.5 → 8.5 bits. Likewise a Q4_K tensor in
-//! a stack with a part in Q8_0 is re-quantized to Q8_0 as Q6_K's are, so the stack has one
-//! format. The scalar dequantizers here follow ggml's `dequantize_row_*` and
+//! a stack of mixed formats is re-quantized to Q8_0 as Q6_K's are, so the stack has one format
+//! (stacks that mix other formats, Q4_0 or Q4_1 beside Q8_0, say, are refused at load). The scalar dequantizers here follow ggml's `dequantize_row_*` and
 //! are the reference the conversions are measured against (`kquant_tests`).
 
 use half::f16;

@@ -194,7 +194,11 @@ impl LlamaWeights {
             }
         }
         bytes.sort_by_key(|b| std::cmp::Reverse(b.1));
-        bytes.iter().map(|(name, _)| *name).collect::<Vec<_>>().join("+")
+        bytes
+            .iter()
+            .map(|(name, _)| *name)
+            .collect::<Vec<_>>()
+            .join("+")
     }
 
     /// A copy with every matrix in f32 (what a backend that only computes in f32 uploads).

@@ -1,5 +1,5 @@
 //! Matrix multiplication with weights in a block format (`out = x · wᵀ`, `w` a
-//! [`BlockMatrix`]). For llama.cpp's Q8_0, Q4_0 and Q4_1 the activations are quantized per block
+//! [`BlockMatrix`]). For llama.cpp's Q8_0, Q5_0, Q4_0 and Q4_1 the activations are quantized per block
 //! of 32 to int8 with an f16 scale, as llama.cpp does (`quantize_row_q8_0`/`q8_1`), and the
 //! weights are read in the 8-row interleaved layout they were packed into at load
 //! ([`pack_rows`](crate::model::quant::pack_rows)): each 32-bit lane of a weight vector holds
@@ -7,8 +7,10 @@
 //! activation bytes advances 8 output columns, and each block's 8 scales convert with one
 //! instruction. The dot products use AVX-512 VNNI (`vpdpbusd`, unsigned × signed bytes) where
 //! the CPU has it, AVX2 (`vpmaddubsw` + `vpmaddwd`) otherwise, and plain Rust elsewhere (aarch64
-//! builds too). Weights are unsigned codes: Q4 nibbles 0..15, Q8_0 bytes offset by 128 (VNNI);
-//! the offset (8 or 128) times the activation block's sum seeds the integer accumulator, and
+//! builds too). Weights are unsigned codes: Q4 nibbles 0..15, Q5_0 codes 0..31 (a nibble and the
+//! fifth bit, put in place with one shift and mask per code vector), Q8_0 bytes offset by 128
+//! (VNNI); the offset (8, 16 or 128) times the activation block's sum seeds the integer
+//! accumulator, and
 //! Q4_1's minimum times that sum is added in f32. Rows past the last whole group of 8 go
 //! through a scalar row kernel. Half-precision weights (f16, bf16) go to `half_matmul`. Work is
 //! split over groups of output columns
