@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::engine::model_runner::{BatchEntry, Logits, ModelBatch, ModelRunner};
-use crate::model::KvCacheShape;
 use crate::model::tiny::tiny_weights;
+use crate::model::{KvCacheShape, LlamaWeights, ModelConfig};
 use crate::splitmix::SplitMix64;
 
 use crate::backend::cuda::CudaModelRunner;
@@ -272,6 +272,19 @@ fn measure(
     (median(greedy), median(full), mean_ctx, prof)
 }
 
+/// The random Llama of realistic size ([`realistic_config`]) and its weights, timed.
+pub(super) fn realistic_random_weights() -> (ModelConfig, Arc<LlamaWeights>) {
+    let cfg = realistic_config();
+    let t0 = Instant::now();
+    let weights = Arc::new(tiny_weights(&cfg));
+    eprintln!(
+        "random weights: {} params in {:.1} s",
+        weights.num_params(),
+        t0.elapsed().as_secs_f64()
+    );
+    (cfg, weights)
+}
+
 /// Steps of [`CudaModelRunner::profile_step`] per batch size.
 const PROFILED_STEPS: usize = 5;
 
@@ -308,14 +321,7 @@ fn cuda_decode_benchmark() {
     let warmup = 3;
     let batches = [1usize, 32, 128];
     let max_batch = *batches.iter().max().expect("batches");
-    let cfg = realistic_config();
-    let t0 = Instant::now();
-    let weights = Arc::new(tiny_weights(&cfg));
-    eprintln!(
-        "random weights: {} params in {:.1} s",
-        weights.num_params(),
-        t0.elapsed().as_secs_f64()
-    );
+    let (cfg, weights) = realistic_random_weights();
     let bs = 16;
     // warm-up, timed steps with device argmax and with logits, 5 profiled steps
     let per_seq = (context + warmup + 2 * steps + PROFILED_STEPS + 1).div_ceil(bs);

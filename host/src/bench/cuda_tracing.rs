@@ -15,15 +15,14 @@
 //! [`EngineCore`]: crate::engine::EngineCore
 
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
 
+use super::cuda::realistic_random_weights;
 use super::step_tracing::{self, TracingBenchRow, VARIANTS};
 use crate::backend::cuda::CudaModelRunner;
 use crate::backend::cuda::runner::CudaOptions;
-use crate::backend::cuda::tests::{device_or_skip, realistic_config};
+use crate::backend::cuda::tests::device_or_skip;
 use crate::engine::model_runner::{BatchLimits, Logits, ModelBatch, ModelRunner, ModelRunnerError};
 use crate::model::KvCacheShape;
-use crate::model::tiny::tiny_weights;
 
 /// One runner behind every round's engine.
 struct SharedRunner(Arc<Mutex<CudaModelRunner>>);
@@ -60,14 +59,7 @@ fn cuda_tracing_overhead_benchmark() {
     let requests = env("STEPSCOPE_BENCH_REQUESTS", 32);
     let output_tokens = env("STEPSCOPE_BENCH_OUTPUT_TOKENS", 128);
     let rounds = env("STEPSCOPE_BENCH_ROUNDS", 5);
-    let cfg = realistic_config();
-    let t0 = Instant::now();
-    let weights = Arc::new(tiny_weights(&cfg));
-    eprintln!(
-        "random weights: {} params in {:.1} s",
-        weights.num_params(),
-        t0.elapsed().as_secs_f64()
-    );
+    let (cfg, weights) = realistic_random_weights();
     let (block_size, num_blocks) = step_tracing::kv_cache_needed(requests, output_tokens);
     let kv = KvCacheShape {
         num_blocks,

@@ -200,22 +200,48 @@ const WIDE_TIE_LOGITS: f32 = 0.6;
 /// [`greedy_tokens_equal_llama_cpps`] (near-ties, the f32 check, logit agreement, 95 % exact).
 #[test]
 fn q4_1_gguf_greedy_tokens_equal_llama_cpps_on_the_same_file() {
-    let gguf = root().join(".cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !gguf.is_file() {
-        assert!(
-            std::env::var_os("STEPSCOPE_REQUIRE_DEFAULT_MODEL").is_none(),
-            "{} is missing",
-            gguf.display()
-        );
-        eprintln!("skipping: {} not present", gguf.display());
+    let Some(gguf) = default_gguf() else {
         return;
-    }
+    };
     greedy_tokens_equal_llama_cpps(
         &gguf,
         "llamacpp_smollm2_q4_1_greedy.json",
         NEAR_TIE_LOGITS,
         LOGIT_AGREEMENT,
     );
+}
+
+/// The default model's Q4_1 GGUF: `None` (the test skips) when absent, unless
+/// `STEPSCOPE_REQUIRE_DEFAULT_MODEL` is set, where its absence fails the test.
+fn default_gguf() -> Option<PathBuf> {
+    let gguf = root().join(".cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if gguf.is_file() {
+        return Some(gguf);
+    }
+    assert!(
+        std::env::var_os("STEPSCOPE_REQUIRE_DEFAULT_MODEL").is_none(),
+        "{} is missing",
+        gguf.display()
+    );
+    eprintln!("skipping: {} not present", gguf.display());
+    None
+}
+
+/// `SmolLM2-135M-Instruct.{tag}.gguf`, one of the files `scripts/make_gguf_variants.py` makes:
+/// `None` (the test skips) when absent, unless `STEPSCOPE_REQUIRE_GGUF_VARIANTS=1` (as
+/// `scripts/test.sh` sets it), where its absence fails the test.
+fn gguf_variant(tag: &str) -> Option<PathBuf> {
+    let gguf = root().join(format!(".cache/downloads/SmolLM2-135M-Instruct.{tag}.gguf"));
+    if gguf.is_file() {
+        return Some(gguf);
+    }
+    assert!(
+        std::env::var("STEPSCOPE_REQUIRE_GGUF_VARIANTS").as_deref() != Ok("1"),
+        "{} is missing (scripts/make_gguf_variants.py makes it)",
+        gguf.display()
+    );
+    eprintln!("skipping: {} not present", gguf.display());
+    None
 }
 
 /// The same against llama.cpp on a Q4_K_M file its own quantizer made (ffn_down in Q4_K and
@@ -225,16 +251,9 @@ fn q4_1_gguf_greedy_tokens_equal_llama_cpps_on_the_same_file() {
 /// run); elsewhere the test is skipped without it.
 #[test]
 fn q4_k_m_gguf_greedy_tokens_equal_llama_cpps_on_the_same_file() {
-    let gguf = root().join(".cache/downloads/SmolLM2-135M-Instruct.Q4_K_M.gguf");
-    if !gguf.is_file() {
-        assert!(
-            std::env::var("STEPSCOPE_REQUIRE_GGUF_VARIANTS").as_deref() != Ok("1"),
-            "{} is missing (scripts/make_gguf_variants.py makes it)",
-            gguf.display()
-        );
-        eprintln!("skipping: {} not present", gguf.display());
+    let Some(gguf) = gguf_variant("Q4_K_M") else {
         return;
-    }
+    };
     let model = load_model_files(gguf.to_str().expect("utf-8")).expect("load the Q4_K_M GGUF");
     let w = &*model.weights;
     assert_eq!(w.embed.format_name(), "Q8_0");
@@ -257,16 +276,9 @@ fn q4_k_m_gguf_greedy_tokens_equal_llama_cpps_on_the_same_file() {
 /// weight equals the file's value.
 #[test]
 fn q5_0_gguf_runs_as_stored_and_its_greedy_tokens_equal_llama_cpps() {
-    let gguf = root().join(".cache/downloads/SmolLM2-135M-Instruct.Q5_0.gguf");
-    if !gguf.is_file() {
-        assert!(
-            std::env::var("STEPSCOPE_REQUIRE_GGUF_VARIANTS").as_deref() != Ok("1"),
-            "{} is missing (scripts/make_gguf_variants.py makes it)",
-            gguf.display()
-        );
-        eprintln!("skipping: {} not present", gguf.display());
+    let Some(gguf) = gguf_variant("Q5_0") else {
         return;
-    }
+    };
     let model = load_model_files(gguf.to_str().expect("utf-8")).expect("load the Q5_0 GGUF");
     let w = &*model.weights;
     assert_eq!(w.embed.format_name(), "Q8_0");
@@ -550,16 +562,9 @@ fn free_running_divergence(
 /// clear winner and fails (a RoPE base 1.5× too large does, at a 0.29-logit pick).
 #[test]
 fn q4_1_gguf_greedy_text_equals_llama_cpps_up_to_its_own_near_ties() {
-    let gguf = root().join(".cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !gguf.is_file() {
-        assert!(
-            std::env::var_os("STEPSCOPE_REQUIRE_DEFAULT_MODEL").is_none(),
-            "{} is missing",
-            gguf.display()
-        );
-        eprintln!("skipping: {} not present", gguf.display());
+    let Some(gguf) = default_gguf() else {
         return;
-    }
+    };
     let default = llama_cpp_fixture("llamacpp_smollm2_q4_1_greedy.json");
     let no_flash = llama_cpp_fixture("llamacpp_smollm2_q4_1_greedy_flash_attention_off.json");
     let spread = llama_cpps_own_spread(&default, &no_flash);
