@@ -143,12 +143,7 @@ impl BlockFormat {
             }
             BlockFormat::Q4_0 => {
                 for blk in x.chunks_exact(QK) {
-                    // The value of largest magnitude, sign kept, maps to -8.
-                    let max = blk
-                        .iter()
-                        .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
-                    let d = max / -8.0;
-                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    let (d, id) = signed_max_scale(blk, 8.0);
                     out.extend(f16::from_f32(d).to_le_bytes());
                     let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
                     for j in 0..QK / 2 {
@@ -172,12 +167,7 @@ impl BlockFormat {
             }
             BlockFormat::Q5_0 => {
                 for blk in x.chunks_exact(QK) {
-                    // As Q4_0: the value of largest magnitude, sign kept, maps to -16.
-                    let max = blk
-                        .iter()
-                        .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
-                    let d = max / -16.0;
-                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    let (d, id) = signed_max_scale(blk, 16.0);
                     out.extend(f16::from_f32(d).to_le_bytes());
                     let q: Vec<u8> = blk
                         .iter()
@@ -196,6 +186,16 @@ impl BlockFormat {
         }
         out
     }
+}
+
+/// The scale `d` and its inverse of llama.cpp's Q4_0/Q5_0 reference quantizers: the block's
+/// value of largest magnitude, sign kept, maps to code 0, i.e. to `−half·d` (`half` 8 or 16).
+fn signed_max_scale(blk: &[f32], half: f32) -> (f32, f32) {
+    let max = blk
+        .iter()
+        .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+    let d = max / -half;
+    (d, if d != 0.0 { 1.0 / d } else { 0.0 })
 }
 
 /// Q5_0's 5-bit codes (0..31, the value is `d·(code − 16)`) of one row-major block.
