@@ -3,20 +3,21 @@
 //! super-blocks: 8 sub-blocks of 32 with 6-bit scales and minima, x = d·sc·q − dmin·m) becomes
 //! Q4_1 sub-block by sub-block, with the same nibbles and `f16(d·sc)`, `f16(−dmin·m)` as scale
 //! and minimum: the only loss is those two f16 roundings (relative 2⁻¹¹); 4.5 → 5 bits per
-//! weight. Q6_K (16 sub-blocks of 16 with int8 scales, 6-bit quants) becomes Q8_0 by
-//! re-quantizing each pair of sub-blocks to one f16 scale `d' ≈ max|x|/127`: at most half a
-//! Q8_0 step (`d'/2`) per element; 6.56 → 8.5 bits. Q5_0 (the fallback llama.cpp writes into
+//! weight. Q6_K (16 sub-blocks of 16 with int8 scales, 6-bit quants) becomes
+//! [`BlockFormat::Q6_K`] exactly: each 32 elements keep the super-block's `d`, their two int8
+//! scales and their 6-bit quants; 6.56 → 7 bits. Q5_0 (the fallback llama.cpp writes into
 //! K-quant files for rows that are not whole super-blocks) runs as stored (`BlockFormat::Q5_0`);
 //! only where a fused q/k/v or gate/up stack mixes it with another format does it become Q8_0,
-//! exactly: the same scale, the 5-bit quants as int8; 5.5 → 8.5 bits. Likewise a Q4_K tensor in
-//! a stack of mixed formats is re-quantized to Q8_0 as Q6_K's are, so the stack has one format
+//! exactly: the same scale, the 5-bit quants as int8; 5.5 → 8.5 bits. Likewise a Q4_K or Q6_K
+//! tensor in a stack of mixed formats is re-quantized to Q8_0 (each 32 values to one f16 scale
+//! `d' ≈ max|x|/127`: at most half a Q8_0 step, `d'/2`, per element), so the stack has one format
 //! (stacks that mix other formats, Q4_0 or Q4_1 beside Q8_0, say, are refused at load). The scalar dequantizers here follow ggml's `dequantize_row_*` and
 //! are the reference the conversions are measured against (`kquant_tests`).
 
 use half::f16;
 use rayon::prelude::*;
 
-use super::quant::{BlockFormat, QK, half_at, q5_0_codes};
+use super::quant::{BlockFormat, QK, half_at, q5_0_codes, write_q6_k_block};
 
 /// Elements per K-quant super-block.
 pub const QK_K: usize = 256;
@@ -77,11 +78,13 @@ impl ConvertedFormat {
         cols / self.block_len() * self.block_bytes()
     }
 
-    /// The format a tensor converts to on its own: Q4_K to Q4_1, Q6_K and Q5_0 to Q8_0.
+    /// The format a tensor converts to on its own: Q4_K to Q4_1, Q6_K to the 32-element
+    /// [`BlockFormat::Q6_K`], Q5_0 (converted only in stacks of mixed formats) to Q8_0.
     pub const fn target(self) -> BlockFormat {
         match self {
             ConvertedFormat::Q4K => BlockFormat::Q4_1,
-            ConvertedFormat::Q6K | ConvertedFormat::Q5_0 => BlockFormat::Q8_0,
+            ConvertedFormat::Q6K => BlockFormat::Q6_K,
+            ConvertedFormat::Q5_0 => BlockFormat::Q8_0,
         }
     }
 
@@ -119,6 +122,11 @@ impl ConvertedFormat {
             (ConvertedFormat::Q4K, BlockFormat::Q4_1) => {
                 for (b, o) in blocks {
                     q4_k_to_q4_1(b, o)?;
+                }
+            }
+            (ConvertedFormat::Q6K, BlockFormat::Q6_K) => {
+                for (b, o) in blocks {
+                    q6_k_to_32_element_blocks(b, o);
                 }
             }
             (ConvertedFormat::Q5_0, BlockFormat::Q8_0) => {
@@ -246,6 +254,29 @@ fn q4_k_to_q4_1(b: &[u8], out: &mut [u8]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// One Q6_K super-block as 8 [`BlockFormat::Q6_K`] blocks (`out` 8 × 28 bytes), exactly: each
+/// keeps the super-block's f16 `d`, the int8 scales of its two 16-element halves and its 6-bit
+/// quants (ggml's element order: quant `e` of the super-block uses scale `e / 16`).
+fn q6_k_to_32_element_blocks(b: &[u8], out: &mut [u8]) {
+    let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
+    let mut q = [0u8; QK_K];
+    for n in 0..2 {
+        let (ql, qh) = (&ql[64 * n..], &qh[32 * n..]);
+        for l in 0..32 {
+            let at = 128 * n + l;
+            q[at] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
+            q[at + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+            q[at + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+            q[at + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+        }
+    }
+    let bb = BlockFormat::Q6_K.block_bytes();
+    for (j, (o, q)) in out.chunks_exact_mut(bb).zip(q.chunks_exact(QK)).enumerate() {
+        let codes = <&[u8; QK]>::try_from(q).expect("chunks of QK");
+        write_q6_k_block([b[208], b[209]], [sc[2 * j], sc[2 * j + 1]], codes, o);
+    }
 }
 
 /// One Q5_0 block as a Q8_0 block, exactly: the same f16 scale, quants `q − 16` as int8.

@@ -202,16 +202,18 @@ fn quantized_row(rng: &mut SplitMix64, format: ConvertedFormat, cols: usize) -> 
 }
 
 /// The conversions a K-quant tensor can take.
-const CONVERSIONS: [(ConvertedFormat, BlockFormat); 4] = [
+const CONVERSIONS: [(ConvertedFormat, BlockFormat); 5] = [
     (Q4K, BlockFormat::Q4_1),
     (Q4K, BlockFormat::Q8_0),
+    (Q6K, BlockFormat::Q6_K),
     (Q6K, BlockFormat::Q8_0),
     (Q5_0, BlockFormat::Q8_0),
 ];
 
 /// For each element of a converted row, the bound on its distance from the exact value: Q4_K
 /// to Q4_1 2⁻¹¹·(15·|d·sc| + |dmin·m|) (the f16 roundings of scale and minimum) plus f32
-/// rounding; to Q8_0 half the stored scale `d'`; Q5_0 to Q8_0 zero.
+/// rounding; to Q8_0 half the stored scale `d'`; Q6_K to its 32-element blocks and Q5_0 to Q8_0
+/// zero.
 fn bounds(
     format: ConvertedFormat,
     target: BlockFormat,
@@ -231,7 +233,7 @@ fn bounds(
                 })
             })
             .collect(),
-        (Q5_0, _) => vec![0.0; cols],
+        (Q5_0, _) | (Q6K, BlockFormat::Q6_K) => vec![0.0; cols],
         _ => dst
             .chunks_exact(target.block_bytes())
             .flat_map(|b| std::iter::repeat_n(half_at(b, 0) * 0.5 * (1.0 + 2f32.powi(-14)), QK))

@@ -1,5 +1,6 @@
-//! Block formats of weights kept in llama.cpp's layouts (GGUF's Q8_0, Q5_0, Q4_0, Q4_1) or in half
-//! precision (f16, bf16): the byte layout of one block, scalar reference dequantization
+//! Block formats of weights kept in llama.cpp's layouts (GGUF's Q8_0, Q5_0, Q4_0, Q4_1), Q6_K's
+//! values regrouped into 32-element blocks, or half precision (f16, bf16): the byte layout of one
+//! block, scalar reference dequantization
 //! ([`BlockFormat::dequantize_row`]), and reference quantizers that follow llama.cpp's
 //! `quantize_row_*_ref` (used to build test matrices and by nothing on the serving path). The
 //! fast kernels that multiply these blocks live in the CPU backend (`backend::cpu::qmatmul`).
@@ -11,6 +12,7 @@ pub const QK: usize = 32;
 
 /// How a weight matrix's rows are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)] // llama.cpp's names
 pub enum BlockFormat {
     /// `{ d: f16, qs: [i8; 32] }`: x = d·q.
     Q8_0,
@@ -22,6 +24,12 @@ pub enum BlockFormat {
     /// `{ d: f16, qh: u32, qs: [u8; 16] }`: nibbles as Q4_0, bit j of `qh` (little-endian) the
     /// fifth bit of element j; x = d·(q − 16).
     Q5_0,
+    /// Q6_K's values in 32-element blocks: `{ d: f16, sc: [i8; 2], qh: [u8; 8], qs: [u8; 16] }`,
+    /// nibbles as Q4_0, bits 2j and 2j + 1 of `qh` (little-endian) the fifth and sixth bits of
+    /// element j; x = d·sc[j / 16]·(q − 32). A Q6_K super-block (one f16 `d`, 16 int8 scales of
+    /// 16 elements each, 6-bit quants) is 8 such blocks exactly (`kquant`): 6.56 → 7 bits per
+    /// weight.
+    Q6_K,
     /// IEEE half precision, one element per "block".
     F16,
     /// bfloat16, one element per "block".
@@ -32,7 +40,11 @@ impl BlockFormat {
     /// Elements per block.
     pub const fn block_len(self) -> usize {
         match self {
-            BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q5_0 => QK,
+            BlockFormat::Q8_0
+            | BlockFormat::Q4_0
+            | BlockFormat::Q4_1
+            | BlockFormat::Q5_0
+            | BlockFormat::Q6_K => QK,
             BlockFormat::F16 | BlockFormat::Bf16 => 1,
         }
     }
@@ -44,16 +56,14 @@ impl BlockFormat {
             BlockFormat::Q4_0 => 2 + QK / 2,
             BlockFormat::Q4_1 => 4 + QK / 2,
             BlockFormat::Q5_0 => 6 + QK / 2,
+            BlockFormat::Q6_K => 12 + QK / 2,
             BlockFormat::F16 | BlockFormat::Bf16 => 2,
         }
     }
 
-    /// Whether rows are quantized to 8, 5 or 4 bits (as opposed to half precision).
+    /// Whether rows are quantized to 8, 6, 5 or 4 bits (as opposed to half precision).
     pub const fn is_quantized(self) -> bool {
-        matches!(
-            self,
-            BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q5_0
-        )
+        !matches!(self, BlockFormat::F16 | BlockFormat::Bf16)
     }
 
     /// Bytes of one row of `cols` elements (`cols` must be a multiple of the block length).
@@ -61,13 +71,14 @@ impl BlockFormat {
         cols / self.block_len() * self.block_bytes()
     }
 
-    /// The name GGUF and llama.cpp use.
+    /// The name GGUF and llama.cpp use (for Q6_K, that of the values it holds).
     pub const fn name(self) -> &'static str {
         match self {
             BlockFormat::Q8_0 => "Q8_0",
             BlockFormat::Q4_0 => "Q4_0",
             BlockFormat::Q4_1 => "Q4_1",
             BlockFormat::Q5_0 => "Q5_0",
+            BlockFormat::Q6_K => "Q6_K",
             BlockFormat::F16 => "F16",
             BlockFormat::Bf16 => "BF16",
         }
@@ -115,6 +126,15 @@ impl BlockFormat {
                     let d = half_at(b, 0);
                     for (x, q) in o.iter_mut().zip(q5_0_codes(b)) {
                         *x = d * f32::from(q as i8 - 16);
+                    }
+                }
+            }
+            BlockFormat::Q6_K => {
+                for (o, b) in out.chunks_exact_mut(QK).zip(bytes.chunks_exact(28)) {
+                    let d = half_at(b, 0);
+                    for (j, (x, q)) in o.iter_mut().zip(q6_k_codes(b)).enumerate() {
+                        let scale = d * f32::from(b[2 + j / 16] as i8);
+                        *x = scale * f32::from(q as i8 - 32);
                     }
                 }
             }
@@ -183,8 +203,54 @@ impl BlockFormat {
                     }
                 }
             }
+            BlockFormat::Q6_K => x
+                .chunks_exact(QK)
+                .for_each(|blk| quantize_q6_k(blk, &mut out)),
         }
         out
+    }
+}
+
+/// One block of 32 values as [`BlockFormat::Q6_K`] (a simple reference, not llama.cpp's
+/// iterative `make_qx_quants`): each half's scale `s = max|x|/31` is stored as
+/// `d·sc`, `d = f16(max s / 127)` and `sc = ⌈s/d⌉` (so no value clamps), then
+/// `q = round(x / (d·sc)) + 32`.
+fn quantize_q6_k(blk: &[f32], out: &mut Vec<u8>) {
+    let half_scale = |h: &[f32]| h.iter().fold(0f32, |a, v| a.max(v.abs())) / 31.0;
+    let s = [half_scale(&blk[..QK / 2]), half_scale(&blk[QK / 2..])];
+    let d = f16::from_f32(s[0].max(s[1]) / 127.0);
+    let df = d.to_f32();
+    let sc = s.map(|s| {
+        if df == 0.0 {
+            0
+        } else {
+            (s / df).ceil().min(127.0) as i8
+        }
+    });
+    let mut q = [32u8; QK];
+    for (j, (q, v)) in q.iter_mut().zip(blk).enumerate() {
+        let step = df * f32::from(sc[j / 16]);
+        if step != 0.0 {
+            *q = ((v / step).round() + 32.0).clamp(0.0, 63.0) as u8;
+        }
+    }
+    let at = out.len();
+    out.resize(at + BlockFormat::Q6_K.block_bytes(), 0);
+    write_q6_k_block(d.to_le_bytes(), sc.map(|s| s as u8), &q, &mut out[at..]);
+}
+
+/// Writes one [`BlockFormat::Q6_K`] block (`out`, 28 bytes) from its f16 scale's bytes, its
+/// halves' int8 scales and its 6-bit codes.
+pub fn write_q6_k_block(d: [u8; 2], sc: [u8; 2], codes: &[u8; QK], out: &mut [u8]) {
+    out[..2].copy_from_slice(&d);
+    out[2..4].copy_from_slice(&sc);
+    let qh = codes
+        .iter()
+        .enumerate()
+        .fold(0u64, |h, (j, &q)| h | (u64::from(q >> 4) << (2 * j)));
+    out[4..12].copy_from_slice(&qh.to_le_bytes());
+    for j in 0..QK / 2 {
+        out[12 + j] = (codes[j] & 0xF) | ((codes[j + QK / 2] & 0xF) << 4);
     }
 }
 
@@ -204,6 +270,21 @@ pub fn q5_0_codes(b: &[u8]) -> [u8; QK] {
     let mut q = [0u8; QK];
     for (j, &byte) in b[6..6 + QK / 2].iter().enumerate() {
         let high = |bit: usize| (((qh >> bit) & 1) << 4) as u8;
+        q[j] = (byte & 0xF) | high(j);
+        q[j + QK / 2] = (byte >> 4) | high(j + QK / 2);
+    }
+    q
+}
+
+/// [`BlockFormat::Q6_K`]'s 6-bit codes (0..63; the value is `d·sc·(code − 32)`) of one
+/// row-major block.
+pub fn q6_k_codes(b: &[u8]) -> [u8; QK] {
+    let mut qh = [0u8; 8];
+    qh.copy_from_slice(&b[4..12]);
+    let qh = u64::from_le_bytes(qh);
+    let mut q = [0u8; QK];
+    for (j, &byte) in b[12..12 + QK / 2].iter().enumerate() {
+        let high = |e: usize| (((qh >> (2 * e)) & 3) << 4) as u8;
         q[j] = (byte & 0xF) | high(j);
         q[j + QK / 2] = (byte >> 4) | high(j + QK / 2);
     }
@@ -232,6 +313,7 @@ mod tests {
             (BlockFormat::Q4_0, 2.0 / 8.0),
             (BlockFormat::Q4_1, 2.0 / 15.0),
             (BlockFormat::Q5_0, 2.0 / 16.0),
+            (BlockFormat::Q6_K, 2.0 / 31.0),
             (BlockFormat::F16, 1e-3),
             (BlockFormat::Bf16, 1e-2),
         ] {
@@ -267,14 +349,22 @@ mod tests {
 /// Rows per interleaved group of the packed layout.
 pub const PACK_ROWS: usize = 8;
 
-/// Bytes of one 8-row group's header (8 f16 scales; then Q4_1's 8 f16 minima, or Q5_0's fifth
-/// bits as 32 bytes, see [`pack_rows`]).
+/// Bytes of one 8-row group's header (8 f16 scales; then Q4_1's 8 f16 minima, Q5_0's fifth
+/// bits as 32 bytes, or Q6_K's 16 int8 scales and fifth and sixth bits as 2 × 32 bytes, see
+/// [`pack_rows`]).
 pub const fn packed_header_bytes(format: BlockFormat) -> usize {
     match format {
         BlockFormat::Q4_1 => 32,
         BlockFormat::Q5_0 => 48,
+        BlockFormat::Q6_K => 96,
         _ => 16,
     }
+}
+
+/// The packed high-bit bytes of one row's block: bit `t` of byte `i` is bit `bit` of the code
+/// of element `4t + i` (see [`pack_rows`]).
+fn high_bit_bytes(codes: &[u8; QK], bit: u32) -> [u8; 4] {
+    std::array::from_fn(|i| (0..8).fold(0u8, |h, t| h | (((codes[4 * t + i] >> bit) & 1) << t)))
 }
 
 /// Repacks whole groups of [`PACK_ROWS`] rows (row-major `bytes`, `cols` wide) into the
@@ -286,8 +376,9 @@ pub const fn packed_header_bytes(format: BlockFormat) -> usize {
 /// the fifth bit of row `l`'s element `4t + i`, the element whose low four bits the kernels
 /// unpack into byte `4l + i` of their `t`-th code vector (`t < 4`: low nibbles of quant bytes
 /// `4t..4t + 4`, `t ≥ 4`: high nibbles of bytes `4(t − 4)..`), so one shift and mask moves them
-/// into place. The byte count is unchanged; rows past the last whole group stay row-major after
-/// the groups.
+/// into place. Q6_K's header is the 8 rows' first-half int8 scales, then their second-half
+/// scales, then two such 32-byte bit vectors: the fifth bits, then the sixth. The byte count is
+/// unchanged; rows past the last whole group stay row-major after the groups.
 pub fn pack_rows(format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) -> Vec<u8> {
     assert!(format.is_quantized(), "only quantized formats are packed");
     let (bb, nb) = (format.block_bytes(), cols / QK);
@@ -314,15 +405,17 @@ pub fn pack_rows(format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) ->
                 }
                 BlockFormat::Q5_0 => {
                     for l in 0..PACK_ROWS {
-                        let qh = u32::from_le_bytes([
-                            block(l)[2],
-                            block(l)[3],
-                            block(l)[4],
-                            block(l)[5],
-                        ]);
-                        out.extend((0..4).map(|i| {
-                            (0..8).fold(0u8, |h, t| h | ((((qh >> (4 * t + i)) & 1) as u8) << t))
-                        }));
+                        out.extend(high_bit_bytes(&q5_0_codes(block(l)), 4));
+                    }
+                }
+                BlockFormat::Q6_K => {
+                    for half in 0..2 {
+                        out.extend((0..PACK_ROWS).map(|l| block(l)[2 + half]));
+                    }
+                    for bit in [4, 5] {
+                        for l in 0..PACK_ROWS {
+                            out.extend(high_bit_bytes(&q6_k_codes(block(l)), bit));
+                        }
                     }
                 }
                 _ => {}
@@ -356,6 +449,19 @@ pub fn unpack_block(format: BlockFormat, gb: &[u8], l: usize, out: &mut [u8]) {
             }
             out[2..6].copy_from_slice(&qh.to_le_bytes());
         }
+        BlockFormat::Q6_K => {
+            out[2] = gb[16 + l];
+            out[3] = gb[24 + l];
+            let mut qh = 0u64;
+            for (k, at) in [32, 64].into_iter().enumerate() {
+                for (i, &byte) in gb[at + 4 * l..at + 4 * l + 4].iter().enumerate() {
+                    for t in 0..8 {
+                        qh |= u64::from((byte >> t) & 1) << (2 * (4 * t + i) + k);
+                    }
+                }
+            }
+            out[4..12].copy_from_slice(&qh.to_le_bytes());
+        }
         _ => {}
     }
     for t in 0..(bb - qs_at) / 4 {
@@ -387,34 +493,66 @@ mod pack_tests {
     use super::*;
     use crate::splitmix::SplitMix64;
 
-    /// Where the x86 kernels read a packed Q5_0 code: the low four bits from the nibble of
-    /// quant vector `t % 4` (low nibbles for `t < 4`), the fifth from bit `t` of the `h` byte at
-    /// the same position; every code of every row must come out as the row-major block has it.
+    /// Where the x86 kernels read a packed Q5_0 or Q6_K code: the low four bits from the nibble
+    /// of quant vector `t % 4` (low nibbles for `t < 4`), the fifth (and Q6_K's sixth) from bit
+    /// `t` of the high-bit vector's byte at the same position; every code of every row must come
+    /// out as the row-major block has it.
     #[test]
-    fn q5_0_fifth_bits_sit_where_the_kernels_read_them() {
+    fn high_bits_sit_where_the_kernels_read_them() {
         let (rows, cols) = (16, 96);
         let mut rng = SplitMix64::new(5);
         let x: Vec<f32> = (0..rows * cols).map(|_| rng.uniform() - 0.5).collect();
-        let format = BlockFormat::Q5_0;
-        let bytes = format.quantize_row(&x);
-        let packed = pack_rows(format, rows, cols, &bytes);
-        let (bb, nb) = (format.block_bytes(), cols / QK);
-        let header = packed_header_bytes(format);
-        for g in 0..rows / PACK_ROWS {
-            for b in 0..nb {
-                let gb = &packed[(g * nb + b) * PACK_ROWS * bb..][..PACK_ROWS * bb];
-                for l in 0..PACK_ROWS {
-                    let at = ((g * PACK_ROWS + l) * nb + b) * bb;
-                    let want = q5_0_codes(&bytes[at..at + bb]);
-                    for t in 0..8 {
-                        for i in 0..4 {
-                            let byte = gb[header + (t % 4) * 32 + 4 * l + i];
-                            let nibble = if t < 4 { byte & 0xF } else { byte >> 4 };
-                            let fifth = (gb[16 + 4 * l + i] >> t) & 1;
-                            assert_eq!(nibble | (fifth << 4), want[4 * t + i], "row {l} t {t}");
+        for (format, codes, high_at) in [
+            (
+                BlockFormat::Q5_0,
+                q5_0_codes as fn(&[u8]) -> [u8; QK],
+                &[16][..],
+            ),
+            (BlockFormat::Q6_K, q6_k_codes, &[32, 64][..]),
+        ] {
+            let bytes = format.quantize_row(&x);
+            let packed = pack_rows(format, rows, cols, &bytes);
+            let (bb, nb) = (format.block_bytes(), cols / QK);
+            let header = packed_header_bytes(format);
+            for g in 0..rows / PACK_ROWS {
+                for b in 0..nb {
+                    let gb = &packed[(g * nb + b) * PACK_ROWS * bb..][..PACK_ROWS * bb];
+                    for l in 0..PACK_ROWS {
+                        let at = ((g * PACK_ROWS + l) * nb + b) * bb;
+                        let want = codes(&bytes[at..at + bb]);
+                        for t in 0..8 {
+                            for i in 0..4 {
+                                let byte = gb[header + (t % 4) * 32 + 4 * l + i];
+                                let mut code = if t < 4 { byte & 0xF } else { byte >> 4 };
+                                for (k, &h) in high_at.iter().enumerate() {
+                                    code |= ((gb[h + 4 * l + i] >> t) & 1) << (4 + k);
+                                }
+                                assert_eq!(code, want[4 * t + i], "{format:?} row {l} t {t}");
+                            }
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Q6_K's packed scales: the 8 rows' first-half scales, then their second-half ones.
+    #[test]
+    fn q6_k_scales_sit_where_the_kernels_read_them() {
+        let (rows, cols) = (8, 64);
+        let mut rng = SplitMix64::new(9);
+        let x: Vec<f32> = (0..rows * cols).map(|_| rng.uniform() - 0.5).collect();
+        let format = BlockFormat::Q6_K;
+        let bytes = format.quantize_row(&x);
+        let packed = pack_rows(format, rows, cols, &bytes);
+        let (bb, nb) = (format.block_bytes(), cols / QK);
+        for b in 0..nb {
+            let gb = &packed[b * PACK_ROWS * bb..][..PACK_ROWS * bb];
+            for l in 0..PACK_ROWS {
+                let at = (l * nb + b) * bb;
+                assert_eq!(gb[2 * l..2 * l + 2], bytes[at..at + 2], "d of row {l}");
+                assert_eq!(gb[16 + l], bytes[at + 2], "first scale of row {l}");
+                assert_eq!(gb[24 + l], bytes[at + 3], "second scale of row {l}");
             }
         }
     }
@@ -426,6 +564,7 @@ mod pack_tests {
             BlockFormat::Q4_0,
             BlockFormat::Q4_1,
             BlockFormat::Q5_0,
+            BlockFormat::Q6_K,
         ] {
             for rows in [1, 8, 13, 24] {
                 let cols = 64;

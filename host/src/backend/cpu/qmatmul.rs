@@ -1,5 +1,6 @@
 //! Matrix multiplication with weights in a block format (`out = x · wᵀ`, `w` a
-//! [`BlockMatrix`]). For llama.cpp's Q8_0, Q5_0, Q4_0 and Q4_1 the activations are quantized per block
+//! [`BlockMatrix`]). For llama.cpp's Q8_0, Q5_0, Q4_0 and Q4_1, and Q6_K's values in 32-element
+//! blocks, the activations are quantized per block
 //! of 32 to int8 with an f16 scale, as llama.cpp does (`quantize_row_q8_0`/`q8_1`), and the
 //! weights are read in the 8-row interleaved layout they were packed into at load
 //! ([`pack_rows`](crate::model::quant::pack_rows)): each 32-bit lane of a weight vector holds
@@ -7,11 +8,12 @@
 //! activation bytes advances 8 output columns, and each block's 8 scales convert with one
 //! instruction. The dot products use AVX-512 VNNI (`vpdpbusd`, unsigned × signed bytes) where
 //! the CPU has it, AVX2 (`vpmaddubsw` + `vpmaddwd`) otherwise, and plain Rust elsewhere (aarch64
-//! builds too). Weights are unsigned codes: Q4 nibbles 0..15, Q5_0 codes 0..31 (a nibble and the
-//! fifth bit, put in place with one shift and mask per code vector), Q8_0 bytes offset by 128
-//! (VNNI); the offset (8, 16 or 128) times the activation block's sum seeds the integer
-//! accumulator, and
-//! Q4_1's minimum times that sum is added in f32. Rows past the last whole group of 8 go
+//! builds too). Weights are unsigned codes: Q4 nibbles 0..15, Q5_0 codes 0..31 and Q6_K codes
+//! 0..63 (a nibble and the fifth and sixth bits, put in place with one shift and mask per code
+//! vector), Q8_0 bytes offset by 128 (VNNI); the offset (8, 16, 32 or 128) times the activation
+//! block's sum seeds the integer accumulator, and Q4_1's minimum times that sum is added in f32.
+//! Q6_K's two 16-element halves have their own int8 scales, so each half keeps its own
+//! accumulator and seed and is scaled on its own. Rows past the last whole group of 8 go
 //! through a scalar row kernel. Half-precision weights (f16, bf16) go to `half_matmul`. Work is
 //! split over groups of output columns
 //! with rayon; within a task, tiles of up to 4 activation rows share each decoded weight block.
@@ -19,7 +21,9 @@
 use rayon::prelude::*;
 
 use super::matmul::{MatmulScratch, scatter_transposed};
-use crate::model::quant::{BlockFormat, PACK_ROWS, QK, half_at, q5_0_codes, unpack_block};
+use crate::model::quant::{
+    BlockFormat, PACK_ROWS, QK, half_at, q5_0_codes, q6_k_codes, unpack_block,
+};
 use crate::model::weight_matrix::BlockMatrix;
 
 /// 8-row groups per rayon task.
@@ -34,12 +38,13 @@ const MR: usize = 4;
 const QUANTIZE_ROWS_PER_TASK: usize = 8;
 
 /// Activations quantized per block of 32: int8 values, f16-rounded scales, per block the
-/// integer seed of the accumulator (`−offset·Σq`) and `d·Σq` (for Q4_1).
+/// integer seed of the accumulator (`−offset·Σq`; for Q6_K one per 16-element half, else the
+/// second is 0) and `d·Σq` (for Q4_1).
 #[derive(Debug, Default)]
 pub struct QuantizedActs {
     qs: Vec<i8>,
     d: Vec<f32>,
-    seed: Vec<i32>,
+    seed: Vec<[i32; 2]>,
     sum: Vec<f32>,
     m: usize,
     k: usize,
@@ -48,7 +53,7 @@ pub struct QuantizedActs {
 /// Some rows' quantized values, scales, sums and seeds (zipped mutable chunks).
 type ActRows<'a> = (
     ((&'a mut [i8], &'a mut [f32]), &'a mut [f32]),
-    &'a mut [i32],
+    &'a mut [[i32; 2]],
 );
 
 impl QuantizedActs {
@@ -59,24 +64,30 @@ impl QuantizedActs {
             BlockFormat::Q8_0 => 128,
             BlockFormat::Q4_0 => 8,
             BlockFormat::Q5_0 => 16,
+            BlockFormat::Q6_K => 32,
             _ => 0,
         };
+        let halves = format == BlockFormat::Q6_K;
         self.m = m;
         self.k = k;
         self.qs.resize(m * k, 0);
         self.d.resize(m * nb, 0.0);
         self.sum.resize(m * nb, 0.0);
-        self.seed.resize(m * nb, 0);
+        self.seed.resize(m * nb, [0; 2]);
         // Rows in parallel, a few at a time (prefill quantizes megabytes per matmul); a decode
         // step's few rows stay on this thread.
         let rows = QUANTIZE_ROWS_PER_TASK;
         let work = |(((qs, d), sum), seed): ActRows<'_>, x: &[f32]| {
             for (b, blk) in x.chunks_exact(QK).enumerate() {
-                let (block_d, block_sum, block_seed) =
-                    quantize_block(blk, &mut qs[b * QK..(b + 1) * QK], offset);
+                let (block_d, block_sum, [lo, hi]) =
+                    quantize_block(blk, &mut qs[b * QK..(b + 1) * QK]);
                 d[b] = block_d;
                 sum[b] = block_sum;
-                seed[b] = block_seed;
+                seed[b] = if halves {
+                    [-offset * lo, -offset * hi]
+                } else {
+                    [-offset * (lo + hi), 0]
+                };
             }
         };
         if m <= rows {
@@ -100,22 +111,23 @@ impl QuantizedActs {
 }
 
 /// One block of 32 activations quantized into `q` like llama.cpp's `quantize_row_q8_0`/`q8_1`:
-/// returns the f16-rounded scale, the f16-rounded `d·Σq` and the seed `−offset·Σq`.
-fn quantize_block(blk: &[f32], q: &mut [i8], offset: i32) -> (f32, f32, i32) {
+/// returns the f16-rounded scale, the f16-rounded `d·Σq` and `Σq` over each 16-element half.
+fn quantize_block(blk: &[f32], q: &mut [i8]) -> (f32, f32, [i32; 2]) {
     let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let mut total = 0i32;
-    for (q, v) in q.iter_mut().zip(blk) {
+    let mut halves = [0i32; 2];
+    for (j, (q, v)) in q.iter_mut().zip(blk).enumerate() {
         // Round half away from zero, as roundf, without the libm call.
         let r = v * id;
         *q = (r + 0.5f32.copysign(r)) as i8;
-        total += i32::from(*q);
+        halves[j / (QK / 2)] += i32::from(*q);
     }
+    let total = halves[0] + halves[1];
     (
         half::f16::from_f32(d).to_f32(),
         half::f16::from_f32(d * total as f32).to_f32(),
-        -offset * total,
+        halves,
     )
 }
 
@@ -310,11 +322,18 @@ pub(crate) fn matmul_blocks_with(isa: Isa, x: &[f32], m: usize, w: &BlockMatrix)
     out
 }
 
-/// The weight codes (unsigned: Q8_0 offset by 128), scale and Q4_1 minimum of one
-/// row-major block.
-fn block_codes(format: BlockFormat, blk: &[u8], codes: &mut [u8; QK]) -> (f32, f32) {
+/// One row-major block's scales: of its first and second 16-element halves (equal but in
+/// Q6_K) and Q4_1's minimum.
+#[derive(Debug, Clone, Copy)]
+struct BlockScales {
+    halves: [f32; 2],
+    min: f32,
+}
+
+/// The weight codes (unsigned: Q8_0 offset by 128) and scales of one row-major block.
+fn block_codes(format: BlockFormat, blk: &[u8], codes: &mut [u8; QK]) -> BlockScales {
     let dw = half_at(blk, 0);
-    match format {
+    let (dw, mw) = match format {
         BlockFormat::Q8_0 => {
             for (c, &q) in codes.iter_mut().zip(&blk[2..]) {
                 *c = q ^ 0x80;
@@ -324,6 +343,13 @@ fn block_codes(format: BlockFormat, blk: &[u8], codes: &mut [u8; QK]) -> (f32, f
         BlockFormat::Q5_0 => {
             *codes = q5_0_codes(blk);
             (dw, 0.0)
+        }
+        BlockFormat::Q6_K => {
+            *codes = q6_k_codes(blk);
+            return BlockScales {
+                halves: [0, 1].map(|h| dw * f32::from(blk[2 + h] as i8)),
+                min: 0.0,
+            };
         }
         _ => {
             let (mw, qs) = if format == BlockFormat::Q4_1 {
@@ -337,18 +363,34 @@ fn block_codes(format: BlockFormat, blk: &[u8], codes: &mut [u8; QK]) -> (f32, f
             }
             (dw, mw)
         }
+    };
+    BlockScales {
+        halves: [dw, dw],
+        min: mw,
     }
 }
 
-/// `Σ codes·x` seeded, scaled, plus Q4_1's minimum term: one block pair in scalar code.
+/// `Σ codes·x` seeded, scaled, plus Q4_1's minimum term: one block pair in scalar code (per
+/// 16-element half where the halves' scales differ, as Q6_K's do).
 #[inline]
-fn block_dot(acts: &QuantizedActs, ab: usize, codes: &[u8; QK], dw: f32, mw: f32) -> f32 {
+fn block_dot(acts: &QuantizedActs, ab: usize, codes: &[u8; QK], s: BlockScales) -> f32 {
     let xq = &acts.qs[ab * QK..(ab + 1) * QK];
-    let mut dot = acts.seed[ab];
-    for (c, q) in codes.iter().zip(xq) {
-        dot += i32::from(*c) * i32::from(*q);
+    let half_dot = |h: usize| {
+        let span = h * QK / 2..(h + 1) * QK / 2;
+        codes[span.clone()]
+            .iter()
+            .zip(&xq[span])
+            .map(|(c, q)| i32::from(*c) * i32::from(*q))
+            .sum::<i32>()
+    };
+    let [seed_lo, seed_hi] = acts.seed[ab];
+    if s.halves[0] == s.halves[1] {
+        let dot = seed_lo + seed_hi + half_dot(0) + half_dot(1);
+        dot as f32 * (s.halves[0] * acts.d[ab]) + s.min * acts.sum[ab]
+    } else {
+        (seed_lo + half_dot(0)) as f32 * (s.halves[0] * acts.d[ab])
+            + (seed_hi + half_dot(1)) as f32 * (s.halves[1] * acts.d[ab])
     }
-    dot as f32 * (dw * acts.d[ab]) + mw * acts.sum[ab]
 }
 
 /// Scalar kernel over row-major rows (the rows past the last whole group).
@@ -365,9 +407,9 @@ fn rows_portable(
     for (wrow, d) in rows.chunks_exact(row_bytes).zip(dst.chunks_exact_mut(m)) {
         d.fill(0.0);
         for b in 0..nb {
-            let (dw, mw) = block_codes(format, &wrow[b * bb..(b + 1) * bb], &mut codes);
+            let scales = block_codes(format, &wrow[b * bb..(b + 1) * bb], &mut codes);
             for (i, di) in d.iter_mut().enumerate() {
-                *di += block_dot(acts, (span.start + i) * nb + b, &codes, dw, mw);
+                *di += block_dot(acts, (span.start + i) * nb + b, &codes, scales);
             }
         }
     }
@@ -392,9 +434,9 @@ fn groups_portable(
             let gb = &groups[(g * nb + b) * gbb..(g * nb + b + 1) * gbb];
             for l in 0..PACK_ROWS {
                 unpack_block(format, gb, l, &mut blk);
-                let (dw, mw) = block_codes(format, &blk, &mut codes);
+                let scales = block_codes(format, &blk, &mut codes);
                 for i in 0..m {
-                    gdst[l * m + i] += block_dot(acts, (span.start + i) * nb + b, &codes, dw, mw);
+                    gdst[l * m + i] += block_dot(acts, (span.start + i) * nb + b, &codes, scales);
                 }
             }
         }
@@ -412,12 +454,14 @@ mod x86 {
     const Q4_0: u8 = 1;
     const Q4_1: u8 = 2;
     const Q5_0: u8 = 3;
+    const Q6_K: u8 = 4;
 
     const fn block_bytes(f: u8) -> usize {
         match f {
             Q8_0 => 34,
             Q4_0 => 18,
             Q5_0 => 22,
+            Q6_K => 28,
             _ => 20,
         }
     }
@@ -429,6 +473,7 @@ mod x86 {
         match f {
             Q4_1 => 32,
             Q5_0 => 48,
+            Q6_K => 96,
             _ => 16,
         }
     }
@@ -454,6 +499,7 @@ mod x86 {
                         BlockFormat::Q4_0 => $groups_f::<Q4_0>(acts, span, groups, dst),
                         BlockFormat::Q4_1 => $groups_f::<Q4_1>(acts, span, groups, dst),
                         BlockFormat::Q5_0 => $groups_f::<Q5_0>(acts, span, groups, dst),
+                        BlockFormat::Q6_K => $groups_f::<Q6_K>(acts, span, groups, dst),
                         _ => unreachable!("half formats take the f32 path"),
                     }
                 }
@@ -530,6 +576,16 @@ mod x86 {
                         } else {
                             _mm256_setzero_ps()
                         };
+                        // Q6_K: the 8 rows' scales of each 16-element half, d·sc (exact in f32).
+                        let half_scales = if F == Q6_K {
+                            let sc = |at: usize| {
+                                let bytes = _mm_loadl_epi64(blk.add(at).cast());
+                                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes))
+                            };
+                            [_mm256_mul_ps(dw, sc(16)), _mm256_mul_ps(dw, sc(24))]
+                        } else {
+                            [dw, dw]
+                        };
                         let qs = blk.add(header_bytes(F));
                         // codes[u]: 4 weights of each of the 8 rows, at columns 4u..4u + 4.
                         let mut codes = [_mm256_setzero_si256(); 8];
@@ -544,51 +600,53 @@ mod x86 {
                                 codes[t + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
                             }
                             if F == Q5_0 {
-                                // Bit t of each byte of `h` is the fifth bit of code vector
-                                // t's byte there (see `quant::pack_rows`): move it to bit 4.
-                                // The 16-bit shifts move no other byte's bit into bit 4.
-                                let h = _mm256_loadu_si256(blk.add(16).cast());
-                                let bit4 = _mm256_set1_epi8(0x10);
-                                let fifth = [
-                                    _mm256_slli_epi16::<4>(h),
-                                    _mm256_slli_epi16::<3>(h),
-                                    _mm256_slli_epi16::<2>(h),
-                                    _mm256_slli_epi16::<1>(h),
-                                    h,
-                                    _mm256_srli_epi16::<1>(h),
-                                    _mm256_srli_epi16::<2>(h),
-                                    _mm256_srli_epi16::<3>(h),
-                                ];
-                                for (c, f) in codes.iter_mut().zip(fifth) {
-                                    *c = _mm256_or_si256(*c, _mm256_and_si256(f, bit4));
-                                }
+                                or_high_bit::<4>(
+                                    &mut codes,
+                                    _mm256_loadu_si256(blk.add(16).cast()),
+                                );
+                            }
+                            if F == Q6_K {
+                                or_high_bit::<4>(
+                                    &mut codes,
+                                    _mm256_loadu_si256(blk.add(32).cast()),
+                                );
+                                or_high_bit::<5>(
+                                    &mut codes,
+                                    _mm256_loadu_si256(blk.add(64).cast()),
+                                );
                             }
                         }
                         for (r, acc_r) in acc.iter_mut().enumerate() {
                             let ab = (i0 + r) * nb + b;
                             let xb = xp.add(ab * QK).cast::<i32>();
-                            let seed = if F == Q4_1 || (F == Q8_0 && !$q8_seeded) {
-                                _mm256_setzero_si256()
+                            let [seed_lo, seed_hi] = if F == Q4_1 || (F == Q8_0 && !$q8_seeded) {
+                                [0, 0]
                             } else {
-                                _mm256_set1_epi32(*acts.seed.as_ptr().add(ab))
+                                *acts.seed.as_ptr().add(ab)
                             };
-                            // Independent chains hide the dot product's latency.
-                            let mut chains = [_mm256_setzero_si256(); CHAINS];
-                            chains[0] = seed;
+                            // Independent chains hide the dot product's latency; Q6_K's halves
+                            // (code vectors 0..4 and 4..8) get CHAINS each.
+                            let mut chains = [_mm256_setzero_si256(); 2 * CHAINS];
+                            chains[0] = _mm256_set1_epi32(seed_lo);
+                            chains[CHAINS] = _mm256_set1_epi32(seed_hi);
                             for (u, c) in codes.iter().enumerate() {
                                 let xv = _mm256_set1_epi32(xb.add(u).read_unaligned());
-                                chains[u % CHAINS] = $dot::<F>(chains[u % CHAINS], *c, xv);
+                                let ch = if F == Q6_K { (u / 4) * CHAINS } else { 0 } + u % CHAINS;
+                                chains[ch] = $dot::<F>(chains[ch], *c, xv);
                             }
-                            let mut p = chains[0];
-                            for ch in &chains[1..] {
-                                p = _mm256_add_epi32(p, *ch);
-                            }
+                            let halves = if F == Q6_K { 2 } else { 1 };
                             let dx = _mm256_broadcast_ss(&*acts.d.as_ptr().add(ab));
-                            *acc_r = _mm256_fmadd_ps(
-                                _mm256_cvtepi32_ps(p),
-                                _mm256_mul_ps(dw, dx),
-                                *acc_r,
-                            );
+                            for (h, half) in chains.chunks_exact(CHAINS).take(halves).enumerate() {
+                                let mut p = half[0];
+                                for ch in &half[1..] {
+                                    p = _mm256_add_epi32(p, *ch);
+                                }
+                                *acc_r = _mm256_fmadd_ps(
+                                    _mm256_cvtepi32_ps(p),
+                                    _mm256_mul_ps(half_scales[h], dx),
+                                    *acc_r,
+                                );
+                            }
                             if F == Q4_1 {
                                 let s = _mm256_broadcast_ss(&*acts.sum.as_ptr().add(ab));
                                 *acc_r = _mm256_fmadd_ps(mw, s, *acc_r);
@@ -602,6 +660,24 @@ mod x86 {
                 }
             }
         };
+    }
+
+    /// ORs bit `BIT` of each code in: bit `t` of each byte of `h` belongs to code vector `t`'s
+    /// byte there (see `quant::pack_rows`) and moves to bit `BIT`. Within a 16-bit lane the
+    /// shifts (left by up to `BIT`, right by up to `7 − BIT`) bring no other byte's bit to `BIT`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn or_high_bit<const BIT: i32>(codes: &mut [__m256i; 8], h: __m256i) {
+        let mask = _mm256_set1_epi8(1 << BIT);
+        for (t, c) in (0i32..).zip(codes.iter_mut()) {
+            let shift = BIT - t;
+            let moved = if shift >= 0 {
+                _mm256_sll_epi16(h, _mm_cvtsi32_si128(shift))
+            } else {
+                _mm256_srl_epi16(h, _mm_cvtsi32_si128(-shift))
+            };
+            *c = _mm256_or_si256(*c, _mm256_and_si256(moved, mask));
+        }
     }
 
     /// For VNNI, Q8_0's signed weights become unsigned codes (w + 128).
@@ -701,10 +777,20 @@ mod tests {
             BlockFormat::Q4_0,
             BlockFormat::Q4_1,
             BlockFormat::Q5_0,
+            BlockFormat::Q6_K,
         ] {
             for (n, k) in [(1, 32), (7, 64), (37, 96), (70, 160)] {
-                let a = Matrix::new(n, k, random(&mut rng, n * k));
-                let b = Matrix::new(3, k, random(&mut rng, 3 * k));
+                // Halves of 16 weights of three magnitudes, so that a kernel that mixes up
+                // Q6_K's two scales per block fails.
+                let uneven = |v: Vec<f32>| -> Vec<f32> {
+                    let scale = [1.0, 0.2, 0.05];
+                    v.into_iter()
+                        .enumerate()
+                        .map(|(i, x)| x * scale[(i / 16 + i / 48) % 3])
+                        .collect()
+                };
+                let a = Matrix::new(n, k, uneven(random(&mut rng, n * k)));
+                let b = Matrix::new(3, k, uneven(random(&mut rng, 3 * k)));
                 let w = BlockMatrix::vstack(vec![
                     BlockMatrix::quantize(&a, format).unwrap(),
                     BlockMatrix::quantize(&b, format).unwrap(),
