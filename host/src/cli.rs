@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crate::backend::cuda::CudaError;
 use crate::backend::{DEFAULT_CPU_KV_BLOCKS, Device, ModelDtype};
-use crate::engine::EngineConfig;
+use crate::engine::{DEFAULT_MAX_PROMPT_LOGPROBS_TOKENS, EngineConfig};
 use crate::launch::{KvPoolSize, LaunchConfig};
 use crate::model::hub::HubSettings;
 
@@ -342,6 +342,7 @@ impl EngineArgs {
                 .max_num_seqs
                 .unwrap_or(seqs.min(max_num_batched_tokens)),
             max_num_batched_tokens,
+            max_prompt_logprobs_tokens: DEFAULT_MAX_PROMPT_LOGPROBS_TOKENS,
             max_model_len: self.max_model_len,
             max_waiting_requests: self.max_waiting_requests,
             enable_prefix_caching: !self.no_enable_prefix_caching,

@@ -127,6 +127,7 @@ where
                 block_size: engine_config.block_size,
                 max_tokens: engine_config.max_num_batched_tokens,
                 max_seqs: engine_config.max_num_seqs,
+                max_prompt_logits: engine_config.max_prompt_logprobs_tokens,
                 max_model_len: engine_config
                     .max_model_len
                     .unwrap_or(model.info.config.max_model_len),

@@ -20,6 +20,11 @@ pub struct EngineConfig {
     pub max_num_seqs: usize,
     /// Most tokens computed in one step, over all requests.
     pub max_num_batched_tokens: usize,
+    /// Most prompt positions whose logits one step returns for `prompt_logprobs`, over all
+    /// requests: each is a vocabulary-wide row of f32, so this bounds the logits buffer at
+    /// `(max_num_seqs + max_prompt_logprobs_tokens) · vocab` floats (the CUDA KV sizing counts
+    /// it); a longer prompt's logprobs come in chunks of this many positions.
+    pub max_prompt_logprobs_tokens: usize,
     /// Longest prompt + output; `None` takes the model runner's limit. It may not exceed it.
     pub max_model_len: Option<usize>,
     /// Most requests waiting for their first admission (preempted ones do not count); further
@@ -31,6 +36,10 @@ pub struct EngineConfig {
     pub seed: u64,
 }
 
+/// [`EngineConfig::max_prompt_logprobs_tokens`]'s default: 256 rows, 128 MB of logits for a
+/// 128k vocabulary.
+pub const DEFAULT_MAX_PROMPT_LOGPROBS_TOKENS: usize = 256;
+
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
@@ -38,6 +47,7 @@ impl Default for EngineConfig {
             num_kv_blocks: 1024,
             max_num_seqs: 256,
             max_num_batched_tokens: 2048,
+            max_prompt_logprobs_tokens: DEFAULT_MAX_PROMPT_LOGPROBS_TOKENS,
             max_model_len: None,
             max_waiting_requests: 4096,
             enable_prefix_caching: true,
@@ -76,6 +86,9 @@ impl EngineConfig {
         }
         if self.max_num_batched_tokens == 0 {
             return invalid("max_num_batched_tokens", "must be at least 1".into());
+        }
+        if self.max_prompt_logprobs_tokens == 0 {
+            return invalid("max_prompt_logprobs_tokens", "must be at least 1".into());
         }
         if self.max_waiting_requests == 0 {
             return invalid("max_waiting_requests", "must be at least 1".into());

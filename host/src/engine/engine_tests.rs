@@ -45,6 +45,7 @@ fn checking_observer(
     log: Arc<Mutex<StepLog>>,
 ) -> impl FnMut(&StepView<'_>) + Send + 'static {
     let budget = config.max_num_batched_tokens;
+    let prompt_logits_budget = config.max_prompt_logprobs_tokens;
     let max_seqs = config.max_num_seqs;
     let block_size = config.block_size;
     move |step: &StepView<'_>| {
@@ -63,6 +64,18 @@ fn checking_observer(
             violations.push(format!(
                 "step {}: {} tokens > budget {budget}",
                 step.id, b.scheduled_tokens
+            ));
+        }
+        let prompt_logits_rows: usize = step
+            .scheduled()
+            .iter()
+            .filter(|s| s.prompt_logits)
+            .map(|s| s.num_tokens)
+            .sum();
+        if prompt_logits_rows > prompt_logits_budget {
+            violations.push(format!(
+                "step {}: {prompt_logits_rows} prompt logits rows > {prompt_logits_budget}",
+                step.id
             ));
         }
         if step.scheduled().len() > max_seqs || step.queue.running_depth > max_seqs {
@@ -301,6 +314,7 @@ struct RequestSpec {
     suffix_len: usize,
     max_tokens: usize,
     ignore_eos: bool,
+    prompt_logprobs: bool,
 }
 
 impl RequestSpec {
@@ -314,6 +328,7 @@ impl RequestSpec {
         SamplingParams {
             ignore_eos: self.ignore_eos,
             eos_token_ids: vec![0],
+            prompt_logprobs: self.prompt_logprobs.then_some(1),
             ..SamplingParams::greedy(self.max_tokens)
         }
     }
@@ -327,9 +342,18 @@ fn request_spec() -> impl Strategy<Value = RequestSpec> {
         1usize..20,
         1usize..24,
         any::<bool>(),
+        prop::bool::weighted(0.2),
     )
         .prop_map(
-            |(arrival_step, prefix_family, prefix_len, suffix_len, max_tokens, ignore_eos)| {
+            |(
+                arrival_step,
+                prefix_family,
+                prefix_len,
+                suffix_len,
+                max_tokens,
+                ignore_eos,
+                prompt_logprobs,
+            )| {
                 RequestSpec {
                     arrival_step,
                     prefix_family,
@@ -337,6 +361,7 @@ fn request_spec() -> impl Strategy<Value = RequestSpec> {
                     suffix_len,
                     max_tokens,
                     ignore_eos,
+                    prompt_logprobs,
                 }
             },
         )
@@ -349,6 +374,7 @@ fn engine_config() -> impl Strategy<Value = EngineConfig> {
         1usize..8,
         1usize..48,
         any::<bool>(),
+        1usize..12,
     )
         .prop_map(
             |(
@@ -357,12 +383,14 @@ fn engine_config() -> impl Strategy<Value = EngineConfig> {
                 max_num_seqs,
                 max_num_batched_tokens,
                 enable_prefix_caching,
+                max_prompt_logprobs_tokens,
             )| {
                 EngineConfig {
                     block_size,
                     num_kv_blocks: capacity_tokens.div_ceil(block_size),
                     max_num_seqs,
                     max_num_batched_tokens,
+                    max_prompt_logprobs_tokens,
                     enable_prefix_caching,
                     seed: 5,
                     ..EngineConfig::default()
@@ -374,9 +402,9 @@ fn engine_config() -> impl Strategy<Value = EngineConfig> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
-    /// Random arrivals and lengths under a small block budget: every request finishes with exactly
-    /// the reference tokens (preempted ones included), no step breaks the token budget or
-    /// max-seqs, ref counts match holders after every step, and no block leaks.
+    /// Random arrivals and lengths under a small block budget, some requests with
+    /// `prompt_logprobs`: every request finishes with exactly the reference tokens (preempted ones
+    /// included), no step breaks the token budget, the prompt logits budget or max-seqs, ref counts match holders after every step, and no block leaks.
     #[test]
     fn random_workloads_finish_correctly_without_leaks(
         config in engine_config(),

@@ -33,7 +33,7 @@ mod engine_tests;
 
 pub use self::core::EngineCore;
 pub use api::{Engine, EngineHandle};
-pub use config::{EngineConfig, EngineError};
+pub use config::{DEFAULT_MAX_PROMPT_LOGPROBS_TOKENS, EngineConfig, EngineError};
 pub use heartbeat::Liveness;
 pub use observer::{NoopStepObserver, StepObserver, StepView};
 pub use request::{FinishReason, RequestOutput, RequestPhase, TokenLogprobs};

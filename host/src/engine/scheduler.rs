@@ -9,6 +9,10 @@
 //! `num_computed_tokens` drops to 0 and it goes back to the front of the waiting queue, to
 //! recompute its prompt and output tokens later. If no request was preempted, waiting requests are
 //! then admitted in order, each taking its prefix-cache hit and then as much as the budget allows.
+//! A request with `prompt_logprobs` gets a logits row per prompt position it computes, so its
+//! prompt chunks also spend a second budget, `max_prompt_logprobs_tokens` per step (over all such
+//! requests): that bounds the step's logits at `max_num_seqs + max_prompt_logprobs_tokens` rows.
+//! A running request with none of it left waits for the next step; a waiting one stops admission.
 //!
 //! No livelock: a prompt longer than the whole pool is refused at admission
 //! ([`EngineError::PromptExceedsKvCapacity`]) and a request stops with `length` once prompt plus
@@ -121,6 +125,7 @@ pub struct SchedulerCounters {
 pub struct Scheduler {
     max_num_seqs: usize,
     max_num_batched_tokens: usize,
+    max_prompt_logprobs_tokens: usize,
     limits: RequestLimits,
     kv: KvCacheManager,
     /// Admitted requests, oldest admission first.
@@ -147,6 +152,7 @@ impl Scheduler {
         Self {
             max_num_seqs: config.max_num_seqs,
             max_num_batched_tokens: config.max_num_batched_tokens,
+            max_prompt_logprobs_tokens: config.max_prompt_logprobs_tokens,
             limits,
             kv: KvCacheManager::new(
                 config.num_kv_blocks,
@@ -254,12 +260,18 @@ impl Scheduler {
             ..SchedulerOutput::default()
         };
         let mut budget = self.max_num_batched_tokens;
+        let mut prompt_logits_budget = self.max_prompt_logprobs_tokens;
 
         // Running requests first.
         let mut index = 0;
         while index < self.running.len() && budget > 0 {
             let request = &self.running[index];
-            let num_new_tokens = (request.num_tokens() - request.num_computed_tokens).min(budget);
+            let mut num_new_tokens =
+                (request.num_tokens() - request.num_computed_tokens).min(budget);
+            let prompt_logits = request.needs_prompt_logits(request.num_computed_tokens);
+            if prompt_logits {
+                num_new_tokens = num_new_tokens.min(prompt_logits_budget);
+            }
             if num_new_tokens == 0 {
                 index += 1;
                 continue;
@@ -281,6 +293,9 @@ impl Scheduler {
             }
             self.record_scheduled(&mut out, index, num_new_tokens);
             budget -= num_new_tokens;
+            if prompt_logits {
+                prompt_logits_budget -= num_new_tokens;
+            }
             index += 1;
         }
 
@@ -292,8 +307,13 @@ impl Scheduler {
                 };
                 let mut hit_blocks = std::mem::take(&mut self.computed_blocks_scratch);
                 let num_hit_tokens = self.kv.get_computed_blocks(request, &mut hit_blocks);
-                let num_new_tokens = (request.num_tokens() - num_hit_tokens).min(budget);
-                let admitted = self.kv.allocate_slots(request, num_new_tokens, &hit_blocks);
+                let mut num_new_tokens = (request.num_tokens() - num_hit_tokens).min(budget);
+                let prompt_logits = request.needs_prompt_logits(num_hit_tokens);
+                if prompt_logits {
+                    num_new_tokens = num_new_tokens.min(prompt_logits_budget);
+                }
+                let admitted = num_new_tokens > 0
+                    && self.kv.allocate_slots(request, num_new_tokens, &hit_blocks);
                 self.computed_blocks_scratch = hit_blocks;
                 if !admitted {
                     break;
@@ -318,6 +338,9 @@ impl Scheduler {
                 self.running.push(request);
                 self.record_scheduled(&mut out, self.running.len() - 1, num_new_tokens);
                 budget -= num_new_tokens;
+                if prompt_logits {
+                    prompt_logits_budget -= num_new_tokens;
+                }
             }
         }
 
@@ -654,6 +677,60 @@ mod tests {
         assert_eq!(chunks[3], vec![(1, 1, Decode), (2, 1, Decode)]);
         assert_eq!(chunks[4], vec![(1, 1, Decode), (2, 1, Decode)]);
         assert!(chunks[5].is_empty());
+    }
+
+    #[test]
+    fn prompt_logprobs_chunks_spend_their_own_budget() {
+        let mut s = scheduler(EngineConfig {
+            max_num_batched_tokens: 64,
+            max_prompt_logprobs_tokens: 10,
+            block_size: 4,
+            ..Default::default()
+        });
+        add(&mut s, 1, 3, 6);
+        for (id, prompt_len) in [(2, 25), (3, 12)] {
+            let prompt = (0..prompt_len).map(|t| t * 3 + id).collect();
+            let params = SamplingParams {
+                ignore_eos: true,
+                prompt_logprobs: Some(1),
+                ..SamplingParams::greedy(2)
+            };
+            s.add_request(Request::new(id.into(), prompt, params, RequestRng::new(1)))
+                .unwrap();
+        }
+        let mut chunks: Vec<Vec<(RequestId, usize)>> = Vec::new();
+        while s.has_unfinished_requests() {
+            let out = step(&mut s);
+            let rows: usize = out
+                .scheduled
+                .iter()
+                .filter(|e| e.prompt_logits)
+                .map(|e| e.num_tokens)
+                .sum();
+            assert!(
+                rows <= 10,
+                "step {}: {rows} prompt logits rows",
+                out.step_id
+            );
+            chunks.push(
+                out.scheduled
+                    .iter()
+                    .filter(|e| e.prompt_logits)
+                    .map(|e| (e.request_id, e.num_tokens))
+                    .collect(),
+            );
+            // The plain request is never held back by the others' prompt logits.
+            if chunks.len() <= 6 {
+                assert_eq!(out.scheduled[0].request_id, 1, "step {}", out.step_id);
+            }
+            assert!(chunks.len() < 50, "no progress");
+        }
+        assert_eq!(chunks[0], vec![(2, 10)]);
+        assert_eq!(chunks[1], vec![(2, 10)]);
+        // Request 2's last 5 prompt tokens, then request 3 admitted with the 5 rows left.
+        assert_eq!(chunks[2], vec![(2, 5), (3, 5)]);
+        assert_eq!(chunks[3], vec![(3, 7)]);
+        assert!(chunks[4..].iter().all(Vec::is_empty));
     }
 
     #[test]

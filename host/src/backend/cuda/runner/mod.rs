@@ -124,9 +124,11 @@ pub struct StepSizes {
     pub block_size: usize,
     /// `--max-num-batched-tokens`.
     pub max_tokens: usize,
-    /// `--max-num-seqs`: the most logits rows of a step (a `prompt_logprobs` request adds a
-    /// row per prompt token, and can grow the logits buffer past this budget).
+    /// `--max-num-seqs`: the most sampled logits rows of a step.
     pub max_seqs: usize,
+    /// The most prompt positions whose logits a step returns for `prompt_logprobs` (the
+    /// scheduler's `max_prompt_logprobs_tokens`), rows on top of `max_seqs`.
+    pub max_prompt_logits: usize,
     /// The longest context (sizes the attention split and the block tables).
     pub max_model_len: usize,
 }
@@ -140,7 +142,8 @@ const GRAPH_RESERVE_BYTES: usize = 64 << 20;
 /// that made it grow), plus the step metadata.
 fn activation_bytes(cfg: &ModelConfig, sizes: &StepSizes, sm_count: usize) -> usize {
     let t_max = sizes.max_tokens.max(1);
-    let r_max = sizes.max_seqs.clamp(1, t_max);
+    let entries = sizes.max_seqs.clamp(1, t_max);
+    let r_max = (sizes.max_seqs + sizes.max_prompt_logits).clamp(1, t_max);
     let mut lens = step::BufferLens::of(cfg, t_max, r_max, 1);
     // The split attention's partials peak at small steps, split many ways.
     for t in 1..=t_max {
@@ -157,7 +160,7 @@ fn activation_bytes(cfg: &ModelConfig, sizes: &StepSizes, sm_count: usize) -> us
     }
     // ids, positions, slots, context lengths, table offsets, the attention's token list and
     // prefill tiles (under one int per token and three per entry), logits rows, block tables.
-    let tables = r_max * sizes.max_model_len.div_ceil(sizes.block_size.max(1));
+    let tables = entries * sizes.max_model_len.div_ceil(sizes.block_size.max(1));
     let meta_bytes = 4 * (7 * t_max + 5 * r_max + tables);
     (lens.bytes() + meta_bytes) * 3 / 2
 }

@@ -204,6 +204,7 @@ fn the_kv_budget_counts_the_largest_steps_activation_buffers() {
         block_size: 16,
         max_tokens,
         max_seqs,
+        max_prompt_logits: 0,
         max_model_len: 8192,
     };
     // By hand, at 2048 tokens and 256 logits rows: f32 residual, QKV, attention partials (not
@@ -218,6 +219,15 @@ fn the_kv_budget_counts_the_largest_steps_activation_buffers() {
     // Four times the tokens: about four times the bytes (the logits rows stay).
     let big = super::activation_bytes(&cfg, &sizes(8192, 256), 132);
     assert!(big > 3 * bytes && big < 4 * bytes, "{big} vs {bytes}");
+    // `prompt_logprobs` rows come on top of the sampled ones: a vocabulary-wide f32 row and a
+    // row index each (grown to 1.5×).
+    let with_prompt_logits = super::StepSizes {
+        max_prompt_logits: 256,
+        ..sizes(2048, 256)
+    };
+    let more = super::activation_bytes(&cfg, &with_prompt_logits, 132);
+    let rows = 4 * 256 * 128_256 + 2 * 256 * 4096 + 4 * 5 * 256;
+    assert_eq!(more, (buffers + meta + rows) * 3 / 2);
     // A small step budget on a model with few KV heads splits attention many ways: the
     // partials of those small steps are counted where they exceed the largest step's.
     let narrow = crate::model::ModelConfig {
