@@ -118,7 +118,7 @@ def test_out_of_range_parameters(short, path, field, value, param):
     ({"prompt": ["a", 5]}, "prompt"),
     ({"prompt": ["a", [1, -1]]}, "prompt[1]"),
     ({"prompt": {"text": "x"}}, "prompt"),
-    ({"prompt": "x", "echo": True, "stream": True}, "echo"),
+    ({"prompt": "x", "echo": "yes"}, "echo"),
     ({"prompt": "x", "logprobs": 21}, "logprobs"),
     ({"prompt": "x", "logprobs": -1}, "logprobs"),
     ({"prompt": "x", "logprobs": "5"}, "logprobs"),

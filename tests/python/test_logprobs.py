@@ -151,6 +151,43 @@ def test_prompt_logprobs_match_transformers(gqa):
     assert abs(entry[str(second[1])]["logprob"] - expected[second[1]]) < 1e-4
 
 
+def test_streamed_echo_carries_the_prompt_in_each_choices_first_chunk(gqa):
+    """`echo` with `stream` (as vLLM streams it): each choice's first chunk starts with the prompt's
+    text and, with `logprobs`, the prompt's tokens' log-probabilities (the first `null`); joined,
+    the chunks give what the same request answers unstreamed, text, tokens, log-probabilities
+    and offsets alike, for two prompts and `n: 2`."""
+    client = gqa.client()
+    prompts = ["the cat sat on the mat", "a dog ran"]
+    common = dict(model="gqa", prompt=prompts, max_tokens=5, temperature=0, echo=True, n=2,
+                  extra_body={"return_tokens_as_token_ids": True})
+    for logprobs in (None, 2):
+        whole = client.completions.create(**common, logprobs=logprobs)
+        chunks = list(client.completions.create(**common, logprobs=logprobs, stream=True))
+        for choice in whole.choices:
+            mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+            assert mine, choice.index
+            prompt = prompts[choice.index // 2]
+            assert mine[0].text.startswith(prompt), mine[0].text
+            assert not any(c.text.startswith(prompt) for c in mine[1:] if c.text)
+            assert "".join(c.text for c in mine) == choice.text
+            if logprobs is None:
+                assert all(c.logprobs is None for c in mine)
+                continue
+            assert mine[0].logprobs.token_logprobs[0] is None
+            for key in ("tokens", "token_logprobs", "text_offset"):
+                streamed = [v for c in mine for v in getattr(c.logprobs, key)]
+                want = getattr(choice.logprobs, key)
+                if key == "token_logprobs":
+                    assert streamed[0] is None and want[0] is None
+                    assert all(abs(a - b) < 1e-5 for a, b in zip(streamed[1:], want[1:])), key
+                    assert len(streamed) == len(want)
+                else:
+                    assert streamed == want, key
+            streamed_top = [v for c in mine for v in c.logprobs.top_logprobs]
+            assert streamed_top[0] is None and len(streamed_top) == len(choice.logprobs.top_logprobs)
+            assert [sorted(t) for t in streamed_top[1:]] == [sorted(t) for t in choice.logprobs.top_logprobs[1:]]
+
+
 def test_echo_with_logprobs_as_lm_eval_asks_for_loglikelihoods(gqa):
     """lm-eval's loglikelihood request (`echo`, `logprobs: 1`, `max_tokens: 1`, temperature 0):
     the text starts with the prompt, and the log-probabilities start with the prompt's tokens,
@@ -175,10 +212,7 @@ def test_echo_with_logprobs_as_lm_eval_asks_for_loglikelihoods(gqa):
             assert f"token_id:{ids[i]}" in lp.top_logprobs[i]
         assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
         assert c.usage.prompt_tokens == len(ids) and c.usage.prompt_tokens_details.cached_tokens == 0
-    # Not with stream (as vLLM); chat has no completions-style echo.
-    with pytest.raises(openai.BadRequestError) as raised:
-        client.completions.create(model="gqa", prompt=prompt, max_tokens=1, echo=True, stream=True)
-    assert raised.value.body["param"] == "echo"
+    # The client's prompt_logprobs are not streamed (as vLLM); chat has no completions-style echo.
     with pytest.raises(openai.BadRequestError) as raised:
         client.completions.create(model="gqa", prompt=prompt, max_tokens=1, stream=True,
                                   extra_body={"prompt_logprobs": 1})

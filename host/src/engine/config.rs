@@ -272,6 +272,13 @@ mod tests {
             ),
             (
                 EngineConfig {
+                    max_prompt_logprobs_tokens: 0,
+                    ..Default::default()
+                },
+                "max_prompt_logprobs_tokens",
+            ),
+            (
+                EngineConfig {
                     max_waiting_requests: 0,
                     ..Default::default()
                 },

@@ -391,9 +391,9 @@ const LOGIT_AGREEMENT_K_QUANTS: f32 = 1.75;
 
 /// Teacher-forced over llama.cpp's greedy tokens (one forward with a logits row per position):
 /// nearly all positions (95 %, or fewer only where the weights we hold, run in f32 with no
-/// activation rounding, pick llama.cpp's token at fewer positions still: on the Q4_K_M file
-/// llama.cpp's per-256 activation rounding leaves the exact weights at 95/102) pick llama.cpp's
-/// token; at every other position llama.cpp's
+/// activation rounding, pick llama.cpp's token at fewer positions still, and never under 90 %:
+/// on the Q4_K_M file llama.cpp's per-256 activation rounding leaves the exact weights at
+/// 95/102) pick llama.cpp's token; at every other position llama.cpp's
 /// token is a near-tie with ours (within `near_tie` logits), or else within
 /// [`WIDE_TIE_LOGITS`] and the weights we hold, run in f32 with no activation rounding, rank our
 /// token above llama.cpp's too (so llama.cpp's arithmetic, not our int8 kernels, strays from
@@ -490,11 +490,13 @@ fn greedy_tokens_equal_llama_cpps(
          worst {:.3} (case {} token {})",
         median.0, worst.0, worst.1, worst.2
     );
-    let floor = f32_exact.min((positions * 95).div_ceil(100));
+    let floor = f32_exact
+        .min((positions * 95).div_ceil(100))
+        .max((positions * 90).div_ceil(100));
     assert!(
         exact >= floor,
         "{exact}/{positions} positions equal llama.cpp's (floor {floor}: 95 %, or the f32 \
-         run's {f32_exact})"
+         run's {f32_exact} but at least 90 %)"
     );
     assert!(
         worst.0 <= agreement,

@@ -212,19 +212,19 @@ impl BlockFormat {
 }
 
 /// One block of 32 values as [`BlockFormat::Q6_K`] (a simple reference, not llama.cpp's
-/// iterative `make_qx_quants`): each half's scale `s = max|x|/31` is stored as
-/// `d·sc`, `d = f16(max s / 127)` and `sc = ⌈s/d⌉` (so no value clamps), then
-/// `q = round(x / (d·sc)) + 32`.
+/// iterative `make_qx_quants`): each half's scale `s = max|x|/31` is stored as `d·sc` with,
+/// as llama.cpp's `quantize_row_q6_K_ref` does, a negative `d = f16(−max s / 128)` and
+/// `sc = −⌈s/|d|⌉` down to −128 (so no value clamps), then `q = round(x / (d·sc)) + 32`.
 fn quantize_q6_k(blk: &[f32], out: &mut Vec<u8>) {
     let half_scale = |h: &[f32]| h.iter().fold(0f32, |a, v| a.max(v.abs())) / 31.0;
     let s = [half_scale(&blk[..QK / 2]), half_scale(&blk[QK / 2..])];
-    let d = f16::from_f32(s[0].max(s[1]) / 127.0);
+    let d = f16::from_f32(-s[0].max(s[1]) / 128.0);
     let df = d.to_f32();
     let sc = s.map(|s| {
         if df == 0.0 {
             0
         } else {
-            (s / df).ceil().min(127.0) as i8
+            (-(s / -df).ceil().min(128.0)) as i8
         }
     });
     let mut q = [32u8; QK];

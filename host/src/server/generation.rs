@@ -118,6 +118,12 @@ impl Generation {
         Some(delta)
     }
 
+    /// The prompt's log-probabilities once a delta brought them (`echo` with `logprobs` in a
+    /// stream), taken: empty before and after.
+    pub fn take_prompt_logprobs(&mut self) -> Vec<TokenLogprobs> {
+        std::mem::take(&mut self.prompt_logprobs)
+    }
+
     /// Token counts so far (final once the last delta was returned).
     pub fn usage(&self) -> Usage {
         Usage::new(

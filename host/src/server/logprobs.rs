@@ -171,20 +171,23 @@ impl LogprobsRenderer {
 
     /// Completions' legacy object for `echo`: the prompt's tokens first (`prompt_ids`; the first
     /// one's log-probabilities `null`, the others' from `prompt_entries`, each with its `top`
-    /// most likely), then the generated ones; offsets run through the echoed text.
+    /// most likely), then the generated ones; offsets run through the echoed text from 0, and
+    /// `text_offset` is left after it (a stream's next chunk goes on from there).
     pub fn completion_echo(
         &self,
         prompt_ids: &[u32],
         prompt_entries: &[TokenLogprobs],
         top: usize,
         generated: &[TokenLogprobs],
+        text_offset: &mut usize,
     ) -> Value {
-        let mut offset = 0;
+        *text_offset = 0;
+        let offset = text_offset;
         let Some(&first) = prompt_ids.first() else {
-            return self.completion(generated, &mut offset);
+            return self.completion(generated, offset);
         };
         let first_text = self.token_text(first);
-        offset += first_text.chars().count();
+        *offset += first_text.chars().count();
         let prompt: Vec<TokenLogprobs> = prompt_entries
             .iter()
             .map(|e| TokenLogprobs {
@@ -192,8 +195,8 @@ impl LogprobsRenderer {
                 ..e.clone()
             })
             .collect();
-        let prompt_part = self.completion(&prompt, &mut offset);
-        let generated_part = self.completion(generated, &mut offset);
+        let prompt_part = self.completion(&prompt, offset);
+        let generated_part = self.completion(generated, offset);
         let join = |key: &str, head: Value| {
             let mut all = vec![head];
             for part in [&prompt_part, &generated_part] {
@@ -296,7 +299,8 @@ mod tests {
         assert_eq!(out[2]["105"]["logprob"], NEG_INF_LOGPROB);
         assert_eq!(out[2]["33"]["rank"], 1);
         assert!(out[1]["72"]["decoded_token"].is_string());
-        let echo = r.completion_echo(&[7, 72, 105], &entries(), 1, &entries()[..1]);
+        let mut end = 0;
+        let echo = r.completion_echo(&[7, 72, 105], &entries(), 1, &entries()[..1], &mut end);
         assert_eq!(
             echo["tokens"],
             json!(["token_id:7", "token_id:72", "token_id:105", "token_id:72"])

@@ -41,24 +41,18 @@ pub struct RequestOptions {
 
 impl RequestOptions {
     /// Completions' `echo`: the prompt is prepended to the text and, with `logprobs` (N), its
-    /// tokens' log-probabilities (N most likely each) to the log-probabilities. Refused with
-    /// `stream`.
-    pub fn with_echo(mut self, echo: bool) -> Result<Self, ApiError> {
+    /// tokens' log-probabilities (N most likely each) to the log-probabilities (streamed: in
+    /// each choice's first chunk, as vLLM does).
+    pub fn with_echo(mut self, echo: bool) -> Self {
         if !echo {
-            return Ok(self);
-        }
-        if self.stream {
-            return Err(ApiError::unsupported(
-                "echo",
-                "echo is not supported with stream: true",
-            ));
+            return self;
         }
         self.echo = true;
         if let Some(n) = self.sampling.logprobs {
             let wanted = self.sampling.prompt_logprobs.map_or(n, |p| p.max(n));
             self.sampling.prompt_logprobs = Some(wanted);
         }
-        Ok(self)
+        self
     }
 }
 

@@ -259,7 +259,7 @@ async fn run<E: Endpoint>(
     let logprobs = fields.logprobs()?;
     let mut options = RequestOptions::from_fields(&common, state.engine.vocab_size())?;
     options.sampling.logprobs = logprobs;
-    options = options.with_echo(fields.echo())?;
+    options = options.with_echo(fields.echo());
     if let Some(words) = &common.bad_words {
         options.sampling.bad_words_token_ids = bad_words_token_ids(words, |text| {
             state
@@ -294,7 +294,8 @@ async fn run<E: Endpoint>(
     tracing::debug!(choices = choices.len(), "request admitted");
     let writer = ChunkWriter::new(E::KIND, ids.response.clone(), model, &options, renderer);
     if options.stream {
-        return Ok(sse::response(choices, writer));
+        let echo_top = options.echo.then_some(logprobs).flatten();
+        return Ok(sse::response(choices, writer, echo_top));
     }
     let from_prompt = PromptAnswer {
         renderer: LogprobsRenderer::new(
@@ -520,6 +521,7 @@ async fn collect_all(
                     &done.prompt_logprobs,
                     top,
                     &done.logprobs,
+                    &mut 0,
                 ),
                 None => renderer.render(&done.logprobs, &mut 0),
             });

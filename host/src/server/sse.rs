@@ -273,6 +273,18 @@ struct ChoiceState {
     usage: Usage,
     /// Sent with the choice's first chunk (`return_token_ids`).
     prompt_token_ids: Option<Vec<u32>>,
+    /// Completions' `echo`, until the choice's first chunk carries it.
+    echo: Option<Echo>,
+    /// The prompt's log-probabilities for `echo` with `logprobs`, until then.
+    pending_prompt_logprobs: Vec<TokenLogprobs>,
+}
+
+/// What a choice's first chunk prepends for `echo`: the prompt's text and, with `logprobs: N`
+/// (`top`), its tokens' log-probabilities (the first `null`), as vLLM streams them.
+struct Echo {
+    text: String,
+    prompt_ids: Vec<u32>,
+    top: Option<usize>,
 }
 
 /// A choice's deltas, each with the choice's slot and its usage after it.
@@ -294,13 +306,15 @@ impl StreamState {
             token_ids,
             logprobs,
             finish_reason: finish,
-            // Refused with `stream` (as by vLLM), so never here.
-            prompt_logprobs: _,
+            // The client's `prompt_logprobs` are refused with `stream` (as by vLLM); these are
+            // the ones `echo` with `logprobs` asked for.
+            prompt_logprobs,
         } = delta;
         let choice = &mut self.choices[slot];
         choice.usage = usage;
         choice.pending_token_ids.extend(token_ids);
         choice.pending_logprobs.extend(logprobs);
+        choice.pending_prompt_logprobs.extend(prompt_logprobs);
         let error = match finish {
             Some(FinishReason::Error) => Some(model_failure()),
             Some(FinishReason::Abort) => Some(stopped_by_server(usage.completion_tokens)),
@@ -316,11 +330,23 @@ impl StreamState {
         if !text.is_empty() || finish.is_some() {
             let ids = std::mem::take(&mut choice.pending_token_ids);
             let logprobs = std::mem::take(&mut choice.pending_logprobs);
-            let logprobs = self
-                .writer
-                .logprobs
-                .as_ref()
-                .map(|renderer| renderer.render(&logprobs, &mut choice.text_offset));
+            let echo = choice.echo.take();
+            let logprobs = self.writer.logprobs.as_ref().map(|renderer| {
+                match echo.as_ref().and_then(|e| e.top.map(|top| (e, top))) {
+                    Some((echo, top)) => renderer.completion_echo(
+                        &echo.prompt_ids,
+                        &std::mem::take(&mut choice.pending_prompt_logprobs),
+                        top,
+                        &logprobs,
+                        &mut choice.text_offset,
+                    ),
+                    None => renderer.render(&logprobs, &mut choice.text_offset),
+                }
+            });
+            let text = match echo {
+                Some(echo) => echo.text + &text,
+                None => text,
+            };
             let index = choice.index;
             let prompt_ids = choice.prompt_token_ids.take();
             self.queue.push_back(
@@ -342,8 +368,10 @@ impl StreamState {
     }
 }
 
-/// The SSE response for started generations, one per choice.
-pub fn response(choices: Vec<Choice>, writer: ChunkWriter) -> Response {
+/// The SSE response for started generations, one per choice. A choice with an echo text
+/// (completions' `echo`) prepends it to its first chunk, and with `echo_top` (`logprobs: N`
+/// with `echo`) the prompt tokens' log-probabilities too.
+pub fn response(choices: Vec<Choice>, writer: ChunkWriter, echo_top: Option<usize>) -> Response {
     let mut queue = VecDeque::new();
     let mut states = Vec::with_capacity(choices.len());
     let mut deltas = SelectAll::new();
@@ -351,8 +379,15 @@ pub fn response(choices: Vec<Choice>, writer: ChunkWriter) -> Response {
         queue.extend(writer.opening(choice.index));
         let usage = choice.generation.usage();
         let prompt_token_ids = choice.generation.prompt_token_ids().cloned();
+        let echo = choice.generation.echo_text().map(|text| Echo {
+            text: text.to_string(),
+            prompt_ids: choice.generation.prompt_ids().to_vec(),
+            top: echo_top,
+        });
         states.push(ChoiceState {
             prompt_token_ids,
+            echo,
+            pending_prompt_logprobs: Vec::new(),
             index: choice.index,
             counts_prompt: choice.counts_prompt,
             pending_token_ids: Vec::new(),
@@ -362,7 +397,8 @@ pub fn response(choices: Vec<Choice>, writer: ChunkWriter) -> Response {
         });
         let stream =
             futures_util::stream::unfold(choice.generation, move |mut generation| async move {
-                let delta = generation.next().await?;
+                let mut delta = generation.next().await?;
+                delta.prompt_logprobs = generation.take_prompt_logprobs();
                 let usage = generation.usage();
                 Some(((slot, delta, usage), generation))
             });
