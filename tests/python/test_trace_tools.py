@@ -298,3 +298,43 @@ def test_report_opens_offline_in_chromium_with_charts(one_trace, tmp_path):
         (ROOT / "target" / "trace-report.png").write_bytes(png)
     finally:
         browser.close()
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_summary_estimates_requests_from_their_journeys(tmp_path, rate):
+    """`serve` with journey tracing: `trace summary` counts the `llm_request` spans it finds and
+    re-weights them by `sampling.journey_probability`. Traced at 1.0 the numbers are exact: every
+    request, its token counts as the API returned them, its latencies as the spans carry them
+    (mean and max). At 0.5 the request count is the Horvitz-Thompson 2 × traced."""
+    path = tmp_path / f"journeys-{rate}.jsonl"
+    server = Server("builtin:tiny", "--served-model-name", "tiny", "--step-tracing-enabled",
+                    "--step-tracing-sample-rate", "1.0", "--step-tracing-file", str(path),
+                    "--enable-journey-tracing", "--journey-tracing-sample-rate", str(rate))
+    usages = []
+    try:
+        client = server.client(max_retries=0, timeout=120)
+        for i in range(24):
+            c = client.completions.create(model="tiny", prompt=f"journey {i} " + "x " * (i % 5), max_tokens=2 + i % 7,
+                                          temperature=0, extra_body={"ignore_eos": True})
+            usages.append((c.usage.prompt_tokens, c.usage.completion_tokens))
+    finally:
+        server.stop()
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    spans = [line for line in lines if line["name"] == "llm_request"]
+    s = summary(path)["requests"]
+    assert s["traced"] == len(spans)
+    e2e = quantity(s, "e2e_latency")
+    if rate == 1.0:
+        assert s["census"] and len(spans) == 24 and s["estimated"]["value"] == 24
+        assert quantity(s, "output_tokens")["total"]["value"] == sum(u[1] for u in usages)
+        assert quantity(s, "input_tokens")["total"]["value"] == sum(u[0] for u in usages)
+        latencies = [line["gen_ai.latency.e2e"] for line in spans]
+        assert abs(e2e["mean"]["value"] - sum(latencies) / 24) < 1e-9
+        assert e2e["percentiles"][3] == max(latencies)
+        ttft = quantity(s, "time_to_first_token")
+        assert ttft["percentiles"][3] <= e2e["percentiles"][3]
+        assert s["failed"]["value"] == 0
+    else:
+        assert not s["census"] and 0 < len(spans) < 24
+        assert s["estimated"]["value"] == 2 * len(spans)
+        assert s["estimated"]["ci95_low"] < s["estimated"]["value"] < s["estimated"]["ci95_high"]

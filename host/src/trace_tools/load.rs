@@ -1,7 +1,8 @@
 //! Reads a step-trace JSON-lines file (`--step-tracing-file`, or `--record-steps`, whose every
 //! line has probability 1) into [`TraceFile`]: one [`TracedStep`] per `scheduler.step` line,
 //! with the batch numbers, the probabilities the policy recorded, its `reason`, and the
-//! request snapshots of rich steps. Journey spans (`llm_request`, `llm_core`) and recorded
+//! request snapshots of rich steps; one [`TracedRequest`] per `llm_request` journey span (its
+//! latencies, token counts and `sampling.journey_probability`). `llm_core` spans and recorded
 //! arrivals sharing the file are counted, not kept. Malformed lines are an error naming the
 //! line.
 
@@ -11,6 +12,11 @@ use std::path::Path;
 use serde_json::Value as Json;
 use thiserror::Error;
 
+use crate::step_tracing::journey::{
+    ATTR_JOURNEY_PROBABILITY, GEN_AI_LATENCY_E2E, GEN_AI_LATENCY_TIME_IN_QUEUE,
+    GEN_AI_LATENCY_TTFT, GEN_AI_USAGE_INPUT_TOKENS, GEN_AI_USAGE_OUTPUT_TOKENS, SPAN_LLM_CORE,
+    SPAN_LLM_REQUEST,
+};
 use crate::step_tracing::record::{
     ATTR_KV_BLOCKS_ALLOCATED, ATTR_NUM_COMPUTED_TOKENS, ATTR_PHASE, EVENT_BATCH_SUMMARY,
     EVENT_REQUEST_SNAPSHOT, SPAN_BATCH_PROBABILITY, SPAN_LAST_STEP_DURATION_US, SPAN_NAME,
@@ -85,10 +91,29 @@ impl TracedStep {
     }
 }
 
+/// One request's `llm_request` journey span: what the API side measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracedRequest {
+    /// `sampling.journey_probability`: the chance this request's journey was traced.
+    pub journey_probability: f64,
+    /// `gen_ai.latency.e2e`, seconds from arrival to the answer's end.
+    pub e2e_s: f64,
+    /// `gen_ai.latency.time_to_first_token`, when a first token came.
+    pub ttft_s: Option<f64>,
+    /// `gen_ai.latency.time_in_queue`, when the request was scheduled.
+    pub queue_s: Option<f64>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// The span's status is `ERROR` (aborted: client gone, server stopping, model failure).
+    pub failed: bool,
+}
+
 /// A trace file, steps in file order.
 #[derive(Debug, Clone, Default)]
 pub struct TraceFile {
     pub steps: Vec<TracedStep>,
+    /// `llm_request` journey spans, in file order.
+    pub requests: Vec<TracedRequest>,
     /// Journey spans (`llm_request`, `llm_core`) in the file.
     pub journey_spans: u64,
     /// Other lines (recorded arrivals).
@@ -126,7 +151,11 @@ impl TraceFile {
                 serde_json::from_str(&line).map_err(|e| malformed(format!("not JSON: {e}")))?;
             match json.get("name").and_then(Json::as_str) {
                 Some(SPAN_NAME) => trace.steps.push(step(&json).map_err(malformed)?),
-                Some("llm_request" | "llm_core") => trace.journey_spans += 1,
+                Some(SPAN_LLM_REQUEST) => {
+                    trace.journey_spans += 1;
+                    trace.requests.push(request(&json).map_err(malformed)?);
+                }
+                Some(SPAN_LLM_CORE) => trace.journey_spans += 1,
                 _ => trace.other_lines += 1,
             }
         }
@@ -137,6 +166,41 @@ impl TraceFile {
         }
         Ok(trace)
     }
+}
+
+fn request(line: &Json) -> Result<TracedRequest, String> {
+    let float = |key: &str| line.get(key).and_then(Json::as_f64);
+    let int = |key: &str| {
+        line.get(key)
+            .and_then(Json::as_u64)
+            .ok_or_else(|| format!("{SPAN_LLM_REQUEST}: `{key}` missing or not an integer"))
+    };
+    let probability = float(ATTR_JOURNEY_PROBABILITY).ok_or(format!(
+        "{SPAN_LLM_REQUEST}: `{ATTR_JOURNEY_PROBABILITY}` missing"
+    ))?;
+    if !(probability > 0.0 && probability <= 1.0) {
+        return Err(format!(
+            "`{ATTR_JOURNEY_PROBABILITY}` is {probability}: a traced journey's must be in (0, 1]"
+        ));
+    }
+    let seconds = |key: &str| match float(key) {
+        Some(v) if v.is_finite() && v >= 0.0 => Ok(Some(v)),
+        None if line.get(key).is_none() => Ok(None),
+        _ => Err(format!(
+            "{SPAN_LLM_REQUEST}: `{key}` is not a duration in seconds"
+        )),
+    };
+    Ok(TracedRequest {
+        journey_probability: probability,
+        e2e_s: seconds(GEN_AI_LATENCY_E2E)?.ok_or(format!(
+            "{SPAN_LLM_REQUEST}: `{GEN_AI_LATENCY_E2E}` missing"
+        ))?,
+        ttft_s: seconds(GEN_AI_LATENCY_TTFT)?,
+        queue_s: seconds(GEN_AI_LATENCY_TIME_IN_QUEUE)?,
+        input_tokens: int(GEN_AI_USAGE_INPUT_TOKENS)?,
+        output_tokens: int(GEN_AI_USAGE_OUTPUT_TOKENS)?,
+        failed: line.get("status").and_then(Json::as_str) == Some("ERROR"),
+    })
 }
 
 fn step(line: &Json) -> Result<TracedStep, String> {

@@ -3,8 +3,11 @@
 //! [`Summary::of`] re-weights the traced steps by their recorded probabilities (see
 //! [`estimate`](super::estimate)) into population estimates with 95% intervals for the batch
 //! size, tokens per step, prefill share, KV usage, queue depths, preemptions and step duration,
-//! weighted percentiles of each, the slowest steps and the steps that preempted. It serialises
-//! as `--json` prints it, and [`Summary::render`] writes the terminal report.
+//! weighted percentiles of each, the slowest steps and the steps that preempted. Where the file
+//! holds request journeys (`--enable-journey-tracing`), their `llm_request` spans are re-weighted
+//! the same way by `sampling.journey_probability` into the request count, failures, latencies
+//! (end to end, time to first token, time in queue) and token counts ([`RequestSummary`]). It
+//! serialises as `--json` prints it, and [`Summary::render`] writes the terminal report.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -12,7 +15,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::estimate::{self, Estimate};
-use super::load::{TraceFile, TracedStep};
+use super::load::{TraceFile, TracedRequest, TracedStep};
 
 /// Percentiles reported for every quantity.
 pub const PERCENTILES: [f64; 4] = [0.5, 0.9, 0.99, 1.0];
@@ -71,6 +74,82 @@ pub struct PreemptingStep {
     pub waiting_depth: u64,
 }
 
+/// What the traced request journeys say about every request of the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestSummary {
+    /// `llm_request` spans in the file.
+    pub traced: u64,
+    /// Requests in the run: Σ 1/π over the traced ones (Horvitz–Thompson).
+    pub estimated: Estimate,
+    /// Requests whose span ended in error (aborted or failed), estimated the same way.
+    pub failed: Estimate,
+    /// Whether every traced journey had probability 1 (exact numbers).
+    pub census: bool,
+    /// Per request: `e2e_latency`, `time_to_first_token` and `time_in_queue` (seconds; the last
+    /// two over the requests that got that far), `input_tokens` and `output_tokens` (with
+    /// totals).
+    pub quantities: Vec<Quantity>,
+}
+
+impl RequestSummary {
+    /// `None` when the file holds no `llm_request` span.
+    fn of(requests: &[TracedRequest]) -> Option<Self> {
+        if requests.is_empty() {
+            return None;
+        }
+        let pis: Vec<f64> = requests.iter().map(|r| r.journey_probability).collect();
+        let column =
+            |f: &dyn Fn(&TracedRequest) -> f64| requests.iter().map(f).collect::<Vec<f64>>();
+        let some = |f: &dyn Fn(&TracedRequest) -> Option<f64>| -> (Vec<f64>, Vec<f64>) {
+            requests
+                .iter()
+                .filter_map(|r| f(r).map(|v| (v, r.journey_probability)))
+                .unzip()
+        };
+        let mut quantities = vec![Quantity::of(
+            "e2e_latency",
+            "s",
+            &column(&|r| r.e2e_s),
+            &pis,
+            false,
+        )];
+        for (name, (ys, ps)) in [
+            ("time_to_first_token", some(&|r| r.ttft_s)),
+            ("time_in_queue", some(&|r| r.queue_s)),
+        ] {
+            if !ys.is_empty() {
+                quantities.push(Quantity::of(name, "s", &ys, &ps, false));
+            }
+        }
+        quantities.push(Quantity::of(
+            "input_tokens",
+            "tokens",
+            &column(&|r| r.input_tokens as f64),
+            &pis,
+            true,
+        ));
+        quantities.push(Quantity::of(
+            "output_tokens",
+            "tokens",
+            &column(&|r| r.output_tokens as f64),
+            &pis,
+            true,
+        ));
+        Some(RequestSummary {
+            traced: requests.len() as u64,
+            estimated: estimate::count(&pis),
+            failed: estimate::total(&column(&|r| f64::from(u8::from(r.failed))), &pis),
+            census: pis.iter().all(|&p| p >= 1.0),
+            quantities,
+        })
+    }
+
+    /// The quantity called `name`.
+    pub fn quantity(&self, name: &str) -> Option<&Quantity> {
+        self.quantities.iter().find(|q| q.name == name)
+    }
+}
+
 /// The whole summary.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -95,6 +174,8 @@ pub struct Summary {
     /// Traced steps that preempted, in step order (the first few).
     pub preempting_steps: Vec<PreemptingStep>,
     pub preempting_steps_traced: u64,
+    /// The request journeys in the file, if any.
+    pub requests: Option<RequestSummary>,
     /// What the estimates assume.
     pub note: &'static str,
 }
@@ -224,6 +305,7 @@ impl Summary {
                 })
                 .collect(),
             preempting_steps_traced: preempting.len() as u64,
+            requests: RequestSummary::of(&trace.requests),
             note: NOTE,
         }
     }
@@ -258,26 +340,22 @@ impl Summary {
             self.steps_seen_at_least, n.value, n.ci95_low, n.ci95_high
         );
         let _ = writeln!(out);
-        let _ = writeln!(
-            out,
-            "  {:<34} {:>28}  {:>34}  {:>9} {:>9} {:>9} {:>9}",
-            "per step", "mean [95% CI]", "total [95% CI]", "p50", "p90", "p99", "max"
-        );
-        for q in &self.quantities {
-            let mean = interval(&q.mean);
-            let total = q.total.as_ref().map_or_else(String::new, interval);
-            let [p50, p90, p99, max] = q.percentiles;
+        table(&mut out, "per step", &self.quantities);
+        if let Some(r) = &self.requests {
+            let _ = writeln!(out);
+            let how = if r.census {
+                "every journey (probability 1): exact".to_string()
+            } else {
+                "re-weighted by sampling.journey_probability".to_string()
+            };
             let _ = writeln!(
                 out,
-                "  {:<34} {:>28}  {:>34}  {:>9} {:>9} {:>9} {:>9}",
-                format!("{} ({})", q.name, q.unit),
-                mean,
-                total,
-                short(p50),
-                short(p90),
-                short(p99),
-                short(max)
+                "  requests        {} journeys traced ({how}); requests in run {}; failed {}",
+                r.traced,
+                interval(&r.estimated),
+                interval(&r.failed)
             );
+            table(&mut out, "per request", &r.quantities);
         }
         let _ = writeln!(out);
         let _ = writeln!(out, "  slowest steps (duration reported by the next step):");
@@ -310,6 +388,31 @@ impl Summary {
     }
 }
 
+/// A header and one line per quantity: mean and total with their intervals, percentiles.
+fn table(out: &mut String, what: &str, quantities: &[Quantity]) {
+    let _ = writeln!(
+        out,
+        "  {:<34} {:>28}  {:>34}  {:>9} {:>9} {:>9} {:>9}",
+        what, "mean [95% CI]", "total [95% CI]", "p50", "p90", "p99", "max"
+    );
+    for q in quantities {
+        let mean = interval(&q.mean);
+        let total = q.total.as_ref().map_or_else(String::new, interval);
+        let [p50, p90, p99, max] = q.percentiles;
+        let _ = writeln!(
+            out,
+            "  {:<34} {:>28}  {:>34}  {:>9} {:>9} {:>9} {:>9}",
+            format!("{} ({})", q.name, q.unit),
+            mean,
+            total,
+            short(p50),
+            short(p90),
+            short(p99),
+            short(max)
+        );
+    }
+}
+
 fn to_array(values: Vec<f64>) -> [f64; 4] {
     let mut out = [f64::NAN; 4];
     for (slot, v) in out.iter_mut().zip(values) {
@@ -333,4 +436,85 @@ fn interval(e: &Estimate) -> String {
         short(e.ci95_low),
         short(e.ci95_high)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal step line and `llm_request` lines (journeys traced at probability 0.25, one
+    /// aborted before its first token).
+    fn trace() -> TraceFile {
+        let step = serde_json::json!({
+            "name": "scheduler.step", "step.id": 1, "start_time_unix_nano": 1,
+            "end_time_unix_nano": 2, "sampling.batch_probability": 1.0,
+            "events": [{"name": "step.BATCH_SUMMARY", "attributes": {
+                "queue.running_depth": 1, "queue.waiting_depth": 0, "batch.num_prefill_reqs": 1,
+                "batch.num_decode_reqs": 0, "batch.scheduled_tokens": 4, "batch.prefill_tokens": 4,
+                "batch.decode_tokens": 0, "batch.num_preempted": 0, "batch.num_finished": 0,
+                "kv.usage_gpu_ratio": 0.5, "step.duration_us": 10}}]
+        });
+        let request = |e2e: f64, ttft: Option<f64>, out: u64, error: bool| {
+            let mut line = serde_json::json!({
+                "name": "llm_request", "sampling.journey_probability": 0.25,
+                "gen_ai.latency.e2e": e2e, "gen_ai.latency.time_in_queue": 0.01,
+                "gen_ai.usage.input_tokens": 10, "gen_ai.usage.output_tokens": out, "events": []
+            });
+            if let Some(t) = ttft {
+                line["gen_ai.latency.time_to_first_token"] = t.into();
+            }
+            if error {
+                line["status"] = "ERROR".into();
+            }
+            line.to_string()
+        };
+        let text = [
+            step.to_string(),
+            request(1.0, Some(0.1), 20, false),
+            request(2.0, Some(0.3), 40, false),
+            request(3.0, None, 0, true),
+            serde_json::json!({"name": "llm_core"}).to_string(),
+        ]
+        .join("\n");
+        TraceFile::parse(std::io::Cursor::new(text), "t.jsonl").unwrap()
+    }
+
+    #[test]
+    fn journeys_are_reweighted_by_their_probability() {
+        let trace = trace();
+        assert_eq!(trace.journey_spans, 4);
+        let s = Summary::of(&trace, "t.jsonl");
+        let r = s.requests.as_ref().expect("requests");
+        assert_eq!(r.traced, 3);
+        assert!(!r.census);
+        assert_eq!(r.estimated.value, 12.0);
+        assert_eq!(r.failed.value, 4.0);
+        let q = |name| r.quantity(name).expect(name);
+        assert!((q("e2e_latency").mean.value - 2.0).abs() < 1e-12);
+        assert_eq!(q("e2e_latency").percentiles[3], 3.0);
+        // Over the two requests that got a first token.
+        assert!((q("time_to_first_token").mean.value - 0.2).abs() < 1e-12);
+        assert_eq!(
+            q("output_tokens").total.as_ref().map(|t| t.value),
+            Some(240.0)
+        );
+        assert_eq!(
+            q("input_tokens").total.as_ref().map(|t| t.value),
+            Some(120.0)
+        );
+        let text = s.render();
+        assert!(text.contains("3 journeys traced"), "{text}");
+        assert!(text.contains("time_to_first_token (s)"), "{text}");
+    }
+
+    #[test]
+    fn a_journey_without_its_probability_is_refused_by_line() {
+        let text = "{\"name\": \"llm_request\", \"gen_ai.latency.e2e\": 1.0}";
+        let err = TraceFile::parse(std::io::Cursor::new(text), "t.jsonl").unwrap_err();
+        assert!(err.to_string().contains("line 1"), "{err}");
+        assert!(
+            err.to_string().contains("sampling.journey_probability"),
+            "{err}"
+        );
+    }
 }
