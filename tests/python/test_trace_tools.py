@@ -334,6 +334,12 @@ def test_summary_estimates_requests_from_their_journeys(tmp_path, rate):
         ttft = quantity(s, "time_to_first_token")
         assert ttft["percentiles"][3] <= e2e["percentiles"][3]
         assert s["failed"]["value"] == 0
+        # The HTML report carries the same table.
+        html = tmp_path / "report.html"
+        subprocess.run([str(BINARY), "trace", "report", str(path), "-o", str(html)], check=True, timeout=120)
+        page = html.read_text()
+        assert "<th>per request</th>" in page and "24 request journeys traced" in page
+        assert "time_to_first_token (s)" in page
     else:
         assert not s["census"] and 0 < len(spans) < 24
         assert s["estimated"]["value"] == 2 * len(spans)

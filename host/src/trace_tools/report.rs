@@ -89,12 +89,46 @@ fn escape(text: &str) -> String {
 }
 
 fn table(summary: &Summary) -> String {
-    let mut out = String::from(
-        "<table><tr><th>per step</th><th>mean</th><th>95% CI</th><th>total</th>\
-         <th>p50</th><th>p90</th><th>p99</th><th>max</th></tr>",
+    let mut out = quantity_table("per step", &summary.quantities);
+    let _ = write!(
+        out,
+        "<p>{} steps traced ({} rich, {} snapshots); at least {} steps in the run, \
+         estimated {:.0} [{:.0}, {:.0}]; {} traced steps preempted.</p>",
+        summary.steps_traced,
+        summary.steps_rich,
+        summary.snapshots,
+        summary.steps_seen_at_least,
+        summary.steps_estimated.value,
+        summary.steps_estimated.ci95_low,
+        summary.steps_estimated.ci95_high,
+        summary.preempting_steps_traced
+    );
+    if let Some(r) = &summary.requests {
+        out += &quantity_table("per request", &r.quantities);
+        let _ = write!(
+            out,
+            "<p>{} request journeys traced; requests in the run estimated {:.0} [{:.0}, {:.0}], \
+             failed {:.0} [{:.0}, {:.0}].</p>",
+            r.traced,
+            r.estimated.value,
+            r.estimated.ci95_low,
+            r.estimated.ci95_high,
+            r.failed.value,
+            r.failed.ci95_low,
+            r.failed.ci95_high
+        );
+    }
+    out
+}
+
+/// One row per quantity: mean with its interval, total, percentiles.
+fn quantity_table(what: &str, quantities: &[super::summary::Quantity]) -> String {
+    let mut out = format!(
+        "<table><tr><th>{what}</th><th>mean</th><th>95% CI</th><th>total</th>\
+         <th>p50</th><th>p90</th><th>p99</th><th>max</th></tr>"
     );
     let num = |v: f64| format!("{v:.3}");
-    for q in &summary.quantities {
+    for q in quantities {
         let total = q.total.map_or_else(String::new, |t| {
             format!(
                 "{} [{}, {}]",
@@ -118,19 +152,7 @@ fn table(summary: &Summary) -> String {
             num(max)
         );
     }
-    let _ = write!(
-        out,
-        "</table><p>{} steps traced ({} rich, {} snapshots); at least {} steps in the run, \
-         estimated {:.0} [{:.0}, {:.0}]; {} traced steps preempted.</p>",
-        summary.steps_traced,
-        summary.steps_rich,
-        summary.snapshots,
-        summary.steps_seen_at_least,
-        summary.steps_estimated.value,
-        summary.steps_estimated.ci95_low,
-        summary.steps_estimated.ci95_high,
-        summary.preempting_steps_traced
-    );
+    out += "</table>";
     out
 }
 
