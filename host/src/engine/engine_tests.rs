@@ -334,37 +334,26 @@ impl RequestSpec {
     }
 }
 
-fn request_spec() -> impl Strategy<Value = RequestSpec> {
-    (
-        0usize..25,
-        0u64..3,
-        0usize..24,
-        1usize..20,
-        1usize..24,
-        any::<bool>(),
-        prop::bool::weighted(0.2),
-    )
-        .prop_map(
-            |(
-                arrival_step,
-                prefix_family,
-                prefix_len,
-                suffix_len,
-                max_tokens,
-                ignore_eos,
-                prompt_logprobs,
-            )| {
-                RequestSpec {
-                    arrival_step,
-                    prefix_family,
-                    prefix_len,
-                    suffix_len,
-                    max_tokens,
-                    ignore_eos,
-                    prompt_logprobs,
-                }
-            },
-        )
+prop_compose! {
+    fn request_spec()(
+        arrival_step in 0usize..25,
+        prefix_family in 0u64..3,
+        prefix_len in 0usize..24,
+        suffix_len in 1usize..20,
+        max_tokens in 1usize..24,
+        ignore_eos in any::<bool>(),
+        prompt_logprobs in prop::bool::weighted(0.2),
+    ) -> RequestSpec {
+        RequestSpec {
+            arrival_step,
+            prefix_family,
+            prefix_len,
+            suffix_len,
+            max_tokens,
+            ignore_eos,
+            prompt_logprobs,
+        }
+    }
 }
 
 fn engine_config() -> impl Strategy<Value = EngineConfig> {

@@ -121,20 +121,11 @@ impl RequestSummary {
                 quantities.push(Quantity::of(name, "s", &ys, &ps, false));
             }
         }
-        quantities.push(Quantity::of(
-            "input_tokens",
-            "tokens",
-            &column(&|r| r.input_tokens as f64),
-            &pis,
-            true,
-        ));
-        quantities.push(Quantity::of(
-            "output_tokens",
-            "tokens",
-            &column(&|r| r.output_tokens as f64),
-            &pis,
-            true,
-        ));
+        let input: &dyn Fn(&TracedRequest) -> f64 = &|r| r.input_tokens as f64;
+        let output: &dyn Fn(&TracedRequest) -> f64 = &|r| r.output_tokens as f64;
+        for (name, tokens) in [("input_tokens", input), ("output_tokens", output)] {
+            quantities.push(Quantity::of(name, "tokens", &column(tokens), &pis, true));
+        }
         Some(RequestSummary {
             traced: requests.len() as u64,
             estimated: estimate::count(&pis),
