@@ -160,7 +160,8 @@ def test_streamed_echo_carries_the_prompt_in_each_choices_first_chunk(gqa):
     prompts = ["the cat sat on the mat", "a dog ran"]
     common = dict(model="gqa", prompt=prompts, max_tokens=5, temperature=0, echo=True, n=2,
                   extra_body={"return_tokens_as_token_ids": True})
-    for logprobs in (None, 2):
+    for logprobs, max_tokens in ((None, 5), (2, 5), (2, 1)):
+        common["max_tokens"] = max_tokens  # 1: the choice ends on its first (echoing) chunk
         whole = client.completions.create(**common, logprobs=logprobs)
         chunks = list(client.completions.create(**common, logprobs=logprobs, stream=True))
         for choice in whole.choices:

@@ -83,8 +83,11 @@ pub struct RequestSummary {
     pub estimated: Estimate,
     /// Requests whose span ended in error (aborted or failed), estimated the same way.
     pub failed: Estimate,
-    /// Whether every traced journey had probability 1 (exact numbers).
+    /// Whether every traced journey had probability 1 (exact numbers, if every request was
+    /// traced: see [`REQUEST_NOTE`]).
     pub census: bool,
+    /// What the request estimates assume.
+    pub note: &'static str,
     /// Per request: `e2e_latency`, `time_to_first_token` and `time_in_queue` (seconds; the last
     /// two over the requests that got that far), `input_tokens` and `output_tokens` (with
     /// totals).
@@ -132,6 +135,7 @@ impl RequestSummary {
             failed: estimate::total(&column(&|r| f64::from(u8::from(r.failed))), &pis),
             census: pis.iter().all(|&p| p >= 1.0),
             quantities,
+            note: REQUEST_NOTE,
         })
     }
 
@@ -175,6 +179,12 @@ const NOTE: &str = "Estimates re-weight each traced step by 1/π, its recorded s
 (Horvitz-Thompson totals, Hajek means, normal 95% intervals). They are unbiased when π is the \
 probability the step really had of being traced, whether a constant rate or a policy's rule; \
 steps whose policy faulted or backed off are not in the file and are not represented.";
+
+/// What [`RequestSummary`]'s estimates assume.
+pub const REQUEST_NOTE: &str = "Requests re-weight each traced llm_request span by 1/π, its recorded \
+sampling.journey_probability (a caller's sampled traceparent gives π = 1). Not represented: requests \
+whose caller's traceparent was not sampled (never drawn), spans the exporter dropped, and requests \
+refused before they reached the engine.";
 
 impl Summary {
     /// Summarises `trace`, read from `file`.
@@ -335,7 +345,7 @@ impl Summary {
         if let Some(r) = &self.requests {
             let _ = writeln!(out);
             let how = if r.census {
-                "every journey (probability 1): exact".to_string()
+                "every traced journey had probability 1".to_string()
             } else {
                 "re-weighted by sampling.journey_probability".to_string()
             };
@@ -347,6 +357,7 @@ impl Summary {
                 interval(&r.failed)
             );
             table(&mut out, "per request", &r.quantities);
+            let _ = writeln!(out, "  {}", r.note);
         }
         let _ = writeln!(out);
         let _ = writeln!(out, "  slowest steps (duration reported by the next step):");
