@@ -306,7 +306,8 @@ def test_summary_estimates_requests_from_their_journeys(tmp_path, rate):
     """`serve` with journey tracing: `trace summary` counts the `llm_request` spans it finds and
     re-weights them by `sampling.journey_probability`. Traced at 1.0 the numbers are exact: every
     request, its token counts as the API returned them, its latencies as the spans carry them
-    (mean and max). At 0.5 the request count is the Horvitz-Thompson 2 × traced."""
+    (mean and max). At 0.5 the request count is the Horvitz-Thompson 2 × traced, and no traced
+    failure still leaves room for up to ln 0.05 / ln 0.5 unseen ones."""
     path = tmp_path / f"journeys-{rate}.jsonl"
     server = Server("builtin:tiny", "--served-model-name", "tiny", "--step-tracing-enabled",
                     "--step-tracing-sample-rate", "1.0", "--step-tracing-file", str(path),
@@ -343,5 +344,7 @@ def test_summary_estimates_requests_from_their_journeys(tmp_path, rate):
         assert "time_to_first_token (s)" in page
     else:
         assert not s["census"] and 0 < len(spans) < 24
+        # None failed: zero, with the rule-of-three upper bound ln 0.05 / ln 0.5 (not [0, 0]).
+        assert s["failed"]["value"] == 0 and math.isclose(s["failed"]["ci95_high"], math.log(0.05) / math.log(0.5))
         assert s["estimated"]["value"] == 2 * len(spans)
         assert s["estimated"]["ci95_low"] < s["estimated"]["value"] < s["estimated"]["ci95_high"]

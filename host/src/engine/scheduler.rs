@@ -291,7 +291,7 @@ impl Scheduler {
             if !scheduled {
                 break;
             }
-            self.record_scheduled(&mut out, index, num_new_tokens);
+            self.record_scheduled(&mut out, index, num_new_tokens, prompt_logits);
             budget -= num_new_tokens;
             if prompt_logits {
                 prompt_logits_budget -= num_new_tokens;
@@ -336,7 +336,12 @@ impl Scheduler {
                 let resume = request.num_preemptions > 0;
                 request.journey_event(JourneyEventKind::Scheduled { resume }, self.scheduler_step);
                 self.running.push(request);
-                self.record_scheduled(&mut out, self.running.len() - 1, num_new_tokens);
+                self.record_scheduled(
+                    &mut out,
+                    self.running.len() - 1,
+                    num_new_tokens,
+                    prompt_logits,
+                );
                 budget -= num_new_tokens;
                 if prompt_logits {
                     prompt_logits_budget -= num_new_tokens;
@@ -349,11 +354,15 @@ impl Scheduler {
         out
     }
 
+    /// Records `num_tokens` of running request `running_index` in the step's output;
+    /// `prompt_logits` is its [`Request::needs_prompt_logits`] at its computed position (already
+    /// decided when its budget was).
     fn record_scheduled(
         &mut self,
         out: &mut SchedulerOutput,
         running_index: usize,
         num_tokens: usize,
+        prompt_logits: bool,
     ) {
         let request = &mut self.running[running_index];
         let start_position = request.num_computed_tokens;
@@ -364,7 +373,7 @@ impl Scheduler {
             start_position,
             num_tokens,
             needs_logits: start_position + num_tokens == request.num_tokens(),
-            prompt_logits: request.needs_prompt_logits(start_position),
+            prompt_logits,
             phase,
         });
         let summary = &mut out.summary;

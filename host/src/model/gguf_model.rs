@@ -401,8 +401,8 @@ impl Tensors<'_> {
     /// Matrices fused row-wise (q/k/v, gate/up), each `(name, rows, heads)` and `cols` wide.
     /// The parts must end up in one format: where they would not (K-quant files mix Q5_0, Q8_0
     /// and converted Q4_K/Q6_K parts), every Q5_0 part and every K-quant part is converted to
-    /// Q8_0 (Q4_K instead of to Q4_1, Q6_K instead of to its 32-element blocks); other mixes (Q4_0 or Q4_1 beside Q8_0, say) are refused
-    /// by [`stack`] with the formats named.
+    /// Q8_0 (instead of to their own layouts); other mixes (Q4_0 or Q4_1 beside Q8_0, say) are
+    /// refused by [`stack`] with the formats named.
     fn fused(
         &self,
         what: &str,
@@ -427,8 +427,8 @@ impl Tensors<'_> {
     }
 
     /// [`Self::matrix`], with `heads` the rows un-interleaved from llama.cpp's rotary layout
-    /// (and so copied), and with `q8` Q5_0 and K-quants converted to Q8_0 (Q4_K instead of to
-    /// Q4_1, Q6_K instead of to its 32-element blocks).
+    /// (and so copied), and with `q8` Q5_0 and K-quants converted to Q8_0 (instead of to their
+    /// own layouts).
     fn matrix_as(
         &self,
         name: &str,

@@ -1,9 +1,8 @@
 //! GGUF formats the int8 kernels do not run as stored, converted row by row at load into the
-//! 32-element formats they do run, as close to exactly as those allow. Q4_K (256-element
-//! super-blocks: 8 sub-blocks of 32 with 6-bit scales and minima, x = d·sc·q − dmin·m) becomes
-//! Q4_1 sub-block by sub-block, with the same nibbles and `f16(d·sc)`, `f16(−dmin·m)` as scale
-//! and minimum: the only loss is those two f16 roundings (relative 2⁻¹¹); 4.5 → 5 bits per
-//! weight. Q6_K (16 sub-blocks of 16 with int8 scales, 6-bit quants) becomes
+//! layouts they do run, as close to exactly as those allow. Q4_K (256-element super-blocks: 8
+//! sub-blocks of 32 with 6-bit scales and minima packed into 12 bytes, x = d·sc·q − dmin·m)
+//! becomes [`BlockFormat::Q4_K`] exactly: the same `d`, `dmin` and nibbles, the scales and
+//! minima one byte each; 4.5 → 4.625 bits per weight. Q6_K (16 sub-blocks of 16 with int8 scales, 6-bit quants) becomes
 //! [`BlockFormat::Q6_K`] exactly: each 32 elements keep the super-block's `d`, their two int8
 //! scales and their 6-bit quants; 6.56 → 7 bits. Q5_0 (the fallback llama.cpp writes into
 //! K-quant files for rows that are not whole super-blocks) runs as stored (`BlockFormat::Q5_0`);
@@ -17,10 +16,9 @@
 use half::f16;
 use rayon::prelude::*;
 
-use super::quant::{BlockFormat, QK, half_at, q5_0_codes, write_q6_k_block};
+use super::quant::{BlockFormat, Q4_K_SUB_BYTES, QK, half_at, q5_0_codes, write_q6_k_block};
 
-/// Elements per K-quant super-block.
-pub const QK_K: usize = 256;
+pub use super::quant::QK_K;
 
 /// Rows converted per rayon task.
 const ROWS_PER_TASK: usize = 16;
@@ -78,11 +76,12 @@ impl ConvertedFormat {
         cols / self.block_len() * self.block_bytes()
     }
 
-    /// The format a tensor converts to on its own: Q4_K to Q4_1, Q6_K to the 32-element
-    /// [`BlockFormat::Q6_K`], Q5_0 (converted only in stacks of mixed formats) to Q8_0.
+    /// The format a tensor converts to on its own: Q4_K to [`BlockFormat::Q4_K`] (its scales
+    /// unpacked), Q6_K to the 32-element [`BlockFormat::Q6_K`], Q5_0 (converted only in stacks
+    /// of mixed formats) to Q8_0.
     pub const fn target(self) -> BlockFormat {
         match self {
-            ConvertedFormat::Q4K => BlockFormat::Q4_1,
+            ConvertedFormat::Q4K => BlockFormat::Q4_K,
             ConvertedFormat::Q6K => BlockFormat::Q6_K,
             ConvertedFormat::Q5_0 => BlockFormat::Q8_0,
         }
@@ -114,14 +113,14 @@ impl ConvertedFormat {
         assert_eq!(bytes.len(), self.row_bytes(cols), "row byte length");
         assert_eq!(out.len(), target.row_bytes(cols), "converted row length");
         let (bl, bb) = (self.block_len(), self.block_bytes());
-        let out_per_block = bl / QK * target.block_bytes();
+        let out_per_block = target.row_bytes(bl);
         let blocks = bytes
             .chunks_exact(bb)
             .zip(out.chunks_exact_mut(out_per_block));
         match (self, target) {
-            (ConvertedFormat::Q4K, BlockFormat::Q4_1) => {
+            (ConvertedFormat::Q4K, BlockFormat::Q4_K) => {
                 for (b, o) in blocks {
-                    q4_k_to_q4_1(b, o)?;
+                    q4_k_to_unpacked_scales(b, o);
                 }
             }
             (ConvertedFormat::Q6K, BlockFormat::Q6_K) => {
@@ -233,27 +232,20 @@ fn dequantize_q6_k(b: &[u8], out: &mut [f32]) {
     }
 }
 
-/// One Q4_K super-block as 8 Q4_1 blocks (`out` 8 × 20 bytes): scale `f16(d·sc)`, minimum
-/// `f16(−dmin·m)`, the same nibbles re-packed to Q4_1's order (element `i` low, `i + 16` high).
-fn q4_k_to_q4_1(b: &[u8], out: &mut [u8]) -> Result<(), String> {
-    let (d, dmin) = (half_at(b, 0), half_at(b, 2));
+/// One Q4_K super-block in [`BlockFormat::Q4_K`]'s layout (`out` 148 bytes), exactly: the same
+/// `d` and `dmin`, each sub-block's 6-bit scale and minimum as a byte, its nibbles re-packed to
+/// Q4_0's order (element `i` low, `i + 16` high).
+fn q4_k_to_unpacked_scales(b: &[u8], out: &mut [u8]) {
+    out[..4].copy_from_slice(&b[..4]);
     let (scales, qs) = (&b[4..16], &b[16..144]);
-    for (j, o) in out.chunks_exact_mut(4 + QK / 2).enumerate() {
+    for (j, o) in out[4..].chunks_exact_mut(Q4_K_SUB_BYTES).enumerate() {
         let (sc, m) = scale_min_k4(j, scales);
-        let (d1, m1) = (d * f32::from(sc), -(dmin * f32::from(m)));
-        let (hd, hm) = (f16::from_f32(d1), f16::from_f32(m1));
-        if !hd.is_finite() || !hm.is_finite() {
-            return Err(format!(
-                "a Q4_K sub-block's scale {d1} or minimum {m1} overflows f16"
-            ));
-        }
-        o[..2].copy_from_slice(&hd.to_le_bytes());
-        o[2..4].copy_from_slice(&hm.to_le_bytes());
+        o[0] = sc;
+        o[1] = m;
         for i in 0..QK / 2 {
-            o[4 + i] = q4_k_nibble(qs, j, i) | (q4_k_nibble(qs, j, i + QK / 2) << 4);
+            o[2 + i] = q4_k_nibble(qs, j, i) | (q4_k_nibble(qs, j, i + QK / 2) << 4);
         }
     }
-    Ok(())
 }
 
 /// One Q6_K super-block as 8 [`BlockFormat::Q6_K`] blocks (`out` 8 × 28 bytes), exactly: each

@@ -348,21 +348,19 @@ fn gguf_with_k_quants_loads_and_runs_like_its_exact_f32_model() {
         ),
         (256, 512, 4, 2, 64, 259)
     );
-    // Q4_K alone converted to Q4_1; Q4_K fused with Q6_K to Q8_0; Q6_K alone to its 32-element
-    // blocks; Q5_0 alone kept as stored, Q5_0 fused with Q8_0 converted to Q8_0.
+    // Q4_K alone to its layout with unpacked scales; Q4_K fused with Q6_K to Q8_0; Q6_K alone to
+    // its 32-element blocks; Q5_0 alone kept as stored, Q5_0 fused with Q8_0 converted to Q8_0.
     let names =
         |l: &LayerWeights| [&l.qkv, &l.o, &l.gate_up, &l.down].map(WeightMatrix::format_name);
-    assert_eq!(w.embed.format_name(), "Q4_1");
+    assert_eq!(w.embed.format_name(), "Q4_K");
     assert_eq!(w.lm_head().format_name(), "Q6_K");
-    assert_eq!(names(&w.layers[0]), ["Q8_0", "Q4_1", "Q4_1", "Q6_K"]);
-    assert_eq!(names(&w.layers[1]), ["Q4_1", "Q5_0", "Q8_0", "Q4_1"]);
+    assert_eq!(names(&w.layers[0]), ["Q8_0", "Q4_K", "Q4_K", "Q6_K"]);
+    assert_eq!(names(&w.layers[1]), ["Q4_K", "Q5_0", "Q8_0", "Q4_K"]);
     // Every weight within its conversion's bound of the exact value (Q/K rows back in Hugging
-    // Face order): Q4_1 within 3·2⁻¹¹ of the matrix's largest weight, Q8_0 within 1/254, Q5_0
-    // exact.
+    // Face order): Q8_0 within 1/254 of the matrix's largest weight, the others exact.
     let close = |a: &WeightMatrix, b: &WeightMatrix, what: &str| {
         let rel = match a.format_name() {
-            "Q4_1" => 3.0 / 2048.0,
-            "Q5_0" | "Q6_K" => 0.0,
+            "Q4_K" | "Q5_0" | "Q6_K" => 0.0,
             _ => 1.0 / 254.0,
         };
         let (a, b) = (a.to_f32(), b.to_f32());

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use half::f16;
 
-use super::kquant::{ConvertedFormat, QK_K, scale_min_k4};
+use super::kquant::{ConvertedFormat, QK_K};
 use super::quant::{BlockFormat, QK, half_at};
 use super::weight_matrix::{BlockMatrix, WeightBytes};
 use crate::splitmix::SplitMix64;
@@ -203,37 +203,18 @@ fn quantized_row(rng: &mut SplitMix64, format: ConvertedFormat, cols: usize) -> 
 
 /// The conversions a K-quant tensor can take.
 const CONVERSIONS: [(ConvertedFormat, BlockFormat); 5] = [
-    (Q4K, BlockFormat::Q4_1),
+    (Q4K, BlockFormat::Q4_K),
     (Q4K, BlockFormat::Q8_0),
     (Q6K, BlockFormat::Q6_K),
     (Q6K, BlockFormat::Q8_0),
     (Q5_0, BlockFormat::Q8_0),
 ];
 
-/// For each element of a converted row, the bound on its distance from the exact value: Q4_K
-/// to Q4_1 2⁻¹¹·(15·|d·sc| + |dmin·m|) (the f16 roundings of scale and minimum) plus f32
-/// rounding; to Q8_0 half the stored scale `d'`; Q6_K to its 32-element blocks and Q5_0 to Q8_0
-/// zero.
-fn bounds(
-    format: ConvertedFormat,
-    target: BlockFormat,
-    src: &[u8],
-    dst: &[u8],
-    cols: usize,
-) -> Vec<f32> {
+/// For each element of a converted row, the bound on its distance from the exact value: to
+/// Q8_0 half the stored scale `d'`; Q4_K and Q6_K to their own layouts and Q5_0 to Q8_0 zero.
+fn bounds(format: ConvertedFormat, target: BlockFormat, dst: &[u8], cols: usize) -> Vec<f32> {
     match (format, target) {
-        (Q4K, BlockFormat::Q4_1) => src
-            .chunks_exact(format.block_bytes())
-            .flat_map(|b| {
-                (0..8).flat_map(move |j| {
-                    let (sc, m) = scale_min_k4(j, &b[4..16]);
-                    let mag = 15.0 * (half_at(b, 0) * f32::from(sc)).abs()
-                        + (half_at(b, 2) * f32::from(m)).abs();
-                    std::iter::repeat_n(mag * (2f32.powi(-11) + 2f32.powi(-21)), QK)
-                })
-            })
-            .collect(),
-        (Q5_0, _) | (Q6K, BlockFormat::Q6_K) => vec![0.0; cols],
+        (Q5_0, _) | (Q6K, BlockFormat::Q6_K) | (Q4K, BlockFormat::Q4_K) => vec![0.0; cols],
         _ => dst
             .chunks_exact(target.block_bytes())
             .flat_map(|b| std::iter::repeat_n(half_at(b, 0) * 0.5 * (1.0 + 2f32.powi(-14)), QK))
@@ -272,7 +253,7 @@ fn check_conversion(
         format.dequantize_row(src, &mut exact);
         m.dequantize_row(i, &mut got);
         let dst = m.row_bytes(i);
-        let bound = bounds(format, target, src, &dst, cols);
+        let bound = bounds(format, target, &dst, cols);
         let block_max: Vec<f32> = exact
             .chunks_exact(bl)
             .map(|b| b.iter().fold(0f32, |a, v| a.max(v.abs())))
@@ -346,9 +327,9 @@ fn converted_rows_are_within_the_stated_bound_of_the_exact_values() {
 }
 
 #[test]
-fn q4_k_nibbles_land_where_q4_1_reads_them() {
-    // d = 1, dmin = 0, every scale 1: element e of the super-block has quant e % 16 and the
-    // converted Q4_1 rows must dequantize to exactly that.
+fn q4_k_nibbles_land_where_the_unpacked_layout_reads_them() {
+    // d = 1, dmin = 0, every scale 1: element e of the super-block has quant e·7 % 16 and the
+    // converted rows must dequantize to exactly that.
     let mut b = Vec::new();
     b.extend(f16::from_f32(1.0).to_le_bytes());
     b.extend(f16::from_f32(0.0).to_le_bytes());
@@ -359,11 +340,11 @@ fn q4_k_nibbles_land_where_q4_1_reads_them() {
     }
     let mut exact = [0f32; QK_K];
     Q4K.dequantize_row(&b, &mut exact);
-    let mut out = vec![0u8; BlockFormat::Q4_1.row_bytes(QK_K)];
-    Q4K.convert_row(BlockFormat::Q4_1, &b, QK_K, &mut out)
+    let mut out = vec![0u8; BlockFormat::Q4_K.row_bytes(QK_K)];
+    Q4K.convert_row(BlockFormat::Q4_K, &b, QK_K, &mut out)
         .unwrap();
     let mut got = [0f32; QK_K];
-    BlockFormat::Q4_1.dequantize_row(&out, &mut got);
+    BlockFormat::Q4_K.dequantize_row(&out, &mut got);
     for e in 0..QK_K {
         assert_eq!(exact[e], f32::from(q(e)), "element {e}");
         assert_eq!(got[e], exact[e], "element {e}");

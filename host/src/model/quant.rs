@@ -1,6 +1,7 @@
-//! Block formats of weights kept in llama.cpp's layouts (GGUF's Q8_0, Q5_0, Q4_0, Q4_1), Q6_K's
-//! values regrouped into 32-element blocks, or half precision (f16, bf16): the byte layout of one
-//! block, scalar reference dequantization
+//! Block formats of weights kept in llama.cpp's layouts (GGUF's Q8_0, Q5_0, Q4_0, Q4_1), Q4_K's
+//! super-blocks with their 6-bit scales unpacked to bytes, Q6_K's values regrouped into
+//! 32-element blocks, or half precision (f16, bf16): the byte layout of one block, scalar
+//! reference dequantization
 //! ([`BlockFormat::dequantize_row`]), and reference quantizers that follow llama.cpp's
 //! `quantize_row_*_ref` (used to build test matrices and by nothing on the serving path). The
 //! fast kernels that multiply these blocks live in the CPU backend (`backend::cpu::qmatmul`).
@@ -9,6 +10,10 @@ use half::{bf16, f16};
 
 /// Elements per block of the 32-element llama.cpp formats.
 pub const QK: usize = 32;
+/// Elements per K-quant super-block.
+pub const QK_K: usize = 256;
+/// Bytes of one [`BlockFormat::Q4_K`] sub-block: its scale, its minimum and 16 bytes of nibbles.
+pub const Q4_K_SUB_BYTES: usize = 2 + QK / 2;
 
 /// How a weight matrix's rows are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -30,6 +35,11 @@ pub enum BlockFormat {
     /// 16 elements each, 6-bit quants) is 8 such blocks exactly (`kquant`): 6.56 → 7 bits per
     /// weight.
     Q6_K,
+    /// Q4_K's super-blocks of 256 with the 6-bit scales and minima unpacked to bytes: `{ d: f16,
+    /// dmin: f16, sub: [{ sc: u8, m: u8, qs: [u8; 16] }; 8] }`, each sub-block's nibbles as
+    /// Q4_0; x = d·sc·q − dmin·m. GGUF's Q4_K (12 bytes of packed scales) maps onto it exactly
+    /// (`kquant`): 4.5 → 4.625 bits per weight.
+    Q4_K,
     /// IEEE half precision, one element per "block".
     F16,
     /// bfloat16, one element per "block".
@@ -45,6 +55,7 @@ impl BlockFormat {
             | BlockFormat::Q4_1
             | BlockFormat::Q5_0
             | BlockFormat::Q6_K => QK,
+            BlockFormat::Q4_K => QK_K,
             BlockFormat::F16 | BlockFormat::Bf16 => 1,
         }
     }
@@ -57,6 +68,7 @@ impl BlockFormat {
             BlockFormat::Q4_1 => 4 + QK / 2,
             BlockFormat::Q5_0 => 6 + QK / 2,
             BlockFormat::Q6_K => 12 + QK / 2,
+            BlockFormat::Q4_K => 4 + QK_K / QK * Q4_K_SUB_BYTES,
             BlockFormat::F16 | BlockFormat::Bf16 => 2,
         }
     }
@@ -71,7 +83,7 @@ impl BlockFormat {
         cols / self.block_len() * self.block_bytes()
     }
 
-    /// The name GGUF and llama.cpp use (for Q6_K, that of the values it holds).
+    /// The name GGUF and llama.cpp use (for Q4_K and Q6_K, that of the values they hold).
     pub const fn name(self) -> &'static str {
         match self {
             BlockFormat::Q8_0 => "Q8_0",
@@ -79,6 +91,7 @@ impl BlockFormat {
             BlockFormat::Q4_1 => "Q4_1",
             BlockFormat::Q5_0 => "Q5_0",
             BlockFormat::Q6_K => "Q6_K",
+            BlockFormat::Q4_K => "Q4_K",
             BlockFormat::F16 => "F16",
             BlockFormat::Bf16 => "BF16",
         }
@@ -135,6 +148,21 @@ impl BlockFormat {
                     for (j, (x, q)) in o.iter_mut().zip(q6_k_codes(b)).enumerate() {
                         let scale = d * f32::from(b[2 + j / 16] as i8);
                         *x = scale * f32::from(q as i8 - 32);
+                    }
+                }
+            }
+            BlockFormat::Q4_K => {
+                for (o, b) in out
+                    .chunks_exact_mut(QK_K)
+                    .zip(bytes.chunks_exact(self.block_bytes()))
+                {
+                    for (j, o) in o.chunks_exact_mut(QK).enumerate() {
+                        let (scale, min) = q4_k_sub_scales(b, j);
+                        let sub = &b[4 + j * Q4_K_SUB_BYTES + 2..][..QK / 2];
+                        for (i, &q) in sub.iter().enumerate() {
+                            o[i] = scale * f32::from(q & 0xF) - min;
+                            o[i + QK / 2] = scale * f32::from(q >> 4) - min;
+                        }
                     }
                 }
             }
@@ -206,8 +234,67 @@ impl BlockFormat {
             BlockFormat::Q6_K => x
                 .chunks_exact(QK)
                 .for_each(|blk| quantize_q6_k(blk, &mut out)),
+            BlockFormat::Q4_K => x
+                .chunks_exact(QK_K)
+                .for_each(|blk| quantize_q4_k(blk, &mut out)),
         }
         out
+    }
+}
+
+/// Sub-block `j`'s scale `d·sc` and minimum `dmin·m` (both exact in f32) in one
+/// [`BlockFormat::Q4_K`] super-block `b`.
+#[inline]
+pub fn q4_k_sub_scales(b: &[u8], j: usize) -> (f32, f32) {
+    let sub = 4 + j * Q4_K_SUB_BYTES;
+    (
+        half_at(b, 0) * f32::from(b[sub]),
+        half_at(b, 2) * f32::from(b[sub + 1]),
+    )
+}
+
+/// One super-block of 256 values as [`BlockFormat::Q4_K`] (a simple reference, not llama.cpp's
+/// iterative `make_qkx2_quants`): each sub-block's minimum (never above 0, as llama.cpp has it)
+/// is covered by `dmin·m` with `m` rounded up, its range above that by `15·d·sc` with `sc`
+/// rounded up, so no value clamps beyond f16 rounding; `q = round((x + dmin·m) / (d·sc))`.
+fn quantize_q4_k(blk: &[f32], out: &mut Vec<u8>) {
+    let subs: Vec<&[f32]> = blk.chunks_exact(QK).collect();
+    let lows: Vec<f32> = subs
+        .iter()
+        .map(|s| -s.iter().copied().fold(0f32, f32::min))
+        .collect();
+    let dmin = f16::from_f32(lows.iter().copied().fold(0f32, f32::max) / 63.0);
+    let code = |v: f32, step: f32| {
+        if step == 0.0 {
+            0
+        } else {
+            (v / step).ceil().min(63.0) as u8
+        }
+    };
+    let m: Vec<u8> = lows.iter().map(|&l| code(l, dmin.to_f32())).collect();
+    let ranges: Vec<f32> = subs
+        .iter()
+        .zip(&m)
+        .map(|(s, &m)| {
+            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            (max + dmin.to_f32() * f32::from(m)).max(0.0)
+        })
+        .collect();
+    let d = f16::from_f32(ranges.iter().copied().fold(0f32, f32::max) / (15.0 * 63.0));
+    out.extend(d.to_le_bytes());
+    out.extend(dmin.to_le_bytes());
+    for ((s, &m), &range) in subs.iter().zip(&m).zip(&ranges) {
+        let sc = code(range / 15.0, d.to_f32());
+        let (step, offset) = (d.to_f32() * f32::from(sc), dmin.to_f32() * f32::from(m));
+        let q = |v: f32| {
+            if step == 0.0 {
+                0
+            } else {
+                ((v + offset) / step).round().clamp(0.0, 15.0) as u8
+            }
+        };
+        out.extend([sc, m]);
+        out.extend((0..QK / 2).map(|i| q(s[i]) | (q(s[i + QK / 2]) << 4)));
     }
 }
 
@@ -305,7 +392,10 @@ mod tests {
     #[test]
     fn quantize_then_dequantize_stays_within_half_a_step() {
         let mut rng = SplitMix64::new(3);
-        let x: Vec<f32> = (0..4 * QK).map(|_| rng.uniform()).collect();
+        // Two super-blocks (for Q4_K), sub-blocks of different ranges, some all positive.
+        let x: Vec<f32> = (0..2 * QK_K)
+            .map(|i| rng.uniform() * [1.0, 0.3, 0.05][i / QK % 3] - [0.0, 0.5][i / 96 % 2])
+            .collect();
         let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
         for (fmt, step) in [
             (BlockFormat::Q8_0, 1.0 / 127.0),
@@ -314,6 +404,8 @@ mod tests {
             (BlockFormat::Q4_1, 2.0 / 15.0),
             (BlockFormat::Q5_0, 2.0 / 16.0),
             (BlockFormat::Q6_K, 2.0 / 31.0),
+            // A sub-block's range (up to 2·amax, plus the minimum's rounding) in 15 steps.
+            (BlockFormat::Q4_K, 2.1 / 15.0),
             (BlockFormat::F16, 1e-3),
             (BlockFormat::Bf16, 1e-2),
         ] {
@@ -350,8 +442,8 @@ mod tests {
 pub const PACK_ROWS: usize = 8;
 
 /// Bytes of one 8-row group's header (8 f16 scales; then Q4_1's 8 f16 minima, Q5_0's fifth
-/// bits as 32 bytes, or Q6_K's 16 int8 scales and fifth and sixth bits as 2 × 32 bytes, see
-/// [`pack_rows`]).
+/// bits as 32 bytes, or Q6_K's 16 int8 scales and fifth and sixth bits as 2 × 32 bytes; for
+/// Q4_K, a sub-block's 8 scale bytes and 8 minimum bytes, see [`pack_rows`]).
 pub const fn packed_header_bytes(format: BlockFormat) -> usize {
     match format {
         BlockFormat::Q4_1 => 32,
@@ -361,10 +453,24 @@ pub const fn packed_header_bytes(format: BlockFormat) -> usize {
     }
 }
 
+/// Bytes of one 8-row group's super-block header in the packed Q4_K layout (8 f16 `d`, then 8
+/// f16 `dmin`).
+pub const Q4_K_PACKED_SUPER_HEADER: usize = 32;
+
 /// The packed high-bit bytes of one row's block: bit `t` of byte `i` is bit `bit` of the code
 /// of element `4t + i` (see [`pack_rows`]).
 fn high_bit_bytes(codes: &[u8; QK], bit: u32) -> [u8; 4] {
     std::array::from_fn(|i| (0..8).fold(0u8, |h, t| h | (((codes[4 * t + i] >> bit) & 1) << t)))
+}
+
+/// Appends the 8 rows' quant bytes four at a time, row after row (the `t`-th 4 bytes of rows
+/// 0..8, then the `t+1`-th ...); `qs(l)` is row `l`'s quant bytes.
+fn extend_interleaved<'a>(out: &mut Vec<u8>, qs: impl Fn(usize) -> &'a [u8]) {
+    for t in 0..qs(0).len() / 4 {
+        for l in 0..PACK_ROWS {
+            out.extend_from_slice(&qs(l)[4 * t..4 * t + 4]);
+        }
+    }
 }
 
 /// Repacks whole groups of [`PACK_ROWS`] rows (row-major `bytes`, `cols` wide) into the
@@ -377,11 +483,14 @@ fn high_bit_bytes(codes: &[u8; QK], bit: u32) -> [u8; 4] {
 /// unpack into byte `4l + i` of their `t`-th code vector (`t < 4`: low nibbles of quant bytes
 /// `4t..4t + 4`, `t ≥ 4`: high nibbles of bytes `4(t − 4)..`), so one shift and mask moves them
 /// into place. Q6_K's header is the 8 rows' first-half int8 scales, then their second-half
-/// scales, then two such 32-byte bit vectors: the fifth bits, then the sixth. The byte count is
-/// unchanged; rows past the last whole group stay row-major after the groups.
+/// scales, then two such 32-byte bit vectors: the fifth bits, then the sixth. Q4_K's unit is the
+/// super-block: the 8 rows' `d`, their `dmin` ([`Q4_K_PACKED_SUPER_HEADER`] bytes), then each
+/// sub-block as a 32-element block whose header is the 8 rows' scale bytes, then their minimum
+/// bytes. The byte count is unchanged; rows past the last whole group stay row-major after the
+/// groups.
 pub fn pack_rows(format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) -> Vec<u8> {
     assert!(format.is_quantized(), "only quantized formats are packed");
-    let (bb, nb) = (format.block_bytes(), cols / QK);
+    let (bb, nb) = (format.block_bytes(), cols / format.block_len());
     let row_bytes = nb * bb;
     assert_eq!(bytes.len(), rows * row_bytes, "packed byte length");
     let header = packed_header_bytes(format);
@@ -394,6 +503,19 @@ pub fn pack_rows(format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) ->
                 let at = (g * PACK_ROWS + l) * row_bytes + b * bb;
                 &bytes[at..at + bb]
             };
+            if format == BlockFormat::Q4_K {
+                for field in [0..2, 2..4] {
+                    (0..PACK_ROWS).for_each(|l| out.extend_from_slice(&block(l)[field.clone()]));
+                }
+                for j in 0..QK_K / QK {
+                    let sub = |l: usize| &block(l)[4 + j * Q4_K_SUB_BYTES..][..Q4_K_SUB_BYTES];
+                    for field in 0..2 {
+                        out.extend((0..PACK_ROWS).map(|l| sub(l)[field]));
+                    }
+                    extend_interleaved(&mut out, |l| &sub(l)[2..]);
+                }
+                continue;
+            }
             for l in 0..PACK_ROWS {
                 out.extend_from_slice(&block(l)[..2]);
             }
@@ -420,11 +542,7 @@ pub fn pack_rows(format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) ->
                 }
                 _ => {}
             }
-            for t in 0..(bb - qs_at) / 4 {
-                for l in 0..PACK_ROWS {
-                    out.extend_from_slice(&block(l)[qs_at + 4 * t..qs_at + 4 * t + 4]);
-                }
-            }
+            extend_interleaved(&mut out, |l| &block(l)[qs_at..]);
         }
     }
     out.extend_from_slice(&bytes[groups * PACK_ROWS * row_bytes..]);
@@ -436,9 +554,26 @@ pub fn pack_rows(format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) ->
 pub fn unpack_block(format: BlockFormat, gb: &[u8], l: usize, out: &mut [u8]) {
     let (bb, header) = (format.block_bytes(), packed_header_bytes(format));
     let qs_at = header / PACK_ROWS;
+    let gather = |out: &mut [u8], interleaved: &[u8]| {
+        for (t, o) in out.chunks_exact_mut(4).enumerate() {
+            o.copy_from_slice(&interleaved[t * 4 * PACK_ROWS + 4 * l..][..4]);
+        }
+    };
     out[..2].copy_from_slice(&gb[2 * l..2 * l + 2]);
     match format {
         BlockFormat::Q4_1 => out[2..4].copy_from_slice(&gb[16 + 2 * l..16 + 2 * l + 2]),
+        BlockFormat::Q4_K => {
+            out[2..4].copy_from_slice(&gb[16 + 2 * l..16 + 2 * l + 2]);
+            let packed_sub = PACK_ROWS * Q4_K_SUB_BYTES;
+            for j in 0..QK_K / QK {
+                let sub = &gb[Q4_K_PACKED_SUPER_HEADER + j * packed_sub..][..packed_sub];
+                let o = &mut out[4 + j * Q4_K_SUB_BYTES..][..Q4_K_SUB_BYTES];
+                o[0] = sub[l];
+                o[1] = sub[PACK_ROWS + l];
+                gather(&mut o[2..], &sub[2 * PACK_ROWS..]);
+            }
+            return;
+        }
         BlockFormat::Q5_0 => {
             let h = &gb[16 + 4 * l..16 + 4 * l + 4];
             let mut qh = 0u32;
@@ -464,15 +599,12 @@ pub fn unpack_block(format: BlockFormat, gb: &[u8], l: usize, out: &mut [u8]) {
         }
         _ => {}
     }
-    for t in 0..(bb - qs_at) / 4 {
-        let at = header + t * 4 * PACK_ROWS + 4 * l;
-        out[qs_at + 4 * t..qs_at + 4 * t + 4].copy_from_slice(&gb[at..at + 4]);
-    }
+    gather(&mut out[qs_at..bb], &gb[header..]);
 }
 
 /// Row `i` of a [`pack_rows`] buffer, back in row-major block layout.
 pub fn packed_row(format: BlockFormat, cols: usize, packed: &[u8], i: usize) -> Vec<u8> {
-    let (bb, nb) = (format.block_bytes(), cols / QK);
+    let (bb, nb) = (format.block_bytes(), cols / format.block_len());
     let row_bytes = nb * bb;
     let groups = packed.len() / row_bytes / PACK_ROWS;
     if i >= groups * PACK_ROWS {
@@ -557,6 +689,45 @@ mod pack_tests {
         }
     }
 
+    /// Where the x86 kernels read packed Q4_K: each super-block's 8 `d` then 8 `dmin`, then per
+    /// sub-block the 8 scale bytes, the 8 minimum bytes and the nibbles as Q4_1's; every value
+    /// of every row must come out as the row-major super-block has it.
+    #[test]
+    fn q4_k_scales_minima_and_nibbles_sit_where_the_kernels_read_them() {
+        let (rows, cols) = (16, 2 * QK_K);
+        let mut rng = SplitMix64::new(13);
+        let x: Vec<f32> = (0..rows * cols).map(|_| rng.uniform() - 0.3).collect();
+        let format = BlockFormat::Q4_K;
+        let bytes = format.quantize_row(&x);
+        let packed = pack_rows(format, rows, cols, &bytes);
+        let (bb, nb) = (format.block_bytes(), cols / QK_K);
+        let packed_sub = PACK_ROWS * Q4_K_SUB_BYTES;
+        for g in 0..rows / PACK_ROWS {
+            for b in 0..nb {
+                let gb = &packed[(g * nb + b) * PACK_ROWS * bb..][..PACK_ROWS * bb];
+                for l in 0..PACK_ROWS {
+                    let row = &bytes[((g * PACK_ROWS + l) * nb + b) * bb..][..bb];
+                    assert_eq!(gb[2 * l..2 * l + 2], row[..2], "d of row {l}");
+                    assert_eq!(gb[16 + 2 * l..18 + 2 * l], row[2..4], "dmin of row {l}");
+                    for j in 0..QK_K / QK {
+                        let sub = &gb[Q4_K_PACKED_SUPER_HEADER + j * packed_sub..];
+                        let want = &row[4 + j * Q4_K_SUB_BYTES..][..Q4_K_SUB_BYTES];
+                        assert_eq!([sub[l], sub[PACK_ROWS + l]], want[..2], "row {l} sub {j}");
+                        for t in 0..8 {
+                            for i in 0..4 {
+                                let byte = sub[16 + (t % 4) * 32 + 4 * l + i];
+                                let code = if t < 4 { byte & 0xF } else { byte >> 4 };
+                                let e = 4 * t + i;
+                                let q = want[2 + e % 16] >> (4 * (e / 16));
+                                assert_eq!(code, q & 0xF, "row {l} sub {j} element {e}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn packing_round_trips_every_row() {
         for format in [
@@ -565,9 +736,10 @@ mod pack_tests {
             BlockFormat::Q4_1,
             BlockFormat::Q5_0,
             BlockFormat::Q6_K,
+            BlockFormat::Q4_K,
         ] {
             for rows in [1, 8, 13, 24] {
-                let cols = 64;
+                let cols = 2 * format.block_len().max(QK);
                 let rb = format.row_bytes(cols);
                 let bytes: Vec<u8> = (0..rows * rb).map(|i| (i * 7 + i / 3) as u8).collect();
                 let packed = pack_rows(format, rows, cols, &bytes);

@@ -1,11 +1,12 @@
 //! A projection's weights as the CPU backend multiplies them: either an f32 [`Matrix`] or a
 //! [`BlockMatrix`] whose rows stay in a block format ([`BlockFormat`]: llama.cpp's Q8_0, Q5_0,
-//! Q4_0, Q4_1, Q6_K's values in 32-element blocks, or f16/bf16). A block matrix is a stack of parts, each a run of whole rows; stacking
-//! parts is how q/k/v and gate/up are fused without copying. Half-precision rows are used where
-//! they lie (a memory-mapped file, or an owned buffer); quantized rows are repacked once, when
-//! the part is built, into 8-row interleaved groups ([`pack_rows`]: the same bytes in the order
-//! the int8 kernels read), so a quantized model occupies its file's size and the file's pages
-//! are not kept. Backends that only compute in f32 call [`WeightMatrix::to_f32`].
+//! Q4_0, Q4_1, Q4_K with its scales unpacked, Q6_K's values in 32-element blocks, or f16/bf16).
+//! A block matrix is a stack of parts, each a run of whole rows; stacking parts is how q/k/v
+//! and gate/up are fused without copying. Half-precision rows are used where they lie (a
+//! memory-mapped file, or an owned buffer); quantized rows are repacked once, when the part is
+//! built, into 8-row interleaved groups ([`pack_rows`]: the same bytes in the order the int8
+//! kernels read), so a quantized model occupies its file's size and the file's pages are not
+//! kept. Backends that only compute in f32 call [`WeightMatrix::to_f32`].
 
 use std::borrow::Cow;
 use std::ops::Range;

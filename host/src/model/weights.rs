@@ -178,7 +178,7 @@ impl LlamaWeights {
     }
 
     /// Every storage format among the matrices, the one holding the most bytes first
-    /// (`Q5_0+Q8_0+Q4_1` for a Q4_K_M file of a small model), for reports.
+    /// (`Q5_0+Q8_0+Q4_K` for a Q4_K_M file of a small model), for reports.
     pub fn matrix_formats(&self) -> String {
         let mut bytes: Vec<(&'static str, usize)> = Vec::new();
         let matrices = self

@@ -57,6 +57,30 @@ pub fn total(ys: &[f64], pis: &[f64]) -> Estimate {
     Estimate::new(value, variance)
 }
 
+/// The Horvitz–Thompson count of events (requests that failed, say) among units traced with
+/// probabilities `pis`. Where no traced unit had the event, the normal interval would be
+/// [0, 0] whatever π; its upper end is instead the most events X for which tracing none of them
+/// still had a 5% chance, (1 − π)^X = 0.05 with π the lowest probability among the traced
+/// units (the rule of three: about 3/π for small π; 0 for a census).
+pub fn event_count(events: &[bool], pis: &[f64]) -> Estimate {
+    if events.iter().any(|&e| e) {
+        let ys: Vec<f64> = events.iter().map(|&e| f64::from(u8::from(e))).collect();
+        return total(&ys, pis);
+    }
+    let lowest = pis.iter().copied().fold(1.0f64, f64::min);
+    let ci95_high = if lowest >= 1.0 {
+        0.0
+    } else {
+        0.05f64.ln() / (1.0 - lowest).ln()
+    };
+    Estimate {
+        value: 0.0,
+        std_error: 0.0,
+        ci95_low: 0.0,
+        ci95_high,
+    }
+}
+
 /// The estimated number of steps in the population.
 pub fn count(pis: &[f64]) -> Estimate {
     total(&vec![1.0; pis.len()], pis)
@@ -109,6 +133,24 @@ pub fn percentiles(ys: &[f64], pis: &[f64], qs: &[f64]) -> Vec<f64> {
 mod tests {
     use super::*;
     use crate::splitmix::SplitMix64;
+
+    #[test]
+    fn an_event_never_traced_still_has_an_upper_bound() {
+        // None of 10 units traced at 0.5 failed: up to ln 0.05 / ln 0.5 ≈ 4.32 failures could
+        // have gone unseen with 5% chance.
+        let e = event_count(&[false; 10], &[0.5; 10]);
+        assert_eq!((e.value, e.ci95_low), (0.0, 0.0));
+        assert!((e.ci95_high - 4.3219).abs() < 1e-3, "{e:?}");
+        // Rule of three for small rates; a census has none.
+        let small = event_count(&[false; 3], &[0.01, 0.5, 1.0]);
+        assert!((small.ci95_high - 298.07).abs() < 0.1, "{small:?}");
+        assert_eq!(event_count(&[false; 4], &[1.0; 4]).ci95_high, 0.0);
+        // With an event traced it is the Horvitz–Thompson total.
+        assert_eq!(
+            event_count(&[true, false], &[0.5, 0.5]),
+            total(&[1.0, 0.0], &[0.5, 0.5])
+        );
+    }
 
     #[test]
     fn a_census_is_exact() {

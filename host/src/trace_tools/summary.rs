@@ -81,7 +81,8 @@ pub struct RequestSummary {
     pub traced: u64,
     /// Requests in the run: Σ 1/π over the traced ones (Horvitz–Thompson).
     pub estimated: Estimate,
-    /// Requests whose span ended in error (aborted or failed), estimated the same way.
+    /// Requests whose span ended in error (aborted or failed), estimated the same way (with a
+    /// rule-of-three upper bound where none traced failed: [`estimate::event_count`]).
     pub failed: Estimate,
     /// Whether every traced journey had probability 1 (exact numbers, if every request was
     /// traced: see [`REQUEST_NOTE`]).
@@ -132,7 +133,10 @@ impl RequestSummary {
         Some(RequestSummary {
             traced: requests.len() as u64,
             estimated: estimate::count(&pis),
-            failed: estimate::total(&column(&|r| f64::from(u8::from(r.failed))), &pis),
+            failed: estimate::event_count(
+                &requests.iter().map(|r| r.failed).collect::<Vec<_>>(),
+                &pis,
+            ),
             census: pis.iter().all(|&p| p >= 1.0),
             quantities,
             note: REQUEST_NOTE,
