@@ -485,6 +485,73 @@ mod tests {
         assert_eq!(&done_event()[..], b"data: [DONE]\n\n");
     }
 
+    /// A stream state of one completions choice that echoes `echo` (no log-probabilities).
+    fn echoing(echo: &str) -> StreamState {
+        StreamState {
+            deltas: SelectAll::new(),
+            choices: vec![ChoiceState {
+                index: 0,
+                counts_prompt: true,
+                pending_token_ids: Vec::new(),
+                pending_logprobs: Vec::new(),
+                text_offset: 0,
+                usage: Usage::new(3, 0, 0),
+                prompt_token_ids: None,
+                echo: Some(Echo {
+                    text: echo.into(),
+                    prompt_ids: vec![1, 2, 3],
+                    top: None,
+                }),
+                pending_prompt_logprobs: Vec::new(),
+            }],
+            writer: writer(ChunkKind::Completion, true),
+            queue: VecDeque::new(),
+            ended: false,
+        }
+    }
+
+    fn delta(text: &str, ids: &[u32], finish: Option<FinishReason>) -> TextDelta {
+        TextDelta {
+            text: text.into(),
+            token_ids: ids.to_vec(),
+            logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
+            finish_reason: finish,
+        }
+    }
+
+    #[test]
+    fn echo_goes_once_with_the_first_chunk_that_has_text() {
+        let mut state = echoing("Say: ");
+        // Half a character: nothing to send yet, and the echo waits with its token id.
+        state.absorb(0, delta("", &[7], None), Usage::new(3, 1, 0));
+        assert!(state.queue.is_empty());
+        state.absorb(0, delta("hi", &[8], None), Usage::new(3, 2, 0));
+        state.absorb(0, delta("!", &[9], Some(FinishReason::Length)), Usage::new(3, 3, 0));
+        let chunks: Vec<serde_json::Value> = state.queue.iter().map(parse).collect();
+        assert_eq!(chunks.len(), 2, "{chunks:?}");
+        assert_eq!(chunks[0]["choices"][0]["text"], "Say: hi");
+        assert_eq!(chunks[0]["choices"][0]["token_ids"], serde_json::json!([7, 8]));
+        assert_eq!(chunks[1]["choices"][0]["text"], "!");
+        assert_eq!(chunks[1]["choices"][0]["finish_reason"], "length");
+        assert!(!state.ended);
+        state.end();
+        let usage = parse(&state.queue[2]);
+        assert_eq!(usage["usage"]["prompt_tokens"], 3);
+        assert_eq!(usage["usage"]["completion_tokens"], 3);
+        assert_eq!(&state.queue[3][..], b"data: [DONE]\n\n");
+    }
+
+    #[test]
+    fn an_echoing_choice_that_ends_at_once_still_carries_the_prompt() {
+        // max_tokens 1 with an empty piece: the finishing chunk is the echoing one.
+        let mut state = echoing("Prompt");
+        state.absorb(0, delta("", &[4], Some(FinishReason::Length)), Usage::new(3, 1, 0));
+        let chunk = parse(&state.queue[0]);
+        assert_eq!(chunk["choices"][0]["text"], "Prompt");
+        assert_eq!(chunk["choices"][0]["finish_reason"], "length");
+    }
+
     #[test]
     fn chat_chunks() {
         let w = writer(ChunkKind::Chat, false);
