@@ -527,11 +527,18 @@ mod tests {
         state.absorb(0, delta("", &[7], None), Usage::new(3, 1, 0));
         assert!(state.queue.is_empty());
         state.absorb(0, delta("hi", &[8], None), Usage::new(3, 2, 0));
-        state.absorb(0, delta("!", &[9], Some(FinishReason::Length)), Usage::new(3, 3, 0));
+        state.absorb(
+            0,
+            delta("!", &[9], Some(FinishReason::Length)),
+            Usage::new(3, 3, 0),
+        );
         let chunks: Vec<serde_json::Value> = state.queue.iter().map(parse).collect();
         assert_eq!(chunks.len(), 2, "{chunks:?}");
         assert_eq!(chunks[0]["choices"][0]["text"], "Say: hi");
-        assert_eq!(chunks[0]["choices"][0]["token_ids"], serde_json::json!([7, 8]));
+        assert_eq!(
+            chunks[0]["choices"][0]["token_ids"],
+            serde_json::json!([7, 8])
+        );
         assert_eq!(chunks[1]["choices"][0]["text"], "!");
         assert_eq!(chunks[1]["choices"][0]["finish_reason"], "length");
         assert!(!state.ended);
@@ -546,7 +553,11 @@ mod tests {
     fn an_echoing_choice_that_ends_at_once_still_carries_the_prompt() {
         // max_tokens 1 with an empty piece: the finishing chunk is the echoing one.
         let mut state = echoing("Prompt");
-        state.absorb(0, delta("", &[4], Some(FinishReason::Length)), Usage::new(3, 1, 0));
+        state.absorb(
+            0,
+            delta("", &[4], Some(FinishReason::Length)),
+            Usage::new(3, 1, 0),
+        );
         let chunk = parse(&state.queue[0]);
         assert_eq!(chunk["choices"][0]["text"], "Prompt");
         assert_eq!(chunk["choices"][0]["finish_reason"], "length");
