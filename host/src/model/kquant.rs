@@ -2,16 +2,18 @@
 //! layouts they do run, as close to exactly as those allow. Q4_K (256-element super-blocks: 8
 //! sub-blocks of 32 with 6-bit scales and minima packed into 12 bytes, x = d·sc·q − dmin·m)
 //! becomes [`BlockFormat::Q4_K`] exactly: the same `d`, `dmin` and nibbles, the scales and
-//! minima one byte each; 4.5 → 4.625 bits per weight. Q6_K (16 sub-blocks of 16 with int8 scales, 6-bit quants) becomes
-//! [`BlockFormat::Q6_K`] exactly: each 32 elements keep the super-block's `d`, their two int8
-//! scales and their 6-bit quants; 6.56 → 7 bits. Q5_0 (the fallback llama.cpp writes into
-//! K-quant files for rows that are not whole super-blocks) runs as stored (`BlockFormat::Q5_0`);
-//! only where a fused q/k/v or gate/up stack mixes it with another format does it become Q8_0,
-//! exactly: the same scale, the 5-bit quants as int8; 5.5 → 8.5 bits. Likewise a Q4_K or Q6_K
-//! tensor in a stack of mixed formats is re-quantized to Q8_0 (each 32 values to one f16 scale
-//! `d' ≈ max|x|/127`: at most half a Q8_0 step, `d'/2`, per element), so the stack has one format
-//! (stacks that mix other formats, Q4_0 or Q4_1 beside Q8_0, say, are refused at load). The scalar dequantizers here follow ggml's `dequantize_row_*` and
-//! are the reference the conversions are measured against (`kquant_tests`).
+//! minima one byte each; 4.5 → 4.625 bits per weight. Q6_K (16 sub-blocks of 16 with int8
+//! scales, 6-bit quants) becomes [`BlockFormat::Q6_K`] exactly: each 32 elements keep the
+//! super-block's `d`, their two int8 scales and their 6-bit quants; 6.56 → 7 bits. Q5_0 (the
+//! fallback llama.cpp writes into K-quant files for rows that are not whole super-blocks) runs
+//! as stored (`BlockFormat::Q5_0`); only where a fused q/k/v or gate/up stack mixes it with
+//! another format does it become Q8_0, exactly: the same scale, the 5-bit quants as int8;
+//! 5.5 → 8.5 bits. Likewise a Q4_K or Q6_K tensor in a stack of mixed formats is re-quantized to
+//! Q8_0 (each 32 values to one f16 scale `d' ≈ max|x|/127`: at most half a Q8_0 step, `d'/2`,
+//! per element), so the stack has one format (stacks that mix other formats, Q4_0 or Q4_1
+//! beside Q8_0, say, are refused at load). The scalar dequantizers here follow ggml's
+//! `dequantize_row_*` and are the reference the conversions are measured against
+//! (`kquant_tests`).
 
 use half::f16;
 use rayon::prelude::*;
@@ -101,8 +103,8 @@ impl ConvertedFormat {
     }
 
     /// Converts one row (`cols` elements) into `target` (this format's [`Self::target`], or
-    /// Q8_0), written to `out` (`target.row_bytes(cols)` long). Errs where a scale or minimum
-    /// does not fit in f16 (above 65504: no real weights come near).
+    /// Q8_0), written to `out` (`target.row_bytes(cols)` long). Errs only where a Q8_0 scale
+    /// does not fit in f16 (values above 8·10⁶: no real weights come near).
     pub fn convert_row(
         self,
         target: BlockFormat,
