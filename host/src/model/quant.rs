@@ -47,6 +47,16 @@ pub enum BlockFormat {
 }
 
 impl BlockFormat {
+    /// Every quantized format (the int8 kernels' and the packed layout's).
+    pub const QUANTIZED: [BlockFormat; 6] = [
+        BlockFormat::Q8_0,
+        BlockFormat::Q4_0,
+        BlockFormat::Q4_1,
+        BlockFormat::Q5_0,
+        BlockFormat::Q6_K,
+        BlockFormat::Q4_K,
+    ];
+
     /// Elements per block.
     pub const fn block_len(self) -> usize {
         match self {
@@ -730,14 +740,7 @@ mod pack_tests {
 
     #[test]
     fn packing_round_trips_every_row() {
-        for format in [
-            BlockFormat::Q8_0,
-            BlockFormat::Q4_0,
-            BlockFormat::Q4_1,
-            BlockFormat::Q5_0,
-            BlockFormat::Q6_K,
-            BlockFormat::Q4_K,
-        ] {
+        for format in BlockFormat::QUANTIZED {
             for rows in [1, 8, 13, 24] {
                 let cols = 2 * format.block_len().max(QK);
                 let rb = format.row_bytes(cols);

@@ -34,14 +34,7 @@ fn tolerance(x: &[f32], k: usize, wmax: f64) -> f64 {
 fn every_quantized_format_and_isa_matches_dequantize_then_multiply() {
     let mut rng = SplitMix64::new(11);
     // Odd shapes: rows not a multiple of any tile, several parts, 1..=MR+1 activation rows.
-    for format in [
-        BlockFormat::Q8_0,
-        BlockFormat::Q4_0,
-        BlockFormat::Q4_1,
-        BlockFormat::Q5_0,
-        BlockFormat::Q6_K,
-        BlockFormat::Q4_K,
-    ] {
+    for format in BlockFormat::QUANTIZED {
         let shapes: &[(usize, usize)] = if format == BlockFormat::Q4_K {
             &[(1, 256), (9, 512), (37, 768)]
         } else {
