@@ -99,15 +99,16 @@ pub fn rows_task<const W: u8>(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
             assert!(isa.supported());
-            tiled::<W, 4, 4>(x, m, k, rows, dst, |xs, mr, ws, nr, res| {
+            tiled::<W, 4, 4>(x, m, k, rows, dst, |xs, mr, ws, nr, ahead, res| {
                 // SAFETY: AVX-512F was detected (asserted above); the slices hold `mr` rows of
-                // `k` floats and `nr` rows of `k` elements, which is all the tiles read.
+                // `k` floats and `nr` rows of `k` elements, which is all the tiles read
+                // (`ahead` is only prefetched, never read).
                 unsafe {
                     match (mr, nr) {
-                        (4, 4) => x86::tile_avx512::<W, 4, 4>(xs, ws, k, res),
-                        (4, _) => x86::tile_avx512::<W, 4, 1>(xs, ws, k, res),
-                        (_, 4) => x86::tile_avx512::<W, 1, 4>(xs, ws, k, res),
-                        _ => x86::tile_avx512::<W, 1, 1>(xs, ws, k, res),
+                        (4, 4) => x86::tile_avx512::<W, 4, 4>(xs, ws, k, ahead, res),
+                        (4, _) => x86::tile_avx512::<W, 4, 1>(xs, ws, k, ahead, res),
+                        (_, 4) => x86::tile_avx512::<W, 1, 4>(xs, ws, k, ahead, res),
+                        _ => x86::tile_avx512::<W, 1, 1>(xs, ws, k, ahead, res),
                     }
                 }
             })
@@ -115,15 +116,16 @@ pub fn rows_task<const W: u8>(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
             assert!(isa.supported());
-            tiled::<W, 2, 4>(x, m, k, rows, dst, |xs, mr, ws, nr, res| {
+            tiled::<W, 2, 4>(x, m, k, rows, dst, |xs, mr, ws, nr, ahead, res| {
                 // SAFETY: AVX2, FMA and F16C were detected (asserted above); the slices hold
-                // `mr` rows of `k` floats and `nr` rows of `k` elements.
+                // `mr` rows of `k` floats and `nr` rows of `k` elements (`ahead` is only
+                // prefetched).
                 unsafe {
                     match (mr, nr) {
-                        (2, 4) => x86::tile_avx2::<W, 2, 4>(xs, ws, k, res),
-                        (2, _) => x86::tile_avx2::<W, 2, 1>(xs, ws, k, res),
-                        (_, 4) => x86::tile_avx2::<W, 1, 4>(xs, ws, k, res),
-                        _ => x86::tile_avx2::<W, 1, 1>(xs, ws, k, res),
+                        (2, 4) => x86::tile_avx2::<W, 2, 4>(xs, ws, k, ahead, res),
+                        (2, _) => x86::tile_avx2::<W, 2, 1>(xs, ws, k, ahead, res),
+                        (_, 4) => x86::tile_avx2::<W, 1, 4>(xs, ws, k, ahead, res),
+                        _ => x86::tile_avx2::<W, 1, 1>(xs, ws, k, ahead, res),
                     }
                 }
             })
@@ -159,7 +161,13 @@ pub fn widen_row<const W: u8>(isa: Isa, bytes: &[u8], out: &mut [f32]) {
 type TileResult = [f32; 16];
 
 /// Walks the rows in tiles of `MR` activation rows × `NR` weight rows (single rows cover the
-/// edges); `tile(xs, mr, ws, nr, res)` computes one.
+/// edges); `tile(xs, mr, ws, nr, ahead, res)` computes one.
+///
+/// A tile reads its `NR` rows side by side, and the CPU's stream prefetchers lose track of
+/// several streams a row apart (Zen 4 here: 11.8 GB/s per thread over 4 interleaved f16 rows
+/// against 21 GB/s over one row at a time, in a C loop). So the first pass over each group of
+/// `NR` rows also prefetches, in address order, the `NR` rows two tiles ahead (`ahead`; null
+/// when there is nothing to prefetch): 24 GB/s in the same loop.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn tiled<const W: u8, const MR: usize, const NR: usize>(
@@ -168,7 +176,7 @@ fn tiled<const W: u8, const MR: usize, const NR: usize>(
     k: usize,
     rows: &[u8],
     dst: &mut [f32],
-    tile: impl Fn(&[f32], usize, &[u8], usize, &mut TileResult),
+    tile: impl Fn(&[f32], usize, &[u8], usize, *const u8, &mut TileResult),
 ) {
     let row_len = k * elem_bytes(W);
     let nw = rows.len() / row_len.max(1);
@@ -180,7 +188,13 @@ fn tiled<const W: u8, const MR: usize, const NR: usize>(
         let mut i = 0;
         while i < m {
             let mr = if m - i >= MR { MR } else { 1 };
-            tile(&x[i * k..(i + mr) * k], mr, ws, nr, &mut res);
+            // Past the end of `rows` this only prefetches (which never faults) other memory.
+            let ahead = if i == 0 && nr == NR {
+                rows.as_ptr().wrapping_add((j + nr + NR) * row_len)
+            } else {
+                std::ptr::null()
+            };
+            tile(&x[i * k..(i + mr) * k], mr, ws, nr, ahead, &mut res);
             for a in 0..mr {
                 for b in 0..nr {
                     dst[(j + b) * m + i + a] = res[a * 4 + b];
@@ -291,7 +305,9 @@ mod x86 {
 
     /// One tile function per vector width: `res[a * 4 + b] = xs_a · ws_b` for `R` rows of `xs`
     /// and `C` rows of `ws`, `k` long, `$lanes` at a time (`$wload` widens `$lanes` weights of
-    /// kind `W`), the elements past the last whole vector added in scalar code.
+    /// kind `W`), the elements past the last whole vector added in scalar code. Unless `ahead`
+    /// is null, each step also prefetches the next `C * $lanes` elements' bytes from `ahead`, so
+    /// the whole loop prefetches `C` rows from there in address order.
     macro_rules! tile_fn {
         ($(#[$doc:meta])* $name:ident, $features:literal, $lanes:literal,
          $zero:ident, $xload:ident, $fma:ident, $wload:ident, $hsum:ident) => {
@@ -301,15 +317,24 @@ mod x86 {
                 xs: &[f32],
                 ws: &[u8],
                 k: usize,
+                ahead: *const u8,
                 res: &mut TileResult,
             ) {
                 let eb = elem_bytes(W);
+                let ahead_step = C * $lanes * eb;
                 assert!(xs.len() >= R * k && ws.len() >= C * k * eb && R <= 4 && C <= 4);
                 let (xp, wp) = (xs.as_ptr(), ws.as_ptr());
                 let mut acc = [[$zero(); C]; R];
                 let full = k / $lanes * $lanes;
                 let mut c = 0;
                 while c < full {
+                    if !ahead.is_null() {
+                        let from = ahead.wrapping_add(c / $lanes * ahead_step);
+                        for line in (0..ahead_step).step_by(64) {
+                            // A prefetch reads nothing and never faults.
+                            _mm_prefetch::<_MM_HINT_T0>(from.wrapping_add(line).cast());
+                        }
+                    }
                     // SAFETY: `c + $lanes <= k`: every load is inside the asserted lengths.
                     unsafe {
                         let mut wv = [$zero(); C];
