@@ -146,7 +146,20 @@ impl ModelRunner for CpuModelRunner {
         self.kv.shape().batch_limits(&self.cfg)
     }
 
+    /// Runs the forward pass on a thread of rayon's pool ([`CpuModelRunner::forward_on_pool`]).
     fn forward(&mut self, batch: &ModelBatch<'_>) -> Result<Logits, ModelRunnerError> {
+        rayon::scope(|_| self.forward_on_pool(batch))
+    }
+}
+
+impl CpuModelRunner {
+    /// One forward pass, called on a thread of rayon's global pool. Each of the ~150 parallel
+    /// matmuls and attention calls of a decode step then starts from inside the pool, where the
+    /// calling thread takes part and an idle worker is usually still spinning; called from
+    /// outside, every one of them handed the work to a sleeping worker and put the caller to
+    /// sleep (two futex wake-ups per call: a fifth of a 1-thread F16 decode step on the Zen 4
+    /// machine went to that).
+    fn forward_on_pool(&mut self, batch: &ModelBatch<'_>) -> Result<Logits, ModelRunnerError> {
         let spans = self.prepare(batch)?;
         let cfg = &self.cfg;
         let w = &*self.weights;
