@@ -450,6 +450,12 @@ fn run_trace(command: TraceCommand) -> anyhow::Result<ExitCode> {
     use stepscope::trace_tools::{Summary, TraceFile, perfetto, report};
     let read = |file: &std::path::Path| -> anyhow::Result<(TraceFile, Summary)> {
         let trace = TraceFile::read(file)?;
+        if let Some(line) = trace.truncated_last_line {
+            eprintln!(
+                "{}: line {line} stops mid-JSON (the writer stopped mid-line); left out",
+                file.display()
+            );
+        }
         let summary = Summary::of(&trace, &file.display().to_string());
         Ok((trace, summary))
     };

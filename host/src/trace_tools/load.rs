@@ -4,7 +4,9 @@
 //! request snapshots of rich steps; one [`TracedRequest`] per `llm_request` journey span (its
 //! latencies, token counts and `sampling.journey_probability`). `llm_core` spans and recorded
 //! arrivals sharing the file are counted, not kept. Malformed lines are an error naming the
-//! line.
+//! line, with one exception: a last line that stops mid-JSON without its newline (the writer
+//! was killed, or is still writing) is left out and reported in
+//! [`TraceFile::truncated_last_line`], so the trace of a crashed server can still be read.
 
 use std::io::BufRead;
 use std::path::Path;
@@ -118,6 +120,9 @@ pub struct TraceFile {
     pub journey_spans: u64,
     /// Other lines (recorded arrivals).
     pub other_lines: u64,
+    /// The number of the last line when it was cut short (no newline, JSON ending early) and
+    /// left out.
+    pub truncated_last_line: Option<usize>,
 }
 
 impl TraceFile {
@@ -134,21 +139,38 @@ impl TraceFile {
     /// Reads a trace from `reader` (`path` names it in errors).
     pub fn parse(reader: impl BufRead, path: &str) -> Result<Self, TraceLoadError> {
         let mut trace = TraceFile::default();
-        for (index, line) in reader.lines().enumerate() {
+        let mut reader = reader;
+        let mut line = String::new();
+        for index in 0.. {
+            line.clear();
+            let read = reader
+                .read_line(&mut line)
+                .map_err(|source| TraceLoadError::Io {
+                    path: path.to_string(),
+                    source,
+                })?;
+            if read == 0 {
+                break;
+            }
             let malformed = |what: String| TraceLoadError::Malformed {
                 path: path.to_string(),
                 line: index + 1,
                 what,
             };
-            let line = line.map_err(|source| TraceLoadError::Io {
-                path: path.to_string(),
-                source,
-            })?;
             if line.trim().is_empty() {
                 continue;
             }
-            let json: Json =
-                serde_json::from_str(&line).map_err(|e| malformed(format!("not JSON: {e}")))?;
+            let json: Json = match serde_json::from_str(&line) {
+                Ok(json) => json,
+                Err(e)
+                    if !line.ends_with('\n')
+                        && e.classify() == serde_json::error::Category::Eof =>
+                {
+                    trace.truncated_last_line = Some(index + 1);
+                    break;
+                }
+                Err(e) => return Err(malformed(format!("not JSON: {e}"))),
+            };
             match json.get("name").and_then(Json::as_str) {
                 Some(SPAN_NAME) => trace.steps.push(step(&json).map_err(malformed)?),
                 Some(SPAN_LLM_REQUEST) => {

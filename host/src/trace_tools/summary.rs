@@ -160,6 +160,8 @@ pub struct Summary {
     pub steps_rich: u64,
     pub snapshots: u64,
     pub journey_spans: u64,
+    /// The last line, when it was cut short mid-JSON and left out (see [`TraceFile`]).
+    pub truncated_last_line: Option<usize>,
     /// Steps in the run: at least the last traced step id (steps are numbered from 1) ...
     pub steps_seen_at_least: u64,
     /// ... and the Horvitz–Thompson estimate Σ 1/π.
@@ -284,6 +286,7 @@ impl Summary {
             steps_rich: steps.iter().filter(|s| !s.snapshots.is_empty()).count() as u64,
             snapshots: steps.iter().map(|s| s.snapshots.len() as u64).sum(),
             journey_spans: trace.journey_spans,
+            truncated_last_line: trace.truncated_last_line,
             steps_seen_at_least: steps.iter().map(|s| s.step_id).max().unwrap_or(0),
             steps_estimated: estimate::count(&pis),
             census: min_pi >= 1.0,
@@ -338,6 +341,12 @@ impl Summary {
             "  steps traced    {} ({sampling}); rich {} with {} snapshots; {} journey spans",
             self.steps_traced, self.steps_rich, self.snapshots, self.journey_spans
         );
+        if let Some(line) = self.truncated_last_line {
+            let _ = writeln!(
+                out,
+                "  left out        line {line}: cut short mid-JSON (the writer stopped mid-line)"
+            );
+        }
         let n = self.steps_estimated;
         let _ = writeln!(
             out,
@@ -451,15 +460,6 @@ mod tests {
     /// A minimal step line and `llm_request` lines (journeys traced at probability 0.25, one
     /// aborted before its first token).
     fn trace() -> TraceFile {
-        let step = serde_json::json!({
-            "name": "scheduler.step", "step.id": 1, "start_time_unix_nano": 1,
-            "end_time_unix_nano": 2, "sampling.batch_probability": 1.0,
-            "events": [{"name": "step.BATCH_SUMMARY", "attributes": {
-                "queue.running_depth": 1, "queue.waiting_depth": 0, "batch.num_prefill_reqs": 1,
-                "batch.num_decode_reqs": 0, "batch.scheduled_tokens": 4, "batch.prefill_tokens": 4,
-                "batch.decode_tokens": 0, "batch.num_preempted": 0, "batch.num_finished": 0,
-                "kv.usage_gpu_ratio": 0.5, "step.duration_us": 10}}]
-        });
         let request = |e2e: f64, ttft: Option<f64>, out: u64, error: bool| {
             let mut line = serde_json::json!({
                 "name": "llm_request", "sampling.journey_probability": 0.25,
@@ -475,7 +475,7 @@ mod tests {
             line.to_string()
         };
         let text = [
-            step.to_string(),
+            step_line(1),
             request(1.0, Some(0.1), 20, false),
             request(2.0, Some(0.3), 40, false),
             request(3.0, None, 0, true),
@@ -511,6 +511,50 @@ mod tests {
         let text = s.render();
         assert!(text.contains("3 journeys traced"), "{text}");
         assert!(text.contains("time_to_first_token (s)"), "{text}");
+    }
+
+    /// A step line as the tracer writes it, `id` its step id.
+    fn step_line(id: u64) -> String {
+        serde_json::json!({
+            "name": "scheduler.step", "step.id": id, "start_time_unix_nano": 1,
+            "end_time_unix_nano": 2, "sampling.batch_probability": 1.0,
+            "events": [{"name": "step.BATCH_SUMMARY", "attributes": {
+                "queue.running_depth": 1, "queue.waiting_depth": 0, "batch.num_prefill_reqs": 1,
+                "batch.num_decode_reqs": 0, "batch.scheduled_tokens": 4, "batch.prefill_tokens": 4,
+                "batch.decode_tokens": 0, "batch.num_preempted": 0, "batch.num_finished": 0,
+                "kv.usage_gpu_ratio": 0.5, "step.duration_us": 10}}]
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn a_last_line_cut_short_is_left_out_and_reported_but_a_broken_line_is_refused() {
+        let whole = format!("{}\n{}\n", step_line(1), step_line(2));
+        let cut = step_line(3);
+        let cut = &cut[..cut.len() / 2];
+
+        // The writer stopped mid-line: the two whole steps are read, line 3 reported.
+        let trace =
+            TraceFile::parse(std::io::Cursor::new(format!("{whole}{cut}")), "t.jsonl").unwrap();
+        assert_eq!(trace.steps.len(), 2);
+        assert_eq!(trace.truncated_last_line, Some(3));
+        let text = Summary::of(&trace, "t.jsonl").render();
+        assert!(text.contains("left out        line 3"), "{text}");
+
+        // A whole file reports nothing.
+        let trace = TraceFile::parse(std::io::Cursor::new(whole.clone()), "t.jsonl").unwrap();
+        assert_eq!((trace.steps.len(), trace.truncated_last_line), (2, None));
+        assert!(!Summary::of(&trace, "t.jsonl").render().contains("left out"));
+
+        // The same half line with its newline, or followed by more lines, is malformed.
+        for text in [format!("{whole}{cut}\n"), format!("{cut}\n{whole}")] {
+            let err = TraceFile::parse(std::io::Cursor::new(text), "t.jsonl").unwrap_err();
+            assert!(err.to_string().contains("not JSON"), "{err}");
+        }
+        // So is a last line that is wrong rather than short.
+        let text = format!("{whole}{{\"name\": 5]");
+        let err = TraceFile::parse(std::io::Cursor::new(text), "t.jsonl").unwrap_err();
+        assert!(err.to_string().contains("line 3"), "{err}");
     }
 
     #[test]
