@@ -368,7 +368,7 @@ impl TryFrom<&EngineArgs> for LaunchConfig {
                 Some(_) => KvPoolSize::AsConfigured,
                 None => KvPoolSize::DeviceMemoryShare(args.gpu_memory_utilization),
             },
-            hub: HubSettings::from_env(|name| std::env::var(name).ok(), args.revision.clone()),
+            hub: HubSettings::from_env(|name| std::env::var(name).ok(), args.revision.clone())?,
         })
     }
 }

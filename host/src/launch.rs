@@ -32,17 +32,18 @@ pub struct LaunchConfig {
 }
 
 impl LaunchConfig {
-    /// `engine` on the CPU, as configured, computing in float32.
-    pub fn cpu(engine: EngineConfig) -> Self {
-        Self {
+    /// `engine` on the CPU, as configured, computing in float32 (the hub settings from the
+    /// environment, whose `HF_HUB_DOWNLOAD_TIMEOUT` may be invalid).
+    pub fn cpu(engine: EngineConfig) -> Result<Self, hub::HubError> {
+        Ok(Self {
             engine,
             device: Device::Cpu,
             device_note: None,
             dtype: ModelDtype::Auto,
             enforce_eager: false,
             kv_pool: KvPoolSize::AsConfigured,
-            hub: HubSettings::from_env(|name| std::env::var(name).ok(), None),
-        }
+            hub: HubSettings::from_env(|name| std::env::var(name).ok(), None)?,
+        })
     }
 }
 

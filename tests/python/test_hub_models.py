@@ -9,6 +9,8 @@
   offline from it. The real hub cannot be reached from here, so `HF_ENDPOINT` points at a local
   server speaking the hub's download protocol (the metadata API and `resolve/` URLs with the
   `x-repo-commit`, `etag` and `content-range` headers the crate reads).
+- A hub that stops sending mid-file is given up after `HF_HUB_DOWNLOAD_TIMEOUT` with an error
+  naming it, and the next run resumes the partial file from where it stopped.
 """
 
 from __future__ import annotations
@@ -112,9 +114,14 @@ def test_a_missing_model_offline_is_one_line_naming_the_cache_path(scratch):
 class LocalHub(http.server.ThreadingHTTPServer):
     """The hub's download protocol for one repository, served from a model directory."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, stall_after: int | None = None):
         self.model_dir = model_dir
         self.requests: list[str] = []
+        self.ranges: list[str] = []
+        # With `stall_after`, a download of model.safetensors from its start sends that many
+        # bytes and then nothing, holding the connection until `release` is set.
+        self.stall_after = stall_after
+        self.release = threading.Event()
         super().__init__(("127.0.0.1", 0), HubHandler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -148,6 +155,7 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         if ranged:
             start = int(ranged.group(1))
             end = int(ranged.group(2)) if ranged.group(2) else end
+            hub.ranges.append(f"{match.group(1)} {self.headers['range']}")
         chunk = data[start:end + 1]
         self.send_response(206 if ranged else 200)
         self.send_header("etag", '"' + hashlib.sha256(data).hexdigest() + '"')
@@ -155,6 +163,11 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("content-range", f"bytes {start}-{end}/{len(data)}")
         self.send_header("content-length", str(len(chunk)))
         self.end_headers()
+        if hub.stall_after is not None and match.group(1) == "model.safetensors" and start == 0 and len(chunk) > 1:
+            self.wfile.write(chunk[:hub.stall_after])
+            self.wfile.flush()
+            hub.release.wait(timeout=300)
+            return
         self.wfile.write(chunk)
 
 
@@ -180,3 +193,33 @@ def test_a_missing_model_is_downloaded_into_the_cache_then_served_offline(smollm
     stderr = fails_to_start("org/other", {"HF_HOME": str(scratch), "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": ""})
     line = [x for x in stderr.splitlines() if "cannot be reached" in x]
     assert len(line) == 1 and str(scratch / "hub" / "models--org--other" / "snapshots") in line[0], stderr
+
+
+def test_a_download_that_stalls_is_given_up_by_name_and_resumed_next_time(smollm_dir, scratch):
+    size = (smollm_dir / "model.safetensors").stat().st_size
+    sent = 3 << 20
+    stalling = LocalHub(smollm_dir, stall_after=sent)
+    env = {"HF_HOME": str(scratch), "HF_HUB_CACHE": "", "HF_HUB_OFFLINE": "0", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    try:
+        stderr = fails_to_start(HUB_ID, {**env, "HF_ENDPOINT": stalling.url})
+    finally:
+        stalling.release.set()
+        stalling.shutdown()
+        stalling.server_close()
+    line = [x for x in stderr.splitlines() if "nothing arrived from the Hugging Face hub for 2 s" in x]
+    assert len(line) == 1 and "HF_HUB_DOWNLOAD_TIMEOUT" in line[0], stderr
+    blobs = scratch / "hub" / ("models--" + HUB_ID.replace("/", "--")) / "blobs"
+    [part] = [p for p in blobs.iterdir() if p.suffix == ".part"]
+    assert part.stat().st_size == sent
+
+    # A hub that answers: the download resumes at the byte where the last one stopped.
+    hub = LocalHub(smollm_dir)
+    try:
+        assert serve_and_ask(HUB_ID, {**env, "HF_ENDPOINT": hub.url}) == HUB_ID
+        assert f"model.safetensors bytes={sent}-" in hub.ranges, hub.ranges
+    finally:
+        hub.shutdown()
+        hub.server_close()
+    snapshot = blobs.parent / "snapshots" / COMMIT
+    assert (snapshot / "model.safetensors").stat().st_size == size
+    assert (snapshot / "model.safetensors").read_bytes() == (smollm_dir / "model.safetensors").read_bytes()

@@ -27,7 +27,7 @@ const WARM_UP: usize = 20;
 
 /// The mean wall time of one request through the server, in ns (see the module doc).
 pub fn request_path_ns(requests: usize) -> anyhow::Result<f64> {
-    let config = LaunchConfig::cpu(EngineConfig::default());
+    let config = LaunchConfig::cpu(EngineConfig::default())?;
     let launched = launch("builtin:tiny", config, Box::new(NoopStepObserver))?;
     let (_, tracer) = StepTracer::start(StepTracingConfig::default())?;
     let metrics = Arc::new(ServerMetrics::new(

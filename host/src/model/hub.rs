@@ -8,9 +8,15 @@
 //! directory of `models--org--name` when its files are there (symlinks into `blobs/`, which the
 //! loader follows); otherwise, online, it downloads them with the `hf-hub` crate (progress bars
 //! on the terminal) into the same layout. Offline, or when the hub cannot be reached, a
-//! missing model is a one-line error naming the cache path that was tried.
+//! missing model is a one-line error naming the cache path that was tried. `hf-hub` sets no
+//! read timeout, so the download runs on its own thread and is given up when nothing has
+//! arrived for `HF_HUB_DOWNLOAD_TIMEOUT` seconds (default 10, as `huggingface_hub`): no answer
+//! to a request, and no byte added to the repository's `blobs/`. The partial file stays there
+//! and the next run resumes it.
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use hf_hub::{Repo, RepoType};
 use thiserror::Error;
@@ -37,11 +43,20 @@ pub struct HubSettings {
     pub endpoint: Option<String>,
     /// `HF_TOKEN`, for gated repositories.
     pub token: Option<String>,
+    /// `HF_HUB_DOWNLOAD_TIMEOUT`: a download with nothing arriving for this long is given up.
+    pub download_timeout: Duration,
 }
 
+/// `huggingface_hub`'s default `HF_HUB_DOWNLOAD_TIMEOUT`.
+pub const DEFAULT_DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl HubSettings {
-    /// The settings `huggingface_hub` would use, from the environment as `env` reads it.
-    pub fn from_env(env: impl Fn(&str) -> Option<String>, revision: Option<String>) -> Self {
+    /// The settings `huggingface_hub` would use, from the environment as `env` reads it; a
+    /// `HF_HUB_DOWNLOAD_TIMEOUT` that is not a positive number of seconds is an error.
+    pub fn from_env(
+        env: impl Fn(&str) -> Option<String>,
+        revision: Option<String>,
+    ) -> Result<Self, HubError> {
         let set = |name: &str| env(name).filter(|v| !v.trim().is_empty());
         let cache_dir = set("HF_HUB_CACHE")
             .map(PathBuf::from)
@@ -57,13 +72,27 @@ impl HubSettings {
                 "1" | "true" | "yes" | "on"
             )
         });
-        Self {
+        let download_timeout = match set("HF_HUB_DOWNLOAD_TIMEOUT") {
+            None => DEFAULT_DOWNLOAD_TIMEOUT,
+            Some(value) => value
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s > 0.0 && *s < 1e9)
+                .map(Duration::from_secs_f64)
+                .ok_or(HubError::InvalidSetting {
+                    name: "HF_HUB_DOWNLOAD_TIMEOUT",
+                    value,
+                })?,
+        };
+        Ok(Self {
             cache_dir,
             revision,
             offline,
             endpoint: set("HF_ENDPOINT"),
             token: set("HF_TOKEN"),
-        }
+            download_timeout,
+        })
     }
 
     fn revision(&self) -> &str {
@@ -91,8 +120,19 @@ pub enum HubError {
         tried: PathBuf,
         reason: String,
     },
+    #[error(
+        "`{id}` (revision {revision}): nothing arrived from the Hugging Face hub for {seconds} s (HF_HUB_DOWNLOAD_TIMEOUT); what was fetched stays in {tried} and the next run resumes it"
+    )]
+    Stalled {
+        id: String,
+        revision: String,
+        tried: PathBuf,
+        seconds: f64,
+    },
     #[error("`{id}`: the repository has no {what}")]
     NotAModel { id: String, what: String },
+    #[error("{name}={value:?}: expected a number of seconds greater than 0")]
+    InvalidSetting { name: &'static str, value: String },
 }
 
 /// Whether `spec` names a hub model (`org/name`) rather than a directory.
@@ -127,12 +167,18 @@ pub fn resolve(id: &str, settings: &HubSettings) -> Result<PathBuf, HubError> {
             tried,
         });
     }
-    download(id, repo, settings).map_err(|reason| match reason {
+    download_watched(id, repo, settings).map_err(|reason| match reason {
         DownloadError::Network(reason) => HubError::Unreachable {
             id: id.to_string(),
             revision: settings.revision().to_string(),
             tried,
             reason,
+        },
+        DownloadError::Stalled => HubError::Stalled {
+            id: id.to_string(),
+            revision: settings.revision().to_string(),
+            seconds: settings.download_timeout.as_secs_f64(),
+            tried: repo_dir,
         },
         DownloadError::NotAModel(what) => HubError::NotAModel {
             id: id.to_string(),
@@ -168,9 +214,71 @@ fn is_complete(dir: &Path) -> bool {
     weights && REQUIRED.iter().all(|f| dir.join(f).is_file())
 }
 
+#[derive(Debug)]
 enum DownloadError {
     Network(String),
     NotAModel(String),
+    /// Nothing arrived for the download timeout.
+    Stalled,
+}
+
+/// [`download`] on its own thread, given up when it has neither finished nor added a byte to
+/// the repository's `blobs/` for `settings.download_timeout` (the thread, blocked in a read
+/// that has no timeout, is left behind; its lock on the partial file goes with the process).
+fn download_watched(
+    id: &str,
+    repo: Repo,
+    settings: &HubSettings,
+) -> Result<PathBuf, DownloadError> {
+    let blobs = settings.cache_dir.join(repo.folder_name()).join("blobs");
+    let (tx, rx) = mpsc::channel();
+    let (id_owned, settings_owned) = (id.to_string(), settings.clone());
+    std::thread::Builder::new()
+        .name("stepscope-hub-download".into())
+        .spawn(move || {
+            let _ = tx.send(download(&id_owned, repo, &settings_owned));
+        })
+        .map_err(|e| DownloadError::Network(format!("cannot start the download thread: {e}")))?;
+    watch(&rx, settings.download_timeout, || bytes_under(&blobs))
+}
+
+/// Waits for the answer on `rx` while `progress()` keeps changing; [`DownloadError::Stalled`]
+/// once it has not changed for `stall`.
+fn watch<T>(
+    rx: &mpsc::Receiver<Result<T, DownloadError>>,
+    stall: Duration,
+    progress: impl Fn() -> u64,
+) -> Result<T, DownloadError> {
+    let poll = (stall / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    let mut seen = progress();
+    let mut since = Instant::now();
+    loop {
+        match rx.recv_timeout(poll) {
+            Ok(answer) => return answer,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(DownloadError::Network("the download thread stopped".into()));
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let now = progress();
+                if now != seen {
+                    (seen, since) = (now, Instant::now());
+                } else if since.elapsed() >= stall {
+                    return Err(DownloadError::Stalled);
+                }
+            }
+        }
+    }
+}
+
+/// The bytes of the files in `dir` (finished blobs and `.part` files); 0 when it is missing.
+fn bytes_under(dir: &Path) -> u64 {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    })
 }
 
 /// Fetches the model's files through the hub API into the cache (progress bars on stderr).

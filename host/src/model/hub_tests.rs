@@ -61,6 +61,7 @@ fn settings(fixture: &Fixture, revision: Option<&str>, offline: bool) -> HubSett
         // Nothing listens on port 9: an online lookup fails at once, as with no network.
         endpoint: Some("http://127.0.0.1:9".into()),
         token: None,
+        download_timeout: DEFAULT_DOWNLOAD_TIMEOUT,
     }
 }
 
@@ -154,10 +155,10 @@ fn settings_read_the_environment_as_huggingface_hub_does() {
                 .map(|(_, v)| v.to_string())
         }
     };
-    let s = HubSettings::from_env(env(&[("HOME", "/home/u")]), None);
+    let s = HubSettings::from_env(env(&[("HOME", "/home/u")]), None).unwrap();
     assert_eq!(s.cache_dir, PathBuf::from("/home/u/.cache/huggingface/hub"));
     assert!(!s.offline);
-    let s = HubSettings::from_env(env(&[("HOME", "/h"), ("HF_HOME", "/hf")]), None);
+    let s = HubSettings::from_env(env(&[("HOME", "/h"), ("HF_HOME", "/hf")]), None).unwrap();
     assert_eq!(s.cache_dir, PathBuf::from("/hf/hub"));
     let s = HubSettings::from_env(
         env(&[
@@ -166,10 +167,87 @@ fn settings_read_the_environment_as_huggingface_hub_does() {
             ("HF_HUB_OFFLINE", "1"),
         ]),
         Some("v2".into()),
-    );
+    )
+    .unwrap();
     assert_eq!(
         (s.cache_dir.clone(), s.offline, s.revision()),
         (PathBuf::from("/cache"), true, "v2")
     );
-    assert!(!HubSettings::from_env(env(&[("HF_HUB_OFFLINE", "0")]), None).offline);
+    assert!(
+        !HubSettings::from_env(env(&[("HF_HUB_OFFLINE", "0")]), None)
+            .unwrap()
+            .offline
+    );
+    assert_eq!(s.download_timeout, DEFAULT_DOWNLOAD_TIMEOUT);
+    let timeout = |v: &'static str| {
+        HubSettings::from_env(
+            move |name: &str| (name == "HF_HUB_DOWNLOAD_TIMEOUT").then(|| v.to_string()),
+            None,
+        )
+    };
+    assert_eq!(
+        timeout("2.5").unwrap().download_timeout,
+        Duration::from_millis(2500)
+    );
+    for bad in ["0", "-1", "ten", "inf", "NaN"] {
+        let err = timeout(bad).unwrap_err().to_string();
+        assert!(
+            err.contains("HF_HUB_DOWNLOAD_TIMEOUT") && err.contains(bad),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_download_is_given_up_only_when_nothing_arrives_for_the_timeout() {
+    let stall = Duration::from_millis(200);
+    // Progress every 50 ms for ten times the timeout, then the answer: never given up.
+    let (tx, rx) = mpsc::channel();
+    let bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = bytes.clone();
+    std::thread::spawn(move || {
+        for _ in 0..40 {
+            std::thread::sleep(Duration::from_millis(50));
+            writer.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let _ = tx.send(Ok(7));
+    });
+    let got = watch(&rx, stall, || {
+        bytes.load(std::sync::atomic::Ordering::Relaxed)
+    });
+    assert_eq!(got.unwrap(), 7);
+    // No progress and no answer: given up.
+    let (_tx, rx) = mpsc::channel::<Result<u32, DownloadError>>();
+    assert!(matches!(
+        watch(&rx, stall, || 0),
+        Err(DownloadError::Stalled)
+    ));
+}
+
+#[test]
+fn a_hub_that_accepts_but_never_answers_is_given_up_naming_the_timeout() {
+    let fixture = hub_cache("stalled");
+    // A listener that takes the connection and never says a word.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream);
+        }
+    });
+    let mut s = settings(&fixture, None, false);
+    s.endpoint = Some(format!("http://127.0.0.1:{port}"));
+    s.download_timeout = Duration::from_millis(300);
+    let err = resolve("org/absent", &s).unwrap_err();
+    assert!(matches!(err, HubError::Stalled { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("HF_HUB_DOWNLOAD_TIMEOUT") && text.contains("0.3 s"),
+        "{text}"
+    );
+    assert!(
+        text.contains("models--org--absent") && !text.contains('\n'),
+        "{text}"
+    );
 }
