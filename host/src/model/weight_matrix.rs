@@ -59,7 +59,8 @@ impl BlockMatrix {
     /// The copy is for speed: on the Zen 4 machine, F16 decode at batch 1 (`bench model`, 3
     /// interleaved rounds) ran 38–39 tokens/s on 1 thread reading the file's mapped pages and
     /// 48–54 on the copy, 64–68 and 73–84 on 2 threads. Why the page-cache pages stream slower
-    /// was not established (an anonymous map advised for huge pages was no faster than the file's).
+    /// was not established (an anonymous map advised for huge pages was no faster than the
+    /// file's).
     pub fn new(
         format: BlockFormat,
         rows: usize,

@@ -137,9 +137,8 @@ impl TraceFile {
     }
 
     /// Reads a trace from `reader` (`path` names it in errors).
-    pub fn parse(reader: impl BufRead, path: &str) -> Result<Self, TraceLoadError> {
+    pub fn parse(mut reader: impl BufRead, path: &str) -> Result<Self, TraceLoadError> {
         let mut trace = TraceFile::default();
-        let mut reader = reader;
         let mut line = String::new();
         for index in 0.. {
             line.clear();
